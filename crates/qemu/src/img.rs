@@ -1,0 +1,166 @@
+//! `qemu-img`, with JSON output where it has one.
+
+use serde_json::Value;
+
+use crate::chain::{Chain, Format};
+use crate::{run, QemuError, Result};
+
+const QEMU_IMG: &str = "qemu-img";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    pub name: String,
+    /// Set on a closed image when QEMU did not shut down cleanly: the bitmap cannot be trusted.
+    pub in_use: bool,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub format: Format,
+    pub virtual_size: u64,
+    pub bitmaps: Vec<BitmapInfo>,
+    pub backing_filename: Option<String>,
+}
+
+fn parse_err(detail: impl Into<String>) -> QemuError {
+    QemuError::Parse { program: QEMU_IMG.into(), detail: detail.into() }
+}
+
+/// Reads an image's header without opening any backing file. `force_share` reads images
+/// that a running QEMU holds.
+pub fn info(path: &str, force_share: bool) -> Result<ImageInfo> {
+    let mut args = vec!["info".into(), "--output=json".into()];
+    if force_share {
+        args.push("-U".into());
+    }
+    args.push(path.into());
+    let out = run(QEMU_IMG, &args)?;
+    parse_info(&out.stdout)
+}
+
+pub fn parse_info(stdout: &[u8]) -> Result<ImageInfo> {
+    let v: Value = serde_json::from_slice(stdout).map_err(|e| parse_err(e.to_string()))?;
+    let fmt = v["format"].as_str().ok_or_else(|| parse_err("no format"))?;
+    let format = Format::parse(fmt).ok_or_else(|| {
+        QemuError::Parse { program: QEMU_IMG.into(), detail: format!("image format {fmt:?} is not qcow2 or raw") }
+    })?;
+    let virtual_size = v["virtual-size"].as_u64().ok_or_else(|| parse_err("no virtual-size"))?;
+    let bitmaps = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|b| {
+                    let flags: Vec<&str> =
+                        b["flags"].as_array().map(|f| f.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+                    Some(BitmapInfo {
+                        name: b["name"].as_str()?.to_owned(),
+                        in_use: flags.contains(&"in-use"),
+                        enabled: flags.contains(&"auto"),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let backing_filename = v["backing-filename"].as_str().map(str::to_owned);
+    Ok(ImageInfo { format, virtual_size, bitmaps, backing_filename })
+}
+
+/// Creates a qcow2 image. With `backing`, the header records that absolute path so that
+/// operators' `qemu-img` finds the chain; standby itself always opens chains explicitly.
+pub fn create_qcow2(path: &str, size: u64, backing: Option<&str>) -> Result<()> {
+    let mut args = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
+    if let Some(b) = backing {
+        args.extend(["-b".into(), b.into(), "-F".into(), "qcow2".into()]);
+    }
+    args.extend([path.into(), size.to_string()]);
+    run(QEMU_IMG, &args).map(drop)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum BitmapOp<'a> {
+    Add,
+    Remove,
+    Enable,
+    Disable,
+    /// Merge the named bitmap of the same image into the target bitmap.
+    MergeFrom(&'a str),
+}
+
+pub fn bitmap(path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Result<()> {
+    let mut args = vec!["bitmap".into()];
+    match op {
+        BitmapOp::Add => args.push("--add".into()),
+        BitmapOp::Remove => args.push("--remove".into()),
+        BitmapOp::Enable => args.push("--enable".into()),
+        BitmapOp::Disable => args.push("--disable".into()),
+        BitmapOp::MergeFrom(src) => args.extend(["--merge".into(), src.into()]),
+    }
+    args.extend(["-f".into(), format.as_str().into(), path.into(), name.into()]);
+    run(QEMU_IMG, &args).map(drop)
+}
+
+/// Writes the top layer's data into the layer below it, leaving the top layer as it was.
+pub fn commit_keep_top(chain: &Chain) -> Result<()> {
+    let args = vec!["commit".into(), "-q".into(), "-d".into(), chain.filename()];
+    run(QEMU_IMG, &args).map(drop)
+}
+
+/// Rewrites the backing-file name in `path`'s header without touching data.
+pub fn set_backing_name(path: &str, backing: Option<&str>) -> Result<()> {
+    let mut args = vec!["rebase".into(), "-u".into(), "-f".into(), "qcow2".into()];
+    match backing {
+        Some(b) => args.extend(["-b".into(), b.into(), "-F".into(), "qcow2".into()]),
+        None => args.extend(["-b".into(), String::new()]),
+    }
+    args.push(path.into());
+    run(QEMU_IMG, &args).map(drop)
+}
+
+/// Byte-compares two images' guest-visible content; Ok(true) when identical.
+pub fn compare(a: &str, b: &str) -> Result<bool> {
+    let out = std::process::Command::new(QEMU_IMG)
+        .args(["compare", "-q", a, b])
+        .output()
+        .map_err(|source| QemuError::Spawn { program: QEMU_IMG.into(), source })?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(QemuError::Failed {
+            program: QEMU_IMG.into(),
+            args: format!("compare {a} {b}"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bitmaps_and_flags() {
+        let out = br#"{"virtual-size": 1073741824, "filename": "a.qcow2", "format": "qcow2",
+          "format-specific": {"type": "qcow2", "data": {"bitmaps": [
+            {"flags": ["auto"], "name": "b1", "granularity": 65536},
+            {"flags": ["in-use", "auto"], "name": "b2", "granularity": 65536},
+            {"flags": [], "name": "b3", "granularity": 65536}]}}}"#;
+        let i = parse_info(out).unwrap();
+        assert_eq!(i.virtual_size, 1 << 30);
+        assert_eq!(
+            i.bitmaps,
+            vec![
+                BitmapInfo { name: "b1".into(), in_use: false, enabled: true },
+                BitmapInfo { name: "b2".into(), in_use: true, enabled: true },
+                BitmapInfo { name: "b3".into(), in_use: false, enabled: false },
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_other_formats() {
+        let out = br#"{"virtual-size": 1, "format": "vmdk"}"#;
+        assert!(parse_info(out).is_err());
+        assert!(parse_info(b"not json").is_err());
+    }
+}

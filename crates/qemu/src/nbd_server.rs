@@ -1,0 +1,48 @@
+//! `qemu-nbd` command lines: how standby serves images that no running VM holds.
+
+use crate::chain::Chain;
+
+pub const QEMU_NBD: &str = "qemu-nbd";
+
+#[derive(Debug, Clone)]
+pub struct NbdServe<'a> {
+    pub chain: &'a Chain,
+    pub socket: &'a str,
+    pub pidfile: &'a str,
+    pub export_name: &'a str,
+    pub writable: bool,
+    /// A disabled dirty bitmap of the top layer to publish as `qemu:dirty-bitmap:NAME`.
+    pub bitmap: Option<&'a str>,
+    /// Open a single image by its own header (a source disk, which may have a backing
+    /// file of its owner's). DR chains are always opened from their explicit description.
+    pub open_by_header: bool,
+}
+
+impl NbdServe<'_> {
+    /// `--fork` returns only once the socket listens; without `--persistent` the server
+    /// exits after its one client disconnects, so a finished transfer leaves nothing behind.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--fork".to_string(),
+            format!("--socket={}", self.socket),
+            format!("--pid-file={}", self.pidfile),
+            format!("--export-name={}", self.export_name),
+            "--cache=writeback".into(),
+            "--discard=unmap".into(),
+        ];
+        if !self.writable {
+            a.push("--read-only".into());
+        }
+        if let Some(b) = self.bitmap {
+            a.push(format!("--bitmap={b}"));
+        }
+        match self.chain.layers.as_slice() {
+            [only] if self.open_by_header => {
+                a.push(format!("--format={}", only.format.as_str()));
+                a.push(only.path.clone());
+            }
+            _ => a.push(self.chain.filename()),
+        }
+        a
+    }
+}

@@ -1,0 +1,463 @@
+//! The state database. One SQLite file in the data directory, opened in WAL mode with a
+//! busy timeout so that concurrent standby commands wait for each other instead of failing
+//! or corrupting anything. Every write that must be atomic is one transaction here.
+
+mod migrations;
+mod records;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+pub use records::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database error")]
+    Sql(#[from] rusqlite::Error),
+    #[error("the state database has schema version {found}, newer than this standby knows ({known}); upgrade standby")]
+    TooNew { found: u32, known: u32 },
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+/// The time format every timestamp column uses (RFC 3339, UTC, seconds).
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let known = migrations::MIGRATIONS.len() as u32;
+        // IMMEDIATE takes the write lock first, so two commands that start together run
+        // the migrations once.
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > known {
+            return Err(StoreError::TooNew { found: version, known });
+        }
+        for sql in &migrations::MIGRATIONS[version as usize..] {
+            tx.execute_batch(sql)?;
+        }
+        tx.pragma_update(None, "user_version", known)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<u32> {
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    fn tx(&mut self) -> Result<Transaction<'_>> {
+        Ok(self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+    }
+
+    // ---- hosts ----
+
+    pub fn host_exists(&self, name: &str) -> Result<bool> {
+        Ok(self.conn.query_row("SELECT 1 FROM hosts WHERE name = ?1", [name], |_| Ok(())).optional()?.is_some())
+    }
+
+    pub fn hosts(&self) -> Result<Vec<String>> {
+        let mut st = self.conn.prepare("SELECT name FROM hosts ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    // ---- VMs ----
+
+    pub fn insert_vm(&mut self, vm: &NewVm) -> Result<i64> {
+        let tx = self.tx()?;
+        tx.execute(
+            "INSERT INTO vms (name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                vm.name,
+                vm.host,
+                vm.cpus,
+                vm.memory_mib,
+                serde_json::to_string(&vm.nics).unwrap_or_default(),
+                vm.kernel,
+                vm.initrd,
+                vm.append,
+                now()
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        for (i, d) in vm.disks.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO vm_disks (vm_id, idx, path, format) VALUES (?1, ?2, ?3, ?4)",
+                params![id, i as i64, d.path, d.format],
+            )?;
+        }
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn vm_from_row(&self, r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
+        let nics: String = r.get(5)?;
+        Ok(VmRecord {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            host: r.get(2)?,
+            cpus: r.get(3)?,
+            memory_mib: r.get(4)?,
+            nics: serde_json::from_str(&nics).unwrap_or_default(),
+            kernel: r.get(6)?,
+            initrd: r.get(7)?,
+            append: r.get(8)?,
+            created_at: r.get(9)?,
+            disks: Vec::new(),
+        })
+    }
+
+    fn vm_disks(&self, vm_id: i64) -> Result<Vec<DiskRecord>> {
+        let mut st = self.conn.prepare("SELECT path, format FROM vm_disks WHERE vm_id = ?1 ORDER BY idx")?;
+        let rows = st
+            .query_map([vm_id], |r| Ok(DiskRecord { path: r.get(0)?, format: r.get(1)? }))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    const VM_COLS: &'static str = "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at";
+
+    pub fn vm(&self, name: &str) -> Result<Option<VmRecord>> {
+        let sql = format!("SELECT {} FROM vms WHERE name = ?1", Self::VM_COLS);
+        let vm = self.conn.query_row(&sql, [name], |r| self.vm_from_row(r)).optional()?;
+        match vm {
+            Some(mut vm) => {
+                vm.disks = self.vm_disks(vm.id)?;
+                Ok(Some(vm))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRecord>> {
+        let sql = format!("SELECT {} FROM vms ORDER BY name", Self::VM_COLS);
+        let mut st = self.conn.prepare(&sql)?;
+        let mut vms: Vec<VmRecord> = st.query_map([], |r| self.vm_from_row(r))?.collect::<rusqlite::Result<_>>()?;
+        for vm in &mut vms {
+            vm.disks = self.vm_disks(vm.id)?;
+        }
+        Ok(vms)
+    }
+
+    /// Every VM that uses this disk image path.
+    pub fn vms_using_disk(&self, path: &str) -> Result<Vec<String>> {
+        let mut st =
+            self.conn.prepare("SELECT v.name FROM vm_disks d JOIN vms v ON v.id = d.vm_id WHERE d.path = ?1")?;
+        let rows = st.query_map([path], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    // ---- jobs and replicas ----
+
+    /// Creates the job and one replica per VM in one transaction.
+    pub fn insert_job(&mut self, job: &NewJob, replica_dirs: &[(i64, String)]) -> Result<i64> {
+        let tx = self.tx()?;
+        tx.execute(
+            "INSERT INTO jobs (name, target_host, target_dir, retain, every_secs, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![job.name, job.target_host, job.target_dir, job.retain, job.every_secs.map(|s| s as i64), now()],
+        )?;
+        let job_id = tx.last_insert_rowid();
+        for (vm_id, dir) in replica_dirs {
+            tx.execute(
+                "INSERT INTO replicas (job_id, vm_id, state, dir) VALUES (?1, ?2, 'ready', ?3)",
+                params![job_id, vm_id, dir],
+            )?;
+        }
+        tx.commit()?;
+        Ok(job_id)
+    }
+
+    const JOB_COLS: &'static str = "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at";
+
+    fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+        Ok(JobRecord {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            target_host: r.get(2)?,
+            target_dir: r.get(3)?,
+            retain: r.get(4)?,
+            every_secs: r.get::<_, Option<i64>>(5)?.map(|s| s as u64),
+            last_run_at: r.get(6)?,
+            created_at: r.get(7)?,
+            vms: Vec::new(),
+        })
+    }
+
+    fn job_vms(&self, job_id: i64) -> Result<Vec<String>> {
+        let mut st = self.conn.prepare(
+            "SELECT v.name FROM replicas r JOIN vms v ON v.id = r.vm_id WHERE r.job_id = ?1 ORDER BY r.id",
+        )?;
+        let rows = st.query_map([job_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn job(&self, name: &str) -> Result<Option<JobRecord>> {
+        let sql = format!("SELECT {} FROM jobs WHERE name = ?1", Self::JOB_COLS);
+        match self.conn.query_row(&sql, [name], Self::job_from_row).optional()? {
+            Some(mut j) => {
+                j.vms = self.job_vms(j.id)?;
+                Ok(Some(j))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
+        let sql = format!("SELECT {} FROM jobs ORDER BY name", Self::JOB_COLS);
+        let mut st = self.conn.prepare(&sql)?;
+        let mut jobs: Vec<JobRecord> = st.query_map([], Self::job_from_row)?.collect::<rusqlite::Result<_>>()?;
+        for j in &mut jobs {
+            j.vms = self.job_vms(j.id)?;
+        }
+        Ok(jobs)
+    }
+
+    pub fn set_job_last_run(&mut self, job_id: i64, at: &str) -> Result<()> {
+        self.conn.execute("UPDATE jobs SET last_run_at = ?1 WHERE id = ?2", params![at, job_id])?;
+        Ok(())
+    }
+
+    const REPLICA_COLS: &'static str = "r.id, r.job_id, j.name, r.vm_id, v.name, r.state, r.dir, r.next_seq, j.target_host";
+
+    fn replica_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRecord> {
+        Ok(ReplicaRecord {
+            id: r.get(0)?,
+            job_id: r.get(1)?,
+            job: r.get(2)?,
+            vm_id: r.get(3)?,
+            vm: r.get(4)?,
+            state: r.get(5)?,
+            dir: r.get(6)?,
+            next_seq: r.get(7)?,
+            target_host: r.get(8)?,
+        })
+    }
+
+    fn replicas_where(&self, cond: &str, arg: &dyn rusqlite::ToSql) -> Result<Vec<ReplicaRecord>> {
+        let sql = format!(
+            "SELECT {} FROM replicas r JOIN jobs j ON j.id = r.job_id JOIN vms v ON v.id = r.vm_id WHERE {cond} ORDER BY v.name, j.name",
+            Self::REPLICA_COLS
+        );
+        let mut st = self.conn.prepare(&sql)?;
+        let rows = st.query_map([arg], Self::replica_from_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn replicas(&self) -> Result<Vec<ReplicaRecord>> {
+        self.replicas_where("1 = ?1", &1)
+    }
+
+    pub fn replicas_of_job(&self, job_id: i64) -> Result<Vec<ReplicaRecord>> {
+        self.replicas_where("r.job_id = ?1", &job_id)
+    }
+
+    pub fn replicas_of_vm(&self, vm: &str) -> Result<Vec<ReplicaRecord>> {
+        self.replicas_where("v.name = ?1", &vm)
+    }
+
+    pub fn replica(&self, id: i64) -> Result<Option<ReplicaRecord>> {
+        Ok(self.replicas_where("r.id = ?1", &id)?.into_iter().next())
+    }
+
+    pub fn set_replica_state(&mut self, id: i64, state: &str) -> Result<()> {
+        self.conn.execute("UPDATE replicas SET state = ?1 WHERE id = ?2", params![state, id])?;
+        Ok(())
+    }
+
+    /// Reserves the sequence number of the next run: durable before any file is named after it.
+    pub fn take_seq(&mut self, replica_id: i64) -> Result<i64> {
+        let tx = self.tx()?;
+        let seq: i64 = tx.query_row("SELECT next_seq FROM replicas WHERE id = ?1", [replica_id], |r| r.get(0))?;
+        tx.execute("UPDATE replicas SET next_seq = next_seq + 1 WHERE id = ?1", [replica_id])?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    // ---- restore points ----
+
+    /// Makes a run's layers a restore point: the one atomic step that publishes it.
+    pub fn insert_restore_point(&mut self, rp: &NewRestorePoint) -> Result<i64> {
+        let tx = self.tx()?;
+        tx.execute(
+            "INSERT INTO restore_points (replica_id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                rp.replica_id,
+                rp.seq,
+                rp.created_at,
+                rp.method,
+                rp.bytes_transferred as i64,
+                rp.bytes_read as i64,
+                rp.duration_ms as i64
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        for d in &rp.disks {
+            insert_rp_disk(&tx, id, d)?;
+        }
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// A replica's restore points in chain order, oldest first, with their disks.
+    /// `pruning` points (half-removed by retention) are included only when asked.
+    pub fn restore_points(&self, replica_id: i64, include_pruning: bool) -> Result<Vec<RestorePointRecord>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms, pruning
+             FROM restore_points WHERE replica_id = ?1 AND (pruning = 0 OR ?2) ORDER BY seq",
+        )?;
+        let mut rps: Vec<RestorePointRecord> = st
+            .query_map(params![replica_id, include_pruning], |r| {
+                Ok(RestorePointRecord {
+                    id: r.get(0)?,
+                    replica_id,
+                    seq: r.get(1)?,
+                    created_at: r.get(2)?,
+                    method: r.get(3)?,
+                    bytes_transferred: r.get::<_, i64>(4)? as u64,
+                    bytes_read: r.get::<_, i64>(5)? as u64,
+                    duration_ms: r.get::<_, i64>(6)? as u64,
+                    pruning: r.get(7)?,
+                    disks: Vec::new(),
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut st = self.conn.prepare(
+            "SELECT idx, layer, parent, size, method, bitmap, bytes_transferred FROM rp_disks WHERE rp_id = ?1 ORDER BY idx",
+        )?;
+        for rp in &mut rps {
+            rp.disks = st
+                .query_map([rp.id], |r| {
+                    Ok(RpDiskRecord {
+                        idx: r.get(0)?,
+                        layer: r.get(1)?,
+                        parent: r.get(2)?,
+                        size: r.get::<_, i64>(3)? as u64,
+                        method: r.get(4)?,
+                        bitmap: r.get(5)?,
+                        bytes_transferred: r.get::<_, i64>(6)? as u64,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+        }
+        Ok(rps)
+    }
+
+    pub fn mark_pruning(&mut self, rp_id: i64) -> Result<()> {
+        self.conn.execute("UPDATE restore_points SET pruning = 1 WHERE id = ?1", [rp_id])?;
+        Ok(())
+    }
+
+    /// Retention's publishing step: drops `rp_id` and repoints layers in one transaction.
+    /// `moves` are (old layer path, new layer path): every disk row whose layer or parent
+    /// named the old path names the new one afterwards.
+    pub fn drop_restore_point(&mut self, rp_id: i64, moves: &[(String, String)], new_bases: &[String]) -> Result<()> {
+        let tx = self.tx()?;
+        tx.execute("DELETE FROM rp_disks WHERE rp_id = ?1", [rp_id])?;
+        tx.execute("DELETE FROM restore_points WHERE id = ?1", [rp_id])?;
+        for (old, new) in moves {
+            tx.execute("UPDATE rp_disks SET layer = ?2 WHERE layer = ?1", params![old, new])?;
+            tx.execute("UPDATE rp_disks SET parent = ?2 WHERE parent = ?1", params![old, new])?;
+        }
+        for base in new_bases {
+            tx.execute("UPDATE rp_disks SET parent = NULL WHERE layer = ?1", [base])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- tasks ----
+
+    pub fn insert_task(&mut self, kind: &str, subject: &str, pid: u32) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO tasks (kind, subject, status, step, pid, started_at) VALUES (?1, ?2, 'running', 'start', ?3, ?4)",
+            params![kind, subject, pid, now()],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn update_task(&mut self, id: i64, step: &str, done: u64, total: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE tasks SET step = ?2, done_bytes = ?3, total_bytes = ?4 WHERE id = ?1",
+            params![id, step, done as i64, total as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn finish_task(&mut self, id: i64, status: &str, message: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE tasks SET status = ?2, message = ?3, finished_at = ?4 WHERE id = ?1",
+            params![id, status, message, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn tasks(&self, limit: u32) -> Result<Vec<TaskRecord>> {
+        self.tasks_where("1 = ?1 ORDER BY id DESC LIMIT ?2", params![1, limit])
+    }
+
+    pub fn task(&self, id: i64) -> Result<Option<TaskRecord>> {
+        Ok(self.tasks_where("id = ?1", params![id])?.into_iter().next())
+    }
+
+    fn tasks_where(&self, cond: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<TaskRecord>> {
+        let sql = format!(
+            "SELECT id, kind, subject, status, step, pid, started_at, finished_at, done_bytes, total_bytes, message FROM tasks WHERE {cond}"
+        );
+        let mut st = self.conn.prepare(&sql)?;
+        let rows = st
+            .query_map(args, |r| {
+                Ok(TaskRecord {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    subject: r.get(2)?,
+                    status: r.get(3)?,
+                    step: r.get(4)?,
+                    pid: r.get(5)?,
+                    started_at: r.get(6)?,
+                    finished_at: r.get(7)?,
+                    done_bytes: r.get::<_, i64>(8)? as u64,
+                    total_bytes: r.get::<_, i64>(9)? as u64,
+                    message: r.get(10)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+}
+
+fn insert_rp_disk(tx: &Transaction<'_>, rp_id: i64, d: &RpDiskRecord) -> Result<()> {
+    tx.execute(
+        "INSERT INTO rp_disks (rp_id, idx, layer, parent, size, method, bitmap, bytes_transferred)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![rp_id, d.idx, d.layer, d.parent, d.size as i64, d.method, d.bitmap, d.bytes_transferred as i64],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

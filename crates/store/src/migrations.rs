@@ -1,0 +1,91 @@
+//! Versioned schema. Each entry runs once, in order, inside a transaction; the database's
+//! `user_version` records how many have run. Append only: never edit a released migration.
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: VMs, jobs, replicas, restore points, tasks.
+    r#"
+    CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    INSERT INTO hosts (name, kind, created_at) VALUES ('local', 'local', strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));
+
+    CREATE TABLE vms (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        host TEXT NOT NULL REFERENCES hosts(name),
+        cpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        nics TEXT NOT NULL,
+        kernel TEXT,
+        initrd TEXT,
+        append TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE vm_disks (
+        vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        format TEXT NOT NULL,
+        PRIMARY KEY (vm_id, idx)
+    );
+
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        target_host TEXT NOT NULL REFERENCES hosts(name),
+        target_dir TEXT NOT NULL,
+        retain INTEGER NOT NULL CHECK (retain >= 1),
+        every_secs INTEGER,
+        last_run_at TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE replicas (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        vm_id INTEGER NOT NULL REFERENCES vms(id),
+        state TEXT NOT NULL,
+        dir TEXT NOT NULL,
+        next_seq INTEGER NOT NULL DEFAULT 1,
+        UNIQUE (job_id, vm_id)
+    );
+    CREATE TABLE restore_points (
+        id INTEGER PRIMARY KEY,
+        replica_id INTEGER NOT NULL REFERENCES replicas(id),
+        seq INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        method TEXT NOT NULL,
+        bytes_transferred INTEGER NOT NULL,
+        bytes_read INTEGER NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        pruning INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (replica_id, seq)
+    );
+    CREATE TABLE rp_disks (
+        rp_id INTEGER NOT NULL REFERENCES restore_points(id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        layer TEXT NOT NULL,
+        parent TEXT,
+        size INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        bitmap TEXT,
+        bytes_transferred INTEGER NOT NULL,
+        PRIMARY KEY (rp_id, idx)
+    );
+
+    CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        status TEXT NOT NULL,
+        step TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        done_bytes INTEGER NOT NULL DEFAULT 0,
+        total_bytes INTEGER NOT NULL DEFAULT 0,
+        message TEXT
+    );
+    "#,
+];

@@ -1,0 +1,127 @@
+//! Plain rows, as the database holds them.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskRecord {
+    pub path: String,
+    pub format: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    pub name: String,
+    pub host: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<DiskRecord>,
+    pub nics: Vec<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmRecord {
+    pub id: i64,
+    pub name: String,
+    pub host: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<DiskRecord>,
+    pub nics: Vec<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub name: String,
+    pub target_host: String,
+    pub target_dir: String,
+    pub retain: u32,
+    pub every_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    pub id: i64,
+    pub name: String,
+    pub target_host: String,
+    pub target_dir: String,
+    pub retain: u32,
+    pub every_secs: Option<u64>,
+    pub last_run_at: Option<String>,
+    pub created_at: String,
+    pub vms: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaRecord {
+    pub id: i64,
+    pub job_id: i64,
+    pub job: String,
+    pub vm_id: i64,
+    pub vm: String,
+    pub state: String,
+    pub dir: String,
+    pub next_seq: i64,
+    pub target_host: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RpDiskRecord {
+    pub idx: u32,
+    /// This restore point's own layer for the disk.
+    pub layer: String,
+    /// The layer below it; None for a base layer.
+    pub parent: Option<String>,
+    pub size: u64,
+    pub method: String,
+    /// The source-side dirty bitmap started at this restore point's instant.
+    pub bitmap: Option<String>,
+    pub bytes_transferred: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRestorePoint {
+    pub replica_id: i64,
+    pub seq: i64,
+    pub created_at: String,
+    pub method: String,
+    pub bytes_transferred: u64,
+    pub bytes_read: u64,
+    pub duration_ms: u64,
+    pub disks: Vec<RpDiskRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestorePointRecord {
+    pub id: i64,
+    pub replica_id: i64,
+    pub seq: i64,
+    pub created_at: String,
+    pub method: String,
+    pub bytes_transferred: u64,
+    pub bytes_read: u64,
+    pub duration_ms: u64,
+    pub pruning: bool,
+    pub disks: Vec<RpDiskRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRecord {
+    pub id: i64,
+    pub kind: String,
+    pub subject: String,
+    pub status: String,
+    pub step: String,
+    pub pid: u32,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub message: Option<String>,
+}

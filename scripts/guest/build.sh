@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds standby's test guest (kernel + busybox initramfs) from Debian packages into
+# build/guest/. Idempotent: does nothing when the guest is already built.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-$(cd "$here/../.." && pwd)/build/guest}
+[ -s "$out/vmlinuz" ] && [ -s "$out/initrd.gz" ] && exit 0
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+[ -n "$kernel_pkg" ] || { echo "no linux-image-*-cloud-amd64 package found; run apt-get update" >&2; exit 1; }
+chmod 777 "$work"   # apt-get download runs as _apt when it can
+apt-get download "$kernel_pkg" busybox-static >/dev/null 2>&1 || apt-get download "$kernel_pkg" busybox-static
+dpkg -x linux-image-*.deb kernel
+dpkg -x busybox-static_*.deb bb
+mkdir -p root/bin root/proc root/sys root/dev root/tmp root/etc root/lib/modules
+cp bb/bin/busybox root/bin/busybox
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk button evdev; do
+  f=$(find kernel/lib/modules -name "$m.ko*" | head -1)
+  [ -n "$f" ] || { echo "kernel module $m not found in $kernel_pkg" >&2; exit 1; }
+  case "$f" in
+    *.xz) xz -dc "$f" > "root/lib/modules/$m.ko" ;;
+    *) cp "$f" "root/lib/modules/$m.ko" ;;
+  esac
+done
+install -m 0755 "$here/init" root/init
+mkdir -p "$out"
+(cd root && find . | ./bin/busybox cpio -o -H newc 2>/dev/null) | gzip -9 > "$out/initrd.gz.tmp"
+cp kernel/boot/vmlinuz-* "$out/vmlinuz.tmp"
+mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+mv "$out/initrd.gz.tmp" "$out/initrd.gz"
+echo "test guest built in $out ($kernel_pkg)"
