@@ -1,0 +1,381 @@
+//! `standby`: the command operators and scripts use. Parses arguments, calls the engine,
+//! prints results (tables for people, `--json` for scripts) and errors with their causes.
+
+mod daemon;
+mod output;
+mod progress;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use standby_engine::{Engine, JobSpec, VmSpec, LOCAL_HOST};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "standby",
+    version,
+    about = "Disaster recovery for QEMU/KVM virtual machines"
+)]
+struct Cli {
+    /// Where standby keeps its database and run files.
+    #[arg(long, global = true, env = "STANDBY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Define, run and inspect VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Replication jobs.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Replicas and their restore points.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
+    /// Long operations, also from another terminal.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Hosts standby can use.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Run jobs on their intervals until stopped.
+    Daemon {
+        /// Seconds between checks for due jobs.
+        #[arg(long, default_value_t = 5)]
+        tick: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+struct Json {
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCmd {
+    /// Define a VM from existing disk images.
+    Create {
+        name: String,
+        /// A qcow2 or raw image; repeat for more disks.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// A NIC with user-mode networking (virtio-net-pci or e1000); repeat for more.
+        #[arg(long = "nic")]
+        nics: Vec<String>,
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long, requires = "kernel")]
+        initrd: Option<String>,
+        #[arg(long, requires = "kernel")]
+        append: Option<String>,
+        #[arg(long, default_value = LOCAL_HOST)]
+        host: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    Start {
+        name: String,
+    },
+    /// Ask the guest to shut down; power off after the timeout.
+    Shutdown {
+        name: String,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Power off at once.
+    Stop {
+        name: String,
+    },
+    List {
+        #[command(flatten)]
+        json: Json,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Print the VM's serial console log.
+    Console {
+        name: String,
+        /// Keep printing as the guest writes.
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobCmd {
+    Create {
+        name: String,
+        #[arg(long = "vm", required = true)]
+        vms: Vec<String>,
+        #[arg(long)]
+        target_host: String,
+        #[arg(long)]
+        target_dir: String,
+        /// Restore points to keep (default 7).
+        #[arg(long)]
+        retain: Option<u32>,
+        /// Run under `standby daemon` at this interval (30s, 15m, 1h, 1d).
+        #[arg(long)]
+        every: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Run a job now and wait; exit 0 only when every VM got a restore point.
+    Run {
+        name: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    List {
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplicaCmd {
+    List {
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Restore points of a VM's replica, oldest first.
+    Points {
+        vm: String,
+        /// The job, when the VM is in more than one.
+        #[arg(long)]
+        job: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TaskCmd {
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        json: Json,
+    },
+    Show {
+        id: i64,
+        /// Keep showing progress until the task ends.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCmd {
+    List,
+}
+
+fn default_data_dir() -> PathBuf {
+    if nix_is_root() {
+        return PathBuf::from("/var/lib/standby");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/standby"),
+        None => PathBuf::from("/var/lib/standby"),
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let mut msg = format!("error: {e}");
+            for cause in e.chain().skip(1) {
+                msg.push_str(&format!(": {cause}"));
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
+    let engine = Engine::open(&data_dir)
+        .with_context(|| format!("cannot open standby's data in {}", data_dir.display()))?;
+    match cli.command {
+        Command::Vm(c) => vm(&engine, c),
+        Command::Job(c) => job(&engine, c),
+        Command::Replica(c) => replica(&engine, c),
+        Command::Task(c) => task(&engine, c),
+        Command::Host(HostCmd::List) => {
+            for h in engine.host_names() {
+                println!("{h}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Daemon { tick } => daemon::run(&engine, Duration::from_secs(tick.max(1))),
+    }
+}
+
+fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
+    match cmd {
+        VmCmd::Create {
+            name,
+            disks,
+            memory,
+            cpus,
+            nics,
+            kernel,
+            initrd,
+            append,
+            host,
+            json,
+        } => {
+            let v = engine.vm_create(&VmSpec {
+                name,
+                host,
+                disks,
+                memory_mib: memory,
+                cpus,
+                nics,
+                kernel,
+                initrd,
+                append,
+            })?;
+            output::vm(&v, json.json)?;
+        }
+        VmCmd::Start { name } => {
+            let v = engine.vm_start(&name)?;
+            println!("{}: running (pid {})", v.name, v.pid.unwrap_or_default());
+        }
+        VmCmd::Shutdown { name, timeout } => {
+            if engine.vm_shutdown(&name, Duration::from_secs(timeout))? {
+                println!("{name}: guest shut down");
+            } else {
+                println!("{name}: guest did not shut down within {timeout} s; powered off");
+            }
+        }
+        VmCmd::Stop { name } => {
+            engine.vm_stop(&name)?;
+            println!("{name}: powered off");
+        }
+        VmCmd::List { json } => output::vms(&engine.vm_list()?, json.json)?,
+        VmCmd::Show { name, json } => output::vm(&engine.vm_show(&name)?, json.json)?,
+        VmCmd::Console { name, follow } => {
+            let mut pos = 0;
+            let mut out = std::io::stdout();
+            loop {
+                let (bytes, next) = engine.vm_console(&name, pos)?;
+                out.write_all(&bytes)?;
+                out.flush()?;
+                pos = next;
+                if !follow {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
+    match cmd {
+        JobCmd::Create {
+            name,
+            vms,
+            target_host,
+            target_dir,
+            retain,
+            every,
+            json,
+        } => {
+            let j = engine.job_create(&JobSpec {
+                name,
+                vms,
+                target_host,
+                target_dir,
+                retain,
+                every,
+            })?;
+            output::jobs(std::slice::from_ref(&j), json.json)?;
+        }
+        JobCmd::Run { name, json } => {
+            let bars = progress::Terminal::new();
+            let outcomes = engine.job_run(&name, &bars)?;
+            bars.finish();
+            output::outcomes(&outcomes, json.json)?;
+            if outcomes.iter().any(|o| o.error.is_some()) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        JobCmd::List { json } => output::jobs(&engine.job_list()?, json.json)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replica(engine: &Engine, cmd: ReplicaCmd) -> Result<ExitCode> {
+    match cmd {
+        ReplicaCmd::List { json } => output::replicas(&engine.replica_list()?, json.json)?,
+        ReplicaCmd::Points { vm, job, json } => {
+            output::points(&engine.replica_points(&vm, job.as_deref())?, json.json)?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn task(engine: &Engine, cmd: TaskCmd) -> Result<ExitCode> {
+    match cmd {
+        TaskCmd::List { limit, json } => output::tasks(&engine.task_list(limit)?, json.json)?,
+        TaskCmd::Show { id, follow, json } => {
+            if !follow {
+                output::tasks(std::slice::from_ref(&engine.task_show(id)?), json.json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut last = String::new();
+            loop {
+                let t = engine.task_show(id)?;
+                let line = output::task_line(&t);
+                if line != last {
+                    println!("{line}");
+                    last = line;
+                }
+                if t.record.status != "running" || t.interrupted {
+                    return Ok(if t.record.status == "ok" {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

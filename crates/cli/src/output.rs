@@ -1,0 +1,234 @@
+//! How results look: aligned tables for people, JSON for scripts.
+
+use anyhow::Result;
+use serde::Serialize;
+use standby_engine::{JobView, ReplicaView, RestorePointView, RunOutcome, TaskView, VmView};
+
+fn json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Prints rows with columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn vms(list: &[VmView], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.host.clone(),
+                v.role.into(),
+                v.state.into(),
+                v.cpus.to_string(),
+                format!("{} MiB", v.memory_mib),
+                v.disks.len().to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "HOST", "ROLE", "STATE", "CPUS", "MEMORY", "DISKS"],
+        &rows,
+    );
+    Ok(())
+}
+
+pub fn vm(v: &VmView, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(v);
+    }
+    println!("name:    {}", v.name);
+    println!("host:    {}", v.host);
+    println!(
+        "state:   {}{}",
+        v.state,
+        v.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    );
+    println!("cpus:    {}", v.cpus);
+    println!("memory:  {} MiB", v.memory_mib);
+    for (i, d) in v.disks.iter().enumerate() {
+        println!("disk {i}:  {} ({})", d.path, d.format);
+    }
+    for n in &v.nics {
+        println!("nic:     {n}");
+    }
+    if let Some(k) = &v.kernel {
+        println!("kernel:  {k}");
+    }
+    Ok(())
+}
+
+pub fn jobs(list: &[JobView], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|j| {
+            vec![
+                j.name.clone(),
+                j.vms.join(","),
+                format!("{}:{}", j.target_host, j.target_dir),
+                j.retain.to_string(),
+                j.every_secs
+                    .map(|s| {
+                        humantime::format_duration(std::time::Duration::from_secs(s)).to_string()
+                    })
+                    .unwrap_or("-".into()),
+                j.last_run_at.clone().unwrap_or("-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "VMS", "TARGET", "RETAIN", "EVERY", "LAST RUN"],
+        &rows,
+    );
+    Ok(())
+}
+
+pub fn outcomes(list: &[RunOutcome], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    for o in list {
+        match (&o.restore_point, &o.error) {
+            (Some(rp), _) => println!(
+                "{}: restore point {} ({}, {} transferred, {:.1} s)",
+                o.vm,
+                rp.id,
+                rp.method,
+                bytes(rp.bytes_transferred),
+                rp.duration_ms as f64 / 1000.0
+            ),
+            (None, Some(e)) => println!("{}: FAILED: {e}", o.vm),
+            (None, None) => println!("{}: no restore point", o.vm),
+        }
+        for n in &o.notes {
+            println!("  note: {n}");
+        }
+    }
+    Ok(())
+}
+
+pub fn replicas(list: &[ReplicaView], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                r.vm.clone(),
+                r.job.clone(),
+                r.state.clone(),
+                r.restore_points.to_string(),
+                r.latest.clone().unwrap_or("-".into()),
+                format!("{}:{}", r.target_host, r.dir),
+            ]
+        })
+        .collect();
+    table(
+        &["VM", "JOB", "STATE", "POINTS", "LATEST", "LOCATION"],
+        &rows,
+    );
+    Ok(())
+}
+
+pub fn points(list: &[RestorePointView], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            vec![
+                p.id.to_string(),
+                p.created_at.clone(),
+                p.method.clone(),
+                bytes(p.bytes_transferred),
+                p.disks
+                    .iter()
+                    .map(|d| d.path.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]
+        })
+        .collect();
+    table(&["ID", "CREATED", "METHOD", "TRANSFERRED", "DISKS"], &rows);
+    Ok(())
+}
+
+pub fn task_line(t: &TaskView) -> String {
+    let r = &t.record;
+    let status = if t.interrupted {
+        "interrupted"
+    } else {
+        r.status.as_str()
+    };
+    let pct = (r.done_bytes * 100)
+        .checked_div(r.total_bytes)
+        .map(|p| format!(" {p}%"))
+        .unwrap_or_default();
+    let bytes_part = if r.total_bytes > 0 {
+        format!(" {}/{}", bytes(r.done_bytes), bytes(r.total_bytes))
+    } else {
+        String::new()
+    };
+    let msg = r
+        .message
+        .as_deref()
+        .map(|m| format!(" - {m}"))
+        .unwrap_or_default();
+    format!(
+        "task {} {} {}: {} [{}]{}{}{}",
+        r.id, r.kind, r.subject, status, r.step, pct, bytes_part, msg
+    )
+}
+
+pub fn tasks(list: &[TaskView], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    for t in list {
+        println!("{}", task_line(t));
+    }
+    Ok(())
+}

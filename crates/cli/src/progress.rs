@@ -1,0 +1,65 @@
+//! Progress on a terminal: one bar per VM while a job runs. Without a terminal (scripts,
+//! CI) each step is one line on stderr instead, and byte counts stay quiet.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::Mutex;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use standby_engine::Progress;
+
+pub struct Terminal {
+    multi: Option<MultiProgress>,
+    bars: Mutex<HashMap<String, ProgressBar>>,
+}
+
+impl Terminal {
+    pub fn new() -> Terminal {
+        let multi = std::io::stderr().is_terminal().then(MultiProgress::new);
+        Terminal {
+            multi,
+            bars: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn bar(&self, subject: &str) -> Option<ProgressBar> {
+        let multi = self.multi.as_ref()?;
+        let mut bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            bars.entry(subject.to_owned())
+                .or_insert_with(|| {
+                    let style = ProgressStyle::with_template(
+                        "{prefix:>12} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
+                    let b = multi.add(ProgressBar::new(0).with_style(style));
+                    b.set_prefix(subject.to_owned());
+                    b
+                })
+                .clone(),
+        )
+    }
+
+    pub fn finish(&self) {
+        let bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
+        for b in bars.values() {
+            b.finish();
+        }
+    }
+}
+
+impl Progress for Terminal {
+    fn step(&self, subject: &str, step: &str) {
+        match self.bar(subject) {
+            Some(b) => b.set_message(step.to_owned()),
+            None => eprintln!("{subject}: {step}"),
+        }
+    }
+
+    fn bytes(&self, subject: &str, done: u64, total: u64) {
+        if let Some(b) = self.bar(subject) {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    }
+}

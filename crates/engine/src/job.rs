@@ -1,0 +1,140 @@
+//! Replication jobs: which VMs go to which host and directory, how often, how many restore
+//! points stay.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use standby_model::{parse_interval, VmName, DEFAULT_RETAIN};
+use standby_store::NewJob;
+
+use crate::{Engine, EngineError, Result};
+
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub name: String,
+    pub vms: Vec<String>,
+    pub target_host: String,
+    pub target_dir: String,
+    pub retain: Option<u32>,
+    pub every: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    pub name: String,
+    pub vms: Vec<String>,
+    pub target_host: String,
+    pub target_dir: String,
+    pub retain: u32,
+    /// Seconds between runs under `standby daemon`; null for on-demand only.
+    pub every_secs: Option<u64>,
+    pub last_run_at: Option<String>,
+    pub created_at: String,
+}
+
+impl Engine {
+    pub fn job_create(&self, spec: &JobSpec) -> Result<JobView> {
+        // Job names share the rules of VM names: they become file and lock names too.
+        VmName::new(&spec.name)?;
+        if self.store().job(&spec.name)?.is_some() {
+            return Err(EngineError::JobExists(spec.name.clone()));
+        }
+        if spec.vms.is_empty() {
+            return Err(EngineError::Invalid("a job needs at least one --vm".into()));
+        }
+        let retain = spec.retain.unwrap_or(DEFAULT_RETAIN);
+        if retain == 0 {
+            return Err(EngineError::Invalid("--retain must be at least 1".into()));
+        }
+        let every = spec
+            .every
+            .as_deref()
+            .map(parse_interval)
+            .transpose()?
+            .map(|d: Duration| d.as_secs());
+        let host = self.host(&spec.target_host)?;
+        let dir = spec.target_dir.trim_end_matches('/').to_owned();
+        if !dir.starts_with('/') {
+            return Err(EngineError::TargetDir {
+                host: spec.target_host.clone(),
+                dir,
+                reason: "give an absolute path".into(),
+            });
+        }
+        let mut replicas = Vec::new();
+        for vm_name in &spec.vms {
+            let vm = self
+                .store()
+                .vm(vm_name)?
+                .ok_or_else(|| EngineError::UnknownVm(vm_name.clone()))?;
+            if replicas.iter().any(|(id, _)| *id == vm.id) {
+                return Err(EngineError::Invalid(format!("VM {vm_name} is named twice")));
+            }
+            for other in self.store().jobs()? {
+                if other.vms.contains(vm_name)
+                    && other.target_host == spec.target_host
+                    && other.target_dir == dir
+                {
+                    return Err(EngineError::AlreadyProtected {
+                        vm: vm_name.clone(),
+                        host: other.target_host,
+                        dir: other.target_dir,
+                        job: other.name,
+                    });
+                }
+            }
+            replicas.push((vm.id, format!("{dir}/{vm_name}")));
+        }
+        // Prove the target usable before recording anything.
+        host.ensure_dir(&dir).map_err(|e| EngineError::TargetDir {
+            host: spec.target_host.clone(),
+            dir: dir.clone(),
+            reason: crate::vm::chain(&e),
+        })?;
+        for (_, rdir) in &replicas {
+            if !host.list_dir(rdir)?.is_empty() {
+                return Err(EngineError::TargetDir {
+                    host: spec.target_host.clone(),
+                    dir: rdir.clone(),
+                    reason: "it already holds files; standby keeps each replica in a directory of its own".into(),
+                });
+            }
+        }
+        self.store().insert_job(
+            &NewJob {
+                name: spec.name.clone(),
+                target_host: spec.target_host.clone(),
+                target_dir: dir,
+                retain,
+                every_secs: every,
+            },
+            &replicas,
+        )?;
+        self.job_show(&spec.name)
+    }
+
+    pub fn job_show(&self, name: &str) -> Result<JobView> {
+        let j = self
+            .store()
+            .job(name)?
+            .ok_or_else(|| EngineError::UnknownJob(name.into()))?;
+        Ok(view(j))
+    }
+
+    pub fn job_list(&self) -> Result<Vec<JobView>> {
+        Ok(self.store().jobs()?.into_iter().map(view).collect())
+    }
+}
+
+fn view(j: standby_store::JobRecord) -> JobView {
+    JobView {
+        name: j.name,
+        vms: j.vms,
+        target_host: j.target_host,
+        target_dir: j.target_dir,
+        retain: j.retain,
+        every_secs: j.every_secs,
+        last_run_at: j.last_run_at,
+        created_at: j.created_at,
+    }
+}

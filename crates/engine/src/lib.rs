@@ -1,0 +1,82 @@
+//! standby's operations. The engine owns the decisions and their order; it reaches hosts
+//! only through [`standby_host::Host`] and keeps its state in [`standby_store::Store`].
+//! It never prints: progress goes to a [`Progress`] sink and results are returned.
+
+mod error;
+pub mod failpoint;
+mod job;
+mod lock;
+mod progress;
+mod replication;
+mod retention;
+mod task;
+mod transfer;
+mod vm;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use standby_host::{Host, LocalHost};
+use standby_store::Store;
+
+pub use error::{EngineError, Result};
+pub use job::{JobSpec, JobView};
+pub use progress::{NoProgress, Progress};
+pub use replication::{ReplicaView, RestorePointView, RpDiskView, RunOutcome};
+pub use task::TaskView;
+pub use vm::{VmSpec, VmView};
+
+/// The name of the host that exists from the first run: this machine.
+pub const LOCAL_HOST: &str = "local";
+
+#[derive(Debug)]
+pub struct Engine {
+    data_dir: PathBuf,
+    store: Mutex<Store>,
+    hosts: BTreeMap<String, Arc<dyn Host>>,
+}
+
+impl Engine {
+    /// Opens (creating if needed) the data directory: the database and the local host's
+    /// run files.
+    pub fn open(data_dir: &Path) -> Result<Engine> {
+        std::fs::create_dir_all(data_dir.join("locks")).map_err(|source| EngineError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let store = Store::open(&data_dir.join("standby.db"))?;
+        let local: Arc<dyn Host> = Arc::new(LocalHost::new(
+            LOCAL_HOST,
+            &data_dir.join("hosts").join(LOCAL_HOST),
+        )?);
+        let mut hosts = BTreeMap::new();
+        hosts.insert(LOCAL_HOST.to_owned(), local);
+        Ok(Engine {
+            data_dir: data_dir.into(),
+            store: Mutex::new(store),
+            hosts,
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub(crate) fn store(&self) -> MutexGuard<'_, Store> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back),
+        // so a poisoned lock is safe to take over.
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn host(&self, name: &str) -> Result<Arc<dyn Host>> {
+        self.hosts
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownHost(name.to_owned()))
+    }
+
+    pub fn host_names(&self) -> Vec<String> {
+        self.hosts.keys().cloned().collect()
+    }
+}

@@ -1,0 +1,579 @@
+//! Replication runs: one job run gives every VM of the job a new restore point, or leaves
+//! that VM's replica exactly as it was.
+//!
+//! The life of one VM's run (each step is safe to interrupt; see ARCHITECTURE.md):
+//! 1. lock the VM, recover whatever a killed run left (views, servers, layer files);
+//! 2. decide per disk: full (no previous layer), cbt (bitmap trusted), digest (otherwise);
+//! 3. take the instant (all disks at once) and publish each disk's frozen view over NBD;
+//! 4. create the new DR layers over the previous restore point and copy into them;
+//! 5. close the views, make the layers durable, and publish the restore point in one
+//!    database transaction;
+//! 6. retire the previous bitmaps, apply retention.
+
+pub(crate) mod dr;
+mod source;
+
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+use standby_host::{Chain, Format, Host, ServeSpec};
+use standby_model::{Method, ReplicaState, Transition};
+use standby_store::{NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
+
+use crate::lock::VmLock;
+use crate::task::TaskProgress;
+use crate::transfer::{self, Meter, Stats, BASE_ALLOCATION};
+use crate::{failpoint, Engine, EngineError, Progress, Result};
+use source::{Access, SourceDisk};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RpDiskView {
+    pub index: u32,
+    /// Opens this restore point's content with `qemu-img` (its header names the chain).
+    pub path: String,
+    pub size: u64,
+    pub method: String,
+    pub bytes_transferred: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestorePointView {
+    pub id: i64,
+    pub vm: String,
+    pub job: String,
+    pub created_at: String,
+    pub method: String,
+    pub bytes_transferred: u64,
+    pub bytes_read: u64,
+    pub duration_ms: u64,
+    pub disks: Vec<RpDiskView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaView {
+    pub vm: String,
+    pub job: String,
+    pub target_host: String,
+    pub dir: String,
+    pub state: String,
+    pub restore_points: usize,
+    pub latest: Option<String>,
+}
+
+/// What one VM's run ended with.
+#[derive(Debug, Serialize)]
+pub struct RunOutcome {
+    pub vm: String,
+    pub restore_point: Option<RestorePointView>,
+    pub error: Option<String>,
+    /// Notes for the operator: recovered leftovers, fallbacks, removed points.
+    pub notes: Vec<String>,
+}
+
+fn point_view(rp: RestorePointRecord, vm: &str, job: &str) -> RestorePointView {
+    RestorePointView {
+        id: rp.id,
+        vm: vm.into(),
+        job: job.into(),
+        created_at: rp.created_at,
+        method: rp.method,
+        bytes_transferred: rp.bytes_transferred,
+        bytes_read: rp.bytes_read,
+        duration_ms: rp.duration_ms,
+        disks: rp
+            .disks
+            .into_iter()
+            .map(|d| RpDiskView {
+                index: d.idx,
+                path: d.layer,
+                size: d.size,
+                method: d.method,
+                bytes_transferred: d.bytes_transferred,
+            })
+            .collect(),
+    }
+}
+
+impl Engine {
+    pub fn replica_list(&self) -> Result<Vec<ReplicaView>> {
+        let replicas = self.store().replicas()?;
+        replicas
+            .into_iter()
+            .map(|r| {
+                let points = self.store().restore_points(r.id, false)?;
+                Ok(ReplicaView {
+                    vm: r.vm,
+                    job: r.job,
+                    target_host: r.target_host,
+                    dir: r.dir,
+                    state: r.state,
+                    restore_points: points.len(),
+                    latest: points.last().map(|p| p.created_at.clone()),
+                })
+            })
+            .collect()
+    }
+
+    fn replica_of(&self, vm: &str, job: Option<&str>) -> Result<ReplicaRecord> {
+        if self.store().vm(vm)?.is_none() {
+            return Err(EngineError::UnknownVm(vm.into()));
+        }
+        let mut all = self.store().replicas_of_vm(vm)?;
+        if let Some(j) = job {
+            all.retain(|r| r.job == j);
+        }
+        match all.len() {
+            0 => Err(EngineError::NoReplica { vm: vm.into() }),
+            1 => Ok(all.remove(0)),
+            _ => Err(EngineError::Invalid(format!(
+                "VM {vm} has replicas from jobs {}; name one with --job",
+                all.iter()
+                    .map(|r| r.job.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Restore points of a VM's replica, oldest first.
+    pub fn replica_points(&self, vm: &str, job: Option<&str>) -> Result<Vec<RestorePointView>> {
+        let r = self.replica_of(vm, job)?;
+        let points = self.store().restore_points(r.id, false)?;
+        Ok(points
+            .into_iter()
+            .map(|p| point_view(p, &r.vm, &r.job))
+            .collect())
+    }
+
+    /// Runs a job: every VM in parallel, each with its own outcome.
+    pub fn job_run(&self, name: &str, progress: &dyn Progress) -> Result<Vec<RunOutcome>> {
+        let job = self
+            .store()
+            .job(name)?
+            .ok_or_else(|| EngineError::UnknownJob(name.into()))?;
+        self.store()
+            .set_job_last_run(job.id, &standby_store::now())?;
+        let replicas = self.store().replicas_of_job(job.id)?;
+        let task = TaskProgress::start(self, "job-run", name, progress)?;
+        let outcomes: Vec<RunOutcome> = std::thread::scope(|s| {
+            let handles: Vec<_> = replicas
+                .iter()
+                .map(|r| {
+                    let task = &task;
+                    s.spawn(move || self.replicate(r, job.retain, task))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .zip(&replicas)
+                .map(|(h, r)| {
+                    h.join().unwrap_or_else(|_| RunOutcome {
+                        vm: r.vm.clone(),
+                        restore_point: None,
+                        error: Some("the run panicked; this is a bug".into()),
+                        notes: Vec::new(),
+                    })
+                })
+                .collect()
+        });
+        let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+        let summary = if failed == 0 {
+            Ok(format!("{} restore point(s) created", outcomes.len()))
+        } else {
+            Err(EngineError::JobFailed {
+                job: name.into(),
+                failed,
+                total: outcomes.len(),
+            })
+        };
+        task.finish(&summary);
+        Ok(outcomes)
+    }
+
+    fn replicate(
+        &self,
+        replica: &ReplicaRecord,
+        retain: u32,
+        progress: &dyn Progress,
+    ) -> RunOutcome {
+        let mut notes = Vec::new();
+        let result = self.replicate_inner(replica, retain, progress, &mut notes);
+        match result {
+            Ok(rp) => {
+                progress.step(&replica.vm, "done");
+                RunOutcome {
+                    vm: replica.vm.clone(),
+                    restore_point: Some(rp),
+                    error: None,
+                    notes,
+                }
+            }
+            Err(e) => {
+                progress.step(&replica.vm, "failed");
+                RunOutcome {
+                    vm: replica.vm.clone(),
+                    restore_point: None,
+                    error: Some(crate::vm::chain(&e)),
+                    notes,
+                }
+            }
+        }
+    }
+
+    fn replicate_inner(
+        &self,
+        replica: &ReplicaRecord,
+        retain: u32,
+        progress: &dyn Progress,
+        notes: &mut Vec<String>,
+    ) -> Result<RestorePointView> {
+        let _lock = VmLock::acquire(
+            &self.data_dir,
+            &replica.vm,
+            &format!("replication job {}", replica.job),
+        )?;
+        let vm = self
+            .store()
+            .vm(&replica.vm)?
+            .ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+        let src_host = self.host(&vm.host)?;
+        let dr_host = self.host(&replica.target_host)?;
+        progress.step(&vm.name, "recovering");
+        self.recover_replica(replica, &vm, src_host.as_ref(), dr_host.as_ref(), notes)?;
+
+        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+        let state = if state == ReplicaState::Replicating {
+            ReplicaState::Ready
+        } else {
+            state
+        };
+        let next = state.apply(Transition::RunStarted)?;
+        self.store().set_replica_state(replica.id, next.as_str())?;
+        let result = self.run_once(
+            replica,
+            &vm,
+            src_host.as_ref(),
+            dr_host.as_ref(),
+            retain,
+            progress,
+            notes,
+        );
+        let end = ReplicaState::Replicating.apply(if result.is_ok() {
+            Transition::RunFinished
+        } else {
+            Transition::RunFailed
+        })?;
+        self.store().set_replica_state(replica.id, end.as_str())?;
+        result
+    }
+
+    /// Clears what an interrupted run of this replica left behind. Idempotent.
+    fn recover_replica(
+        &self,
+        replica: &ReplicaRecord,
+        vm: &VmRecord,
+        src: &dyn Host,
+        dr: &dyn Host,
+        notes: &mut Vec<String>,
+    ) -> Result<()> {
+        let running = self.vm_is_running(vm)?;
+        let mut access = Access::open(src, &vm.name, running)?;
+        source::close_views(&mut access, src, &vm.name, replica.id, vm.disks.len())?;
+        dr.nbd_stop_all(&target_prefix(replica.id))?;
+        dr.ensure_dir(&replica.dir)?;
+        let points = self.store().restore_points(replica.id, true)?;
+        let removed = dr::repair(dr, &replica.dir, &points)?;
+        if replica.state == ReplicaState::Replicating.as_str() || !removed.is_empty() {
+            notes.push(format!(
+                "recovered an interrupted run: no restore point was made by it; removed {} unfinished layer file(s)",
+                removed.len()
+            ));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_once(
+        &self,
+        replica: &ReplicaRecord,
+        vm: &VmRecord,
+        src: &dyn Host,
+        dr: &dyn Host,
+        retain: u32,
+        progress: &dyn Progress,
+        notes: &mut Vec<String>,
+    ) -> Result<RestorePointView> {
+        let started = Instant::now();
+        let fail = |step: &'static str| {
+            let vm = vm.name.clone();
+            move |e: EngineError| EngineError::Run {
+                vm,
+                step,
+                source: Box::new(e),
+            }
+        };
+        let running = self.vm_is_running(vm)?;
+        let points = self.store().restore_points(replica.id, false)?;
+        let prev = points.last();
+
+        // Disks as they are now, and what each one's previous layer and bitmap are.
+        let mut disks = Vec::new();
+        for (idx, d) in vm.disks.iter().enumerate() {
+            let info = src
+                .image_info(&d.path, running)
+                .map_err(|e| fail("reading the source disks")(e.into()))?;
+            let format = Format::parse(&d.format).unwrap_or(Format::Raw);
+            disks.push(SourceDisk {
+                idx,
+                path: d.path.clone(),
+                format,
+                size: info.virtual_size,
+            });
+        }
+        let prev_disk =
+            |idx: usize| prev.and_then(|p| p.disks.iter().find(|d| d.idx as usize == idx));
+
+        progress.step(&vm.name, "checking bitmaps");
+        let mut access = Access::open(src, &vm.name, running)?;
+        let mut methods = Vec::new();
+        let mut previous_bitmaps = Vec::new();
+        let mut trusted = Vec::new();
+        for d in &disks {
+            let pd = prev_disk(d.idx);
+            let prev_bitmap = pd.and_then(|p| p.bitmap.clone());
+            let ok = access
+                .reconcile(src, d, replica.id, prev_bitmap.as_deref())
+                .map_err(fail("reconciling dirty bitmaps"))?;
+            let same_size = pd.is_some_and(|p| p.size == d.size);
+            let method = match pd {
+                None => Method::Full,
+                Some(_) if ok && same_size => Method::Cbt,
+                Some(_) => Method::Digest,
+            };
+            if pd.is_some() && method == Method::Digest {
+                notes.push(format!(
+                    "disk {}: {}",
+                    d.idx,
+                    digest_reason(d, ok, same_size)
+                ));
+            }
+            methods.push(method);
+            previous_bitmaps.push(prev_bitmap);
+            trusted.push(method == Method::Cbt);
+        }
+
+        let seq = self.store().take_seq(replica.id)?;
+        let new_bitmap = source::bitmap_name(replica.id, seq);
+        progress.step(&vm.name, "taking the point-in-time view");
+        let created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let views = source::open_views(
+            &mut access,
+            src,
+            &vm.name,
+            replica.id,
+            &disks,
+            &previous_bitmaps,
+            &trusted,
+            &new_bitmap,
+        );
+        let result = views
+            .map_err(fail("taking the point-in-time view"))
+            .and_then(|views| {
+                failpoint::hit("replicate.after-checkpoint");
+                self.transfer_disks(
+                    replica, vm, dr, &disks, &views, &methods, &points, seq, progress,
+                )
+            });
+        // Views go whatever happened; on failure the bitmaps are reconciled so that the
+        // bitmap of the last restore point again covers every change.
+        let closed = source::close_views(&mut access, src, &vm.name, replica.id, disks.len());
+        let (stats, layers) = match (result, closed) {
+            (Ok(r), Ok(())) => r,
+            (Err(e), _) | (Ok(_), Err(e)) => {
+                let _ = dr.nbd_stop_all(&target_prefix(replica.id));
+                for d in &disks {
+                    let _ = dr.remove_file(&dr::layer_path(&replica.dir, seq, d.idx));
+                    let _ =
+                        access.reconcile(src, d, replica.id, previous_bitmaps[d.idx].as_deref());
+                }
+                return Err(e);
+            }
+        };
+
+        failpoint::hit("replicate.before-commit");
+        progress.step(&vm.name, "committing");
+        for l in &layers {
+            dr.sync_file(&l.layer)
+                .map_err(|e| fail("making the restore point durable")(e.into()))?;
+        }
+        let total = stats.iter().fold(Stats::default(), |mut a, s| {
+            a += *s;
+            a
+        });
+        let rp_disks: Vec<RpDiskRecord> = layers
+            .into_iter()
+            .zip(&stats)
+            .zip(&disks)
+            .map(|((mut l, s), d)| {
+                l.bytes_transferred = s.written;
+                l.bitmap = (d.format == Format::Qcow2).then(|| new_bitmap.clone());
+                l
+            })
+            .collect();
+        let rp_id = self.store().insert_restore_point(&NewRestorePoint {
+            replica_id: replica.id,
+            seq,
+            created_at,
+            method: Method::overall(methods.iter().copied()).as_str().into(),
+            bytes_transferred: total.written,
+            bytes_read: total.read,
+            duration_ms: started.elapsed().as_millis() as u64,
+            disks: rp_disks,
+        })?;
+        failpoint::hit("replicate.after-commit");
+
+        // The previous bitmaps have served their purpose. Failing to drop one is harmless
+        // (the next run's reconcile removes it), so it is a note, not a failed run.
+        for d in &disks {
+            if let (true, Some(prev)) = (trusted[d.idx], &previous_bitmaps[d.idx]) {
+                if let Err(e) = access.retire(src, d, prev) {
+                    notes.push(format!(
+                        "disk {}: old bitmap {prev} stays until the next run: {}",
+                        d.idx,
+                        crate::vm::chain(&e)
+                    ));
+                }
+            }
+        }
+        progress.step(&vm.name, "retention");
+        let dropped = self.apply_retention(dr, replica.id, &replica.dir, retain)?;
+        if dropped > 0 {
+            notes.push(format!("retention removed {dropped} old restore point(s)"));
+        }
+        let rp = self
+            .store()
+            .restore_points(replica.id, false)?
+            .into_iter()
+            .find(|p| p.id == rp_id)
+            .ok_or_else(|| EngineError::Invalid("the new restore point vanished".into()))?;
+        Ok(point_view(rp, &replica.vm, &replica.job))
+    }
+
+    /// Step 4: new layers on the DR host, filled from the views. Returns per-disk stats and
+    /// the layers' records (not yet published).
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_disks(
+        &self,
+        replica: &ReplicaRecord,
+        vm: &VmRecord,
+        dr: &dyn Host,
+        disks: &[SourceDisk],
+        views: &[source::View],
+        methods: &[Method],
+        points: &[RestorePointRecord],
+        seq: i64,
+        progress: &dyn Progress,
+    ) -> Result<(Vec<Stats>, Vec<RpDiskRecord>)> {
+        let src = self.host(&vm.host)?;
+        let prev = points.last();
+        let mut meter = Meter {
+            progress,
+            subject: &vm.name,
+            done: 0,
+            total: 0,
+        };
+        let mut chunks = 0u64;
+        let mut on_chunk = || {
+            chunks += 1;
+            if chunks == 2 {
+                failpoint::hit("replicate.mid-transfer");
+            }
+        };
+        let mut all_stats = Vec::new();
+        let mut layers = Vec::new();
+        for (d, (view, method)) in disks.iter().zip(views.iter().zip(methods)) {
+            let what = match method {
+                Method::Full => "full copy",
+                Method::Cbt => "changed blocks",
+                Method::Digest => "digest comparison",
+            };
+            progress.step(&vm.name, &format!("disk {}: {what}", d.idx));
+            let layer = dr::layer_path(&replica.dir, seq, d.idx);
+            let parent = match method {
+                Method::Full => None,
+                _ => prev
+                    .and_then(|p| p.disks.iter().find(|x| x.idx as usize == d.idx))
+                    .map(|x| x.layer.clone()),
+            };
+            dr.image_create(&layer, d.size, parent.as_deref())?;
+            let chain = match &parent {
+                Some(p) => dr::chain_of(points, p).with_top(&layer),
+                None => Chain::single(&layer, Format::Qcow2),
+            };
+            let id = format!("{}d{}", target_prefix(replica.id), d.idx);
+            let address = dr.nbd_serve(&ServeSpec {
+                id: id.clone(),
+                chain,
+                writable: true,
+                bitmap: None,
+                open_by_header: false,
+            })?;
+            let mut contexts = vec![BASE_ALLOCATION.to_owned()];
+            if let Some(b) = &view.bitmap {
+                contexts.push(transfer::bitmap_context(b));
+            }
+            let ctx: Vec<&str> = contexts.iter().map(String::as_str).collect();
+            let mut source = src.nbd_connect(&view.address, &view.export, &ctx)?;
+            let mut target = dr.nbd_connect(&address, &id, &[BASE_ALLOCATION])?;
+            let err = |e| EngineError::Transfer {
+                disk: d.idx,
+                source: e,
+            };
+            let stats = match method {
+                Method::Full => transfer::full(&mut source, &mut target, &mut meter, &mut on_chunk)
+                    .map_err(err)?,
+                Method::Cbt => {
+                    let b = view.bitmap.as_deref().unwrap_or_default();
+                    transfer::cbt(&mut source, &mut target, b, &mut meter, &mut on_chunk)
+                        .map_err(err)?
+                }
+                Method::Digest => {
+                    let reader = dr.nbd_connect(&address, &id, &[BASE_ALLOCATION])?;
+                    transfer::digest(source, &mut target, reader, &mut meter, &mut on_chunk)
+                        .map_err(err)?
+                }
+            };
+            target.flush().map_err(err)?;
+            let _ = target.disconnect();
+            // qemu-nbd exits once its clients are gone; wait for it so the layer is closed.
+            dr.nbd_stop_all(&id)?;
+            all_stats.push(stats);
+            layers.push(RpDiskRecord {
+                idx: d.idx as u32,
+                layer,
+                parent,
+                size: d.size,
+                method: method.as_str().into(),
+                bitmap: None,
+                bytes_transferred: stats.written,
+            });
+        }
+        Ok((all_stats, layers))
+    }
+}
+
+fn target_prefix(replica_id: i64) -> String {
+    format!("dst-r{replica_id}-")
+}
+
+fn digest_reason(d: &SourceDisk, bitmap_ok: bool, same_size: bool) -> &'static str {
+    if d.format == Format::Raw {
+        "raw disk has no dirty bitmap, compared by digest"
+    } else if !same_size {
+        "disk size changed, compared by digest"
+    } else if !bitmap_ok {
+        "dirty bitmap missing or inconsistent, compared by digest"
+    } else {
+        "compared by digest"
+    }
+}

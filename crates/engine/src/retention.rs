@@ -1,0 +1,85 @@
+//! Retention: the oldest restore points go, the rest stay readable at every instant.
+//!
+//! Dropping the oldest point `X` when the next point `Y` stacks a layer on `X`'s: commit
+//! `Y`'s layer into `X`'s file (after which `X`'s file holds `Y`'s content, while `Y`'s own
+//! layer on top still reads the same), then in one database transaction drop `X` and make
+//! `Y` use `X`'s file. Only then do files go. A crash anywhere leaves `Y` intact: before the
+//! transaction it reads through its own layer, after it through the committed file.
+
+use standby_host::{Chain, Format, Host, Layer};
+use standby_model::points_to_drop;
+use standby_store::RestorePointRecord;
+
+use crate::replication::dr;
+use crate::{failpoint, Engine, EngineError, Result};
+
+impl Engine {
+    /// Drops restore points beyond `keep`, finishing any drop a crash interrupted first.
+    pub(crate) fn apply_retention(
+        &self,
+        host: &dyn Host,
+        replica_id: i64,
+        dir: &str,
+        keep: u32,
+    ) -> Result<usize> {
+        let all = self.store().restore_points(replica_id, true)?;
+        let kept: Vec<i64> = all.iter().filter(|p| !p.pruning).map(|p| p.id).collect();
+        let mut doomed: Vec<i64> = all.iter().filter(|p| p.pruning).map(|p| p.id).collect();
+        doomed.extend(points_to_drop(&kept, keep));
+        for id in &doomed {
+            self.drop_oldest(host, replica_id, *id)?;
+        }
+        let points = self.store().restore_points(replica_id, true)?;
+        dr::repair(host, dir, &points)?;
+        Ok(doomed.len())
+    }
+
+    fn drop_oldest(&self, host: &dyn Host, replica_id: i64, id: i64) -> Result<()> {
+        let points = self.store().restore_points(replica_id, true)?;
+        let Some(pos) = points.iter().position(|p| p.id == id) else {
+            return Ok(());
+        };
+        if pos != 0 {
+            return Err(EngineError::Invalid(format!(
+                "restore point {id} is not the oldest; retention drops oldest first"
+            )));
+        }
+        let doomed: &RestorePointRecord = &points[0];
+        self.store().mark_pruning(id)?;
+        let mut moves = Vec::new();
+        let mut new_bases = Vec::new();
+        for d in &doomed.disks {
+            if d.parent.is_some() {
+                return Err(EngineError::Invalid(format!(
+                    "oldest restore point {id} has a parent layer"
+                )));
+            }
+            let child = points[1..]
+                .iter()
+                .flat_map(|p| &p.disks)
+                .find(|c| c.parent.as_deref() == Some(&d.layer));
+            if let Some(c) = child {
+                let chain = Chain {
+                    layers: vec![
+                        Layer {
+                            path: c.layer.clone(),
+                            format: Format::Qcow2,
+                        },
+                        Layer {
+                            path: d.layer.clone(),
+                            format: Format::Qcow2,
+                        },
+                    ],
+                };
+                host.image_commit(&chain)?;
+                host.sync_file(&d.layer)?;
+                moves.push((c.layer.clone(), d.layer.clone()));
+                new_bases.push(d.layer.clone());
+            }
+        }
+        failpoint::hit("retention.after-commit-layer");
+        self.store().drop_restore_point(id, &moves, &new_bases)?;
+        failpoint::hit("retention.after-drop");
+        Ok(())
+    }
+}

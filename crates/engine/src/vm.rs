@@ -1,0 +1,293 @@
+//! VM definitions and their lifecycle: create, start, guest shutdown, power off, status.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use standby_host::{Format, Host, VmLaunch, VmRuntime};
+use standby_model::VmName;
+use standby_store::{DiskRecord, NewVm, VmRecord};
+
+use crate::lock::VmLock;
+use crate::{Engine, EngineError, Result};
+
+/// What an operator asks for with `standby vm create`.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub name: String,
+    pub host: String,
+    pub disks: Vec<String>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub nics: Vec<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmView {
+    pub name: String,
+    pub host: String,
+    /// `running` or `stopped`.
+    pub state: &'static str,
+    /// `source` for a VM standby protects or manages.
+    pub role: &'static str,
+    pub pid: Option<u32>,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<DiskRecord>,
+    pub nics: Vec<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+    pub created_at: String,
+}
+
+const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000"];
+
+impl Engine {
+    pub fn vm_create(&self, spec: &VmSpec) -> Result<VmView> {
+        let name = VmName::new(&spec.name)?;
+        if self.store().vm(name.as_str())?.is_some() {
+            return Err(EngineError::VmExists(spec.name.clone()));
+        }
+        let host = self.host(&spec.host)?;
+        if spec.disks.is_empty() {
+            return Err(EngineError::Invalid(
+                "a VM needs at least one --disk".into(),
+            ));
+        }
+        if !(1..=64).contains(&spec.cpus) {
+            return Err(EngineError::Invalid(format!(
+                "--cpus {} is out of range 1..=64",
+                spec.cpus
+            )));
+        }
+        if !(16..=1 << 20).contains(&spec.memory_mib) {
+            return Err(EngineError::Invalid(format!(
+                "--memory {} MiB is out of range 16..=1048576",
+                spec.memory_mib
+            )));
+        }
+        for nic in &spec.nics {
+            if !NIC_MODELS.contains(&nic.as_str()) {
+                return Err(EngineError::Invalid(format!(
+                    "NIC model {nic:?} is not one of {}",
+                    NIC_MODELS.join(", ")
+                )));
+            }
+        }
+        if spec.kernel.is_none() && (spec.initrd.is_some() || spec.append.is_some()) {
+            return Err(EngineError::Invalid(
+                "--initrd and --append need --kernel".into(),
+            ));
+        }
+        for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
+            if let Some(p) = path {
+                if !p.starts_with('/') || !host.file_exists(p)? {
+                    return Err(EngineError::Invalid(format!(
+                        "{what} {p} does not exist (give an absolute path)"
+                    )));
+                }
+            }
+        }
+        let mut disks = Vec::new();
+        for path in &spec.disks {
+            disks.push(self.check_disk(host.as_ref(), path, &disks)?);
+        }
+        let id = self.store().insert_vm(&NewVm {
+            name: spec.name.clone(),
+            host: spec.host.clone(),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disks,
+            nics: spec.nics.clone(),
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            append: spec.append.clone(),
+        })?;
+        let _ = id;
+        self.vm_show(&spec.name)
+    }
+
+    fn check_disk(&self, host: &dyn Host, path: &str, so_far: &[DiskRecord]) -> Result<DiskRecord> {
+        let bad = |reason: String| EngineError::BadDisk {
+            path: path.into(),
+            reason,
+        };
+        if !path.starts_with('/') {
+            return Err(bad("give an absolute path".into()));
+        }
+        if !host.file_exists(path)? {
+            return Err(bad(format!(
+                "no such file on host {}; create it first (qemu-img create)",
+                host.name()
+            )));
+        }
+        if so_far.iter().any(|d| d.path == path) {
+            return Err(bad("given twice".into()));
+        }
+        if let Some(other) = self.store().vms_using_disk(path)?.first() {
+            return Err(bad(format!("already a disk of VM {other}")));
+        }
+        let info = host
+            .image_info(path, false)
+            .map_err(|e| bad(format!("not a usable disk image: {}", chain(&e))))?;
+        Ok(DiskRecord {
+            path: path.into(),
+            format: info.format.as_str().into(),
+        })
+    }
+
+    fn vm_record(&self, name: &str) -> Result<VmRecord> {
+        self.store()
+            .vm(name)?
+            .ok_or_else(|| EngineError::UnknownVm(name.into()))
+    }
+
+    fn view(&self, vm: VmRecord) -> Result<VmView> {
+        let runtime = self.host(&vm.host)?.vm_runtime(&vm.name)?;
+        let (state, pid) = match runtime {
+            VmRuntime::Running { pid } => ("running", Some(pid)),
+            VmRuntime::Stopped => ("stopped", None),
+        };
+        Ok(VmView {
+            name: vm.name,
+            host: vm.host,
+            state,
+            role: "source",
+            pid,
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            disks: vm.disks,
+            nics: vm.nics,
+            kernel: vm.kernel,
+            initrd: vm.initrd,
+            append: vm.append,
+            created_at: vm.created_at,
+        })
+    }
+
+    pub fn vm_show(&self, name: &str) -> Result<VmView> {
+        let vm = self.vm_record(name)?;
+        self.view(vm)
+    }
+
+    pub fn vm_list(&self) -> Result<Vec<VmView>> {
+        let vms = self.store().vms()?;
+        vms.into_iter().map(|vm| self.view(vm)).collect()
+    }
+
+    pub(crate) fn vm_is_running(&self, vm: &VmRecord) -> Result<bool> {
+        Ok(matches!(
+            self.host(&vm.host)?.vm_runtime(&vm.name)?,
+            VmRuntime::Running { .. }
+        ))
+    }
+
+    pub fn vm_start(&self, name: &str) -> Result<VmView> {
+        let vm = self.vm_record(name)?;
+        let _lock = VmLock::acquire(&self.data_dir, name, "vm start")?;
+        let host = self.host(&vm.host)?;
+        if self.vm_is_running(&vm)? {
+            return Err(EngineError::VmState {
+                vm: name.into(),
+                state: "running",
+                hint: "nothing to start",
+            });
+        }
+        let disks = vm
+            .disks
+            .iter()
+            .map(|d| {
+                let format = Format::parse(&d.format).unwrap_or(Format::Raw);
+                (d.path.clone(), format)
+            })
+            .collect();
+        host.vm_start(&VmLaunch {
+            name: vm.name.clone(),
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            disks,
+            nics: vm.nics.clone(),
+            kernel: vm.kernel.clone(),
+            initrd: vm.initrd.clone(),
+            append: vm.append.clone(),
+        })?;
+        self.view(vm)
+    }
+
+    /// Asks the guest to shut down (ACPI power button) and waits up to `timeout`; then
+    /// powers it off. Returns true when the guest shut down by itself.
+    pub fn vm_shutdown(&self, name: &str, timeout: Duration) -> Result<bool> {
+        let vm = self.vm_record(name)?;
+        let _lock = VmLock::acquire(&self.data_dir, name, "vm shutdown")?;
+        let host = self.host(&vm.host)?;
+        if !self.vm_is_running(&vm)? {
+            return Err(EngineError::VmState {
+                vm: name.into(),
+                state: "stopped",
+                hint: "nothing to shut down",
+            });
+        }
+        host.vm_status_qmp(name)?
+            .execute("system_powerdown", json!({}))?;
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if !self.vm_is_running(&vm)? {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        power_off(host.as_ref(), name)?;
+        Ok(false)
+    }
+
+    /// Powers the VM off at once. QEMU still exits cleanly, so persistent bitmaps stay valid.
+    pub fn vm_stop(&self, name: &str) -> Result<()> {
+        let vm = self.vm_record(name)?;
+        let _lock = VmLock::acquire(&self.data_dir, name, "vm stop")?;
+        if !self.vm_is_running(&vm)? {
+            return Err(EngineError::VmState {
+                vm: name.into(),
+                state: "stopped",
+                hint: "nothing to stop",
+            });
+        }
+        power_off(self.host(&vm.host)?.as_ref(), name)
+    }
+
+    pub fn vm_console(&self, name: &str, from: u64) -> Result<(Vec<u8>, u64)> {
+        let vm = self.vm_record(name)?;
+        Ok(self.host(&vm.host)?.vm_console(name, from)?)
+    }
+}
+
+/// `quit` lets QEMU flush and write its persistent bitmaps; SIGKILL only if it hangs.
+fn power_off(host: &dyn Host, name: &str) -> Result<()> {
+    if let Ok(mut qmp) = host.vm_status_qmp(name) {
+        let _ = qmp.execute("quit", json!({}));
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if host.vm_runtime(name)? == VmRuntime::Stopped {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host.vm_kill(name)?;
+    Ok(())
+}
+
+/// An error and its causes on one line, for messages that embed another error.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,139 @@
+//! Every operation on a host (run a VM, read or write a disk image, dirty bitmaps, NBD
+//! exports) goes through [`Host`]. Paths in this interface are strings that mean something
+//! on the named host only; process handles never leave it. [`LocalHost`] runs everything on
+//! this machine; a network agent will implement the same trait.
+
+mod local;
+
+use std::fmt::Debug;
+use std::io::{Read, Write};
+
+use serde_json::Value;
+pub use standby_qemu::chain::{Chain, Format, Layer};
+pub use standby_qemu::img::{BitmapInfo, BitmapOp, ImageInfo};
+pub use standby_qemu::machine::Accel;
+pub use standby_qemu::QemuError;
+
+pub use local::LocalHost;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Qemu(#[from] QemuError),
+    #[error(transparent)]
+    Nbd(#[from] standby_nbd::NbdError),
+    #[error("{what} {path}")]
+    Io {
+        what: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("VM {0} is not running")]
+    NotRunning(String),
+    #[error("VM {vm} did not start: {detail}")]
+    StartFailed { vm: String, detail: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, HostError>;
+
+/// What a host needs to run a VM.
+#[derive(Debug, Clone)]
+pub struct VmLaunch {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<(String, Format)>,
+    pub nics: Vec<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmRuntime {
+    Running { pid: u32 },
+    Stopped,
+}
+
+/// The node name QMP uses for a VM's disk `idx`: the same on every host.
+pub fn disk_node(idx: usize) -> String {
+    format!("disk{idx}")
+}
+
+/// A running VM's monitor.
+pub trait QmpChannel: Debug + Send {
+    fn execute(&mut self, command: &str, arguments: Value)
+        -> std::result::Result<Value, QemuError>;
+}
+
+/// A byte stream to an NBD server on a host.
+pub trait NbdStream: Read + Write + Send + Debug {}
+impl<T: Read + Write + Send + Debug> NbdStream for T {}
+
+pub type NbdClient = standby_nbd::Client<Box<dyn NbdStream>>;
+
+/// Where an NBD server listens, as the host hands it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdAddress {
+    pub socket: String,
+}
+
+/// What `nbd_serve` should publish.
+#[derive(Debug, Clone)]
+pub struct ServeSpec {
+    /// Names the server; also how leftovers are found after a crash (see `nbd_stop_all`).
+    pub id: String,
+    pub chain: Chain,
+    pub writable: bool,
+    pub bitmap: Option<String>,
+    pub open_by_header: bool,
+}
+
+pub trait Host: Debug + Send + Sync {
+    fn name(&self) -> &str;
+
+    // ---- files and images ----
+    /// Creates `dir` if needed and proves it writable.
+    fn ensure_dir(&self, dir: &str) -> Result<()>;
+    fn list_dir(&self, dir: &str) -> Result<Vec<String>>;
+    fn file_exists(&self, path: &str) -> Result<bool>;
+    /// Removes a file; a missing file is not an error.
+    fn remove_file(&self, path: &str) -> Result<()>;
+    /// Makes a file's data and its directory entry durable.
+    fn sync_file(&self, path: &str) -> Result<()>;
+    /// Reads an image's header. `shared` reads one a running VM holds.
+    fn image_info(&self, path: &str, shared: bool) -> Result<ImageInfo>;
+    fn image_create(&self, path: &str, size: u64, backing: Option<&str>) -> Result<()>;
+    fn image_bitmap(&self, path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Result<()>;
+    fn image_commit(&self, chain: &Chain) -> Result<()>;
+    fn image_set_backing_name(&self, path: &str, backing: Option<&str>) -> Result<()>;
+
+    // ---- VMs ----
+    fn vm_start(&self, vm: &VmLaunch) -> Result<()>;
+    fn vm_runtime(&self, vm: &str) -> Result<VmRuntime>;
+    /// The monitor for long operations.
+    fn vm_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>>;
+    /// A second monitor for quick queries, never blocked by a long operation.
+    fn vm_status_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>>;
+    /// Ends the VM's QEMU process at once: the last resort after `quit` failed.
+    fn vm_kill(&self, vm: &str) -> Result<()>;
+    /// Console output from byte `from`; returns the bytes and the next offset.
+    fn vm_console(&self, vm: &str, from: u64) -> Result<(Vec<u8>, u64)>;
+    /// A path for a temporary file that belongs to the VM's run (fleecing images).
+    fn vm_scratch_path(&self, vm: &str, file: &str) -> String;
+    /// Every scratch file of the VM whose name starts with `prefix`.
+    fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>>;
+    /// The address a VM's own NBD server listens on, as QMP `nbd-server-start` wants it,
+    /// and as `nbd_connect` takes it.
+    fn vm_nbd_address(&self, vm: &str) -> (Value, NbdAddress);
+    /// Which accelerator VMs start with here.
+    fn accel(&self) -> Accel;
+
+    // ---- NBD ----
+    fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress>;
+    fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<NbdClient>;
+    /// Stops every standby NBD server whose id starts with `prefix`; returns how many ran.
+    fn nbd_stop_all(&self, prefix: &str) -> Result<usize>;
+}

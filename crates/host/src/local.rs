@@ -1,0 +1,401 @@
+//! The local host: VMs, images and NBD servers on this machine, under one root directory.
+//!
+//! Layout under the root:
+//! - `vms/NAME/`: a VM's monitors (`qmp.sock`, `qmp-status.sock`), `qemu.pid`,
+//!   `console.log`, its NBD server socket and scratch files of replication runs;
+//! - `nbd/ID.sock`, `nbd/ID.pid`: qemu-nbd servers standby started.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use standby_qemu::machine::{Machine, MachineDisk, QEMU_SYSTEM};
+use standby_qemu::nbd_server::{NbdServe, QEMU_NBD};
+use standby_qemu::qmp::Qmp;
+use standby_qemu::{img, QemuError};
+
+use crate::*;
+
+/// Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug)]
+pub struct LocalHost {
+    name: String,
+    root: PathBuf,
+    accel: Accel,
+}
+
+fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {
+    let (what, path) = (what.to_owned(), path.display().to_string());
+    move |source| HostError::Io { what, path, source }
+}
+
+#[derive(Debug)]
+struct LocalQmp(Qmp);
+
+impl QmpChannel for LocalQmp {
+    fn execute(
+        &mut self,
+        command: &str,
+        arguments: Value,
+    ) -> std::result::Result<Value, QemuError> {
+        self.0.execute(command, arguments)
+    }
+}
+
+impl LocalHost {
+    /// `root` holds this host's run files. The accelerator comes from `STANDBY_ACCEL`
+    /// (`kvm` or `tcg`); without it, KVM only where `root/accel` records a passed probe.
+    pub fn new(name: &str, root: &Path) -> Result<LocalHost> {
+        fs::create_dir_all(root.join("vms")).map_err(io_err("cannot create", root))?;
+        fs::create_dir_all(root.join("nbd")).map_err(io_err("cannot create", root))?;
+        let accel = match std::env::var("STANDBY_ACCEL").ok().as_deref() {
+            Some("kvm") => Accel::Kvm,
+            Some("tcg") => Accel::Tcg,
+            _ => match fs::read_to_string(root.join("accel"))
+                .ok()
+                .as_deref()
+                .map(str::trim)
+            {
+                Some("kvm") if Path::new("/dev/kvm").exists() => Accel::Kvm,
+                _ => Accel::Tcg,
+            },
+        };
+        Ok(LocalHost {
+            name: name.into(),
+            root: root.into(),
+            accel,
+        })
+    }
+
+    fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.root.join("vms").join(vm)
+    }
+
+    fn vm_file(&self, vm: &str, file: &str) -> String {
+        self.vm_dir(vm).join(file).display().to_string()
+    }
+
+    fn socket(&self, path: String) -> Result<String> {
+        if path.len() > MAX_SOCKET_PATH {
+            return Err(HostError::Invalid(format!(
+                "socket path {path} is longer than {MAX_SOCKET_PATH} bytes; use a shorter --data-dir or VM name"
+            )));
+        }
+        Ok(path)
+    }
+
+    /// The pid in `pidfile` if that process is alive and its command line names `marker`
+    /// (a stale pid file may name a reused pid).
+    fn live_pid(pidfile: &Path, marker: &str) -> Option<u32> {
+        let pid: u32 = fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        (cmdline.contains(marker) && !zombie).then_some(pid)
+    }
+
+    fn wait_gone(pidfile: &Path, marker: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while Self::live_pid(pidfile, marker).is_some() {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+impl Host for LocalHost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn ensure_dir(&self, dir: &str) -> Result<()> {
+        let path = Path::new(dir);
+        if !path.is_absolute() {
+            return Err(HostError::Invalid(format!("{dir} is not an absolute path")));
+        }
+        fs::create_dir_all(path).map_err(io_err("cannot create directory", path))?;
+        let probe = path.join(".standby-write-probe");
+        fs::write(&probe, b"probe").map_err(io_err("cannot write in directory", path))?;
+        fs::remove_file(&probe).map_err(io_err("cannot remove a file in", path))?;
+        Ok(())
+    }
+
+    fn list_dir(&self, dir: &str) -> Result<Vec<String>> {
+        let path = Path::new(dir);
+        let entries = match fs::read_dir(path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("cannot list", path)(e)),
+        };
+        let mut names = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_err("cannot list", path))?;
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn file_exists(&self, path: &str) -> Result<bool> {
+        Ok(Path::new(path).exists())
+    }
+
+    fn remove_file(&self, path: &str) -> Result<()> {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_err("cannot remove", Path::new(path))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn sync_file(&self, path: &str) -> Result<()> {
+        let p = Path::new(path);
+        fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("cannot sync", p))?;
+        if let Some(dir) = p.parent() {
+            fs::File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("cannot sync", dir))?;
+        }
+        Ok(())
+    }
+
+    fn image_info(&self, path: &str, shared: bool) -> Result<ImageInfo> {
+        Ok(img::info(path, shared)?)
+    }
+
+    fn image_create(&self, path: &str, size: u64, backing: Option<&str>) -> Result<()> {
+        Ok(img::create_qcow2(path, size, backing)?)
+    }
+
+    fn image_bitmap(&self, path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Result<()> {
+        Ok(img::bitmap(path, format, name, op)?)
+    }
+
+    fn image_commit(&self, chain: &Chain) -> Result<()> {
+        Ok(img::commit_keep_top(chain)?)
+    }
+
+    fn image_set_backing_name(&self, path: &str, backing: Option<&str>) -> Result<()> {
+        Ok(img::set_backing_name(path, backing)?)
+    }
+
+    fn vm_start(&self, vm: &VmLaunch) -> Result<()> {
+        let dir = self.vm_dir(&vm.name);
+        fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        let machine = Machine {
+            name: vm.name.clone(),
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            disks: vm
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, (path, format))| MachineDisk {
+                    path: path.clone(),
+                    format: *format,
+                    node: disk_node(i),
+                })
+                .collect(),
+            nics: vm.nics.clone(),
+            kernel: vm.kernel.clone(),
+            initrd: vm.initrd.clone(),
+            append: vm.append.clone(),
+            accel: self.accel,
+            qmp_socket: self.socket(self.vm_file(&vm.name, "qmp.sock"))?,
+            qmp_status_socket: self.socket(self.vm_file(&vm.name, "qmp-status.sock"))?,
+            console_log: self.vm_file(&vm.name, "console.log"),
+            pidfile: self.vm_file(&vm.name, "qemu.pid"),
+        };
+        let out = Command::new(QEMU_SYSTEM)
+            .args(machine.args())
+            .output()
+            .map_err(|source| QemuError::Spawn {
+                program: QEMU_SYSTEM.into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(HostError::StartFailed {
+                vm: vm.name.clone(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        match self.vm_runtime(&vm.name)? {
+            VmRuntime::Running { .. } => Ok(()),
+            VmRuntime::Stopped => Err(HostError::StartFailed {
+                vm: vm.name.clone(),
+                detail: "QEMU exited right after starting; see `standby vm console`".into(),
+            }),
+        }
+    }
+
+    fn vm_runtime(&self, vm: &str) -> Result<VmRuntime> {
+        let marker = self.vm_file(vm, "qmp.sock");
+        Ok(
+            match Self::live_pid(&self.vm_dir(vm).join("qemu.pid"), &marker) {
+                Some(pid) => VmRuntime::Running { pid },
+                None => VmRuntime::Stopped,
+            },
+        )
+    }
+
+    fn vm_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>> {
+        if self.vm_runtime(vm)? == VmRuntime::Stopped {
+            return Err(HostError::NotRunning(vm.into()));
+        }
+        let qmp = Qmp::connect(&self.vm_file(vm, "qmp.sock"), Duration::from_secs(120))?;
+        Ok(Box::new(LocalQmp(qmp)))
+    }
+
+    fn vm_status_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>> {
+        if self.vm_runtime(vm)? == VmRuntime::Stopped {
+            return Err(HostError::NotRunning(vm.into()));
+        }
+        let qmp = Qmp::connect(
+            &self.vm_file(vm, "qmp-status.sock"),
+            Duration::from_secs(10),
+        )?;
+        Ok(Box::new(LocalQmp(qmp)))
+    }
+
+    fn vm_kill(&self, vm: &str) -> Result<()> {
+        let pidfile = self.vm_dir(vm).join("qemu.pid");
+        let marker = self.vm_file(vm, "qmp.sock");
+        if let Some(pid) = Self::live_pid(&pidfile, &marker) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            Self::wait_gone(&pidfile, &marker, Duration::from_secs(10));
+        }
+        Ok(())
+    }
+
+    fn vm_console(&self, vm: &str, from: u64) -> Result<(Vec<u8>, u64)> {
+        let path = self.vm_dir(vm).join("console.log");
+        let mut f = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(io_err("cannot read", &path)(e)),
+        };
+        f.seek(SeekFrom::Start(from))
+            .map_err(io_err("cannot read", &path))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)
+            .map_err(io_err("cannot read", &path))?;
+        let next = from + buf.len() as u64;
+        Ok((buf, next))
+    }
+
+    fn vm_scratch_path(&self, vm: &str, file: &str) -> String {
+        self.vm_file(vm, file)
+    }
+
+    fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>> {
+        let dir = self.vm_dir(vm).display().to_string();
+        Ok(self
+            .list_dir(&dir)?
+            .into_iter()
+            .filter(|n| n.starts_with(prefix))
+            .map(|n| format!("{dir}/{n}"))
+            .collect())
+    }
+
+    fn vm_nbd_address(&self, vm: &str) -> (Value, NbdAddress) {
+        let socket = self.vm_file(vm, "nbd.sock");
+        // QEMU 7.2 takes the legacy socket address form here.
+        (
+            json!({"type": "unix", "data": {"path": socket}}),
+            NbdAddress { socket },
+        )
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress> {
+        let dir = self.root.join("nbd");
+        let socket = self.socket(dir.join(format!("{}.sock", spec.id)).display().to_string())?;
+        let pidfile = dir.join(format!("{}.pid", spec.id)).display().to_string();
+        let _ = fs::remove_file(&socket);
+        let args = NbdServe {
+            chain: &spec.chain,
+            socket: &socket,
+            pidfile: &pidfile,
+            export_name: &spec.id,
+            writable: spec.writable,
+            bitmap: spec.bitmap.as_deref(),
+            open_by_header: spec.open_by_header,
+        }
+        .args();
+        let out = Command::new(QEMU_NBD)
+            .args(&args)
+            .output()
+            .map_err(|source| QemuError::Spawn {
+                program: QEMU_NBD.into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(QemuError::Failed {
+                program: QEMU_NBD.into(),
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            }
+            .into());
+        }
+        Ok(NbdAddress { socket })
+    }
+
+    fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<NbdClient> {
+        let stream = UnixStream::connect(&addr.socket)
+            .map_err(io_err("cannot connect to", Path::new(&addr.socket)))?;
+        Ok(standby_nbd::Client::connect(
+            Box::new(stream) as Box<dyn NbdStream>,
+            export,
+            contexts,
+        )?)
+    }
+
+    fn nbd_stop_all(&self, prefix: &str) -> Result<usize> {
+        let dir = self.root.join("nbd");
+        let mut stopped = 0;
+        for name in self.list_dir(&dir.display().to_string())? {
+            let Some(id) = name.strip_suffix(".pid") else {
+                continue;
+            };
+            if !id.starts_with(prefix) {
+                continue;
+            }
+            let pidfile = dir.join(&name);
+            let marker = dir.join(format!("{id}.sock")).display().to_string();
+            if let Some(pid) = Self::live_pid(&pidfile, &marker) {
+                stopped += 1;
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                if !Self::wait_gone(&pidfile, &marker, Duration::from_secs(10)) {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    Self::wait_gone(&pidfile, &marker, Duration::from_secs(5));
+                }
+            }
+            let _ = fs::remove_file(&pidfile);
+            let _ = fs::remove_file(&marker);
+        }
+        Ok(stopped)
+    }
+}
