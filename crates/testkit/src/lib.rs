@@ -1,1 +1,334 @@
-pub fn placeholder() {}
+//! What standby's end-to-end tests share: a scratch data directory and a way to run the
+//! real `standby` binary in it, the test guest (kernel + initramfs built from Debian
+//! packages by `scripts/guest/build.sh`), its write ledger, and reference images built
+//! independently of standby to compare restore points against.
+
+mod ledger;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub use ledger::{ledger_record, Ledger, LEDGER_BLOCK};
+use serde_json::Value;
+
+/// One test's world: a data directory, a source directory and a DR directory.
+#[derive(Debug)]
+pub struct Env {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    envs: Vec<(String, String)>,
+}
+
+/// The result of one `standby` command.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Env {
+    /// `bin` is the `standby` binary under test (`env!("CARGO_BIN_EXE_standby")`).
+    pub fn new(bin: &str) -> Env {
+        // Short paths: unix socket names must stay under 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("sb")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        for sub in ["src", "dr"] {
+            std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
+        }
+        Env {
+            dir,
+            bin: bin.into(),
+            envs: vec![("STANDBY_ACCEL".into(), "tcg".into())],
+        }
+    }
+
+    /// Adds an environment variable to every later command.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.into(), value.into()));
+    }
+
+    pub fn unset_env(&mut self, key: &str) {
+        self.envs.retain(|(k, _)| k != key);
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, rel: &str) -> String {
+        self.dir.path().join(rel).display().to_string()
+    }
+
+    pub fn data_dir(&self) -> String {
+        self.path("data")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--data-dir").arg(self.data_dir()).args(args);
+        c.env_remove("STANDBY_FAILPOINT");
+        for (k, v) in &self.envs {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.command(args).output().expect("run standby"))
+    }
+
+    /// Runs and insists on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(
+            r.code,
+            Some(0),
+            "standby {args:?} failed:\n{}\n{}",
+            r.stdout,
+            r.stderr
+        );
+        r.stdout
+    }
+
+    /// Runs and insists on failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_ne!(
+            r.code,
+            Some(0),
+            "standby {args:?} should have failed:\n{}",
+            r.stdout
+        );
+        r.stderr
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ok(&a);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("standby {args:?} printed bad JSON ({e}): {out}"))
+    }
+
+    /// Restore points of `vm`, oldest first.
+    pub fn points(&self, vm: &str) -> Vec<Value> {
+        self.json(&["replica", "points", vm])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Path of disk `idx` of the newest restore point.
+    pub fn latest_disk(&self, vm: &str, idx: usize) -> String {
+        let points = self.points(vm);
+        let last = points.last().expect("a restore point");
+        last["disks"][idx]["path"]
+            .as_str()
+            .expect("disk path")
+            .to_owned()
+    }
+
+    /// Everything a "nothing changed" assertion compares: VMs, jobs, replicas and points.
+    pub fn snapshot(&self) -> String {
+        let mut s = String::new();
+        for args in [&["vm", "list"][..], &["job", "list"], &["replica", "list"]] {
+            s.push_str(&self.json(args).to_string());
+        }
+        for r in self
+            .json(&["replica", "list"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let vm = r["vm"].as_str().unwrap_or_default().to_owned();
+            s.push_str(
+                &self
+                    .json(&[
+                        "replica",
+                        "points",
+                        &vm,
+                        "--job",
+                        r["job"].as_str().unwrap_or_default(),
+                    ])
+                    .to_string(),
+            );
+        }
+        s
+    }
+
+    /// The VM's console log so far.
+    pub fn console(&self, vm: &str) -> String {
+        self.ok(&["vm", "console", vm])
+    }
+
+    /// Waits until `pred(console)` holds, or panics after `timeout`.
+    pub fn wait_console(
+        &self,
+        vm: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let start = Instant::now();
+        loop {
+            let c = self.console(vm);
+            if pred(&c) {
+                return c;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "VM {vm}: {what} did not happen within {timeout:?}; console:\n{c}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Processes whose command line mentions this test's directory (QEMU, qemu-nbd).
+    pub fn processes(&self) -> Vec<String> {
+        let me = self.root().display().to_string();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let zombie =
+                std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| s.contains(") Z "));
+            if cmd.contains(&me) && !zombie && !cmd.contains(self.bin.to_string_lossy().as_ref()) {
+                found.push(format!("{name}: {cmd}"));
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Env {
+    /// No test leaves a VM or server running, pass or fail.
+    fn drop(&mut self) {
+        for p in self.processes() {
+            if let Some(pid) = p.split(':').next() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+    }
+}
+
+/// The test guest's kernel and initramfs.
+pub fn guest() -> (String, String) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/guest");
+    let dir = dir.canonicalize().unwrap_or_else(|_| {
+        panic!("the test guest is not built: run scripts/guest/build.sh (make test does)")
+    });
+    let k = dir.join("vmlinuz");
+    let i = dir.join("initrd.gz");
+    assert!(
+        k.exists() && i.exists(),
+        "the test guest is incomplete in {}",
+        dir.display()
+    );
+    (k.display().to_string(), i.display().to_string())
+}
+
+/// Kernel command line for the ledger workload: records from block `start` on.
+pub fn ledger_append(start_block: u64, count: u64, interval_us: u64) -> String {
+    format!(
+        "console=ttyS0 quiet panic=-1 standby.workload=ledger standby.ledger_start={start_block} standby.ledger_count={count} standby.ledger_interval={interval_us}"
+    )
+}
+
+pub fn qemu_img(args: &[&str]) -> String {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs qemu-io commands (`write -P 0xab 0 1M` ...) against an image no VM holds.
+pub fn qemu_io(image: &str, format: &str, cmds: &[String]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", format]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.arg(image).output().expect("qemu-io");
+    assert!(
+        o.status.success(),
+        "qemu-io {cmds:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A disk with recognisable data: `size_mib`, with `patterns` (byte, offset MiB, length MiB)
+/// written and the rest unallocated.
+pub fn make_disk(path: &str, format: &str, size_mib: u64, patterns: &[(u8, u64, u64)]) {
+    qemu_img(&["create", "-q", "-f", format, path, &format!("{size_mib}M")]);
+    let cmds: Vec<String> = patterns
+        .iter()
+        .map(|(b, off, len)| format!("write -P {b:#x} {off}M {len}M"))
+        .collect();
+    if !cmds.is_empty() {
+        qemu_io(path, format, &cmds);
+    }
+}
+
+/// True when both images read the same, byte for byte (`qemu-img compare`).
+pub fn identical(a: &str, b: &str) -> bool {
+    let o = Command::new("qemu-img")
+        .args(["compare", "-q", "-U", a, b])
+        .output()
+        .expect("qemu-img compare");
+    match o.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare {a} {b}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    }
+}
+
+/// The guest-visible bytes of an image.
+pub fn read_image(path: &str) -> Vec<u8> {
+    let tmp = tempfile::NamedTempFile::new_in("/tmp").expect("temp file");
+    let out = tmp.path().display().to_string();
+    qemu_img(&["convert", "-U", "-O", "raw", path, &out]);
+    std::fs::read(&out).expect("read raw image")
+}
+
+/// sha256 of an image file's bytes on disk (its exact state, not just its content).
+pub fn file_digest(path: &str) -> String {
+    let o = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
