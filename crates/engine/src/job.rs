@@ -61,6 +61,7 @@ impl Engine {
                 reason: "give an absolute path".into(),
             });
         }
+        let existing = self.store().jobs()?;
         let mut replicas = Vec::new();
         for vm_name in &spec.vms {
             let vm = self
@@ -70,16 +71,16 @@ impl Engine {
             if replicas.iter().any(|(id, _)| *id == vm.id) {
                 return Err(EngineError::Invalid(format!("VM {vm_name} is named twice")));
             }
-            for other in self.store().jobs()? {
+            for other in &existing {
                 if other.vms.contains(vm_name)
                     && other.target_host == spec.target_host
                     && other.target_dir == dir
                 {
                     return Err(EngineError::AlreadyProtected {
                         vm: vm_name.clone(),
-                        host: other.target_host,
-                        dir: other.target_dir,
-                        job: other.name,
+                        host: other.target_host.clone(),
+                        dir: other.target_dir.clone(),
+                        job: other.name.clone(),
                     });
                 }
             }

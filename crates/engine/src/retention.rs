@@ -34,6 +34,18 @@ impl Engine {
         Ok(doomed.len())
     }
 
+    /// Completes a retention drop a crash interrupted, then repairs the replica directory.
+    /// Returns the leftover files removed.
+    pub(crate) fn finish_pruning(&self, host: &dyn Host, replica_id: i64, dir: &str) -> Result<Vec<String>> {
+        let pending: Vec<i64> =
+            self.store().restore_points(replica_id, true)?.iter().filter(|p| p.pruning).map(|p| p.id).collect();
+        for id in pending {
+            self.drop_oldest(host, replica_id, id)?;
+        }
+        let points = self.store().restore_points(replica_id, true)?;
+        dr::repair(host, dir, &points)
+    }
+
     fn drop_oldest(&self, host: &dyn Host, replica_id: i64, id: i64) -> Result<()> {
         let points = self.store().restore_points(replica_id, true)?;
         let Some(pos) = points.iter().position(|p| p.id == id) else {

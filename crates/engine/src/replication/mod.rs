@@ -267,6 +267,27 @@ impl Engine {
         result
     }
 
+    /// Finishes what killed standby processes left: every replica still marked as
+    /// replicating whose VM no live process holds is recovered now. Every command runs
+    /// this first, so any command after a crash cleans up. Returns a note per replica.
+    pub fn recover_interrupted(&self) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        let replicas = self.store().replicas()?;
+        for replica in replicas {
+            if replica.state != ReplicaState::Replicating.as_str() {
+                continue;
+            }
+            // A live run holds the lock: then nothing was interrupted.
+            let Ok(_lock) = VmLock::acquire(&self.data_dir, &replica.vm, "recovery") else { continue };
+            let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+            let mut n = Vec::new();
+            self.recover_replica(&replica, &vm, self.host(&vm.host)?.as_ref(), self.host(&replica.target_host)?.as_ref(), &mut n)?;
+            self.store().set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
+            notes.push(format!("VM {}, job {}: rolled back an interrupted replication run", replica.vm, replica.job));
+        }
+        Ok(notes)
+    }
+
     /// Clears what an interrupted run of this replica left behind. Idempotent.
     fn recover_replica(
         &self,
@@ -281,8 +302,7 @@ impl Engine {
         source::close_views(&mut access, src, &vm.name, replica.id, vm.disks.len())?;
         dr.nbd_stop_all(&target_prefix(replica.id))?;
         dr.ensure_dir(&replica.dir)?;
-        let points = self.store().restore_points(replica.id, true)?;
-        let removed = dr::repair(dr, &replica.dir, &points)?;
+        let removed = self.finish_pruning(dr, replica.id, &replica.dir)?;
         if replica.state == ReplicaState::Replicating.as_str() || !removed.is_empty() {
             notes.push(format!(
                 "recovered an interrupted run: no restore point was made by it; removed {} unfinished layer file(s)",
