@@ -228,7 +228,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
     let engine = Engine::open(&data_dir)
         .with_context(|| format!("cannot open standby's data in {}", data_dir.display()))?;
-    for note in engine.recover_interrupted().context("recovering interrupted operations")? {
+    for note in engine
+        .recover_interrupted()
+        .context("recovering interrupted operations")?
+    {
         eprintln!("standby: {note}");
     }
     match cli.command {

@@ -36,9 +36,19 @@ impl Engine {
 
     /// Completes a retention drop a crash interrupted, then repairs the replica directory.
     /// Returns the leftover files removed.
-    pub(crate) fn finish_pruning(&self, host: &dyn Host, replica_id: i64, dir: &str) -> Result<Vec<String>> {
-        let pending: Vec<i64> =
-            self.store().restore_points(replica_id, true)?.iter().filter(|p| p.pruning).map(|p| p.id).collect();
+    pub(crate) fn finish_pruning(
+        &self,
+        host: &dyn Host,
+        replica_id: i64,
+        dir: &str,
+    ) -> Result<Vec<String>> {
+        let pending: Vec<i64> = self
+            .store()
+            .restore_points(replica_id, true)?
+            .iter()
+            .filter(|p| p.pruning)
+            .map(|p| p.id)
+            .collect();
         for id in pending {
             self.drop_oldest(host, replica_id, id)?;
         }

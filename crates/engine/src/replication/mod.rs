@@ -278,12 +278,27 @@ impl Engine {
                 continue;
             }
             // A live run holds the lock: then nothing was interrupted.
-            let Ok(_lock) = VmLock::acquire(&self.data_dir, &replica.vm, "recovery") else { continue };
-            let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+            let Ok(_lock) = VmLock::acquire(&self.data_dir, &replica.vm, "recovery") else {
+                continue;
+            };
+            let vm = self
+                .store()
+                .vm(&replica.vm)?
+                .ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
             let mut n = Vec::new();
-            self.recover_replica(&replica, &vm, self.host(&vm.host)?.as_ref(), self.host(&replica.target_host)?.as_ref(), &mut n)?;
-            self.store().set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
-            notes.push(format!("VM {}, job {}: rolled back an interrupted replication run", replica.vm, replica.job));
+            self.recover_replica(
+                &replica,
+                &vm,
+                self.host(&vm.host)?.as_ref(),
+                self.host(&replica.target_host)?.as_ref(),
+                &mut n,
+            )?;
+            self.store()
+                .set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
+            notes.push(format!(
+                "VM {}, job {}: rolled back an interrupted replication run",
+                replica.vm, replica.job
+            ));
         }
         Ok(notes)
     }
