@@ -8,7 +8,12 @@ out=${1:-$(cd "$here/../.." && pwd)/build/guest}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+find_kernel() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+kernel_pkg=$(find_kernel)
+if [ -z "$kernel_pkg" ]; then
+  apt-get update -qq
+  kernel_pkg=$(find_kernel)
+fi
 [ -n "$kernel_pkg" ] || { echo "no linux-image-*-cloud-amd64 package found; run apt-get update" >&2; exit 1; }
 chmod 777 "$work"   # apt-get download runs as _apt when it can
 apt-get download "$kernel_pkg" busybox-static >/dev/null 2>&1 || apt-get download "$kernel_pkg" busybox-static
