@@ -6,7 +6,7 @@
 set -euo pipefail
 have_all() {
   command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null &&
-    command -v qemu-nbd >/dev/null && command -v qemu-io >/dev/null && command -v rsync >/dev/null &&
+    command -v qemu-nbd >/dev/null && command -v qemu-io >/dev/null && command -v rsync >/dev/null && command -v bc >/dev/null &&
     [ "$(qemu-img --version | head -1 | awk '{print $3}')" = "$(qemu-system-x86_64 --version | head -1 | awk '{print $4}')" ]
 }
 if have_all; then
@@ -22,6 +22,6 @@ v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
 [ -n "$v" ] && [ "$v" != "(none)" ] || { echo "install-deps: no qemu-system-x86 package available" >&2; exit 1; }
 # qemu-utils and qemu-block-extra pinned to the emulator's version: they must match.
 apt-get install -y -qq --no-install-recommends --allow-downgrades \
-  qemu-system-x86 "qemu-utils=$v" "qemu-block-extra=$v" rsync xz-utils >/dev/null
+  qemu-system-x86 "qemu-utils=$v" "qemu-block-extra=$v" rsync bc xz-utils >/dev/null
 have_all || { echo "install-deps: QEMU tools still missing or mismatched after install" >&2; exit 1; }
 echo "install-deps: $(qemu-system-x86_64 --version | head -1)"

@@ -64,11 +64,8 @@ pub enum EngineError {
         step: &'static str,
         source: Box<EngineError>,
     },
-    #[error("transfer of disk {disk} failed")]
-    Transfer {
-        disk: usize,
-        source: standby_nbd::NbdError,
-    },
+    #[error("data transfer failed")]
+    Transfer { source: standby_nbd::NbdError },
     #[error("{failed} of {total} VMs of job {job} got no new restore point")]
     JobFailed {
         job: String,

@@ -29,26 +29,28 @@ impl Engine {
         for id in &doomed {
             self.drop_oldest(host, replica_id, *id)?;
         }
-        let points = self.store().restore_points(replica_id, true)?;
-        dr::repair(host, dir, &points)?;
+        if !doomed.is_empty() {
+            let points = self.store().restore_points(replica_id, true)?;
+            dr::repair(host, dir, &points)?;
+        }
         Ok(doomed.len())
     }
 
-    /// Completes a retention drop a crash interrupted, then repairs the replica directory.
-    /// Returns the leftover files removed.
+    /// Completes a retention drop a crash interrupted, then repairs the replica directory
+    /// (always after an interrupted run, otherwise only if a drop was pending). Returns
+    /// the leftover files removed.
     pub(crate) fn finish_pruning(
         &self,
         host: &dyn Host,
         replica_id: i64,
         dir: &str,
+        interrupted: bool,
     ) -> Result<Vec<String>> {
-        let pending: Vec<i64> = self
-            .store()
-            .restore_points(replica_id, true)?
-            .iter()
-            .filter(|p| p.pruning)
-            .map(|p| p.id)
-            .collect();
+        let points = self.store().restore_points(replica_id, true)?;
+        let pending: Vec<i64> = points.iter().filter(|p| p.pruning).map(|p| p.id).collect();
+        if pending.is_empty() && !interrupted {
+            return Ok(Vec::new());
+        }
         for id in pending {
             self.drop_oldest(host, replica_id, id)?;
         }

@@ -3,10 +3,15 @@
 //! - full: a fresh layer without backing; copy allocated, non-zero data only.
 //! - cbt: a layer over the previous restore point; copy the blocks a trusted dirty bitmap
 //!   names (zeroes where the source now reads zero).
-//! - digest: a layer over the previous restore point; hash every block on both sides and
-//!   send only the ones that differ.
+//! - digest: a layer over the previous restore point; compare every block of both sides
+//!   and send only the ones that differ.
+//!
+//! Each method first makes a plan (a list of items, from block status alone), then a few
+//! workers, each with its own connection to both sides, carry it out. Several requests in
+//! flight hide the latency of each one, which is what scattered small changes need.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use standby_host::NbdClient;
 use standby_nbd::{Extent, NbdError};
@@ -21,11 +26,14 @@ const STATE_DIRTY: u32 = 1;
 
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
+/// Connections per side that one disk's transfer uses (servers are started to allow them).
+pub const WORKERS: usize = 8;
+
 pub fn bitmap_context(name: &str) -> String {
     format!("qemu:dirty-bitmap:{name}")
 }
 
-/// Bytes per read request.
+/// Largest item: bytes per read request.
 const CHUNK: u64 = 4 << 20;
 /// Granularity of zero detection and digest comparison.
 const BLOCK: usize = 64 << 10;
@@ -48,19 +56,105 @@ impl std::ops::AddAssign for Stats {
     }
 }
 
-/// Reports transferred bytes against a total, for one subject.
-pub struct Meter<'a> {
-    pub progress: &'a dyn Progress,
-    pub subject: &'a str,
-    pub done: u64,
-    pub total: u64,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Read the source, write its non-zero blocks; zero blocks are skipped when the layer
+    /// is fresh (`fresh`) and written as zeroes otherwise.
+    Copy { fresh: bool },
+    /// The source reads zero here; make the layer read zero.
+    Zero,
+    /// Read both sides, write the blocks whose digests differ.
+    Compare,
 }
 
-impl Meter<'_> {
-    fn add(&mut self, n: u64) {
-        self.done += n;
-        self.progress
-            .bytes(self.subject, self.done.min(self.total), self.total);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Item {
+    offset: u64,
+    length: u64,
+    action: Action,
+}
+
+/// What a transfer will do, decided from block status only.
+#[derive(Debug, Default)]
+pub struct Plan {
+    items: Vec<Item>,
+}
+
+impl Plan {
+    fn push(&mut self, offset: u64, length: u64, action: Action) {
+        let step = if action == Action::Zero {
+            length
+        } else {
+            CHUNK
+        };
+        let mut pos = offset;
+        while pos < offset + length {
+            let n = (offset + length - pos).min(step);
+            self.items.push(Item {
+                offset: pos,
+                length: n,
+                action,
+            });
+            pos += n;
+        }
+    }
+
+    /// Bytes that will be read from the source.
+    pub fn bytes_to_read(&self) -> u64 {
+        self.items
+            .iter()
+            .filter(|i| i.action != Action::Zero)
+            .map(|i| i.length)
+            .sum()
+    }
+
+    /// First run: every allocated, non-zero block into a fresh layer.
+    pub fn full(src: &mut NbdClient) -> Result<Plan, NbdError> {
+        let mut plan = Plan::default();
+        for e in src.block_status(BASE_ALLOCATION, 0, src.size())? {
+            if e.flags & (STATE_HOLE | STATE_ZERO) == 0 {
+                plan.push(e.offset, e.length, Action::Copy { fresh: true });
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Incremental run from a trusted bitmap: only dirty blocks, zeroes where the source
+    /// now reads zero.
+    pub fn cbt(src: &mut NbdClient, bitmap: &str) -> Result<Plan, NbdError> {
+        let size = src.size();
+        let dirty = src.block_status(&bitmap_context(bitmap), 0, size)?;
+        let alloc = src.block_status(BASE_ALLOCATION, 0, size)?;
+        let mut plan = Plan::default();
+        for r in overlay(&dirty, &alloc, size) {
+            if r.a_flags & STATE_DIRTY != 0 {
+                let action = if r.b_flags & STATE_ZERO != 0 {
+                    Action::Zero
+                } else {
+                    Action::Copy { fresh: false }
+                };
+                plan.push(r.offset, r.length, action);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Incremental run without a trusted bitmap: where both sides read zero nothing is
+    /// read; where only the source does, the layer gets zeroes; the rest is compared.
+    /// `dst` reads the new layer, which still shows the previous restore point.
+    pub fn digest(src: &mut NbdClient, dst: &mut NbdClient) -> Result<Plan, NbdError> {
+        let size = src.size();
+        let src_map = src.block_status(BASE_ALLOCATION, 0, size)?;
+        let dst_map = dst.block_status(BASE_ALLOCATION, 0, size.min(dst.size()))?;
+        let mut plan = Plan::default();
+        for r in overlay(&src_map, &dst_map, size) {
+            match (r.a_flags & STATE_ZERO != 0, r.b_flags & STATE_ZERO != 0) {
+                (true, true) => {}
+                (true, false) => plan.push(r.offset, r.length, Action::Zero),
+                _ => plan.push(r.offset, r.length, Action::Compare),
+            }
+        }
+        Ok(plan)
     }
 }
 
@@ -68,20 +162,22 @@ fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
 
-/// Writes `buf` (the source's bytes at `offset`) to `dst`, skipping or zeroing all-zero
-/// blocks: `skip_zero` when the destination already reads zero there (a fresh layer).
-fn write_nonzero(
+/// Writes `buf` (the source's bytes at `offset`) to `dst` in runs of zero and non-zero
+/// blocks: non-zero runs as data, zero runs as write-zeroes unless the layer already reads
+/// zero there (`skip_zero`).
+fn write_blocks(
     dst: &mut NbdClient,
     offset: u64,
     buf: &[u8],
     skip_zero: bool,
     st: &mut Stats,
 ) -> Result<(), NbdError> {
+    let block_zero = |i: usize| is_zero(&buf[i..(i + BLOCK).min(buf.len())]);
     let mut i = 0;
     while i < buf.len() {
-        let zero = is_zero(&buf[i..(i + BLOCK).min(buf.len())]);
+        let zero = block_zero(i);
         let mut j = i;
-        while j < buf.len() && is_zero(&buf[j..(j + BLOCK).min(buf.len())]) == zero {
+        while j < buf.len() && block_zero(j) == zero {
             j = (j + BLOCK).min(buf.len());
         }
         let off = offset + i as u64;
@@ -97,215 +193,145 @@ fn write_nonzero(
     Ok(())
 }
 
-fn copy_range(
+/// One worker's share: items taken from the shared plan until none are left.
+fn work(
     src: &mut NbdClient,
     dst: &mut NbdClient,
-    ext: Extent,
-    skip_zero: bool,
-    st: &mut Stats,
-    meter: &mut Meter<'_>,
-    on_chunk: &mut dyn FnMut(),
-) -> Result<(), NbdError> {
+    items: &[Item],
+    next: &AtomicUsize,
+    done: &AtomicU64,
+    report: &(dyn Fn(u64) + Sync),
+) -> Result<Stats, NbdError> {
+    let mut st = Stats::default();
     let mut buf = vec![0u8; CHUNK as usize];
-    let mut pos = ext.offset;
-    let end = ext.offset + ext.length;
-    while pos < end {
-        let n = (end - pos).min(CHUNK) as usize;
-        src.read(pos, &mut buf[..n])?;
-        st.read += n as u64;
-        write_nonzero(dst, pos, &buf[..n], skip_zero, st)?;
-        meter.add(n as u64);
-        on_chunk();
-        pos += n as u64;
-    }
-    Ok(())
-}
-
-/// Sum of extent lengths.
-fn total(extents: &[Extent]) -> u64 {
-    extents.iter().map(|e| e.length).sum()
-}
-
-/// First run: every allocated, non-zero block into a fresh layer.
-pub fn full(
-    src: &mut NbdClient,
-    dst: &mut NbdClient,
-    meter: &mut Meter<'_>,
-    on_chunk: &mut dyn FnMut(),
-) -> Result<Stats, NbdError> {
-    let size = src.size();
-    let data: Vec<Extent> = src
-        .block_status(BASE_ALLOCATION, 0, size)?
-        .into_iter()
-        .filter(|e| e.flags & (STATE_HOLE | STATE_ZERO) == 0)
-        .collect();
-    meter.total += total(&data);
-    let mut st = Stats::default();
-    for ext in data {
-        copy_range(src, dst, ext, true, &mut st, meter, on_chunk)?;
-    }
-    Ok(st)
-}
-
-/// The extents of `[e.offset, e.offset+e.length)` split by the source's allocation.
-fn split_by_allocation(src: &mut NbdClient, e: Extent) -> Result<Vec<Extent>, NbdError> {
-    src.block_status(BASE_ALLOCATION, e.offset, e.length)
-}
-
-/// Incremental run from a trusted bitmap: only dirty blocks travel.
-pub fn cbt(
-    src: &mut NbdClient,
-    dst: &mut NbdClient,
-    bitmap: &str,
-    meter: &mut Meter<'_>,
-    on_chunk: &mut dyn FnMut(),
-) -> Result<Stats, NbdError> {
-    let size = src.size();
-    let dirty: Vec<Extent> = src
-        .block_status(&bitmap_context(bitmap), 0, size)?
-        .into_iter()
-        .filter(|e| e.flags & STATE_DIRTY != 0)
-        .collect();
-    meter.total += total(&dirty);
-    let mut st = Stats::default();
-    for d in dirty {
-        for a in split_by_allocation(src, d)? {
-            if a.flags & STATE_ZERO != 0 {
-                dst.write_zeroes(a.offset, a.length)?;
-                st.zeroed += a.length;
-                meter.add(a.length);
-            } else {
-                copy_range(src, dst, a, false, &mut st, meter, on_chunk)?;
+    let mut theirs = vec![0u8; CHUNK as usize];
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(item) = items.get(i) else {
+            return Ok(st);
+        };
+        let n = item.length as usize;
+        match item.action {
+            Action::Zero => {
+                dst.write_zeroes(item.offset, item.length)?;
+                st.zeroed += item.length;
+                continue;
             }
-        }
-    }
-    Ok(st)
-}
-
-/// A chunk read by one side of a digest comparison: offset, bytes, and one hash per block.
-type Hashed = (u64, Vec<u8>, Vec<blake3::Hash>);
-
-/// Reads `ranges` in chunks and hashes each block, on its own thread.
-fn hash_side(
-    mut client: NbdClient,
-    ranges: Vec<Extent>,
-    tx: mpsc::SyncSender<Result<Hashed, NbdError>>,
-) {
-    for r in ranges {
-        let mut pos = r.offset;
-        let end = r.offset + r.length;
-        while pos < end {
-            let n = (end - pos).min(CHUNK) as usize;
-            let mut buf = vec![0u8; n];
-            let res = client.read(pos, &mut buf).map(|()| {
-                let hashes = buf.chunks(BLOCK).map(blake3::hash).collect();
-                (pos, buf, hashes)
-            });
-            let failed = res.is_err();
-            if tx.send(res).is_err() || failed {
-                return;
+            Action::Copy { fresh } => {
+                src.read(item.offset, &mut buf[..n])?;
+                st.read += item.length;
+                write_blocks(dst, item.offset, &buf[..n], fresh, &mut st)?;
             }
-            pos += n as u64;
-        }
-    }
-}
-
-/// Incremental run without a trusted bitmap: compare block digests of the source view and
-/// the previous restore point (read through the new layer, which still shows it) and write
-/// only the blocks that differ. `dst_reader` is a second connection to the new layer; both
-/// readers run on threads of their own, so the two sides are read at the same time.
-pub fn digest(
-    mut src: NbdClient,
-    dst: &mut NbdClient,
-    mut dst_reader: NbdClient,
-    meter: &mut Meter<'_>,
-    on_chunk: &mut dyn FnMut(),
-) -> Result<Stats, NbdError> {
-    let size = src.size();
-    let src_map = src.block_status(BASE_ALLOCATION, 0, size)?;
-    let dst_map = dst_reader.block_status(BASE_ALLOCATION, 0, size.min(dst_reader.size()))?;
-    let mut st = Stats::default();
-    // Where both sides read zero nothing needs reading; where only the source does, the
-    // layer just gets zeroes. Everything else is compared block by block.
-    let mut compare = Vec::new();
-    for r in intersect(&src_map, &dst_map, size) {
-        match (r.src_zero, r.dst_zero) {
-            (true, true) => {}
-            (true, false) => {
-                dst.write_zeroes(r.offset, r.length)?;
-                st.zeroed += r.length;
-            }
-            _ => compare.push(Extent {
-                offset: r.offset,
-                length: r.length,
-                flags: 0,
-            }),
-        }
-    }
-    meter.total += total(&compare);
-
-    let (stx, srx) = mpsc::sync_channel::<Result<Hashed, NbdError>>(4);
-    let (dtx, drx) = mpsc::sync_channel::<Result<Hashed, NbdError>>(4);
-    let src_ranges = compare.clone();
-    std::thread::scope(|s| {
-        s.spawn(move || hash_side(src, src_ranges, stx));
-        s.spawn(move || hash_side(dst_reader, compare, dtx));
-        // Owned here, the receivers drop when this closure returns, even early on an
-        // error; a reader blocked on a full channel then stops instead of hanging the join.
-        let (srx, drx) = (srx, drx);
-        for (a, b) in srx.iter().zip(drx.iter()) {
-            let ((off, data, src_hashes), (_, _, dst_hashes)) = (a?, b?);
-            st.read += data.len() as u64;
-            for (i, (x, y)) in src_hashes.iter().zip(&dst_hashes).enumerate() {
-                if x != y {
-                    let start = i * BLOCK;
-                    let end = (start + BLOCK).min(data.len());
-                    write_nonzero(dst, off + start as u64, &data[start..end], false, &mut st)?;
+            Action::Compare => {
+                src.read(item.offset, &mut buf[..n])?;
+                dst.read(item.offset, &mut theirs[..n])?;
+                st.read += item.length;
+                // Both sides are read by this process, so their blocks are compared as they
+                // are: the same decision as comparing their digests, with no collisions and
+                // no hashing cost. A remote host will send digests of its side instead.
+                for (k, (ours, old)) in buf[..n]
+                    .chunks(BLOCK)
+                    .zip(theirs[..n].chunks(BLOCK))
+                    .enumerate()
+                {
+                    if ours != old {
+                        write_blocks(dst, item.offset + (k * BLOCK) as u64, ours, false, &mut st)?;
+                    }
                 }
             }
-            meter.add(data.len() as u64);
-            on_chunk();
         }
-        Ok(st)
-    })
+        report(done.fetch_add(item.length, Ordering::Relaxed) + item.length);
+    }
+}
+
+/// Carries out `plan` with up to [`WORKERS`] pairs of connections made by `connect`
+/// (source, destination). `on_chunk` runs after each item (fail points hook in there).
+pub fn execute(
+    plan: &Plan,
+    connect: &(dyn Fn() -> crate::Result<(NbdClient, NbdClient)> + Sync),
+    progress: &dyn Progress,
+    subject: &str,
+    on_chunk: &(dyn Fn() + Sync),
+) -> crate::Result<Stats> {
+    let total = plan.bytes_to_read();
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let progress_lock = Mutex::new(());
+    let report = |d: u64| {
+        let _g = progress_lock.lock();
+        progress.bytes(subject, d.min(total), total);
+        on_chunk();
+    };
+    let workers = WORKERS.min(plan.items.len());
+    let results: Vec<crate::Result<Stats>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| -> crate::Result<Stats> {
+                    let (mut src, mut dst) = connect()?;
+                    let st = work(&mut src, &mut dst, &plan.items, &next, &done, &report)
+                        .map_err(|source| crate::EngineError::Transfer { source })?;
+                    dst.flush()
+                        .map_err(|source| crate::EngineError::Transfer { source })?;
+                    let _ = dst.disconnect();
+                    let _ = src.disconnect();
+                    Ok(st)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::EngineError::Invalid(
+                        "a transfer worker panicked".into(),
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut total_stats = Stats::default();
+    for r in results {
+        total_stats += r?;
+    }
+    Ok(total_stats)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Region {
     offset: u64,
     length: u64,
-    src_zero: bool,
-    dst_zero: bool,
+    a_flags: u32,
+    b_flags: u32,
 }
 
-/// Overlays two allocation maps; beyond the end of `dst` (a grown disk) it reads as zero.
-fn intersect(src: &[Extent], dst: &[Extent], size: u64) -> Vec<Region> {
-    let zero = |e: &Extent| e.flags & STATE_ZERO != 0;
+/// Overlays two extent maps of one disk; where `b` ends early (a grown disk) its flags
+/// read as zero (`STATE_ZERO | STATE_HOLE`).
+fn overlay(a: &[Extent], b: &[Extent], size: u64) -> Vec<Region> {
     let mut out = Vec::new();
     let (mut i, mut j) = (0, 0);
     let mut pos = 0;
     while pos < size {
-        while i < src.len() && src[i].offset + src[i].length <= pos {
+        while i < a.len() && a[i].offset + a[i].length <= pos {
             i += 1;
         }
-        while j < dst.len() && dst[j].offset + dst[j].length <= pos {
+        while j < b.len() && b[j].offset + b[j].length <= pos {
             j += 1;
         }
-        let Some(s) = src.get(i) else { break };
-        let mut end = s.offset + s.length;
-        let dst_zero = match dst.get(j) {
-            Some(d) if d.offset <= pos => {
-                end = end.min(d.offset + d.length);
-                zero(d)
+        let Some(x) = a.get(i) else { break };
+        let mut end = x.offset + x.length;
+        let b_flags = match b.get(j) {
+            Some(y) if y.offset <= pos => {
+                end = end.min(y.offset + y.length);
+                y.flags
             }
-            _ => true,
+            _ => STATE_ZERO | STATE_HOLE,
         };
         let end = end.min(size);
         out.push(Region {
             offset: pos,
             length: end - pos,
-            src_zero: zero(s),
-            dst_zero,
+            a_flags: x.flags,
+            b_flags,
         });
         pos = end;
     }
@@ -325,22 +351,34 @@ mod tests {
     }
 
     #[test]
-    fn intersect_splits_at_every_boundary() {
-        let src = [e(0, 100, 0), e(100, 100, STATE_ZERO | STATE_HOLE)];
-        let dst = [e(0, 50, STATE_ZERO), e(50, 100, 0)];
-        let r = intersect(&src, &dst, 200);
-        let got: Vec<_> = r
+    fn overlay_splits_at_every_boundary() {
+        let a = [e(0, 100, 0), e(100, 100, STATE_ZERO | STATE_HOLE)];
+        let b = [e(0, 50, STATE_ZERO), e(50, 100, 0)];
+        let got: Vec<_> = overlay(&a, &b, 200)
             .iter()
-            .map(|r| (r.offset, r.length, r.src_zero, r.dst_zero))
+            .map(|r| (r.offset, r.length, r.a_flags, r.b_flags))
             .collect();
         assert_eq!(
             got,
             vec![
-                (0, 50, false, true),
-                (50, 50, false, false),
-                (100, 50, true, false),
-                (150, 50, true, true)
+                (0, 50, 0, STATE_ZERO),
+                (50, 50, 0, 0),
+                (100, 50, 3, 0),
+                (150, 50, 3, STATE_ZERO | STATE_HOLE)
             ]
         );
+    }
+
+    #[test]
+    fn plan_items_are_bounded() {
+        let mut p = Plan::default();
+        p.push(0, 10 << 20, Action::Copy { fresh: true });
+        p.push(20 << 20, 10 << 20, Action::Zero);
+        assert_eq!(p.items.len(), 4, "{:?}", p.items);
+        assert!(p
+            .items
+            .iter()
+            .all(|i| i.action == Action::Zero || i.length <= CHUNK));
+        assert_eq!(p.bytes_to_read(), 10 << 20);
     }
 }

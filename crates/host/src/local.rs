@@ -114,7 +114,7 @@ impl LocalHost {
             if start.elapsed() > timeout {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(2));
         }
         true
     }

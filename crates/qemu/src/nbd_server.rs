@@ -29,8 +29,8 @@ impl NbdServe<'_> {
             format!("--export-name={}", self.export_name),
             "--cache=writeback".into(),
             "--discard=unmap".into(),
-            // A digest comparison reads the previous content while it writes the new.
-            "--shared=2".into(),
+            // Transfers use several connections at once (see engine::transfer::WORKERS).
+            "--shared=16".into(),
         ];
         if !self.writable {
             a.push("--read-only".into());

@@ -13,6 +13,7 @@
 pub(crate) mod dr;
 mod source;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
@@ -22,7 +23,7 @@ use standby_store::{NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRe
 
 use crate::lock::VmLock;
 use crate::task::TaskProgress;
-use crate::transfer::{self, Meter, Stats, BASE_ALLOCATION};
+use crate::transfer::{self, Plan, Stats, BASE_ALLOCATION};
 use crate::{failpoint, Engine, EngineError, Progress, Result};
 use source::{Access, SourceDisk};
 
@@ -317,8 +318,9 @@ impl Engine {
         source::close_views(&mut access, src, &vm.name, replica.id, vm.disks.len())?;
         dr.nbd_stop_all(&target_prefix(replica.id))?;
         dr.ensure_dir(&replica.dir)?;
-        let removed = self.finish_pruning(dr, replica.id, &replica.dir)?;
-        if replica.state == ReplicaState::Replicating.as_str() || !removed.is_empty() {
+        let interrupted = replica.state == ReplicaState::Replicating.as_str();
+        let removed = self.finish_pruning(dr, replica.id, &replica.dir, interrupted)?;
+        if interrupted || !removed.is_empty() {
             notes.push(format!(
                 "recovered an interrupted run: no restore point was made by it; removed {} unfinished layer file(s)",
                 removed.len()
@@ -511,16 +513,9 @@ impl Engine {
     ) -> Result<(Vec<Stats>, Vec<RpDiskRecord>)> {
         let src = self.host(&vm.host)?;
         let prev = points.last();
-        let mut meter = Meter {
-            progress,
-            subject: &vm.name,
-            done: 0,
-            total: 0,
-        };
-        let mut chunks = 0u64;
-        let mut on_chunk = || {
-            chunks += 1;
-            if chunks == 2 {
+        let chunks = AtomicU64::new(0);
+        let on_chunk = || {
+            if chunks.fetch_add(1, Ordering::Relaxed) == 1 {
                 failpoint::hit("replicate.mid-transfer");
             }
         };
@@ -558,28 +553,24 @@ impl Engine {
                 contexts.push(transfer::bitmap_context(b));
             }
             let ctx: Vec<&str> = contexts.iter().map(String::as_str).collect();
-            let mut source = src.nbd_connect(&view.address, &view.export, &ctx)?;
-            let mut target = dr.nbd_connect(&address, &id, &[BASE_ALLOCATION])?;
-            let err = |e| EngineError::Transfer {
-                disk: d.idx,
-                source: e,
-            };
-            let stats = match method {
-                Method::Full => transfer::full(&mut source, &mut target, &mut meter, &mut on_chunk)
-                    .map_err(err)?,
-                Method::Cbt => {
-                    let b = view.bitmap.as_deref().unwrap_or_default();
-                    transfer::cbt(&mut source, &mut target, b, &mut meter, &mut on_chunk)
-                        .map_err(err)?
-                }
-                Method::Digest => {
-                    let reader = dr.nbd_connect(&address, &id, &[BASE_ALLOCATION])?;
-                    transfer::digest(source, &mut target, reader, &mut meter, &mut on_chunk)
-                        .map_err(err)?
-                }
-            };
-            target.flush().map_err(err)?;
-            let _ = target.disconnect();
+            let connect_src = || src.nbd_connect(&view.address, &view.export, &ctx);
+            let connect_dst = || dr.nbd_connect(&address, &id, &[BASE_ALLOCATION]);
+            // The planning connections stay open until the workers are done: qemu-nbd
+            // exits when its last client leaves.
+            let mut plan_src = connect_src()?;
+            let mut plan_dst = connect_dst()?;
+            let err = |source| EngineError::Transfer { source };
+            let plan = match method {
+                Method::Full => Plan::full(&mut plan_src),
+                Method::Cbt => Plan::cbt(&mut plan_src, view.bitmap.as_deref().unwrap_or_default()),
+                Method::Digest => Plan::digest(&mut plan_src, &mut plan_dst),
+            }
+            .map_err(err)?;
+            let connect = || Ok((connect_src()?, connect_dst()?));
+            let stats = transfer::execute(&plan, &connect, progress, &vm.name, &on_chunk)?;
+            plan_dst.flush().map_err(err)?;
+            let _ = plan_dst.disconnect();
+            let _ = plan_src.disconnect();
             // qemu-nbd exits once its clients are gone; wait for it so the layer is closed.
             dr.nbd_stop_all(&id)?;
             all_stats.push(stats);
