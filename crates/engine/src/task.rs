@@ -2,6 +2,7 @@
 //! updated as the work goes, so `standby task show ID --follow` in another terminal sees
 //! what the terminal that started it sees.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -22,12 +23,18 @@ pub struct TaskView {
     pub interrupted: bool,
 }
 
-/// Reports to the caller's sink and to the task row.
+/// Reports to the caller's sink and to the task row. A job run's VMs report in parallel;
+/// the row shows the last step and the byte counts summed over them.
 pub(crate) struct TaskProgress<'a> {
     engine: &'a Engine,
     pub id: i64,
     outer: &'a dyn Progress,
-    last: Mutex<(Instant, String)>,
+    state: Mutex<Counters>,
+}
+
+struct Counters {
+    last_flush: Instant,
+    per_subject: HashMap<String, (u64, u64)>,
 }
 
 impl<'a> TaskProgress<'a> {
@@ -40,11 +47,15 @@ impl<'a> TaskProgress<'a> {
         let id = engine
             .store()
             .insert_task(kind, subject, std::process::id())?;
+        let state = Mutex::new(Counters {
+            last_flush: Instant::now(),
+            per_subject: HashMap::new(),
+        });
         Ok(TaskProgress {
             engine,
             id,
             outer,
-            last: Mutex::new((Instant::now(), "start".into())),
+            state,
         })
     }
 
@@ -53,27 +64,35 @@ impl<'a> TaskProgress<'a> {
             Ok(m) => ("ok", m.clone()),
             Err(e) => ("failed", crate::vm::chain(e)),
         };
+        self.flush_bytes(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
         let _ = self.engine.store().finish_task(self.id, status, &msg);
+    }
+
+    fn flush_bytes(&self, c: &mut Counters) {
+        let (done, total) = c
+            .per_subject
+            .values()
+            .fold((0, 0), |(d, t), (dd, tt)| (d + dd, t + tt));
+        c.last_flush = Instant::now();
+        let _ = self.engine.store().update_task_bytes(self.id, done, total);
     }
 }
 
 impl Progress for TaskProgress<'_> {
     fn step(&self, subject: &str, step: &str) {
         self.outer.step(subject, step);
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.1 = step.to_owned();
-        let _ = self.engine.store().update_task(self.id, step, 0, 0);
+        let _ = self
+            .engine
+            .store()
+            .update_task_step(self.id, &format!("{subject}: {step}"));
     }
 
     fn bytes(&self, subject: &str, done: u64, total: u64) {
         self.outer.bytes(subject, done, total);
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.0.elapsed() >= FLUSH_EVERY || done == total {
-            last.0 = Instant::now();
-            let _ = self
-                .engine
-                .store()
-                .update_task(self.id, &last.1, done, total);
+        let mut c = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        c.per_subject.insert(subject.to_owned(), (done, total));
+        if c.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush_bytes(&mut c);
         }
     }
 }

@@ -481,10 +481,18 @@ impl Store {
         Ok(self.conn.last_insert_rowid())
     }
 
-    pub fn update_task(&mut self, id: i64, step: &str, done: u64, total: u64) -> Result<()> {
+    pub fn update_task_step(&mut self, id: i64, step: &str) -> Result<()> {
         self.conn.execute(
-            "UPDATE tasks SET step = ?2, done_bytes = ?3, total_bytes = ?4 WHERE id = ?1",
-            params![id, step, done as i64, total as i64],
+            "UPDATE tasks SET step = ?2 WHERE id = ?1",
+            params![id, step],
+        )?;
+        Ok(())
+    }
+
+    pub fn update_task_bytes(&mut self, id: i64, done: u64, total: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE tasks SET done_bytes = ?2, total_bytes = ?3 WHERE id = ?1",
+            params![id, done as i64, total as i64],
         )?;
         Ok(())
     }
