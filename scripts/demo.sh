@@ -15,10 +15,12 @@ work=${STANDBY_DEMO_DIR:-/tmp/standby-demo}
 rm -rf "$work"
 mkdir -p "$work/prod" "$work/dr"
 export STANDBY_DATA_DIR="$work/data"
-export STANDBY_ACCEL=${STANDBY_ACCEL:-tcg}
 trap '"$standby" vm stop web >/dev/null 2>&1 || true' EXIT
 
 say() { printf '\n== %s\n' "$*"; }
+
+say "can VMs use KVM here? (boots the test guest under KVM; TCG if it does not boot)"
+"$standby" host probe --kernel "$root/build/guest/vmlinuz" --initrd "$root/build/guest/initrd.gz"
 
 say "production disk: 256 MiB qcow2 with 64 MiB of data"
 qemu-img create -q -f qcow2 "$work/prod/web.qcow2" 256M

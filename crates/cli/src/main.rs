@@ -185,7 +185,18 @@ enum TaskCmd {
 
 #[derive(Subcommand, Debug)]
 enum HostCmd {
+    /// Hosts and the accelerator their VMs start with.
     List,
+    /// Boot a test guest under KVM; VMs use KVM from then on only if it booted.
+    Probe {
+        #[arg(long, default_value = LOCAL_HOST)]
+        host: String,
+        /// A kernel whose initramfs prints `STANDBY-GUEST up` (standby's test guest).
+        #[arg(long)]
+        kernel: String,
+        #[arg(long)]
+        initrd: String,
+    },
 }
 
 fn default_data_dir() -> PathBuf {
@@ -240,8 +251,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Replica(c) => replica(&engine, c),
         Command::Task(c) => task(&engine, c),
         Command::Host(HostCmd::List) => {
-            for h in engine.host_names() {
-                println!("{h}");
+            for (name, accel) in engine.host_list() {
+                println!("{name}  accel={accel}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Host(HostCmd::Probe {
+            host,
+            kernel,
+            initrd,
+        }) => {
+            match engine.host_probe(&host, &kernel, &initrd)? {
+                "kvm" => println!("{host}: a guest booted under KVM; VMs start with KVM"),
+                _ => println!("{host}: no guest boot under KVM here; VMs start with TCG"),
             }
             Ok(ExitCode::SUCCESS)
         }

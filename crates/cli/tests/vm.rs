@@ -167,3 +167,55 @@ fn concurrent_commands_do_not_corrupt_state() {
         }
     }
 }
+
+#[test]
+fn kvm_probe_decides_the_accelerator() {
+    let mut env = Env::new(BIN);
+    env.unset_env("STANDBY_ACCEL");
+    let (kernel, initrd) = guest();
+    assert!(
+        env.ok(&["host", "list"]).contains("local  accel=tcg"),
+        "TCG until a probe says otherwise"
+    );
+    let out = env.ok(&["host", "probe", "--kernel", &kernel, "--initrd", &initrd]);
+    let accel = if out.contains("VMs start with KVM") {
+        "kvm"
+    } else {
+        "tcg"
+    };
+    assert!(env
+        .ok(&["host", "list"])
+        .contains(&format!("local  accel={accel}")));
+    // Whatever the probe chose, a VM boots with it.
+    let disk = env.path("src/p.qcow2");
+    make_disk(&disk, "qcow2", 16, &[]);
+    env.ok(&[
+        "vm",
+        "create",
+        "p",
+        "--disk",
+        &disk,
+        "--memory",
+        "128",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        "console=ttyS0 quiet panic=-1",
+    ]);
+    env.ok(&["vm", "start", "p"]);
+    env.wait_console("p", Duration::from_secs(60), "boot", |c| {
+        c.contains("STANDBY-GUEST up")
+    });
+    env.ok(&["vm", "stop", "p"]);
+    let err = env.fails(&[
+        "host",
+        "probe",
+        "--kernel",
+        "/nonexistent",
+        "--initrd",
+        &initrd,
+    ]);
+    assert!(err.contains("does not exist"), "{err}");
+}

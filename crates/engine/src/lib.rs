@@ -76,7 +76,23 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownHost(name.to_owned()))
     }
 
-    pub fn host_names(&self) -> Vec<String> {
-        self.hosts.keys().cloned().collect()
+    /// Hosts with the accelerator their VMs start with.
+    pub fn host_list(&self) -> Vec<(String, &'static str)> {
+        self.hosts
+            .iter()
+            .map(|(n, h)| (n.clone(), h.accel().as_str()))
+            .collect()
+    }
+
+    /// Finds out whether VMs on `host` can use KVM by booting a real guest under it.
+    pub fn host_probe(&self, host: &str, kernel: &str, initrd: &str) -> Result<&'static str> {
+        for (what, p) in [("kernel", kernel), ("initrd", initrd)] {
+            if !std::path::Path::new(p).is_absolute() || !self.host(host)?.file_exists(p)? {
+                return Err(EngineError::Invalid(format!(
+                    "{what} {p} does not exist (give an absolute path)"
+                )));
+            }
+        }
+        Ok(self.host(host)?.probe_accel(kernel, initrd)?.as_str())
     }
 }

@@ -130,6 +130,9 @@ pub trait Host: Debug + Send + Sync {
     fn vm_nbd_address(&self, vm: &str) -> (Value, NbdAddress);
     /// Which accelerator VMs start with here.
     fn accel(&self) -> Accel;
+    /// Boots `kernel` + `initrd` (a guest that prints `STANDBY-GUEST up` on its serial
+    /// console) under KVM; records and returns the accelerator later VMs get.
+    fn probe_accel(&self, kernel: &str, initrd: &str) -> Result<Accel>;
 
     // ---- NBD ----
     fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress>;
