@@ -15,27 +15,17 @@ fn due(every_secs: Option<u64>, last_run_at: Option<&str>, now: SystemTime) -> b
     let Some(last) = last_run_at.and_then(|t| humantime::parse_rfc3339(t).ok()) else {
         return true;
     };
-    now.duration_since(last)
-        .map(|d| d >= Duration::from_secs(every))
-        .unwrap_or(false)
+    now.duration_since(last).map(|d| d >= Duration::from_secs(every)).unwrap_or(false)
 }
 
 pub fn run(engine: &Engine, tick: Duration) -> Result<ExitCode> {
     eprintln!("standby daemon: checking jobs every {} s", tick.as_secs());
     loop {
         for job in engine.job_list()? {
-            if !due(
-                job.every_secs,
-                job.last_run_at.as_deref(),
-                SystemTime::now(),
-            ) {
+            if !due(job.every_secs, job.last_run_at.as_deref(), SystemTime::now()) {
                 continue;
             }
-            eprintln!(
-                "{} job {}: starting",
-                humantime::format_rfc3339_seconds(SystemTime::now()),
-                job.name
-            );
+            eprintln!("{} job {}: starting", humantime::format_rfc3339_seconds(SystemTime::now()), job.name);
             match engine.job_run(&job.name, &NoProgress) {
                 Ok(outcomes) => output::outcomes(&outcomes, false)?,
                 Err(e) => eprintln!("job {}: {e}", job.name),

@@ -15,11 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use standby_engine::{Engine, JobSpec, VmSpec, LOCAL_HOST};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "standby",
-    version,
-    about = "Disaster recovery for QEMU/KVM virtual machines"
-)]
+#[command(name = "standby", version, about = "Disaster recovery for QEMU/KVM virtual machines")]
 struct Cli {
     /// Where standby keeps its database and run files.
     #[arg(long, global = true, env = "STANDBY_DATA_DIR")]
@@ -212,11 +208,7 @@ fn default_data_dir() -> PathBuf {
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
 
@@ -237,12 +229,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
-    let engine = Engine::open(&data_dir)
-        .with_context(|| format!("cannot open standby's data in {}", data_dir.display()))?;
-    for note in engine
-        .recover_interrupted()
-        .context("recovering interrupted operations")?
-    {
+    let engine =
+        Engine::open(&data_dir).with_context(|| format!("cannot open standby's data in {}", data_dir.display()))?;
+    for note in engine.recover_interrupted().context("recovering interrupted operations")? {
         eprintln!("standby: {note}");
     }
     match cli.command {
@@ -256,11 +245,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Host(HostCmd::Probe {
-            host,
-            kernel,
-            initrd,
-        }) => {
+        Command::Host(HostCmd::Probe { host, kernel, initrd }) => {
             match engine.host_probe(&host, &kernel, &initrd)? {
                 "kvm" => println!("{host}: a guest booted under KVM; VMs start with KVM"),
                 _ => println!("{host}: no guest boot under KVM here; VMs start with TCG"),
@@ -273,18 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
     match cmd {
-        VmCmd::Create {
-            name,
-            disks,
-            memory,
-            cpus,
-            nics,
-            kernel,
-            initrd,
-            append,
-            host,
-            json,
-        } => {
+        VmCmd::Create { name, disks, memory, cpus, nics, kernel, initrd, append, host, json } => {
             let v = engine.vm_create(&VmSpec {
                 name,
                 host,
@@ -335,23 +309,8 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
 
 fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
     match cmd {
-        JobCmd::Create {
-            name,
-            vms,
-            target_host,
-            target_dir,
-            retain,
-            every,
-            json,
-        } => {
-            let j = engine.job_create(&JobSpec {
-                name,
-                vms,
-                target_host,
-                target_dir,
-                retain,
-                every,
-            })?;
+        JobCmd::Create { name, vms, target_host, target_dir, retain, every, json } => {
+            let j = engine.job_create(&JobSpec { name, vms, target_host, target_dir, retain, every })?;
             output::jobs(std::slice::from_ref(&j), json.json)?;
         }
         JobCmd::Run { name, json } => {
@@ -395,11 +354,7 @@ fn task(engine: &Engine, cmd: TaskCmd) -> Result<ExitCode> {
                     last = line;
                 }
                 if t.record.status != "running" || t.interrupted {
-                    return Ok(if t.record.status == "ok" {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    });
+                    return Ok(if t.record.status == "ok" { ExitCode::SUCCESS } else { ExitCode::FAILURE });
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }

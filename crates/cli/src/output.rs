@@ -18,11 +18,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
@@ -64,10 +60,7 @@ pub fn vms(list: &[VmView], as_json: bool) -> Result<()> {
             ]
         })
         .collect();
-    table(
-        &["NAME", "HOST", "ROLE", "STATE", "CPUS", "MEMORY", "DISKS"],
-        &rows,
-    );
+    table(&["NAME", "HOST", "ROLE", "STATE", "CPUS", "MEMORY", "DISKS"], &rows);
     Ok(())
 }
 
@@ -77,11 +70,7 @@ pub fn vm(v: &VmView, as_json: bool) -> Result<()> {
     }
     println!("name:    {}", v.name);
     println!("host:    {}", v.host);
-    println!(
-        "state:   {}{}",
-        v.state,
-        v.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-    );
+    println!("state:   {}{}", v.state, v.pid.map(|p| format!(" (pid {p})")).unwrap_or_default());
     println!("cpus:    {}", v.cpus);
     println!("memory:  {} MiB", v.memory_mib);
     for (i, d) in v.disks.iter().enumerate() {
@@ -109,18 +98,13 @@ pub fn jobs(list: &[JobView], as_json: bool) -> Result<()> {
                 format!("{}:{}", j.target_host, j.target_dir),
                 j.retain.to_string(),
                 j.every_secs
-                    .map(|s| {
-                        humantime::format_duration(std::time::Duration::from_secs(s)).to_string()
-                    })
+                    .map(|s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string())
                     .unwrap_or("-".into()),
                 j.last_run_at.clone().unwrap_or("-".into()),
             ]
         })
         .collect();
-    table(
-        &["NAME", "VMS", "TARGET", "RETAIN", "EVERY", "LAST RUN"],
-        &rows,
-    );
+    table(&["NAME", "VMS", "TARGET", "RETAIN", "EVERY", "LAST RUN"], &rows);
     Ok(())
 }
 
@@ -165,10 +149,7 @@ pub fn replicas(list: &[ReplicaView], as_json: bool) -> Result<()> {
             ]
         })
         .collect();
-    table(
-        &["VM", "JOB", "STATE", "POINTS", "LATEST", "LOCATION"],
-        &rows,
-    );
+    table(&["VM", "JOB", "STATE", "POINTS", "LATEST", "LOCATION"], &rows);
     Ok(())
 }
 
@@ -184,11 +165,7 @@ pub fn points(list: &[RestorePointView], as_json: bool) -> Result<()> {
                 p.created_at.clone(),
                 p.method.clone(),
                 bytes(p.bytes_transferred),
-                p.disks
-                    .iter()
-                    .map(|d| d.path.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                p.disks.iter().map(|d| d.path.as_str()).collect::<Vec<_>>().join(" "),
             ]
         })
         .collect();
@@ -198,29 +175,12 @@ pub fn points(list: &[RestorePointView], as_json: bool) -> Result<()> {
 
 pub fn task_line(t: &TaskView) -> String {
     let r = &t.record;
-    let status = if t.interrupted {
-        "interrupted"
-    } else {
-        r.status.as_str()
-    };
-    let pct = (r.done_bytes * 100)
-        .checked_div(r.total_bytes)
-        .map(|p| format!(" {p}%"))
-        .unwrap_or_default();
-    let bytes_part = if r.total_bytes > 0 {
-        format!(" {}/{}", bytes(r.done_bytes), bytes(r.total_bytes))
-    } else {
-        String::new()
-    };
-    let msg = r
-        .message
-        .as_deref()
-        .map(|m| format!(" - {m}"))
-        .unwrap_or_default();
-    format!(
-        "task {} {} {}: {} [{}]{}{}{}",
-        r.id, r.kind, r.subject, status, r.step, pct, bytes_part, msg
-    )
+    let status = if t.interrupted { "interrupted" } else { r.status.as_str() };
+    let pct = (r.done_bytes * 100).checked_div(r.total_bytes).map(|p| format!(" {p}%")).unwrap_or_default();
+    let bytes_part =
+        if r.total_bytes > 0 { format!(" {}/{}", bytes(r.done_bytes), bytes(r.total_bytes)) } else { String::new() };
+    let msg = r.message.as_deref().map(|m| format!(" - {m}")).unwrap_or_default();
+    format!("task {} {} {}: {} [{}]{}{}{}", r.id, r.kind, r.subject, status, r.step, pct, bytes_part, msg)
 }
 
 pub fn tasks(list: &[TaskView], as_json: bool) -> Result<()> {

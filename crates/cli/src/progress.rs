@@ -16,10 +16,7 @@ pub struct Terminal {
 impl Terminal {
     pub fn new() -> Terminal {
         let multi = std::io::stderr().is_terminal().then(MultiProgress::new);
-        Terminal {
-            multi,
-            bars: Mutex::new(HashMap::new()),
-        }
+        Terminal { multi, bars: Mutex::new(HashMap::new()) }
     }
 
     fn bar(&self, subject: &str) -> Option<ProgressBar> {
@@ -28,10 +25,9 @@ impl Terminal {
         Some(
             bars.entry(subject.to_owned())
                 .or_insert_with(|| {
-                    let style = ProgressStyle::with_template(
-                        "{prefix:>12} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar());
+                    let style =
+                        ProgressStyle::with_template("{prefix:>12} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar());
                     let b = multi.add(ProgressBar::new(0).with_style(style));
                     b.set_prefix(subject.to_owned());
                     b

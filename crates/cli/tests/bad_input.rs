@@ -8,26 +8,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_standby");
 /// Runs a command that must fail with `expect` in its message and leave state unchanged.
 fn refused(env: &Env, args: &[&str], expect: &str) {
     let before = env.snapshot();
-    let dr_before = std::fs::read_dir(env.path("dr"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let dr_before = std::fs::read_dir(env.path("dr")).map(|d| d.count()).unwrap_or(0);
     let err = env.fails(args);
-    assert!(
-        err.contains(expect),
-        "standby {args:?}: expected {expect:?} in:\n{err}"
-    );
-    assert!(
-        err.starts_with("error: "),
-        "errors start with 'error: ': {err}"
-    );
+    assert!(err.contains(expect), "standby {args:?}: expected {expect:?} in:\n{err}");
+    assert!(err.starts_with("error: "), "errors start with 'error: ': {err}");
     assert_eq!(env.snapshot(), before, "standby {args:?} changed state");
-    assert_eq!(
-        std::fs::read_dir(env.path("dr"))
-            .map(|d| d.count())
-            .unwrap_or(0),
-        dr_before,
-        "{args:?} wrote to dr/"
-    );
+    assert_eq!(std::fs::read_dir(env.path("dr")).map(|d| d.count()).unwrap_or(0), dr_before, "{args:?} wrote to dr/");
 }
 
 fn world() -> (Env, String) {
@@ -35,17 +21,7 @@ fn world() -> (Env, String) {
     let disk = env.path("src/a.qcow2");
     make_disk(&disk, "qcow2", 8, &[(0x1, 0, 1)]);
     env.ok(&["vm", "create", "a", "--disk", &disk]);
-    env.ok(&[
-        "job",
-        "create",
-        "j",
-        "--vm",
-        "a",
-        "--target-host",
-        "local",
-        "--target-dir",
-        &env.path("dr"),
-    ]);
+    env.ok(&["job", "create", "j", "--vm", "a", "--target-host", "local", "--target-dir", &env.path("dr")]);
     (env, disk)
 }
 
@@ -57,74 +33,18 @@ fn bad_vm_definitions() {
     let garbage = env.path("src/garbage.vmdk");
     standby_testkit::qemu_img(&["create", "-q", "-f", "vmdk", &garbage, "1M"]);
     let missing = env.path("src/missing.qcow2");
-    refused(
-        &env,
-        &["vm", "create", "b", "--disk", &missing],
-        "no such file",
-    );
-    refused(
-        &env,
-        &["vm", "create", "b", "--disk", "relative.qcow2"],
-        "absolute path",
-    );
-    refused(
-        &env,
-        &["vm", "create", "b", "--disk", &garbage],
-        "not qcow2 or raw",
-    );
-    refused(
-        &env,
-        &["vm", "create", "b", "--disk", &disk],
-        "already a disk of VM a",
-    );
-    refused(
-        &env,
-        &["vm", "create", "b", "--disk", &other, "--disk", &other],
-        "given twice",
-    );
-    refused(
-        &env,
-        &["vm", "create", "a", "--disk", &other],
-        "already exists",
-    );
-    refused(
-        &env,
-        &["vm", "create", "bad/name", "--disk", &other],
-        "may only hold",
-    );
-    refused(
-        &env,
-        &["vm", "create", "b", "--disk", &other, "--cpus", "0"],
-        "out of range",
-    );
-    refused(
-        &env,
-        &["vm", "create", "b", "--disk", &other, "--memory", "1"],
-        "out of range",
-    );
-    refused(
-        &env,
-        &["vm", "create", "b", "--disk", &other, "--nic", "rtl-bogus"],
-        "NIC model",
-    );
-    refused(
-        &env,
-        &[
-            "vm",
-            "create",
-            "b",
-            "--disk",
-            &other,
-            "--kernel",
-            "/nonexistent/vmlinuz",
-        ],
-        "does not exist",
-    );
-    refused(
-        &env,
-        &["vm", "create", "b", "--disk", &other, "--host", "mars"],
-        "unknown host",
-    );
+    refused(&env, &["vm", "create", "b", "--disk", &missing], "no such file");
+    refused(&env, &["vm", "create", "b", "--disk", "relative.qcow2"], "absolute path");
+    refused(&env, &["vm", "create", "b", "--disk", &garbage], "not qcow2 or raw");
+    refused(&env, &["vm", "create", "b", "--disk", &disk], "already a disk of VM a");
+    refused(&env, &["vm", "create", "b", "--disk", &other, "--disk", &other], "given twice");
+    refused(&env, &["vm", "create", "a", "--disk", &other], "already exists");
+    refused(&env, &["vm", "create", "bad/name", "--disk", &other], "may only hold");
+    refused(&env, &["vm", "create", "b", "--disk", &other, "--cpus", "0"], "out of range");
+    refused(&env, &["vm", "create", "b", "--disk", &other, "--memory", "1"], "out of range");
+    refused(&env, &["vm", "create", "b", "--disk", &other, "--nic", "rtl-bogus"], "NIC model");
+    refused(&env, &["vm", "create", "b", "--disk", &other, "--kernel", "/nonexistent/vmlinuz"], "does not exist");
+    refused(&env, &["vm", "create", "b", "--disk", &other, "--host", "mars"], "unknown host");
     // clap's own refusals (missing --disk) also exit non-zero and change nothing.
     let before = env.snapshot();
     assert_ne!(env.run(&["vm", "create", "b"]).code, Some(0));
@@ -140,11 +60,7 @@ fn unknown_things_and_impossible_vm_transitions() {
     refused(&env, &["vm", "shutdown", "a"], "is stopped");
     refused(&env, &["job", "run", "nojob"], "unknown job");
     refused(&env, &["replica", "points", "ghost"], "unknown VM");
-    refused(
-        &env,
-        &["replica", "points", "a", "--job", "other"],
-        "has no replica",
-    );
+    refused(&env, &["replica", "points", "a", "--job", "other"], "has no replica");
     refused(&env, &["task", "show", "999"], "unknown task");
 }
 
@@ -158,158 +74,48 @@ fn bad_jobs() {
     let file = env.path("src/a.qcow2");
     refused(
         &env,
-        &[
-            "job",
-            "create",
-            "k",
-            "--vm",
-            "ghost",
-            "--target-host",
-            "local",
-            "--target-dir",
-            &dr,
-        ],
+        &["job", "create", "k", "--vm", "ghost", "--target-host", "local", "--target-dir", &dr],
         "unknown VM",
     );
+    refused(&env, &["job", "create", "k", "--vm", "c", "--target-host", "mars", "--target-dir", &dr], "unknown host");
     refused(
         &env,
-        &[
-            "job",
-            "create",
-            "k",
-            "--vm",
-            "c",
-            "--target-host",
-            "mars",
-            "--target-dir",
-            &dr,
-        ],
-        "unknown host",
-    );
-    refused(
-        &env,
-        &[
-            "job",
-            "create",
-            "k",
-            "--vm",
-            "c",
-            "--target-host",
-            "local",
-            "--target-dir",
-            "rel",
-        ],
+        &["job", "create", "k", "--vm", "c", "--target-host", "local", "--target-dir", "rel"],
         "absolute path",
     );
     refused(
         &env,
-        &[
-            "job",
-            "create",
-            "k",
-            "--vm",
-            "c",
-            "--target-host",
-            "local",
-            "--target-dir",
-            &format!("{file}/x"),
-        ],
+        &["job", "create", "k", "--vm", "c", "--target-host", "local", "--target-dir", &format!("{file}/x")],
         "not usable",
     );
     refused(
         &env,
-        &[
-            "job",
-            "create",
-            "k",
-            "--vm",
-            "c",
-            "--target-host",
-            "local",
-            "--target-dir",
-            "/proc/standby",
-        ],
+        &["job", "create", "k", "--vm", "c", "--target-host", "local", "--target-dir", "/proc/standby"],
         "not usable",
     );
     refused(
         &env,
-        &[
-            "job",
-            "create",
-            "k",
-            "--vm",
-            "a",
-            "--target-host",
-            "local",
-            "--target-dir",
-            &dr,
-        ],
+        &["job", "create", "k", "--vm", "a", "--target-host", "local", "--target-dir", &dr],
         "already replicated",
     );
     refused(
         &env,
-        &[
-            "job",
-            "create",
-            "k",
-            "--vm",
-            "c",
-            "--vm",
-            "c",
-            "--target-host",
-            "local",
-            "--target-dir",
-            &dr,
-        ],
+        &["job", "create", "k", "--vm", "c", "--vm", "c", "--target-host", "local", "--target-dir", &dr],
         "named twice",
     );
     refused(
         &env,
-        &[
-            "job",
-            "create",
-            "j",
-            "--vm",
-            "c",
-            "--target-host",
-            "local",
-            "--target-dir",
-            &dr,
-        ],
+        &["job", "create", "j", "--vm", "c", "--target-host", "local", "--target-dir", &dr],
         "already exists",
     );
     refused(
         &env,
-        &[
-            "job",
-            "create",
-            "k",
-            "--vm",
-            "c",
-            "--target-host",
-            "local",
-            "--target-dir",
-            &dr,
-            "--retain",
-            "0",
-        ],
+        &["job", "create", "k", "--vm", "c", "--target-host", "local", "--target-dir", &dr, "--retain", "0"],
         "at least 1",
     );
     refused(
         &env,
-        &[
-            "job",
-            "create",
-            "k",
-            "--vm",
-            "c",
-            "--target-host",
-            "local",
-            "--target-dir",
-            &dr,
-            "--every",
-            "soon",
-        ],
+        &["job", "create", "k", "--vm", "c", "--target-host", "local", "--target-dir", &dr, "--every", "soon"],
         "not a duration",
     );
 }
@@ -340,15 +146,8 @@ fn corrupt_database_is_reported_not_overwritten() {
     let env = Env::new(BIN);
     std::fs::create_dir_all(env.data_dir()).unwrap();
     let db = format!("{}/standby.db", env.data_dir());
-    std::fs::write(
-        &db,
-        b"this is not a database at all, and standby must not eat it",
-    )
-    .unwrap();
+    std::fs::write(&db, b"this is not a database at all, and standby must not eat it").unwrap();
     let err = env.fails(&["vm", "list"]);
     assert!(err.contains("cannot open standby's data"), "{err}");
-    assert_eq!(
-        std::fs::read(&db).unwrap(),
-        b"this is not a database at all, and standby must not eat it"
-    );
+    assert_eq!(std::fs::read(&db).unwrap(), b"this is not a database at all, and standby must not eat it");
 }

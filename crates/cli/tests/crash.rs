@@ -6,18 +6,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use standby_testkit::{
-    guest, identical, ledger_append, make_disk, qemu_img, qemu_io, read_image, Env, Ledger,
-};
+use standby_testkit::{identical, ledger_append, make_disk, qemu_img, qemu_io, read_image, Env, Ledger};
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
 
 /// Fail points at or after the database commit leave the new restore point in place.
 fn commits(fp: &str) -> bool {
-    matches!(
-        fp,
-        "replicate.after-commit" | "retention.after-commit-layer" | "retention.after-drop"
-    )
+    matches!(fp, "replicate.after-commit" | "retention.after-commit-layer" | "retention.after-drop")
 }
 
 fn ids(points: &[Value]) -> Vec<i64> {
@@ -36,28 +31,10 @@ fn dr_files(env: &Env, vm: &str) -> Vec<String> {
 fn used_layers(points: &[Value]) -> Vec<String> {
     let mut u: Vec<String> = points
         .iter()
-        .flat_map(|p| {
-            p["disks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d["path"].as_str().unwrap().to_owned())
-        })
+        .flat_map(|p| p["disks"].as_array().unwrap().iter().map(|d| d["path"].as_str().unwrap().to_owned()))
         .collect();
     u.sort();
     u
-}
-
-fn standby_bitmaps(disk: &str) -> Vec<String> {
-    let v: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", "-U", disk])).unwrap();
-    v["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Kills a run of a stopped VM at `fp` and checks every invariant afterwards.
@@ -87,64 +64,35 @@ fn crash_stopped_vm_at(fp: &str) {
         refs.insert(id, r);
     };
     for i in 0..2u64 {
-        qemu_io(
-            &disk,
-            "qcow2",
-            &[format!("write -P {:#x} {}M 1M", 0x20 + i, 5 + i)],
-        );
+        qemu_io(&disk, "qcow2", &[format!("write -P {:#x} {}M 1M", 0x20 + i, 5 + i)]);
         env.ok(&["job", "run", "j"]);
         snapshot(&env, &mut refs);
     }
     let before = ids(&env.points("c"));
 
     // Enough change for several transfer chunks, then the kill.
-    qemu_io(
-        &disk,
-        "qcow2",
-        &["write -P 0x41 10M 12M".into(), "write -z 0 1M".into()],
-    );
+    qemu_io(&disk, "qcow2", &["write -P 0x41 10M 12M".into(), "write -z 0 1M".into()]);
     let at_kill = env.path("at-kill.qcow2");
     qemu_img(&["convert", "-O", "qcow2", &disk, &at_kill]);
     env.set_env("STANDBY_FAILPOINT", fp);
     let r = env.run(&["job", "run", "j"]);
     env.unset_env("STANDBY_FAILPOINT");
-    assert_eq!(
-        r.code, None,
-        "{fp}: standby should have been killed:\n{}{}",
-        r.stdout, r.stderr
-    );
-    assert!(
-        r.stderr.contains(&format!("fail point {fp} reached")),
-        "{fp}: {}",
-        r.stderr
-    );
+    assert_eq!(r.code, None, "{fp}: standby should have been killed:\n{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(&format!("fail point {fp} reached")), "{fp}: {}", r.stderr);
 
     let after = env.points("c");
     if commits(fp) {
         let new = *ids(&after).last().unwrap();
-        assert!(
-            !before.contains(&new),
-            "{fp}: the committed point should be listed"
-        );
+        assert!(!before.contains(&new), "{fp}: the committed point should be listed");
         let path = after.last().unwrap()["disks"][0]["path"].as_str().unwrap();
-        assert!(
-            identical(path, &at_kill),
-            "{fp}: committed point differs from the disk at the kill"
-        );
+        assert!(identical(path, &at_kill), "{fp}: committed point differs from the disk at the kill");
         refs.insert(new, at_kill.clone());
     } else {
-        assert_eq!(
-            ids(&after),
-            before,
-            "{fp}: an interrupted run must leave no restore point"
-        );
+        assert_eq!(ids(&after), before, "{fp}: an interrupted run must leave no restore point");
     }
     for p in &after {
         let id = p["id"].as_i64().unwrap();
-        assert!(
-            identical(p["disks"][0]["path"].as_str().unwrap(), &refs[&id]),
-            "{fp}: point {id} changed"
-        );
+        assert!(identical(p["disks"][0]["path"].as_str().unwrap(), &refs[&id]), "{fp}: point {id} changed");
     }
 
     // Changes made after the kill, and those the killed run was carrying, all arrive.
@@ -153,41 +101,15 @@ fn crash_stopped_vm_at(fp: &str) {
     let points = env.points("c");
     assert_eq!(points.len(), 2, "{fp}: retention keeps 2\n{out}");
     let last = points.last().unwrap();
-    assert!(
-        identical(last["disks"][0]["path"].as_str().unwrap(), &disk),
-        "{fp}: run after recovery is not exact"
-    );
-    assert_ne!(
-        last["method"], "full",
-        "{fp}: recovery must not force a full copy"
-    );
+    assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &disk), "{fp}: run after recovery is not exact");
+    assert_ne!(last["method"], "full", "{fp}: recovery must not force a full copy");
     // Nothing orphaned: layers, servers, bitmaps, task states.
-    assert_eq!(
-        dr_files(&env, "c"),
-        used_layers(&points),
-        "{fp}: stray files in the replica directory"
-    );
-    assert!(
-        env.processes().is_empty(),
-        "{fp}: processes left: {:?}",
-        env.processes()
-    );
-    assert_eq!(
-        standby_bitmaps(&disk).len(),
-        1,
-        "{fp}: bitmaps {:?}",
-        standby_bitmaps(&disk)
-    );
+    assert_eq!(dr_files(&env, "c"), used_layers(&points), "{fp}: stray files in the replica directory");
+    assert!(env.processes().is_empty(), "{fp}: processes left: {:?}", env.processes());
+    assert_eq!(standby_testkit::bitmaps(&disk).len(), 1, "{fp}: bitmaps {:?}", standby_testkit::bitmaps(&disk));
     assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
     let tasks = env.json(&["task", "list"]);
-    assert!(
-        tasks
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|t| t["interrupted"] == true),
-        "{fp}: killed task not shown"
-    );
+    assert!(tasks.as_array().unwrap().iter().any(|t| t["interrupted"] == true), "{fp}: killed task not shown");
 }
 
 #[test]
@@ -227,10 +149,7 @@ fn every_fail_point_is_covered() {
         "retention.after-drop",
     ];
     for name in standby_engine::failpoint::ALL {
-        assert!(
-            covered.contains(name),
-            "fail point {name} has no crash test"
-        );
+        assert!(covered.contains(name), "fail point {name} has no crash test");
     }
 }
 
@@ -239,65 +158,25 @@ fn every_fail_point_is_covered() {
 #[test]
 fn kill_while_replicating_a_running_vm() {
     let mut env = Env::new(BIN);
-    let (kernel, initrd) = guest();
     let disk = env.path("src/r.qcow2");
     make_disk(&disk, "qcow2", 48, &[(0x11, 0, 12)]);
-    env.ok(&[
-        "vm",
-        "create",
-        "r",
-        "--disk",
-        &disk,
-        "--memory",
-        "160",
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--append",
-        &ledger_append(8192, 2000, 20_000),
-    ]);
-    env.ok(&[
-        "job",
-        "create",
-        "j",
-        "--vm",
-        "r",
-        "--target-host",
-        "local",
-        "--target-dir",
-        &env.path("dr"),
-    ]);
+    env.create_guest_vm("r", &disk, 160, &ledger_append(8192, 2000, 20_000));
+    env.ok(&["job", "create", "j", "--vm", "r", "--target-host", "local", "--target-dir", &env.path("dr")]);
     env.ok(&["vm", "start", "r"]);
-    env.wait_console("r", Duration::from_secs(60), "ledger writes", |c| {
-        Ledger::acknowledged(c) >= 5
-    });
+    env.wait_console("r", Duration::from_secs(60), "ledger writes", |c| Ledger::acknowledged(c) >= 5);
     for fp in ["replicate.mid-transfer", "replicate.before-commit"] {
         let n = env.points("r").len();
         env.set_env("STANDBY_FAILPOINT", fp);
         let r = env.run(&["job", "run", "j"]);
         env.unset_env("STANDBY_FAILPOINT");
         assert_eq!(r.code, None, "{fp}: not killed: {}", r.stderr);
-        assert_eq!(
-            env.points("r").len(),
-            n,
-            "{fp}: interrupted run made a point"
-        );
-        assert_eq!(
-            env.json(&["vm", "show", "r"])["state"],
-            "running",
-            "{fp}: the VM must keep running"
-        );
+        assert_eq!(env.points("r").len(), n, "{fp}: interrupted run made a point");
+        assert_eq!(env.json(&["vm", "show", "r"])["state"], "running", "{fp}: the VM must keep running");
         let acked = Ledger::acknowledged(&env.console("r"));
         env.ok(&["job", "run", "j"]);
         let path = env.latest_disk("r", 0);
-        let k = Ledger { start_block: 8192 }
-            .records_in(&read_image(&path), 2000)
-            .unwrap();
-        assert!(
-            k >= acked,
-            "{fp}: point has {k} records, guest acknowledged {acked}"
-        );
+        let k = Ledger { start_block: 8192 }.records_in(&read_image(&path), 2000).unwrap();
+        assert!(k >= acked, "{fp}: point has {k} records, guest acknowledged {acked}");
     }
     env.ok(&["vm", "shutdown", "r", "--timeout", "30"]);
     env.ok(&["job", "run", "j"]);
@@ -306,10 +185,5 @@ fn kill_while_replicating_a_running_vm() {
     assert!(env.processes().is_empty(), "left: {:?}", env.processes());
     assert!(std::fs::read_dir(env.path("data/hosts/local/vms/r"))
         .unwrap()
-        .all(|e| {
-            !e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("fleece")
-        }));
+        .all(|e| { !e.unwrap().file_name().to_string_lossy().starts_with("fleece") }));
 }

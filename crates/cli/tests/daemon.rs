@@ -27,30 +27,11 @@ fn daemon_runs_jobs_on_their_interval() {
         "--every",
         "2s",
     ]);
-    env.ok(&[
-        "job",
-        "create",
-        "manual",
-        "--vm",
-        "d",
-        "--target-host",
-        "local",
-        "--target-dir",
-        &env.path("dr2"),
-    ]);
-    let mut daemon = env
-        .command(&["daemon", "--tick", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    env.ok(&["job", "create", "manual", "--vm", "d", "--target-host", "local", "--target-dir", &env.path("dr2")]);
+    let mut daemon =
+        env.command(&["daemon", "--tick", "1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let start = Instant::now();
-    let often = || {
-        env.json(&["replica", "points", "d", "--job", "often"])
-            .as_array()
-            .unwrap()
-            .len()
-    };
+    let often = || env.json(&["replica", "points", "d", "--job", "often"]).as_array().unwrap().len();
     while often() == 0 && start.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -60,19 +41,10 @@ fn daemon_runs_jobs_on_their_interval() {
     daemon.wait().unwrap();
     let points = env.json(&["replica", "points", "d", "--job", "often"]);
     let n = points.as_array().unwrap().len();
-    assert!(
-        (2..=5).contains(&n),
-        "a 2 s interval over about 5 s gave {n} runs"
-    );
+    assert!((2..=5).contains(&n), "a 2 s interval over about 5 s gave {n} runs");
     let manual = env.json(&["replica", "points", "d", "--job", "manual"]);
-    assert!(
-        manual.as_array().unwrap().is_empty(),
-        "a job without --every must not run by itself"
-    );
-    let last = points.as_array().unwrap().last().unwrap()["disks"][0]["path"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    assert!(manual.as_array().unwrap().is_empty(), "a job without --every must not run by itself");
+    let last = points.as_array().unwrap().last().unwrap()["disks"][0]["path"].as_str().unwrap().to_owned();
     assert!(identical(&last, &disk));
 }
 
@@ -82,48 +54,21 @@ fn a_running_job_can_be_followed_from_another_terminal() {
     let disk = env.path("src/big.qcow2");
     make_disk(&disk, "qcow2", 1024, &[(0x3, 0, 768)]);
     env.ok(&["vm", "create", "big", "--disk", &disk]);
-    env.ok(&[
-        "job",
-        "create",
-        "j",
-        "--vm",
-        "big",
-        "--target-host",
-        "local",
-        "--target-dir",
-        &env.path("dr"),
-    ]);
-    let run = env
-        .command(&["job", "run", "j"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    env.ok(&["job", "create", "j", "--vm", "big", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    let run = env.command(&["job", "run", "j"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // Another terminal: find the running task and follow it to its end.
     let start = Instant::now();
     let id = loop {
         let tasks = env.json(&["task", "list"]);
-        if let Some(t) = tasks
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["status"] == "running")
-        {
+        if let Some(t) = tasks.as_array().unwrap().iter().find(|t| t["status"] == "running") {
             break t["id"].as_i64().unwrap();
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no running task appeared"
-        );
+        assert!(start.elapsed() < Duration::from_secs(20), "no running task appeared");
         std::thread::sleep(Duration::from_millis(20));
     };
     let follow = env.ok(&["task", "show", &id.to_string(), "--follow"]);
     let out = run.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let lines: Vec<&str> = follow.lines().collect();
     assert!(lines.len() >= 2, "following showed no progress:\n{follow}");
     assert!(lines.last().unwrap().contains(": ok ["), "{follow}");

@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use standby_testkit::{
-    guest, identical, ledger_append, ledger_record, make_disk, qemu_img, qemu_io, read_image, Env,
-    Ledger, LEDGER_BLOCK,
+    identical, ledger_append, ledger_record, make_disk, qemu_img, qemu_io, read_image, Env, Ledger, LEDGER_BLOCK,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
@@ -27,9 +26,7 @@ fn reference(env: &Env, base: &[u8], k: u64, name: &str) -> String {
 
 /// The 64 KiB clusters that records `from..=to` touch: the most a CBT run may send.
 fn ledger_clusters(from: u64, to: u64) -> u64 {
-    let mut c: Vec<u64> = (from..=to)
-        .map(|s| (LEDGER_START + s - 1) * LEDGER_BLOCK as u64 / CLUSTER)
-        .collect();
+    let mut c: Vec<u64> = (from..=to).map(|s| (LEDGER_START + s - 1) * LEDGER_BLOCK as u64 / CLUSTER).collect();
     c.dedup();
     c.len() as u64
 }
@@ -37,25 +34,10 @@ fn ledger_clusters(from: u64, to: u64) -> u64 {
 #[test]
 fn running_vm_restore_points_match_the_disk_at_their_instant() {
     let env = Env::new(BIN);
-    let (kernel, initrd) = guest();
     let disk = env.path("src/web.qcow2");
     make_disk(&disk, "qcow2", 64, &[(0xab, 0, 8), (0xcd, 40, 4)]);
     let base = read_image(&disk);
-    env.ok(&[
-        "vm",
-        "create",
-        "web",
-        "--disk",
-        &disk,
-        "--memory",
-        "192",
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--append",
-        &ledger_append(LEDGER_START, LEDGER_MAX, 20_000),
-    ]);
+    env.create_guest_vm("web", &disk, 192, &ledger_append(LEDGER_START, LEDGER_MAX, 20_000));
     env.ok(&[
         "job",
         "create",
@@ -70,13 +52,9 @@ fn running_vm_restore_points_match_the_disk_at_their_instant() {
         "10",
     ]);
     env.ok(&["vm", "start", "web"]);
-    env.wait_console("web", Duration::from_secs(60), "10 ledger writes", |c| {
-        Ledger::acknowledged(c) >= 10
-    });
+    env.wait_console("web", Duration::from_secs(60), "10 ledger writes", |c| Ledger::acknowledged(c) >= 10);
 
-    let ledger = Ledger {
-        start_block: LEDGER_START,
-    };
+    let ledger = Ledger { start_block: LEDGER_START };
     let mut prev_k = 0;
     let mut checked = Vec::new();
     for run in 0..3 {
@@ -92,25 +70,16 @@ fn running_vm_restore_points_match_the_disk_at_their_instant() {
             "run {run}: restore point holds records 1..={k}, guest had {acked_before} acknowledged"
         );
         let r = reference(&env, &base, k, &format!("ref{run}.raw"));
-        assert!(
-            identical(&path, &r),
-            "run {run}: restore point differs from the disk at its instant"
-        );
+        assert!(identical(&path, &r), "run {run}: restore point differs from the disk at its instant");
         let sent = rp["bytes_transferred"].as_u64().unwrap();
         if run == 0 {
             assert_eq!(rp["method"], "full");
             // Allocated, non-zero data only: 12 MiB of patterns plus the records so far.
-            assert!(
-                sent >= 12 << 20 && sent <= (12 << 20) + (k + 16) * LEDGER_BLOCK as u64,
-                "full run sent {sent}"
-            );
+            assert!(sent >= 12 << 20 && sent <= (12 << 20) + (k + 16) * LEDGER_BLOCK as u64, "full run sent {sent}");
         } else {
             assert_eq!(rp["method"], "cbt", "run {run}");
             let bound = ledger_clusters(prev_k + 1, k) * CLUSTER;
-            assert!(
-                k > prev_k && sent > 0 && sent <= bound,
-                "run {run}: sent {sent}, changed clusters hold {bound}"
-            );
+            assert!(k > prev_k && sent > 0 && sent <= bound, "run {run}: sent {sent}, changed clusters hold {bound}");
         }
         checked.push((path, r));
         prev_k = k;
@@ -124,29 +93,17 @@ fn running_vm_restore_points_match_the_disk_at_their_instant() {
     let rp = env.points("web").pop().unwrap();
     assert_eq!(rp["method"], "cbt");
     let path = rp["disks"][0]["path"].as_str().unwrap().to_owned();
-    assert!(
-        identical(&path, &disk),
-        "restore point of the stopped VM differs from its disk"
-    );
+    assert!(identical(&path, &disk), "restore point of the stopped VM differs from its disk");
     let k = ledger.records_in(&read_image(&path), LEDGER_MAX).unwrap();
-    assert!(
-        k >= acked,
-        "final restore point holds {k} records, guest acknowledged {acked}"
-    );
+    assert!(k >= acked, "final restore point holds {k} records, guest acknowledged {acked}");
 
     // Earlier restore points never changed.
     for (p, r) in &checked {
-        assert!(
-            identical(p, r),
-            "restore point {p} changed after later runs"
-        );
+        assert!(identical(p, r), "restore point {p} changed after later runs");
     }
     for p in env.points("web") {
         let path = p["disks"][0]["path"].as_str().unwrap();
-        assert!(
-            qemu_img(&["check", "-U", path]).contains("No errors"),
-            "{path} fails qemu-img check"
-        );
+        assert!(qemu_img(&["check", "-U", path]).contains("No errors"), "{path} fails qemu-img check");
     }
 }
 
@@ -171,11 +128,7 @@ fn retention_keeps_exactly_n_and_the_rest_stay_intact() {
     ]);
     let mut refs = std::collections::HashMap::new();
     for i in 0..6u64 {
-        qemu_io(
-            &disk,
-            "qcow2",
-            &[format!("write -P {:#x} {}M 1M", 0x20 + i, 4 + i * 3)],
-        );
+        qemu_io(&disk, "qcow2", &[format!("write -P {:#x} {}M 1M", 0x20 + i, 4 + i * 3)]);
         env.ok(&["job", "run", "j"]);
         let points = env.points("db");
         assert_eq!(points.len() as u64, (i + 1).min(3), "after run {i}");
@@ -186,29 +139,18 @@ fn retention_keeps_exactly_n_and_the_rest_stay_intact() {
         for p in &points {
             let path = p["disks"][0]["path"].as_str().unwrap();
             let id = p["id"].as_i64().unwrap();
-            assert!(
-                identical(path, &refs[&id]),
-                "restore point {id} changed by retention (run {i})"
-            );
+            assert!(identical(path, &refs[&id]), "restore point {id} changed by retention (run {i})");
         }
         // The replica directory holds exactly the layers the restore points use.
-        let mut files: Vec<String> = std::fs::read_dir(env.path("dr/db"))
-            .unwrap()
-            .map(|e| e.unwrap().path().display().to_string())
-            .collect();
+        let mut files: Vec<String> =
+            std::fs::read_dir(env.path("dr/db")).unwrap().map(|e| e.unwrap().path().display().to_string()).collect();
         files.sort();
-        let mut used: Vec<String> = points
-            .iter()
-            .map(|p| p["disks"][0]["path"].as_str().unwrap().to_owned())
-            .collect();
+        let mut used: Vec<String> = points.iter().map(|p| p["disks"][0]["path"].as_str().unwrap().to_owned()).collect();
         used.sort();
         assert_eq!(files, used, "after run {i}");
     }
     // The oldest kept point is a standalone image: no backing file in its header.
-    let oldest = env.points("db")[0]["disks"][0]["path"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let oldest = env.points("db")[0]["disks"][0]["path"].as_str().unwrap().to_owned();
     assert!(!qemu_img(&["info", &oldest]).contains("backing file:"));
 }
 
@@ -220,17 +162,7 @@ fn several_disks_are_captured_at_one_instant() {
     make_disk(&a, "qcow2", 16, &[(0x31, 0, 2)]);
     make_disk(&b, "raw", 16, &[(0x32, 1, 2)]);
     env.ok(&["vm", "create", "two", "--disk", &a, "--disk", &b]);
-    env.ok(&[
-        "job",
-        "create",
-        "j",
-        "--vm",
-        "two",
-        "--target-host",
-        "local",
-        "--target-dir",
-        &env.path("dr"),
-    ]);
+    env.ok(&["job", "create", "j", "--vm", "two", "--target-host", "local", "--target-dir", &env.path("dr")]);
     env.ok(&["job", "run", "j"]);
     qemu_io(&a, "qcow2", &["write -P 0x41 8M 64k".into()]);
     qemu_io(&b, "raw", &["write -P 0x42 9M 64k".into()]);
@@ -243,9 +175,5 @@ fn several_disks_are_captured_at_one_instant() {
     assert_eq!(rp["method"], "digest");
     assert!(identical(disks[0]["path"].as_str().unwrap(), &a));
     assert!(identical(disks[1]["path"].as_str().unwrap(), &b));
-    assert_eq!(
-        disks[1]["bytes_transferred"].as_u64().unwrap(),
-        64 << 10,
-        "digest sends only the changed block"
-    );
+    assert_eq!(disks[1]["bytes_transferred"].as_u64().unwrap(), 64 << 10, "digest sends only the changed block");
 }

@@ -15,10 +15,7 @@ pub enum EngineError {
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error("cannot use data directory {path}")]
-    DataDir {
-        path: String,
-        source: std::io::Error,
-    },
+    DataDir { path: String, source: std::io::Error },
     #[error("unknown host {0:?}; the hosts standby knows are listed by `standby host list`")]
     UnknownHost(String),
     #[error("unknown VM {0:?}; see `standby vm list`")]
@@ -38,40 +35,19 @@ pub enum EngineError {
     #[error("{0}")]
     Invalid(String),
     #[error("VM {vm} is {state}; {hint}")]
-    VmState {
-        vm: String,
-        state: &'static str,
-        hint: &'static str,
-    },
+    VmState { vm: String, state: &'static str, hint: &'static str },
     #[error("{what} is busy: {holder}; wait for it to finish and try again")]
     Busy { what: String, holder: String },
     #[error("target directory {dir} on host {host} is not usable: {reason}")]
-    TargetDir {
-        host: String,
-        dir: String,
-        reason: String,
-    },
+    TargetDir { host: String, dir: String, reason: String },
     #[error("VM {vm} is already replicated to {host}:{dir} by job {job}")]
-    AlreadyProtected {
-        vm: String,
-        host: String,
-        dir: String,
-        job: String,
-    },
+    AlreadyProtected { vm: String, host: String, dir: String, job: String },
     #[error("replication of VM {vm} failed during {step}")]
-    Run {
-        vm: String,
-        step: &'static str,
-        source: Box<EngineError>,
-    },
+    Run { vm: String, step: &'static str, source: Box<EngineError> },
     #[error("data transfer failed")]
     Transfer { source: standby_nbd::NbdError },
     #[error("{failed} of {total} VMs of job {job} got no new restore point")]
-    JobFailed {
-        job: String,
-        failed: usize,
-        total: usize,
-    },
+    JobFailed { job: String, failed: usize, total: usize },
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

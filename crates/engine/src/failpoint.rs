@@ -13,17 +13,12 @@ pub const ALL: &[&str] = &[
 ];
 
 pub fn hit(name: &str) {
-    debug_assert!(
-        ALL.contains(&name),
-        "fail point {name} is not listed in failpoint::ALL"
-    );
+    debug_assert!(ALL.contains(&name), "fail point {name} is not listed in failpoint::ALL");
     if std::env::var("STANDBY_FAILPOINT").is_ok_and(|v| v == name) {
         eprintln!("standby: fail point {name} reached, killing myself");
         // SIGKILL to ourselves: std::process::abort would run no destructors either,
         // but SIGKILL is what the tests model.
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &std::process::id().to_string()])
-            .status();
+        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
         std::process::abort();
     }
 }

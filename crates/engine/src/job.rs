@@ -46,12 +46,7 @@ impl Engine {
         if retain == 0 {
             return Err(EngineError::Invalid("--retain must be at least 1".into()));
         }
-        let every = spec
-            .every
-            .as_deref()
-            .map(parse_interval)
-            .transpose()?
-            .map(|d: Duration| d.as_secs());
+        let every = spec.every.as_deref().map(parse_interval).transpose()?.map(|d: Duration| d.as_secs());
         let host = self.host(&spec.target_host)?;
         let dir = spec.target_dir.trim_end_matches('/').to_owned();
         if !dir.starts_with('/') {
@@ -64,18 +59,12 @@ impl Engine {
         let existing = self.store().jobs()?;
         let mut replicas = Vec::new();
         for vm_name in &spec.vms {
-            let vm = self
-                .store()
-                .vm(vm_name)?
-                .ok_or_else(|| EngineError::UnknownVm(vm_name.clone()))?;
+            let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.clone()))?;
             if replicas.iter().any(|(id, _)| *id == vm.id) {
                 return Err(EngineError::Invalid(format!("VM {vm_name} is named twice")));
             }
             for other in &existing {
-                if other.vms.contains(vm_name)
-                    && other.target_host == spec.target_host
-                    && other.target_dir == dir
-                {
+                if other.vms.contains(vm_name) && other.target_host == spec.target_host && other.target_dir == dir {
                     return Err(EngineError::AlreadyProtected {
                         vm: vm_name.clone(),
                         host: other.target_host.clone(),
@@ -115,10 +104,7 @@ impl Engine {
     }
 
     pub fn job_show(&self, name: &str) -> Result<JobView> {
-        let j = self
-            .store()
-            .job(name)?
-            .ok_or_else(|| EngineError::UnknownJob(name.into()))?;
+        let j = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
         Ok(view(j))
     }
 

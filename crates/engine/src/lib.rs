@@ -41,22 +41,13 @@ impl Engine {
     /// Opens (creating if needed) the data directory: the database and the local host's
     /// run files.
     pub fn open(data_dir: &Path) -> Result<Engine> {
-        std::fs::create_dir_all(data_dir.join("locks")).map_err(|source| EngineError::DataDir {
-            path: data_dir.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(data_dir.join("locks"))
+            .map_err(|source| EngineError::DataDir { path: data_dir.display().to_string(), source })?;
         let store = Store::open(&data_dir.join("standby.db"))?;
-        let local: Arc<dyn Host> = Arc::new(LocalHost::new(
-            LOCAL_HOST,
-            &data_dir.join("hosts").join(LOCAL_HOST),
-        )?);
+        let local: Arc<dyn Host> = Arc::new(LocalHost::new(LOCAL_HOST, &data_dir.join("hosts").join(LOCAL_HOST))?);
         let mut hosts = BTreeMap::new();
         hosts.insert(LOCAL_HOST.to_owned(), local);
-        Ok(Engine {
-            data_dir: data_dir.into(),
-            store: Mutex::new(store),
-            hosts,
-        })
+        Ok(Engine { data_dir: data_dir.into(), store: Mutex::new(store), hosts })
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -70,27 +61,19 @@ impl Engine {
     }
 
     pub(crate) fn host(&self, name: &str) -> Result<Arc<dyn Host>> {
-        self.hosts
-            .get(name)
-            .cloned()
-            .ok_or_else(|| EngineError::UnknownHost(name.to_owned()))
+        self.hosts.get(name).cloned().ok_or_else(|| EngineError::UnknownHost(name.to_owned()))
     }
 
     /// Hosts with the accelerator their VMs start with.
     pub fn host_list(&self) -> Vec<(String, &'static str)> {
-        self.hosts
-            .iter()
-            .map(|(n, h)| (n.clone(), h.accel().as_str()))
-            .collect()
+        self.hosts.iter().map(|(n, h)| (n.clone(), h.accel().as_str())).collect()
     }
 
     /// Finds out whether VMs on `host` can use KVM by booting a real guest under it.
     pub fn host_probe(&self, host: &str, kernel: &str, initrd: &str) -> Result<&'static str> {
         for (what, p) in [("kernel", kernel), ("initrd", initrd)] {
             if !std::path::Path::new(p).is_absolute() || !self.host(host)?.file_exists(p)? {
-                return Err(EngineError::Invalid(format!(
-                    "{what} {p} does not exist (give an absolute path)"
-                )));
+                return Err(EngineError::Invalid(format!("{what} {p} does not exist (give an absolute path)")));
             }
         }
         Ok(self.host(host)?.probe_accel(kernel, initrd)?.as_str())

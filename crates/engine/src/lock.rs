@@ -22,10 +22,7 @@ impl VmLock {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|source| EngineError::DataDir {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| EngineError::DataDir { path: path.display().to_string(), source })?;
         match file.try_lock() {
             Ok(()) => {
                 let _ = file.set_len(0);
@@ -36,17 +33,12 @@ impl VmLock {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
                 Err(EngineError::Busy {
                     what: format!("VM {vm}"),
-                    holder: if holder.is_empty() {
-                        "another standby command".into()
-                    } else {
-                        holder
-                    },
+                    holder: if holder.is_empty() { "another standby command".into() } else { holder },
                 })
             }
-            Err(std::fs::TryLockError::Error(source)) => Err(EngineError::DataDir {
-                path: path.display().to_string(),
-                source,
-            }),
+            Err(std::fs::TryLockError::Error(source)) => {
+                Err(EngineError::DataDir { path: path.display().to_string(), source })
+            }
         }
     }
 }

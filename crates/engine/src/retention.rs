@@ -15,13 +15,7 @@ use crate::{failpoint, Engine, EngineError, Result};
 
 impl Engine {
     /// Drops restore points beyond `keep`, finishing any drop a crash interrupted first.
-    pub(crate) fn apply_retention(
-        &self,
-        host: &dyn Host,
-        replica_id: i64,
-        dir: &str,
-        keep: u32,
-    ) -> Result<usize> {
+    pub(crate) fn apply_retention(&self, host: &dyn Host, replica_id: i64, dir: &str, keep: u32) -> Result<usize> {
         let all = self.store().restore_points(replica_id, true)?;
         let kept: Vec<i64> = all.iter().filter(|p| !p.pruning).map(|p| p.id).collect();
         let mut doomed: Vec<i64> = all.iter().filter(|p| p.pruning).map(|p| p.id).collect();
@@ -74,25 +68,14 @@ impl Engine {
         let mut new_bases = Vec::new();
         for d in &doomed.disks {
             if d.parent.is_some() {
-                return Err(EngineError::Invalid(format!(
-                    "oldest restore point {id} has a parent layer"
-                )));
+                return Err(EngineError::Invalid(format!("oldest restore point {id} has a parent layer")));
             }
-            let child = points[1..]
-                .iter()
-                .flat_map(|p| &p.disks)
-                .find(|c| c.parent.as_deref() == Some(&d.layer));
+            let child = points[1..].iter().flat_map(|p| &p.disks).find(|c| c.parent.as_deref() == Some(&d.layer));
             if let Some(c) = child {
                 let chain = Chain {
                     layers: vec![
-                        Layer {
-                            path: c.layer.clone(),
-                            format: Format::Qcow2,
-                        },
-                        Layer {
-                            path: d.layer.clone(),
-                            format: Format::Qcow2,
-                        },
+                        Layer { path: c.layer.clone(), format: Format::Qcow2 },
+                        Layer { path: d.layer.clone(), format: Format::Qcow2 },
                     ],
                 };
                 host.image_commit(&chain)?;

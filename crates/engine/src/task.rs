@@ -38,25 +38,10 @@ struct Counters {
 }
 
 impl<'a> TaskProgress<'a> {
-    pub fn start(
-        engine: &'a Engine,
-        kind: &str,
-        subject: &str,
-        outer: &'a dyn Progress,
-    ) -> Result<Self> {
-        let id = engine
-            .store()
-            .insert_task(kind, subject, std::process::id())?;
-        let state = Mutex::new(Counters {
-            last_flush: Instant::now(),
-            per_subject: HashMap::new(),
-        });
-        Ok(TaskProgress {
-            engine,
-            id,
-            outer,
-            state,
-        })
+    pub fn start(engine: &'a Engine, kind: &str, subject: &str, outer: &'a dyn Progress) -> Result<Self> {
+        let id = engine.store().insert_task(kind, subject, std::process::id())?;
+        let state = Mutex::new(Counters { last_flush: Instant::now(), per_subject: HashMap::new() });
+        Ok(TaskProgress { engine, id, outer, state })
     }
 
     pub fn finish(&self, result: &Result<String>) {
@@ -69,10 +54,7 @@ impl<'a> TaskProgress<'a> {
     }
 
     fn flush_bytes(&self, c: &mut Counters) {
-        let (done, total) = c
-            .per_subject
-            .values()
-            .fold((0, 0), |(d, t), (dd, tt)| (d + dd, t + tt));
+        let (done, total) = c.per_subject.values().fold((0, 0), |(d, t), (dd, tt)| (d + dd, t + tt));
         c.last_flush = Instant::now();
         let _ = self.engine.store().update_task_bytes(self.id, done, total);
     }
@@ -81,10 +63,7 @@ impl<'a> TaskProgress<'a> {
 impl Progress for TaskProgress<'_> {
     fn step(&self, subject: &str, step: &str) {
         self.outer.step(subject, step);
-        let _ = self
-            .engine
-            .store()
-            .update_task_step(self.id, &format!("{subject}: {step}"));
+        let _ = self.engine.store().update_task_step(self.id, &format!("{subject}: {step}"));
     }
 
     fn bytes(&self, subject: &str, done: u64, total: u64) {
@@ -99,27 +78,16 @@ impl Progress for TaskProgress<'_> {
 
 impl Engine {
     pub fn task_list(&self, limit: u32) -> Result<Vec<TaskView>> {
-        Ok(self
-            .store()
-            .tasks(limit)?
-            .into_iter()
-            .map(task_view)
-            .collect())
+        Ok(self.store().tasks(limit)?.into_iter().map(task_view).collect())
     }
 
     pub fn task_show(&self, id: i64) -> Result<TaskView> {
-        self.store()
-            .task(id)?
-            .map(task_view)
-            .ok_or(EngineError::UnknownTask(id))
+        self.store().task(id)?.map(task_view).ok_or(EngineError::UnknownTask(id))
     }
 }
 
 fn task_view(record: TaskRecord) -> TaskView {
     let alive = std::path::Path::new(&format!("/proc/{}", record.pid)).exists();
     let interrupted = record.status == "running" && !alive;
-    TaskView {
-        record,
-        interrupted,
-    }
+    TaskView { record, interrupted }
 }

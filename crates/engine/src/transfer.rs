@@ -82,30 +82,18 @@ pub struct Plan {
 
 impl Plan {
     fn push(&mut self, offset: u64, length: u64, action: Action) {
-        let step = if action == Action::Zero {
-            length
-        } else {
-            CHUNK
-        };
+        let step = if action == Action::Zero { length } else { CHUNK };
         let mut pos = offset;
         while pos < offset + length {
             let n = (offset + length - pos).min(step);
-            self.items.push(Item {
-                offset: pos,
-                length: n,
-                action,
-            });
+            self.items.push(Item { offset: pos, length: n, action });
             pos += n;
         }
     }
 
     /// Bytes that will be read from the source.
     pub fn bytes_to_read(&self) -> u64 {
-        self.items
-            .iter()
-            .filter(|i| i.action != Action::Zero)
-            .map(|i| i.length)
-            .sum()
+        self.items.iter().filter(|i| i.action != Action::Zero).map(|i| i.length).sum()
     }
 
     /// First run: every allocated, non-zero block into a fresh layer.
@@ -128,11 +116,7 @@ impl Plan {
         let mut plan = Plan::default();
         for r in overlay(&dirty, &alloc, size) {
             if r.a_flags & STATE_DIRTY != 0 {
-                let action = if r.b_flags & STATE_ZERO != 0 {
-                    Action::Zero
-                } else {
-                    Action::Copy { fresh: false }
-                };
+                let action = if r.b_flags & STATE_ZERO != 0 { Action::Zero } else { Action::Copy { fresh: false } };
                 plan.push(r.offset, r.length, action);
             }
         }
@@ -165,13 +149,7 @@ fn is_zero(b: &[u8]) -> bool {
 /// Writes `buf` (the source's bytes at `offset`) to `dst` in runs of zero and non-zero
 /// blocks: non-zero runs as data, zero runs as write-zeroes unless the layer already reads
 /// zero there (`skip_zero`).
-fn write_blocks(
-    dst: &mut NbdClient,
-    offset: u64,
-    buf: &[u8],
-    skip_zero: bool,
-    st: &mut Stats,
-) -> Result<(), NbdError> {
+fn write_blocks(dst: &mut NbdClient, offset: u64, buf: &[u8], skip_zero: bool, st: &mut Stats) -> Result<(), NbdError> {
     let block_zero = |i: usize| is_zero(&buf[i..(i + BLOCK).min(buf.len())]);
     let mut i = 0;
     while i < buf.len() {
@@ -229,11 +207,7 @@ fn work(
                 // Both sides are read by this process, so their blocks are compared as they
                 // are: the same decision as comparing their digests, with no collisions and
                 // no hashing cost. A remote host will send digests of its side instead.
-                for (k, (ours, old)) in buf[..n]
-                    .chunks(BLOCK)
-                    .zip(theirs[..n].chunks(BLOCK))
-                    .enumerate()
-                {
+                for (k, (ours, old)) in buf[..n].chunks(BLOCK).zip(theirs[..n].chunks(BLOCK)).enumerate() {
                     if ours != old {
                         write_blocks(dst, item.offset + (k * BLOCK) as u64, ours, false, &mut st)?;
                     }
@@ -270,8 +244,7 @@ pub fn execute(
                     let (mut src, mut dst) = connect()?;
                     let st = work(&mut src, &mut dst, &plan.items, &next, &done, &report)
                         .map_err(|source| crate::EngineError::Transfer { source })?;
-                    dst.flush()
-                        .map_err(|source| crate::EngineError::Transfer { source })?;
+                    dst.flush().map_err(|source| crate::EngineError::Transfer { source })?;
                     let _ = dst.disconnect();
                     let _ = src.disconnect();
                     Ok(st)
@@ -280,13 +253,7 @@ pub fn execute(
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(crate::EngineError::Invalid(
-                        "a transfer worker panicked".into(),
-                    ))
-                })
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(crate::EngineError::Invalid("a transfer worker panicked".into()))))
             .collect()
     });
     let mut total_stats = Stats::default();
@@ -327,12 +294,7 @@ fn overlay(a: &[Extent], b: &[Extent], size: u64) -> Vec<Region> {
             _ => STATE_ZERO | STATE_HOLE,
         };
         let end = end.min(size);
-        out.push(Region {
-            offset: pos,
-            length: end - pos,
-            a_flags: x.flags,
-            b_flags,
-        });
+        out.push(Region { offset: pos, length: end - pos, a_flags: x.flags, b_flags });
         pos = end;
     }
     out
@@ -343,29 +305,17 @@ mod tests {
     use super::*;
 
     fn e(offset: u64, length: u64, flags: u32) -> Extent {
-        Extent {
-            offset,
-            length,
-            flags,
-        }
+        Extent { offset, length, flags }
     }
 
     #[test]
     fn overlay_splits_at_every_boundary() {
         let a = [e(0, 100, 0), e(100, 100, STATE_ZERO | STATE_HOLE)];
         let b = [e(0, 50, STATE_ZERO), e(50, 100, 0)];
-        let got: Vec<_> = overlay(&a, &b, 200)
-            .iter()
-            .map(|r| (r.offset, r.length, r.a_flags, r.b_flags))
-            .collect();
+        let got: Vec<_> = overlay(&a, &b, 200).iter().map(|r| (r.offset, r.length, r.a_flags, r.b_flags)).collect();
         assert_eq!(
             got,
-            vec![
-                (0, 50, 0, STATE_ZERO),
-                (50, 50, 0, 0),
-                (100, 50, 3, 0),
-                (150, 50, 3, STATE_ZERO | STATE_HOLE)
-            ]
+            vec![(0, 50, 0, STATE_ZERO), (50, 50, 0, 0), (100, 50, 3, 0), (150, 50, 3, STATE_ZERO | STATE_HOLE)]
         );
     }
 
@@ -375,10 +325,7 @@ mod tests {
         p.push(0, 10 << 20, Action::Copy { fresh: true });
         p.push(20 << 20, 10 << 20, Action::Zero);
         assert_eq!(p.items.len(), 4, "{:?}", p.items);
-        assert!(p
-            .items
-            .iter()
-            .all(|i| i.action == Action::Zero || i.length <= CHUNK));
+        assert!(p.items.iter().all(|i| i.action == Action::Zero || i.length <= CHUNK));
         assert_eq!(p.bytes_to_read(), 10 << 20);
     }
 }

@@ -54,41 +54,26 @@ impl Engine {
         }
         let host = self.host(&spec.host)?;
         if spec.disks.is_empty() {
-            return Err(EngineError::Invalid(
-                "a VM needs at least one --disk".into(),
-            ));
+            return Err(EngineError::Invalid("a VM needs at least one --disk".into()));
         }
         if !(1..=64).contains(&spec.cpus) {
-            return Err(EngineError::Invalid(format!(
-                "--cpus {} is out of range 1..=64",
-                spec.cpus
-            )));
+            return Err(EngineError::Invalid(format!("--cpus {} is out of range 1..=64", spec.cpus)));
         }
         if !(16..=1 << 20).contains(&spec.memory_mib) {
-            return Err(EngineError::Invalid(format!(
-                "--memory {} MiB is out of range 16..=1048576",
-                spec.memory_mib
-            )));
+            return Err(EngineError::Invalid(format!("--memory {} MiB is out of range 16..=1048576", spec.memory_mib)));
         }
         for nic in &spec.nics {
             if !NIC_MODELS.contains(&nic.as_str()) {
-                return Err(EngineError::Invalid(format!(
-                    "NIC model {nic:?} is not one of {}",
-                    NIC_MODELS.join(", ")
-                )));
+                return Err(EngineError::Invalid(format!("NIC model {nic:?} is not one of {}", NIC_MODELS.join(", "))));
             }
         }
         if spec.kernel.is_none() && (spec.initrd.is_some() || spec.append.is_some()) {
-            return Err(EngineError::Invalid(
-                "--initrd and --append need --kernel".into(),
-            ));
+            return Err(EngineError::Invalid("--initrd and --append need --kernel".into()));
         }
         for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
             if let Some(p) = path {
                 if !p.starts_with('/') || !host.file_exists(p)? {
-                    return Err(EngineError::Invalid(format!(
-                        "{what} {p} does not exist (give an absolute path)"
-                    )));
+                    return Err(EngineError::Invalid(format!("{what} {p} does not exist (give an absolute path)")));
                 }
             }
         }
@@ -112,18 +97,12 @@ impl Engine {
     }
 
     fn check_disk(&self, host: &dyn Host, path: &str, so_far: &[DiskRecord]) -> Result<DiskRecord> {
-        let bad = |reason: String| EngineError::BadDisk {
-            path: path.into(),
-            reason,
-        };
+        let bad = |reason: String| EngineError::BadDisk { path: path.into(), reason };
         if !path.starts_with('/') {
             return Err(bad("give an absolute path".into()));
         }
         if !host.file_exists(path)? {
-            return Err(bad(format!(
-                "no such file on host {}; create it first (qemu-img create)",
-                host.name()
-            )));
+            return Err(bad(format!("no such file on host {}; create it first (qemu-img create)", host.name())));
         }
         if so_far.iter().any(|d| d.path == path) {
             return Err(bad("given twice".into()));
@@ -131,19 +110,12 @@ impl Engine {
         if let Some(other) = self.store().vms_using_disk(path)?.first() {
             return Err(bad(format!("already a disk of VM {other}")));
         }
-        let info = host
-            .image_info(path, false)
-            .map_err(|e| bad(format!("not a usable disk image: {}", chain(&e))))?;
-        Ok(DiskRecord {
-            path: path.into(),
-            format: info.format.as_str().into(),
-        })
+        let info = host.image_info(path, false).map_err(|e| bad(format!("not a usable disk image: {}", chain(&e))))?;
+        Ok(DiskRecord { path: path.into(), format: info.format.as_str().into() })
     }
 
     fn vm_record(&self, name: &str) -> Result<VmRecord> {
-        self.store()
-            .vm(name)?
-            .ok_or_else(|| EngineError::UnknownVm(name.into()))
+        self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))
     }
 
     fn view(&self, vm: VmRecord) -> Result<VmView> {
@@ -180,10 +152,7 @@ impl Engine {
     }
 
     pub(crate) fn vm_is_running(&self, vm: &VmRecord) -> Result<bool> {
-        Ok(matches!(
-            self.host(&vm.host)?.vm_runtime(&vm.name)?,
-            VmRuntime::Running { .. }
-        ))
+        Ok(matches!(self.host(&vm.host)?.vm_runtime(&vm.name)?, VmRuntime::Running { .. }))
     }
 
     pub fn vm_start(&self, name: &str) -> Result<VmView> {
@@ -191,11 +160,7 @@ impl Engine {
         let _lock = VmLock::acquire(&self.data_dir, name, "vm start")?;
         let host = self.host(&vm.host)?;
         if self.vm_is_running(&vm)? {
-            return Err(EngineError::VmState {
-                vm: name.into(),
-                state: "running",
-                hint: "nothing to start",
-            });
+            return Err(EngineError::VmState { vm: name.into(), state: "running", hint: "nothing to start" });
         }
         let disks = vm
             .disks
@@ -225,14 +190,9 @@ impl Engine {
         let _lock = VmLock::acquire(&self.data_dir, name, "vm shutdown")?;
         let host = self.host(&vm.host)?;
         if !self.vm_is_running(&vm)? {
-            return Err(EngineError::VmState {
-                vm: name.into(),
-                state: "stopped",
-                hint: "nothing to shut down",
-            });
+            return Err(EngineError::VmState { vm: name.into(), state: "stopped", hint: "nothing to shut down" });
         }
-        host.vm_status_qmp(name)?
-            .execute("system_powerdown", json!({}))?;
+        host.vm_status_qmp(name)?.execute("system_powerdown", json!({}))?;
         let start = Instant::now();
         while start.elapsed() < timeout {
             if !self.vm_is_running(&vm)? {
@@ -249,11 +209,7 @@ impl Engine {
         let vm = self.vm_record(name)?;
         let _lock = VmLock::acquire(&self.data_dir, name, "vm stop")?;
         if !self.vm_is_running(&vm)? {
-            return Err(EngineError::VmState {
-                vm: name.into(),
-                state: "stopped",
-                hint: "nothing to stop",
-            });
+            return Err(EngineError::VmState { vm: name.into(), state: "stopped", hint: "nothing to stop" });
         }
         power_off(self.host(&vm.host)?.as_ref(), name)
     }

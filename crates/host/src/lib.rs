@@ -23,11 +23,7 @@ pub enum HostError {
     #[error(transparent)]
     Nbd(#[from] standby_nbd::NbdError),
     #[error("{what} {path}")]
-    Io {
-        what: String,
-        path: String,
-        source: std::io::Error,
-    },
+    Io { what: String, path: String, source: std::io::Error },
     #[error("VM {0} is not running")]
     NotRunning(String),
     #[error("VM {vm} did not start: {detail}")]
@@ -64,8 +60,7 @@ pub fn disk_node(idx: usize) -> String {
 
 /// A running VM's monitor.
 pub trait QmpChannel: Debug + Send {
-    fn execute(&mut self, command: &str, arguments: Value)
-        -> std::result::Result<Value, QemuError>;
+    fn execute(&mut self, command: &str, arguments: Value) -> std::result::Result<Value, QemuError>;
 }
 
 /// A byte stream to an NBD server on a host.

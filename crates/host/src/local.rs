@@ -41,11 +41,7 @@ fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {
 struct LocalQmp(Qmp);
 
 impl QmpChannel for LocalQmp {
-    fn execute(
-        &mut self,
-        command: &str,
-        arguments: Value,
-    ) -> std::result::Result<Value, QemuError> {
+    fn execute(&mut self, command: &str, arguments: Value) -> std::result::Result<Value, QemuError> {
         self.0.execute(command, arguments)
     }
 }
@@ -59,20 +55,12 @@ impl LocalHost {
         let accel = match std::env::var("STANDBY_ACCEL").ok().as_deref() {
             Some("kvm") => Accel::Kvm,
             Some("tcg") => Accel::Tcg,
-            _ => match fs::read_to_string(root.join("accel"))
-                .ok()
-                .as_deref()
-                .map(str::trim)
-            {
+            _ => match fs::read_to_string(root.join("accel")).ok().as_deref().map(str::trim) {
                 Some("kvm") if Path::new("/dev/kvm").exists() => Accel::Kvm,
                 _ => Accel::Tcg,
             },
         };
-        Ok(LocalHost {
-            name: name.into(),
-            root: root.into(),
-            accel,
-        })
+        Ok(LocalHost { name: name.into(), root: root.into(), accel })
     }
 
     fn vm_dir(&self, vm: &str) -> PathBuf {
@@ -99,11 +87,7 @@ impl LocalHost {
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let cmdline = String::from_utf8_lossy(&cmdline);
         let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-            })
+            .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
             .unwrap_or(true);
         (cmdline.contains(marker) && !zombie).then_some(pid)
     }
@@ -127,35 +111,14 @@ fn boots_under_kvm(root: &Path, kernel: &str, initrd: &str) -> Result<bool> {
     let console = root.join("kvm-probe-console.log");
     let _ = fs::remove_file(&console);
     let mut child = Command::new(QEMU_SYSTEM)
-        .args([
-            "-accel",
-            "kvm",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-user-config",
-            "-m",
-            "128",
-            "-no-reboot",
-        ])
+        .args(["-accel", "kvm", "-nodefaults", "-display", "none", "-no-user-config", "-m", "128", "-no-reboot"])
         .args(["-kernel", kernel, "-initrd", initrd])
-        .args([
-            "-append",
-            "console=ttyS0 quiet panic=-1 standby.workload=probe",
-        ])
-        .args([
-            "-chardev",
-            &format!("file,id=console,path={}", console.display()),
-            "-serial",
-            "chardev:console",
-        ])
+        .args(["-append", "console=ttyS0 quiet panic=-1 standby.workload=probe"])
+        .args(["-chardev", &format!("file,id=console,path={}", console.display()), "-serial", "chardev:console"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|source| QemuError::Spawn {
-            program: QEMU_SYSTEM.into(),
-            source,
-        })?;
+        .map_err(|source| QemuError::Spawn { program: QEMU_SYSTEM.into(), source })?;
     let start = Instant::now();
     let mut booted = false;
     while start.elapsed() < PROBE_TIMEOUT {
@@ -212,22 +175,16 @@ impl Host for LocalHost {
 
     fn remove_file(&self, path: &str) -> Result<()> {
         match fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(io_err("cannot remove", Path::new(path))(e))
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("cannot remove", Path::new(path))(e)),
             _ => Ok(()),
         }
     }
 
     fn sync_file(&self, path: &str) -> Result<()> {
         let p = Path::new(path);
-        fs::File::open(p)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err("cannot sync", p))?;
+        fs::File::open(p).and_then(|f| f.sync_all()).map_err(io_err("cannot sync", p))?;
         if let Some(dir) = p.parent() {
-            fs::File::open(dir)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("cannot sync", dir))?;
+            fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err("cannot sync", dir))?;
         }
         Ok(())
     }
@@ -263,11 +220,7 @@ impl Host for LocalHost {
                 .disks
                 .iter()
                 .enumerate()
-                .map(|(i, (path, format))| MachineDisk {
-                    path: path.clone(),
-                    format: *format,
-                    node: disk_node(i),
-                })
+                .map(|(i, (path, format))| MachineDisk { path: path.clone(), format: *format, node: disk_node(i) })
                 .collect(),
             nics: vm.nics.clone(),
             kernel: vm.kernel.clone(),
@@ -282,10 +235,7 @@ impl Host for LocalHost {
         let out = Command::new(QEMU_SYSTEM)
             .args(machine.args())
             .output()
-            .map_err(|source| QemuError::Spawn {
-                program: QEMU_SYSTEM.into(),
-                source,
-            })?;
+            .map_err(|source| QemuError::Spawn { program: QEMU_SYSTEM.into(), source })?;
         if !out.status.success() {
             return Err(HostError::StartFailed {
                 vm: vm.name.clone(),
@@ -303,12 +253,10 @@ impl Host for LocalHost {
 
     fn vm_runtime(&self, vm: &str) -> Result<VmRuntime> {
         let marker = self.vm_file(vm, "qmp.sock");
-        Ok(
-            match Self::live_pid(&self.vm_dir(vm).join("qemu.pid"), &marker) {
-                Some(pid) => VmRuntime::Running { pid },
-                None => VmRuntime::Stopped,
-            },
-        )
+        Ok(match Self::live_pid(&self.vm_dir(vm).join("qemu.pid"), &marker) {
+            Some(pid) => VmRuntime::Running { pid },
+            None => VmRuntime::Stopped,
+        })
     }
 
     fn vm_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>> {
@@ -323,10 +271,7 @@ impl Host for LocalHost {
         if self.vm_runtime(vm)? == VmRuntime::Stopped {
             return Err(HostError::NotRunning(vm.into()));
         }
-        let qmp = Qmp::connect(
-            &self.vm_file(vm, "qmp-status.sock"),
-            Duration::from_secs(10),
-        )?;
+        let qmp = Qmp::connect(&self.vm_file(vm, "qmp-status.sock"), Duration::from_secs(10))?;
         Ok(Box::new(LocalQmp(qmp)))
     }
 
@@ -347,11 +292,9 @@ impl Host for LocalHost {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
             Err(e) => return Err(io_err("cannot read", &path)(e)),
         };
-        f.seek(SeekFrom::Start(from))
-            .map_err(io_err("cannot read", &path))?;
+        f.seek(SeekFrom::Start(from)).map_err(io_err("cannot read", &path))?;
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf)
-            .map_err(io_err("cannot read", &path))?;
+        f.read_to_end(&mut buf).map_err(io_err("cannot read", &path))?;
         let next = from + buf.len() as u64;
         Ok((buf, next))
     }
@@ -362,21 +305,13 @@ impl Host for LocalHost {
 
     fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>> {
         let dir = self.vm_dir(vm).display().to_string();
-        Ok(self
-            .list_dir(&dir)?
-            .into_iter()
-            .filter(|n| n.starts_with(prefix))
-            .map(|n| format!("{dir}/{n}"))
-            .collect())
+        Ok(self.list_dir(&dir)?.into_iter().filter(|n| n.starts_with(prefix)).map(|n| format!("{dir}/{n}")).collect())
     }
 
     fn vm_nbd_address(&self, vm: &str) -> (Value, NbdAddress) {
         let socket = self.vm_file(vm, "nbd.sock");
         // QEMU 7.2 takes the legacy socket address form here.
-        (
-            json!({"type": "unix", "data": {"path": socket}}),
-            NbdAddress { socket },
-        )
+        (json!({"type": "unix", "data": {"path": socket}}), NbdAddress { socket })
     }
 
     fn accel(&self) -> Accel {
@@ -384,11 +319,7 @@ impl Host for LocalHost {
     }
 
     fn probe_accel(&self, kernel: &str, initrd: &str) -> Result<Accel> {
-        let accel = if Path::new("/dev/kvm").exists() {
-            boots_under_kvm(&self.root, kernel, initrd)?
-        } else {
-            false
-        };
+        let accel = if Path::new("/dev/kvm").exists() { boots_under_kvm(&self.root, kernel, initrd)? } else { false };
         let accel = if accel { Accel::Kvm } else { Accel::Tcg };
         let file = self.root.join("accel");
         fs::write(&file, accel.as_str()).map_err(io_err("cannot write", &file))?;
@@ -413,10 +344,7 @@ impl Host for LocalHost {
         let out = Command::new(QEMU_NBD)
             .args(&args)
             .output()
-            .map_err(|source| QemuError::Spawn {
-                program: QEMU_NBD.into(),
-                source,
-            })?;
+            .map_err(|source| QemuError::Spawn { program: QEMU_NBD.into(), source })?;
         if !out.status.success() {
             return Err(QemuError::Failed {
                 program: QEMU_NBD.into(),
@@ -429,13 +357,8 @@ impl Host for LocalHost {
     }
 
     fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<NbdClient> {
-        let stream = UnixStream::connect(&addr.socket)
-            .map_err(io_err("cannot connect to", Path::new(&addr.socket)))?;
-        Ok(standby_nbd::Client::connect(
-            Box::new(stream) as Box<dyn NbdStream>,
-            export,
-            contexts,
-        )?)
+        let stream = UnixStream::connect(&addr.socket).map_err(io_err("cannot connect to", Path::new(&addr.socket)))?;
+        Ok(standby_nbd::Client::connect(Box::new(stream) as Box<dyn NbdStream>, export, contexts)?)
     }
 
     fn nbd_stop_all(&self, prefix: &str) -> Result<usize> {

@@ -22,17 +22,11 @@ fn check(kind: &'static str, name: &str) -> Result<(), NameError> {
         return Err(NameError::Empty { kind });
     }
     if name.len() > 64 {
-        return Err(NameError::TooLong {
-            kind,
-            name: name.into(),
-        });
+        return Err(NameError::TooLong { kind, name: name.into() });
     }
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     if !name.chars().all(ok_char) || name.starts_with('.') || name.starts_with('-') {
-        return Err(NameError::BadChar {
-            kind,
-            name: name.into(),
-        });
+        return Err(NameError::BadChar { kind, name: name.into() });
     }
     Ok(())
 }

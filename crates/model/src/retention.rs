@@ -24,11 +24,7 @@ mod tests {
             (&[1, 2], 100, &[]),
         ];
         for (points, keep, want) in cases {
-            assert_eq!(
-                points_to_drop(points, *keep),
-                want.to_vec(),
-                "{points:?} keep {keep}"
-            );
+            assert_eq!(points_to_drop(points, *keep), want.to_vec(), "{points:?} keep {keep}");
         }
     }
 }

@@ -35,10 +35,7 @@ impl ReplicaState {
             (Ready, RunStarted) => Ok(Replicating),
             // Replicating ---- restore point committed, or run abandoned ----> Ready
             (Replicating, RunFinished | RunFailed) => Ok(Ready),
-            (from, t) => Err(TransitionError {
-                from,
-                transition: t.verb(),
-            }),
+            (from, t) => Err(TransitionError { from, transition: t.verb() }),
         }
     }
 
@@ -100,13 +97,11 @@ impl Method {
 
     /// The method that describes a whole restore point: its weakest disk's.
     pub fn overall(methods: impl IntoIterator<Item = Method>) -> Method {
-        methods
-            .into_iter()
-            .fold(Method::Cbt, |acc, m| match (acc, m) {
-                (Method::Full, _) | (_, Method::Full) => Method::Full,
-                (Method::Digest, _) | (_, Method::Digest) => Method::Digest,
-                _ => Method::Cbt,
-            })
+        methods.into_iter().fold(Method::Cbt, |acc, m| match (acc, m) {
+            (Method::Full, _) | (_, Method::Full) => Method::Full,
+            (Method::Digest, _) | (_, Method::Digest) => Method::Digest,
+            _ => Method::Cbt,
+        })
     }
 }
 

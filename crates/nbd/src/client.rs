@@ -38,21 +38,13 @@ impl<S: Read + Write> Client<S> {
         }
         let server_flags = read_u16(&mut conn)?;
         if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(NbdError::Protocol(
-                "server lacks fixed newstyle negotiation".into(),
-            ));
+            return Err(NbdError::Protocol("server lacks fixed newstyle negotiation".into()));
         }
         let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (server_flags & FLAG_NO_ZEROES));
         conn.get_mut().write_all(&client_flags.to_be_bytes())?;
 
-        let mut client = Client {
-            conn,
-            size: 0,
-            transmission_flags: 0,
-            structured: false,
-            contexts: HashMap::new(),
-            cookie: 0,
-        };
+        let mut client =
+            Client { conn, size: 0, transmission_flags: 0, structured: false, contexts: HashMap::new(), cookie: 0 };
         client.structured = client.option_ack(OPT_STRUCTURED_REPLY, &[], "structured reply")?;
         if !contexts.is_empty() {
             if !client.structured {
@@ -94,9 +86,7 @@ impl<S: Read + Write> Client<S> {
         let kind = read_u32(&mut self.conn)?;
         let len = read_u32(&mut self.conn)?;
         if opt != option {
-            return Err(NbdError::Protocol(format!(
-                "reply for option {opt}, asked {option}"
-            )));
+            return Err(NbdError::Protocol(format!("reply for option {opt}, asked {option}")));
         }
         if len > MAX_META_PAYLOAD {
             return Err(NbdError::Protocol(format!("option reply of {len} bytes")));
@@ -135,11 +125,7 @@ impl<S: Read + Write> Client<S> {
                         message: String::from_utf8_lossy(&payload).into_owned(),
                     })
                 }
-                k => {
-                    return Err(NbdError::Protocol(format!(
-                        "unexpected meta context reply {k}"
-                    )))
-                }
+                k => return Err(NbdError::Protocol(format!("unexpected meta context reply {k}"))),
             }
         }
         for c in contexts {
@@ -161,9 +147,7 @@ impl<S: Read + Write> Client<S> {
             match kind {
                 REP_ACK => break,
                 REP_INFO => {
-                    if payload.len() >= 12
-                        && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT
-                    {
+                    if payload.len() >= 12 && u16::from_be_bytes([payload[0], payload[1]]) == INFO_EXPORT {
                         self.size = u64::from_be_bytes(payload[2..10].try_into().expect("8 bytes"));
                         self.transmission_flags = u16::from_be_bytes([payload[10], payload[11]]);
                         got_export = true;
@@ -172,10 +156,7 @@ impl<S: Read + Write> Client<S> {
                 k if k & REP_FLAG_ERROR != 0 => {
                     return Err(NbdError::OptionRefused {
                         option: "go",
-                        message: format!(
-                            "export {export:?}: {}",
-                            String::from_utf8_lossy(&payload)
-                        ),
+                        message: format!("export {export:?}: {}", String::from_utf8_lossy(&payload)),
                     })
                 }
                 k => return Err(NbdError::Protocol(format!("unexpected reply {k} to go"))),
@@ -187,14 +168,7 @@ impl<S: Read + Write> Client<S> {
         Ok(())
     }
 
-    fn request(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        offset: u64,
-        length: u32,
-        data: &[u8],
-    ) -> Result<u64> {
+    fn request(&mut self, kind: u16, flags: u16, offset: u64, length: u32, data: &[u8]) -> Result<u64> {
         self.cookie += 1;
         let mut msg = Vec::with_capacity(28 + data.len());
         msg.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -213,10 +187,7 @@ impl<S: Read + Write> Client<S> {
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(NbdError::Protocol(format!(
-                "range {offset}+{len} lies beyond the export's {} bytes",
-                self.size
-            ))),
+            _ => Err(NbdError::Protocol(format!("range {offset}+{len} lies beyond the export's {} bytes", self.size))),
         }
     }
 
@@ -236,12 +207,7 @@ impl<S: Read + Write> Client<S> {
                 let errno = read_u32(&mut self.conn)?;
                 expect_cookie(read_u64(&mut self.conn)?, cookie)?;
                 if errno != 0 {
-                    return Err(NbdError::Command {
-                        command,
-                        offset,
-                        errno,
-                        message: String::new(),
-                    });
+                    return Err(NbdError::Command { command, offset, errno, message: String::new() });
                 }
                 if let Some(buf) = simple_data {
                     self.conn.read_exact(buf)?;
@@ -257,22 +223,13 @@ impl<S: Read + Write> Client<S> {
             let len = read_u32(&mut self.conn)?;
             if kind & REPLY_TYPE_ERROR_BIT != 0 {
                 let payload = read_vec(&mut self.conn, bounded(len)?)?;
-                let errno = payload
-                    .get(..4)
-                    .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
-                let msg_len = payload
-                    .get(4..6)
-                    .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
+                let errno = payload.get(..4).map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+                let msg_len = payload.get(4..6).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
                 let message = payload
                     .get(6..6 + msg_len)
                     .map(|m| format!(": {}", String::from_utf8_lossy(m)))
                     .unwrap_or_default();
-                return Err(NbdError::Command {
-                    command,
-                    offset,
-                    errno,
-                    message,
-                });
+                return Err(NbdError::Command { command, offset, errno, message });
             }
             if kind != REPLY_TYPE_NONE {
                 on_chunk(&mut self.conn, kind, len)?;
@@ -300,23 +257,14 @@ impl<S: Read + Write> Client<S> {
         let want = buf.len() as u64;
         let mut filled = 0u64;
         let end = offset + want;
-        let (simple, structured) = if self.structured {
-            (None, Some(&mut *buf))
-        } else {
-            (Some(&mut *buf), None)
-        };
+        let (simple, structured) = if self.structured { (None, Some(&mut *buf)) } else { (Some(&mut *buf), None) };
         let mut target = structured;
         self.replies(cookie, "read", offset, simple, |conn, kind, len| {
-            let buf = target
-                .as_deref_mut()
-                .ok_or_else(|| NbdError::Protocol("unexpected chunk".into()))?;
+            let buf = target.as_deref_mut().ok_or_else(|| NbdError::Protocol("unexpected chunk".into()))?;
             match kind {
                 REPLY_TYPE_OFFSET_DATA => {
                     let at = read_u64(conn)?;
-                    let n = u64::from(
-                        len.checked_sub(8)
-                            .ok_or_else(|| NbdError::Protocol("short data chunk".into()))?,
-                    );
+                    let n = u64::from(len.checked_sub(8).ok_or_else(|| NbdError::Protocol("short data chunk".into()))?);
                     if at < offset || at.checked_add(n).is_none_or(|e| e > end) {
                         return Err(NbdError::Protocol("data chunk outside the request".into()));
                     }
@@ -334,18 +282,12 @@ impl<S: Read + Write> Client<S> {
                     buf[start..start + n as usize].fill(0);
                     filled += n;
                 }
-                other => {
-                    return Err(NbdError::Protocol(format!(
-                        "chunk type {other} in a read reply"
-                    )))
-                }
+                other => return Err(NbdError::Protocol(format!("chunk type {other} in a read reply"))),
             }
             Ok(())
         })?;
         if self.structured && filled != want {
-            return Err(NbdError::Protocol(format!(
-                "read reply covered {filled} of {want} bytes"
-            )));
+            return Err(NbdError::Protocol(format!("read reply covered {filled} of {want} bytes")));
         }
         Ok(())
     }
@@ -387,10 +329,7 @@ impl<S: Read + Write> Client<S> {
 
     /// The extents of `context` covering `[offset, offset+len)`, in order, clipped to it.
     pub fn block_status(&mut self, context: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let id = *self
-            .contexts
-            .get(context)
-            .ok_or_else(|| NbdError::NoContext(context.to_owned()))?;
+        let id = *self.contexts.get(context).ok_or_else(|| NbdError::NoContext(context.to_owned()))?;
         self.check_range(offset, len)?;
         let end = offset + len;
         let mut out: Vec<Extent> = Vec::new();
@@ -401,9 +340,7 @@ impl<S: Read + Write> Client<S> {
             let mut cursor = pos;
             self.replies(cookie, "block status", pos, None, |conn, kind, len| {
                 if kind != REPLY_TYPE_BLOCK_STATUS || len < 4 || (len - 4) % 8 != 0 {
-                    return Err(NbdError::Protocol(format!(
-                        "chunk type {kind} of {len} bytes in block status"
-                    )));
+                    return Err(NbdError::Protocol(format!("chunk type {kind} of {len} bytes in block status")));
                 }
                 let payload = read_vec(conn, bounded(len)?)?;
                 let ctx = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes"));
@@ -418,25 +355,17 @@ impl<S: Read + Write> Client<S> {
                         break;
                     }
                     match out.last_mut() {
-                        Some(last)
-                            if last.flags == flags && last.offset + last.length == cursor =>
-                        {
+                        Some(last) if last.flags == flags && last.offset + last.length == cursor => {
                             last.length += length
                         }
-                        _ => out.push(Extent {
-                            offset: cursor,
-                            length,
-                            flags,
-                        }),
+                        _ => out.push(Extent { offset: cursor, length, flags }),
                     }
                     cursor += length;
                 }
                 Ok(())
             })?;
             if cursor == pos {
-                return Err(NbdError::Protocol(
-                    "block status reply made no progress".into(),
-                ));
+                return Err(NbdError::Protocol("block status reply made no progress".into()));
             }
             pos = cursor;
         }
@@ -454,9 +383,7 @@ fn expect_cookie(got: u64, want: u64) -> Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(NbdError::Protocol(format!(
-            "reply for request {got}, expected {want}"
-        )))
+        Err(NbdError::Protocol(format!("reply for request {got}, expected {want}")))
     }
 }
 

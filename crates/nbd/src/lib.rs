@@ -16,19 +16,11 @@ pub enum NbdError {
     #[error("NBD server broke the protocol: {0}")]
     Protocol(String),
     #[error("NBD server refused option {option}: {message}")]
-    OptionRefused {
-        option: &'static str,
-        message: String,
-    },
+    OptionRefused { option: &'static str, message: String },
     #[error("NBD server has no metadata context {0:?}")]
     NoContext(String),
     #[error("NBD {command} at offset {offset} failed with error {errno}{message}")]
-    Command {
-        command: &'static str,
-        offset: u64,
-        errno: u32,
-        message: String,
-    },
+    Command { command: &'static str, offset: u64, errno: u32, message: String },
     #[error("NBD export is read-only")]
     ReadOnly,
 }

@@ -41,20 +41,12 @@ pub struct Chain {
 
 impl Chain {
     pub fn single(path: &str, format: Format) -> Chain {
-        Chain {
-            layers: vec![Layer {
-                path: path.into(),
-                format,
-            }],
-        }
+        Chain { layers: vec![Layer { path: path.into(), format }] }
     }
 
     /// A new chain with `top` stacked on this one.
     pub fn with_top(&self, path: &str) -> Chain {
-        let mut layers = vec![Layer {
-            path: path.into(),
-            format: Format::Qcow2,
-        }];
+        let mut layers = vec![Layer { path: path.into(), format: Format::Qcow2 }];
         layers.extend(self.layers.iter().cloned());
         Chain { layers }
     }
@@ -89,8 +81,6 @@ mod tests {
         assert_eq!(v["file"]["filename"], "/dr/b.qcow2");
         assert_eq!(v["backing"]["file"]["filename"], "/dr/a.qcow2");
         assert!(v["backing"]["backing"].is_null());
-        assert!(v["backing"]
-            .as_object()
-            .is_some_and(|o| o.contains_key("backing")));
+        assert!(v["backing"].as_object().is_some_and(|o| o.contains_key("backing")));
     }
 }

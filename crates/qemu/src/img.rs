@@ -24,10 +24,7 @@ pub struct ImageInfo {
 }
 
 fn parse_err(detail: impl Into<String>) -> QemuError {
-    QemuError::Parse {
-        program: QEMU_IMG.into(),
-        detail: detail.into(),
-    }
+    QemuError::Parse { program: QEMU_IMG.into(), detail: detail.into() }
 }
 
 /// Reads an image's header without opening any backing file. `force_share` reads images
@@ -49,18 +46,14 @@ pub fn parse_info(stdout: &[u8]) -> Result<ImageInfo> {
         program: QEMU_IMG.into(),
         detail: format!("image format {fmt:?} is not qcow2 or raw"),
     })?;
-    let virtual_size = v["virtual-size"]
-        .as_u64()
-        .ok_or_else(|| parse_err("no virtual-size"))?;
+    let virtual_size = v["virtual-size"].as_u64().ok_or_else(|| parse_err("no virtual-size"))?;
     let bitmaps = v["format-specific"]["data"]["bitmaps"]
         .as_array()
         .map(|list| {
             list.iter()
                 .filter_map(|b| {
-                    let flags: Vec<&str> = b["flags"]
-                        .as_array()
-                        .map(|f| f.iter().filter_map(Value::as_str).collect())
-                        .unwrap_or_default();
+                    let flags: Vec<&str> =
+                        b["flags"].as_array().map(|f| f.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
                     Some(BitmapInfo {
                         name: b["name"].as_str()?.to_owned(),
                         in_use: flags.contains(&"in-use"),
@@ -71,12 +64,7 @@ pub fn parse_info(stdout: &[u8]) -> Result<ImageInfo> {
         })
         .unwrap_or_default();
     let backing_filename = v["backing-filename"].as_str().map(str::to_owned);
-    Ok(ImageInfo {
-        format,
-        virtual_size,
-        bitmaps,
-        backing_filename,
-    })
+    Ok(ImageInfo { format, virtual_size, bitmaps, backing_filename })
 }
 
 /// Creates a qcow2 image. With `backing`, the header records that absolute path so that
@@ -109,12 +97,7 @@ pub fn bitmap(path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Resul
         BitmapOp::Disable => args.push("--disable".into()),
         BitmapOp::MergeFrom(src) => args.extend(["--merge".into(), src.into()]),
     }
-    args.extend([
-        "-f".into(),
-        format.as_str().into(),
-        path.into(),
-        name.into(),
-    ]);
+    args.extend(["-f".into(), format.as_str().into(), path.into(), name.into()]);
     run(QEMU_IMG, &args).map(drop)
 }
 
@@ -140,10 +123,7 @@ pub fn compare(a: &str, b: &str) -> Result<bool> {
     let out = std::process::Command::new(QEMU_IMG)
         .args(["compare", "-q", a, b])
         .output()
-        .map_err(|source| QemuError::Spawn {
-            program: QEMU_IMG.into(),
-            source,
-        })?;
+        .map_err(|source| QemuError::Spawn { program: QEMU_IMG.into(), source })?;
     match out.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
@@ -171,21 +151,9 @@ mod tests {
         assert_eq!(
             i.bitmaps,
             vec![
-                BitmapInfo {
-                    name: "b1".into(),
-                    in_use: false,
-                    enabled: true
-                },
-                BitmapInfo {
-                    name: "b2".into(),
-                    in_use: true,
-                    enabled: true
-                },
-                BitmapInfo {
-                    name: "b3".into(),
-                    in_use: false,
-                    enabled: false
-                },
+                BitmapInfo { name: "b1".into(), in_use: false, enabled: true },
+                BitmapInfo { name: "b2".into(), in_use: true, enabled: true },
+                BitmapInfo { name: "b3".into(), in_use: false, enabled: false },
             ]
         );
     }

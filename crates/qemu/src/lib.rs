@@ -13,29 +13,15 @@ use std::process::{Command, Output};
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
     #[error("could not run {program}")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
+    Spawn { program: String, source: std::io::Error },
     #[error("{program} {args} failed: {stderr}")]
-    Failed {
-        program: String,
-        args: String,
-        stderr: String,
-    },
+    Failed { program: String, args: String, stderr: String },
     #[error("{program} printed output standby cannot read: {detail}")]
     Parse { program: String, detail: String },
     #[error("QMP {command} failed: {class}: {desc}")]
-    Qmp {
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Qmp { command: String, class: String, desc: String },
     #[error("QMP connection to {socket} failed")]
-    QmpIo {
-        socket: String,
-        source: std::io::Error,
-    },
+    QmpIo { socket: String, source: std::io::Error },
     #[error("QMP protocol error: {0}")]
     QmpProtocol(String),
 }
@@ -47,10 +33,7 @@ pub(crate) fn run(program: &str, args: &[String]) -> Result<Output> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|source| QemuError::Spawn {
-            program: program.into(),
-            source,
-        })?;
+        .map_err(|source| QemuError::Spawn { program: program.into(), source })?;
     if !out.status.success() {
         return Err(QemuError::Failed {
             program: program.into(),

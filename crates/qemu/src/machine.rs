@@ -52,57 +52,19 @@ impl Machine {
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&[
-            "-name",
-            &self.name,
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-user-config",
-        ]);
+        push(&["-name", &self.name, "-nodefaults", "-display", "none", "-no-user-config"]);
         push(&["-accel", self.accel.as_str()]);
-        push(&[
-            "-smp",
-            &self.cpus.to_string(),
-            "-m",
-            &self.memory_mib.to_string(),
-        ]);
-        push(&[
-            "-chardev",
-            &format!("file,id=console,path={},append=on", self.console_log),
-        ]);
+        push(&["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()]);
+        push(&["-chardev", &format!("file,id=console,path={},append=on", self.console_log)]);
         push(&["-serial", "chardev:console"]);
-        push(&[
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", self.qmp_socket),
-        ]);
-        push(&[
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", self.qmp_status_socket),
-        ]);
+        push(&["-qmp", &format!("unix:{},server=on,wait=off", self.qmp_socket)]);
+        push(&["-qmp", &format!("unix:{},server=on,wait=off", self.qmp_status_socket)]);
         push(&["-daemonize", "-pidfile", &self.pidfile]);
         for (i, d) in self.disks.iter().enumerate() {
             let file_node = format!("{}-file", d.node);
-            push(&[
-                "-blockdev",
-                &format!(
-                    "driver=file,filename={},node-name={},cache.direct=off",
-                    d.path, file_node
-                ),
-            ]);
-            push(&[
-                "-blockdev",
-                &format!(
-                    "driver={},file={},node-name={}",
-                    d.format.as_str(),
-                    file_node,
-                    d.node
-                ),
-            ]);
-            push(&[
-                "-device",
-                &format!("virtio-blk-pci,drive={},id=vd{i}", d.node),
-            ]);
+            push(&["-blockdev", &format!("driver=file,filename={},node-name={},cache.direct=off", d.path, file_node)]);
+            push(&["-blockdev", &format!("driver={},file={},node-name={}", d.format.as_str(), file_node, d.node)]);
+            push(&["-device", &format!("virtio-blk-pci,drive={},id=vd{i}", d.node)]);
         }
         for (i, model) in self.nics.iter().enumerate() {
             push(&["-netdev", &format!("user,id=net{i}")]);
@@ -132,11 +94,7 @@ mod tests {
             name: "web".into(),
             cpus: 1,
             memory_mib: 128,
-            disks: vec![MachineDisk {
-                path: "/d/a.qcow2".into(),
-                format: Format::Qcow2,
-                node: "disk0".into(),
-            }],
+            disks: vec![MachineDisk { path: "/d/a.qcow2".into(), format: Format::Qcow2, node: "disk0".into() }],
             nics: vec![],
             kernel: None,
             initrd: None,

@@ -21,24 +21,14 @@ impl Qmp {
     /// Connects and leaves capabilities negotiation mode. `timeout` bounds every read, so a
     /// hung QEMU turns into an error instead of a hung standby.
     pub fn connect(socket: &str, timeout: Duration) -> Result<Qmp> {
-        let io = |source| QemuError::QmpIo {
-            socket: socket.into(),
-            source,
-        };
+        let io = |source| QemuError::QmpIo { socket: socket.into(), source };
         let stream = UnixStream::connect(socket).map_err(io)?;
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
-        let mut qmp = Qmp {
-            socket: socket.into(),
-            reader: BufReader::new(stream),
-            writer,
-            events: Vec::new(),
-        };
+        let mut qmp = Qmp { socket: socket.into(), reader: BufReader::new(stream), writer, events: Vec::new() };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
-            return Err(QemuError::QmpProtocol(format!(
-                "no QMP greeting on {socket}"
-            )));
+            return Err(QemuError::QmpProtocol(format!("no QMP greeting on {socket}")));
         }
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)
@@ -49,18 +39,11 @@ impl Qmp {
         let n = self
             .reader
             .read_line(&mut line)
-            .map_err(|source| QemuError::QmpIo {
-                socket: self.socket.clone(),
-                source,
-            })?;
+            .map_err(|source| QemuError::QmpIo { socket: self.socket.clone(), source })?;
         if n == 0 {
-            return Err(QemuError::QmpProtocol(format!(
-                "QEMU closed the monitor {}",
-                self.socket
-            )));
+            return Err(QemuError::QmpProtocol(format!("QEMU closed the monitor {}", self.socket)));
         }
-        serde_json::from_str(&line)
-            .map_err(|e| QemuError::QmpProtocol(format!("bad QMP message: {e}")))
+        serde_json::from_str(&line).map_err(|e| QemuError::QmpProtocol(format!("bad QMP message: {e}")))
     }
 
     /// Runs one command and returns its `return` value.
@@ -73,10 +56,7 @@ impl Qmp {
         text.push('\n');
         self.writer
             .write_all(text.as_bytes())
-            .map_err(|source| QemuError::QmpIo {
-                socket: self.socket.clone(),
-                source,
-            })?;
+            .map_err(|source| QemuError::QmpIo { socket: self.socket.clone(), source })?;
         loop {
             let reply = self.read_message()?;
             if reply.get("event").is_some() {
@@ -93,9 +73,7 @@ impl Qmp {
                     desc: err["desc"].as_str().unwrap_or("?").into(),
                 });
             }
-            return Err(QemuError::QmpProtocol(format!(
-                "unexpected QMP reply {reply}"
-            )));
+            return Err(QemuError::QmpProtocol(format!("unexpected QMP reply {reply}")));
         }
     }
 

@@ -50,15 +50,10 @@ impl Store {
         let known = migrations::MIGRATIONS.len() as u32;
         // IMMEDIATE takes the write lock first, so two commands that start together run
         // the migrations once.
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let version: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > known {
-            return Err(StoreError::TooNew {
-                found: version,
-                known,
-            });
+            return Err(StoreError::TooNew { found: version, known });
         }
         for sql in &migrations::MIGRATIONS[version as usize..] {
             tx.execute_batch(sql)?;
@@ -69,32 +64,22 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> Result<u32> {
-        Ok(self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
     fn tx(&mut self) -> Result<Transaction<'_>> {
-        Ok(self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+        Ok(self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
     }
 
     // ---- hosts ----
 
     pub fn host_exists(&self, name: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .query_row("SELECT 1 FROM hosts WHERE name = ?1", [name], |_| Ok(()))
-            .optional()?
-            .is_some())
+        Ok(self.conn.query_row("SELECT 1 FROM hosts WHERE name = ?1", [name], |_| Ok(())).optional()?.is_some())
     }
 
     pub fn hosts(&self) -> Result<Vec<String>> {
         let mut st = self.conn.prepare("SELECT name FROM hosts ORDER BY name")?;
-        let rows = st
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
+        let rows = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
@@ -146,29 +131,18 @@ impl Store {
     }
 
     fn vm_disks(&self, vm_id: i64) -> Result<Vec<DiskRecord>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT path, format FROM vm_disks WHERE vm_id = ?1 ORDER BY idx")?;
+        let mut st = self.conn.prepare("SELECT path, format FROM vm_disks WHERE vm_id = ?1 ORDER BY idx")?;
         let rows = st
-            .query_map([vm_id], |r| {
-                Ok(DiskRecord {
-                    path: r.get(0)?,
-                    format: r.get(1)?,
-                })
-            })?
+            .query_map([vm_id], |r| Ok(DiskRecord { path: r.get(0)?, format: r.get(1)? }))?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
-    const VM_COLS: &'static str =
-        "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at";
+    const VM_COLS: &'static str = "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at";
 
     pub fn vm(&self, name: &str) -> Result<Option<VmRecord>> {
         let sql = format!("SELECT {} FROM vms WHERE name = ?1", Self::VM_COLS);
-        let vm = self
-            .conn
-            .query_row(&sql, [name], |r| self.vm_from_row(r))
-            .optional()?;
+        let vm = self.conn.query_row(&sql, [name], |r| self.vm_from_row(r)).optional()?;
         match vm {
             Some(mut vm) => {
                 vm.disks = self.vm_disks(vm.id)?;
@@ -181,9 +155,7 @@ impl Store {
     pub fn vms(&self) -> Result<Vec<VmRecord>> {
         let sql = format!("SELECT {} FROM vms ORDER BY name", Self::VM_COLS);
         let mut st = self.conn.prepare(&sql)?;
-        let mut vms: Vec<VmRecord> = st
-            .query_map([], |r| self.vm_from_row(r))?
-            .collect::<rusqlite::Result<_>>()?;
+        let mut vms: Vec<VmRecord> = st.query_map([], |r| self.vm_from_row(r))?.collect::<rusqlite::Result<_>>()?;
         for vm in &mut vms {
             vm.disks = self.vm_disks(vm.id)?;
         }
@@ -192,12 +164,9 @@ impl Store {
 
     /// Every VM that uses this disk image path.
     pub fn vms_using_disk(&self, path: &str) -> Result<Vec<String>> {
-        let mut st = self.conn.prepare(
-            "SELECT v.name FROM vm_disks d JOIN vms v ON v.id = d.vm_id WHERE d.path = ?1",
-        )?;
-        let rows = st
-            .query_map([path], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
+        let mut st =
+            self.conn.prepare("SELECT v.name FROM vm_disks d JOIN vms v ON v.id = d.vm_id WHERE d.path = ?1")?;
+        let rows = st.query_map([path], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
@@ -209,14 +178,7 @@ impl Store {
         tx.execute(
             "INSERT INTO jobs (name, target_host, target_dir, retain, every_secs, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                job.name,
-                job.target_host,
-                job.target_dir,
-                job.retain,
-                job.every_secs.map(|s| s as i64),
-                now()
-            ],
+            params![job.name, job.target_host, job.target_dir, job.retain, job.every_secs.map(|s| s as i64), now()],
         )?;
         let job_id = tx.last_insert_rowid();
         for (vm_id, dir) in replica_dirs {
@@ -229,8 +191,7 @@ impl Store {
         Ok(job_id)
     }
 
-    const JOB_COLS: &'static str =
-        "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at";
+    const JOB_COLS: &'static str = "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at";
 
     fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         Ok(JobRecord {
@@ -247,22 +208,16 @@ impl Store {
     }
 
     fn job_vms(&self, job_id: i64) -> Result<Vec<String>> {
-        let mut st = self.conn.prepare(
-            "SELECT v.name FROM replicas r JOIN vms v ON v.id = r.vm_id WHERE r.job_id = ?1 ORDER BY r.id",
-        )?;
-        let rows = st
-            .query_map([job_id], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
+        let mut st = self
+            .conn
+            .prepare("SELECT v.name FROM replicas r JOIN vms v ON v.id = r.vm_id WHERE r.job_id = ?1 ORDER BY r.id")?;
+        let rows = st.query_map([job_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
     pub fn job(&self, name: &str) -> Result<Option<JobRecord>> {
         let sql = format!("SELECT {} FROM jobs WHERE name = ?1", Self::JOB_COLS);
-        match self
-            .conn
-            .query_row(&sql, [name], Self::job_from_row)
-            .optional()?
-        {
+        match self.conn.query_row(&sql, [name], Self::job_from_row).optional()? {
             Some(mut j) => {
                 j.vms = self.job_vms(j.id)?;
                 Ok(Some(j))
@@ -274,9 +229,7 @@ impl Store {
     pub fn jobs(&self) -> Result<Vec<JobRecord>> {
         let sql = format!("SELECT {} FROM jobs ORDER BY name", Self::JOB_COLS);
         let mut st = self.conn.prepare(&sql)?;
-        let mut jobs: Vec<JobRecord> = st
-            .query_map([], Self::job_from_row)?
-            .collect::<rusqlite::Result<_>>()?;
+        let mut jobs: Vec<JobRecord> = st.query_map([], Self::job_from_row)?.collect::<rusqlite::Result<_>>()?;
         for j in &mut jobs {
             j.vms = self.job_vms(j.id)?;
         }
@@ -284,10 +237,7 @@ impl Store {
     }
 
     pub fn set_job_last_run(&mut self, job_id: i64, at: &str) -> Result<()> {
-        self.conn.execute(
-            "UPDATE jobs SET last_run_at = ?1 WHERE id = ?2",
-            params![at, job_id],
-        )?;
+        self.conn.execute("UPDATE jobs SET last_run_at = ?1 WHERE id = ?2", params![at, job_id])?;
         Ok(())
     }
 
@@ -314,9 +264,7 @@ impl Store {
             Self::REPLICA_COLS
         );
         let mut st = self.conn.prepare(&sql)?;
-        let rows = st
-            .query_map([arg], Self::replica_from_row)?
-            .collect::<rusqlite::Result<_>>()?;
+        let rows = st.query_map([arg], Self::replica_from_row)?.collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
@@ -337,25 +285,15 @@ impl Store {
     }
 
     pub fn set_replica_state(&mut self, id: i64, state: &str) -> Result<()> {
-        self.conn.execute(
-            "UPDATE replicas SET state = ?1 WHERE id = ?2",
-            params![state, id],
-        )?;
+        self.conn.execute("UPDATE replicas SET state = ?1 WHERE id = ?2", params![state, id])?;
         Ok(())
     }
 
     /// Reserves the sequence number of the next run: durable before any file is named after it.
     pub fn take_seq(&mut self, replica_id: i64) -> Result<i64> {
         let tx = self.tx()?;
-        let seq: i64 = tx.query_row(
-            "SELECT next_seq FROM replicas WHERE id = ?1",
-            [replica_id],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "UPDATE replicas SET next_seq = next_seq + 1 WHERE id = ?1",
-            [replica_id],
-        )?;
+        let seq: i64 = tx.query_row("SELECT next_seq FROM replicas WHERE id = ?1", [replica_id], |r| r.get(0))?;
+        tx.execute("UPDATE replicas SET next_seq = next_seq + 1 WHERE id = ?1", [replica_id])?;
         tx.commit()?;
         Ok(seq)
     }
@@ -388,11 +326,7 @@ impl Store {
 
     /// A replica's restore points in chain order, oldest first, with their disks.
     /// `pruning` points (half-removed by retention) are included only when asked.
-    pub fn restore_points(
-        &self,
-        replica_id: i64,
-        include_pruning: bool,
-    ) -> Result<Vec<RestorePointRecord>> {
+    pub fn restore_points(&self, replica_id: i64, include_pruning: bool) -> Result<Vec<RestorePointRecord>> {
         let mut st = self.conn.prepare(
             "SELECT id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms, pruning
              FROM restore_points WHERE replica_id = ?1 AND (pruning = 0 OR ?2) ORDER BY seq",
@@ -435,34 +369,20 @@ impl Store {
     }
 
     pub fn mark_pruning(&mut self, rp_id: i64) -> Result<()> {
-        self.conn.execute(
-            "UPDATE restore_points SET pruning = 1 WHERE id = ?1",
-            [rp_id],
-        )?;
+        self.conn.execute("UPDATE restore_points SET pruning = 1 WHERE id = ?1", [rp_id])?;
         Ok(())
     }
 
     /// Retention's publishing step: drops `rp_id` and repoints layers in one transaction.
     /// `moves` are (old layer path, new layer path): every disk row whose layer or parent
     /// named the old path names the new one afterwards.
-    pub fn drop_restore_point(
-        &mut self,
-        rp_id: i64,
-        moves: &[(String, String)],
-        new_bases: &[String],
-    ) -> Result<()> {
+    pub fn drop_restore_point(&mut self, rp_id: i64, moves: &[(String, String)], new_bases: &[String]) -> Result<()> {
         let tx = self.tx()?;
         tx.execute("DELETE FROM rp_disks WHERE rp_id = ?1", [rp_id])?;
         tx.execute("DELETE FROM restore_points WHERE id = ?1", [rp_id])?;
         for (old, new) in moves {
-            tx.execute(
-                "UPDATE rp_disks SET layer = ?2 WHERE layer = ?1",
-                params![old, new],
-            )?;
-            tx.execute(
-                "UPDATE rp_disks SET parent = ?2 WHERE parent = ?1",
-                params![old, new],
-            )?;
+            tx.execute("UPDATE rp_disks SET layer = ?2 WHERE layer = ?1", params![old, new])?;
+            tx.execute("UPDATE rp_disks SET parent = ?2 WHERE parent = ?1", params![old, new])?;
         }
         for base in new_bases {
             tx.execute("UPDATE rp_disks SET parent = NULL WHERE layer = ?1", [base])?;
@@ -482,10 +402,7 @@ impl Store {
     }
 
     pub fn update_task_step(&mut self, id: i64, step: &str) -> Result<()> {
-        self.conn.execute(
-            "UPDATE tasks SET step = ?2 WHERE id = ?1",
-            params![id, step],
-        )?;
+        self.conn.execute("UPDATE tasks SET step = ?2 WHERE id = ?1", params![id, step])?;
         Ok(())
     }
 
@@ -543,16 +460,7 @@ fn insert_rp_disk(tx: &Transaction<'_>, rp_id: i64, d: &RpDiskRecord) -> Result<
     tx.execute(
         "INSERT INTO rp_disks (rp_id, idx, layer, parent, size, method, bitmap, bytes_transferred)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            rp_id,
-            d.idx,
-            d.layer,
-            d.parent,
-            d.size as i64,
-            d.method,
-            d.bitmap,
-            d.bytes_transferred as i64
-        ],
+        params![rp_id, d.idx, d.layer, d.parent, d.size as i64, d.method, d.bitmap, d.bytes_transferred as i64],
     )?;
     Ok(())
 }

@@ -12,10 +12,7 @@ fn vm(name: &str) -> NewVm {
         host: "local".into(),
         cpus: 1,
         memory_mib: 128,
-        disks: vec![DiskRecord {
-            path: format!("/d/{name}.qcow2"),
-            format: "qcow2".into(),
-        }],
+        disks: vec![DiskRecord { path: format!("/d/{name}.qcow2"), format: "qcow2".into() }],
         nics: vec![],
         kernel: None,
         initrd: None,
@@ -28,10 +25,7 @@ fn migrates_once_and_has_local_host() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("standby.db");
     let s = Store::open(&path).unwrap();
-    assert_eq!(
-        s.schema_version().unwrap(),
-        migrations::MIGRATIONS.len() as u32
-    );
+    assert_eq!(s.schema_version().unwrap(), migrations::MIGRATIONS.len() as u32);
     assert_eq!(s.hosts().unwrap(), vec!["local".to_string()]);
     drop(s);
     let s = Store::open(&path).unwrap();
@@ -46,23 +40,15 @@ fn refuses_newer_schema() {
     let c = Connection::open(&path).unwrap();
     c.pragma_update(None, "user_version", 99).unwrap();
     drop(c);
-    assert!(matches!(
-        Store::open(&path),
-        Err(StoreError::TooNew { found: 99, .. })
-    ));
+    assert!(matches!(Store::open(&path), Err(StoreError::TooNew { found: 99, .. })));
 }
 
 #[test]
 fn retention_drop_repoints_layers() {
     let (_d, mut s) = open();
     let vm_id = s.insert_vm(&vm("a")).unwrap();
-    let job = NewJob {
-        name: "j".into(),
-        target_host: "local".into(),
-        target_dir: "/dr".into(),
-        retain: 2,
-        every_secs: None,
-    };
+    let job =
+        NewJob { name: "j".into(), target_host: "local".into(), target_dir: "/dr".into(), retain: 2, every_secs: None };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let rep = s.replicas().unwrap().remove(0);
     let disk = |layer: &str, parent: Option<&str>| RpDiskRecord {
@@ -75,11 +61,7 @@ fn retention_drop_repoints_layers() {
         bytes_transferred: 0,
     };
     let mut ids = vec![];
-    for (seq, layer, parent) in [
-        (1, "l1", None),
-        (2, "l2", Some("l1")),
-        (3, "l3", Some("l2")),
-    ] {
+    for (seq, layer, parent) in [(1, "l1", None), (2, "l2", Some("l1")), (3, "l3", Some("l2"))] {
         ids.push(
             s.insert_restore_point(&NewRestorePoint {
                 replica_id: rep.id,
@@ -97,22 +79,9 @@ fn retention_drop_repoints_layers() {
     // rp 1 goes: l2's data was committed into l1, so rp 2 now lives in l1.
     s.mark_pruning(ids[0]).unwrap();
     assert_eq!(s.restore_points(rep.id, false).unwrap().len(), 2);
-    s.drop_restore_point(ids[0], &[("l2".into(), "l1".into())], &["l1".into()])
-        .unwrap();
+    s.drop_restore_point(ids[0], &[("l2".into(), "l1".into())], &["l1".into()]).unwrap();
     let rps = s.restore_points(rep.id, true).unwrap();
     assert_eq!(rps.len(), 2);
-    assert_eq!(
-        (
-            rps[0].disks[0].layer.as_str(),
-            rps[0].disks[0].parent.as_deref()
-        ),
-        ("l1", None)
-    );
-    assert_eq!(
-        (
-            rps[1].disks[0].layer.as_str(),
-            rps[1].disks[0].parent.as_deref()
-        ),
-        ("l3", Some("l1"))
-    );
+    assert_eq!((rps[0].disks[0].layer.as_str(), rps[0].disks[0].parent.as_deref()), ("l1", None));
+    assert_eq!((rps[1].disks[0].layer.as_str(), rps[1].disks[0].parent.as_deref()), ("l3", Some("l1")));
 }

@@ -21,11 +21,7 @@ pub struct Ledger {
 impl Ledger {
     /// Highest record the console reports as flushed (records are written in order).
     pub fn acknowledged(console: &str) -> u64 {
-        console
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("LEDGER ")?.trim().parse::<u64>().ok())
-            .max()
-            .unwrap_or(0)
+        console.lines().filter_map(|l| l.trim().strip_prefix("LEDGER ")?.trim().parse::<u64>().ok()).max().unwrap_or(0)
     }
 
     /// Checks that the image bytes hold exactly records 1..=k for some k, each intact, and
@@ -40,16 +36,11 @@ impl Ledger {
             };
             if block == ledger_record(seq).as_slice() {
                 if k != seq - 1 {
-                    return Err(format!(
-                        "record {seq} present after missing record {}",
-                        k + 1
-                    ));
+                    return Err(format!("record {seq} present after missing record {}", k + 1));
                 }
                 k = seq;
             } else if block.iter().any(|&b| b != 0) {
-                return Err(format!(
-                    "block of record {seq} holds neither the record nor zeros"
-                ));
+                return Err(format!("block of record {seq} holds neither the record nor zeros"));
             }
         }
         Ok(k)
@@ -73,9 +64,6 @@ mod tests {
         let off = (l.start_block + 1) as usize * LEDGER_BLOCK;
         img[off..off + LEDGER_BLOCK].fill(0);
         assert!(l.records_in(&img, 6).is_err());
-        assert_eq!(
-            Ledger::acknowledged("x\nLEDGER 1\nLEDGER 2\r\nLEDGER-DONE 2\n"),
-            2
-        );
+        assert_eq!(Ledger::acknowledged("x\nLEDGER 1\nLEDGER 2\r\nLEDGER-DONE 2\n"), 2);
     }
 }

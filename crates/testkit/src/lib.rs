@@ -42,18 +42,11 @@ impl Env {
     /// `bin` is the `standby` binary under test (`env!("CARGO_BIN_EXE_standby")`).
     pub fn new(bin: &str) -> Env {
         // Short paths: unix socket names must stay under 108 bytes.
-        let dir = tempfile::Builder::new()
-            .prefix("sb")
-            .tempdir_in("/tmp")
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("sb").tempdir_in("/tmp").expect("temp dir");
         for sub in ["src", "dr"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
         }
-        Env {
-            dir,
-            bin: bin.into(),
-            envs: vec![("STANDBY_ACCEL".into(), "tcg".into())],
-        }
+        Env { dir, bin: bin.into(), envs: vec![("STANDBY_ACCEL".into(), "tcg".into())] }
     }
 
     /// Adds an environment variable to every later command.
@@ -95,25 +88,14 @@ impl Env {
     /// Runs and insists on success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);
-        assert_eq!(
-            r.code,
-            Some(0),
-            "standby {args:?} failed:\n{}\n{}",
-            r.stdout,
-            r.stderr
-        );
+        assert_eq!(r.code, Some(0), "standby {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
         r.stdout
     }
 
     /// Runs and insists on failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let r = self.run(args);
-        assert_ne!(
-            r.code,
-            Some(0),
-            "standby {args:?} should have failed:\n{}",
-            r.stdout
-        );
+        assert_ne!(r.code, Some(0), "standby {args:?} should have failed:\n{}", r.stdout);
         r.stderr
     }
 
@@ -121,26 +103,19 @@ impl Env {
         let mut a = args.to_vec();
         a.push("--json");
         let out = self.ok(&a);
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("standby {args:?} printed bad JSON ({e}): {out}"))
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("standby {args:?} printed bad JSON ({e}): {out}"))
     }
 
     /// Restore points of `vm`, oldest first.
     pub fn points(&self, vm: &str) -> Vec<Value> {
-        self.json(&["replica", "points", vm])
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        self.json(&["replica", "points", vm]).as_array().cloned().unwrap_or_default()
     }
 
     /// Path of disk `idx` of the newest restore point.
     pub fn latest_disk(&self, vm: &str, idx: usize) -> String {
         let points = self.points(vm);
         let last = points.last().expect("a restore point");
-        last["disks"][idx]["path"]
-            .as_str()
-            .expect("disk path")
-            .to_owned()
+        last["disks"][idx]["path"].as_str().expect("disk path").to_owned()
     }
 
     /// Everything a "nothing changed" assertion compares: VMs, jobs, replicas and points.
@@ -149,26 +124,23 @@ impl Env {
         for args in [&["vm", "list"][..], &["job", "list"], &["replica", "list"]] {
             s.push_str(&self.json(args).to_string());
         }
-        for r in self
-            .json(&["replica", "list"])
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-        {
+        for r in self.json(&["replica", "list"]).as_array().cloned().unwrap_or_default() {
             let vm = r["vm"].as_str().unwrap_or_default().to_owned();
             s.push_str(
-                &self
-                    .json(&[
-                        "replica",
-                        "points",
-                        &vm,
-                        "--job",
-                        r["job"].as_str().unwrap_or_default(),
-                    ])
-                    .to_string(),
+                &self.json(&["replica", "points", &vm, "--job", r["job"].as_str().unwrap_or_default()]).to_string(),
             );
         }
         s
+    }
+
+    /// Defines VM `name` on `disk` booting the test guest with kernel command line `append`.
+    pub fn create_guest_vm(&self, name: &str, disk: &str, memory_mib: u32, append: &str) {
+        let (kernel, initrd) = guest();
+        let memory = memory_mib.to_string();
+        self.ok(&[
+            "vm", "create", name, "--disk", disk, "--memory", &memory, "--kernel", &kernel, "--initrd", &initrd,
+            "--append", append,
+        ]);
     }
 
     /// The VM's console log so far.
@@ -177,23 +149,14 @@ impl Env {
     }
 
     /// Waits until `pred(console)` holds, or panics after `timeout`.
-    pub fn wait_console(
-        &self,
-        vm: &str,
-        timeout: Duration,
-        what: &str,
-        pred: impl Fn(&str) -> bool,
-    ) -> String {
+    pub fn wait_console(&self, vm: &str, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
         let start = Instant::now();
         loop {
             let c = self.console(vm);
             if pred(&c) {
                 return c;
             }
-            assert!(
-                start.elapsed() < timeout,
-                "VM {vm}: {what} did not happen within {timeout:?}; console:\n{c}"
-            );
+            assert!(start.elapsed() < timeout, "VM {vm}: {what} did not happen within {timeout:?}; console:\n{c}");
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -211,8 +174,7 @@ impl Env {
                 continue;
             };
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let zombie =
-                std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| s.contains(") Z "));
+            let zombie = std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| s.contains(") Z "));
             if cmd.contains(&me) && !zombie && !cmd.contains(self.bin.to_string_lossy().as_ref()) {
                 found.push(format!("{name}: {cmd}"));
             }
@@ -235,16 +197,12 @@ impl Drop for Env {
 /// The test guest's kernel and initramfs.
 pub fn guest() -> (String, String) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/guest");
-    let dir = dir.canonicalize().unwrap_or_else(|_| {
-        panic!("the test guest is not built: run scripts/guest/build.sh (make test does)")
-    });
+    let dir = dir
+        .canonicalize()
+        .unwrap_or_else(|_| panic!("the test guest is not built: run scripts/guest/build.sh (make test does)"));
     let k = dir.join("vmlinuz");
     let i = dir.join("initrd.gz");
-    assert!(
-        k.exists() && i.exists(),
-        "the test guest is incomplete in {}",
-        dir.display()
-    );
+    assert!(k.exists() && i.exists(), "the test guest is incomplete in {}", dir.display());
     (k.display().to_string(), i.display().to_string())
 }
 
@@ -256,15 +214,8 @@ pub fn ledger_append(start_block: u64, count: u64, interval_us: u64) -> String {
 }
 
 pub fn qemu_img(args: &[&str]) -> String {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = Command::new("qemu-img").args(args).output().expect("qemu-img");
+    assert!(o.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -276,21 +227,14 @@ pub fn qemu_io(image: &str, format: &str, cmds: &[String]) {
         c.args(["-c", cmd]);
     }
     let o = c.arg(image).output().expect("qemu-io");
-    assert!(
-        o.status.success(),
-        "qemu-io {cmds:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "qemu-io {cmds:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// A disk with recognisable data: `size_mib`, with `patterns` (byte, offset MiB, length MiB)
 /// written and the rest unallocated.
 pub fn make_disk(path: &str, format: &str, size_mib: u64, patterns: &[(u8, u64, u64)]) {
     qemu_img(&["create", "-q", "-f", format, path, &format!("{size_mib}M")]);
-    let cmds: Vec<String> = patterns
-        .iter()
-        .map(|(b, off, len)| format!("write -P {b:#x} {off}M {len}M"))
-        .collect();
+    let cmds: Vec<String> = patterns.iter().map(|(b, off, len)| format!("write -P {b:#x} {off}M {len}M")).collect();
     if !cmds.is_empty() {
         qemu_io(path, format, &cmds);
     }
@@ -298,17 +242,11 @@ pub fn make_disk(path: &str, format: &str, size_mib: u64, patterns: &[(u8, u64, 
 
 /// True when both images read the same, byte for byte (`qemu-img compare`).
 pub fn identical(a: &str, b: &str) -> bool {
-    let o = Command::new("qemu-img")
-        .args(["compare", "-q", "-U", a, b])
-        .output()
-        .expect("qemu-img compare");
+    let o = Command::new("qemu-img").args(["compare", "-q", "-U", a, b]).output().expect("qemu-img compare");
     match o.status.code() {
         Some(0) => true,
         Some(1) => false,
-        _ => panic!(
-            "qemu-img compare {a} {b}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
+        _ => panic!("qemu-img compare {a} {b}: {}", String::from_utf8_lossy(&o.stderr)),
     }
 }
 
@@ -320,15 +258,18 @@ pub fn read_image(path: &str) -> Vec<u8> {
     std::fs::read(&out).expect("read raw image")
 }
 
+/// Names of the dirty bitmaps stored in an image.
+pub fn bitmaps(image: &str) -> Vec<String> {
+    let v: Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", "-U", image])).expect("qemu-img info JSON");
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|b| b["name"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
 /// sha256 of an image file's bytes on disk (its exact state, not just its content).
 pub fn file_digest(path: &str) -> String {
-    let o = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+    let o = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_owned()
 }

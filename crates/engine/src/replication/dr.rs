@@ -34,15 +34,8 @@ pub fn chain_of(points: &[RestorePointRecord], layer: &str) -> Chain {
         if layers.iter().any(|l: &Layer| l.path == path) {
             break;
         }
-        let parent = points
-            .iter()
-            .flat_map(|p| &p.disks)
-            .find(|d| d.layer == path)
-            .and_then(|d| d.parent.clone());
-        layers.push(Layer {
-            path,
-            format: Format::Qcow2,
-        });
+        let parent = points.iter().flat_map(|p| &p.disks).find(|d| d.layer == path).and_then(|d| d.parent.clone());
+        layers.push(Layer { path, format: Format::Qcow2 });
         cur = parent;
     }
     Chain { layers }
@@ -61,10 +54,7 @@ pub fn repair(host: &dyn Host, dir: &str, points: &[RestorePointRecord]) -> Resu
     let mut removed = Vec::new();
     for name in host.list_dir(dir)? {
         let path = format!("{dir}/{name}");
-        let used = points
-            .iter()
-            .flat_map(|p| &p.disks)
-            .any(|d| d.layer == path);
+        let used = points.iter().flat_map(|p| &p.disks).any(|d| d.layer == path);
         if is_layer_name(&name) && !used {
             host.remove_file(&path)?;
             removed.push(path);
@@ -103,11 +93,7 @@ mod tests {
 
     #[test]
     fn chains_follow_database_parents_only() {
-        let points = [
-            rp(1, "/a", None),
-            rp(2, "/b", Some("/a")),
-            rp(3, "/c", Some("/b")),
-        ];
+        let points = [rp(1, "/a", None), rp(2, "/b", Some("/a")), rp(3, "/c", Some("/b"))];
         let c = chain_of(&points, "/c");
         let paths: Vec<_> = c.layers.iter().map(|l| l.path.as_str()).collect();
         assert_eq!(paths, ["/c", "/b", "/a"]);

@@ -128,10 +128,7 @@ impl Engine {
             1 => Ok(all.remove(0)),
             _ => Err(EngineError::Invalid(format!(
                 "VM {vm} has replicas from jobs {}; name one with --job",
-                all.iter()
-                    .map(|r| r.job.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                all.iter().map(|r| r.job.as_str()).collect::<Vec<_>>().join(", ")
             ))),
         }
     }
@@ -140,20 +137,13 @@ impl Engine {
     pub fn replica_points(&self, vm: &str, job: Option<&str>) -> Result<Vec<RestorePointView>> {
         let r = self.replica_of(vm, job)?;
         let points = self.store().restore_points(r.id, false)?;
-        Ok(points
-            .into_iter()
-            .map(|p| point_view(p, &r.vm, &r.job))
-            .collect())
+        Ok(points.into_iter().map(|p| point_view(p, &r.vm, &r.job)).collect())
     }
 
     /// Runs a job: every VM in parallel, each with its own outcome.
     pub fn job_run(&self, name: &str, progress: &dyn Progress) -> Result<Vec<RunOutcome>> {
-        let job = self
-            .store()
-            .job(name)?
-            .ok_or_else(|| EngineError::UnknownJob(name.into()))?;
-        self.store()
-            .set_job_last_run(job.id, &standby_store::now())?;
+        let job = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
+        self.store().set_job_last_run(job.id, &standby_store::now())?;
         let replicas = self.store().replicas_of_job(job.id)?;
         let task = TaskProgress::start(self, "job-run", name, progress)?;
         let outcomes: Vec<RunOutcome> = std::thread::scope(|s| {
@@ -181,42 +171,23 @@ impl Engine {
         let summary = if failed == 0 {
             Ok(format!("{} restore point(s) created", outcomes.len()))
         } else {
-            Err(EngineError::JobFailed {
-                job: name.into(),
-                failed,
-                total: outcomes.len(),
-            })
+            Err(EngineError::JobFailed { job: name.into(), failed, total: outcomes.len() })
         };
         task.finish(&summary);
         Ok(outcomes)
     }
 
-    fn replicate(
-        &self,
-        replica: &ReplicaRecord,
-        retain: u32,
-        progress: &dyn Progress,
-    ) -> RunOutcome {
+    fn replicate(&self, replica: &ReplicaRecord, retain: u32, progress: &dyn Progress) -> RunOutcome {
         let mut notes = Vec::new();
         let result = self.replicate_inner(replica, retain, progress, &mut notes);
         match result {
             Ok(rp) => {
                 progress.step(&replica.vm, "done");
-                RunOutcome {
-                    vm: replica.vm.clone(),
-                    restore_point: Some(rp),
-                    error: None,
-                    notes,
-                }
+                RunOutcome { vm: replica.vm.clone(), restore_point: Some(rp), error: None, notes }
             }
             Err(e) => {
                 progress.step(&replica.vm, "failed");
-                RunOutcome {
-                    vm: replica.vm.clone(),
-                    restore_point: None,
-                    error: Some(crate::vm::chain(&e)),
-                    notes,
-                }
+                RunOutcome { vm: replica.vm.clone(), restore_point: None, error: Some(crate::vm::chain(&e)), notes }
             }
         }
     }
@@ -228,37 +199,18 @@ impl Engine {
         progress: &dyn Progress,
         notes: &mut Vec<String>,
     ) -> Result<RestorePointView> {
-        let _lock = VmLock::acquire(
-            &self.data_dir,
-            &replica.vm,
-            &format!("replication job {}", replica.job),
-        )?;
-        let vm = self
-            .store()
-            .vm(&replica.vm)?
-            .ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+        let _lock = VmLock::acquire(&self.data_dir, &replica.vm, &format!("replication job {}", replica.job))?;
+        let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
         let src_host = self.host(&vm.host)?;
         let dr_host = self.host(&replica.target_host)?;
         progress.step(&vm.name, "recovering");
         self.recover_replica(replica, &vm, src_host.as_ref(), dr_host.as_ref(), notes)?;
 
         let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        let state = if state == ReplicaState::Replicating {
-            ReplicaState::Ready
-        } else {
-            state
-        };
+        let state = if state == ReplicaState::Replicating { ReplicaState::Ready } else { state };
         let next = state.apply(Transition::RunStarted)?;
         self.store().set_replica_state(replica.id, next.as_str())?;
-        let result = self.run_once(
-            replica,
-            &vm,
-            src_host.as_ref(),
-            dr_host.as_ref(),
-            retain,
-            progress,
-            notes,
-        );
+        let result = self.run_once(replica, &vm, src_host.as_ref(), dr_host.as_ref(), retain, progress, notes);
         let end = ReplicaState::Replicating.apply(if result.is_ok() {
             Transition::RunFinished
         } else {
@@ -282,10 +234,7 @@ impl Engine {
             let Ok(_lock) = VmLock::acquire(&self.data_dir, &replica.vm, "recovery") else {
                 continue;
             };
-            let vm = self
-                .store()
-                .vm(&replica.vm)?
-                .ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+            let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
             let mut n = Vec::new();
             self.recover_replica(
                 &replica,
@@ -294,12 +243,8 @@ impl Engine {
                 self.host(&replica.target_host)?.as_ref(),
                 &mut n,
             )?;
-            self.store()
-                .set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
-            notes.push(format!(
-                "VM {}, job {}: rolled back an interrupted replication run",
-                replica.vm, replica.job
-            ));
+            self.store().set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
+            notes.push(format!("VM {}, job {}: rolled back an interrupted replication run", replica.vm, replica.job));
         }
         Ok(notes)
     }
@@ -343,11 +288,7 @@ impl Engine {
         let started = Instant::now();
         let fail = |step: &'static str| {
             let vm = vm.name.clone();
-            move |e: EngineError| EngineError::Run {
-                vm,
-                step,
-                source: Box::new(e),
-            }
+            move |e: EngineError| EngineError::Run { vm, step, source: Box::new(e) }
         };
         let running = self.vm_is_running(vm)?;
         let points = self.store().restore_points(replica.id, false)?;
@@ -356,19 +297,11 @@ impl Engine {
         // Disks as they are now, and what each one's previous layer and bitmap are.
         let mut disks = Vec::new();
         for (idx, d) in vm.disks.iter().enumerate() {
-            let info = src
-                .image_info(&d.path, running)
-                .map_err(|e| fail("reading the source disks")(e.into()))?;
+            let info = src.image_info(&d.path, running).map_err(|e| fail("reading the source disks")(e.into()))?;
             let format = Format::parse(&d.format).unwrap_or(Format::Raw);
-            disks.push(SourceDisk {
-                idx,
-                path: d.path.clone(),
-                format,
-                size: info.virtual_size,
-            });
+            disks.push(SourceDisk { idx, path: d.path.clone(), format, size: info.virtual_size });
         }
-        let prev_disk =
-            |idx: usize| prev.and_then(|p| p.disks.iter().find(|d| d.idx as usize == idx));
+        let prev_disk = |idx: usize| prev.and_then(|p| p.disks.iter().find(|d| d.idx as usize == idx));
 
         progress.step(&vm.name, "checking bitmaps");
         let mut access = Access::open(src, &vm.name, running)?;
@@ -388,11 +321,7 @@ impl Engine {
                 Some(_) => Method::Digest,
             };
             if pd.is_some() && method == Method::Digest {
-                notes.push(format!(
-                    "disk {}: {}",
-                    d.idx,
-                    digest_reason(d, ok, same_size)
-                ));
+                notes.push(format!("disk {}: {}", d.idx, digest_reason(d, ok, same_size)));
             }
             methods.push(method);
             previous_bitmaps.push(prev_bitmap);
@@ -413,14 +342,10 @@ impl Engine {
             &trusted,
             &new_bitmap,
         );
-        let result = views
-            .map_err(fail("taking the point-in-time view"))
-            .and_then(|views| {
-                failpoint::hit("replicate.after-checkpoint");
-                self.transfer_disks(
-                    replica, vm, dr, &disks, &views, &methods, &points, seq, progress,
-                )
-            });
+        let result = views.map_err(fail("taking the point-in-time view")).and_then(|views| {
+            failpoint::hit("replicate.after-checkpoint");
+            self.transfer_disks(replica, vm, dr, &disks, &views, &methods, &points, seq, progress)
+        });
         // Views go whatever happened; on failure the bitmaps are reconciled so that the
         // bitmap of the last restore point again covers every change.
         let closed = source::close_views(&mut access, src, &vm.name, replica.id, disks.len());
@@ -430,8 +355,7 @@ impl Engine {
                 let _ = dr.nbd_stop_all(&target_prefix(replica.id));
                 for d in &disks {
                     let _ = dr.remove_file(&dr::layer_path(&replica.dir, seq, d.idx));
-                    let _ =
-                        access.reconcile(src, d, replica.id, previous_bitmaps[d.idx].as_deref());
+                    let _ = access.reconcile(src, d, replica.id, previous_bitmaps[d.idx].as_deref());
                 }
                 return Err(e);
             }
@@ -440,8 +364,7 @@ impl Engine {
         failpoint::hit("replicate.before-commit");
         progress.step(&vm.name, "committing");
         for l in &layers {
-            dr.sync_file(&l.layer)
-                .map_err(|e| fail("making the restore point durable")(e.into()))?;
+            dr.sync_file(&l.layer).map_err(|e| fail("making the restore point durable")(e.into()))?;
         }
         let total = stats.iter().fold(Stats::default(), |mut a, s| {
             a += *s;
@@ -531,9 +454,7 @@ impl Engine {
             let layer = dr::layer_path(&replica.dir, seq, d.idx);
             let parent = match method {
                 Method::Full => None,
-                _ => prev
-                    .and_then(|p| p.disks.iter().find(|x| x.idx as usize == d.idx))
-                    .map(|x| x.layer.clone()),
+                _ => prev.and_then(|p| p.disks.iter().find(|x| x.idx as usize == d.idx)).map(|x| x.layer.clone()),
             };
             dr.image_create(&layer, d.size, parent.as_deref())?;
             let chain = match &parent {

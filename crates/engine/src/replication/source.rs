@@ -44,9 +44,7 @@ pub fn bitmap_name(replica_id: i64, seq: i64) -> String {
 }
 
 fn bitmap_seq(replica_id: i64, name: &str) -> Option<i64> {
-    name.strip_prefix(&format!("standby-r{replica_id}-"))?
-        .parse()
-        .ok()
+    name.strip_prefix(&format!("standby-r{replica_id}-"))?.parse().ok()
 }
 
 /// How standby reaches the source's disks: through the running QEMU, or through the image
@@ -67,11 +65,7 @@ fn tolerate(r: std::result::Result<Value, QemuError>) -> Result<()> {
 
 impl Access {
     pub fn open(host: &dyn Host, vm: &str, running: bool) -> Result<Access> {
-        Ok(if running {
-            Access::Live(host.vm_qmp(vm)?)
-        } else {
-            Access::Offline
-        })
+        Ok(if running { Access::Live(host.vm_qmp(vm)?) } else { Access::Offline })
     }
 
     /// The bitmaps of one disk.
@@ -102,10 +96,7 @@ impl Access {
                 .image_info(&disk.path, false)?
                 .bitmaps
                 .into_iter()
-                .map(|b| BitmapState {
-                    name: b.name,
-                    inconsistent: b.in_use,
-                })
+                .map(|b| BitmapState { name: b.name, inconsistent: b.in_use })
                 .collect()),
         }
     }
@@ -113,36 +104,20 @@ impl Access {
     fn remove(&mut self, host: &dyn Host, disk: &SourceDisk, name: &str) -> Result<()> {
         match self {
             Access::Live(qmp) => {
-                qmp.execute(
-                    "block-dirty-bitmap-remove",
-                    json!({"node": disk.node(), "name": name}),
-                )?;
+                qmp.execute("block-dirty-bitmap-remove", json!({"node": disk.node(), "name": name}))?;
             }
-            Access::Offline => {
-                host.image_bitmap(&disk.path, disk.format, name, BitmapOp::Remove)?
-            }
+            Access::Offline => host.image_bitmap(&disk.path, disk.format, name, BitmapOp::Remove)?,
         }
         Ok(())
     }
 
-    fn merge_into(
-        &mut self,
-        host: &dyn Host,
-        disk: &SourceDisk,
-        target: &str,
-        source: &str,
-    ) -> Result<()> {
+    fn merge_into(&mut self, host: &dyn Host, disk: &SourceDisk, target: &str, source: &str) -> Result<()> {
         match self {
             Access::Live(qmp) => {
                 let node = disk.node();
-                qmp.execute(
-                    "block-dirty-bitmap-merge",
-                    json!({"node": node, "target": target, "bitmaps": [source]}),
-                )?;
+                qmp.execute("block-dirty-bitmap-merge", json!({"node": node, "target": target, "bitmaps": [source]}))?;
             }
-            Access::Offline => {
-                host.image_bitmap(&disk.path, disk.format, target, BitmapOp::MergeFrom(source))?
-            }
+            Access::Offline => host.image_bitmap(&disk.path, disk.format, target, BitmapOp::MergeFrom(source))?,
         }
         Ok(())
     }
@@ -158,11 +133,8 @@ impl Access {
         replica_id: i64,
         current: Option<&str>,
     ) -> Result<bool> {
-        let ours: Vec<BitmapState> = self
-            .bitmaps(host, disk)?
-            .into_iter()
-            .filter(|b| bitmap_seq(replica_id, &b.name).is_some())
-            .collect();
+        let ours: Vec<BitmapState> =
+            self.bitmaps(host, disk)?.into_iter().filter(|b| bitmap_seq(replica_id, &b.name).is_some()).collect();
         let current_seq = current.and_then(|c| bitmap_seq(replica_id, c));
         let cur = current.and_then(|c| ours.iter().find(|b| b.name == c));
         let trusted = match (cur, current_seq) {
@@ -191,14 +163,9 @@ impl Access {
     fn enable(&mut self, host: &dyn Host, disk: &SourceDisk, name: &str) -> Result<()> {
         match self {
             Access::Live(qmp) => {
-                qmp.execute(
-                    "block-dirty-bitmap-enable",
-                    json!({"node": disk.node(), "name": name}),
-                )?;
+                qmp.execute("block-dirty-bitmap-enable", json!({"node": disk.node(), "name": name}))?;
             }
-            Access::Offline => {
-                host.image_bitmap(&disk.path, disk.format, name, BitmapOp::Enable)?
-            }
+            Access::Offline => host.image_bitmap(&disk.path, disk.format, name, BitmapOp::Enable)?,
         }
         Ok(())
     }
@@ -284,11 +251,7 @@ pub fn open_views(
                     args["bitmaps"] = json!([{"node": d.node(), "name": b}]);
                 }
                 qmp.execute("block-export-add", args)?;
-                views.push(View {
-                    address: address.clone(),
-                    export: node,
-                    bitmap,
-                });
+                views.push(View { address: address.clone(), export: node, bitmap });
             }
             Ok(views)
         }
@@ -313,11 +276,7 @@ pub fn open_views(
                     bitmap: bitmap.clone(),
                     open_by_header: true,
                 })?;
-                views.push(View {
-                    address,
-                    export: id,
-                    bitmap,
-                });
+                views.push(View { address, export: id, bitmap });
             }
             Ok(views)
         }
@@ -326,13 +285,7 @@ pub fn open_views(
 
 /// Removes everything `open_views` may have created for this replica, whether or not it
 /// exists: safe after a failure, after a kill, and twice.
-pub fn close_views(
-    access: &mut Access,
-    host: &dyn Host,
-    vm: &str,
-    replica_id: i64,
-    disk_count: usize,
-) -> Result<()> {
+pub fn close_views(access: &mut Access, host: &dyn Host, vm: &str, replica_id: i64, disk_count: usize) -> Result<()> {
     if let Access::Live(qmp) = access {
         for idx in 0..disk_count {
             let node = fleece_node(replica_id, idx);
@@ -346,11 +299,7 @@ pub fn close_views(
             let exports = qmp.execute("query-block-exports", json!({}))?;
             let ours = |v: &Value, key: &str| {
                 v.as_array().is_some_and(|a| {
-                    a.iter().any(|j| {
-                        j[key]
-                            .as_str()
-                            .is_some_and(|d| d.starts_with(&format!("fleece-r{replica_id}-")))
-                    })
+                    a.iter().any(|j| j[key].as_str().is_some_and(|d| d.starts_with(&format!("fleece-r{replica_id}-"))))
                 })
             };
             if !ours(&jobs, "device") && !ours(&exports, "id") {
@@ -364,10 +313,7 @@ pub fn close_views(
             std::thread::sleep(Duration::from_millis(20));
         }
         for idx in 0..disk_count {
-            tolerate(qmp.execute(
-                "blockdev-del",
-                json!({"node-name": fleece_node(replica_id, idx)}),
-            ))?;
+            tolerate(qmp.execute("blockdev-del", json!({"node-name": fleece_node(replica_id, idx)})))?;
         }
         tolerate(qmp.execute("nbd-server-stop", json!({})))?;
     }
