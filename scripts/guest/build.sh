@@ -4,7 +4,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$(cd "$here/../.." && pwd)/build/guest}
-[ -s "$out/vmlinuz" ] && [ -s "$out/initrd.gz" ] && exit 0
+# Rebuilt when /init changed since the last build.
+[ -s "$out/vmlinuz" ] && [ -s "$out/initrd.gz" ] && cmp -s "$here/init" "$out/init.built" && exit 0
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -35,4 +36,5 @@ mkdir -p "$out"
 cp kernel/boot/vmlinuz-* "$out/vmlinuz.tmp"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 mv "$out/initrd.gz.tmp" "$out/initrd.gz"
+cp "$here/init" "$out/init.built"
 echo "test guest built in $out ($kernel_pkg)"
