@@ -81,7 +81,7 @@ impl Engine {
         for path in &spec.disks {
             disks.push(self.check_disk(host.as_ref(), path, &disks)?);
         }
-        let id = self.store().insert_vm(&NewVm {
+        self.store().insert_vm(&NewVm {
             name: spec.name.clone(),
             host: spec.host.clone(),
             cpus: spec.cpus,
@@ -92,7 +92,6 @@ impl Engine {
             initrd: spec.initrd.clone(),
             append: spec.append.clone(),
         })?;
-        let _ = id;
         self.vm_show(&spec.name)
     }
 

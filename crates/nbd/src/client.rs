@@ -426,3 +426,112 @@ fn read_u64(r: &mut impl Read) -> Result<u64> {
     r.read_exact(&mut b)?;
     Ok(u64::from_be_bytes(b))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::*;
+
+    /// A server that replays fixed bytes and swallows whatever the client sends.
+    #[derive(Debug)]
+    struct Replay(Cursor<Vec<u8>>);
+
+    impl Read for Replay {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Replay {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn option_reply(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&option.to_be_bytes());
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// The handshake of a server with an 8 KiB export and structured replies.
+    fn handshake() -> Vec<u8> {
+        let mut v = NBDMAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        v.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        v.extend(option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&8192u64.to_be_bytes());
+        info.extend_from_slice(&0u16.to_be_bytes());
+        v.extend(option_reply(OPT_GO, REP_INFO, &info));
+        v.extend(option_reply(OPT_GO, REP_ACK, &[]));
+        v
+    }
+
+    fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn reads_data_and_hole_chunks() {
+        let mut bytes = handshake();
+        let mut data = 0u64.to_be_bytes().to_vec();
+        data.extend_from_slice(&[7u8; 4096]);
+        bytes.extend(chunk(0, REPLY_TYPE_OFFSET_DATA, 1, &data));
+        let mut hole = 4096u64.to_be_bytes().to_vec();
+        hole.extend_from_slice(&4096u32.to_be_bytes());
+        bytes.extend(chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 1, &hole));
+        let mut c = Client::connect(Replay(Cursor::new(bytes)), "", &[]).unwrap();
+        assert_eq!(c.size(), 8192);
+        let mut buf = vec![1u8; 8192];
+        c.read(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 7) && buf[4096..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn refuses_chunks_outside_the_request_and_short_replies() {
+        let mut bytes = handshake();
+        let mut data = 4096u64.to_be_bytes().to_vec();
+        data.extend_from_slice(&[7u8; 8192]);
+        bytes.extend(chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 1, &data));
+        let mut c = Client::connect(Replay(Cursor::new(bytes)), "", &[]).unwrap();
+        assert!(c.read(0, &mut [0u8; 8192]).is_err());
+        assert!(c.read(8000, &mut [0u8; 1024]).is_err(), "beyond the export");
+    }
+
+    /// Random bytes from a server are errors, never panics or huge allocations.
+    #[test]
+    fn garbage_from_the_server_is_an_error() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..2000 {
+            let mut bytes = if round % 2 == 0 { handshake() } else { Vec::new() };
+            let n = (next() % 200) as usize;
+            bytes.extend((0..n).map(|_| next() as u8));
+            let cut = if round % 3 == 0 { bytes.len() / 2 } else { bytes.len() };
+            bytes.truncate(cut);
+            if let Ok(mut c) = Client::connect(Replay(Cursor::new(bytes)), "", &["base:allocation"]) {
+                let _ = c.block_status("base:allocation", 0, c.size().min(4096));
+                let _ = c.read(0, &mut [0u8; 512]);
+            }
+        }
+    }
+}
