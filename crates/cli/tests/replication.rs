@@ -177,3 +177,44 @@ fn several_disks_are_captured_at_one_instant() {
     assert!(identical(disks[1]["path"].as_str().unwrap(), &b));
     assert_eq!(disks[1]["bytes_transferred"].as_u64().unwrap(), 64 << 10, "digest sends only the changed block");
 }
+
+#[test]
+fn running_vm_with_two_disks_is_captured_in_one_transaction() {
+    let env = Env::new(BIN);
+    let (kernel, initrd) = standby_testkit::guest();
+    let a = env.path("src/a.qcow2");
+    let b = env.path("src/b.qcow2");
+    make_disk(&a, "qcow2", 32, &[(0x61, 0, 2)]);
+    make_disk(&b, "qcow2", 16, &[(0x62, 4, 2)]);
+    env.ok(&[
+        "vm",
+        "create",
+        "two",
+        "--disk",
+        &a,
+        "--disk",
+        &b,
+        "--memory",
+        "160",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        &ledger_append(2048, 400, 20_000),
+    ]);
+    env.ok(&["job", "create", "j", "--vm", "two", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "two"]);
+    env.wait_console("two", Duration::from_secs(60), "ledger writes", |c| Ledger::acknowledged(c) >= 5);
+    env.ok(&["job", "run", "j"]);
+    env.wait_console("two", Duration::from_secs(60), "more ledger writes", |c| Ledger::acknowledged(c) >= 30);
+    env.ok(&["job", "run", "j"]);
+    let rp = env.points("two").pop().unwrap();
+    assert_eq!(rp["disks"][0]["method"], "cbt");
+    assert_eq!(rp["disks"][1]["method"], "cbt");
+    assert_eq!(rp["disks"][1]["bytes_transferred"], 0, "nothing wrote to the second disk");
+    env.ok(&["vm", "shutdown", "two", "--timeout", "30"]);
+    env.ok(&["job", "run", "j"]);
+    assert!(identical(&env.latest_disk("two", 0), &a));
+    assert!(identical(&env.latest_disk("two", 1), &b));
+}
