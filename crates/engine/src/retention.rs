@@ -25,14 +25,14 @@ impl Engine {
         }
         if !doomed.is_empty() {
             let points = self.store().restore_points(replica_id, true)?;
-            dr::repair(host, dir, &points)?;
+            dr::fix_headers(host, &points)?;
+            dr::remove_orphans(host, dir, &points)?;
         }
         Ok(doomed.len())
     }
 
-    /// Completes a retention drop a crash interrupted, then repairs the replica directory
-    /// (always after an interrupted run, otherwise only if a drop was pending). Returns
-    /// the leftover files removed.
+    /// Completes a retention drop a crash interrupted, repairs layer headers after an
+    /// interruption, and removes layer files no restore point uses. Returns those files.
     pub(crate) fn finish_pruning(
         &self,
         host: &dyn Host,
@@ -42,14 +42,14 @@ impl Engine {
     ) -> Result<Vec<String>> {
         let points = self.store().restore_points(replica_id, true)?;
         let pending: Vec<i64> = points.iter().filter(|p| p.pruning).map(|p| p.id).collect();
-        if pending.is_empty() && !interrupted {
-            return Ok(Vec::new());
-        }
-        for id in pending {
-            self.drop_oldest(host, replica_id, id)?;
+        for id in &pending {
+            self.drop_oldest(host, replica_id, *id)?;
         }
         let points = self.store().restore_points(replica_id, true)?;
-        dr::repair(host, dir, &points)
+        if interrupted || !pending.is_empty() {
+            dr::fix_headers(host, &points)?;
+        }
+        dr::remove_orphans(host, dir, &points)
     }
 
     fn drop_oldest(&self, host: &dyn Host, replica_id: i64, id: i64) -> Result<()> {

@@ -41,16 +41,21 @@ pub fn chain_of(points: &[RestorePointRecord], layer: &str) -> Chain {
     Chain { layers }
 }
 
-/// Makes every layer header name the parent the database names (so that operators'
-/// `qemu-img` follows the right chain), then deletes layer files no restore point uses:
-/// leftovers of interrupted runs and of retention. Returns the files removed.
-pub fn repair(host: &dyn Host, dir: &str, points: &[RestorePointRecord]) -> Result<Vec<String>> {
+/// Makes every layer header name the parent the database names, so that operators'
+/// `qemu-img` follows the right chain after retention moved layers.
+pub fn fix_headers(host: &dyn Host, points: &[RestorePointRecord]) -> Result<()> {
     for d in points.iter().flat_map(|p| &p.disks) {
         let info = host.image_info(&d.layer, true)?;
         if info.backing_filename != d.parent {
             host.image_set_backing_name(&d.layer, d.parent.as_deref())?;
         }
     }
+    Ok(())
+}
+
+/// Deletes layer files no restore point uses: leftovers of failed or interrupted runs and
+/// of retention. Returns the files removed.
+pub fn remove_orphans(host: &dyn Host, dir: &str, points: &[RestorePointRecord]) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for name in host.list_dir(dir)? {
         let path = format!("{dir}/{name}");

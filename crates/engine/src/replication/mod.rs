@@ -363,33 +363,18 @@ impl Engine {
 
         failpoint::hit("replicate.before-commit");
         progress.step(&vm.name, "committing");
-        for l in &layers {
-            dr.sync_file(&l.layer).map_err(|e| fail("making the restore point durable")(e.into()))?;
-        }
-        let total = stats.iter().fold(Stats::default(), |mut a, s| {
-            a += *s;
-            a
-        });
-        let rp_disks: Vec<RpDiskRecord> = layers
-            .into_iter()
-            .zip(&stats)
-            .zip(&disks)
-            .map(|((mut l, s), d)| {
-                l.bytes_transferred = s.written;
-                l.bitmap = (d.format == Format::Qcow2).then(|| new_bitmap.clone());
-                l
-            })
-            .collect();
-        let rp_id = self.store().insert_restore_point(&NewRestorePoint {
-            replica_id: replica.id,
-            seq,
-            created_at,
-            method: Method::overall(methods.iter().copied()).as_str().into(),
-            bytes_transferred: total.written,
-            bytes_read: total.read,
-            duration_ms: started.elapsed().as_millis() as u64,
-            disks: rp_disks,
-        })?;
+        let committed =
+            self.commit_point(replica, dr, &disks, layers, &stats, &methods, seq, &new_bitmap, created_at, started);
+        let rp_id = match committed {
+            Ok(id) => id,
+            Err(e) => {
+                for d in &disks {
+                    let _ = dr.remove_file(&dr::layer_path(&replica.dir, seq, d.idx));
+                    let _ = access.reconcile(src, d, replica.id, previous_bitmaps[d.idx].as_deref());
+                }
+                return Err(fail("publishing the restore point")(e));
+            }
+        };
         failpoint::hit("replicate.after-commit");
 
         // The previous bitmaps have served their purpose. Failing to drop one is harmless
@@ -417,6 +402,49 @@ impl Engine {
             .find(|p| p.id == rp_id)
             .ok_or_else(|| EngineError::Invalid("the new restore point vanished".into()))?;
         Ok(point_view(rp, &replica.vm, &replica.job))
+    }
+
+    /// Step 5: the layers made durable, then the restore point published in one
+    /// transaction. Returns its id.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_point(
+        &self,
+        replica: &ReplicaRecord,
+        dr: &dyn Host,
+        disks: &[SourceDisk],
+        layers: Vec<RpDiskRecord>,
+        stats: &[Stats],
+        methods: &[Method],
+        seq: i64,
+        new_bitmap: &str,
+        created_at: String,
+        started: Instant,
+    ) -> Result<i64> {
+        for l in &layers {
+            dr.sync_file(&l.layer)?;
+        }
+        let mut total = Stats::default();
+        for s in stats {
+            total += *s;
+        }
+        let rp_disks: Vec<RpDiskRecord> = layers
+            .into_iter()
+            .zip(disks)
+            .map(|(mut l, d)| {
+                l.bitmap = (d.format == Format::Qcow2).then(|| new_bitmap.to_owned());
+                l
+            })
+            .collect();
+        Ok(self.store().insert_restore_point(&NewRestorePoint {
+            replica_id: replica.id,
+            seq,
+            created_at,
+            method: Method::overall(methods.iter().copied()).as_str().into(),
+            bytes_transferred: total.written,
+            bytes_read: total.read,
+            duration_ms: started.elapsed().as_millis() as u64,
+            disks: rp_disks,
+        })?)
     }
 
     /// Step 4: new layers on the DR host, filled from the views. Returns per-disk stats and
