@@ -37,6 +37,8 @@ pub struct BitmapState {
     pub name: String,
     /// QEMU did not save it cleanly (the VM crashed): it may miss writes.
     pub inconsistent: bool,
+    /// Still recording changes (not disabled by a run that was interrupted).
+    pub recording: bool,
 }
 
 pub fn bitmap_name(replica_id: i64, seq: i64) -> String {
@@ -88,6 +90,7 @@ impl Access {
                         Some(BitmapState {
                             name: b["name"].as_str()?.to_owned(),
                             inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
+                            recording: b["recording"].as_bool().unwrap_or(false),
                         })
                     })
                     .collect())
@@ -96,7 +99,7 @@ impl Access {
                 .image_info(&disk.path, false)?
                 .bitmaps
                 .into_iter()
-                .map(|b| BitmapState { name: b.name, inconsistent: b.in_use })
+                .map(|b| BitmapState { name: b.name, inconsistent: b.in_use, recording: b.enabled })
                 .collect()),
         }
     }
@@ -153,7 +156,8 @@ impl Access {
         }
         match (trusted, cur) {
             // A `current` disabled by an interrupted run must track again.
-            (true, _) => self.enable(host, disk, current.unwrap_or_default())?,
+            (true, Some(c)) if !c.recording => self.enable(host, disk, &c.name)?,
+            (true, _) => {}
             (false, Some(c)) => self.remove(host, disk, &c.name)?,
             (false, None) => {}
         }
