@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use standby_engine::{Engine, JobSpec, VmSpec, LOCAL_HOST};
+use standby_engine::{Engine, JobSpec, PointChoice, VmSpec, LOCAL_HOST};
 
 #[derive(Parser, Debug)]
 #[command(name = "standby", version, about = "Disaster recovery for QEMU/KVM virtual machines")]
@@ -41,11 +41,48 @@ enum Command {
     /// Hosts standby can use.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Fail over to replicas (several VMs run in parallel); `failover undo VM...` undoes.
+    Failover(FailoverArgs),
+    /// Every operation and state change, oldest first.
+    History {
+        vm: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Run jobs on their intervals until stopped.
     Daemon {
         /// Seconds between checks for due jobs.
         #[arg(long, default_value_t = 5)]
         tick: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct FailoverArgs {
+    #[command(subcommand)]
+    action: Option<FailoverCmd>,
+    /// The source VMs whose replicas take over.
+    #[arg(required = true)]
+    vms: Vec<String>,
+    /// The restore point: an id from `standby replica points VM`, or `latest`.
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// Run the replica even though the source VM is running (two copies, e.g. for a test).
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    json: Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum FailoverCmd {
+    /// Power the replicas off and discard everything written during failover.
+    Undo {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        #[command(flatten)]
+        json: Json,
     },
 }
 
@@ -84,6 +121,9 @@ enum VmCmd {
     },
     Start {
         name: String,
+        /// Start even though the VM's counterpart (source or replica) is running.
+        #[arg(long)]
+        force: bool,
     },
     /// Ask the guest to shut down; power off after the timeout.
     Shutdown {
@@ -92,9 +132,7 @@ enum VmCmd {
         timeout: u64,
     },
     /// Power off at once.
-    Stop {
-        name: String,
-    },
+    Stop { name: String },
     List {
         #[command(flatten)]
         json: Json,
@@ -229,8 +267,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
-    let engine =
+    let mut engine =
         Engine::open(&data_dir).with_context(|| format!("cannot open standby's data in {}", data_dir.display()))?;
+    engine.set_command(std::env::args().collect::<Vec<_>>().join(" "));
     for note in engine.recover_interrupted().context("recovering interrupted operations")? {
         eprintln!("standby: {note}");
     }
@@ -250,6 +289,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "kvm" => println!("{host}: a guest booted under KVM; VMs start with KVM"),
                 _ => println!("{host}: no guest boot under KVM here; VMs start with TCG"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Failover(args) => failover(&engine, args),
+        Command::History { vm, json } => {
+            output::history(&engine.history(vm.as_deref())?, json.json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Daemon { tick } => daemon::run(&engine, Duration::from_secs(tick.max(1))),
@@ -272,8 +316,8 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
             })?;
             output::vm(&v, json.json)?;
         }
-        VmCmd::Start { name } => {
-            let v = engine.vm_start(&name)?;
+        VmCmd::Start { name, force } => {
+            let v = engine.vm_start(&name, force)?;
             println!("{}: running (pid {})", v.name, v.pid.unwrap_or_default());
         }
         VmCmd::Shutdown { name, timeout } => {
@@ -361,4 +405,21 @@ fn task(engine: &Engine, cmd: TaskCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn failover(engine: &Engine, args: FailoverArgs) -> Result<ExitCode> {
+    let (outcomes, json) = match args.action {
+        Some(FailoverCmd::Undo { vms, json }) => (engine.failover_undo(&vms), json.json),
+        None => {
+            let point = match args.point.as_str() {
+                "latest" => PointChoice::Latest,
+                id => PointChoice::Id(id.parse().with_context(|| {
+                    format!("--point {id:?} is neither `latest` nor a restore point id (see standby replica points VM)")
+                })?),
+            };
+            (engine.failover(&args.vms, point, args.force), args.json.json)
+        }
+    };
+    output::op_outcomes(&outcomes, json)?;
+    Ok(if outcomes.iter().all(|o| o.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use serde::Serialize;
-use standby_engine::{JobView, ReplicaView, RestorePointView, RunOutcome, TaskView, VmView};
+use standby_engine::{HistoryRecord, JobView, OpOutcome, ReplicaView, RestorePointView, RunOutcome, TaskView, VmView};
 
 fn json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -146,10 +146,11 @@ pub fn replicas(list: &[ReplicaView], as_json: bool) -> Result<()> {
                 r.restore_points.to_string(),
                 r.latest.clone().unwrap_or("-".into()),
                 format!("{}:{}", r.target_host, r.dir),
+                r.last_operation.clone().unwrap_or("-".into()),
             ]
         })
         .collect();
-    table(&["VM", "JOB", "STATE", "POINTS", "LATEST", "LOCATION"], &rows);
+    table(&["VM", "JOB", "STATE", "POINTS", "LATEST", "LOCATION", "LAST OPERATION"], &rows);
     Ok(())
 }
 
@@ -190,5 +191,33 @@ pub fn tasks(list: &[TaskView], as_json: bool) -> Result<()> {
     for t in list {
         println!("{}", task_line(t));
     }
+    Ok(())
+}
+
+pub fn op_outcomes(list: &[OpOutcome], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    for o in list {
+        let status = if o.ok { "ok" } else { "FAILED" };
+        println!("{}: {status}: {}", o.vm, o.message);
+        for w in &o.warnings {
+            println!("  warning: {w}");
+        }
+    }
+    Ok(())
+}
+
+pub fn history(list: &[HistoryRecord], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|h| {
+            vec![h.at.clone(), h.vm.clone(), h.operation.clone(), h.result.clone(), h.detail.clone(), h.command.clone()]
+        })
+        .collect();
+    table(&["AT", "VM", "OPERATION", "RESULT", "DETAIL", "COMMAND"], &rows);
     Ok(())
 }

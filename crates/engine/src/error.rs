@@ -46,6 +46,11 @@ pub enum EngineError {
     Run { vm: String, step: &'static str, source: Box<EngineError> },
     #[error("data transfer failed")]
     Transfer { source: standby_nbd::NbdError },
+    #[error(
+        "refusing to run {vm}: its counterpart {other} is running and writable on host {host}; shut {other} down first \
+         (standby vm shutdown {other}), or pass --force to run both"
+    )]
+    TwoWriters { vm: String, other: String, host: String },
     #[error("{failed} of {total} VMs of job {job} got no new restore point")]
     JobFailed { job: String, failed: usize, total: usize },
 }

@@ -10,6 +10,11 @@ pub const ALL: &[&str] = &[
     "replicate.after-commit",
     "retention.after-commit-layer",
     "retention.after-drop",
+    "failover.after-overlays",
+    "failover.after-define",
+    "failover.after-start",
+    "undo.after-stop",
+    "undo.after-discard",
 ];
 
 pub fn hit(name: &str) {

@@ -3,6 +3,7 @@
 //! It never prints: progress goes to a [`Progress`] sink and results are returned.
 
 mod error;
+mod failover;
 pub mod failpoint;
 mod job;
 mod lock;
@@ -21,9 +22,11 @@ use standby_host::{Host, LocalHost};
 use standby_store::Store;
 
 pub use error::{EngineError, Result};
+pub use failover::{OpOutcome, PointChoice};
 pub use job::{JobSpec, JobView};
 pub use progress::{NoProgress, Progress};
 pub use replication::{ReplicaView, RestorePointView, RpDiskView, RunOutcome};
+pub use standby_store::HistoryRecord;
 pub use task::TaskView;
 pub use vm::{VmSpec, VmView};
 
@@ -35,6 +38,8 @@ pub struct Engine {
     data_dir: PathBuf,
     store: Mutex<Store>,
     hosts: BTreeMap<String, Arc<dyn Host>>,
+    /// The command line that drives this engine, for the history.
+    command: String,
 }
 
 impl Engine {
@@ -47,13 +52,45 @@ impl Engine {
         let local: Arc<dyn Host> = Arc::new(LocalHost::new(LOCAL_HOST, &data_dir.join("hosts").join(LOCAL_HOST))?);
         let mut hosts = BTreeMap::new();
         hosts.insert(LOCAL_HOST.to_owned(), local);
-        Ok(Engine { data_dir: data_dir.into(), store: Mutex::new(store), hosts })
+        Ok(Engine { data_dir: data_dir.into(), store: Mutex::new(store), hosts, command: "standby".into() })
+    }
+
+    /// Names the command line in every history entry this engine records.
+    pub fn set_command(&mut self, command: String) {
+        self.command = command;
+    }
+
+    /// Records an operation's outcome in the history. A history that cannot be written
+    /// must not turn a done operation into a failed one, so errors are dropped here.
+    pub(crate) fn record(&self, vm: &str, operation: &str, result: &Result<String>) {
+        match result {
+            Ok(m) => self.record_raw(vm, operation, "ok", m),
+            Err(e) => self.record_raw(vm, operation, "failed", &vm::chain(e)),
+        }
+    }
+
+    pub(crate) fn record_raw(&self, vm: &str, operation: &str, result: &str, detail: &str) {
+        let _ = self.store().record_history(vm, operation, &self.command, result, detail);
+    }
+
+    /// Every recorded operation, oldest first; only `vm`'s when given (its replica VM's
+    /// operations are recorded under the source VM's name).
+    pub fn history(&self, vm: Option<&str>) -> Result<Vec<HistoryRecord>> {
+        if let Some(v) = vm {
+            if self.store().vm(v)?.is_none() {
+                return Err(EngineError::UnknownVm(v.into()));
+            }
+        }
+        Ok(self.store().history(vm)?)
     }
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
+    /// The database, for one statement. Never hold the guard across another call to
+    /// `store()` (bind results with `let` first, not in an `if let`/`match` scrutinee):
+    /// the mutex is not reentrant.
     pub(crate) fn store(&self) -> MutexGuard<'_, Store> {
         // A panic while holding the lock leaves SQLite consistent (transactions roll back),
         // so a poisoned lock is safe to take over.

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::json;
-use standby_host::{Format, Host, VmLaunch, VmRuntime};
+use standby_host::{Host, VmLaunch, VmRuntime};
 use standby_model::VmName;
 use standby_store::{DiskRecord, NewVm, VmRecord};
 
@@ -91,6 +91,8 @@ impl Engine {
             kernel: spec.kernel.clone(),
             initrd: spec.initrd.clone(),
             append: spec.append.clone(),
+            role: "source".into(),
+            replica_id: None,
         })?;
         self.vm_show(&spec.name)
     }
@@ -127,7 +129,7 @@ impl Engine {
             name: vm.name,
             host: vm.host,
             state,
-            role: "source",
+            role: if vm.role == "replica" { "replica" } else { "source" },
             pid,
             cpus: vm.cpus,
             memory_mib: vm.memory_mib,
@@ -154,22 +156,36 @@ impl Engine {
         Ok(matches!(self.host(&vm.host)?.vm_runtime(&vm.name)?, VmRuntime::Running { .. }))
     }
 
-    pub fn vm_start(&self, name: &str) -> Result<VmView> {
+    /// Starts a VM. Refuses while its counterpart (the source of a replica VM, or the
+    /// replica VM of a source) runs, unless `force`.
+    pub fn vm_start(&self, name: &str, force: bool) -> Result<VmView> {
         let vm = self.vm_record(name)?;
-        let _lock = VmLock::acquire(&self.data_dir, name, "vm start")?;
-        let host = self.host(&vm.host)?;
+        // A replica VM shares its lock with its source: both are one protected VM.
+        let lock_name = self.protected_name(&vm)?;
+        let _lock = VmLock::acquire(&self.data_dir, &lock_name, "vm start")?;
         if self.vm_is_running(&vm)? {
             return Err(EngineError::VmState { vm: name.into(), state: "running", hint: "nothing to start" });
         }
-        let disks = vm
-            .disks
-            .iter()
-            .map(|d| {
-                let format = Format::parse(&d.format).unwrap_or(Format::Raw);
-                (d.path.clone(), format)
-            })
-            .collect();
-        host.vm_start(&VmLaunch {
+        if let Some(other) = self.running_counterpart(&vm)? {
+            if !force {
+                return Err(EngineError::TwoWriters { vm: name.into(), other: other.name, host: other.host });
+            }
+            self.record_raw(
+                &lock_name,
+                "vm start",
+                "warning",
+                &format!("{name} started with --force while {} runs", other.name),
+            );
+        }
+        self.launch(&vm)?;
+        self.record_raw(&lock_name, "vm start", "ok", &format!("{name} started"));
+        self.view(vm)
+    }
+
+    /// Starts the VM's QEMU on its host.
+    pub(crate) fn launch(&self, vm: &VmRecord) -> Result<()> {
+        let disks = self.launch_disks(vm)?;
+        self.host(&vm.host)?.vm_start(&VmLaunch {
             name: vm.name.clone(),
             cpus: vm.cpus,
             memory_mib: vm.memory_mib,
@@ -179,7 +195,39 @@ impl Engine {
             initrd: vm.initrd.clone(),
             append: vm.append.clone(),
         })?;
-        self.view(vm)
+        Ok(())
+    }
+
+    /// The protected VM a VM belongs to: itself, or a replica VM's source.
+    fn protected_name(&self, vm: &VmRecord) -> Result<String> {
+        match vm.replica_id {
+            Some(id) => Ok(self.store().replica(id)?.map(|r| r.vm).unwrap_or_else(|| vm.name.clone())),
+            None => Ok(vm.name.clone()),
+        }
+    }
+
+    /// The other running instance of the same protected VM, if any.
+    fn running_counterpart(&self, vm: &VmRecord) -> Result<Option<VmRecord>> {
+        let others: Vec<VmRecord> = match vm.replica_id {
+            Some(id) => {
+                let source = self.store().replica(id)?.map(|r| r.vm);
+                source.and_then(|s| self.store().vm(&s).transpose()).transpose()?.into_iter().collect()
+            }
+            None => {
+                let replicas = self.store().replicas_of_vm(&vm.name)?;
+                let mut out = Vec::new();
+                for r in replicas {
+                    out.extend(self.store().replica_vm(r.id)?);
+                }
+                out
+            }
+        };
+        for o in others {
+            if self.vm_is_running(&o)? {
+                return Ok(Some(o));
+            }
+        }
+        Ok(None)
     }
 
     /// Asks the guest to shut down (ACPI power button) and waits up to `timeout`; then
@@ -220,7 +268,7 @@ impl Engine {
 }
 
 /// `quit` lets QEMU flush and write its persistent bitmaps; SIGKILL only if it hangs.
-fn power_off(host: &dyn Host, name: &str) -> Result<()> {
+pub(crate) fn power_off(host: &dyn Host, name: &str) -> Result<()> {
     if let Ok(mut qmp) = host.vm_status_qmp(name) {
         let _ = qmp.execute("quit", json!({}));
     }

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use serde_json::Value;
 pub use standby_qemu::chain::{Chain, Format, Layer};
 pub use standby_qemu::img::{BitmapInfo, BitmapOp, ImageInfo};
-pub use standby_qemu::machine::Accel;
+pub use standby_qemu::machine::{Accel, DiskSource};
 pub use standby_qemu::QemuError;
 
 pub use local::LocalHost;
@@ -40,7 +40,7 @@ pub struct VmLaunch {
     pub name: String,
     pub cpus: u32,
     pub memory_mib: u32,
-    pub disks: Vec<(String, Format)>,
+    pub disks: Vec<DiskSource>,
     pub nics: Vec<String>,
     pub kernel: Option<String>,
     pub initrd: Option<String>,

@@ -220,7 +220,7 @@ impl Host for LocalHost {
                 .disks
                 .iter()
                 .enumerate()
-                .map(|(i, (path, format))| MachineDisk { path: path.clone(), format: *format, node: disk_node(i) })
+                .map(|(i, source)| MachineDisk { source: source.clone(), node: disk_node(i) })
                 .collect(),
             nics: vm.nics.clone(),
             kernel: vm.kernel.clone(),

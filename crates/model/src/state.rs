@@ -1,14 +1,21 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// Where a replica stands. Issue-by-issue, more states join; every change of state goes
-/// through [`ReplicaState::apply`], so the table below is the whole lifecycle.
+/// Where a replica stands. Every change of state goes through [`ReplicaState::apply`], so
+/// the table in `apply` is the whole lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicaState {
     /// Restore points exist (or will after the first run); replication runs.
     Ready,
     /// A replication run is writing a new restore point.
     Replicating,
+    /// Failover in progress: the replica is being brought to a restore point and started.
+    FailingOver,
+    /// The replica runs from a restore point; its writes go to a separate layer.
+    /// Replication of the VM is paused.
+    Failover,
+    /// Undo failover in progress: the replica is being stopped and its writes discarded.
+    UndoingFailover,
 }
 
 /// What happens to a replica.
@@ -17,16 +24,30 @@ pub enum Transition {
     RunStarted,
     RunFinished,
     RunFailed,
+    FailoverStarted,
+    FailoverDone,
+    FailoverRolledBack,
+    UndoStarted,
+    UndoDone,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("a replica in state {from} cannot {transition}")]
+#[error("a replica in state {from} cannot {transition}{hint}")]
 pub struct TransitionError {
     pub from: ReplicaState,
     pub transition: &'static str,
+    pub hint: &'static str,
 }
 
 impl ReplicaState {
+    pub const ALL: [ReplicaState; 5] = [
+        ReplicaState::Ready,
+        ReplicaState::Replicating,
+        ReplicaState::FailingOver,
+        ReplicaState::Failover,
+        ReplicaState::UndoingFailover,
+    ];
+
     pub fn apply(self, t: Transition) -> Result<ReplicaState, TransitionError> {
         use ReplicaState::*;
         use Transition::*;
@@ -35,7 +56,15 @@ impl ReplicaState {
             (Ready, RunStarted) => Ok(Replicating),
             // Replicating ---- restore point committed, or run abandoned ----> Ready
             (Replicating, RunFinished | RunFailed) => Ok(Ready),
-            (from, t) => Err(TransitionError { from, transition: t.verb() }),
+            // Ready ---- failover ----> FailingOver ---- replica started ----> Failover
+            (Ready, FailoverStarted) => Ok(FailingOver),
+            (FailingOver, FailoverDone) => Ok(Failover),
+            // FailingOver ---- failed or interrupted before the replica ran ----> Ready
+            (FailingOver, FailoverRolledBack) => Ok(Ready),
+            // Failover ---- undo ----> UndoingFailover ---- writes discarded ----> Ready
+            (Failover, UndoStarted) => Ok(UndoingFailover),
+            (UndoingFailover, UndoDone) => Ok(Ready),
+            (from, t) => Err(TransitionError { from, transition: t.verb(), hint: from.hint() }),
         }
     }
 
@@ -43,7 +72,26 @@ impl ReplicaState {
         match self {
             ReplicaState::Ready => "ready",
             ReplicaState::Replicating => "replicating",
+            ReplicaState::FailingOver => "failing_over",
+            ReplicaState::Failover => "failover",
+            ReplicaState::UndoingFailover => "undoing_failover",
         }
+    }
+
+    /// What the operator can do about a refused transition from here.
+    fn hint(self) -> &'static str {
+        match self {
+            ReplicaState::Ready => "; it is not in failover",
+            ReplicaState::Failover => "; it is in failover: undo it first (standby failover undo VM)",
+            ReplicaState::Replicating | ReplicaState::FailingOver | ReplicaState::UndoingFailover => {
+                "; another operation is in progress: wait for it, or run any standby command to recover it if it was killed"
+            }
+        }
+    }
+
+    /// Replication runs only in Ready; in other states a job run skips the VM.
+    pub fn replicates(self) -> bool {
+        matches!(self, ReplicaState::Ready | ReplicaState::Replicating)
     }
 }
 
@@ -53,6 +101,11 @@ impl Transition {
             Transition::RunStarted => "start a replication run",
             Transition::RunFinished => "finish a replication run",
             Transition::RunFailed => "abandon a replication run",
+            Transition::FailoverStarted => "fail over",
+            Transition::FailoverDone => "finish a failover",
+            Transition::FailoverRolledBack => "roll back a failover",
+            Transition::UndoStarted => "undo failover",
+            Transition::UndoDone => "finish undoing a failover",
         }
     }
 }
@@ -66,11 +119,7 @@ impl fmt::Display for ReplicaState {
 impl FromStr for ReplicaState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "ready" => Ok(ReplicaState::Ready),
-            "replicating" => Ok(ReplicaState::Replicating),
-            other => Err(format!("unknown replica state {other:?}")),
-        }
+        ReplicaState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| format!("unknown replica state {s:?}"))
     }
 }
 
@@ -125,19 +174,40 @@ mod tests {
     fn whole_transition_table() {
         use ReplicaState::*;
         use Transition::*;
-        let states = [Ready, Replicating];
-        let transitions = [RunStarted, RunFinished, RunFailed];
-        for s in states {
+        let transitions = [
+            RunStarted,
+            RunFinished,
+            RunFailed,
+            FailoverStarted,
+            FailoverDone,
+            FailoverRolledBack,
+            UndoStarted,
+            UndoDone,
+        ];
+        for s in ReplicaState::ALL {
             for t in transitions {
                 let want = match (s, t) {
                     (Ready, RunStarted) => Some(Replicating),
                     (Replicating, RunFinished | RunFailed) => Some(Ready),
+                    (Ready, FailoverStarted) => Some(FailingOver),
+                    (FailingOver, FailoverDone) => Some(Failover),
+                    (FailingOver, FailoverRolledBack) => Some(Ready),
+                    (Failover, UndoStarted) => Some(UndoingFailover),
+                    (UndoingFailover, UndoDone) => Some(Ready),
                     _ => None,
                 };
                 assert_eq!(s.apply(t).ok(), want, "{s} {t:?}");
             }
             assert_eq!(s.as_str().parse::<ReplicaState>(), Ok(s));
         }
+    }
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let e = ReplicaState::Failover.apply(Transition::FailoverStarted).unwrap_err();
+        assert!(e.to_string().contains("standby failover undo"), "{e}");
+        let e = ReplicaState::Ready.apply(Transition::UndoStarted).unwrap_err();
+        assert!(e.to_string().contains("not in failover"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The qemu-system command line for a VM standby runs.
 
-use crate::chain::Format;
+use crate::chain::{Chain, Format};
 
 pub const QEMU_SYSTEM: &str = "qemu-system-x86_64";
 
@@ -19,10 +19,18 @@ impl Accel {
     }
 }
 
+/// How a disk's image is opened.
+#[derive(Debug, Clone)]
+pub enum DiskSource {
+    /// One image file opened by its own header (a VM's own disk).
+    Image { path: String, format: Format },
+    /// A chain standby describes layer by layer (a replica's disk).
+    Chain(Chain),
+}
+
 #[derive(Debug, Clone)]
 pub struct MachineDisk {
-    pub path: String,
-    pub format: Format,
+    pub source: DiskSource,
     /// The block node name QMP commands use for this disk.
     pub node: String,
 }
@@ -61,9 +69,21 @@ impl Machine {
         push(&["-qmp", &format!("unix:{},server=on,wait=off", self.qmp_status_socket)]);
         push(&["-daemonize", "-pidfile", &self.pidfile]);
         for (i, d) in self.disks.iter().enumerate() {
-            let file_node = format!("{}-file", d.node);
-            push(&["-blockdev", &format!("driver=file,filename={},node-name={},cache.direct=off", d.path, file_node)]);
-            push(&["-blockdev", &format!("driver={},file={},node-name={}", d.format.as_str(), file_node, d.node)]);
+            match &d.source {
+                DiskSource::Image { path, format } => {
+                    let file_node = format!("{}-file", d.node);
+                    push(&[
+                        "-blockdev",
+                        &format!("driver=file,filename={path},node-name={file_node},cache.direct=off"),
+                    ]);
+                    push(&["-blockdev", &format!("driver={},file={file_node},node-name={}", format.as_str(), d.node)]);
+                }
+                DiskSource::Chain(chain) => {
+                    let mut spec = chain.to_json();
+                    spec["node-name"] = serde_json::Value::String(d.node.clone());
+                    push(&["-blockdev", &spec.to_string()]);
+                }
+            }
             push(&["-device", &format!("virtio-blk-pci,drive={},id=vd{i}", d.node)]);
         }
         for (i, model) in self.nics.iter().enumerate() {
@@ -94,7 +114,16 @@ mod tests {
             name: "web".into(),
             cpus: 1,
             memory_mib: 128,
-            disks: vec![MachineDisk { path: "/d/a.qcow2".into(), format: Format::Qcow2, node: "disk0".into() }],
+            disks: vec![
+                MachineDisk {
+                    source: DiskSource::Image { path: "/d/a.qcow2".into(), format: Format::Qcow2 },
+                    node: "disk0".into(),
+                },
+                MachineDisk {
+                    source: DiskSource::Chain(Chain::single("/dr/1.qcow2", Format::Qcow2).with_top("/dr/f.qcow2")),
+                    node: "disk1".into(),
+                },
+            ],
             nics: vec![],
             kernel: None,
             initrd: None,
@@ -108,5 +137,7 @@ mod tests {
         let args = m.args().join(" ");
         assert!(args.contains("driver=qcow2,file=disk0-file,node-name=disk0"));
         assert!(args.contains("-daemonize -pidfile /r/qemu.pid"));
+        assert!(args.contains(r#""node-name":"disk1""#), "{args}");
+        assert!(args.contains(r#""backing":null"#), "{args}");
     }
 }

@@ -88,8 +88,8 @@ impl Store {
     pub fn insert_vm(&mut self, vm: &NewVm) -> Result<i64> {
         let tx = self.tx()?;
         tx.execute(
-            "INSERT INTO vms (name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO vms (name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 vm.name,
                 vm.host,
@@ -99,7 +99,9 @@ impl Store {
                 vm.kernel,
                 vm.initrd,
                 vm.append,
-                now()
+                now(),
+                vm.role,
+                vm.replica_id
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -126,6 +128,8 @@ impl Store {
             initrd: r.get(7)?,
             append: r.get(8)?,
             created_at: r.get(9)?,
+            role: r.get(10)?,
+            replica_id: r.get(11)?,
             disks: Vec::new(),
         })
     }
@@ -138,7 +142,8 @@ impl Store {
         Ok(rows)
     }
 
-    const VM_COLS: &'static str = "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at";
+    const VM_COLS: &'static str =
+        "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id";
 
     pub fn vm(&self, name: &str) -> Result<Option<VmRecord>> {
         let sql = format!("SELECT {} FROM vms WHERE name = ?1", Self::VM_COLS);
@@ -160,6 +165,21 @@ impl Store {
             vm.disks = self.vm_disks(vm.id)?;
         }
         Ok(vms)
+    }
+
+    pub fn delete_vm(&mut self, name: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM vms WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    /// The replica VM running replica `replica_id`, if one is defined.
+    pub fn replica_vm(&self, replica_id: i64) -> Result<Option<VmRecord>> {
+        let name: Option<String> =
+            self.conn.query_row("SELECT name FROM vms WHERE replica_id = ?1", [replica_id], |r| r.get(0)).optional()?;
+        match name {
+            Some(n) => self.vm(&n),
+            None => Ok(None),
+        }
     }
 
     /// Every VM that uses this disk image path.
@@ -242,7 +262,8 @@ impl Store {
     }
 
     const REPLICA_COLS: &'static str =
-        "r.id, r.job_id, j.name, r.vm_id, v.name, r.state, r.dir, r.next_seq, j.target_host";
+        "r.id, r.job_id, j.name, r.vm_id, v.name, r.state, r.dir, r.next_seq, j.target_host, j.replica_suffix, \
+         r.failover_point, r.op_step";
 
     fn replica_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRecord> {
         Ok(ReplicaRecord {
@@ -255,6 +276,9 @@ impl Store {
             dir: r.get(6)?,
             next_seq: r.get(7)?,
             target_host: r.get(8)?,
+            replica_suffix: r.get(9)?,
+            failover_point: r.get(10)?,
+            op_step: r.get(11)?,
         })
     }
 
@@ -287,6 +311,65 @@ impl Store {
     pub fn set_replica_state(&mut self, id: i64, state: &str) -> Result<()> {
         self.conn.execute("UPDATE replicas SET state = ?1 WHERE id = ?2", params![state, id])?;
         Ok(())
+    }
+
+    /// Moves a replica to `state` with the operation step in flight (None when idle) and
+    /// the restore point it runs from, in one write.
+    pub fn set_replica_op(
+        &mut self,
+        id: i64,
+        state: &str,
+        step: Option<&str>,
+        failover_point: Option<i64>,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE replicas SET state = ?2, op_step = ?3, failover_point = ?4 WHERE id = ?1",
+            params![id, state, step, failover_point],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_replica_step(&mut self, id: i64, step: &str) -> Result<()> {
+        self.conn.execute("UPDATE replicas SET op_step = ?2 WHERE id = ?1", params![id, step])?;
+        Ok(())
+    }
+
+    // ---- history ----
+
+    pub fn record_history(
+        &mut self,
+        vm: &str,
+        operation: &str,
+        command: &str,
+        result: &str,
+        detail: &str,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO history (at, vm, operation, command, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now(), vm, operation, command, result, detail],
+        )?;
+        Ok(())
+    }
+
+    /// History, oldest first; only `vm`'s when given.
+    pub fn history(&self, vm: Option<&str>) -> Result<Vec<HistoryRecord>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, at, vm, operation, command, result, detail FROM history WHERE ?1 IS NULL OR vm = ?1 ORDER BY id",
+        )?;
+        let rows = st
+            .query_map([vm], |r| {
+                Ok(HistoryRecord {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    vm: r.get(2)?,
+                    operation: r.get(3)?,
+                    command: r.get(4)?,
+                    result: r.get(5)?,
+                    detail: r.get(6)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
     }
 
     /// Reserves the sequence number of the next run: durable before any file is named after it.

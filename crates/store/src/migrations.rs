@@ -88,4 +88,24 @@ pub const MIGRATIONS: &[&str] = &[
         message TEXT
     );
     "#,
+    // 2: failover. Replica VMs are VMs with role 'replica'; the replica row remembers the
+    // restore point it runs from and the step of an operation in flight; history records
+    // every operation.
+    r#"
+    ALTER TABLE vms ADD COLUMN role TEXT NOT NULL DEFAULT 'source';
+    ALTER TABLE vms ADD COLUMN replica_id INTEGER REFERENCES replicas(id);
+    ALTER TABLE jobs ADD COLUMN replica_suffix TEXT NOT NULL DEFAULT '_replica';
+    ALTER TABLE replicas ADD COLUMN failover_point INTEGER;
+    ALTER TABLE replicas ADD COLUMN op_step TEXT;
+    CREATE TABLE history (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        vm TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        command TEXT NOT NULL,
+        result TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX history_vm ON history (vm, id);
+    "#,
 ];

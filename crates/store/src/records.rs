@@ -19,6 +19,8 @@ pub struct NewVm {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub append: Option<String>,
+    pub role: String,
+    pub replica_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +36,10 @@ pub struct VmRecord {
     pub initrd: Option<String>,
     pub append: Option<String>,
     pub created_at: String,
+    /// `source`, or `replica` for a replica running (or stopped) in failover.
+    pub role: String,
+    /// For a replica VM: the replica it runs.
+    pub replica_id: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +75,9 @@ pub struct ReplicaRecord {
     pub dir: String,
     pub next_seq: i64,
     pub target_host: String,
+    pub replica_suffix: String,
+    pub failover_point: Option<i64>,
+    pub op_step: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,4 +133,16 @@ pub struct TaskRecord {
     pub done_bytes: u64,
     pub total_bytes: u64,
     pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryRecord {
+    pub id: i64,
+    pub at: String,
+    pub vm: String,
+    pub operation: String,
+    pub command: String,
+    /// `ok`, `failed`, `rolled back`, `completed` (by recovery) or `warning`.
+    pub result: String,
+    pub detail: String,
 }

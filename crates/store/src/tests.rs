@@ -17,6 +17,8 @@ fn vm(name: &str) -> NewVm {
         kernel: None,
         initrd: None,
         append: None,
+        role: "source".into(),
+        replica_id: None,
     }
 }
 

@@ -59,6 +59,11 @@ pub struct ReplicaView {
     pub state: String,
     pub restore_points: usize,
     pub latest: Option<String>,
+    /// In failover: the restore point the replica VM runs from, and that VM's name.
+    pub failover_point: Option<i64>,
+    pub replica_vm: Option<String>,
+    /// The newest history entry of the VM: `operation result at`.
+    pub last_operation: Option<String>,
 }
 
 /// What one VM's run ended with.
@@ -102,6 +107,12 @@ impl Engine {
             .into_iter()
             .map(|r| {
                 let points = self.store().restore_points(r.id, false)?;
+                let replica_vm = self.store().replica_vm(r.id)?.map(|v| v.name);
+                let last_operation = self
+                    .store()
+                    .history(Some(&r.vm))?
+                    .pop()
+                    .map(|h| format!("{} {} at {}", h.operation, h.result, h.at));
                 Ok(ReplicaView {
                     vm: r.vm,
                     job: r.job,
@@ -110,12 +121,15 @@ impl Engine {
                     state: r.state,
                     restore_points: points.len(),
                     latest: points.last().map(|p| p.created_at.clone()),
+                    failover_point: r.failover_point,
+                    replica_vm,
+                    last_operation,
                 })
             })
             .collect()
     }
 
-    fn replica_of(&self, vm: &str, job: Option<&str>) -> Result<ReplicaRecord> {
+    pub(crate) fn replica_of(&self, vm: &str, job: Option<&str>) -> Result<ReplicaRecord> {
         if self.store().vm(vm)?.is_none() {
             return Err(EngineError::UnknownVm(vm.into()));
         }
@@ -179,7 +193,24 @@ impl Engine {
 
     fn replicate(&self, replica: &ReplicaRecord, retain: u32, progress: &dyn Progress) -> RunOutcome {
         let mut notes = Vec::new();
+        if let Ok(state) = replica.state.parse::<ReplicaState>() {
+            if !state.replicates() {
+                let why = format!(
+                    "skipped: its replica is in state {state}; replication resumes after the failover is undone"
+                );
+                self.record_raw(&replica.vm, "replication", "skipped", &why);
+                return RunOutcome { vm: replica.vm.clone(), restore_point: None, error: Some(why), notes };
+            }
+        }
         let result = self.replicate_inner(replica, retain, progress, &mut notes);
+        self.record(
+            &replica.vm,
+            "replication",
+            &result
+                .as_ref()
+                .map(|rp| format!("restore point {} ({})", rp.id, rp.method))
+                .map_err(|e| EngineError::Invalid(crate::vm::chain(e))),
+        );
         match result {
             Ok(rp) => {
                 progress.step(&replica.vm, "done");
@@ -200,6 +231,9 @@ impl Engine {
         notes: &mut Vec<String>,
     ) -> Result<RestorePointView> {
         let _lock = VmLock::acquire(&self.data_dir, &replica.vm, &format!("replication job {}", replica.job))?;
+        // Re-read under the lock: a failover may have started since the job was read.
+        let replica =
+            &self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: replica.vm.clone() })?;
         let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
         let src_host = self.host(&vm.host)?;
         let dr_host = self.host(&replica.target_host)?;
@@ -227,7 +261,15 @@ impl Engine {
         let mut notes = Vec::new();
         let replicas = self.store().replicas()?;
         for replica in replicas {
-            if replica.state != ReplicaState::Replicating.as_str() {
+            let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+            if matches!(state, ReplicaState::FailingOver | ReplicaState::UndoingFailover) {
+                let Ok(_lock) = VmLock::acquire(&self.data_dir, &replica.vm, "recovery") else {
+                    continue;
+                };
+                notes.extend(self.recover_failover(&replica)?);
+                continue;
+            }
+            if state != ReplicaState::Replicating {
                 continue;
             }
             // A live run holds the lock: then nothing was interrupted.
@@ -244,6 +286,7 @@ impl Engine {
                 &mut n,
             )?;
             self.store().set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
+            self.record_raw(&replica.vm, "replication", "rolled back", "recovered after an interruption");
             notes.push(format!("VM {}, job {}: rolled back an interrupted replication run", replica.vm, replica.job));
         }
         Ok(notes)

@@ -1,0 +1,260 @@
+//! User story: the production site is gone; the operator fails over to a replica, at the
+//! latest or an older restore point, and can undo it. Restore points never change.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use standby_testkit::{file_digest, identical, ledger_append, make_disk, read_image, Env, Ledger};
+
+const BIN: &str = env!("CARGO_BIN_EXE_standby");
+const START: u64 = 2048;
+const COUNT: u64 = 3000;
+
+fn point_ids(env: &Env, vm: &str) -> Vec<i64> {
+    env.points(vm).iter().map(|p| p["id"].as_i64().unwrap()).collect()
+}
+
+/// Every layer file of restore point `id`'s chain, with its digest.
+fn chain_digests(env: &Env, vm: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = std::fs::read_dir(env.path(&format!("dr/{vm}")))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| !p.contains("failover-"))
+        .map(|p| {
+            let d = file_digest(&p);
+            (p, d)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn vm_row(env: &Env, name: &str) -> Option<Value> {
+    env.json(&["vm", "list"]).as_array().unwrap().iter().find(|v| v["name"] == name).cloned()
+}
+
+#[test]
+fn failover_to_an_older_point_then_undo() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x21, 0, 2)]);
+    env.create_guest_vm("web", &disk, 160, &ledger_append(START, COUNT, 20_000));
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "web"]);
+    let ledger = Ledger { start_block: START };
+    let mut records = Vec::new();
+    for want in [5, 30, 60] {
+        env.wait_console("web", Duration::from_secs(60), "ledger writes", |c| Ledger::acknowledged(c) >= want);
+        env.ok(&["job", "run", "j"]);
+        records.push(ledger.records_in(&read_image(&env.latest_disk("web", 0)), COUNT).unwrap());
+    }
+    let ids = point_ids(&env, "web");
+    assert!(records[1] < records[2], "the points must differ: {records:?}");
+
+    // The source still runs: failover is refused without --force.
+    let r = env.run(&["failover", "web", "--point", &ids[1].to_string()]);
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stdout.contains("web: FAILED") && r.stdout.contains("web_replica") && r.stdout.contains("--force"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready", "a refused failover changes nothing");
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+
+    let before = chain_digests(&env, "web");
+    let out = env.ok(&["failover", "web", "--point", &ids[1].to_string()]);
+    assert!(out.contains("web: ok: replica web_replica runs"), "{out}");
+    let replica = env.json(&["replica", "list"])[0].clone();
+    assert_eq!(replica["state"], "failover");
+    assert_eq!(replica["failover_point"], ids[1]);
+    let row = vm_row(&env, "web_replica").expect("the replica VM is listed");
+    assert_eq!(
+        (row["role"].as_str(), row["state"].as_str(), row["host"].as_str()),
+        (Some("replica"), Some("running"), Some("local"))
+    );
+
+    // The replica booted from exactly restore point 2: its guest finds that point's records.
+    let console =
+        env.wait_console("web_replica", Duration::from_secs(60), "replica boot", |c| c.contains("LEDGER-RESUME"));
+    let resumed: u64 = console.lines().find_map(|l| l.trim().strip_prefix("LEDGER-RESUME ")?.parse().ok()).unwrap();
+    assert_eq!(resumed, records[1], "the replica must run from the chosen restore point");
+    env.wait_console("web_replica", Duration::from_secs(60), "writes in failover", |c| {
+        Ledger::acknowledged(c) >= records[1] + 10
+    });
+
+    // While in failover: replication pauses, the source may not start.
+    let r = env.run(&["job", "run", "j"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stdout.contains("skipped") && r.stdout.contains("failover"), "{}", r.stdout);
+    let err = env.fails(&["vm", "start", "web"]);
+    assert!(err.contains("web_replica is running"), "{err}");
+    let r = env.run(&["failover", "web"]);
+    assert!(r.code == Some(1) && r.stdout.contains("undo it first"), "{}", r.stdout);
+    assert_eq!(chain_digests(&env, "web"), before, "restore points changed during failover");
+
+    let out = env.ok(&["failover", "undo", "web"]);
+    assert!(out.contains("web: ok"), "{out}");
+    assert!(vm_row(&env, "web_replica").is_none());
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
+    assert_eq!(chain_digests(&env, "web"), before, "undo must leave the restore points as they were");
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+    let p2 = env.points("web")[1]["disks"][0]["path"].as_str().unwrap().to_owned();
+    assert_eq!(ledger.records_in(&read_image(&p2), COUNT).unwrap(), records[1], "writes of the failover are gone");
+
+    // Replication resumes incrementally.
+    env.ok(&["job", "run", "j"]);
+    let last = env.points("web").pop().unwrap();
+    assert_eq!(last["method"], "cbt");
+    assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &disk));
+
+    let history = env.json(&["history", "web"]);
+    let ops: Vec<(String, String)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["operation"].as_str().unwrap().to_owned(), h["result"].as_str().unwrap().to_owned()))
+        .collect();
+    for want in [("failover", "failed"), ("failover", "ok"), ("replication", "skipped"), ("undo failover", "ok")] {
+        assert!(ops.contains(&(want.0.into(), want.1.into())), "history lacks {want:?}: {ops:?}");
+    }
+    assert!(history.as_array().unwrap().iter().any(|h| h["command"].as_str().unwrap().contains("failover undo web")));
+}
+
+/// VMs without a guest: QEMU runs (the firmware finds nothing to boot), which is all the
+/// failover machinery needs.
+fn plain_vms(env: &Env, names: &[&str]) {
+    for n in names {
+        let disk = env.path(&format!("src/{n}.qcow2"));
+        make_disk(&disk, "qcow2", 8, &[(0x31, 0, 1)]);
+        env.ok(&["vm", "create", n, "--disk", &disk, "--memory", "64"]);
+    }
+    let mut args = vec!["job", "create", "j", "--target-host", "local", "--target-dir"];
+    let dr = env.path("dr");
+    args.push(&dr);
+    for n in names {
+        args.extend(["--vm", n]);
+    }
+    env.ok(&args);
+    env.ok(&["job", "run", "j"]);
+}
+
+#[test]
+fn batch_fails_only_the_vm_in_the_wrong_state() {
+    let env = Env::new(BIN);
+    plain_vms(&env, &["a", "b", "c"]);
+    env.ok(&["failover", "b"]);
+    let r = env.run(&["failover", "a", "b", "c", "--json"]);
+    assert_eq!(r.code, Some(1));
+    let out: Value = serde_json::from_str(&r.stdout).unwrap();
+    let ok: Vec<(String, bool)> = out
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["vm"].as_str().unwrap().to_owned(), o["ok"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(ok, vec![("a".into(), true), ("b".into(), false), ("c".into(), true)]);
+    for n in ["a_replica", "b_replica", "c_replica"] {
+        assert_eq!(vm_row(&env, n).unwrap()["state"], "running", "{n}");
+    }
+    env.ok(&["failover", "undo", "a", "b", "c"]);
+    assert!(env.json(&["replica", "list"]).as_array().unwrap().iter().all(|r| r["state"] == "ready"));
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+#[test]
+fn bad_failover_requests_change_nothing() {
+    let env = Env::new(BIN);
+    plain_vms(&env, &["a"]);
+    let disk = env.path("src/lonely.qcow2");
+    make_disk(&disk, "qcow2", 8, &[]);
+    env.ok(&["vm", "create", "lonely", "--disk", &disk]);
+    let before = env.snapshot();
+    for (args, expect) in [
+        (&["failover", "a", "--point", "999"][..], "no restore point 999"),
+        (&["failover", "a", "--point", "yesterday"], "neither `latest` nor a restore point id"),
+        (&["failover", "undo", "a"], "not in failover"),
+        (&["failover", "ghost"], "unknown VM"),
+        (&["failover", "lonely"], "has no replica"),
+    ] {
+        let err = env.run(args);
+        assert_ne!(err.code, Some(0), "{args:?}");
+        let text = format!("{}{}", err.stdout, err.stderr);
+        assert!(text.contains(expect), "{args:?}: expected {expect:?} in {text}");
+        assert_eq!(env.snapshot(), before, "{args:?} changed state");
+    }
+    assert!(env.processes().is_empty());
+    // With the source running, failover needs --force, runs both and says so.
+    env.ok(&["vm", "start", "a"]);
+    let r = env.run(&["failover", "a"]);
+    assert!(r.code == Some(1) && r.stdout.contains("a_replica: its counterpart a is running"), "{}", r.stdout);
+    let out = env.ok(&["failover", "a", "--force"]);
+    assert!(out.contains("warning: source VM a is still running"), "{out}");
+    assert_eq!(vm_row(&env, "a_replica").unwrap()["state"], "running");
+    env.ok(&["failover", "undo", "a"]);
+    env.ok(&["vm", "stop", "a"]);
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+fn crash_failover_at(fp: &str) {
+    let mut env = Env::new(BIN);
+    plain_vms(&env, &["a"]);
+    let before = chain_digests(&env, "a");
+    env.set_env("STANDBY_FAILPOINT", fp);
+    let r = env.run(&["failover", "a"]);
+    env.unset_env("STANDBY_FAILPOINT");
+    assert_eq!(r.code, None, "{fp}: not killed: {}", r.stderr);
+    // Any command recovers.
+    let list = env.run(&["replica", "list", "--json"]);
+    assert!(list.stderr.contains("interrupted failover"), "{fp}: {}", list.stderr);
+    let state = serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"].as_str().unwrap().to_owned();
+    let replica_vm = vm_row(&env, "a_replica");
+    if fp == "failover.after-start" {
+        assert_eq!(state, "failover", "{fp}: the replica ran, so the failover completes");
+        assert_eq!(replica_vm.unwrap()["state"], "running");
+        assert_eq!(env.processes().len(), 1, "{fp}: exactly one replica QEMU: {:?}", env.processes());
+        env.ok(&["failover", "undo", "a"]);
+    } else {
+        assert_eq!(state, "ready", "{fp}: a failover whose replica never ran is rolled back");
+        assert!(replica_vm.is_none(), "{fp}");
+    }
+    assert!(!std::path::Path::new(&env.path("dr/a/failover-d0.qcow2")).exists(), "{fp}: overlay left");
+    assert!(env.processes().is_empty(), "{fp}: {:?}", env.processes());
+    assert_eq!(chain_digests(&env, "a"), before, "{fp}: restore points changed");
+    // A second recovery changes nothing; the next failover works.
+    env.ok(&["replica", "list"]);
+    env.ok(&["failover", "a"]);
+    env.ok(&["failover", "undo", "a"]);
+}
+
+fn crash_undo_at(fp: &str) {
+    let mut env = Env::new(BIN);
+    plain_vms(&env, &["a"]);
+    let before = chain_digests(&env, "a");
+    env.ok(&["failover", "a"]);
+    env.set_env("STANDBY_FAILPOINT", fp);
+    let r = env.run(&["failover", "undo", "a"]);
+    env.unset_env("STANDBY_FAILPOINT");
+    assert_eq!(r.code, None, "{fp}: not killed: {}", r.stderr);
+    let list = env.run(&["replica", "list", "--json"]);
+    assert!(list.stderr.contains("interrupted undo failover"), "{fp}: {}", list.stderr);
+    assert_eq!(serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"], "ready", "{fp}");
+    assert!(vm_row(&env, "a_replica").is_none(), "{fp}");
+    assert!(env.processes().is_empty(), "{fp}: {:?}", env.processes());
+    assert_eq!(chain_digests(&env, "a"), before, "{fp}: restore points changed");
+    env.ok(&["job", "run", "j"]);
+}
+
+#[test]
+fn kill_during_failover() {
+    for fp in ["failover.after-overlays", "failover.after-define", "failover.after-start"] {
+        crash_failover_at(fp);
+    }
+}
+
+#[test]
+fn kill_during_undo() {
+    for fp in ["undo.after-stop", "undo.after-discard"] {
+        crash_undo_at(fp);
+    }
+}

@@ -1,0 +1,319 @@
+//! Failover and undo failover.
+//!
+//! Failover brings a replica to a restore point and powers it on as a VM of its own, on
+//! the DR host, with the source's configuration. Its writes go to an overlay per disk
+//! (`failover-d<i>.qcow2` in the replica directory) over the restore point's layer, so the
+//! restore point never changes. Undo powers it off and deletes the overlays.
+//!
+//! Each step is recorded in the replica row before its side effect (`op_step`), so that a
+//! killed standby is recovered by the next command: a failover whose replica VM was not
+//! running yet is rolled back, one whose VM runs is completed; an undo is always completed.
+
+use serde::Serialize;
+use standby_host::{Chain, Format, Host};
+use standby_model::{ReplicaState, Transition};
+use standby_store::{NewVm, ReplicaRecord, VmRecord};
+
+use crate::lock::VmLock;
+use crate::replication::dr;
+use crate::{failpoint, vm, Engine, EngineError, Result};
+
+/// Which restore point a failover goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointChoice {
+    Latest,
+    Id(i64),
+}
+
+/// One VM's result in a batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpOutcome {
+    pub vm: String,
+    pub ok: bool,
+    /// What happened, or why it failed.
+    pub message: String,
+    pub warnings: Vec<String>,
+}
+
+fn overlay_path(dir: &str, idx: usize) -> String {
+    format!("{dir}/failover-d{idx}.qcow2")
+}
+
+impl Engine {
+    /// Runs `op` for every VM in parallel; one VM's failure does not stop the others.
+    pub(crate) fn batch(
+        &self,
+        vms: &[String],
+        op: impl Fn(&str, &mut Vec<String>) -> Result<String> + Sync,
+    ) -> Vec<OpOutcome> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = vms
+                .iter()
+                .map(|vm| {
+                    let op = &op;
+                    s.spawn(move || {
+                        let mut warnings = Vec::new();
+                        let r = op(vm, &mut warnings);
+                        OpOutcome {
+                            vm: vm.clone(),
+                            ok: r.is_ok(),
+                            message: r.unwrap_or_else(|e| vm::chain(&e)),
+                            warnings,
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .zip(vms)
+                .map(|(h, vm)| {
+                    h.join().unwrap_or_else(|_| OpOutcome {
+                        vm: vm.clone(),
+                        ok: false,
+                        message: "the operation panicked; this is a bug".into(),
+                        warnings: Vec::new(),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    pub fn failover(&self, vms: &[String], point: PointChoice, force: bool) -> Vec<OpOutcome> {
+        self.batch(vms, |vm, warnings| {
+            let r = self.failover_one(vm, point, force, warnings);
+            self.record(vm, "failover", &r);
+            r
+        })
+    }
+
+    pub fn failover_undo(&self, vms: &[String]) -> Vec<OpOutcome> {
+        self.batch(vms, |vm, _| {
+            let r = self.undo_one(vm);
+            self.record(vm, "undo failover", &r);
+            r
+        })
+    }
+
+    fn failover_one(&self, name: &str, point: PointChoice, force: bool, warnings: &mut Vec<String>) -> Result<String> {
+        let replica = self.replica_of(name, None)?;
+        let _lock = VmLock::acquire(&self.data_dir, name, "failover")?;
+        // Re-read under the lock: another command may have changed it meanwhile.
+        let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
+        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+        let next = state.apply(Transition::FailoverStarted)?;
+        let points = self.store().restore_points(replica.id, false)?;
+        let rp = match point {
+            PointChoice::Latest => points.last(),
+            PointChoice::Id(id) => points.iter().find(|p| p.id == id),
+        }
+        .ok_or_else(|| match point {
+            PointChoice::Latest => {
+                EngineError::Invalid(format!("VM {name} has no restore point yet; run its job first"))
+            }
+            PointChoice::Id(id) => EngineError::Invalid(format!(
+                "VM {name} has no restore point {id}; its restore points are {} (standby replica points {name})",
+                points.iter().map(|p| p.id.to_string()).collect::<Vec<_>>().join(", ")
+            )),
+        })?
+        .clone();
+        let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
+        if self.vm_is_running(&source)? {
+            if !force {
+                return Err(EngineError::TwoWriters {
+                    vm: replica_vm_name(&replica),
+                    other: name.into(),
+                    host: source.host.clone(),
+                });
+            }
+            warnings.push(format!(
+                "source VM {name} is still running on {}: two copies of it now run (--force)",
+                source.host
+            ));
+        }
+        let vm_name = replica_vm_name(&replica);
+        if self.store().vm(&vm_name)?.is_some() {
+            return Err(EngineError::Invalid(format!(
+                "a VM named {vm_name} already exists; rename it, or set another replica suffix on job {}",
+                replica.job
+            )));
+        }
+        let dr = self.host(&replica.target_host)?;
+
+        // FailingOver, step "overlays": from here a crash is rolled back.
+        self.store().set_replica_op(replica.id, next.as_str(), Some("overlays"), Some(rp.id))?;
+        let result = self.bring_up(&replica, &source, &rp, dr.as_ref(), &vm_name);
+        if let Err(e) = result {
+            let _ = self.roll_back_failover(&replica, dr.as_ref(), &vm_name);
+            return Err(e);
+        }
+        failpoint::hit("failover.after-start");
+        let done = ReplicaState::FailingOver.apply(Transition::FailoverDone)?;
+        self.store().set_replica_op(replica.id, done.as_str(), None, Some(rp.id))?;
+        Ok(format!(
+            "replica {vm_name} runs on {} from restore point {} ({})",
+            replica.target_host, rp.id, rp.created_at
+        ))
+    }
+
+    /// Overlays, the replica VM's definition, and its start.
+    fn bring_up(
+        &self,
+        replica: &ReplicaRecord,
+        source: &VmRecord,
+        rp: &standby_store::RestorePointRecord,
+        dr: &dyn Host,
+        vm_name: &str,
+    ) -> Result<()> {
+        let mut overlays = Vec::new();
+        for d in &rp.disks {
+            let overlay = overlay_path(&replica.dir, d.idx as usize);
+            dr.image_create(&overlay, d.size, Some(&d.layer))?;
+            overlays.push(standby_store::DiskRecord { path: overlay, format: "qcow2".into() });
+        }
+        failpoint::hit("failover.after-overlays");
+        self.store().set_replica_step(replica.id, "define")?;
+        self.store().insert_vm(&NewVm {
+            name: vm_name.into(),
+            host: replica.target_host.clone(),
+            cpus: source.cpus,
+            memory_mib: source.memory_mib,
+            disks: overlays,
+            nics: source.nics.clone(),
+            kernel: source.kernel.clone(),
+            initrd: source.initrd.clone(),
+            append: source.append.clone(),
+            role: "replica".into(),
+            replica_id: Some(replica.id),
+        })?;
+        failpoint::hit("failover.after-define");
+        self.store().set_replica_step(replica.id, "start")?;
+        let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.into()))?;
+        self.launch(&vm)?;
+        Ok(())
+    }
+
+    /// Undoes whatever part of a failover happened: the replica VM, its definition, the
+    /// overlays. The restore points were never written.
+    fn roll_back_failover(&self, replica: &ReplicaRecord, dr: &dyn Host, vm_name: &str) -> Result<()> {
+        let vm = self.store().vm(vm_name)?;
+        if let Some(vm) = vm {
+            if self.vm_is_running(&vm)? {
+                vm::power_off(dr, vm_name)?;
+            }
+            self.store().delete_vm(vm_name)?;
+        }
+        for name in dr.list_dir(&replica.dir)? {
+            if name.starts_with("failover-d") {
+                dr.remove_file(&format!("{}/{name}", replica.dir))?;
+            }
+        }
+        let back = ReplicaState::FailingOver.apply(Transition::FailoverRolledBack)?;
+        self.store().set_replica_op(replica.id, back.as_str(), None, None)?;
+        Ok(())
+    }
+
+    fn undo_one(&self, name: &str) -> Result<String> {
+        let replica = self.replica_of(name, None)?;
+        let _lock = VmLock::acquire(&self.data_dir, name, "undo failover")?;
+        let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
+        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+        let next = state.apply(Transition::UndoStarted)?;
+        self.store().set_replica_op(replica.id, next.as_str(), Some("stop"), replica.failover_point)?;
+        self.finish_undo(&replica)?;
+        Ok(format!("replica {} powered off, its writes discarded; replication resumes", replica_vm_name(&replica)))
+    }
+
+    /// Powers the replica VM off and discards its overlays. Idempotent, so recovery can
+    /// run it again after a crash at any step.
+    fn finish_undo(&self, replica: &ReplicaRecord) -> Result<()> {
+        let dr = self.host(&replica.target_host)?;
+        let vm = self.store().replica_vm(replica.id)?;
+        if let Some(vm) = vm {
+            if self.vm_is_running(&vm)? {
+                vm::power_off(dr.as_ref(), &vm.name)?;
+            }
+            failpoint::hit("undo.after-stop");
+            self.store().set_replica_step(replica.id, "discard")?;
+            self.store().delete_vm(&vm.name)?;
+        }
+        for name in dr.list_dir(&replica.dir)? {
+            if name.starts_with("failover-d") {
+                dr.remove_file(&format!("{}/{name}", replica.dir))?;
+            }
+        }
+        failpoint::hit("undo.after-discard");
+        let done = ReplicaState::UndoingFailover.apply(Transition::UndoDone)?;
+        self.store().set_replica_op(replica.id, done.as_str(), None, None)?;
+        Ok(())
+    }
+
+    /// Recovery of a failover or undo a killed standby left; returns what it did.
+    pub(crate) fn recover_failover(&self, replica: &ReplicaRecord) -> Result<Option<String>> {
+        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+        let dr = self.host(&replica.target_host)?;
+        let vm_name = replica_vm_name(replica);
+        match state {
+            ReplicaState::FailingOver => {
+                let vm = self.store().vm(&vm_name)?;
+                let running = match vm {
+                    Some(vm) => self.vm_is_running(&vm)?,
+                    None => false,
+                };
+                if running {
+                    let done = state.apply(Transition::FailoverDone)?;
+                    self.store().set_replica_op(replica.id, done.as_str(), None, replica.failover_point)?;
+                    self.record_raw(
+                        &replica.vm,
+                        "failover",
+                        "completed",
+                        "recovered after an interruption: the replica runs",
+                    );
+                    Ok(Some(format!("VM {}: completed an interrupted failover ({vm_name} runs)", replica.vm)))
+                } else {
+                    self.roll_back_failover(replica, dr.as_ref(), &vm_name)?;
+                    self.record_raw(&replica.vm, "failover", "rolled back", "recovered after an interruption");
+                    Ok(Some(format!("VM {}: rolled back an interrupted failover", replica.vm)))
+                }
+            }
+            ReplicaState::UndoingFailover => {
+                self.finish_undo(replica)?;
+                self.record_raw(&replica.vm, "undo failover", "completed", "recovered after an interruption");
+                Ok(Some(format!("VM {}: completed an interrupted undo failover", replica.vm)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The disks a VM starts with: its own images, or for a replica VM its overlays over
+    /// the restore point's chain, described layer by layer.
+    pub(crate) fn launch_disks(&self, vm: &VmRecord) -> Result<Vec<standby_host::DiskSource>> {
+        let Some(replica_id) = vm.replica_id else {
+            return Ok(vm
+                .disks
+                .iter()
+                .map(|d| standby_host::DiskSource::Image {
+                    path: d.path.clone(),
+                    format: Format::parse(&d.format).unwrap_or(Format::Raw),
+                })
+                .collect());
+        };
+        let replica =
+            self.store().replica(replica_id)?.ok_or_else(|| EngineError::NoReplica { vm: vm.name.clone() })?;
+        let points = self.store().restore_points(replica_id, true)?;
+        let rp = points
+            .iter()
+            .find(|p| Some(p.id) == replica.failover_point)
+            .ok_or_else(|| EngineError::Invalid(format!("replica VM {} has no restore point to run from", vm.name)))?;
+        let mut disks = Vec::new();
+        for (d, overlay) in rp.disks.iter().zip(&vm.disks) {
+            let chain: Chain = dr::chain_of(&points, &d.layer).with_top(&overlay.path);
+            disks.push(standby_host::DiskSource::Chain(chain));
+        }
+        Ok(disks)
+    }
+}
+
+/// The replica VM's name: the source's plus the job's suffix.
+pub(crate) fn replica_vm_name(replica: &ReplicaRecord) -> String {
+    format!("{}{}", replica.vm, replica.replica_suffix)
+}
