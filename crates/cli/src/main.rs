@@ -77,6 +77,16 @@ struct FailoverArgs {
 
 #[derive(Subcommand, Debug)]
 enum FailoverCmd {
+    /// For maintenance: sync, shut the source down, sync again, verify, fail over. No data loss.
+    Planned {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        /// Seconds the source's guest gets to shut down before it is powered off.
+        #[arg(long, default_value_t = 300)]
+        shutdown_timeout: u64,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Power the replicas off and discard everything written during failover.
     Undo {
         #[arg(required = true)]
@@ -410,6 +420,9 @@ fn task(engine: &Engine, cmd: TaskCmd) -> Result<ExitCode> {
 fn failover(engine: &Engine, args: FailoverArgs) -> Result<ExitCode> {
     let (outcomes, json) = match args.action {
         Some(FailoverCmd::Undo { vms, json }) => (engine.failover_undo(&vms), json.json),
+        Some(FailoverCmd::Planned { vms, shutdown_timeout, json }) => {
+            (engine.failover_planned(&vms, Duration::from_secs(shutdown_timeout)), json.json)
+        }
         None => {
             let point = match args.point.as_str() {
                 "latest" => PointChoice::Latest,

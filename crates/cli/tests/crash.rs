@@ -153,6 +153,9 @@ fn every_fail_point_is_covered() {
         "failover.after-start",
         "undo.after-stop",
         "undo.after-discard",
+        "planned.after-first-sync",
+        "planned.after-shutdown",
+        "planned.after-final-sync",
     ];
     for name in standby_engine::failpoint::ALL {
         assert!(covered.contains(name), "fail point {name} has no crash test");

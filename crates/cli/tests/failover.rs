@@ -258,3 +258,66 @@ fn kill_during_undo() {
         crash_undo_at(fp);
     }
 }
+
+#[test]
+fn planned_failover_loses_no_acknowledged_write() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/db.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x41, 0, 2)]);
+    env.create_guest_vm("db", &disk, 160, &ledger_append(START, COUNT, 20_000));
+    env.ok(&["job", "create", "j", "--vm", "db", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "db"]);
+    env.wait_console("db", Duration::from_secs(60), "ledger writes", |c| Ledger::acknowledged(c) >= 5);
+    env.ok(&["job", "run", "j"]);
+    env.wait_console("db", Duration::from_secs(60), "more ledger writes", |c| Ledger::acknowledged(c) >= 40);
+    let out = env.ok(&["failover", "planned", "db", "--shutdown-timeout", "30"]);
+    assert!(out.contains("db: ok") && out.contains("verified equal"), "{out}");
+    assert!(!out.contains("powered off"), "the guest should have shut down by itself: {out}");
+    // Every write the source's guest saw acknowledged, up to its shutdown, is on the replica.
+    let acked = Ledger::acknowledged(&env.console("db"));
+    assert!(env.console("db").contains("STANDBY-GUEST shutdown requested"));
+    let console =
+        env.wait_console("db_replica", Duration::from_secs(60), "replica boot", |c| c.contains("LEDGER-RESUME"));
+    let resumed: u64 = console.lines().find_map(|l| l.trim().strip_prefix("LEDGER-RESUME ")?.parse().ok()).unwrap();
+    assert!(resumed >= acked, "replica holds {resumed} records, the source acknowledged {acked}");
+    let points = env.points("db");
+    assert_eq!(points.len(), 3, "one point before, two made by the planned failover");
+    let last = points.last().unwrap();
+    assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &disk), "newest point is the stopped source");
+    let replica = env.json(&["replica", "list"])[0].clone();
+    assert_eq!(
+        (replica["state"].as_str(), replica["failover_point"].as_i64()),
+        (Some("failover"), last["id"].as_i64())
+    );
+    assert_eq!(env.json(&["vm", "show", "db"])["state"], "stopped");
+    env.ok(&["failover", "undo", "db"]);
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+fn crash_planned_at(fp: &str) {
+    let mut env = Env::new(BIN);
+    plain_vms(&env, &["a"]);
+    env.ok(&["vm", "start", "a"]);
+    env.set_env("STANDBY_FAILPOINT", fp);
+    let r = env.run(&["failover", "planned", "a", "--shutdown-timeout", "1"]);
+    env.unset_env("STANDBY_FAILPOINT");
+    assert_eq!(r.code, None, "{fp}: not killed: {}{}", r.stdout, r.stderr);
+    let list = env.run(&["replica", "list", "--json"]);
+    assert!(list.stderr.contains("interrupted planned failover"), "{fp}: {}", list.stderr);
+    assert_eq!(serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"], "ready", "{fp}");
+    // Never both stopped: the source that ran before runs again, and no replica runs.
+    assert_eq!(env.json(&["vm", "show", "a"])["state"], "running", "{fp}");
+    assert!(vm_row(&env, "a_replica").is_none(), "{fp}");
+    assert_eq!(env.processes().len(), 1, "{fp}: {:?}", env.processes());
+    env.ok(&["replica", "list"]);
+    let out = env.ok(&["failover", "planned", "a", "--shutdown-timeout", "1"]);
+    assert!(out.contains("a: ok") && out.contains("powered off"), "{fp}: {out}");
+    env.ok(&["failover", "undo", "a"]);
+}
+
+#[test]
+fn kill_during_planned_failover() {
+    for fp in ["planned.after-first-sync", "planned.after-shutdown", "planned.after-final-sync"] {
+        crash_planned_at(fp);
+    }
+}

@@ -9,6 +9,8 @@
 //! killed standby is recovered by the next command: a failover whose replica VM was not
 //! running yet is rolled back, one whose VM runs is completed; an undo is always completed.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use standby_host::{Chain, Format, Host};
 use standby_model::{ReplicaState, Transition};
@@ -16,7 +18,7 @@ use standby_store::{NewVm, ReplicaRecord, VmRecord};
 
 use crate::lock::VmLock;
 use crate::replication::dr;
-use crate::{failpoint, vm, Engine, EngineError, Result};
+use crate::{failpoint, verify, vm, Engine, EngineError, Result};
 
 /// Which restore point a failover goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +88,105 @@ impl Engine {
         })
     }
 
+    /// Planned failover: sync while the source runs, shut it down, sync again, prove the
+    /// replica equals the source, then fail over to that newest point. Zero data loss.
+    pub fn failover_planned(&self, vms: &[String], shutdown_timeout: Duration) -> Vec<OpOutcome> {
+        self.batch(vms, |vm, warnings| {
+            let r = self.planned_one(vm, shutdown_timeout, warnings);
+            self.record(vm, "planned failover", &r);
+            r
+        })
+    }
+
+    fn planned_one(&self, name: &str, timeout: Duration, warnings: &mut Vec<String>) -> Result<String> {
+        let _lock = VmLock::acquire(&self.data_dir, name, "planned failover")?;
+        let replica = self.replica_of(name, None)?;
+        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+        state.apply(Transition::FailoverStarted)?;
+        let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
+        let retain = self.store().job(&replica.job)?.map(|j| j.retain).unwrap_or(standby_model::DEFAULT_RETAIN);
+        let was_running = self.vm_is_running(&source)?;
+        // The marker recovery reads: a planned failover interrupted before its failover
+        // began restarts the source if it was running.
+        let marker = if was_running { PLANNED_RUNNING } else { PLANNED_STOPPED };
+        self.store().set_replica_op(replica.id, state.as_str(), Some(marker), None)?;
+        let result = self.planned_steps(&replica, &source, retain, was_running, timeout, warnings);
+        if result.is_err() {
+            let _ = self.roll_back_planned(&replica.vm);
+        }
+        result
+    }
+
+    fn planned_steps(
+        &self,
+        replica: &ReplicaRecord,
+        source: &VmRecord,
+        retain: u32,
+        was_running: bool,
+        timeout: Duration,
+        warnings: &mut Vec<String>,
+    ) -> Result<String> {
+        let mut notes = Vec::new();
+        if was_running {
+            self.replicate_locked(replica, retain, &crate::NoProgress, &mut notes)?;
+            failpoint::hit("planned.after-first-sync");
+            if !self.shutdown_locked(source, timeout)? {
+                warnings.push(format!(
+                    "source VM {} did not shut down within {} s and was powered off",
+                    source.name,
+                    timeout.as_secs()
+                ));
+            }
+            failpoint::hit("planned.after-shutdown");
+        }
+        let rp = self.replicate_locked(replica, retain, &crate::NoProgress, &mut notes)?;
+        failpoint::hit("planned.after-final-sync");
+        // Zero loss, proven: the stopped source and the newest restore point read the same.
+        let points = self.store().restore_points(replica.id, false)?;
+        let point = points
+            .iter()
+            .find(|p| p.id == rp.id)
+            .ok_or_else(|| EngineError::Invalid("restore point vanished".into()))?;
+        let (src, dr) = (self.host(&source.host)?, self.host(&replica.target_host)?);
+        for (disk, layer) in source.disks.iter().zip(&point.disks) {
+            let differing = verify::differing_bytes(
+                &format!("verify-r{}-d{}", replica.id, layer.idx),
+                verify::Side {
+                    host: src.as_ref(),
+                    chain: Chain::single(&disk.path, Format::parse(&disk.format).unwrap_or(Format::Raw)),
+                    open_by_header: true,
+                },
+                verify::Side { host: dr.as_ref(), chain: dr::chain_of(&points, &layer.layer), open_by_header: false },
+            )?;
+            if differing != 0 {
+                return Err(EngineError::Invalid(format!(
+                    "disk {} of restore point {} differs from the stopped source in {differing} bytes; not failing over",
+                    layer.idx, rp.id
+                )));
+            }
+        }
+        let done = self.failover_locked(&replica.vm, PointChoice::Id(rp.id), false, warnings)?;
+        Ok(format!("source shut down, restore point {} verified equal to it; {done}", rp.id))
+    }
+
+    /// Puts things back as they were before a planned failover that did not reach its
+    /// failover: the source runs again if it ran, and the marker goes.
+    fn roll_back_planned(&self, vm: &str) -> Result<()> {
+        let replica = self.replica_of(vm, None)?;
+        let marker = replica.op_step.clone();
+        if replica.state != ReplicaState::Ready.as_str()
+            || !marker.as_deref().is_some_and(|m| m.starts_with("planned:"))
+        {
+            return Ok(());
+        }
+        let source = self.store().vm(vm)?.ok_or_else(|| EngineError::UnknownVm(vm.into()))?;
+        if marker.as_deref() == Some(PLANNED_RUNNING) && !self.vm_is_running(&source)? {
+            self.launch(&source)?;
+        }
+        self.store().set_replica_op(replica.id, ReplicaState::Ready.as_str(), None, None)?;
+        Ok(())
+    }
+
     pub fn failover_undo(&self, vms: &[String]) -> Vec<OpOutcome> {
         self.batch(vms, |vm, _| {
             let r = self.undo_one(vm);
@@ -95,8 +196,19 @@ impl Engine {
     }
 
     fn failover_one(&self, name: &str, point: PointChoice, force: bool, warnings: &mut Vec<String>) -> Result<String> {
-        let replica = self.replica_of(name, None)?;
         let _lock = VmLock::acquire(&self.data_dir, name, "failover")?;
+        self.failover_locked(name, point, force, warnings)
+    }
+
+    /// Failover for a caller that holds the VM's lock.
+    fn failover_locked(
+        &self,
+        name: &str,
+        point: PointChoice,
+        force: bool,
+        warnings: &mut Vec<String>,
+    ) -> Result<String> {
+        let replica = self.replica_of(name, None)?;
         // Re-read under the lock: another command may have changed it meanwhile.
         let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
         let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
@@ -275,6 +387,11 @@ impl Engine {
                     Ok(Some(format!("VM {}: rolled back an interrupted failover", replica.vm)))
                 }
             }
+            ReplicaState::Ready if replica.op_step.as_deref().is_some_and(|m| m.starts_with("planned:")) => {
+                self.roll_back_planned(&replica.vm)?;
+                self.record_raw(&replica.vm, "planned failover", "rolled back", "recovered after an interruption");
+                Ok(Some(format!("VM {}: rolled back an interrupted planned failover", replica.vm)))
+            }
             ReplicaState::UndoingFailover => {
                 self.finish_undo(replica)?;
                 self.record_raw(&replica.vm, "undo failover", "completed", "recovered after an interruption");
@@ -312,6 +429,9 @@ impl Engine {
         Ok(disks)
     }
 }
+
+const PLANNED_RUNNING: &str = "planned:source-was-running";
+const PLANNED_STOPPED: &str = "planned:source-was-stopped";
 
 /// The replica VM's name: the source's plus the job's suffix.
 pub(crate) fn replica_vm_name(replica: &ReplicaRecord) -> String {

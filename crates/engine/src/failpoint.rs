@@ -15,6 +15,9 @@ pub const ALL: &[&str] = &[
     "failover.after-start",
     "undo.after-stop",
     "undo.after-discard",
+    "planned.after-first-sync",
+    "planned.after-shutdown",
+    "planned.after-final-sync",
 ];
 
 pub fn hit(name: &str) {

@@ -12,6 +12,7 @@ mod replication;
 mod retention;
 mod task;
 mod transfer;
+mod verify;
 mod vm;
 
 use std::collections::BTreeMap;

@@ -46,6 +46,8 @@ pub struct Stats {
     pub written: u64,
     /// Bytes made zero on the DR layer without sending data.
     pub zeroed: u64,
+    /// Verification only: bytes that differ between the two sides.
+    pub differing: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -53,6 +55,7 @@ impl std::ops::AddAssign for Stats {
         self.read += o.read;
         self.written += o.written;
         self.zeroed += o.zeroed;
+        self.differing += o.differing;
     }
 }
 
@@ -78,6 +81,8 @@ struct Item {
 #[derive(Debug, Default)]
 pub struct Plan {
     items: Vec<Item>,
+    /// Compare only: count differing bytes, write nothing.
+    verify_only: bool,
 }
 
 impl Plan {
@@ -94,6 +99,26 @@ impl Plan {
     /// Bytes that will be read from the source.
     pub fn bytes_to_read(&self) -> u64 {
         self.items.iter().filter(|i| i.action != Action::Zero).map(|i| i.length).sum()
+    }
+
+    /// Verification: which bytes of two images differ. Regions where both read zero are
+    /// skipped; everything else is read on both sides; nothing is written.
+    pub fn verify(a: &mut NbdClient, b: &mut NbdClient) -> Result<Plan, NbdError> {
+        let size = a.size().max(b.size());
+        let a_map = a.block_status(BASE_ALLOCATION, 0, a.size())?;
+        let b_map = b.block_status(BASE_ALLOCATION, 0, b.size())?;
+        let mut plan = Plan { verify_only: true, ..Plan::default() };
+        if a.size() != b.size() {
+            // Different sizes differ: one item that can only count as a difference.
+            plan.push(0, size, Action::Zero);
+            return Ok(plan);
+        }
+        for r in overlay(&a_map, &b_map, size) {
+            if r.a_flags & STATE_ZERO == 0 || r.b_flags & STATE_ZERO == 0 {
+                plan.push(r.offset, r.length, Action::Compare);
+            }
+        }
+        Ok(plan)
     }
 
     /// First run: every allocated, non-zero block into a fresh layer.
@@ -175,7 +200,7 @@ fn write_blocks(dst: &mut NbdClient, offset: u64, buf: &[u8], skip_zero: bool, s
 fn work(
     src: &mut NbdClient,
     dst: &mut NbdClient,
-    items: &[Item],
+    plan: &Plan,
     next: &AtomicUsize,
     done: &AtomicU64,
     report: &(dyn Fn(u64) + Sync),
@@ -185,11 +210,12 @@ fn work(
     let mut theirs = vec![0u8; CHUNK as usize];
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(item) = items.get(i) else {
+        let Some(item) = plan.items.get(i) else {
             return Ok(st);
         };
         let n = item.length as usize;
         match item.action {
+            Action::Zero if plan.verify_only => st.differing += item.length,
             Action::Zero => {
                 dst.write_zeroes(item.offset, item.length)?;
                 st.zeroed += item.length;
@@ -208,7 +234,12 @@ fn work(
                 // are: the same decision as comparing their digests, with no collisions and
                 // no hashing cost. A remote host will send digests of its side instead.
                 for (k, (ours, old)) in buf[..n].chunks(BLOCK).zip(theirs[..n].chunks(BLOCK)).enumerate() {
-                    if ours != old {
+                    if ours == old {
+                        continue;
+                    }
+                    if plan.verify_only {
+                        st.differing += ours.len() as u64;
+                    } else {
                         write_blocks(dst, item.offset + (k * BLOCK) as u64, ours, false, &mut st)?;
                     }
                 }
@@ -242,7 +273,7 @@ pub fn execute(
             .map(|_| {
                 s.spawn(|| -> crate::Result<Stats> {
                     let (mut src, mut dst) = connect()?;
-                    let st = work(&mut src, &mut dst, &plan.items, &next, &done, &report)
+                    let st = work(&mut src, &mut dst, plan, &next, &done, &report)
                         .map_err(|source| crate::EngineError::Transfer { source })?;
                     dst.flush().map_err(|source| crate::EngineError::Transfer { source })?;
                     let _ = dst.disconnect();
@@ -322,6 +353,7 @@ mod tests {
     #[test]
     fn plan_items_are_bounded() {
         let mut p = Plan::default();
+        assert!(!p.verify_only);
         p.push(0, 10 << 20, Action::Copy { fresh: true });
         p.push(20 << 20, 10 << 20, Action::Zero);
         assert_eq!(p.items.len(), 4, "{:?}", p.items);

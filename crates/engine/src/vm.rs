@@ -199,7 +199,7 @@ impl Engine {
     }
 
     /// The protected VM a VM belongs to: itself, or a replica VM's source.
-    fn protected_name(&self, vm: &VmRecord) -> Result<String> {
+    pub(crate) fn protected_name(&self, vm: &VmRecord) -> Result<String> {
         match vm.replica_id {
             Some(id) => Ok(self.store().replica(id)?.map(|r| r.vm).unwrap_or_else(|| vm.name.clone())),
             None => Ok(vm.name.clone()),
@@ -234,7 +234,13 @@ impl Engine {
     /// powers it off. Returns true when the guest shut down by itself.
     pub fn vm_shutdown(&self, name: &str, timeout: Duration) -> Result<bool> {
         let vm = self.vm_record(name)?;
-        let _lock = VmLock::acquire(&self.data_dir, name, "vm shutdown")?;
+        let _lock = VmLock::acquire(&self.data_dir, &self.protected_name(&vm)?, "vm shutdown")?;
+        self.shutdown_locked(&vm, timeout)
+    }
+
+    /// `vm_shutdown` for a caller that holds the VM's lock.
+    pub(crate) fn shutdown_locked(&self, vm: &VmRecord, timeout: Duration) -> Result<bool> {
+        let name = vm.name.as_str();
         let host = self.host(&vm.host)?;
         if !self.vm_is_running(&vm)? {
             return Err(EngineError::VmState { vm: name.into(), state: "stopped", hint: "nothing to shut down" });
@@ -242,7 +248,7 @@ impl Engine {
         host.vm_status_qmp(name)?.execute("system_powerdown", json!({}))?;
         let start = Instant::now();
         while start.elapsed() < timeout {
-            if !self.vm_is_running(&vm)? {
+            if !self.vm_is_running(vm)? {
                 return Ok(true);
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -254,7 +260,7 @@ impl Engine {
     /// Powers the VM off at once. QEMU still exits cleanly, so persistent bitmaps stay valid.
     pub fn vm_stop(&self, name: &str) -> Result<()> {
         let vm = self.vm_record(name)?;
-        let _lock = VmLock::acquire(&self.data_dir, name, "vm stop")?;
+        let _lock = VmLock::acquire(&self.data_dir, &self.protected_name(&vm)?, "vm stop")?;
         if !self.vm_is_running(&vm)? {
             return Err(EngineError::VmState { vm: name.into(), state: "stopped", hint: "nothing to stop" });
         }

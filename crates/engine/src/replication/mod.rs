@@ -231,6 +231,17 @@ impl Engine {
         notes: &mut Vec<String>,
     ) -> Result<RestorePointView> {
         let _lock = VmLock::acquire(&self.data_dir, &replica.vm, &format!("replication job {}", replica.job))?;
+        self.replicate_locked(replica, retain, progress, notes)
+    }
+
+    /// One run for a caller that holds the VM's lock.
+    pub(crate) fn replicate_locked(
+        &self,
+        replica: &ReplicaRecord,
+        retain: u32,
+        progress: &dyn Progress,
+        notes: &mut Vec<String>,
+    ) -> Result<RestorePointView> {
         // Re-read under the lock: a failover may have started since the job was read.
         let replica =
             &self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: replica.vm.clone() })?;
@@ -262,32 +273,33 @@ impl Engine {
         let replicas = self.store().replicas()?;
         for replica in replicas {
             let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-            if matches!(state, ReplicaState::FailingOver | ReplicaState::UndoingFailover) {
-                let Ok(_lock) = VmLock::acquire(&self.data_dir, &replica.vm, "recovery") else {
-                    continue;
-                };
-                notes.extend(self.recover_failover(&replica)?);
+            if matches!(state, ReplicaState::Ready | ReplicaState::Failover) && replica.op_step.is_none() {
                 continue;
             }
-            if state != ReplicaState::Replicating {
-                continue;
-            }
-            // A live run holds the lock: then nothing was interrupted.
+            // A live operation holds the lock: then nothing was interrupted.
             let Ok(_lock) = VmLock::acquire(&self.data_dir, &replica.vm, "recovery") else {
                 continue;
             };
-            let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
-            let mut n = Vec::new();
-            self.recover_replica(
-                &replica,
-                &vm,
-                self.host(&vm.host)?.as_ref(),
-                self.host(&replica.target_host)?.as_ref(),
-                &mut n,
-            )?;
-            self.store().set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
-            self.record_raw(&replica.vm, "replication", "rolled back", "recovered after an interruption");
-            notes.push(format!("VM {}, job {}: rolled back an interrupted replication run", replica.vm, replica.job));
+            if state == ReplicaState::Replicating {
+                let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+                let mut n = Vec::new();
+                self.recover_replica(
+                    &replica,
+                    &vm,
+                    self.host(&vm.host)?.as_ref(),
+                    self.host(&replica.target_host)?.as_ref(),
+                    &mut n,
+                )?;
+                self.store().set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
+                self.record_raw(&replica.vm, "replication", "rolled back", "recovered after an interruption");
+                notes.push(format!(
+                    "VM {}, job {}: rolled back an interrupted replication run",
+                    replica.vm, replica.job
+                ));
+            }
+            // An operation around the run (a planned failover) may be pending too.
+            let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: replica.vm })?;
+            notes.extend(self.recover_failover(&replica)?);
         }
         Ok(notes)
     }
