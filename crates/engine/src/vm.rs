@@ -242,7 +242,7 @@ impl Engine {
     pub(crate) fn shutdown_locked(&self, vm: &VmRecord, timeout: Duration) -> Result<bool> {
         let name = vm.name.as_str();
         let host = self.host(&vm.host)?;
-        if !self.vm_is_running(&vm)? {
+        if !self.vm_is_running(vm)? {
             return Err(EngineError::VmState { vm: name.into(), state: "stopped", hint: "nothing to shut down" });
         }
         host.vm_status_qmp(name)?.execute("system_powerdown", json!({}))?;
