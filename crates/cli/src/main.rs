@@ -87,6 +87,13 @@ enum FailoverCmd {
         #[command(flatten)]
         json: Json,
     },
+    /// The replicas become ordinary VMs for good: standalone disks, restore points removed.
+    Permanent {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Power the replicas off and discard everything written during failover.
     Undo {
         #[arg(required = true)]
@@ -420,6 +427,7 @@ fn task(engine: &Engine, cmd: TaskCmd) -> Result<ExitCode> {
 fn failover(engine: &Engine, args: FailoverArgs) -> Result<ExitCode> {
     let (outcomes, json) = match args.action {
         Some(FailoverCmd::Undo { vms, json }) => (engine.failover_undo(&vms), json.json),
+        Some(FailoverCmd::Permanent { vms, json }) => (engine.failover_permanent(&vms), json.json),
         Some(FailoverCmd::Planned { vms, shutdown_timeout, json }) => {
             (engine.failover_planned(&vms, Duration::from_secs(shutdown_timeout)), json.json)
         }

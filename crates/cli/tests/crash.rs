@@ -156,6 +156,9 @@ fn every_fail_point_is_covered() {
         "planned.after-first-sync",
         "planned.after-shutdown",
         "planned.after-final-sync",
+        "permanent.after-flatten",
+        "permanent.after-verify",
+        "permanent.after-publish",
     ];
     for name in standby_engine::failpoint::ALL {
         assert!(covered.contains(name), "fail point {name} has no crash test");

@@ -321,3 +321,93 @@ fn kill_during_planned_failover() {
         crash_planned_at(fp);
     }
 }
+
+fn layer_files(env: &Env, vm: &str) -> Vec<String> {
+    let mut f: Vec<String> = std::fs::read_dir(env.path(&format!("dr/{vm}")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("failover-"))
+        .collect();
+    f.sort();
+    f
+}
+
+#[test]
+fn permanent_failover_of_a_running_replica() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/app.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x51, 0, 3)]);
+    env.create_guest_vm("app", &disk, 160, &ledger_append(START, COUNT, 20_000));
+    env.ok(&["job", "create", "j", "--vm", "app", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "app"]);
+    env.wait_console("app", Duration::from_secs(60), "ledger writes", |c| Ledger::acknowledged(c) >= 5);
+    env.ok(&["job", "run", "j"]);
+    env.wait_console("app", Duration::from_secs(60), "more ledger writes", |c| Ledger::acknowledged(c) >= 20);
+    env.ok(&["job", "run", "j"]);
+    env.ok(&["failover", "planned", "app", "--shutdown-timeout", "30"]);
+    env.wait_console("app_replica", Duration::from_secs(60), "writes in failover", |c| {
+        c.lines().any(|l| l.starts_with("LEDGER-RESUME")) && Ledger::acknowledged(c) >= 10
+    });
+    let out = env.ok(&["failover", "permanent", "app"]);
+    assert!(out.contains("app: ok: app_replica is an ordinary VM now"), "{out}");
+    let replica = env.json(&["replica", "list"])[0].clone();
+    assert_eq!(replica["state"], "permanent");
+    assert_eq!(replica["restore_points"], 0);
+    assert!(layer_files(&env, "app").is_empty(), "restore point layers left: {:?}", layer_files(&env, "app"));
+    assert!(env.json(&["job", "list"])[0]["vms"].as_array().unwrap().is_empty(), "app left its job");
+    let vm = vm_row(&env, "app_replica").unwrap();
+    assert_eq!((vm["role"].as_str(), vm["state"].as_str()), (Some("source"), Some("running")), "kept running");
+    let overlay = vm["disks"][0]["path"].as_str().unwrap().to_owned();
+    assert!(!standby_testkit::qemu_img(&["info", "-U", &overlay]).contains("backing file:"));
+    // It keeps working as an ordinary VM, its disk standalone: the ledger goes on.
+    let now = Ledger::acknowledged(&env.console("app_replica"));
+    env.wait_console("app_replica", Duration::from_secs(60), "writes after", |c| Ledger::acknowledged(c) >= now + 5);
+    env.ok(&["vm", "shutdown", "app_replica", "--timeout", "30"]);
+    let acked = Ledger::acknowledged(&env.console("app_replica"));
+    let k = Ledger { start_block: START }.records_in(&read_image(&overlay), COUNT).unwrap();
+    assert!(k >= acked, "standalone disk has {k} records, guest acknowledged {acked}");
+    // Nothing of the job touches it any more.
+    env.ok(&["job", "run", "j"]);
+    assert!(layer_files(&env, "app").is_empty());
+    let r = env.run(&["failover", "app"]);
+    assert!(r.code == Some(1) && r.stdout.contains("permanent"), "{}", r.stdout);
+}
+
+fn crash_permanent_at(fp: &str) {
+    let mut env = Env::new(BIN);
+    plain_vms(&env, &["a"]);
+    env.ok(&["failover", "a"]);
+    env.ok(&["vm", "stop", "a_replica"]);
+    let overlay = env.path("dr/a/failover-d0.qcow2");
+    let view = env.path("view.qcow2");
+    standby_testkit::qemu_img(&["convert", "-O", "qcow2", &overlay, &view]);
+    let layers = layer_files(&env, "a");
+    env.set_env("STANDBY_FAILPOINT", fp);
+    let r = env.run(&["failover", "permanent", "a"]);
+    env.unset_env("STANDBY_FAILPOINT");
+    assert_eq!(r.code, None, "{fp}: not killed: {}{}", r.stdout, r.stderr);
+    let list = env.run(&["replica", "list", "--json"]);
+    assert!(list.stderr.contains("interrupted permanent failover"), "{fp}: {}", list.stderr);
+    let state = serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"].as_str().unwrap().to_owned();
+    // Either way the VM's disk reads exactly as the failover view did.
+    assert!(identical(&overlay, &view), "{fp}: the replica's disk changed");
+    if fp == "permanent.after-publish" {
+        assert_eq!(state, "permanent", "{fp}");
+        assert!(layer_files(&env, "a").is_empty(), "{fp}: layers left");
+        assert_eq!(vm_row(&env, "a_replica").unwrap()["role"], "source");
+    } else {
+        assert_eq!(state, "failover", "{fp}: not published, so still in failover");
+        assert_eq!(layer_files(&env, "a"), layers, "{fp}: nothing deleted before the publish");
+        env.ok(&["failover", "permanent", "a"]);
+        assert!(identical(&overlay, &view), "{fp}");
+    }
+    env.ok(&["vm", "start", "a_replica"]);
+    env.ok(&["vm", "stop", "a_replica"]);
+}
+
+#[test]
+fn kill_during_permanent_failover() {
+    for fp in ["permanent.after-flatten", "permanent.after-verify", "permanent.after-publish"] {
+        crash_permanent_at(fp);
+    }
+}

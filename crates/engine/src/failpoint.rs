@@ -18,6 +18,9 @@ pub const ALL: &[&str] = &[
     "planned.after-first-sync",
     "planned.after-shutdown",
     "planned.after-final-sync",
+    "permanent.after-flatten",
+    "permanent.after-verify",
+    "permanent.after-publish",
 ];
 
 pub fn hit(name: &str) {

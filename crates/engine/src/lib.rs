@@ -7,6 +7,7 @@ mod failover;
 pub mod failpoint;
 mod job;
 mod lock;
+mod permanent;
 mod progress;
 mod replication;
 mod retention;

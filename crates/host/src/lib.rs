@@ -104,6 +104,10 @@ pub trait Host: Debug + Send + Sync {
     fn image_bitmap(&self, path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Result<()>;
     fn image_commit(&self, chain: &Chain) -> Result<()>;
     fn image_set_backing_name(&self, path: &str, backing: Option<&str>) -> Result<()>;
+    /// Makes the chain's top layer standalone (its lower layers' data copied into it).
+    fn image_flatten(&self, chain: &Chain) -> Result<()>;
+    /// Whether two images (file or `json:` names) read the same.
+    fn image_compare(&self, a: &str, b: &str) -> Result<bool>;
 
     // ---- VMs ----
     fn vm_start(&self, vm: &VmLaunch) -> Result<()>;

@@ -209,6 +209,14 @@ impl Host for LocalHost {
         Ok(img::set_backing_name(path, backing)?)
     }
 
+    fn image_flatten(&self, chain: &Chain) -> Result<()> {
+        Ok(img::flatten(chain)?)
+    }
+
+    fn image_compare(&self, a: &str, b: &str) -> Result<bool> {
+        Ok(img::compare(a, b)?)
+    }
+
     fn vm_start(&self, vm: &VmLaunch) -> Result<()> {
         let dir = self.vm_dir(&vm.name);
         fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;

@@ -16,6 +16,10 @@ pub enum ReplicaState {
     Failover,
     /// Undo failover in progress: the replica is being stopped and its writes discarded.
     UndoingFailover,
+    /// Permanent failover in progress: the replica's disks are being made standalone.
+    MakingPermanent,
+    /// The replica became an ordinary VM; its restore points are gone, it left its job.
+    Permanent,
 }
 
 /// What happens to a replica.
@@ -29,6 +33,9 @@ pub enum Transition {
     FailoverRolledBack,
     UndoStarted,
     UndoDone,
+    PermanentStarted,
+    PermanentDone,
+    PermanentRolledBack,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -40,12 +47,14 @@ pub struct TransitionError {
 }
 
 impl ReplicaState {
-    pub const ALL: [ReplicaState; 5] = [
+    pub const ALL: [ReplicaState; 7] = [
         ReplicaState::Ready,
         ReplicaState::Replicating,
         ReplicaState::FailingOver,
         ReplicaState::Failover,
         ReplicaState::UndoingFailover,
+        ReplicaState::MakingPermanent,
+        ReplicaState::Permanent,
     ];
 
     pub fn apply(self, t: Transition) -> Result<ReplicaState, TransitionError> {
@@ -64,6 +73,11 @@ impl ReplicaState {
             // Failover ---- undo ----> UndoingFailover ---- writes discarded ----> Ready
             (Failover, UndoStarted) => Ok(UndoingFailover),
             (UndoingFailover, UndoDone) => Ok(Ready),
+            // Failover ---- permanent ----> MakingPermanent ---- points removed ----> Permanent
+            (Failover, PermanentStarted) => Ok(MakingPermanent),
+            (MakingPermanent, PermanentDone) => Ok(Permanent),
+            // MakingPermanent ---- failed before publishing ----> Failover (the replica runs on)
+            (MakingPermanent, PermanentRolledBack) => Ok(Failover),
             (from, t) => Err(TransitionError { from, transition: t.verb(), hint: from.hint() }),
         }
     }
@@ -75,6 +89,8 @@ impl ReplicaState {
             ReplicaState::FailingOver => "failing_over",
             ReplicaState::Failover => "failover",
             ReplicaState::UndoingFailover => "undoing_failover",
+            ReplicaState::MakingPermanent => "making_permanent",
+            ReplicaState::Permanent => "permanent",
         }
     }
 
@@ -83,7 +99,11 @@ impl ReplicaState {
         match self {
             ReplicaState::Ready => "; it is not in failover",
             ReplicaState::Failover => "; it is in failover: undo it first (standby failover undo VM)",
-            ReplicaState::Replicating | ReplicaState::FailingOver | ReplicaState::UndoingFailover => {
+            ReplicaState::Permanent => "; its failover was made permanent: the replica is an ordinary VM now",
+            ReplicaState::Replicating
+            | ReplicaState::FailingOver
+            | ReplicaState::UndoingFailover
+            | ReplicaState::MakingPermanent => {
                 "; another operation is in progress: wait for it, or run any standby command to recover it if it was killed"
             }
         }
@@ -106,6 +126,9 @@ impl Transition {
             Transition::FailoverRolledBack => "roll back a failover",
             Transition::UndoStarted => "undo failover",
             Transition::UndoDone => "finish undoing a failover",
+            Transition::PermanentStarted => "make a failover permanent",
+            Transition::PermanentDone => "finish a permanent failover",
+            Transition::PermanentRolledBack => "roll back a permanent failover",
         }
     }
 }
@@ -183,6 +206,9 @@ mod tests {
             FailoverRolledBack,
             UndoStarted,
             UndoDone,
+            PermanentStarted,
+            PermanentDone,
+            PermanentRolledBack,
         ];
         for s in ReplicaState::ALL {
             for t in transitions {
@@ -194,6 +220,9 @@ mod tests {
                     (FailingOver, FailoverRolledBack) => Some(Ready),
                     (Failover, UndoStarted) => Some(UndoingFailover),
                     (UndoingFailover, UndoDone) => Some(Ready),
+                    (Failover, PermanentStarted) => Some(MakingPermanent),
+                    (MakingPermanent, PermanentDone) => Some(Permanent),
+                    (MakingPermanent, PermanentRolledBack) => Some(Failover),
                     _ => None,
                 };
                 assert_eq!(s.apply(t).ok(), want, "{s} {t:?}");

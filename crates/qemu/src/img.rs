@@ -118,10 +118,18 @@ pub fn set_backing_name(path: &str, backing: Option<&str>) -> Result<()> {
     run(QEMU_IMG, &args).map(drop)
 }
 
-/// Byte-compares two images' guest-visible content; Ok(true) when identical.
+/// Copies everything the chain's lower layers hold into its top layer and drops the
+/// backing: the top becomes a standalone image with the same content.
+pub fn flatten(chain: &Chain) -> Result<()> {
+    let args = vec!["rebase".into(), "-q".into(), "-b".into(), String::new(), chain.filename()];
+    run(QEMU_IMG, &args).map(drop)
+}
+
+/// Byte-compares two images' guest-visible content (file or `json:` names, opened with
+/// shared locks so a paused VM's images can be read); Ok(true) when identical.
 pub fn compare(a: &str, b: &str) -> Result<bool> {
     let out = std::process::Command::new(QEMU_IMG)
-        .args(["compare", "-q", a, b])
+        .args(["compare", "-q", "-U", a, b])
         .output()
         .map_err(|source| QemuError::Spawn { program: QEMU_IMG.into(), source })?;
     match out.status.code() {

@@ -230,7 +230,11 @@ impl Store {
     fn job_vms(&self, job_id: i64) -> Result<Vec<String>> {
         let mut st = self
             .conn
-            .prepare("SELECT v.name FROM replicas r JOIN vms v ON v.id = r.vm_id WHERE r.job_id = ?1 ORDER BY r.id")?;
+            // A permanent failover took its VM out of the job.
+            .prepare(
+                "SELECT v.name FROM replicas r JOIN vms v ON v.id = r.vm_id
+                 WHERE r.job_id = ?1 AND r.state != 'permanent' ORDER BY r.id",
+            )?;
         let rows = st.query_map([job_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
@@ -296,8 +300,9 @@ impl Store {
         self.replicas_where("1 = ?1", &1)
     }
 
+    /// The replicas a job replicates (a permanent failover took its VM out of the job).
     pub fn replicas_of_job(&self, job_id: i64) -> Result<Vec<ReplicaRecord>> {
-        self.replicas_where("r.job_id = ?1", &job_id)
+        self.replicas_where("r.job_id = ?1 AND r.state != 'permanent'", &job_id)
     }
 
     pub fn replicas_of_vm(&self, vm: &str) -> Result<Vec<ReplicaRecord>> {
@@ -326,6 +331,25 @@ impl Store {
             "UPDATE replicas SET state = ?2, op_step = ?3, failover_point = ?4 WHERE id = ?1",
             params![id, state, step, failover_point],
         )?;
+        Ok(())
+    }
+
+    /// Permanent failover's publishing step, in one transaction: the replica VM becomes an
+    /// ordinary VM, the replica leaves its job (state `permanent`) and its restore points
+    /// go from the records. The layer files are deleted after this.
+    pub fn make_permanent(&mut self, replica_id: i64, vm: &str) -> Result<()> {
+        let tx = self.tx()?;
+        tx.execute("UPDATE vms SET role = 'source', replica_id = NULL WHERE name = ?1", [vm])?;
+        tx.execute(
+            "UPDATE replicas SET state = 'permanent', op_step = 'delete-points', failover_point = NULL WHERE id = ?1",
+            [replica_id],
+        )?;
+        tx.execute(
+            "DELETE FROM rp_disks WHERE rp_id IN (SELECT id FROM restore_points WHERE replica_id = ?1)",
+            [replica_id],
+        )?;
+        tx.execute("DELETE FROM restore_points WHERE replica_id = ?1", [replica_id])?;
+        tx.commit()?;
         Ok(())
     }
 

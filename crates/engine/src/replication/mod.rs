@@ -273,7 +273,8 @@ impl Engine {
         let replicas = self.store().replicas()?;
         for replica in replicas {
             let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-            if matches!(state, ReplicaState::Ready | ReplicaState::Failover) && replica.op_step.is_none() {
+            let idle = matches!(state, ReplicaState::Ready | ReplicaState::Failover | ReplicaState::Permanent);
+            if idle && replica.op_step.is_none() {
                 continue;
             }
             // A live operation holds the lock: then nothing was interrupted.
@@ -300,6 +301,7 @@ impl Engine {
             // An operation around the run (a planned failover) may be pending too.
             let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: replica.vm })?;
             notes.extend(self.recover_failover(&replica)?);
+            notes.extend(self.recover_permanent(&replica)?);
         }
         Ok(notes)
     }

@@ -1,0 +1,169 @@
+//! Permanent failover: the replica becomes the production VM for good. Its disks become
+//! standalone images (for a running replica by QEMU's `block-stream`, while it runs; for a
+//! stopped one by `qemu-img rebase`), are verified to read exactly as the chain they ran
+//! on, and only then are the restore points removed and the VM taken out of its job.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use standby_host::{disk_node, Host};
+use standby_model::{ReplicaState, Transition};
+use standby_store::{ReplicaRecord, RestorePointRecord, VmRecord};
+
+use crate::failover::OpOutcome;
+use crate::lock::VmLock;
+use crate::replication::dr;
+use crate::{failpoint, Engine, EngineError, Result};
+
+/// Longest a live flatten may take before standby gives up on it.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+impl Engine {
+    pub fn failover_permanent(&self, vms: &[String]) -> Vec<OpOutcome> {
+        self.batch(vms, |vm, _| {
+            let r = self.permanent_one(vm);
+            self.record(vm, "permanent failover", &r);
+            r
+        })
+    }
+
+    fn permanent_one(&self, name: &str) -> Result<String> {
+        let _lock = VmLock::acquire(&self.data_dir, name, "permanent failover")?;
+        let replica = self.replica_of(name, None)?;
+        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+        let next = state.apply(Transition::PermanentStarted)?;
+        let vm = self.store().replica_vm(replica.id)?.ok_or_else(|| {
+            EngineError::Invalid(format!("VM {name} is in failover but its replica VM is not defined"))
+        })?;
+        let points = self.store().restore_points(replica.id, true)?;
+        let rp = points
+            .iter()
+            .find(|p| Some(p.id) == replica.failover_point)
+            .ok_or_else(|| EngineError::Invalid(format!("VM {name}'s replica has no failover restore point")))?
+            .clone();
+        let dr_host = self.host(&replica.target_host)?;
+        self.store().set_replica_op(replica.id, next.as_str(), Some("flatten"), replica.failover_point)?;
+        if let Err(e) = self.make_standalone(&replica, &vm, &points, &rp, dr_host.as_ref()) {
+            let back = ReplicaState::MakingPermanent.apply(Transition::PermanentRolledBack)?;
+            self.store().set_replica_op(replica.id, back.as_str(), None, replica.failover_point)?;
+            return Err(e);
+        }
+        failpoint::hit("permanent.after-verify");
+        self.store().make_permanent(replica.id, &vm.name)?;
+        failpoint::hit("permanent.after-publish");
+        let removed = self.finish_permanent(&replica)?;
+        Ok(format!(
+            "{} is an ordinary VM now, on standalone disks; {} restore point(s) and {removed} layer file(s) removed; \
+             {name} left job {}",
+            vm.name,
+            points.len(),
+            replica.job
+        ))
+    }
+
+    /// Deletes the layer files of the removed restore points (the records went first).
+    fn finish_permanent(&self, replica: &ReplicaRecord) -> Result<usize> {
+        let removed = dr::remove_orphans(self.host(&replica.target_host)?.as_ref(), &replica.dir, &[])?;
+        self.store().set_replica_op(replica.id, ReplicaState::Permanent.as_str(), None, None)?;
+        Ok(removed.len())
+    }
+
+    /// Flattens every overlay onto its restore point's chain and proves it reads the same.
+    fn make_standalone(
+        &self,
+        replica: &ReplicaRecord,
+        vm: &VmRecord,
+        points: &[RestorePointRecord],
+        rp: &RestorePointRecord,
+        dr_host: &dyn Host,
+    ) -> Result<()> {
+        let running = self.vm_is_running(vm)?;
+        let chains: Vec<_> = rp
+            .disks
+            .iter()
+            .zip(&vm.disks)
+            .map(|(d, overlay)| dr::chain_of(points, &d.layer).with_top(&overlay.path))
+            .collect();
+        if running {
+            let mut qmp = dr_host.vm_qmp(&vm.name)?;
+            for i in 0..chains.len() {
+                qmp.execute("block-stream", json!({"device": disk_node(i), "job-id": format!("permanent-d{i}")}))?;
+            }
+            let start = Instant::now();
+            loop {
+                let jobs = qmp.execute("query-block-jobs", json!({}))?;
+                let ours = jobs.as_array().is_some_and(|a| {
+                    a.iter().any(|j| j["device"].as_str().is_some_and(|d| d.starts_with("permanent-d")))
+                });
+                if !ours {
+                    break;
+                }
+                if start.elapsed() > STREAM_TIMEOUT {
+                    return Err(EngineError::Invalid(format!("flattening the disks of {} did not finish", vm.name)));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Paused, the guest writes nothing and QEMU has flushed: the comparison below
+            // sees exactly what the VM runs.
+            qmp.execute("stop", json!({}))?;
+            let verified = self.verify_standalone(replica, vm, &chains, dr_host);
+            qmp.execute("cont", json!({}))?;
+            verified
+        } else {
+            for c in &chains {
+                dr_host.image_flatten(c)?;
+            }
+            self.verify_standalone(replica, vm, &chains, dr_host)
+        }
+    }
+
+    /// Each overlay, opened alone, must read as it does over its chain: a block the
+    /// flatten missed would read as zeroes alone and as data through the chain.
+    fn verify_standalone(
+        &self,
+        replica: &ReplicaRecord,
+        vm: &VmRecord,
+        chains: &[standby_host::Chain],
+        dr_host: &dyn Host,
+    ) -> Result<()> {
+        failpoint::hit("permanent.after-flatten");
+        self.store().set_replica_step(replica.id, "verify")?;
+        for (i, (chain, overlay)) in chains.iter().zip(&vm.disks).enumerate() {
+            let info = dr_host.image_info(&overlay.path, true)?;
+            if info.backing_filename.is_some() {
+                return Err(EngineError::Invalid(format!("disk {i} of {} still has a backing file", vm.name)));
+            }
+            if !dr_host.image_compare(&overlay.path, &chain.filename())? {
+                return Err(EngineError::Invalid(format!(
+                    "disk {i} of {} does not read as the chain it ran on; nothing was deleted",
+                    vm.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Recovery of a permanent failover a killed standby left.
+    pub(crate) fn recover_permanent(&self, replica: &ReplicaRecord) -> Result<Option<String>> {
+        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+        match state {
+            // Not published: the replica goes on in failover; its overlays may already be
+            // standalone, which changes nothing it reads.
+            ReplicaState::MakingPermanent => {
+                let back = state.apply(Transition::PermanentRolledBack)?;
+                self.store().set_replica_op(replica.id, back.as_str(), None, replica.failover_point)?;
+                self.record_raw(&replica.vm, "permanent failover", "rolled back", "recovered after an interruption");
+                Ok(Some(format!(
+                    "VM {}: rolled back an interrupted permanent failover (still in failover)",
+                    replica.vm
+                )))
+            }
+            ReplicaState::Permanent if replica.op_step.is_some() => {
+                self.finish_permanent(replica)?;
+                self.record_raw(&replica.vm, "permanent failover", "completed", "recovered after an interruption");
+                Ok(Some(format!("VM {}: completed an interrupted permanent failover", replica.vm)))
+            }
+            _ => Ok(None),
+        }
+    }
+}
