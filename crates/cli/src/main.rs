@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use standby_engine::{Engine, JobSpec, PointChoice, VmSpec, LOCAL_HOST};
+use standby_engine::{Engine, JobSpec, PlanSpec, PointChoice, VmSpec, LOCAL_HOST};
 
 #[derive(Parser, Debug)]
 #[command(name = "standby", version, about = "Disaster recovery for QEMU/KVM virtual machines")]
@@ -43,6 +43,9 @@ enum Command {
     Host(HostCmd),
     /// Fail over to replicas (several VMs run in parallel); `failover undo VM...` undoes.
     Failover(FailoverArgs),
+    /// Failover plans: ordered VMs, delays, commands before and after.
+    #[command(subcommand)]
+    Plan(PlanCmd),
     /// Every operation and state change, oldest first.
     History {
         vm: Option<String>,
@@ -165,6 +168,51 @@ enum VmCmd {
         /// Keep printing as the guest writes.
         #[arg(long, short)]
         follow: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanCmd {
+    Create {
+        name: String,
+        /// VM[:DELAY_SECS], in start order; the delay is the wait after this VM starts.
+        #[arg(long = "vm", required = true)]
+        vms: Vec<String>,
+        /// A shell command run before the first failover; the plan stops if it fails.
+        #[arg(long)]
+        pre: Option<String>,
+        /// A shell command run after the last failover.
+        #[arg(long)]
+        post: Option<String>,
+        /// Go on with the next VMs when one fails over unsuccessfully (default: stop).
+        #[arg(long)]
+        continue_on_failure: bool,
+        #[command(flatten)]
+        json: Json,
+    },
+    List {
+        #[command(flatten)]
+        json: Json,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Fail over every VM of the plan, in order, honouring the delays.
+    Run {
+        name: String,
+        /// Run replicas even where the source VM still runs.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Undo the failover of every VM of the plan.
+    Undo {
+        name: String,
+        #[command(flatten)]
+        json: Json,
     },
 }
 
@@ -309,6 +357,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Failover(args) => failover(&engine, args),
+        Command::Plan(c) => plan(&engine, c),
         Command::History { vm, json } => {
             output::history(&engine.history(vm.as_deref())?, json.json)?;
             Ok(ExitCode::SUCCESS)
@@ -443,4 +492,50 @@ fn failover(engine: &Engine, args: FailoverArgs) -> Result<ExitCode> {
     };
     output::op_outcomes(&outcomes, json)?;
     Ok(if outcomes.iter().all(|o| o.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `VM[:DELAY_SECS]`.
+fn plan_vm(arg: &str) -> Result<(String, u64)> {
+    match arg.rsplit_once(':') {
+        None => Ok((arg.to_owned(), 0)),
+        Some((vm, delay)) => {
+            let secs = delay.parse::<u64>().with_context(|| {
+                format!("--vm {arg:?}: the delay {delay:?} is not a whole number of seconds (0 or more)")
+            })?;
+            Ok((vm.to_owned(), secs))
+        }
+    }
+}
+
+fn plan(engine: &Engine, cmd: PlanCmd) -> Result<ExitCode> {
+    match cmd {
+        PlanCmd::Create { name, vms, pre, post, continue_on_failure, json } => {
+            let vms = vms.iter().map(|v| plan_vm(v)).collect::<Result<Vec<_>>>()?;
+            let p = engine.plan_create(&PlanSpec {
+                name,
+                vms,
+                pre_command: pre,
+                post_command: post,
+                continue_on_failure,
+            })?;
+            output::plans(std::slice::from_ref(&p), json.json)?;
+        }
+        PlanCmd::List { json } => output::plans(&engine.plan_list()?, json.json)?,
+        PlanCmd::Show { name, json } => output::plans(std::slice::from_ref(&engine.plan_show(&name)?), json.json)?,
+        PlanCmd::Run { name, force, json } => {
+            let run = engine.plan_run(&name, force)?;
+            output::plan_run(&run, json.json)?;
+            if !run.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        PlanCmd::Undo { name, json } => {
+            let outcomes = engine.plan_undo(&name)?;
+            output::op_outcomes(&outcomes, json.json)?;
+            if !outcomes.iter().all(|o| o.ok) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

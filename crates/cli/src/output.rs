@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 use serde::Serialize;
-use standby_engine::{HistoryRecord, JobView, OpOutcome, ReplicaView, RestorePointView, RunOutcome, TaskView, VmView};
+use standby_engine::{
+    HistoryRecord, JobView, OpOutcome, PlanRecord, PlanRun, ReplicaView, RestorePointView, RunOutcome, TaskView, VmView,
+};
 
 fn json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -219,5 +221,46 @@ pub fn history(list: &[HistoryRecord], as_json: bool) -> Result<()> {
         })
         .collect();
     table(&["AT", "VM", "OPERATION", "RESULT", "DETAIL", "COMMAND"], &rows);
+    Ok(())
+}
+
+pub fn plans(list: &[PlanRecord], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.vms.iter().map(|v| format!("{}:{}", v.vm, v.delay_secs)).collect::<Vec<_>>().join(" "),
+                p.on_failure.clone(),
+                p.pre_command.clone().unwrap_or("-".into()),
+                p.post_command.clone().unwrap_or("-".into()),
+            ]
+        })
+        .collect();
+    table(&["NAME", "VMS (VM:DELAY)", "ON FAILURE", "PRE", "POST"], &rows);
+    Ok(())
+}
+
+pub fn plan_run(run: &PlanRun, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(run);
+    }
+    if let Some(p) = &run.pre_command {
+        println!("{p}");
+    }
+    for s in &run.steps {
+        let at = s.started_after_secs.map(|t| format!(" at +{t:.2} s")).unwrap_or_default();
+        println!("{}: {}{at} (took {:.2} s): {}", s.vm, s.result, s.took_secs, s.message);
+        for w in &s.warnings {
+            println!("  warning: {w}");
+        }
+    }
+    if let Some(p) = &run.post_command {
+        println!("{p}");
+    }
+    println!("plan {}: {}", run.plan, if run.ok { "ok" } else { "FAILED" });
     Ok(())
 }

@@ -108,4 +108,22 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX history_vm ON history (vm, id);
     "#,
+    // 3: failover plans: ordered VMs with a delay after each start, commands around them.
+    r#"
+    CREATE TABLE plans (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        pre_command TEXT,
+        post_command TEXT,
+        on_failure TEXT NOT NULL CHECK (on_failure IN ('stop', 'continue')),
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE plan_vms (
+        plan_id INTEGER NOT NULL REFERENCES plans(id) ON DELETE CASCADE,
+        pos INTEGER NOT NULL,
+        vm TEXT NOT NULL,
+        delay_secs INTEGER NOT NULL CHECK (delay_secs >= 0),
+        PRIMARY KEY (plan_id, pos)
+    );
+    "#,
 ];

@@ -146,3 +146,21 @@ pub struct HistoryRecord {
     pub result: String,
     pub detail: String,
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanVm {
+    pub vm: String,
+    /// Seconds to wait after this VM started before starting the next.
+    pub delay_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanRecord {
+    pub name: String,
+    pub vms: Vec<PlanVm>,
+    pub pre_command: Option<String>,
+    pub post_command: Option<String>,
+    /// `stop` or `continue` when a VM fails over unsuccessfully.
+    pub on_failure: String,
+    pub created_at: String,
+}
