@@ -232,6 +232,9 @@ enum JobCmd {
         /// Run under `standby daemon` at this interval (30s, 15m, 1h, 1d).
         #[arg(long)]
         every: Option<String>,
+        /// Name a VM's replica VM in failover by this suffix (default `_replica`).
+        #[arg(long)]
+        replica_suffix: Option<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -419,8 +422,9 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
 
 fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
     match cmd {
-        JobCmd::Create { name, vms, target_host, target_dir, retain, every, json } => {
-            let j = engine.job_create(&JobSpec { name, vms, target_host, target_dir, retain, every })?;
+        JobCmd::Create { name, vms, target_host, target_dir, retain, every, replica_suffix, json } => {
+            let j =
+                engine.job_create(&JobSpec { name, vms, target_host, target_dir, retain, every, replica_suffix })?;
             output::jobs(std::slice::from_ref(&j), json.json)?;
         }
         JobCmd::Run { name, json } => {

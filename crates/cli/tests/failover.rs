@@ -411,3 +411,44 @@ fn kill_during_permanent_failover() {
         crash_permanent_at(fp);
     }
 }
+
+#[test]
+fn a_job_can_name_its_replica_vms() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/s.qcow2");
+    make_disk(&disk, "qcow2", 8, &[(0x1, 0, 1)]);
+    env.ok(&["vm", "create", "s", "--disk", &disk, "--memory", "64"]);
+    let dr = env.path("dr");
+    let err = env.fails(&[
+        "job",
+        "create",
+        "j",
+        "--vm",
+        "s",
+        "--target-host",
+        "local",
+        "--target-dir",
+        &dr,
+        "--replica-suffix",
+        "/x",
+    ]);
+    assert!(err.contains("--replica-suffix"), "{err}");
+    env.ok(&[
+        "job",
+        "create",
+        "j",
+        "--vm",
+        "s",
+        "--target-host",
+        "local",
+        "--target-dir",
+        &dr,
+        "--replica-suffix",
+        "-dr",
+    ]);
+    env.ok(&["job", "run", "j"]);
+    let out = env.ok(&["failover", "s"]);
+    assert!(out.contains("replica s-dr runs"), "{out}");
+    assert_eq!(vm_row(&env, "s-dr").unwrap()["role"], "replica");
+    env.ok(&["failover", "undo", "s"]);
+}

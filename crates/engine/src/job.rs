@@ -17,6 +17,8 @@ pub struct JobSpec {
     pub target_dir: String,
     pub retain: Option<u32>,
     pub every: Option<String>,
+    /// Appended to a VM's name to name its replica VM in failover (default `_replica`).
+    pub replica_suffix: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +30,7 @@ pub struct JobView {
     pub retain: u32,
     /// Seconds between runs under `standby daemon`; null for on-demand only.
     pub every_secs: Option<u64>,
+    pub replica_suffix: String,
     pub last_run_at: Option<String>,
     pub created_at: String,
 }
@@ -45,6 +48,16 @@ impl Engine {
         let retain = spec.retain.unwrap_or(DEFAULT_RETAIN);
         if retain == 0 {
             return Err(EngineError::Invalid("--retain must be at least 1".into()));
+        }
+        let suffix = spec.replica_suffix.clone().unwrap_or_else(|| "_replica".into());
+        // The replica VM's name must itself be a valid VM name.
+        VmName::new(&format!("x{suffix}")).map_err(|_| {
+            EngineError::Invalid(format!("--replica-suffix {suffix:?} may only hold letters, digits, '-', '_' and '.'"))
+        })?;
+        if suffix.is_empty() {
+            return Err(EngineError::Invalid(
+                "--replica-suffix must not be empty: the replica VM needs a name of its own".into(),
+            ));
         }
         let every = spec.every.as_deref().map(parse_interval).transpose()?.map(|d: Duration| d.as_secs());
         let host = self.host(&spec.target_host)?;
@@ -97,6 +110,7 @@ impl Engine {
                 target_dir: dir,
                 retain,
                 every_secs: every,
+                replica_suffix: suffix,
             },
             &replicas,
         )?;
@@ -121,6 +135,7 @@ fn view(j: standby_store::JobRecord) -> JobView {
         target_dir: j.target_dir,
         retain: j.retain,
         every_secs: j.every_secs,
+        replica_suffix: j.replica_suffix,
         last_run_at: j.last_run_at,
         created_at: j.created_at,
     }

@@ -196,9 +196,17 @@ impl Store {
     pub fn insert_job(&mut self, job: &NewJob, replica_dirs: &[(i64, String)]) -> Result<i64> {
         let tx = self.tx()?;
         tx.execute(
-            "INSERT INTO jobs (name, target_host, target_dir, retain, every_secs, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![job.name, job.target_host, job.target_dir, job.retain, job.every_secs.map(|s| s as i64), now()],
+            "INSERT INTO jobs (name, target_host, target_dir, retain, every_secs, created_at, replica_suffix)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                job.name,
+                job.target_host,
+                job.target_dir,
+                job.retain,
+                job.every_secs.map(|s| s as i64),
+                now(),
+                job.replica_suffix
+            ],
         )?;
         let job_id = tx.last_insert_rowid();
         for (vm_id, dir) in replica_dirs {
@@ -211,7 +219,8 @@ impl Store {
         Ok(job_id)
     }
 
-    const JOB_COLS: &'static str = "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at";
+    const JOB_COLS: &'static str =
+        "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at, replica_suffix";
 
     fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         Ok(JobRecord {
@@ -221,6 +230,7 @@ impl Store {
             target_dir: r.get(3)?,
             retain: r.get(4)?,
             every_secs: r.get::<_, Option<i64>>(5)?.map(|s| s as u64),
+            replica_suffix: r.get(8)?,
             last_run_at: r.get(6)?,
             created_at: r.get(7)?,
             vms: Vec::new(),

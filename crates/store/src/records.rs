@@ -49,6 +49,7 @@ pub struct NewJob {
     pub target_dir: String,
     pub retain: u32,
     pub every_secs: Option<u64>,
+    pub replica_suffix: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +60,7 @@ pub struct JobRecord {
     pub target_dir: String,
     pub retain: u32,
     pub every_secs: Option<u64>,
+    pub replica_suffix: String,
     pub last_run_at: Option<String>,
     pub created_at: String,
     pub vms: Vec<String>,

@@ -49,8 +49,14 @@ fn refuses_newer_schema() {
 fn retention_drop_repoints_layers() {
     let (_d, mut s) = open();
     let vm_id = s.insert_vm(&vm("a")).unwrap();
-    let job =
-        NewJob { name: "j".into(), target_host: "local".into(), target_dir: "/dr".into(), retain: 2, every_secs: None };
+    let job = NewJob {
+        name: "j".into(),
+        target_host: "local".into(),
+        target_dir: "/dr".into(),
+        retain: 2,
+        every_secs: None,
+        replica_suffix: "_replica".into(),
+    };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let rep = s.replicas().unwrap().remove(0);
     let disk = |layer: &str, parent: Option<&str>| RpDiskRecord {
