@@ -233,7 +233,7 @@ enum JobCmd {
         #[arg(long)]
         every: Option<String>,
         /// Name a VM's replica VM in failover by this suffix (default `_replica`).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         replica_suffix: Option<String>,
         #[command(flatten)]
         json: Json,
