@@ -20,3 +20,4 @@ test: deps guest lint
 
 bench: deps
 	bash scripts/bench.sh
+	bash scripts/bench-failover.sh
