@@ -452,3 +452,27 @@ fn a_job_can_name_its_replica_vms() {
     assert_eq!(vm_row(&env, "s-dr").unwrap()["role"], "replica");
     env.ok(&["failover", "undo", "s"]);
 }
+
+#[test]
+fn a_second_operation_on_a_busy_vm_is_refused() {
+    let env = Env::new(BIN);
+    plain_vms(&env, &["a"]);
+    env.ok(&["vm", "start", "a"]);
+    // The guest-less source never shuts down by itself: the planned failover holds the VM
+    // for the whole timeout.
+    let planned = env
+        .command(&["failover", "planned", "a", "--shutdown-timeout", "4"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = env.run(&["failover", "a"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stdout.contains("VM a is busy: planned failover"), "{}", r.stdout);
+    let err = env.fails(&["vm", "stop", "a"]);
+    assert!(err.contains("is busy"), "{err}");
+    let out = planned.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "failover");
+    env.ok(&["failover", "undo", "a"]);
+}
