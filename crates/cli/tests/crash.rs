@@ -39,7 +39,7 @@ fn used_layers(points: &[Value]) -> Vec<String> {
 
 /// Kills a run of a stopped VM at `fp` and checks every invariant afterwards.
 fn crash_stopped_vm_at(fp: &str) {
-    let mut env = Env::new(BIN);
+    let env = Env::new(BIN);
     let disk = env.path("src/c.qcow2");
     make_disk(&disk, "qcow2", 48, &[(0x11, 0, 4)]);
     env.ok(&["vm", "create", "c", "--disk", &disk]);
@@ -74,11 +74,7 @@ fn crash_stopped_vm_at(fp: &str) {
     qemu_io(&disk, "qcow2", &["write -P 0x41 10M 12M".into(), "write -z 0 1M".into()]);
     let at_kill = env.path("at-kill.qcow2");
     qemu_img(&["convert", "-O", "qcow2", &disk, &at_kill]);
-    env.set_env("STANDBY_FAILPOINT", fp);
-    let r = env.run(&["job", "run", "j"]);
-    env.unset_env("STANDBY_FAILPOINT");
-    assert_eq!(r.code, None, "{fp}: standby should have been killed:\n{}{}", r.stdout, r.stderr);
-    assert!(r.stderr.contains(&format!("fail point {fp} reached")), "{fp}: {}", r.stderr);
+    env.run_killed_at(fp, &["job", "run", "j"]);
 
     let after = env.points("c");
     if commits(fp) {
@@ -138,30 +134,13 @@ fn kill_during_retention() {
     crash_stopped_vm_at("retention.after-drop");
 }
 
+/// A fail point no crash test names is a step nobody has killed standby at.
 #[test]
 fn every_fail_point_is_covered() {
-    let covered = [
-        "replicate.after-checkpoint",
-        "replicate.mid-transfer",
-        "replicate.before-commit",
-        "replicate.after-commit",
-        "retention.after-commit-layer",
-        "retention.after-drop",
-        // Covered in failover.rs.
-        "failover.after-overlays",
-        "failover.after-define",
-        "failover.after-start",
-        "undo.after-stop",
-        "undo.after-discard",
-        "planned.after-first-sync",
-        "planned.after-shutdown",
-        "planned.after-final-sync",
-        "permanent.after-flatten",
-        "permanent.after-verify",
-        "permanent.after-publish",
-    ];
+    let tests = [include_str!("crash.rs"), include_str!("failover.rs")];
     for name in standby_engine::failpoint::ALL {
-        assert!(covered.contains(name), "fail point {name} has no crash test");
+        let quoted = format!("\"{name}\"");
+        assert!(tests.iter().any(|t| t.contains(&quoted)), "fail point {name} has no crash test");
     }
 }
 
@@ -169,7 +148,7 @@ fn every_fail_point_is_covered() {
 /// inside QEMU. The next run clears them while the guest keeps writing.
 #[test]
 fn kill_while_replicating_a_running_vm() {
-    let mut env = Env::new(BIN);
+    let env = Env::new(BIN);
     let disk = env.path("src/r.qcow2");
     make_disk(&disk, "qcow2", 48, &[(0x11, 0, 12)]);
     env.create_guest_vm("r", &disk, 160, &ledger_append(8192, 2000, 20_000));
@@ -178,10 +157,7 @@ fn kill_while_replicating_a_running_vm() {
     env.wait_console("r", Duration::from_secs(60), "ledger writes", |c| Ledger::acknowledged(c) >= 5);
     for fp in ["replicate.mid-transfer", "replicate.before-commit"] {
         let n = env.points("r").len();
-        env.set_env("STANDBY_FAILPOINT", fp);
-        let r = env.run(&["job", "run", "j"]);
-        env.unset_env("STANDBY_FAILPOINT");
-        assert_eq!(r.code, None, "{fp}: not killed: {}", r.stderr);
+        env.run_killed_at(fp, &["job", "run", "j"]);
         assert_eq!(env.points("r").len(), n, "{fp}: interrupted run made a point");
         assert_eq!(env.json(&["vm", "show", "r"])["state"], "running", "{fp}: the VM must keep running");
         let acked = Ledger::acknowledged(&env.console("r"));

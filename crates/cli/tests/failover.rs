@@ -197,13 +197,10 @@ fn bad_failover_requests_change_nothing() {
 }
 
 fn crash_failover_at(fp: &str) {
-    let mut env = Env::new(BIN);
+    let env = Env::new(BIN);
     plain_vms(&env, &["a"]);
     let before = chain_digests(&env, "a");
-    env.set_env("STANDBY_FAILPOINT", fp);
-    let r = env.run(&["failover", "a"]);
-    env.unset_env("STANDBY_FAILPOINT");
-    assert_eq!(r.code, None, "{fp}: not killed: {}", r.stderr);
+    env.run_killed_at(fp, &["failover", "a"]);
     // Any command recovers.
     let list = env.run(&["replica", "list", "--json"]);
     assert!(list.stderr.contains("interrupted failover"), "{fp}: {}", list.stderr);
@@ -228,14 +225,11 @@ fn crash_failover_at(fp: &str) {
 }
 
 fn crash_undo_at(fp: &str) {
-    let mut env = Env::new(BIN);
+    let env = Env::new(BIN);
     plain_vms(&env, &["a"]);
     let before = chain_digests(&env, "a");
     env.ok(&["failover", "a"]);
-    env.set_env("STANDBY_FAILPOINT", fp);
-    let r = env.run(&["failover", "undo", "a"]);
-    env.unset_env("STANDBY_FAILPOINT");
-    assert_eq!(r.code, None, "{fp}: not killed: {}", r.stderr);
+    env.run_killed_at(fp, &["failover", "undo", "a"]);
     let list = env.run(&["replica", "list", "--json"]);
     assert!(list.stderr.contains("interrupted undo failover"), "{fp}: {}", list.stderr);
     assert_eq!(serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"], "ready", "{fp}");
@@ -295,13 +289,10 @@ fn planned_failover_loses_no_acknowledged_write() {
 }
 
 fn crash_planned_at(fp: &str) {
-    let mut env = Env::new(BIN);
+    let env = Env::new(BIN);
     plain_vms(&env, &["a"]);
     env.ok(&["vm", "start", "a"]);
-    env.set_env("STANDBY_FAILPOINT", fp);
-    let r = env.run(&["failover", "planned", "a", "--shutdown-timeout", "1"]);
-    env.unset_env("STANDBY_FAILPOINT");
-    assert_eq!(r.code, None, "{fp}: not killed: {}{}", r.stdout, r.stderr);
+    env.run_killed_at(fp, &["failover", "planned", "a", "--shutdown-timeout", "1"]);
     let list = env.run(&["replica", "list", "--json"]);
     assert!(list.stderr.contains("interrupted planned failover"), "{fp}: {}", list.stderr);
     assert_eq!(serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"], "ready", "{fp}");
@@ -374,7 +365,7 @@ fn permanent_failover_of_a_running_replica() {
 }
 
 fn crash_permanent_at(fp: &str) {
-    let mut env = Env::new(BIN);
+    let env = Env::new(BIN);
     plain_vms(&env, &["a"]);
     env.ok(&["failover", "a"]);
     env.ok(&["vm", "stop", "a_replica"]);
@@ -382,10 +373,7 @@ fn crash_permanent_at(fp: &str) {
     let view = env.path("view.qcow2");
     standby_testkit::qemu_img(&["convert", "-O", "qcow2", &overlay, &view]);
     let layers = layer_files(&env, "a");
-    env.set_env("STANDBY_FAILPOINT", fp);
-    let r = env.run(&["failover", "permanent", "a"]);
-    env.unset_env("STANDBY_FAILPOINT");
-    assert_eq!(r.code, None, "{fp}: not killed: {}{}", r.stdout, r.stderr);
+    env.run_killed_at(fp, &["failover", "permanent", "a"]);
     let list = env.run(&["replica", "list", "--json"]);
     assert!(list.stderr.contains("interrupted permanent failover"), "{fp}: {}", list.stderr);
     let state = serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"].as_str().unwrap().to_owned();

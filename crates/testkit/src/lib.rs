@@ -49,12 +49,6 @@ impl Env {
         Env { dir, bin: bin.into(), envs: vec![("STANDBY_ACCEL".into(), "tcg".into())] }
     }
 
-    /// Adds an environment variable to every later command.
-    pub fn set_env(&mut self, key: &str, value: &str) {
-        self.envs.retain(|(k, _)| k != key);
-        self.envs.push((key.into(), value.into()));
-    }
-
     pub fn unset_env(&mut self, key: &str) {
         self.envs.retain(|(k, _)| k != key);
     }
@@ -83,6 +77,14 @@ impl Env {
 
     pub fn run(&self, args: &[&str]) -> Run {
         Run::from(self.command(args).output().expect("run standby"))
+    }
+
+    /// Runs with fail point `fp` armed and insists the process was killed there.
+    pub fn run_killed_at(&self, fp: &str, args: &[&str]) -> Run {
+        let r = Run::from(self.command(args).env("STANDBY_FAILPOINT", fp).output().expect("run standby"));
+        assert_eq!(r.code, None, "{fp}: standby {args:?} should have been killed:\n{}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains(&format!("fail point {fp} reached")), "{fp}: {}", r.stderr);
+        r
     }
 
     /// Runs and insists on success; returns stdout.
