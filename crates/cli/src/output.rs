@@ -144,7 +144,7 @@ pub fn replicas(list: &[ReplicaView], as_json: bool) -> Result<()> {
             vec![
                 r.vm.clone(),
                 r.job.clone(),
-                r.state.clone(),
+                if r.needs_attention.is_some() { format!("{} (needs attention)", r.state) } else { r.state.clone() },
                 r.restore_points.to_string(),
                 r.latest.clone().unwrap_or("-".into()),
                 format!("{}:{}", r.target_host, r.dir),

@@ -464,3 +464,31 @@ fn a_second_operation_on_a_busy_vm_is_refused() {
     assert_eq!(env.json(&["replica", "list"])[0]["state"], "failover");
     env.ok(&["failover", "undo", "a"]);
 }
+
+#[test]
+fn a_recovery_that_cannot_finish_asks_for_attention_without_blocking_standby() {
+    let env = Env::new(BIN);
+    plain_vms(&env, &["a", "b"]);
+    env.run_killed_at("failover.after-overlays", &["failover", "a"]);
+    // Recovery needs the replica directory; make it unusable.
+    let dir = env.path("dr/a");
+    std::fs::rename(&dir, env.path("dr-a-aside")).unwrap();
+    std::fs::write(&dir, b"in the way").unwrap();
+    let r = env.run(&["vm", "list"]);
+    assert_eq!(r.code, Some(0), "other work goes on: {}", r.stderr);
+    assert!(r.stderr.contains("VM a needs attention"), "{}", r.stderr);
+    let replicas = env.json(&["replica", "list"]);
+    let a = replicas.as_array().unwrap().iter().find(|r| r["vm"] == "a").unwrap().clone();
+    assert_eq!(a["state"], "failing_over");
+    assert!(a["needs_attention"].as_str().unwrap().contains("standby history a"), "{a}");
+    env.ok(&["failover", "b"]);
+    // Once the cause is gone, the next command recovers it.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(env.path("dr-a-aside"), &dir).unwrap();
+    let r = env.run(&["replica", "list", "--json"]);
+    assert!(r.stderr.contains("rolled back an interrupted failover"), "{}", r.stderr);
+    let replicas: Value = serde_json::from_str(&r.stdout).unwrap();
+    let a = replicas.as_array().unwrap().iter().find(|r| r["vm"] == "a").unwrap().clone();
+    assert_eq!((a["state"].as_str(), a["needs_attention"].is_null()), (Some("ready"), true));
+    env.ok(&["failover", "undo", "b"]);
+}

@@ -109,6 +109,11 @@ impl ReplicaState {
         }
     }
 
+    /// No operation is in progress in this state.
+    pub fn is_idle(self) -> bool {
+        matches!(self, ReplicaState::Ready | ReplicaState::Failover | ReplicaState::Permanent)
+    }
+
     /// Replication runs only in Ready; in other states a job run skips the VM.
     pub fn replicates(self) -> bool {
         matches!(self, ReplicaState::Ready | ReplicaState::Replicating)

@@ -24,7 +24,7 @@ use standby_store::{NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRe
 use crate::lock::VmLock;
 use crate::task::TaskProgress;
 use crate::transfer::{self, Plan, Stats, BASE_ALLOCATION};
-use crate::{failpoint, Engine, EngineError, Progress, Result};
+use crate::{failpoint, vm, Engine, EngineError, Progress, Result};
 use source::{Access, SourceDisk};
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +64,8 @@ pub struct ReplicaView {
     pub replica_vm: Option<String>,
     /// The newest history entry of the VM: `operation result at`.
     pub last_operation: Option<String>,
+    /// Set when an interrupted operation could not be recovered: what to do.
+    pub needs_attention: Option<String>,
 }
 
 /// What one VM's run ended with.
@@ -113,7 +115,18 @@ impl Engine {
                     .history(Some(&r.vm))?
                     .pop()
                     .map(|h| format!("{} {} at {}", h.operation, h.result, h.at));
+                let state: ReplicaState = r.state.parse().map_err(EngineError::Invalid)?;
+                // Recovery ran before this; a transitional state nobody works on is stuck.
+                let stuck = !state.is_idle() && VmLock::acquire(&self.data_dir, &r.vm, "status").is_ok();
+                let needs_attention = stuck.then(|| {
+                    format!(
+                        "an interrupted {state} could not be recovered; see standby history {}, fix the cause, \
+                         then run any standby command",
+                        r.vm
+                    )
+                });
                 Ok(ReplicaView {
+                    needs_attention,
                     vm: r.vm,
                     job: r.job,
                     target_host: r.target_host,
@@ -273,36 +286,51 @@ impl Engine {
         let replicas = self.store().replicas()?;
         for replica in replicas {
             let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-            let idle = matches!(state, ReplicaState::Ready | ReplicaState::Failover | ReplicaState::Permanent);
-            if idle && replica.op_step.is_none() {
+            if state.is_idle() && replica.op_step.is_none() {
                 continue;
             }
             // A live operation holds the lock: then nothing was interrupted.
             let Ok(_lock) = VmLock::acquire(&self.data_dir, &replica.vm, "recovery") else {
                 continue;
             };
-            if state == ReplicaState::Replicating {
-                let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
-                let mut n = Vec::new();
-                self.recover_replica(
-                    &replica,
-                    &vm,
-                    self.host(&vm.host)?.as_ref(),
-                    self.host(&replica.target_host)?.as_ref(),
-                    &mut n,
-                )?;
-                self.store().set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
-                self.record_raw(&replica.vm, "replication", "rolled back", "recovered after an interruption");
-                notes.push(format!(
-                    "VM {}, job {}: rolled back an interrupted replication run",
-                    replica.vm, replica.job
-                ));
+            // One VM that cannot be recovered must not stop standby for all the others.
+            match self.recover_one(&replica, state) {
+                Ok(n) => notes.extend(n),
+                Err(e) => {
+                    let why = vm::chain(&e);
+                    self.record_raw(&replica.vm, "recovery", "failed", &why);
+                    notes.push(format!(
+                        "VM {} needs attention: its interrupted {state} could not be recovered: {why}; fix that \
+                         and run any standby command to retry (standby history {} shows what happened)",
+                        replica.vm, replica.vm
+                    ));
+                }
             }
-            // An operation around the run (a planned failover) may be pending too.
-            let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: replica.vm })?;
-            notes.extend(self.recover_failover(&replica)?);
-            notes.extend(self.recover_permanent(&replica)?);
         }
+        Ok(notes)
+    }
+
+    fn recover_one(&self, replica: &ReplicaRecord, state: ReplicaState) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        if state == ReplicaState::Replicating {
+            let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+            let mut n = Vec::new();
+            self.recover_replica(
+                replica,
+                &vm,
+                self.host(&vm.host)?.as_ref(),
+                self.host(&replica.target_host)?.as_ref(),
+                &mut n,
+            )?;
+            self.store().set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
+            self.record_raw(&replica.vm, "replication", "rolled back", "recovered after an interruption");
+            notes.push(format!("VM {}, job {}: rolled back an interrupted replication run", replica.vm, replica.job));
+        }
+        // An operation around the run (a planned failover) may be pending too.
+        let replica =
+            self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: replica.vm.clone() })?;
+        notes.extend(self.recover_failover(&replica)?);
+        notes.extend(self.recover_permanent(&replica)?);
         Ok(notes)
     }
 
