@@ -27,7 +27,7 @@ const STATE_DIRTY: u32 = 1;
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Connections per side that one disk's transfer uses (servers are started to allow them).
-pub const WORKERS: usize = 8;
+pub const WORKERS: usize = 4;
 
 pub fn bitmap_context(name: &str) -> String {
     format!("qemu:dirty-bitmap:{name}")

@@ -94,6 +94,7 @@ impl Engine {
             role: "source".into(),
             replica_id: None,
         })?;
+        self.record_raw(&spec.name, "vm create", "ok", &format!("{} disk(s) on host {}", spec.disks.len(), spec.host));
         self.vm_show(&spec.name)
     }
 
@@ -234,8 +235,16 @@ impl Engine {
     /// powers it off. Returns true when the guest shut down by itself.
     pub fn vm_shutdown(&self, name: &str, timeout: Duration) -> Result<bool> {
         let vm = self.vm_record(name)?;
-        let _lock = VmLock::acquire(&self.data_dir, &self.protected_name(&vm)?, "vm shutdown")?;
-        self.shutdown_locked(&vm, timeout)
+        let protected = self.protected_name(&vm)?;
+        let _lock = VmLock::acquire(&self.data_dir, &protected, "vm shutdown")?;
+        let r = self.shutdown_locked(&vm, timeout);
+        let detail = match &r {
+            Ok(true) => Ok(format!("{name}: guest shut down")),
+            Ok(false) => Ok(format!("{name}: guest did not shut down in {} s; powered off", timeout.as_secs())),
+            Err(e) => Err(EngineError::Invalid(chain(e))),
+        };
+        self.record(&protected, "vm shutdown", &detail);
+        r
     }
 
     /// `vm_shutdown` for a caller that holds the VM's lock.
@@ -260,11 +269,14 @@ impl Engine {
     /// Powers the VM off at once. QEMU still exits cleanly, so persistent bitmaps stay valid.
     pub fn vm_stop(&self, name: &str) -> Result<()> {
         let vm = self.vm_record(name)?;
-        let _lock = VmLock::acquire(&self.data_dir, &self.protected_name(&vm)?, "vm stop")?;
+        let protected = self.protected_name(&vm)?;
+        let _lock = VmLock::acquire(&self.data_dir, &protected, "vm stop")?;
         if !self.vm_is_running(&vm)? {
             return Err(EngineError::VmState { vm: name.into(), state: "stopped", hint: "nothing to stop" });
         }
-        power_off(self.host(&vm.host)?.as_ref(), name)
+        power_off(self.host(&vm.host)?.as_ref(), name)?;
+        self.record_raw(&protected, "vm stop", "ok", &format!("{name} powered off"));
+        Ok(())
     }
 
     pub fn vm_console(&self, name: &str, from: u64) -> Result<(Vec<u8>, u64)> {
