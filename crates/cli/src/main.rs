@@ -74,6 +74,9 @@ struct FailoverArgs {
     /// Run the replica even though the source VM is running (two copies, e.g. for a test).
     #[arg(long)]
     force: bool,
+    /// The job whose replica takes over, when a VM is in more than one.
+    #[arg(long)]
+    job: Option<String>,
     #[command(flatten)]
     json: Json,
 }
@@ -87,6 +90,9 @@ enum FailoverCmd {
         /// Seconds the source's guest gets to shut down before it is powered off.
         #[arg(long, default_value_t = 300)]
         shutdown_timeout: u64,
+        /// The job whose replica takes over, when a VM is in more than one.
+        #[arg(long)]
+        job: Option<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -94,6 +100,8 @@ enum FailoverCmd {
     Permanent {
         #[arg(required = true)]
         vms: Vec<String>,
+        #[arg(long)]
+        job: Option<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -101,6 +109,8 @@ enum FailoverCmd {
     Undo {
         #[arg(required = true)]
         vms: Vec<String>,
+        #[arg(long)]
+        job: Option<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -479,10 +489,10 @@ fn task(engine: &Engine, cmd: TaskCmd) -> Result<ExitCode> {
 
 fn failover(engine: &Engine, args: FailoverArgs) -> Result<ExitCode> {
     let (outcomes, json) = match args.action {
-        Some(FailoverCmd::Undo { vms, json }) => (engine.failover_undo(&vms), json.json),
-        Some(FailoverCmd::Permanent { vms, json }) => (engine.failover_permanent(&vms), json.json),
-        Some(FailoverCmd::Planned { vms, shutdown_timeout, json }) => {
-            (engine.failover_planned(&vms, Duration::from_secs(shutdown_timeout)), json.json)
+        Some(FailoverCmd::Undo { vms, job, json }) => (engine.failover_undo(&vms, job.as_deref()), json.json),
+        Some(FailoverCmd::Permanent { vms, job, json }) => (engine.failover_permanent(&vms, job.as_deref()), json.json),
+        Some(FailoverCmd::Planned { vms, shutdown_timeout, job, json }) => {
+            (engine.failover_planned(&vms, job.as_deref(), Duration::from_secs(shutdown_timeout)), json.json)
         }
         None => {
             let point = match args.point.as_str() {
@@ -491,7 +501,7 @@ fn failover(engine: &Engine, args: FailoverArgs) -> Result<ExitCode> {
                     format!("--point {id:?} is neither `latest` nor a restore point id (see standby replica points VM)")
                 })?),
             };
-            (engine.failover(&args.vms, point, args.force), args.json.json)
+            (engine.failover(&args.vms, args.job.as_deref(), point, args.force), args.json.json)
         }
     };
     output::op_outcomes(&outcomes, json)?;

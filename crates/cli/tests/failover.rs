@@ -144,6 +144,18 @@ fn batch_fails_only_the_vm_in_the_wrong_state() {
     let env = Env::new(BIN);
     plain_vms(&env, &["a", "b", "c"]);
     env.ok(&["failover", "b"]);
+    let err = env.fails(&[
+        "job",
+        "create",
+        "k",
+        "--vm",
+        "b_replica",
+        "--target-host",
+        "local",
+        "--target-dir",
+        &env.path("dr2"),
+    ]);
+    assert!(err.contains("is a replica in failover"), "{err}");
     let r = env.run(&["failover", "a", "b", "c", "--json"]);
     assert_eq!(r.code, Some(1));
     let out: Value = serde_json::from_str(&r.stdout).unwrap();
@@ -491,4 +503,43 @@ fn a_recovery_that_cannot_finish_asks_for_attention_without_blocking_standby() {
     let a = replicas.as_array().unwrap().iter().find(|r| r["vm"] == "a").unwrap().clone();
     assert_eq!((a["state"].as_str(), a["needs_attention"].is_null()), (Some("ready"), true));
     env.ok(&["failover", "undo", "b"]);
+}
+
+#[test]
+fn a_vm_in_two_jobs_fails_over_to_the_replica_named() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/t.qcow2");
+    make_disk(&disk, "qcow2", 8, &[(0x1, 0, 1)]);
+    env.ok(&["vm", "create", "t", "--disk", &disk, "--memory", "64"]);
+    let (near, far) = (env.path("dr"), env.path("dr-far"));
+    env.ok(&["job", "create", "near", "--vm", "t", "--target-host", "local", "--target-dir", &near]);
+    env.ok(&[
+        "job",
+        "create",
+        "far",
+        "--vm",
+        "t",
+        "--target-host",
+        "local",
+        "--target-dir",
+        &far,
+        "--replica-suffix",
+        "_far",
+    ]);
+    env.ok(&["job", "run", "near"]);
+    env.ok(&["job", "run", "far"]);
+    let r = env.run(&["failover", "t"]);
+    assert!(r.code == Some(1) && r.stdout.contains("name one with --job"), "{}", r.stdout);
+    let out = env.ok(&["failover", "t", "--job", "far"]);
+    assert!(out.contains("replica t_far runs"), "{out}");
+    let states: Vec<(String, String)> = env
+        .json(&["replica", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["job"].as_str().unwrap().to_owned(), r["state"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(states, [("far".to_owned(), "failover".to_owned()), ("near".to_owned(), "ready".to_owned())]);
+    env.ok(&["failover", "undo", "t", "--job", "far"]);
+    assert!(env.processes().is_empty());
 }

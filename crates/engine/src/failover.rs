@@ -80,9 +80,9 @@ impl Engine {
         })
     }
 
-    pub fn failover(&self, vms: &[String], point: PointChoice, force: bool) -> Vec<OpOutcome> {
+    pub fn failover(&self, vms: &[String], job: Option<&str>, point: PointChoice, force: bool) -> Vec<OpOutcome> {
         self.batch(vms, |vm, warnings| {
-            let r = self.failover_one(vm, point, force, warnings);
+            let r = self.failover_one(vm, job, point, force, warnings);
             self.record(vm, "failover", &r);
             r
         })
@@ -90,17 +90,23 @@ impl Engine {
 
     /// Planned failover: sync while the source runs, shut it down, sync again, prove the
     /// replica equals the source, then fail over to that newest point. Zero data loss.
-    pub fn failover_planned(&self, vms: &[String], shutdown_timeout: Duration) -> Vec<OpOutcome> {
+    pub fn failover_planned(&self, vms: &[String], job: Option<&str>, shutdown_timeout: Duration) -> Vec<OpOutcome> {
         self.batch(vms, |vm, warnings| {
-            let r = self.planned_one(vm, shutdown_timeout, warnings);
+            let r = self.planned_one(vm, job, shutdown_timeout, warnings);
             self.record(vm, "planned failover", &r);
             r
         })
     }
 
-    fn planned_one(&self, name: &str, timeout: Duration, warnings: &mut Vec<String>) -> Result<String> {
+    fn planned_one(
+        &self,
+        name: &str,
+        job: Option<&str>,
+        timeout: Duration,
+        warnings: &mut Vec<String>,
+    ) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "planned failover")?;
-        let replica = self.replica_of(name, None)?;
+        let replica = self.replica_of(name, job)?;
         let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
         state.apply(Transition::FailoverStarted)?;
         let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
@@ -112,7 +118,7 @@ impl Engine {
         self.store().set_replica_op(replica.id, state.as_str(), Some(marker), None)?;
         let result = self.planned_steps(&replica, &source, retain, was_running, timeout, warnings);
         if result.is_err() {
-            let _ = self.roll_back_planned(&replica.vm);
+            let _ = self.roll_back_planned(replica.id);
         }
         result
     }
@@ -165,14 +171,16 @@ impl Engine {
                 )));
             }
         }
-        let done = self.failover_locked(&replica.vm, PointChoice::Id(rp.id), false, warnings)?;
+        let done = self.failover_locked(&replica.vm, Some(&replica.job), PointChoice::Id(rp.id), false, warnings)?;
         Ok(format!("source shut down, restore point {} verified equal to it; {done}", rp.id))
     }
 
     /// Puts things back as they were before a planned failover that did not reach its
     /// failover: the source runs again if it ran, and the marker goes.
-    fn roll_back_planned(&self, vm: &str) -> Result<()> {
-        let replica = self.replica_of(vm, None)?;
+    fn roll_back_planned(&self, replica_id: i64) -> Result<()> {
+        let replica =
+            self.store().replica(replica_id)?.ok_or_else(|| EngineError::Invalid("replica vanished".into()))?;
+        let vm = replica.vm.as_str();
         let marker = replica.op_step.clone();
         if replica.state != ReplicaState::Ready.as_str()
             || !marker.as_deref().is_some_and(|m| m.starts_with("planned:"))
@@ -187,28 +195,36 @@ impl Engine {
         Ok(())
     }
 
-    pub fn failover_undo(&self, vms: &[String]) -> Vec<OpOutcome> {
+    pub fn failover_undo(&self, vms: &[String], job: Option<&str>) -> Vec<OpOutcome> {
         self.batch(vms, |vm, _| {
-            let r = self.undo_one(vm);
+            let r = self.undo_one(vm, job);
             self.record(vm, "undo failover", &r);
             r
         })
     }
 
-    fn failover_one(&self, name: &str, point: PointChoice, force: bool, warnings: &mut Vec<String>) -> Result<String> {
+    fn failover_one(
+        &self,
+        name: &str,
+        job: Option<&str>,
+        point: PointChoice,
+        force: bool,
+        warnings: &mut Vec<String>,
+    ) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "failover")?;
-        self.failover_locked(name, point, force, warnings)
+        self.failover_locked(name, job, point, force, warnings)
     }
 
     /// Failover for a caller that holds the VM's lock.
     fn failover_locked(
         &self,
         name: &str,
+        job: Option<&str>,
         point: PointChoice,
         force: bool,
         warnings: &mut Vec<String>,
     ) -> Result<String> {
-        let replica = self.replica_of(name, None)?;
+        let replica = self.replica_of(name, job)?;
         // Re-read under the lock: another command may have changed it meanwhile.
         let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
         let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
@@ -324,8 +340,8 @@ impl Engine {
         Ok(())
     }
 
-    fn undo_one(&self, name: &str) -> Result<String> {
-        let replica = self.replica_of(name, None)?;
+    fn undo_one(&self, name: &str, job: Option<&str>) -> Result<String> {
+        let replica = self.replica_of(name, job)?;
         let _lock = VmLock::acquire(&self.data_dir, name, "undo failover")?;
         let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
         let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
@@ -388,7 +404,7 @@ impl Engine {
                 }
             }
             ReplicaState::Ready if replica.op_step.as_deref().is_some_and(|m| m.starts_with("planned:")) => {
-                self.roll_back_planned(&replica.vm)?;
+                self.roll_back_planned(replica.id)?;
                 self.record_raw(&replica.vm, "planned failover", "rolled back", "recovered after an interruption");
                 Ok(Some(format!("VM {}: rolled back an interrupted planned failover", replica.vm)))
             }

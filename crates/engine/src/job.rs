@@ -73,6 +73,11 @@ impl Engine {
         let mut replicas = Vec::new();
         for vm_name in &spec.vms {
             let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.clone()))?;
+            if vm.role == "replica" {
+                return Err(EngineError::Invalid(format!(
+                    "VM {vm_name} is a replica in failover; it can be protected after a permanent failover makes it an ordinary VM"
+                )));
+            }
             if replicas.iter().any(|(id, _)| *id == vm.id) {
                 return Err(EngineError::Invalid(format!("VM {vm_name} is named twice")));
             }

@@ -19,17 +19,17 @@ use crate::{failpoint, Engine, EngineError, Result};
 const STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 impl Engine {
-    pub fn failover_permanent(&self, vms: &[String]) -> Vec<OpOutcome> {
+    pub fn failover_permanent(&self, vms: &[String], job: Option<&str>) -> Vec<OpOutcome> {
         self.batch(vms, |vm, _| {
-            let r = self.permanent_one(vm);
+            let r = self.permanent_one(vm, job);
             self.record(vm, "permanent failover", &r);
             r
         })
     }
 
-    fn permanent_one(&self, name: &str) -> Result<String> {
+    fn permanent_one(&self, name: &str, job: Option<&str>) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "permanent failover")?;
-        let replica = self.replica_of(name, None)?;
+        let replica = self.replica_of(name, job)?;
         let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
         let next = state.apply(Transition::PermanentStarted)?;
         let vm = self.store().replica_vm(replica.id)?.ok_or_else(|| {

@@ -126,7 +126,7 @@ impl Engine {
             }
             let t0 = Instant::now();
             let OpOutcome { ok, message, warnings, .. } =
-                self.failover(std::slice::from_ref(&pv.vm), PointChoice::Latest, force).remove(0);
+                self.failover(std::slice::from_ref(&pv.vm), None, PointChoice::Latest, force).remove(0);
             let started = start.elapsed().as_secs_f64();
             run.ok &= ok;
             run.steps.push(PlanStep {
@@ -173,7 +173,7 @@ impl Engine {
                 });
             }
         }
-        let mut outcomes = self.failover_undo(&in_failover);
+        let mut outcomes = self.failover_undo(&in_failover, None);
         outcomes.extend(others);
         let ok = outcomes.iter().all(|o| o.ok);
         self.record_raw(
