@@ -1,9 +1,11 @@
-//! Failover and undo failover.
+//! Failover, planned failover and undo failover.
 //!
 //! Failover brings a replica to a restore point and powers it on as a VM of its own, on
 //! the DR host, with the source's configuration. Its writes go to an overlay per disk
 //! (`failover-d<i>.qcow2` in the replica directory) over the restore point's layer, so the
-//! restore point never changes. Undo powers it off and deletes the overlays.
+//! restore point never changes. Undo powers it off and deletes the overlays. Planned
+//! failover adds, before that, a run with the source up, its shutdown, a final run and a
+//! proof that the newest point equals the stopped source.
 //!
 //! Each step is recorded in the replica row before its side effect (`op_step`), so that a
 //! killed standby is recovered by the next command: a failover whose replica VM was not
