@@ -100,6 +100,7 @@ fn grown_disk_is_compared_by_digest() {
     let out = env.ok(&["job", "run", "j"]);
     assert!(out.contains("size changed"), "{out}");
     let rp = last(&env);
+    assert_eq!(rp["disks"][0]["method"], "digest");
     assert_eq!(rp["disks"][0]["size"].as_u64().unwrap(), 48 << 20);
     assert!(identical(rp["disks"][0]["path"].as_str().unwrap(), &disk));
 }

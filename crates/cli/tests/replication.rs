@@ -155,7 +155,7 @@ fn retention_keeps_exactly_n_and_the_rest_stay_intact() {
 }
 
 #[test]
-fn several_disks_are_captured_at_one_instant() {
+fn several_disks_of_a_stopped_vm_each_get_their_own_method() {
     let env = Env::new(BIN);
     let a = env.path("src/a.qcow2");
     let b = env.path("src/b.raw");

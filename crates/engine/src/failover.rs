@@ -39,8 +39,20 @@ pub struct OpOutcome {
     pub warnings: Vec<String>,
 }
 
+const OVERLAY_PREFIX: &str = "failover-d";
+
 fn overlay_path(dir: &str, idx: usize) -> String {
-    format!("{dir}/failover-d{idx}.qcow2")
+    format!("{dir}/{OVERLAY_PREFIX}{idx}.qcow2")
+}
+
+/// Deletes every failover overlay in a replica directory: the replica's writes are gone.
+fn remove_overlays(dr: &dyn Host, dir: &str) -> Result<()> {
+    for name in dr.list_dir(dir)? {
+        if name.starts_with(OVERLAY_PREFIX) {
+            dr.remove_file(&format!("{dir}/{name}"))?;
+        }
+    }
+    Ok(())
 }
 
 impl Engine {
@@ -85,7 +97,7 @@ impl Engine {
     pub fn failover(&self, vms: &[String], job: Option<&str>, point: PointChoice, force: bool) -> Vec<OpOutcome> {
         self.batch(vms, |vm, warnings| {
             let r = self.failover_one(vm, job, point, force, warnings);
-            self.record(vm, "failover", &r);
+            self.record(vm, "failover", &r, String::clone);
             r
         })
     }
@@ -95,7 +107,7 @@ impl Engine {
     pub fn failover_planned(&self, vms: &[String], job: Option<&str>, shutdown_timeout: Duration) -> Vec<OpOutcome> {
         self.batch(vms, |vm, warnings| {
             let r = self.planned_one(vm, job, shutdown_timeout, warnings);
-            self.record(vm, "planned failover", &r);
+            self.record(vm, "planned failover", &r, String::clone);
             r
         })
     }
@@ -200,7 +212,7 @@ impl Engine {
     pub fn failover_undo(&self, vms: &[String], job: Option<&str>) -> Vec<OpOutcome> {
         self.batch(vms, |vm, _| {
             let r = self.undo_one(vm, job);
-            self.record(vm, "undo failover", &r);
+            self.record(vm, "undo failover", &r, String::clone);
             r
         })
     }
@@ -332,11 +344,7 @@ impl Engine {
             }
             self.store().delete_vm(vm_name)?;
         }
-        for name in dr.list_dir(&replica.dir)? {
-            if name.starts_with("failover-d") {
-                dr.remove_file(&format!("{}/{name}", replica.dir))?;
-            }
-        }
+        remove_overlays(dr, &replica.dir)?;
         let back = ReplicaState::FailingOver.apply(Transition::FailoverRolledBack)?;
         self.store().set_replica_op(replica.id, back.as_str(), None, None)?;
         Ok(())
@@ -366,11 +374,7 @@ impl Engine {
             self.store().set_replica_step(replica.id, "discard")?;
             self.store().delete_vm(&vm.name)?;
         }
-        for name in dr.list_dir(&replica.dir)? {
-            if name.starts_with("failover-d") {
-                dr.remove_file(&format!("{}/{name}", replica.dir))?;
-            }
-        }
+        remove_overlays(dr.as_ref(), &replica.dir)?;
         failpoint::hit("undo.after-discard");
         let done = ReplicaState::UndoingFailover.apply(Transition::UndoDone)?;
         self.store().set_replica_op(replica.id, done.as_str(), None, None)?;

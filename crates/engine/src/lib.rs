@@ -67,9 +67,9 @@ impl Engine {
 
     /// Records an operation's outcome in the history. A history that cannot be written
     /// must not turn a done operation into a failed one, so errors are dropped here.
-    pub(crate) fn record(&self, vm: &str, operation: &str, result: &Result<String>) {
+    pub(crate) fn record<T>(&self, vm: &str, operation: &str, result: &Result<T>, ok: impl FnOnce(&T) -> String) {
         match result {
-            Ok(m) => self.record_raw(vm, operation, "ok", m),
+            Ok(v) => self.record_raw(vm, operation, "ok", &ok(v)),
             Err(e) => self.record_raw(vm, operation, "failed", &vm::chain(e)),
         }
     }

@@ -22,7 +22,7 @@ impl Engine {
     pub fn failover_permanent(&self, vms: &[String], job: Option<&str>) -> Vec<OpOutcome> {
         self.batch(vms, |vm, _| {
             let r = self.permanent_one(vm, job);
-            self.record(vm, "permanent failover", &r);
+            self.record(vm, "permanent failover", &r, String::clone);
             r
         })
     }

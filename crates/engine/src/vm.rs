@@ -238,12 +238,10 @@ impl Engine {
         let protected = self.protected_name(&vm)?;
         let _lock = VmLock::acquire(&self.data_dir, &protected, "vm shutdown")?;
         let r = self.shutdown_locked(&vm, timeout);
-        let detail = match &r {
-            Ok(true) => Ok(format!("{name}: guest shut down")),
-            Ok(false) => Ok(format!("{name}: guest did not shut down in {} s; powered off", timeout.as_secs())),
-            Err(e) => Err(EngineError::Invalid(chain(e))),
-        };
-        self.record(&protected, "vm shutdown", &detail);
+        self.record(&protected, "vm shutdown", &r, |by_itself| match by_itself {
+            true => format!("{name}: guest shut down"),
+            false => format!("{name}: guest did not shut down in {} s; powered off", timeout.as_secs()),
+        });
         r
     }
 

@@ -5,6 +5,6 @@ mod names;
 mod retention;
 mod state;
 
-pub use names::{parse_interval, HostName, NameError, VmName};
+pub use names::{parse_interval, NameError, VmName};
 pub use retention::{points_to_drop, DEFAULT_RETAIN};
 pub use state::{Method, ReplicaState, Transition, TransitionError};

@@ -55,7 +55,6 @@ macro_rules! name_type {
 }
 
 name_type!(VmName, "VM");
-name_type!(HostName, "host");
 
 /// Parses an operator's interval: a number followed by s, m, h or d.
 pub fn parse_interval(text: &str) -> Result<Duration, NameError> {

@@ -1,5 +1,5 @@
 //! A QMP client: JSON lines over a unix socket. Asynchronous events that arrive between a
-//! command and its answer are kept, so callers can wait for them.
+//! command and its answer are skipped: standby polls state (`query-block-jobs`) instead.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -14,7 +14,6 @@ pub struct Qmp {
     socket: String,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
-    events: Vec<Value>,
 }
 
 impl Qmp {
@@ -25,7 +24,7 @@ impl Qmp {
         let stream = UnixStream::connect(socket).map_err(io)?;
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
-        let mut qmp = Qmp { socket: socket.into(), reader: BufReader::new(stream), writer, events: Vec::new() };
+        let mut qmp = Qmp { socket: socket.into(), reader: BufReader::new(stream), writer };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
             return Err(QemuError::QmpProtocol(format!("no QMP greeting on {socket}")));
@@ -60,7 +59,6 @@ impl Qmp {
         loop {
             let reply = self.read_message()?;
             if reply.get("event").is_some() {
-                self.events.push(reply);
                 continue;
             }
             if let Some(ret) = reply.get("return") {
@@ -75,10 +73,5 @@ impl Qmp {
             }
             return Err(QemuError::QmpProtocol(format!("unexpected QMP reply {reply}")));
         }
-    }
-
-    /// Events seen so far, drained.
-    pub fn take_events(&mut self) -> Vec<Value> {
-        std::mem::take(&mut self.events)
     }
 }

@@ -216,14 +216,7 @@ impl Engine {
             }
         }
         let result = self.replicate_inner(replica, retain, progress, &mut notes);
-        self.record(
-            &replica.vm,
-            "replication",
-            &result
-                .as_ref()
-                .map(|rp| format!("restore point {} ({})", rp.id, rp.method))
-                .map_err(|e| EngineError::Invalid(crate::vm::chain(e))),
-        );
+        self.record(&replica.vm, "replication", &result, |rp| format!("restore point {} ({})", rp.id, rp.method));
         match result {
             Ok(rp) => {
                 progress.step(&replica.vm, "done");
