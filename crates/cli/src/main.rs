@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use standby_engine::{Engine, JobSpec, PlanSpec, PointChoice, VmSpec, LOCAL_HOST};
+use standby_engine::{
+    Engine, FailbackOptions, FailbackTarget, JobSpec, PlanSpec, PointChoice, SwitchMode, VmSpec, LOCAL_HOST,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "standby", version, about = "Disaster recovery for QEMU/KVM virtual machines")]
@@ -43,6 +45,8 @@ enum Command {
     Host(HostCmd),
     /// Fail over to replicas (several VMs run in parallel); `failover undo VM...` undoes.
     Failover(FailoverArgs),
+    /// Fail back from replicas in failover to production, in two phases; then commit or undo.
+    Failback(FailbackArgs),
     /// Failover plans: ordered VMs, delays, commands before and after.
     #[command(subcommand)]
     Plan(PlanCmd),
@@ -111,6 +115,72 @@ enum FailoverCmd {
         vms: Vec<String>,
         #[arg(long)]
         job: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct FailbackArgs {
+    #[command(subcommand)]
+    action: Option<FailbackCmd>,
+    /// The protected VMs whose replicas are in failover.
+    #[arg(required = true)]
+    vms: Vec<String>,
+    /// Where the replica's state goes: `original` (the source VM's own disks),
+    /// `existing:VM` (a VM registered beforehand, e.g. restored from a backup) or
+    /// `new:HOST:DIR` (a new VM, its disks created in DIR on HOST).
+    #[arg(long, required = true)]
+    to: Option<FailbackTarget>,
+    /// When production takes over: `auto` (right after phase 1), `manual`
+    /// (`standby failback switch`) or `at:TIME` (RFC 3339; `standby daemon` runs it).
+    #[arg(long, default_value = "auto")]
+    switch: SwitchMode,
+    /// Power the production VM on after the switch.
+    #[arg(long)]
+    power_on: bool,
+    /// Seconds the replica's guest gets to shut down at the switch before it is powered off.
+    #[arg(long, default_value_t = 900)]
+    shutdown_timeout: u64,
+    /// The job whose replica fails back, when a VM is in more than one.
+    #[arg(long)]
+    job: Option<String>,
+    #[command(flatten)]
+    json: Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum FailbackCmd {
+    /// Phase 2 now: shut the replicas down, send their last changes, state failback.
+    Switch {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        #[arg(long)]
+        job: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Production works: keep the replica's final state as a restore point, resume replication.
+    Commit {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        #[arg(long)]
+        job: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Production does not work: power it off, and run the replica again as it was.
+    Undo {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        #[arg(long)]
+        job: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Failbacks in progress: target, method, bytes moved, switch.
+    List {
         #[command(flatten)]
         json: Json,
     },
@@ -370,6 +440,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Failover(args) => failover(&engine, args),
+        Command::Failback(args) => failback(&engine, args),
         Command::Plan(c) => plan(&engine, c),
         Command::History { vm, json } => {
             output::history(&engine.history(vm.as_deref())?, json.json)?;
@@ -504,6 +575,36 @@ fn failover(engine: &Engine, args: FailoverArgs) -> Result<ExitCode> {
             (engine.failover(&args.vms, args.job.as_deref(), point, args.force), args.json.json)
         }
     };
+    output::op_outcomes(&outcomes, json)?;
+    Ok(if outcomes.iter().all(|o| o.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn failback(engine: &Engine, args: FailbackArgs) -> Result<ExitCode> {
+    let bars = progress::Terminal::new();
+    let (outcomes, json) = match args.action {
+        Some(FailbackCmd::List { json }) => {
+            output::failbacks(&engine.failback_list()?, json.json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(FailbackCmd::Switch { vms, job, json }) => {
+            (engine.failback_switch(&vms, job.as_deref(), &bars), json.json)
+        }
+        Some(FailbackCmd::Commit { vms, job, json }) => {
+            (engine.failback_commit(&vms, job.as_deref(), &bars), json.json)
+        }
+        Some(FailbackCmd::Undo { vms, job, json }) => (engine.failback_undo(&vms, job.as_deref(), &bars), json.json),
+        None => {
+            let target = args.to.context("--to is required: original, existing:VM or new:HOST:DIR")?;
+            let opts = FailbackOptions {
+                target,
+                switch: args.switch,
+                power_on: args.power_on,
+                shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+            };
+            (engine.failback(&args.vms, args.job.as_deref(), &opts, &bars), args.json.json)
+        }
+    };
+    bars.finish();
     output::op_outcomes(&outcomes, json)?;
     Ok(if outcomes.iter().all(|o| o.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

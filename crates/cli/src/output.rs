@@ -3,7 +3,8 @@
 use anyhow::Result;
 use serde::Serialize;
 use standby_engine::{
-    HistoryRecord, JobView, OpOutcome, PlanRecord, PlanRun, ReplicaView, RestorePointView, RunOutcome, TaskView, VmView,
+    FailbackView, HistoryRecord, JobView, OpOutcome, PlanRecord, PlanRun, ReplicaView, RestorePointView, RunOutcome,
+    TaskView, VmView,
 };
 
 fn json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
@@ -262,5 +263,31 @@ pub fn plan_run(run: &PlanRun, as_json: bool) -> Result<()> {
         println!("{p}");
     }
     println!("plan {}: {}", run.plan, if run.ok { "ok" } else { "FAILED" });
+    Ok(())
+}
+
+pub fn failbacks(list: &[FailbackView], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|f| {
+            vec![
+                f.vm.clone(),
+                f.state.clone(),
+                f.target.clone(),
+                f.method.clone(),
+                format!("{} / {}", bytes(f.phase1.read), bytes(f.phase1.written + f.phase1.zeroed)),
+                format!("{} / {}", bytes(f.phase2.read), bytes(f.phase2.written + f.phase2.zeroed)),
+                f.switch.clone(),
+                f.switched_at.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &["VM", "STATE", "TARGET", "METHOD", "PHASE 1 READ/WROTE", "PHASE 2 READ/WROTE", "SWITCH", "SWITCHED"],
+        &rows,
+    );
     Ok(())
 }

@@ -41,12 +41,28 @@ pub struct OpOutcome {
 
 const OVERLAY_PREFIX: &str = "failover-d";
 
-fn overlay_path(dir: &str, idx: usize) -> String {
-    format!("{dir}/{OVERLAY_PREFIX}{idx}.qcow2")
+/// The replica's overlay of disk `idx`, generation `gen`. Failover makes generation 0; each
+/// failback's protective point freezes the top one and stacks the next over it.
+pub(crate) fn overlay_path(dir: &str, idx: usize, gen: u32) -> String {
+    match gen {
+        0 => format!("{dir}/{OVERLAY_PREFIX}{idx}.qcow2"),
+        g => format!("{dir}/{OVERLAY_PREFIX}{idx}.g{g}.qcow2"),
+    }
+}
+
+/// The generation of an overlay path made by [`overlay_path`].
+pub(crate) fn overlay_gen(path: &str) -> u32 {
+    path.strip_suffix(".qcow2").and_then(|p| p.rsplit_once(".g")).and_then(|(_, g)| g.parse().ok()).unwrap_or(0)
+}
+
+/// A replica disk's whole chain: the restore point's layers, then every overlay
+/// generation up to `top`.
+pub(crate) fn overlay_chain(point: Chain, dir: &str, idx: usize, top: &str) -> Chain {
+    (0..=overlay_gen(top)).fold(point, |chain, g| chain.with_top(&overlay_path(dir, idx, g)))
 }
 
 /// Deletes every failover overlay in a replica directory: the replica's writes are gone.
-fn remove_overlays(dr: &dyn Host, dir: &str) -> Result<()> {
+pub(crate) fn remove_overlays(dr: &dyn Host, dir: &str) -> Result<()> {
     for name in dr.list_dir(dir)? {
         if name.starts_with(OVERLAY_PREFIX) {
             dr.remove_file(&format!("{dir}/{name}"))?;
@@ -308,8 +324,8 @@ impl Engine {
     ) -> Result<()> {
         let mut overlays = Vec::new();
         for d in &rp.disks {
-            let overlay = overlay_path(&replica.dir, d.idx as usize);
-            dr.image_create(&overlay, d.size, Some(&d.layer))?;
+            let overlay = overlay_path(&replica.dir, d.idx as usize, 0);
+            dr.image_create(&overlay, d.size, Some((&d.layer, Format::Qcow2)))?;
             overlays.push(standby_store::DiskRecord { path: overlay, format: "qcow2".into() });
         }
         failpoint::hit("failover.after-overlays");
@@ -445,7 +461,7 @@ impl Engine {
             .ok_or_else(|| EngineError::Invalid(format!("replica VM {} has no restore point to run from", vm.name)))?;
         let mut disks = Vec::new();
         for (d, overlay) in rp.disks.iter().zip(&vm.disks) {
-            let chain: Chain = dr::chain_of(&points, &d.layer).with_top(&overlay.path);
+            let chain = overlay_chain(dr::chain_of(&points, &d.layer), &replica.dir, d.idx as usize, &overlay.path);
             disks.push(standby_host::DiskSource::Chain(chain));
         }
         Ok(disks)
@@ -458,4 +474,24 @@ const PLANNED_STOPPED: &str = "planned:source-was-stopped";
 /// The replica VM's name: the source's plus the job's suffix.
 pub(crate) fn replica_vm_name(replica: &ReplicaRecord) -> String {
     format!("{}{}", replica.vm, replica.replica_suffix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_generations() {
+        assert_eq!(overlay_path("/r", 1, 0), "/r/failover-d1.qcow2");
+        assert_eq!(overlay_path("/r", 1, 3), "/r/failover-d1.g3.qcow2");
+        for g in [0, 1, 12] {
+            assert_eq!(overlay_gen(&overlay_path("/r.g7", 0, g)), g);
+        }
+        let c = overlay_chain(Chain::single("/r/1-d0.qcow2", Format::Qcow2), "/r", 0, "/r/failover-d0.g2.qcow2");
+        let paths: Vec<_> = c.layers.iter().map(|l| l.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["/r/failover-d0.g2.qcow2", "/r/failover-d0.g1.qcow2", "/r/failover-d0.qcow2", "/r/1-d0.qcow2"]
+        );
+    }
 }

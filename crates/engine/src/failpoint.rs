@@ -21,6 +21,17 @@ pub const ALL: &[&str] = &[
     "permanent.after-flatten",
     "permanent.after-verify",
     "permanent.after-publish",
+    "failback.after-target-off",
+    "failback.after-working",
+    "failback.after-protect",
+    "failback.mid-transfer",
+    "switch.after-shutdown",
+    "switch.after-final-transfer",
+    "switch.mid-commit",
+    "switch.after-identity",
+    "commit.after-point",
+    "undo-failback.after-stop",
+    "undo-failback.after-restore",
 ];
 
 pub fn hit(name: &str) {

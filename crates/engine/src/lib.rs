@@ -3,6 +3,7 @@
 //! It never prints: progress goes to a [`Progress`] sink and results are returned.
 
 mod error;
+mod failback;
 mod failover;
 pub mod failpoint;
 mod job;
@@ -25,11 +26,13 @@ use standby_host::{Host, LocalHost};
 use standby_store::Store;
 
 pub use error::{EngineError, Result};
+pub use failback::{FailbackOptions, FailbackView, Moved};
 pub use failover::{OpOutcome, PointChoice};
 pub use job::{JobSpec, JobView};
 pub use plan::{PlanRun, PlanSpec, PlanStep};
 pub use progress::{NoProgress, Progress};
 pub use replication::{ReplicaView, RestorePointView, RpDiskView, RunOutcome};
+pub use standby_model::{FailbackTarget, SwitchMode};
 pub use standby_store::HistoryRecord;
 pub use standby_store::PlanRecord;
 pub use task::TaskView;

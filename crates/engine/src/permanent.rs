@@ -6,11 +6,12 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use standby_host::{disk_node, Host};
+use standby_host::Host;
 use standby_model::{ReplicaState, Transition};
 use standby_store::{ReplicaRecord, RestorePointRecord, VmRecord};
 
-use crate::failover::OpOutcome;
+use crate::failback::top_nodes;
+use crate::failover::{overlay_chain, replica_vm_name, OpOutcome};
 use crate::lock::VmLock;
 use crate::replication::dr;
 use crate::{failpoint, Engine, EngineError, Result};
@@ -63,7 +64,20 @@ impl Engine {
 
     /// Deletes the layer files of the removed restore points (the records went first).
     fn finish_permanent(&self, replica: &ReplicaRecord) -> Result<usize> {
-        let removed = dr::remove_orphans(self.host(&replica.target_host)?.as_ref(), &replica.dir, &[])?;
+        let dr_host = self.host(&replica.target_host)?;
+        let mut removed = dr::remove_orphans(dr_host.as_ref(), &replica.dir, &[])?;
+        // Overlay generations below the flattened top (a failback's protective point
+        // left them) are read by nothing now.
+        let vm = self.store().vm(&replica_vm_name(replica))?;
+        if let Some(vm) = vm {
+            for name in dr_host.list_dir(&replica.dir)? {
+                let path = format!("{}/{name}", replica.dir);
+                if name.starts_with("failover-d") && !vm.disks.iter().any(|d| d.path == path) {
+                    dr_host.remove_file(&path)?;
+                    removed.push(path);
+                }
+            }
+        }
         self.store().set_replica_op(replica.id, ReplicaState::Permanent.as_str(), None, None)?;
         Ok(removed.len())
     }
@@ -82,12 +96,15 @@ impl Engine {
             .disks
             .iter()
             .zip(&vm.disks)
-            .map(|(d, overlay)| dr::chain_of(points, &d.layer).with_top(&overlay.path))
+            .map(|(d, overlay)| {
+                overlay_chain(dr::chain_of(points, &d.layer), &replica.dir, d.idx as usize, &overlay.path)
+            })
             .collect();
         if running {
             let mut qmp = dr_host.vm_qmp(&vm.name)?;
-            for i in 0..chains.len() {
-                qmp.execute("block-stream", json!({"device": disk_node(i), "job-id": format!("permanent-d{i}")}))?;
+            // The top node: a failback's protective point may have stacked a newer one.
+            for (i, node) in top_nodes(qmp.as_mut(), chains.len())?.iter().enumerate() {
+                qmp.execute("block-stream", json!({"device": node, "job-id": format!("permanent-d{i}")}))?;
             }
             let start = Instant::now();
             loop {

@@ -22,7 +22,7 @@ use crate::Progress;
 const STATE_HOLE: u32 = 1;
 const STATE_ZERO: u32 = 2;
 /// `qemu:dirty-bitmap:*` flag.
-const STATE_DIRTY: u32 = 1;
+pub(crate) const STATE_DIRTY: u32 = 1;
 
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
@@ -140,6 +140,22 @@ impl Plan {
         let alloc = src.block_status(BASE_ALLOCATION, 0, size)?;
         let mut plan = Plan::default();
         for r in overlay(&dirty, &alloc, size) {
+            if r.a_flags & STATE_DIRTY != 0 {
+                let action = if r.b_flags & STATE_ZERO != 0 { Action::Zero } else { Action::Copy { fresh: false } };
+                plan.push(r.offset, r.length, action);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Copies exactly `ranges` (offset, length), known from metadata to hold every block
+    /// that differs: zeroes where the source reads zero there, data elsewhere. Nothing else
+    /// is read.
+    pub fn ranges(src: &mut NbdClient, ranges: &[(u64, u64)]) -> Result<Plan, NbdError> {
+        let size = src.size();
+        let alloc = src.block_status(BASE_ALLOCATION, 0, size)?;
+        let mut plan = Plan::default();
+        for r in overlay(&covering(ranges, size), &alloc, size) {
             if r.a_flags & STATE_DIRTY != 0 {
                 let action = if r.b_flags & STATE_ZERO != 0 { Action::Zero } else { Action::Copy { fresh: false } };
                 plan.push(r.offset, r.length, action);
@@ -294,6 +310,48 @@ pub fn execute(
     Ok(total_stats)
 }
 
+/// Sorted, merged ranges from several lists, clipped to `size`.
+pub fn union(lists: &[Vec<(u64, u64)>], size: u64) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = lists.iter().flatten().copied().filter(|r| r.1 > 0 && r.0 < size).collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in all {
+        let end = (off + len).min(size);
+        match out.last_mut() {
+            Some(last) if off <= last.0 + last.1 => last.1 = last.1.max(end - last.0),
+            _ => out.push((off, end - off)),
+        }
+    }
+    out
+}
+
+/// Bytes the ranges cover.
+pub fn covered(ranges: &[(u64, u64)]) -> u64 {
+    ranges.iter().map(|r| r.1).sum()
+}
+
+/// An extent map of the whole disk: `STATE_DIRTY` inside `ranges`, 0 between them.
+fn covering(ranges: &[(u64, u64)], size: u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    for (off, len) in union(&[ranges.to_vec()], size) {
+        if off > pos {
+            out.push(Extent { offset: pos, length: off - pos, flags: 0 });
+        }
+        out.push(Extent { offset: off, length: len, flags: STATE_DIRTY });
+        pos = off + len;
+    }
+    if pos < size {
+        out.push(Extent { offset: pos, length: size - pos, flags: 0 });
+    }
+    out
+}
+
+/// The ranges a block-status answer flags with `flag`.
+pub fn flagged(extents: &[Extent], flag: u32) -> Vec<(u64, u64)> {
+    extents.iter().filter(|e| e.flags & flag != 0).map(|e| (e.offset, e.length)).collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Region {
     offset: u64,
@@ -348,6 +406,16 @@ mod tests {
             got,
             vec![(0, 50, 0, STATE_ZERO), (50, 50, 0, 0), (100, 50, 3, 0), (150, 50, 3, STATE_ZERO | STATE_HOLE)]
         );
+    }
+
+    #[test]
+    fn union_and_covering() {
+        let u = union(&[vec![(0, 10), (30, 10)], vec![(5, 10), (100, 50)]], 120);
+        assert_eq!(u, vec![(0, 15), (30, 10), (100, 20)]);
+        assert_eq!(covered(&u), 45);
+        let c: Vec<_> = covering(&u, 130).iter().map(|e| (e.offset, e.length, e.flags)).collect();
+        assert_eq!(c, vec![(0, 15, 1), (15, 15, 0), (30, 10, 1), (40, 60, 0), (100, 20, 1), (120, 10, 0)]);
+        assert_eq!(covering(&[], 10).len(), 1);
     }
 
     #[test]

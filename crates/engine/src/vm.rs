@@ -167,6 +167,10 @@ impl Engine {
         if self.vm_is_running(&vm)? {
             return Err(EngineError::VmState { vm: name.into(), state: "running", hint: "nothing to start" });
         }
+        // Not even with --force: its disks are being written under it.
+        if let Some(why) = self.failback_holds(&vm)? {
+            return Err(EngineError::Invalid(why));
+        }
         if let Some(other) = self.running_counterpart(&vm)? {
             if !force {
                 return Err(EngineError::TwoWriters { vm: name.into(), other: other.name, host: other.host });

@@ -100,7 +100,10 @@ pub trait Host: Debug + Send + Sync {
     fn sync_file(&self, path: &str) -> Result<()>;
     /// Reads an image's header. `shared` reads one a running VM holds.
     fn image_info(&self, path: &str, shared: bool) -> Result<ImageInfo>;
-    fn image_create(&self, path: &str, size: u64, backing: Option<&str>) -> Result<()>;
+    /// Creates a qcow2 image, over `backing` (its path and format) if given.
+    fn image_create(&self, path: &str, size: u64, backing: Option<(&str, Format)>) -> Result<()>;
+    /// The ranges a qcow2 layer itself holds, from its metadata (its backing cut off).
+    fn image_allocated(&self, path: &str) -> Result<Vec<(u64, u64)>>;
     fn image_bitmap(&self, path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Result<()>;
     fn image_commit(&self, chain: &Chain) -> Result<()>;
     fn image_set_backing_name(&self, path: &str, backing: Option<&str>) -> Result<()>;

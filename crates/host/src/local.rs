@@ -193,8 +193,12 @@ impl Host for LocalHost {
         Ok(img::info(path, shared)?)
     }
 
-    fn image_create(&self, path: &str, size: u64, backing: Option<&str>) -> Result<()> {
+    fn image_create(&self, path: &str, size: u64, backing: Option<(&str, Format)>) -> Result<()> {
         Ok(img::create_qcow2(path, size, backing)?)
+    }
+
+    fn image_allocated(&self, path: &str) -> Result<Vec<(u64, u64)>> {
+        Ok(img::allocated(path)?)
     }
 
     fn image_bitmap(&self, path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Result<()> {

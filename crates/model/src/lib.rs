@@ -1,10 +1,12 @@
 //! standby's vocabulary. Everything here is pure: names, states, decisions. The engine asks
 //! this crate what is allowed and what to do; it never performs I/O itself.
 
+mod failback;
 mod names;
 mod retention;
 mod state;
 
+pub use failback::{FailbackTarget, SwitchMode};
 pub use names::{parse_interval, NameError, VmName};
 pub use retention::{points_to_drop, DEFAULT_RETAIN};
 pub use state::{Method, ReplicaState, Transition, TransitionError};

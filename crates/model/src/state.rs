@@ -20,6 +20,20 @@ pub enum ReplicaState {
     MakingPermanent,
     /// The replica became an ordinary VM; its restore points are gone, it left its job.
     Permanent,
+    /// Failback phase 1: the replica runs on while the target is brought to its state.
+    FailingBack,
+    /// Phase 1 is done: the target holds the replica's state, in a working layer not yet
+    /// published. The replica still runs and serves.
+    ReadyToSwitch,
+    /// Failback phase 2: the replica is shut down and its last changes sent.
+    Switching,
+    /// The production VM holds the replica's final state; the replica is off and kept
+    /// until the failback is committed or undone.
+    Failback,
+    /// Commit failback in progress: the replica's final state becomes a restore point.
+    CommittingFailback,
+    /// Undo failback in progress: back to the replica as it was at the switch.
+    UndoingFailback,
 }
 
 /// What happens to a replica.
@@ -36,6 +50,16 @@ pub enum Transition {
     PermanentStarted,
     PermanentDone,
     PermanentRolledBack,
+    FailbackStarted,
+    FailbackSynced,
+    FailbackRolledBack,
+    SwitchStarted,
+    SwitchDone,
+    SwitchRolledBack,
+    CommitStarted,
+    CommitDone,
+    UndoFailbackStarted,
+    UndoFailbackDone,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,7 +71,7 @@ pub struct TransitionError {
 }
 
 impl ReplicaState {
-    pub const ALL: [ReplicaState; 7] = [
+    pub const ALL: [ReplicaState; 13] = [
         ReplicaState::Ready,
         ReplicaState::Replicating,
         ReplicaState::FailingOver,
@@ -55,6 +79,12 @@ impl ReplicaState {
         ReplicaState::UndoingFailover,
         ReplicaState::MakingPermanent,
         ReplicaState::Permanent,
+        ReplicaState::FailingBack,
+        ReplicaState::ReadyToSwitch,
+        ReplicaState::Switching,
+        ReplicaState::Failback,
+        ReplicaState::CommittingFailback,
+        ReplicaState::UndoingFailback,
     ];
 
     pub fn apply(self, t: Transition) -> Result<ReplicaState, TransitionError> {
@@ -78,6 +108,22 @@ impl ReplicaState {
             (MakingPermanent, PermanentDone) => Ok(Permanent),
             // MakingPermanent ---- failed before publishing ----> Failover (the replica runs on)
             (MakingPermanent, PermanentRolledBack) => Ok(Failover),
+            // Failover ---- failback phase 1 ----> FailingBack ---- target synced ----> ReadyToSwitch
+            (Failover, FailbackStarted) => Ok(FailingBack),
+            (FailingBack, FailbackSynced) => Ok(ReadyToSwitch),
+            // FailingBack ---- failed or interrupted ----> Failover (the replica ran on)
+            (FailingBack, FailbackRolledBack) => Ok(Failover),
+            // ReadyToSwitch ---- phase 2 ----> Switching ---- replica off, target complete ----> Failback
+            (ReadyToSwitch, SwitchStarted) => Ok(Switching),
+            (Switching, SwitchDone) => Ok(Failback),
+            // Switching ---- failed before the target was touched ----> ReadyToSwitch (replica back on)
+            (Switching, SwitchRolledBack) => Ok(ReadyToSwitch),
+            // Failback ---- commit ----> CommittingFailback ---- point kept ----> Ready
+            (Failback, CommitStarted) => Ok(CommittingFailback),
+            (CommittingFailback, CommitDone) => Ok(Ready),
+            // ReadyToSwitch | Failback ---- undo ----> UndoingFailback ---- replica back ----> Failover
+            (ReadyToSwitch | Failback, UndoFailbackStarted) => Ok(UndoingFailback),
+            (UndoingFailback, UndoFailbackDone) => Ok(Failover),
             (from, t) => Err(TransitionError { from, transition: t.verb(), hint: from.hint() }),
         }
     }
@@ -91,6 +137,12 @@ impl ReplicaState {
             ReplicaState::UndoingFailover => "undoing_failover",
             ReplicaState::MakingPermanent => "making_permanent",
             ReplicaState::Permanent => "permanent",
+            ReplicaState::FailingBack => "failing_back",
+            ReplicaState::ReadyToSwitch => "ready_to_switch",
+            ReplicaState::Switching => "switching",
+            ReplicaState::Failback => "failback",
+            ReplicaState::CommittingFailback => "committing_failback",
+            ReplicaState::UndoingFailback => "undoing_failback",
         }
     }
 
@@ -98,12 +150,24 @@ impl ReplicaState {
     fn hint(self) -> &'static str {
         match self {
             ReplicaState::Ready => "; it is not in failover",
-            ReplicaState::Failover => "; it is in failover: undo it first (standby failover undo VM)",
+            ReplicaState::Failover => {
+                "; it is in failover: undo it (standby failover undo VM) or fail back (standby failback VM --to ...)"
+            }
+            ReplicaState::ReadyToSwitch => {
+                "; its failback is ready to switch: switch (standby failback switch VM) or undo it (standby failback undo VM)"
+            }
+            ReplicaState::Failback => {
+                "; it is in failback: commit it (standby failback commit VM) or undo it (standby failback undo VM)"
+            }
             ReplicaState::Permanent => "; its failover was made permanent: the replica is an ordinary VM now",
             ReplicaState::Replicating
             | ReplicaState::FailingOver
             | ReplicaState::UndoingFailover
-            | ReplicaState::MakingPermanent => {
+            | ReplicaState::MakingPermanent
+            | ReplicaState::FailingBack
+            | ReplicaState::Switching
+            | ReplicaState::CommittingFailback
+            | ReplicaState::UndoingFailback => {
                 "; another operation is in progress: wait for it, or run any standby command to recover it if it was killed"
             }
         }
@@ -111,7 +175,14 @@ impl ReplicaState {
 
     /// No operation is in progress in this state.
     pub fn is_idle(self) -> bool {
-        matches!(self, ReplicaState::Ready | ReplicaState::Failover | ReplicaState::Permanent)
+        matches!(
+            self,
+            ReplicaState::Ready
+                | ReplicaState::Failover
+                | ReplicaState::Permanent
+                | ReplicaState::ReadyToSwitch
+                | ReplicaState::Failback
+        )
     }
 
     /// Replication runs only in Ready; in other states a job run skips the VM.
@@ -134,6 +205,16 @@ impl Transition {
             Transition::PermanentStarted => "make a failover permanent",
             Transition::PermanentDone => "finish a permanent failover",
             Transition::PermanentRolledBack => "roll back a permanent failover",
+            Transition::FailbackStarted => "fail back",
+            Transition::FailbackSynced => "finish failback phase 1",
+            Transition::FailbackRolledBack => "roll back a failback",
+            Transition::SwitchStarted => "switch to the production VM",
+            Transition::SwitchDone => "finish a failback switch",
+            Transition::SwitchRolledBack => "roll back a failback switch",
+            Transition::CommitStarted => "commit failback",
+            Transition::CommitDone => "finish committing a failback",
+            Transition::UndoFailbackStarted => "undo failback",
+            Transition::UndoFailbackDone => "finish undoing a failback",
         }
     }
 }
@@ -214,6 +295,16 @@ mod tests {
             PermanentStarted,
             PermanentDone,
             PermanentRolledBack,
+            FailbackStarted,
+            FailbackSynced,
+            FailbackRolledBack,
+            SwitchStarted,
+            SwitchDone,
+            SwitchRolledBack,
+            CommitStarted,
+            CommitDone,
+            UndoFailbackStarted,
+            UndoFailbackDone,
         ];
         for s in ReplicaState::ALL {
             for t in transitions {
@@ -228,6 +319,16 @@ mod tests {
                     (Failover, PermanentStarted) => Some(MakingPermanent),
                     (MakingPermanent, PermanentDone) => Some(Permanent),
                     (MakingPermanent, PermanentRolledBack) => Some(Failover),
+                    (Failover, FailbackStarted) => Some(FailingBack),
+                    (FailingBack, FailbackSynced) => Some(ReadyToSwitch),
+                    (FailingBack, FailbackRolledBack) => Some(Failover),
+                    (ReadyToSwitch, SwitchStarted) => Some(Switching),
+                    (Switching, SwitchDone) => Some(Failback),
+                    (Switching, SwitchRolledBack) => Some(ReadyToSwitch),
+                    (Failback, CommitStarted) => Some(CommittingFailback),
+                    (CommittingFailback, CommitDone) => Some(Ready),
+                    (ReadyToSwitch | Failback, UndoFailbackStarted) => Some(UndoingFailback),
+                    (UndoingFailback, UndoFailbackDone) => Some(Failover),
                     _ => None,
                 };
                 assert_eq!(s.apply(t).ok(), want, "{s} {t:?}");

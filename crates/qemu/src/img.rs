@@ -69,10 +69,10 @@ pub fn parse_info(stdout: &[u8]) -> Result<ImageInfo> {
 
 /// Creates a qcow2 image. With `backing`, the header records that absolute path so that
 /// operators' `qemu-img` finds the chain; standby itself always opens chains explicitly.
-pub fn create_qcow2(path: &str, size: u64, backing: Option<&str>) -> Result<()> {
+pub fn create_qcow2(path: &str, size: u64, backing: Option<(&str, Format)>) -> Result<()> {
     let mut args = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
-    if let Some(b) = backing {
-        args.extend(["-b".into(), b.into(), "-F".into(), "qcow2".into()]);
+    if let Some((b, format)) = backing {
+        args.extend(["-b".into(), b.into(), "-F".into(), format.as_str().into()]);
     }
     args.extend([path.into(), size.to_string()]);
     run(QEMU_IMG, &args).map(drop)
@@ -125,6 +125,35 @@ pub fn flatten(chain: &Chain) -> Result<()> {
     run(QEMU_IMG, &args).map(drop)
 }
 
+/// The ranges `path`'s own qcow2 layer holds (data or explicit zeroes), read from its
+/// metadata alone with its backing cut off: what this layer changes over the layers below.
+/// Shared locks, so a running VM's read-only backing layers can be mapped.
+pub fn allocated(path: &str) -> Result<Vec<(u64, u64)>> {
+    let layer = Chain::single(path, Format::Qcow2).filename();
+    let args: Vec<String> = vec!["map".into(), "-U".into(), "--output=json".into(), layer];
+    let out = run(QEMU_IMG, &args)?;
+    parse_map(&out.stdout)
+}
+
+pub fn parse_map(stdout: &[u8]) -> Result<Vec<(u64, u64)>> {
+    let v: serde_json::Value = serde_json::from_slice(stdout).map_err(|e| parse_err(format!("map: {e}")))?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().into_iter().flatten() {
+        let present = e["present"].as_bool().ok_or_else(|| parse_err("map: no \"present\" field"))?;
+        let (Some(start), Some(length)) = (e["start"].as_u64(), e["length"].as_u64()) else {
+            return Err(parse_err(format!("map: bad entry {e}")));
+        };
+        if !present || e["depth"].as_u64() != Some(0) {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == start => last.1 += length,
+            _ => out.push((start, length)),
+        }
+    }
+    Ok(out)
+}
+
 /// Byte-compares two images' guest-visible content (file or `json:` names, opened with
 /// shared locks so a paused VM's images can be read); Ok(true) when identical.
 pub fn compare(a: &str, b: &str) -> Result<bool> {
@@ -164,6 +193,17 @@ mod tests {
                 BitmapInfo { name: "b3".into(), in_use: false, enabled: false },
             ]
         );
+    }
+
+    #[test]
+    fn maps_only_the_layer_itself() {
+        let out = br#"[{ "start": 0, "length": 2097152, "depth": 0, "present": false, "zero": true, "data": false},
+            { "start": 2097152, "length": 65536, "depth": 0, "present": true, "zero": true, "data": false},
+            { "start": 2162688, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true},
+            { "start": 4194304, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 327680},
+            { "start": 4259840, "length": 6225920, "depth": 0, "present": false, "zero": true, "data": false}]"#;
+        assert_eq!(parse_map(out).unwrap(), vec![(2097152, 131072), (4194304, 65536)]);
+        assert!(parse_map(br#"[{"start": 0, "length": 1}]"#).is_err());
     }
 
     #[test]

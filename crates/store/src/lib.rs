@@ -172,6 +172,45 @@ impl Store {
         Ok(())
     }
 
+    /// Redefines a VM under the same name (a failback moves a protected VM's identity to
+    /// the VM it failed back to): host, configuration and disks, in one transaction.
+    pub fn redefine_vm(&mut self, vm: &NewVm) -> Result<()> {
+        let tx = self.tx()?;
+        let id: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [&vm.name], |r| r.get(0))?;
+        tx.execute(
+            "UPDATE vms SET host = ?2, cpus = ?3, memory_mib = ?4, nics = ?5, kernel = ?6, initrd = ?7, append = ?8
+             WHERE id = ?1",
+            params![
+                id,
+                vm.host,
+                vm.cpus,
+                vm.memory_mib,
+                serde_json::to_string(&vm.nics).unwrap_or_default(),
+                vm.kernel,
+                vm.initrd,
+                vm.append
+            ],
+        )?;
+        tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;
+        for (i, d) in vm.disks.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO vm_disks (vm_id, idx, path, format) VALUES (?1, ?2, ?3, ?4)",
+                params![id, i as i64, d.path, d.format],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Points a VM's disk `idx` at another image (a replica VM's new top layer).
+    pub fn set_vm_disk(&mut self, name: &str, idx: usize, disk: &DiskRecord) -> Result<()> {
+        self.conn.execute(
+            "UPDATE vm_disks SET path = ?3, format = ?4 WHERE vm_id = (SELECT id FROM vms WHERE name = ?1) AND idx = ?2",
+            params![name, idx as i64, disk.path, disk.format],
+        )?;
+        Ok(())
+    }
+
     /// The replica VM running replica `replica_id`, if one is defined.
     pub fn replica_vm(&self, replica_id: i64) -> Result<Option<VmRecord>> {
         let name: Option<String> =
@@ -365,6 +404,37 @@ impl Store {
 
     pub fn set_replica_step(&mut self, id: i64, step: &str) -> Result<()> {
         self.conn.execute("UPDATE replicas SET op_step = ?2 WHERE id = ?1", params![id, step])?;
+        Ok(())
+    }
+
+    // ---- failbacks ----
+
+    /// Writes the record of a replica's failback in progress.
+    pub fn put_failback(&mut self, replica_id: i64, record: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO failbacks (replica_id, record, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (replica_id) DO UPDATE SET record = excluded.record, updated_at = excluded.updated_at",
+            params![replica_id, record, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn failback(&self, replica_id: i64) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT record FROM failbacks WHERE replica_id = ?1", [replica_id], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Every failback in progress: (replica id, record).
+    pub fn failbacks(&self) -> Result<Vec<(i64, String)>> {
+        let mut st = self.conn.prepare("SELECT replica_id, record FROM failbacks ORDER BY replica_id")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn delete_failback(&mut self, replica_id: i64) -> Result<()> {
+        self.conn.execute("DELETE FROM failbacks WHERE replica_id = ?1", [replica_id])?;
         Ok(())
     }
 

@@ -126,4 +126,14 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (plan_id, pos)
     );
     "#,
+    // 4: failback. One row per replica with a failback in progress (from phase 1 until it is
+    // committed or undone): where its state goes and everything the later phases need, as
+    // one JSON record the engine owns.
+    r#"
+    CREATE TABLE failbacks (
+        replica_id INTEGER PRIMARY KEY REFERENCES replicas(id),
+        record TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    "#,
 ];

@@ -11,7 +11,7 @@
 //! 6. retire the previous bitmaps, apply retention.
 
 pub(crate) mod dr;
-mod source;
+pub(crate) mod source;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
@@ -324,6 +324,7 @@ impl Engine {
             self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: replica.vm.clone() })?;
         notes.extend(self.recover_failover(&replica)?);
         notes.extend(self.recover_permanent(&replica)?);
+        notes.extend(self.recover_failback(&replica)?);
         Ok(notes)
     }
 
@@ -562,7 +563,7 @@ impl Engine {
                 Method::Full => None,
                 _ => prev.and_then(|p| p.disks.iter().find(|x| x.idx as usize == d.idx)).map(|x| x.layer.clone()),
             };
-            dr.image_create(&layer, d.size, parent.as_deref())?;
+            dr.image_create(&layer, d.size, parent.as_deref().map(|p| (p, Format::Qcow2)))?;
             let chain = match &parent {
                 Some(p) => dr::chain_of(points, p).with_top(&layer),
                 None => Chain::single(&layer, Format::Qcow2),

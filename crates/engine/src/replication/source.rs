@@ -45,7 +45,7 @@ pub fn bitmap_name(replica_id: i64, seq: i64) -> String {
     format!("standby-r{replica_id}-{seq}")
 }
 
-fn bitmap_seq(replica_id: i64, name: &str) -> Option<i64> {
+pub(crate) fn bitmap_seq(replica_id: i64, name: &str) -> Option<i64> {
     name.strip_prefix(&format!("standby-r{replica_id}-"))?.parse().ok()
 }
 

@@ -1,0 +1,192 @@
+//! User story: the production site is back. The operator fails back from the replica to
+//! production (its original disks, a VM recovered elsewhere, or a new VM), switches, and
+//! commits or undoes. Production ends byte-identical to the replica's final state.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use standby_testkit::{bitmaps, identical, ledger_append, make_disk, qemu_img, qemu_io, read_image, Env, Ledger};
+
+const BIN: &str = env!("CARGO_BIN_EXE_standby");
+const START: u64 = 2048;
+const COUNT: u64 = 3000;
+const MIB: u64 = 1 << 20;
+
+fn state(env: &Env) -> String {
+    env.json(&["replica", "list"])[0]["state"].as_str().unwrap().to_owned()
+}
+
+fn failback_row(env: &Env) -> Value {
+    env.json(&["failback", "list"])[0].clone()
+}
+
+fn vm_row(env: &Env, name: &str) -> Option<Value> {
+    env.json(&["vm", "list"]).as_array().unwrap().iter().find(|v| v["name"] == name).cloned()
+}
+
+fn write(image: &str, pattern: u8, offset_kib: u64, len_kib: u64) {
+    qemu_io(image, "qcow2", &[format!("write -P {pattern:#x} {offset_kib}k {len_kib}k")]);
+}
+
+/// The same history on every call, with no guest: a source written between and after
+/// two runs, a failover to the older point, the replica written (data and zeroes). With
+/// `lose_bitmap` the source's dirty bitmap is gone, so standby cannot trust its metadata.
+fn diverged(env: &Env, lose_bitmap: bool) -> String {
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x11, 0, 4)]);
+    env.ok(&["vm", "create", "web", "--disk", &disk, "--memory", "64"]);
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["job", "run", "j"]);
+    write(&disk, 0x22, 8 * 1024, 1024);
+    env.ok(&["job", "run", "j"]);
+    // Written after the last run: only the source's bitmap knows.
+    write(&disk, 0x33, 12 * 1024, 512);
+    let first = env.points("web")[0]["id"].as_i64().unwrap().to_string();
+    env.ok(&["failover", "web", "--point", &first]);
+    env.ok(&["vm", "stop", "web_replica"]);
+    let overlay = env.path("dr/web/failover-d0.qcow2");
+    write(&overlay, 0x44, 20 * 1024, 1024);
+    qemu_io(&overlay, "qcow2", &["write -z 0 64k".into()]);
+    if lose_bitmap {
+        for b in bitmaps(&disk) {
+            qemu_img(&["bitmap", "--remove", &disk, &b]);
+        }
+    }
+    disk
+}
+
+#[test]
+fn quick_rollback_and_digest_give_the_same_bytes() {
+    let (quick, digest) = (Env::new(BIN), Env::new(BIN));
+    let mut disks = Vec::new();
+    let mut read = Vec::new();
+    for (env, lose) in [(&quick, false), (&digest, true)] {
+        let disk = diverged(env, lose);
+        let before = read_image(&disk);
+        let out = env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
+        assert!(out.contains("web: ok: phase 1 done") && out.contains("ready to switch"), "{out}");
+        assert_eq!(state(env), "ready_to_switch");
+        assert_eq!(read_image(&disk), before, "phase 1 must not write the original disk itself");
+        let row = failback_row(env);
+        assert_eq!(row["method"], if lose { "digest" } else { "quick" }, "{row}");
+        read.push((row["phase1"]["read"].as_u64().unwrap(), row["phase1"]["zeroed"].as_u64().unwrap()));
+        // The source may not start while its disks are being synced, not even forced.
+        let err = env.fails(&["vm", "start", "web", "--force"]);
+        assert!(err.contains("target of web's failback"), "{err}");
+
+        // Written on the replica after phase 1: goes with the switch.
+        write(&env.path("dr/web/failover-d0.g1.qcow2"), 0x55, 24 * 1024, 256);
+        let out = env.ok(&["failback", "switch", "web"]);
+        assert!(out.contains("web: ok: switched"), "{out}");
+        assert_eq!(state(env), "failback");
+        let row = failback_row(env);
+        assert_eq!(row["phase2"]["read"].as_u64().unwrap(), 256 * 1024, "phase 2 reads only what changed: {row}");
+        assert!(identical(&disk, &env.path("dr/web/failover-d0.g1.qcow2")), "production differs from the replica");
+        assert!(env.processes().is_empty(), "{:?}", env.processes());
+        disks.push(disk);
+    }
+    assert!(identical(&disks[0], &disks[1]), "quick rollback and digest differ");
+    // Quick rollback touched only the blocks its metadata named: 1 MiB of data and 64 KiB
+    // of zeroes written on the replica, the 1 MiB of the newer point and the 512 KiB the
+    // source wrote after it. Where the replica reads zero nothing is read, so it read only
+    // the replica's 1 MiB of data.
+    assert_eq!(read[0], (MIB, 64 * 1024 + MIB + 512 * 1024), "quick rollback (read, zeroed)");
+    assert!(read[1].0 >= 4 * MIB, "digest reads every block the replica holds: {:?}", read[1]);
+
+    // Commit: replication resumes from the switch, incrementally.
+    let env = &quick;
+    let out = env.ok(&["failback", "commit", "web"]);
+    assert!(out.contains("web: ok: failback committed"), "{out}");
+    assert_eq!(state(env), "ready");
+    assert!(vm_row(env, "web_replica").is_none());
+    let kept = env.points("web").pop().unwrap();
+    assert!(identical(kept["disks"][0]["path"].as_str().unwrap(), &disks[0]), "the kept point is the final state");
+    write(&disks[0], 0x66, 28 * 1024, 128);
+    env.ok(&["job", "run", "j"]);
+    let next = env.points("web").pop().unwrap();
+    assert_eq!(next["method"], "cbt", "{next}");
+    assert_eq!(next["bytes_transferred"].as_u64().unwrap(), 128 * 1024, "{next}");
+    assert!(identical(next["disks"][0]["path"].as_str().unwrap(), &disks[0]));
+
+    // Undo after the switch: production off, its disk reads as the replica's final state,
+    // the replica runs again as it was.
+    let env = &digest;
+    env.ok(&["vm", "start", "web"]);
+    env.ok(&["vm", "stop", "web"]);
+    write(&disks[1], 0x77, 2 * 1024, 64);
+    let out = env.ok(&["failback", "undo", "web"]);
+    assert!(out.contains("web: ok: failback undone"), "{out}");
+    assert_eq!(state(env), "failover");
+    assert!(identical(&disks[1], &env.path("dr/web/failover-d0.g1.qcow2")));
+    assert_eq!(vm_row(env, "web_replica").unwrap()["state"], "running");
+    // And a later failback still works.
+    env.ok(&["vm", "stop", "web_replica"]);
+    let out = env.ok(&["failback", "web", "--to", "original"]);
+    assert!(out.contains("switched"), "{out}");
+    assert!(identical(&disks[1], &env.path("dr/web/failover-d0.g2.qcow2")));
+    env.ok(&["failback", "commit", "web"]);
+    env.ok(&["job", "run", "j"]);
+    assert!(identical(&env.latest_disk("web", 0), &disks[1]));
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+/// The guest writes during failover and on; after switch and commit production holds every
+/// write the replica's guest acknowledged, and replication goes on from there.
+#[test]
+fn failback_to_the_original_with_a_running_guest() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x21, 0, 2)]);
+    env.create_guest_vm("web", &disk, 160, &ledger_append(START, COUNT, 20_000));
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "web"]);
+    for want in [5, 30] {
+        env.wait_console("web", Duration::from_secs(60), "ledger writes", |c| Ledger::acknowledged(c) >= want);
+        env.ok(&["job", "run", "j"]);
+    }
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+    let first = env.points("web")[0]["id"].as_i64().unwrap().to_string();
+    env.ok(&["failover", "web", "--point", &first]);
+    let console =
+        env.wait_console("web_replica", Duration::from_secs(60), "replica boot", |c| c.contains("LEDGER-RESUME"));
+    let resumed: u64 = console.lines().find_map(|l| l.trim().strip_prefix("LEDGER-RESUME ")?.parse().ok()).unwrap();
+    env.wait_console("web_replica", Duration::from_secs(60), "writes in failover", |c| {
+        Ledger::acknowledged(c) >= resumed + 20
+    });
+
+    let out = env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
+    assert!(out.contains("ready to switch"), "{out}");
+    assert_eq!(failback_row(&env)["method"], "quick");
+    // The replica kept serving through phase 1.
+    let at_phase1 = Ledger::acknowledged(&env.console("web_replica"));
+    env.wait_console("web_replica", Duration::from_secs(60), "writes after phase 1", |c| {
+        Ledger::acknowledged(c) >= at_phase1 + 10
+    });
+    let out = env.ok(&["failback", "switch", "web"]);
+    assert!(out.contains("switched") && !out.contains("powered off"), "{out}");
+    let acked = Ledger::acknowledged(&env.console("web_replica"));
+    let ledger = Ledger { start_block: START };
+    let held = ledger.records_in(&read_image(&disk), COUNT).unwrap();
+    assert!(held >= acked, "production holds {held} records, the replica acknowledged {acked}");
+
+    env.ok(&["failback", "commit", "web"]);
+    assert!(identical(&env.latest_disk("web", 0), &disk));
+    env.ok(&["vm", "start", "web"]);
+    let console = env
+        .wait_console("web", Duration::from_secs(60), "production boot", |c| c.matches("LEDGER-RESUME").count() >= 2);
+    let resumed: u64 =
+        console.lines().filter_map(|l| l.trim().strip_prefix("LEDGER-RESUME ")?.parse().ok()).next_back().unwrap();
+    assert_eq!(resumed, held, "production boots from the replica's final state");
+    env.wait_console("web", Duration::from_secs(60), "production writes", |c| Ledger::acknowledged(c) >= held + 5);
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+    env.ok(&["job", "run", "j"]);
+    let last = env.points("web").pop().unwrap();
+    assert_eq!(last["method"], "cbt", "{last}");
+    assert!(last["bytes_transferred"].as_u64().unwrap() < MIB, "only production's writes travel: {last}");
+    assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &disk));
+    let history = env.json(&["history", "web"]).to_string();
+    for op in ["\"failback\"", "\"failback switch\"", "\"commit failback\""] {
+        assert!(history.contains(op), "history lacks {op}");
+    }
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
