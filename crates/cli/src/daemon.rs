@@ -1,4 +1,5 @@
-//! `standby daemon`: runs each job whose interval has passed since its last run.
+//! `standby daemon`: runs each job whose interval has passed since its last run, and each
+//! failback switch whose time has come (one missed while no daemon ran runs at once).
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -19,8 +20,13 @@ fn due(every_secs: Option<u64>, last_run_at: Option<&str>, now: SystemTime) -> b
 }
 
 pub fn run(engine: &Engine, tick: Duration) -> Result<ExitCode> {
-    eprintln!("standby daemon: checking jobs every {} s", tick.as_secs());
+    eprintln!("standby daemon: checking jobs and scheduled failback switches every {} s", tick.as_secs());
     loop {
+        match engine.failback_due(&NoProgress) {
+            Ok(outcomes) if !outcomes.is_empty() => output::op_outcomes(&outcomes, false)?,
+            Ok(_) => {}
+            Err(e) => eprintln!("scheduled failback switches: {e}"),
+        }
         for job in engine.job_list()? {
             if !due(job.every_secs, job.last_run_at.as_deref(), SystemTime::now()) {
                 continue;

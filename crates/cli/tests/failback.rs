@@ -190,3 +190,122 @@ fn failback_to_the_original_with_a_running_guest() {
     }
     assert!(env.processes().is_empty(), "{:?}", env.processes());
 }
+
+/// A VM without a guest, replicated, failed over, its replica stopped and written.
+fn in_failover(env: &Env) -> String {
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 16, &[(0x11, 0, 3)]);
+    env.ok(&["vm", "create", "web", "--disk", &disk, "--memory", "64", "--cpus", "1"]);
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["job", "run", "j"]);
+    env.ok(&["failover", "web"]);
+    env.ok(&["vm", "stop", "web_replica"]);
+    write(&env.path("dr/web/failover-d0.qcow2"), 0x44, 1024, 2048);
+    disk
+}
+
+#[test]
+fn failback_to_an_existing_vm_moves_the_identity() {
+    let env = Env::new(BIN);
+    let old_disk = in_failover(&env);
+    // Restored from a backup elsewhere: an older state, its own configuration.
+    let restored = env.path("elsewhere/web2.qcow2");
+    std::fs::create_dir_all(env.path("elsewhere")).unwrap();
+    make_disk(&restored, "qcow2", 16, &[(0x11, 0, 2), (0x99, 8, 1)]);
+    env.ok(&["vm", "create", "web2", "--disk", &restored, "--memory", "96"]);
+    env.ok(&["vm", "start", "web2"]);
+    let old = read_image(&old_disk);
+
+    let out = env.ok(&["failback", "web", "--to", "existing:web2", "--switch", "manual"]);
+    assert!(out.contains("web2 was running") && out.contains("powered off"), "{out}");
+    assert_eq!(failback_row(&env)["method"], "digest");
+    assert_eq!(vm_row(&env, "web2").unwrap()["state"], "stopped");
+    let out = env.ok(&["failback", "switch", "web", "--json"]);
+    assert!(out.contains("switched"), "{out}");
+    // The protected VM is web2's VM now: its disks, its configuration; web2 is gone.
+    let web = env.json(&["vm", "show", "web"]);
+    assert_eq!(web["disks"][0]["path"], restored.as_str(), "{web}");
+    assert_eq!(web["memory_mib"], 96);
+    assert!(vm_row(&env, "web2").is_none());
+    assert!(identical(&restored, &env.path("dr/web/failover-d0.g1.qcow2")));
+    assert_eq!(read_image(&old_disk), old, "the old source's disk is left alone");
+
+    // Undo puts both definitions back; the restored VM's disk reads as the replica's.
+    env.ok(&["failback", "undo", "web"]);
+    assert_eq!(state(&env), "failover");
+    assert_eq!(env.json(&["vm", "show", "web"])["disks"][0]["path"], old_disk.as_str());
+    assert_eq!(env.json(&["vm", "show", "web2"])["disks"][0]["path"], restored.as_str());
+    assert!(identical(&restored, &env.path("dr/web/failover-d0.g1.qcow2")));
+
+    // Again, with the switch right after phase 1, and commit: later runs replicate web2's disk.
+    env.ok(&["vm", "stop", "web_replica"]);
+    env.ok(&["failback", "web", "--to", "existing:web2", "--power-on"]);
+    assert_eq!(env.json(&["vm", "show", "web"])["state"], "running");
+    env.ok(&["failback", "commit", "web"]);
+    env.ok(&["vm", "stop", "web"]);
+    write(&restored, 0x66, 4 * 1024, 64);
+    env.ok(&["job", "run", "j"]);
+    let last = env.points("web").pop().unwrap();
+    assert_eq!((last["method"].as_str(), last["bytes_transferred"].as_u64()), (Some("cbt"), Some(64 * 1024)));
+    assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &restored));
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+#[test]
+fn failback_to_a_new_vm_copies_everything() {
+    let env = Env::new(BIN);
+    let old_disk = in_failover(&env);
+    let dir = env.path("newsite");
+    let out = env.ok(&["failback", "web", "--to", &format!("new:local:{dir}"), "--switch", "manual"]);
+    assert!(out.contains("by full"), "{out}");
+    let new_disk = format!("{dir}/web-d0.qcow2");
+    // Not published before the switch: the VM record still names the old disk.
+    assert_eq!(env.json(&["vm", "show", "web"])["disks"][0]["path"], old_disk.as_str());
+    // Undo before the switch: nothing of the new VM stays; the replica runs on.
+    let out = env.ok(&["failback", "undo", "web"]);
+    assert!(out.contains("before its switch"), "{out}");
+    assert!(!std::path::Path::new(&new_disk).exists());
+    assert_eq!(vm_row(&env, "web_replica").unwrap()["state"], "running");
+
+    // No guest to shut down: the replica is powered off after the timeout.
+    let out = env.ok(&["failback", "web", "--to", &format!("new:local:{dir}"), "--shutdown-timeout", "1"]);
+    assert!(out.contains("did not shut down within 1 s and was powered off"), "{out}");
+    let web = env.json(&["vm", "show", "web"]);
+    assert_eq!((web["disks"][0]["path"].as_str(), web["cpus"].as_u64()), (Some(new_disk.as_str()), Some(1)));
+    assert!(identical(&new_disk, &env.path("dr/web/failover-d0.g2.qcow2")));
+    env.ok(&["failback", "commit", "web"]);
+    env.ok(&["job", "run", "j"]);
+    let last = env.points("web").pop().unwrap();
+    assert_eq!((last["method"].as_str(), last["bytes_transferred"].as_u64()), (Some("cbt"), Some(0)));
+    assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &new_disk));
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+#[test]
+fn a_scheduled_switch_runs_under_the_daemon() {
+    let env = Env::new(BIN);
+    let disk = in_failover(&env);
+    let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(4)).to_string();
+    let out = env.ok(&["failback", "web", "--to", "original", "--switch", &format!("at:{at}")]);
+    assert!(out.contains("under standby daemon"), "{out}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(state(&env), "ready_to_switch", "without a daemon nothing switches");
+    // A daemon started after the time switches at once.
+    let mut daemon = env
+        .command(&["daemon", "--tick", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while state(&env) != "failback" && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    assert_eq!(state(&env), "failback");
+    assert!(identical(&disk, &env.path("dr/web/failover-d0.g1.qcow2")));
+    let history = env.json(&["history", "web"]).to_string();
+    assert!(history.contains("standby --data-dir") && history.contains("daemon"), "{history}");
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
