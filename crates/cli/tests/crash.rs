@@ -137,7 +137,7 @@ fn kill_during_retention() {
 /// A fail point no crash test names is a step nobody has killed standby at.
 #[test]
 fn every_fail_point_is_covered() {
-    let tests = [include_str!("crash.rs"), include_str!("failover.rs")];
+    let tests = [include_str!("crash.rs"), include_str!("failover.rs"), include_str!("failback.rs")];
     for name in standby_engine::failpoint::ALL {
         let quoted = format!("\"{name}\"");
         assert!(tests.iter().any(|t| t.contains(&quoted)), "fail point {name} has no crash test");

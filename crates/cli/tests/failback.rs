@@ -201,6 +201,7 @@ fn in_failover(env: &Env) -> String {
     env.ok(&["failover", "web"]);
     env.ok(&["vm", "stop", "web_replica"]);
     write(&env.path("dr/web/failover-d0.qcow2"), 0x44, 1024, 2048);
+    write(&env.path("dr/web/failover-d0.qcow2"), 0x45, 8 * 1024, 1024);
     disk
 }
 
@@ -308,4 +309,105 @@ fn a_scheduled_switch_runs_under_the_daemon() {
     let history = env.json(&["history", "web"]).to_string();
     assert!(history.contains("standby --data-dir") && history.contains("daemon"), "{history}");
     assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+/// The replica VM's top overlay, as standby records it.
+fn replica_top(env: &Env) -> String {
+    env.json(&["vm", "show", "web_replica"])["disks"][0]["path"].as_str().unwrap().to_owned()
+}
+
+fn working_files(env: &Env) -> Vec<String> {
+    std::fs::read_dir(env.path("src"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".failback-"))
+        .collect()
+}
+
+/// Kills standby at `fp`, lets the next command recover, and checks where that left
+/// everything: rolled back (phase 1) or completed (switch, commit, undo), never between.
+fn crash_at(fp: &str) {
+    let env = Env::new(BIN);
+    let disk = in_failover(&env);
+    let original = read_image(&disk);
+    let (args, recovered): (&[&str], &str) = match fp.split('.').next().unwrap() {
+        "failback" => (&["failback", "web", "--to", "original", "--switch", "manual"], "phase 1 rolled back"),
+        "switch" => {
+            env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
+            (&["failback", "switch", "web"], "switch completed")
+        }
+        "commit" => {
+            env.ok(&["failback", "web", "--to", "original"]);
+            (&["failback", "commit", "web"], "commit failback completed")
+        }
+        _ => {
+            env.ok(&["failback", "web", "--to", "original"]);
+            (&["failback", "undo", "web"], "undo failback completed")
+        }
+    };
+    let killed = env.run_killed_at(fp, args);
+    assert!(killed.stderr.contains(&format!("fail point {fp} reached")), "{fp}: {}", killed.stderr);
+    let list = env.run(&["replica", "list"]);
+    assert!(list.stderr.contains(recovered), "{fp}: {}", list.stderr);
+    assert!(working_files(&env).is_empty(), "{fp}: working layers left: {:?}", working_files(&env));
+    let final_state = vm_row(&env, "web_replica").map(|_| replica_top(&env)).unwrap_or_default();
+    match fp.split('.').next().unwrap() {
+        "failback" => {
+            assert_eq!(state(&env), "failover", "{fp}");
+            assert_eq!(read_image(&disk), original, "{fp}: the original disk was written");
+            assert!(env.json(&["failback", "list"]).as_array().unwrap().is_empty(), "{fp}");
+            let out = env.ok(&["failback", "web", "--to", "original"]);
+            assert!(out.contains("switched"), "{fp}: {out}");
+            assert!(identical(&disk, &replica_top(&env)), "{fp}");
+        }
+        "switch" => {
+            assert_eq!(state(&env), "failback", "{fp}");
+            assert!(identical(&disk, &final_state), "{fp}: production is not the replica's final state");
+        }
+        "commit" => {
+            assert_eq!(state(&env), "ready", "{fp}");
+            assert!(vm_row(&env, "web_replica").is_none(), "{fp}");
+            assert!(identical(&env.latest_disk("web", 0), &disk), "{fp}");
+        }
+        _ => {
+            assert_eq!(state(&env), "failover", "{fp}");
+            assert_eq!(vm_row(&env, "web_replica").unwrap()["state"], "running", "{fp}");
+            assert!(identical(&disk, &final_state), "{fp}: production is neither before nor the replica's state");
+            env.ok(&["vm", "stop", "web_replica"]);
+            env.ok(&["failback", "web", "--to", "original"]);
+        }
+    }
+    // A second recovery changes nothing; the lifecycle goes on to a correct incremental run.
+    env.ok(&["replica", "list"]);
+    if state(&env) == "failback" {
+        env.ok(&["failback", "commit", "web"]);
+    }
+    write(&disk, 0x66, 12 * 1024, 64);
+    env.ok(&["job", "run", "j"]);
+    let last = env.points("web").pop().unwrap();
+    assert_eq!(last["method"], "cbt", "{fp}: {last}");
+    assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &disk), "{fp}");
+    assert!(env.processes().is_empty(), "{fp}: {:?}", env.processes());
+}
+
+#[test]
+fn kill_during_failback_phase_1() {
+    for fp in ["failback.after-target-off", "failback.after-working", "failback.after-protect", "failback.mid-transfer"]
+    {
+        crash_at(fp);
+    }
+}
+
+#[test]
+fn kill_during_switch() {
+    for fp in ["switch.after-shutdown", "switch.after-final-transfer", "switch.mid-commit", "switch.after-identity"] {
+        crash_at(fp);
+    }
+}
+
+#[test]
+fn kill_during_commit_and_undo() {
+    for fp in ["commit.after-point", "undo-failback.after-stop", "undo-failback.after-restore"] {
+        crash_at(fp);
+    }
 }
