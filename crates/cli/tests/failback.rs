@@ -12,8 +12,11 @@ const START: u64 = 2048;
 const COUNT: u64 = 3000;
 const MIB: u64 = 1 << 20;
 
+/// The state of web's replica.
 fn state(env: &Env) -> String {
-    env.json(&["replica", "list"])[0]["state"].as_str().unwrap().to_owned()
+    let list = env.json(&["replica", "list"]);
+    let web = list.as_array().unwrap().iter().find(|r| r["vm"] == "web").expect("web's replica");
+    web["state"].as_str().unwrap().to_owned()
 }
 
 fn failback_row(env: &Env) -> Value {
@@ -410,4 +413,61 @@ fn kill_during_commit_and_undo() {
     for fp in ["commit.after-point", "undo-failback.after-stop", "undo-failback.after-restore"] {
         crash_at(fp);
     }
+}
+
+#[test]
+fn bad_failback_requests_change_nothing() {
+    let env = Env::new(BIN);
+    in_failover(&env);
+    let small = env.path("src/small.qcow2");
+    make_disk(&small, "qcow2", 8, &[]);
+    env.ok(&["vm", "create", "small", "--disk", &small]);
+    std::fs::create_dir_all(env.path("taken")).unwrap();
+    make_disk(&env.path("taken/web-d0.qcow2"), "qcow2", 1, &[]);
+    let before = env.snapshot();
+    let taken = format!("new:local:{}", env.path("taken"));
+    for (args, expect) in [
+        (&["failback", "web"][..], "--to"),
+        (&["failback", "web", "--to", "elsewhere"], "unknown failback target"),
+        (&["failback", "web", "--to", "new:local"], "absolute directory"),
+        (&["failback", "web", "--to", "original", "--switch", "later"], "auto, manual or at:TIME"),
+        (&["failback", "web", "--to", "original", "--switch", "at:tomorrow"], "RFC 3339"),
+        (&["failback", "ghost", "--to", "original"], "unknown VM"),
+        (&["failback", "small", "--to", "original"], "has no replica"),
+        (&["failback", "web", "--to", "existing:nobody"], "register the recovered VM first"),
+        (&["failback", "web", "--to", "existing:web"], "use --to original"),
+        (&["failback", "web", "--to", "existing:web_replica"], "a replica VM"),
+        (&["failback", "web", "--to", "existing:small"], "must be the same size"),
+        (&["failback", "web", "--to", "new:mars:/srv"], "unknown host"),
+        (&["failback", "web", "--to", &taken], "already exists"),
+        (&["failback", "switch", "web"], "cannot switch"),
+        (&["failback", "commit", "web"], "cannot commit failback"),
+        (&["failback", "undo", "web"], "cannot undo failback"),
+    ] {
+        let r = env.run(args);
+        assert_ne!(r.code, Some(0), "{args:?}");
+        let text = format!("{}{}", r.stdout, r.stderr);
+        assert!(text.contains(expect), "{args:?}: expected {expect:?} in {text}");
+        assert_eq!(env.snapshot(), before, "{args:?} changed state");
+        assert!(working_files(&env).is_empty(), "{args:?}");
+    }
+    // A VM that is not in failover fails alone in a batch; the others fail back.
+    let disk = env.path("src/db.qcow2");
+    make_disk(&disk, "qcow2", 8, &[(0x12, 0, 1)]);
+    env.ok(&["vm", "create", "db", "--disk", &disk, "--memory", "64"]);
+    env.ok(&["job", "create", "k", "--vm", "db", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["job", "run", "k"]);
+    let r = env.run(&["failback", "web", "db", "--to", "original", "--switch", "manual", "--json"]);
+    assert_eq!(r.code, Some(1));
+    let out: Value = serde_json::from_str(&r.stdout).unwrap();
+    let ok: Vec<(&str, bool)> =
+        out.as_array().unwrap().iter().map(|o| (o["vm"].as_str().unwrap(), o["ok"].as_bool().unwrap())).collect();
+    assert_eq!(ok, vec![("web", true), ("db", false)]);
+    // Committing needs the replica off; in ready to switch, the replica is untouched.
+    let err = env.run(&["failback", "commit", "web"]);
+    assert!(err.stdout.contains("cannot commit failback"), "{}", err.stdout);
+    env.ok(&["failback", "undo", "web"]);
+    assert_eq!(state(&env), "failover");
+    env.ok(&["vm", "stop", "web_replica"]);
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
 }

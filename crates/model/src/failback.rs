@@ -80,7 +80,7 @@ impl FromStr for SwitchMode {
                 humantime::parse_rfc3339_weak(t)
                     .or_else(|_| humantime::parse_rfc3339(t))
                     .map(SwitchMode::At)
-                    .map_err(|e| format!("bad switch time {t:?}: {e}; write it as 2026-11-23T18:00:00Z"))
+                    .map_err(|e| format!("bad switch time {t:?}: {e}; write it in RFC 3339, as in 2026-11-23T18:00:00Z"))
             }
         }
     }
