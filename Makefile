@@ -21,3 +21,4 @@ test: deps guest lint
 bench: deps
 	bash scripts/bench.sh
 	bash scripts/bench-failover.sh
+	bash scripts/bench-failback.sh

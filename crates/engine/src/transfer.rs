@@ -325,11 +325,6 @@ pub fn union(lists: &[Vec<(u64, u64)>], size: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Bytes the ranges cover.
-pub fn covered(ranges: &[(u64, u64)]) -> u64 {
-    ranges.iter().map(|r| r.1).sum()
-}
-
 /// An extent map of the whole disk: `STATE_DIRTY` inside `ranges`, 0 between them.
 fn covering(ranges: &[(u64, u64)], size: u64) -> Vec<Extent> {
     let mut out = Vec::new();
@@ -412,7 +407,6 @@ mod tests {
     fn union_and_covering() {
         let u = union(&[vec![(0, 10), (30, 10)], vec![(5, 10), (100, 50)]], 120);
         assert_eq!(u, vec![(0, 15), (30, 10), (100, 20)]);
-        assert_eq!(covered(&u), 45);
         let c: Vec<_> = covering(&u, 130).iter().map(|e| (e.offset, e.length, e.flags)).collect();
         assert_eq!(c, vec![(0, 15, 1), (15, 15, 0), (30, 10, 1), (40, 60, 0), (100, 20, 1), (120, 10, 0)]);
         assert_eq!(covering(&[], 10).len(), 1);

@@ -77,10 +77,9 @@ impl FromStr for SwitchMode {
                 let Some(t) = s.strip_prefix("at:") else {
                     return Err(format!("unknown switch mode {s:?}: use auto, manual or at:TIME (RFC 3339)"));
                 };
-                humantime::parse_rfc3339_weak(t)
-                    .or_else(|_| humantime::parse_rfc3339(t))
-                    .map(SwitchMode::At)
-                    .map_err(|e| format!("bad switch time {t:?}: {e}; write it in RFC 3339, as in 2026-11-23T18:00:00Z"))
+                humantime::parse_rfc3339_weak(t).or_else(|_| humantime::parse_rfc3339(t)).map(SwitchMode::At).map_err(
+                    |e| format!("bad switch time {t:?}: {e}; write it in RFC 3339, as in 2026-11-23T18:00:00Z"),
+                )
             }
         }
     }

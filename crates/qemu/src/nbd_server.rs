@@ -31,6 +31,9 @@ impl NbdServe<'_> {
             "--discard=unmap".into(),
             // Transfers use several connections at once (see engine::transfer::WORKERS).
             "--shared=16".into(),
+            // `qemu:allocation-depth`: which layer of the chain holds each block, so the
+            // top layers' changes are known from the server already serving the chain.
+            "--allocation-depth".into(),
         ];
         if !self.writable {
             a.push("--read-only".into());

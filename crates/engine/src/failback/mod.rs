@@ -119,9 +119,6 @@ pub struct FailbackView {
     pub switched_at: Option<String>,
 }
 
-/// Byte ranges (offset, length) of one disk.
-type Ranges = Vec<(u64, u64)>;
-
 fn working_path(disk: &str, replica_id: i64) -> String {
     format!("{disk}.failback-r{replica_id}.qcow2")
 }
@@ -592,14 +589,13 @@ impl Engine {
             FailbackTarget::Original => {}
         }
         match self.quick_ranges(replica, rec, rd, frozen)? {
-            Ok(ranges) => {
-                let total: u64 = ranges.iter().map(|r| transfer::covered(r)).sum();
-                Ok((
-                    ranges.into_iter().map(Difference::Ranges).collect(),
-                    "quick",
-                    format!("quick rollback: {} named by standby's metadata", human(total)),
-                ))
-            }
+            Ok(diffs) => Ok((
+                diffs,
+                "quick",
+                "quick rollback: the blocks the replica, the newer restore points and the source changed, from \
+                 standby's metadata"
+                    .into(),
+            )),
             Err(why) => Ok((vec![Difference::Digest; n], "digest", format!("no quick rollback: {why}"))),
         }
     }
@@ -615,7 +611,7 @@ impl Engine {
         rec: &FailbackRecord,
         rd: &ReplicaDisks,
         frozen: &[String],
-    ) -> Result<std::result::Result<Vec<Ranges>, String>> {
+    ) -> Result<std::result::Result<Vec<Difference>, String>> {
         let dr_host = self.host(&replica.target_host)?;
         let tgt = self.host(&rec.host)?;
         let Some(newest) = rd.points.last() else { return Ok(Err("no restore point".into())) };
@@ -658,13 +654,14 @@ impl Engine {
                     &b.name,
                 )?);
             }
-            for g in 0..=overlay_gen(&frozen[i]) {
-                lists.push(dr_host.image_allocated(&overlay_path(&replica.dir, i, g))?);
-            }
             for p in rd.newer_points() {
                 lists.push(dr_host.image_allocated(&p.disks[i].layer)?);
             }
-            out.push(transfer::union(&lists, size));
+            // What the replica wrote: its overlays, the top layers of the chain copied from.
+            out.push(Difference::Ranges {
+                known: transfer::union(&lists, size),
+                top_layers: overlay_gen(&frozen[i]) + 1,
+            });
         }
         Ok(Ok(out))
     }
@@ -814,12 +811,11 @@ impl Engine {
             rec.phase2 = Moved::default();
             for (i, top) in rd.vm.disks.iter().enumerate() {
                 progress.step(name, &format!("disk {i}: changes since phase 1"));
-                let ranges = dr_host.image_allocated(&top.path)?;
                 let stats = sync::copy(
                     &format!("{}d{i}", nbd_prefix(replica.id)),
                     End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &top.path) },
                     End { host: tgt.as_ref(), chain: self.working_chain(&rec, i) },
-                    &Difference::Ranges(ranges),
+                    &Difference::Ranges { known: Vec::new(), top_layers: 1 },
                     progress,
                     name,
                     &|| {},
@@ -1004,13 +1000,10 @@ impl Engine {
                 Difference::Digest
             } else {
                 let mut lists = Vec::new();
-                for g in 0..=overlay_gen(&top.path) {
-                    lists.push(dr_host.image_allocated(&overlay_path(&replica.dir, i, g))?);
-                }
                 for p in rd.newer_points() {
                     lists.push(dr_host.image_allocated(&p.disks[i].layer)?);
                 }
-                Difference::Ranges(transfer::union(&lists, base.size))
+                Difference::Ranges { known: transfer::union(&lists, base.size), top_layers: overlay_gen(&top.path) + 1 }
             };
             progress.step(&replica.vm, &format!("disk {i}: keeping the replica's final state"));
             let stats = sync::copy(
@@ -1098,12 +1091,15 @@ impl Engine {
                         _ => false,
                     };
                     let diff = match (&bitmap, trusted) {
-                        (Some(b), true) => Difference::Ranges(sync::bitmap_ranges(
-                            &format!("{}bm-d{i}", nbd_prefix(replica.id)),
-                            tgt.as_ref(),
-                            &d.path,
-                            b,
-                        )?),
+                        (Some(b), true) => Difference::Ranges {
+                            known: sync::bitmap_ranges(
+                                &format!("{}bm-d{i}", nbd_prefix(replica.id)),
+                                tgt.as_ref(),
+                                &d.path,
+                                b,
+                            )?,
+                            top_layers: 0,
+                        },
                         _ => Difference::Digest,
                     };
                     progress.step(name, &format!("disk {i}: back to the replica's state"));

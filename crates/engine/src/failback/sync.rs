@@ -13,10 +13,18 @@ use crate::{EngineError, Progress, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Difference {
-    Ranges(Vec<(u64, u64)>),
+    /// The ranges named, and every range the top `top_layers` layers of the source chain
+    /// hold (from the serving qemu-nbd's `qemu:allocation-depth`).
+    Ranges {
+        known: Vec<(u64, u64)>,
+        top_layers: u32,
+    },
     Digest,
     Full,
 }
+
+/// `qemu:allocation-depth`: 0 unallocated, 1 the top layer, 2 the one below, ...
+const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// One side of a copy: a chain on a host.
 pub(crate) struct End<'a> {
@@ -51,7 +59,7 @@ pub(crate) fn copy(
             bitmap: None,
             open_by_header: false,
         })?;
-        let connect_src = || src.host.nbd_connect(&src_addr, &src_id, &[BASE_ALLOCATION]);
+        let connect_src = || src.host.nbd_connect(&src_addr, &src_id, &[BASE_ALLOCATION, ALLOCATION_DEPTH]);
         let connect_dst = || dst.host.nbd_connect(&dst_addr, &dst_id, &[BASE_ALLOCATION]);
         let err = |source| EngineError::Transfer { source };
         // Held until the workers are done: qemu-nbd exits when its last client leaves.
@@ -65,7 +73,17 @@ pub(crate) fn copy(
             )));
         }
         let plan = match diff {
-            Difference::Ranges(r) => Plan::ranges(&mut plan_src, r),
+            Difference::Ranges { known, top_layers } => {
+                let mut ranges = known.clone();
+                if *top_layers > 0 {
+                    let size = plan_src.size();
+                    let depths = plan_src.block_status(ALLOCATION_DEPTH, 0, size).map_err(err)?;
+                    ranges.extend(
+                        depths.iter().filter(|e| (1..=*top_layers).contains(&e.flags)).map(|e| (e.offset, e.length)),
+                    );
+                }
+                Plan::ranges(&mut plan_src, &ranges)
+            }
             Difference::Digest => Plan::digest(&mut plan_src, &mut plan_dst),
             Difference::Full => Plan::full(&mut plan_src),
         }
