@@ -68,5 +68,39 @@ say "shut the guest down, replicate the stopped VM, compare with its disk"
 "$standby" job run nightly
 last=$("$standby" replica points web --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["disks"][0]["path"])')
 qemu-img compare "$work/prod/web.qcow2" "$last"
+
+# The rest of the lifecycle: the production site goes away and comes back.
+newest() { "$standby" vm console "$1" | tr -d '\r' | grep '^LEDGER [0-9]' | tail -1 | awk '{print $2}'; }
+records_in() {
+  qemu-img convert -U -O raw "$1" "$work/check.raw"
+  grep -a -c 'STANDBY-LEDGER seq=' "$work/check.raw" || true
+  rm -f "$work/check.raw"
+}
+say "site outage: fail over to the newest restore point; the replica's guest writes on"
+"$standby" failover web
+until "$standby" vm console web_replica | grep -q LEDGER-RESUME; do sleep 0.5; done
+resumed=$("$standby" vm console web_replica | tr -d '\r' | grep LEDGER-RESUME | awk '{print $2}')
+until [ "$(newest web_replica)" -ge $((resumed + 20)) ] 2>/dev/null; do sleep 0.5; done
+"$standby" replica list
+
+say "production is back: fail back to the original disk, phase 1 while the replica serves, then the switch"
+"$standby" failback web --to original --switch manual --shutdown-timeout 60
+"$standby" failback list
+"$standby" failback switch web
+acked_replica=$(newest web_replica)
+held=$(records_in "$work/prod/web.qcow2")
+[ "$held" -ge "$acked_replica" ] || { echo "production holds $held records, the replica acknowledged $acked_replica" >&2; exit 1; }
+echo "production disk holds $held guest records; the replica had acknowledged $acked_replica"
+
+say "commit failback: the replica's final state is kept as a restore point; replication resumes from the switch"
+"$standby" failback commit web
+"$standby" vm start web
+until [ "$(newest web)" -ge $((held + 10)) ] 2>/dev/null; do sleep 0.5; done
+"$standby" vm shutdown web --timeout 60
+"$standby" job run nightly
+"$standby" replica points web
+last=$("$standby" replica points web --json | python3 -c 'import json,sys; p=json.load(sys.stdin)[-1]; assert p["method"] == "cbt", p["method"]; print(p["disks"][0]["path"])')
+qemu-img compare "$work/prod/web.qcow2" "$last"
+"$standby" history web
 echo
 echo "demo complete: data in $work (STANDBY_DATA_DIR=$STANDBY_DATA_DIR)"

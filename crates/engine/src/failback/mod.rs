@@ -592,9 +592,7 @@ impl Engine {
             Ok(diffs) => Ok((
                 diffs,
                 "quick",
-                "quick rollback: the blocks the replica, the newer restore points and the source changed, from \
-                 standby's metadata"
-                    .into(),
+                "the blocks the replica's overlays, newer restore points and the source's bitmap name".into(),
             )),
             Err(why) => Ok((vec![Difference::Digest; n], "digest", format!("no quick rollback: {why}"))),
         }
