@@ -90,7 +90,7 @@ fn failover_to_an_older_point_then_undo() {
     let err = env.fails(&["vm", "start", "web"]);
     assert!(err.contains("web_replica is running"), "{err}");
     let r = env.run(&["failover", "web"]);
-    assert!(r.code == Some(1) && r.stdout.contains("undo it first"), "{}", r.stdout);
+    assert!(r.code == Some(1) && r.stdout.contains("undo it (standby failover undo VM)"), "{}", r.stdout);
     assert_eq!(chain_digests(&env, "web"), before, "restore points changed during failover");
 
     let out = env.ok(&["failover", "undo", "web"]);
