@@ -451,6 +451,13 @@ fn bad_failback_requests_change_nothing() {
         assert_eq!(env.snapshot(), before, "{args:?} changed state");
         assert!(working_files(&env).is_empty(), "{args:?}");
     }
+    // The old source running elsewhere would keep the name a failback gives away.
+    env.ok(&["vm", "start", "web"]);
+    let before = env.snapshot();
+    let r = env.run(&["failback", "web", "--to", &format!("new:local:{}", env.path("newsite"))]);
+    assert!(r.code == Some(1) && r.stdout.contains("shut it down first"), "{}", r.stdout);
+    assert_eq!(env.snapshot(), before);
+    env.ok(&["vm", "stop", "web"]);
     // A VM that is not in failover fails alone in a batch; the others fail back.
     let disk = env.path("src/db.qcow2");
     make_disk(&disk, "qcow2", 8, &[(0x12, 0, 1)]);
@@ -470,4 +477,31 @@ fn bad_failback_requests_change_nothing() {
     assert_eq!(state(&env), "failover");
     env.ok(&["vm", "stop", "web_replica"]);
     assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+/// A failback undone before its switch leaves the replica on a newer overlay generation
+/// (taken live); permanent failover must flatten every generation, through QEMU's own node.
+#[test]
+fn permanent_failover_after_an_undone_failback() {
+    let env = Env::new(BIN);
+    in_failover(&env);
+    env.ok(&["vm", "start", "web_replica"]);
+    env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
+    assert_eq!(replica_top(&env), env.path("dr/web/failover-d0.g1.qcow2"));
+    env.ok(&["failback", "undo", "web"]);
+    let reference = env.path("reference.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", &replica_top(&env), &reference]);
+    let out = env.ok(&["failover", "permanent", "web"]);
+    assert!(out.contains("web: ok"), "{out}");
+    let disk = replica_top(&env);
+    let info = qemu_img(&["info", "-U", &disk]);
+    assert!(!info.contains("backing file"), "{info}");
+    assert!(identical(&disk, &reference), "the flattened disk differs from what the replica ran");
+    let left: Vec<_> = std::fs::read_dir(env.path("dr/web"))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| *p != disk)
+        .collect();
+    assert!(left.is_empty(), "files left beside the permanent disk: {left:?}");
+    env.ok(&["vm", "stop", "web_replica"]);
 }

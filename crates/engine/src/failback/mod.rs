@@ -377,6 +377,17 @@ impl Engine {
                 (host.clone(), disks, None, true)
             }
         };
+        if created || target_vm.as_ref().is_some_and(|t| t.name != *name) {
+            // The name moves to the target at the switch; a QEMU still running the old
+            // source under that name would be a second writer nobody could address.
+            if self.vm_is_running(source)? {
+                return Err(EngineError::Invalid(format!(
+                    "the old source VM {name} runs on {}; shut it down first (standby vm shutdown {name}): the \
+                     failback gives its name to {}",
+                    source.host, opts.target
+                )));
+            }
+        }
         if disks.len() != sizes.len() {
             return Err(EngineError::Invalid(format!(
                 "{} has {} disk(s) and the replica {}; they must match",
