@@ -505,3 +505,34 @@ fn permanent_failover_after_an_undone_failback() {
     assert!(left.is_empty(), "files left beside the permanent disk: {left:?}");
     env.ok(&["vm", "stop", "web_replica"]);
 }
+
+/// Killed right after the live protective point: QEMU writes to the new overlay, which the
+/// recovery must find from QEMU itself so that the switch later sends those writes.
+#[test]
+fn kill_after_a_live_protective_point() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x21, 0, 2)]);
+    env.create_guest_vm("web", &disk, 160, &ledger_append(START, COUNT, 20_000));
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["job", "run", "j"]);
+    env.ok(&["failover", "web"]);
+    env.wait_console("web_replica", Duration::from_secs(60), "writes in failover", |c| Ledger::acknowledged(c) >= 10);
+    env.run_killed_at("failback.after-protect", &["failback", "web", "--to", "original", "--switch", "manual"]);
+    let list = env.run(&["replica", "list"]);
+    assert!(list.stderr.contains("phase 1 rolled back"), "{}", list.stderr);
+    assert_eq!(state(&env), "failover");
+    assert_eq!(replica_top(&env), env.path("dr/web/failover-d0.g1.qcow2"), "the overlay QEMU writes to");
+    let at_kill = Ledger::acknowledged(&env.console("web_replica"));
+    env.wait_console("web_replica", Duration::from_secs(60), "writes after recovery", |c| {
+        Ledger::acknowledged(c) >= at_kill + 10
+    });
+    let out = env.ok(&["failback", "web", "--to", "original", "--shutdown-timeout", "30"]);
+    assert!(out.contains("switched") && !out.contains("powered off"), "{out}");
+    let acked = Ledger::acknowledged(&env.console("web_replica"));
+    let held = Ledger { start_block: START }.records_in(&read_image(&disk), COUNT).unwrap();
+    assert!(held >= acked, "production holds {held} records, the replica acknowledged {acked}");
+    assert!(identical(&disk, &replica_top(&env)));
+    env.ok(&["failback", "commit", "web"]);
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
