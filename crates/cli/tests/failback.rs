@@ -85,6 +85,9 @@ fn quick_rollback_and_digest_give_the_same_bytes() {
         let row = failback_row(env);
         assert_eq!(row["phase2"]["read"].as_u64().unwrap(), 256 * 1024, "phase 2 reads only what changed: {row}");
         assert!(identical(&disk, &env.path("dr/web/failover-d0.g1.qcow2")), "production differs from the replica");
+        // The replica's final state is production's now: it may not run again, not even forced.
+        let err = env.fails(&["vm", "start", "web_replica", "--force"]);
+        assert!(err.contains("undo the failback"), "{err}");
         assert!(env.processes().is_empty(), "{:?}", env.processes());
         disks.push(disk);
     }
@@ -534,5 +537,36 @@ fn kill_after_a_live_protective_point() {
     assert!(held >= acked, "production holds {held} records, the replica acknowledged {acked}");
     assert!(identical(&disk, &replica_top(&env)));
     env.ok(&["failback", "commit", "web"]);
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+/// A raw disk has no dirty bitmap: every phase that would use one compares instead, and
+/// the result is the same.
+#[test]
+fn a_raw_original_disk_is_compared_by_digest() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/raw.img");
+    make_disk(&disk, "raw", 16, &[(0x11, 0, 3)]);
+    env.ok(&["vm", "create", "web", "--disk", &disk, "--memory", "64"]);
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["job", "run", "j"]);
+    env.ok(&["failover", "web"]);
+    env.ok(&["vm", "stop", "web_replica"]);
+    write(&env.path("dr/web/failover-d0.qcow2"), 0x44, 1024, 512);
+    let out = env.ok(&["failback", "web", "--to", "original"]);
+    assert!(out.contains("by digest") && out.contains("raw"), "{out}");
+    assert!(identical(&disk, &replica_top(&env)));
+    // Undo without a bitmap compares too; production reads as the replica's final state.
+    qemu_io(&disk, "raw", &["write -P 0x77 8M 64k".into()]);
+    env.ok(&["failback", "undo", "web"]);
+    assert!(identical(&disk, &replica_top(&env)));
+    env.ok(&["vm", "stop", "web_replica"]);
+    env.ok(&["failback", "web", "--to", "original"]);
+    env.ok(&["failback", "commit", "web"]);
+    qemu_io(&disk, "raw", &["write -P 0x66 12M 64k".into()]);
+    env.ok(&["job", "run", "j"]);
+    let last = env.points("web").pop().unwrap();
+    assert_eq!((last["method"].as_str(), last["bytes_transferred"].as_u64()), (Some("digest"), Some(64 * 1024)));
+    assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &disk));
     assert!(env.processes().is_empty(), "{:?}", env.processes());
 }

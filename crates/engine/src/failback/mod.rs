@@ -313,7 +313,9 @@ impl Engine {
             SwitchMode::Auto => {
                 let replica =
                     self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
-                match self.switch_locked(&replica, progress, warnings) {
+                let switched = self.switch_locked(&replica, progress, warnings);
+                self.record(name, "failback switch", &switched, String::clone);
+                match switched {
                     Ok(s) => Ok(format!("{done}; {s}")),
                     Err(e) => Err(EngineError::Invalid(format!("{done}; the switch failed: {}", vm::chain(&e)))),
                 }
@@ -1210,16 +1212,29 @@ impl Engine {
         Ok(Some(format!("VM {vm}: {note}")))
     }
 
-    /// Why `vm` must not start now: a failback not yet switched is writing to its disks.
+    /// Why `vm` must not start now: a failback not yet switched is writing to its disks,
+    /// or it is a replica whose final state production took over.
     pub(crate) fn failback_holds(&self, vm: &VmRecord) -> Result<Option<String>> {
         let rows = self.store().failbacks()?;
         for (replica_id, _) in rows {
             let replica = self.store().replica(replica_id)?;
             let (Some(replica), Some(rec)) = (replica, self.failback_record(replica_id)?) else { continue };
-            let unswitched = matches!(
-                replica.state.parse::<ReplicaState>(),
-                Ok(ReplicaState::FailingBack | ReplicaState::ReadyToSwitch | ReplicaState::Switching)
+            let state = replica.state.parse::<ReplicaState>();
+            // After the switch the replica's final state is production's: one more write
+            // on the replica and commit would keep a state production never had.
+            let switched = matches!(
+                state,
+                Ok(ReplicaState::Switching | ReplicaState::Failback | ReplicaState::CommittingFailback)
             );
+            if switched && vm.replica_id == Some(replica_id) {
+                return Ok(Some(format!(
+                    "VM {} is a replica whose state was switched to production ({}); to run it again, undo the \
+                     failback (standby failback undo {})",
+                    vm.name, replica.state, replica.vm
+                )));
+            }
+            let unswitched =
+                matches!(state, Ok(ReplicaState::FailingBack | ReplicaState::ReadyToSwitch | ReplicaState::Switching));
             let target_is_vm = match &rec.target {
                 FailbackTarget::Original => replica.vm == vm.name,
                 FailbackTarget::Existing { vm: t } => *t == vm.name,
