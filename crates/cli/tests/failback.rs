@@ -570,3 +570,102 @@ fn a_raw_original_disk_is_compared_by_digest() {
     assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &disk));
     assert!(env.processes().is_empty(), "{:?}", env.processes());
 }
+
+/// The last `LEDGER-RESUME` a console shows: how many records the guest found at its last boot.
+fn last_resume(console: &str) -> u64 {
+    console.lines().filter_map(|l| l.trim().strip_prefix("LEDGER-RESUME ")?.parse().ok()).next_back().unwrap()
+}
+
+/// The whole lifecycle with a real guest writing, for one target: failback while it
+/// writes, switch, production checked; production runs and is undone, the replica comes
+/// back exactly as it was; failback again with power-on, commit, an incremental run.
+fn guest_lifecycle(target: &str) {
+    let env = Env::new(BIN);
+    let ledger = Ledger { start_block: START };
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x21, 0, 2)]);
+    let append = ledger_append(START, COUNT, 20_000);
+    env.create_guest_vm("web", &disk, 160, &append);
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "web"]);
+    env.wait_console("web", Duration::from_secs(60), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
+    env.ok(&["job", "run", "j"]);
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+    let (to, production_disk) = match target {
+        "existing" => {
+            // Recovered from a backup: the restore point's state, as a standalone image.
+            std::fs::create_dir_all(env.path("restored")).unwrap();
+            let restored = env.path("restored/web2.qcow2");
+            qemu_img(&["convert", "-O", "qcow2", &env.latest_disk("web", 0), &restored]);
+            env.create_guest_vm("web2", &restored, 160, &append);
+            ("existing:web2".to_owned(), restored)
+        }
+        "new" => (format!("new:local:{}", env.path("newsite")), env.path("newsite/web-d0.qcow2")),
+        _ => ("original".to_owned(), disk.clone()),
+    };
+    env.ok(&["failover", "web"]);
+    env.wait_console("web_replica", Duration::from_secs(60), "writes in failover", |c| {
+        c.contains("LEDGER-RESUME") && Ledger::acknowledged(c) >= last_resume(c) + 20
+    });
+
+    let out = env.ok(&["failback", "web", "--to", &to, "--shutdown-timeout", "30"]);
+    assert!(out.contains("switched") && !out.contains("powered off"), "{target}: {out}");
+    let acked = Ledger::acknowledged(&env.console("web_replica"));
+    let held = ledger.records_in(&read_image(&production_disk), COUNT).unwrap();
+    assert!(held >= acked, "{target}: production holds {held} records, the replica acknowledged {acked}");
+    assert!(identical(&production_disk, &replica_top(&env)), "{target}: production is not the replica's state");
+    let at_switch = read_image(&replica_top(&env));
+
+    // Production runs, writes, and is found wanting: undo.
+    env.ok(&["vm", "start", "web"]);
+    let c = env.wait_console("web", Duration::from_secs(60), "production writes", |c| {
+        c.matches("LEDGER-RESUME").count() >= 2 && Ledger::acknowledged(c) >= held + 5
+    });
+    assert_eq!(last_resume(&c), held, "{target}: production booted from the replica's final state");
+    let out = env.ok(&["failback", "undo", "web"]);
+    assert!(out.contains("failback undone"), "{target}: {out}");
+    let c = env.wait_console("web_replica", Duration::from_secs(60), "replica back", |c| {
+        c.matches("LEDGER-RESUME").count() >= 2
+    });
+    assert_eq!(last_resume(&c), held, "{target}: the replica came back as it was at the switch");
+    if target == "new" {
+        assert!(!std::path::Path::new(&production_disk).exists(), "the new VM's disks are gone");
+    } else {
+        assert!(read_image(&production_disk) == at_switch, "{target}: the target's disk is not the replica's state");
+    }
+
+    // Again, for good.
+    env.wait_console("web_replica", Duration::from_secs(60), "replica writes", |c| {
+        Ledger::acknowledged(c) >= held + 10
+    });
+    let out = env.ok(&["failback", "web", "--to", &to, "--shutdown-timeout", "30", "--power-on"]);
+    assert!(out.contains("powered on"), "{target}: {out}");
+    let acked = Ledger::acknowledged(&env.console("web_replica"));
+    env.ok(&["failback", "commit", "web"]);
+    let c = env.wait_console("web", Duration::from_secs(60), "production writes", |c| {
+        c.matches("LEDGER-RESUME").count() >= 3 && Ledger::acknowledged(c) >= last_resume(c) + 5
+    });
+    assert!(last_resume(&c) >= acked, "{target}: production lost writes the replica acknowledged");
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+    env.ok(&["job", "run", "j"]);
+    let last = env.points("web").pop().unwrap();
+    assert_eq!(last["method"], "cbt", "{target}: {last}");
+    assert!(last["bytes_transferred"].as_u64().unwrap() < MIB, "{target}: {last}");
+    assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &production_disk), "{target}");
+    assert!(env.processes().is_empty(), "{target}: {:?}", env.processes());
+}
+
+#[test]
+fn guest_lifecycle_original() {
+    guest_lifecycle("original");
+}
+
+#[test]
+fn guest_lifecycle_existing() {
+    guest_lifecycle("existing");
+}
+
+#[test]
+fn guest_lifecycle_new() {
+    guest_lifecycle("new");
+}
