@@ -11,6 +11,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 bash scripts/install-deps.sh
 cargo build --release --quiet --bin standby
 standby="$root/target/release/standby"
@@ -22,13 +24,6 @@ mkdir -p "$work/prod" "$work/dr" "$work/rsync"
 export STANDBY_DATA_DIR="$work/data" STANDBY_ACCEL=tcg
 src="$work/prod/disk.qcow2"
 
-now() { date +%s.%N; }
-elapsed() { echo "$2 - $1" | bc -l; }
-cold() {
-  sync
-  if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then cache=cold; else cache=warm; fi
-}
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
 row() { "$standby" failback list --json | python3 -c "import json,sys; r=json.load(sys.stdin)[0]; print(r$1)"; }
 
 echo "preparing a ${size_mib} MiB disk of random data, its replica and a failover..."
@@ -106,9 +101,6 @@ mapfile -t q < <(cut -d' ' -f1 "$work/quick.txt"); t_quick=$(median "${q[@]}")
 mapfile -t d < <(cut -d' ' -f1 "$work/digest.txt"); t_digest=$(median "${d[@]}")
 read_quick=$(head -1 "$work/quick.txt" | cut -d' ' -f2)
 read_digest=$(head -1 "$work/digest.txt" | cut -d' ' -f2)
-ratio() { echo "scale=1; $1 / $2" | bc -l; }
-pass() { if [ "$(echo "$1" | bc -l)" = 1 ]; then echo PASS; else echo FAIL; fi; }
-mib() { echo "scale=1; $1 / 1048576" | bc -l; }
 echo
 echo "failback phase 1 benchmark: ${size_mib} MiB disk, $changes scattered 64 KiB blocks ($(mib $((changes * 65536))) MiB) changed on the replica,"
 echo "$cache page cache, median of $rounds rounds (rsync: ${r_rsync[*]}; quick: ${q[*]}; digest: ${d[*]})"

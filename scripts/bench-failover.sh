@@ -5,6 +5,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 bash scripts/install-deps.sh
 cargo build --release --quiet --bin standby
 standby="$root/target/release/standby"
@@ -24,8 +26,6 @@ for v in "${vms[@]}"; do job+=(--vm "$v"); done
 "$standby" "${job[@]}" >/dev/null
 "$standby" job run site >/dev/null 2>&1
 
-now() { date +%s.%N; }
-elapsed() { echo "$2 - $1" | bc -l; }
 best() { # best of 3: the command's own time to all replicas running
   local b=999
   for _ in 1 2 3; do
@@ -44,7 +44,6 @@ running_check() { [ "$("$standby" vm list --json | grep -c '"state": "running"')
 running_check 10 || { echo "BENCH INVALID: not all 10 replicas run" >&2; exit 1; }
 "$standby" failover undo "${vms[@]}" >/dev/null
 
-pass() { if [ "$(echo "$1" | bc -l)" = 1 ]; then echo PASS; else echo FAIL; fi; }
 echo
 echo "failover benchmark: from 'standby failover' to the replica's QEMU running (best of 3, no guest boot)"
 printf '%-32s %10s %10s %8s\n' "case" "seconds" "target" "result"

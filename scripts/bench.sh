@@ -8,6 +8,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 bash scripts/install-deps.sh
 cargo build --release --quiet --bin standby
 standby="$root/target/release/standby"
@@ -18,12 +20,6 @@ mkdir -p "$work/prod" "$work/dr-cbt" "$work/dr-digest"
 export STANDBY_DATA_DIR="$work/data" STANDBY_ACCEL=tcg
 src="$work/prod/disk.qcow2"
 
-now() { date +%s.%N; }
-elapsed() { echo "$2 - $1" | bc -l; }
-cold() {
-  sync
-  if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then cache=cold; else cache=warm; fi
-}
 
 echo "preparing a ${size_mib} MiB disk of random data..."
 head -c "$((size_mib << 20))" /dev/urandom > "$work/prod/disk.raw"
@@ -42,7 +38,6 @@ rounds=${BENCH_ROUNDS:-3}
 blocks=$((size_mib * 16))
 changes=$((blocks / 50))
 changed=$((changes * 65536))
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
 field() { python3 -c "import json,sys; o=json.load(open('$1'))[0]['restore_point']; print(o['$2'])"; }
 r_rsync=(); r_cbt=(); r_digest=(); r_read=()
 for round in $(seq 1 "$rounds"); do
@@ -79,9 +74,6 @@ t_rsync=$(median "${r_rsync[@]}"); t_cbt=$(median "${r_cbt[@]}"); t_digest=$(med
 m_cbt=cbt; b_cbt=$(field "$work/cbt.json" bytes_transferred)
 m_digest=digest; b_digest=$(field "$work/digest.json" bytes_transferred)
 
-ratio() { echo "scale=1; $1 / $2" | bc -l; }
-pass() { if [ "$(echo "$1" | bc -l)" = 1 ]; then echo PASS; else echo FAIL; fi; }
-mib() { echo "scale=1; $1 / 1048576" | bc -l; }
 echo
 echo "replication benchmark: ${size_mib} MiB disk, $changes scattered 64 KiB blocks changed ($(mib $changed) MiB) per round,"
 echo "$cache page cache, median of $rounds rounds (rsync: ${r_rsync[*]}; cbt: ${r_cbt[*]}; digest: ${r_digest[*]})"

@@ -192,6 +192,30 @@ impl ReplicaState {
 }
 
 impl Transition {
+    pub const ALL: [Transition; 21] = [
+        Transition::RunStarted,
+        Transition::RunFinished,
+        Transition::RunFailed,
+        Transition::FailoverStarted,
+        Transition::FailoverDone,
+        Transition::FailoverRolledBack,
+        Transition::UndoStarted,
+        Transition::UndoDone,
+        Transition::PermanentStarted,
+        Transition::PermanentDone,
+        Transition::PermanentRolledBack,
+        Transition::FailbackStarted,
+        Transition::FailbackSynced,
+        Transition::FailbackRolledBack,
+        Transition::SwitchStarted,
+        Transition::SwitchDone,
+        Transition::SwitchRolledBack,
+        Transition::CommitStarted,
+        Transition::CommitDone,
+        Transition::UndoFailbackStarted,
+        Transition::UndoFailbackDone,
+    ];
+
     fn verb(self) -> &'static str {
         match self {
             Transition::RunStarted => "start a replication run",
@@ -283,31 +307,8 @@ mod tests {
     fn whole_transition_table() {
         use ReplicaState::*;
         use Transition::*;
-        let transitions = [
-            RunStarted,
-            RunFinished,
-            RunFailed,
-            FailoverStarted,
-            FailoverDone,
-            FailoverRolledBack,
-            UndoStarted,
-            UndoDone,
-            PermanentStarted,
-            PermanentDone,
-            PermanentRolledBack,
-            FailbackStarted,
-            FailbackSynced,
-            FailbackRolledBack,
-            SwitchStarted,
-            SwitchDone,
-            SwitchRolledBack,
-            CommitStarted,
-            CommitDone,
-            UndoFailbackStarted,
-            UndoFailbackDone,
-        ];
         for s in ReplicaState::ALL {
-            for t in transitions {
+            for t in Transition::ALL {
                 let want = match (s, t) {
                     (Ready, RunStarted) => Some(Replicating),
                     (Replicating, RunFinished | RunFailed) => Some(Ready),

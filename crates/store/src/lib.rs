@@ -34,6 +34,16 @@ pub fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+fn insert_disks(tx: &Transaction<'_>, vm_id: i64, disks: &[DiskRecord]) -> Result<()> {
+    for (i, d) in disks.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO vm_disks (vm_id, idx, path, format) VALUES (?1, ?2, ?3, ?4)",
+            params![vm_id, i as i64, d.path, d.format],
+        )?;
+    }
+    Ok(())
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let conn = Connection::open(path)?;
@@ -105,12 +115,7 @@ impl Store {
             ],
         )?;
         let id = tx.last_insert_rowid();
-        for (i, d) in vm.disks.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO vm_disks (vm_id, idx, path, format) VALUES (?1, ?2, ?3, ?4)",
-                params![id, i as i64, d.path, d.format],
-            )?;
-        }
+        insert_disks(&tx, id, &vm.disks)?;
         tx.commit()?;
         Ok(id)
     }
@@ -192,12 +197,7 @@ impl Store {
             ],
         )?;
         tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;
-        for (i, d) in vm.disks.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO vm_disks (vm_id, idx, path, format) VALUES (?1, ?2, ?3, ?4)",
-                params![id, i as i64, d.path, d.format],
-            )?;
-        }
+        insert_disks(&tx, id, &vm.disks)?;
         tx.commit()?;
         Ok(())
     }
