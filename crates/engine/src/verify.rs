@@ -26,6 +26,7 @@ pub(crate) fn differing_bytes(id: &str, a: Side<'_>, b: Side<'_>) -> Result<u64>
             writable: false,
             bitmap: None,
             open_by_header: side.open_by_header,
+            direct: true,
         })
     };
     let (a_id, b_id) = (format!("{id}-a"), format!("{id}-b"));

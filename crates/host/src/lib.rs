@@ -84,6 +84,9 @@ pub struct ServeSpec {
     pub writable: bool,
     pub bitmap: Option<String>,
     pub open_by_header: bool,
+    /// Read and write past the page cache: for whole-disk comparisons, which would
+    /// otherwise evict the host's working set and pay one more copy per byte.
+    pub direct: bool,
 }
 
 pub trait Host: Debug + Send + Sync {

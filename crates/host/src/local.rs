@@ -342,28 +342,36 @@ impl Host for LocalHost {
         let dir = self.root.join("nbd");
         let socket = self.socket(dir.join(format!("{}.sock", spec.id)).display().to_string())?;
         let pidfile = dir.join(format!("{}.pid", spec.id)).display().to_string();
-        let _ = fs::remove_file(&socket);
-        let args = NbdServe {
-            chain: &spec.chain,
-            socket: &socket,
-            pidfile: &pidfile,
-            export_name: &spec.id,
-            writable: spec.writable,
-            bitmap: spec.bitmap.as_deref(),
-            open_by_header: spec.open_by_header,
-        }
-        .args();
-        let out = Command::new(QEMU_NBD)
-            .args(&args)
-            .output()
-            .map_err(|source| QemuError::Spawn { program: QEMU_NBD.into(), source })?;
-        if !out.status.success() {
-            return Err(QemuError::Failed {
-                program: QEMU_NBD.into(),
-                args: args.join(" "),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        let serve = |direct: bool| {
+            let _ = fs::remove_file(&socket);
+            let args = NbdServe {
+                chain: &spec.chain,
+                socket: &socket,
+                pidfile: &pidfile,
+                export_name: &spec.id,
+                writable: spec.writable,
+                bitmap: spec.bitmap.as_deref(),
+                open_by_header: spec.open_by_header,
+                direct,
             }
-            .into());
+            .args();
+            let out = Command::new(QEMU_NBD)
+                .args(&args)
+                .output()
+                .map_err(|source| QemuError::Spawn { program: QEMU_NBD.into(), source })?;
+            if !out.status.success() {
+                return Err(QemuError::Failed {
+                    program: QEMU_NBD.into(),
+                    args: args.join(" "),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
+            }
+            Ok(())
+        };
+        // Direct I/O where asked and the filesystem allows it (tmpfs, for one, does not).
+        match spec.direct {
+            true => serve(true).or_else(|_| serve(false))?,
+            false => serve(false)?,
         }
         Ok(NbdAddress { socket })
     }

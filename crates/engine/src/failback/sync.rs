@@ -51,6 +51,7 @@ pub(crate) fn copy(
             writable: false,
             bitmap: None,
             open_by_header: false,
+            direct: *diff == Difference::Digest,
         })?;
         let dst_addr = dst.host.nbd_serve(&ServeSpec {
             id: dst_id.clone(),
@@ -58,6 +59,7 @@ pub(crate) fn copy(
             writable: true,
             bitmap: None,
             open_by_header: false,
+            direct: *diff == Difference::Digest,
         })?;
         let connect_src = || src.host.nbd_connect(&src_addr, &src_id, &[BASE_ALLOCATION, ALLOCATION_DEPTH]);
         let connect_dst = || dst.host.nbd_connect(&dst_addr, &dst_id, &[BASE_ALLOCATION]);
@@ -109,6 +111,7 @@ pub(crate) fn bitmap_ranges(id: &str, host: &dyn Host, path: &str, bitmap: &str)
             writable: false,
             bitmap: Some(bitmap.into()),
             open_by_header: true,
+            direct: false,
         })?;
         let ctx = transfer::bitmap_context(bitmap);
         let mut c = host.nbd_connect(&addr, id, &[&ctx])?;

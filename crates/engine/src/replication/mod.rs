@@ -575,6 +575,7 @@ impl Engine {
                 writable: true,
                 bitmap: None,
                 open_by_header: false,
+                direct: false,
             })?;
             let mut contexts = vec![BASE_ALLOCATION.to_owned()];
             if let Some(b) = &view.bitmap {

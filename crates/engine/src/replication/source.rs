@@ -279,6 +279,7 @@ pub fn open_views(
                     writable: false,
                     bitmap: bitmap.clone(),
                     open_by_header: true,
+                    direct: false,
                 })?;
                 views.push(View { address, export: id, bitmap });
             }
