@@ -1,0 +1,137 @@
+//! Commit failback: the replica's final state kept as a restore point; replication resumes.
+
+use super::*;
+
+impl Engine {
+    pub fn failback_commit(&self, vms: &[String], job: Option<&str>, progress: &dyn Progress) -> Vec<OpOutcome> {
+        self.batch(vms, |vm, _| self.tracked("commit failback", vm, progress, |p| self.commit_one(vm, job, p)))
+    }
+
+    pub(super) fn commit_one(&self, name: &str, job: Option<&str>, progress: &dyn Progress) -> Result<String> {
+        let _lock = VmLock::acquire(&self.data_dir, name, "commit failback")?;
+        let replica = self.replica_of(name, job)?;
+        let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
+        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+        let next = state.apply(Transition::CommitStarted)?;
+        let rd = self.replica_disks(&replica)?;
+        if self.vm_is_running(&rd.vm)? {
+            return Err(EngineError::Invalid(format!(
+                "replica {} runs; shut it down first (standby vm shutdown {}) so that production is the only writer",
+                rd.vm.name, rd.vm.name
+            )));
+        }
+        self.store().set_replica_op(replica.id, next.as_str(), Some("point"), replica.failover_point)?;
+        self.finish_commit(&replica, progress)
+    }
+
+    /// Keeps the replica's final state as a restore point over the newest one, then
+    /// deletes the replica VM and its overlays; state Ready. Idempotent.
+    pub(super) fn finish_commit(&self, replica: &ReplicaRecord, progress: &dyn Progress) -> Result<String> {
+        let name = replica.vm.as_str();
+        let dr_host = self.host(&replica.target_host)?;
+        let Some(rec) = self.failback_record(replica.id)? else {
+            // Only the final state change was left.
+            let done = ReplicaState::CommittingFailback.apply(Transition::CommitDone)?;
+            self.store().set_replica_op(replica.id, done.as_str(), None, None)?;
+            return Ok("failback committed".into());
+        };
+        let seq = rec.seq.ok_or_else(|| EngineError::Invalid("the failback reserved no sequence".into()))?;
+        let exists = self.store().restore_points(replica.id, false)?.iter().any(|p| p.seq == seq);
+        let mut kept = None;
+        if !exists {
+            let rd = self.replica_disks(replica)?;
+            kept = Some(self.keep_final_state(replica, &rec, &rd, seq, progress)?);
+        }
+        failpoint::hit("commit.after-point");
+        self.store().set_replica_step(replica.id, "cleanup")?;
+        let rvm = self.store().replica_vm(replica.id)?;
+        if let Some(rvm) = rvm {
+            self.store().delete_vm(&rvm.name)?;
+        }
+        remove_overlays(dr_host.as_ref(), &replica.dir)?;
+        self.store().delete_failback(replica.id)?;
+        let done = ReplicaState::CommittingFailback.apply(Transition::CommitDone)?;
+        self.store().set_replica_op(replica.id, done.as_str(), None, None)?;
+        let retain = self.store().job(&replica.job)?.map(|j| j.retain).unwrap_or(standby_model::DEFAULT_RETAIN);
+        let dropped = self.apply_retention(dr_host.as_ref(), replica.id, &replica.dir, retain)?;
+        let mut msg = match kept {
+            Some((id, moved)) => format!(
+                "failback committed: the replica's final state is restore point {id} (wrote {}); replication of {name} \
+                 resumes from the switch",
+                human(moved.written + moved.zeroed)
+            ),
+            None => format!("failback committed; replication of {name} resumes from the switch"),
+        };
+        if dropped > 0 {
+            msg.push_str(&format!("; retention removed {dropped} old restore point(s)"));
+        }
+        Ok(msg)
+    }
+
+    /// The replica's final state as a new restore point over the newest one: a layer per
+    /// disk holding what the replica's overlays and the newer points changed, read from
+    /// the replica's chain.
+    pub(super) fn keep_final_state(
+        &self,
+        replica: &ReplicaRecord,
+        rec: &FailbackRecord,
+        rd: &ReplicaDisks,
+        seq: i64,
+        progress: &dyn Progress,
+    ) -> Result<(i64, Moved)> {
+        let dr_host = self.host(&replica.target_host)?;
+        let newest = rd.points.last().ok_or_else(|| EngineError::Invalid("the replica has no restore point".into()))?;
+        let full_newer = rd.newer_points().any(|p| p.disks.iter().any(|d| d.parent.is_none()));
+        let mut moved = Moved::default();
+        let mut layers = Vec::new();
+        let started = std::time::Instant::now();
+        for (i, top) in rd.vm.disks.iter().enumerate() {
+            let base = &newest.disks[i];
+            let layer = dr::layer_path(&replica.dir, seq, i);
+            dr_host.remove_file(&layer)?;
+            dr_host.image_create(&layer, base.size, Some((&base.layer, Format::Qcow2)))?;
+            let diff = if full_newer {
+                Difference::Digest
+            } else {
+                let mut lists = Vec::new();
+                for p in rd.newer_points() {
+                    lists.push(dr_host.image_allocated(&p.disks[i].layer)?);
+                }
+                Difference::Ranges { known: transfer::union(&lists, base.size), top_layers: overlay_gen(&top.path) + 1 }
+            };
+            progress.step(&replica.vm, &format!("disk {i}: keeping the replica's final state"));
+            let stats = sync::copy(
+                &format!("{}keep-d{i}", nbd_prefix(replica.id)),
+                End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &top.path) },
+                End { host: dr_host.as_ref(), chain: dr::chain_of(&rd.points, &base.layer).with_top(&layer) },
+                &diff,
+                progress,
+                &replica.vm,
+                &|| {},
+            )?;
+            dr_host.sync_file(&layer)?;
+            moved.add(&stats);
+            let bitmap = (format_of(&rec.disks[i]) == Format::Qcow2).then(|| source::bitmap_name(replica.id, seq));
+            layers.push(RpDiskRecord {
+                idx: i as u32,
+                layer,
+                parent: Some(base.layer.clone()),
+                size: base.size,
+                method: if full_newer { "digest" } else { "cbt" }.into(),
+                bitmap,
+                bytes_transferred: stats.written,
+            });
+        }
+        let id = self.store().insert_restore_point(&NewRestorePoint {
+            replica_id: replica.id,
+            seq,
+            created_at: rec.switched_at.clone().unwrap_or_else(standby_store::now),
+            method: if full_newer { "digest" } else { "cbt" }.into(),
+            bytes_transferred: moved.written,
+            bytes_read: moved.read,
+            duration_ms: started.elapsed().as_millis() as u64,
+            disks: layers,
+        })?;
+        Ok((id, moved))
+    }
+}

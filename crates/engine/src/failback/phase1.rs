@@ -1,0 +1,468 @@
+//! Failback phase 1: target off, working layers, the protective point on the replica,
+//! the difference (quick rollback, digest or full) copied into the working layers.
+
+use super::*;
+
+impl Engine {
+    pub fn failback(
+        &self,
+        vms: &[String],
+        job: Option<&str>,
+        opts: &FailbackOptions,
+        progress: &dyn Progress,
+    ) -> Vec<OpOutcome> {
+        if vms.len() > 1 && matches!(opts.target, FailbackTarget::Existing { .. }) {
+            return vms
+                .iter()
+                .map(|vm| OpOutcome {
+                    vm: vm.clone(),
+                    ok: false,
+                    message: format!("{} can take only one VM; fail back one VM at a time to it", opts.target),
+                    warnings: Vec::new(),
+                })
+                .collect();
+        }
+        self.batch(vms, |vm, warnings| {
+            self.tracked("failback", vm, progress, |p| self.failback_one(vm, job, opts, p, warnings))
+        })
+    }
+
+    pub(super) fn failback_one(
+        &self,
+        name: &str,
+        job: Option<&str>,
+        opts: &FailbackOptions,
+        progress: &dyn Progress,
+        warnings: &mut Vec<String>,
+    ) -> Result<String> {
+        let _lock = VmLock::acquire(&self.data_dir, name, "failback")?;
+        let replica = self.replica_of(name, job)?;
+        let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
+        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+        let next = state.apply(Transition::FailbackStarted)?;
+        let rd = self.replica_disks(&replica)?;
+        let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
+        let (rec, target_vm) = self.plan_target(&replica, &rd, &source, opts)?;
+
+        // Nothing has changed so far; from here every step is recorded first.
+        self.store().set_replica_op(replica.id, next.as_str(), Some("start"), replica.failover_point)?;
+        self.save_failback(replica.id, &rec)?;
+        let result = self.phase1(&replica, rec, target_vm.as_ref(), progress, warnings);
+        let rec = match result {
+            Ok(rec) => rec,
+            Err(e) => {
+                if let Err(r) = self.roll_back_phase1(&replica) {
+                    warnings.push(format!("rolling back failed too: {}", vm::chain(&r)));
+                }
+                return Err(e);
+            }
+        };
+        let ready = ReplicaState::FailingBack.apply(Transition::FailbackSynced)?;
+        self.store().set_replica_op(replica.id, ready.as_str(), None, replica.failover_point)?;
+        let done = format!(
+            "phase 1 done to {} by {} ({}): read {}, wrote {}; ready to switch",
+            rec.target,
+            rec.method,
+            rec.method_note,
+            human(rec.phase1.read),
+            human(rec.phase1.written + rec.phase1.zeroed)
+        );
+        match opts.switch {
+            SwitchMode::Auto => {
+                let replica =
+                    self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
+                let switched = self.switch_locked(&replica, progress, warnings);
+                self.record(name, "failback switch", &switched, String::clone);
+                match switched {
+                    Ok(s) => Ok(format!("{done}; {s}")),
+                    Err(e) => Err(EngineError::Invalid(format!("{done}; the switch failed: {}", vm::chain(&e)))),
+                }
+            }
+            SwitchMode::Manual => Ok(format!("{done}; switch with: standby failback switch {name}")),
+            SwitchMode::At(_) => Ok(format!("{done}; the switch runs {} under standby daemon", opts.switch)),
+        }
+    }
+
+    /// Checks the target and describes the failback; changes nothing.
+    pub(super) fn plan_target(
+        &self,
+        replica: &ReplicaRecord,
+        rd: &ReplicaDisks,
+        source: &VmRecord,
+        opts: &FailbackOptions,
+    ) -> Result<(FailbackRecord, Option<VmRecord>)> {
+        let name = &replica.vm;
+        let sizes: Vec<u64> = rd.point.disks.iter().map(|d| d.size).collect();
+        let (host, disks, target_vm, created) = match &opts.target {
+            FailbackTarget::Original => (source.host.clone(), source.disks.clone(), Some(source.clone()), false),
+            FailbackTarget::Existing { vm } => {
+                let t = self.store().vm(vm)?.ok_or_else(|| {
+                    EngineError::Invalid(format!(
+                        "unknown VM {vm:?}: register the recovered VM first (standby vm create {vm} --disk PATH ...)"
+                    ))
+                })?;
+                let protected = !self.store().replicas_of_vm(vm)?.is_empty();
+                if t.name == *name || t.replica_id.is_some() || protected {
+                    return Err(EngineError::Invalid(format!(
+                        "VM {vm} cannot take {name}'s place: it is {}",
+                        if t.name == *name {
+                            "the same VM (use --to original)"
+                        } else if t.replica_id.is_some() {
+                            "a replica VM"
+                        } else {
+                            "protected by a job of its own"
+                        }
+                    )));
+                }
+                (t.host.clone(), t.disks.clone(), Some(t), false)
+            }
+            FailbackTarget::New { host, dir } => {
+                let h = self.host(host)?;
+                h.ensure_dir(dir).map_err(|e| EngineError::TargetDir {
+                    host: host.clone(),
+                    dir: dir.clone(),
+                    reason: vm::chain(&e),
+                })?;
+                let disks: Vec<DiskRecord> = (0..sizes.len())
+                    .map(|i| DiskRecord { path: format!("{dir}/{name}-d{i}.qcow2"), format: "qcow2".into() })
+                    .collect();
+                for d in &disks {
+                    if h.file_exists(&d.path)? {
+                        return Err(EngineError::Invalid(format!(
+                            "{} already exists on {host}; choose another directory or remove it",
+                            d.path
+                        )));
+                    }
+                }
+                (host.clone(), disks, None, true)
+            }
+        };
+        if created || target_vm.as_ref().is_some_and(|t| t.name != *name) {
+            // The name moves to the target at the switch; a QEMU still running the old
+            // source under that name would be a second writer nobody could address.
+            if self.vm_is_running(source)? {
+                return Err(EngineError::Invalid(format!(
+                    "the old source VM {name} runs on {}; shut it down first (standby vm shutdown {name}): the \
+                     failback gives its name to {}",
+                    source.host, opts.target
+                )));
+            }
+        }
+        if disks.len() != sizes.len() {
+            return Err(EngineError::Invalid(format!(
+                "{} has {} disk(s) and the replica {}; they must match",
+                opts.target,
+                disks.len(),
+                sizes.len()
+            )));
+        }
+        let h = self.host(&host)?;
+        if !created {
+            for (i, (d, size)) in disks.iter().zip(&sizes).enumerate() {
+                let info = h.image_info(&d.path, true)?;
+                if info.virtual_size != *size {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {i} of {} ({}) is {} bytes and the replica's is {size}; they must be the same size",
+                        opts.target, d.path, info.virtual_size
+                    )));
+                }
+                if let Some(b) = info.backing_filename {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {i} of {} ({}) has a backing file ({b}); flatten it first (qemu-img rebase -b '' ...)",
+                        opts.target, d.path
+                    )));
+                }
+            }
+        }
+        let switch_at = match opts.switch {
+            SwitchMode::At(t) => Some(t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
+            _ => None,
+        };
+        let rec = FailbackRecord {
+            target: opts.target.clone(),
+            working: disks.iter().map(|d| working_path(&d.path, replica.id)).collect(),
+            host,
+            disks,
+            created_disks: created,
+            method: String::new(),
+            method_note: String::new(),
+            switch: opts.switch.to_string(),
+            switch_at,
+            power_on: opts.power_on,
+            shutdown_secs: opts.shutdown_timeout.as_secs(),
+            seq: None,
+            prior: None,
+            phase1: Moved::default(),
+            phase2: Moved::default(),
+            started_at: standby_store::now(),
+            switched_at: None,
+        };
+        Ok((rec, target_vm))
+    }
+
+    pub(super) fn phase1(
+        &self,
+        replica: &ReplicaRecord,
+        mut rec: FailbackRecord,
+        target_vm: Option<&VmRecord>,
+        progress: &dyn Progress,
+        warnings: &mut Vec<String>,
+    ) -> Result<FailbackRecord> {
+        let name = replica.vm.as_str();
+        let tgt = self.host(&rec.host)?;
+        let dr_host = self.host(&replica.target_host)?;
+        self.store().set_replica_step(replica.id, "target-off")?;
+        if let Some(t) = target_vm {
+            if self.vm_is_running(t)? {
+                progress.step(name, &format!("powering off {}", t.name));
+                vm::power_off(tgt.as_ref(), &t.name)?;
+                warnings.push(format!("{} was running on {} and was powered off", t.name, t.host));
+            }
+        }
+        failpoint::hit("failback.after-target-off");
+
+        self.store().set_replica_step(replica.id, "working")?;
+        let rd = self.replica_disks(replica)?;
+        for (i, (d, w)) in rec.disks.iter().zip(&rec.working).enumerate() {
+            let size = rd.point.disks[i].size;
+            if rec.created_disks {
+                tgt.image_create(&d.path, size, None)?;
+            }
+            tgt.image_create(w, size, Some((&d.path, format_of(d))))?;
+        }
+        failpoint::hit("failback.after-working");
+
+        self.store().set_replica_step(replica.id, "protect")?;
+        progress.step(name, "protective point on the replica");
+        let frozen = self.protect(replica, &rd)?;
+        failpoint::hit("failback.after-protect");
+
+        self.store().set_replica_step(replica.id, "transfer")?;
+        let rd = self.replica_disks(replica)?;
+        let (diffs, method, note) = self.difference(replica, &rec, &rd, &frozen)?;
+        rec.method = method.into();
+        rec.method_note = note;
+        self.save_failback(replica.id, &rec)?;
+        let chunks = std::sync::atomic::AtomicU64::new(0);
+        let on_chunk = || {
+            if chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+                failpoint::hit("failback.mid-transfer");
+            }
+        };
+        for (i, diff) in diffs.iter().enumerate() {
+            progress.step(name, &format!("disk {i}: {method} to {}", rec.target));
+            let stats = sync::copy(
+                &format!("{}d{i}", nbd_prefix(replica.id)),
+                End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &frozen[i]) },
+                End { host: tgt.as_ref(), chain: self.working_chain(&rec, i) },
+                diff,
+                progress,
+                name,
+                &on_chunk,
+            )?;
+            rec.phase1.add(&stats);
+        }
+        for w in &rec.working {
+            tgt.sync_file(w)?;
+        }
+        self.save_failback(replica.id, &rec)?;
+        Ok(rec)
+    }
+
+    /// Disk `i` of the target with its working layer on top.
+    pub(super) fn working_chain(&self, rec: &FailbackRecord, i: usize) -> Chain {
+        let d = &rec.disks[i];
+        Chain::single(&d.path, format_of(d)).with_top(&rec.working[i])
+    }
+
+    /// The protective point: freezes the replica's top overlays (a QMP snapshot of every
+    /// disk in one transaction if it runs) and moves its writes to new ones. Returns the
+    /// frozen tops.
+    pub(super) fn protect(&self, replica: &ReplicaRecord, rd: &ReplicaDisks) -> Result<Vec<String>> {
+        let dr_host = self.host(&replica.target_host)?;
+        let frozen: Vec<String> = rd.vm.disks.iter().map(|d| d.path.clone()).collect();
+        let next: Vec<String> =
+            frozen.iter().enumerate().map(|(i, top)| overlay_path(&replica.dir, i, overlay_gen(top) + 1)).collect();
+        for n in &next {
+            dr_host.remove_file(n)?;
+        }
+        if self.vm_is_running(&rd.vm)? {
+            let mut qmp = dr_host.vm_qmp(&rd.vm.name)?;
+            let nodes = top_nodes(qmp.as_mut(), frozen.len())?;
+            let actions: Vec<_> = nodes
+                .iter()
+                .zip(&next)
+                .enumerate()
+                .map(|(i, (node, file))| {
+                    json!({"type": "blockdev-snapshot-sync", "data": {
+                        "node-name": node, "snapshot-file": file,
+                        "snapshot-node-name": format!("{}-g{}", standby_host::disk_node(i), overlay_gen(file)),
+                        "format": "qcow2", "mode": "absolute-paths"}})
+                })
+                .collect();
+            qmp.execute("transaction", json!({ "actions": actions }))?;
+        } else {
+            for (i, (top, n)) in frozen.iter().zip(&next).enumerate() {
+                dr_host.image_create(n, rd.point.disks[i].size, Some((top, Format::Qcow2)))?;
+            }
+        }
+        for (i, n) in next.iter().enumerate() {
+            self.store().set_vm_disk(&rd.vm.name, i, &DiskRecord { path: n.clone(), format: "qcow2".into() })?;
+        }
+        Ok(frozen)
+    }
+
+    /// After a crash around the protective point: the database follows what the replica
+    /// really writes to (QEMU's answer while it runs; otherwise a newer overlay, which
+    /// reads the same as the one below it until written, is adopted). Unused newer
+    /// overlays are removed.
+    pub(super) fn settle_replica_top(&self, replica: &ReplicaRecord) -> Result<()> {
+        let Some(rvm) = self.store().replica_vm(replica.id)? else { return Ok(()) };
+        let dr_host = self.host(&replica.target_host)?;
+        let running = self.vm_is_running(&rvm)?;
+        let files =
+            if running { Some(top_files(dr_host.vm_status_qmp(&rvm.name)?.as_mut(), rvm.disks.len())?) } else { None };
+        for (i, d) in rvm.disks.iter().enumerate() {
+            let next = overlay_path(&replica.dir, i, overlay_gen(&d.path) + 1);
+            let adopt = match &files {
+                Some(f) => f[i] == next,
+                None => dr_host.file_exists(&next)?,
+            };
+            if adopt {
+                self.store().set_vm_disk(&rvm.name, i, &DiskRecord { path: next, format: "qcow2".into() })?;
+            } else {
+                dr_host.remove_file(&next)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What to copy for each disk, and how it was found.
+    pub(super) fn difference(
+        &self,
+        replica: &ReplicaRecord,
+        rec: &FailbackRecord,
+        rd: &ReplicaDisks,
+        frozen: &[String],
+    ) -> Result<(Vec<Difference>, &'static str, String)> {
+        let n = rec.disks.len();
+        match &rec.target {
+            FailbackTarget::New { .. } => {
+                return Ok((vec![Difference::Full; n], "full", "a new VM gets every allocated block".into()))
+            }
+            FailbackTarget::Existing { .. } => {
+                return Ok((
+                    vec![Difference::Digest; n],
+                    "digest",
+                    "another VM's disks share no history with the replica".into(),
+                ))
+            }
+            FailbackTarget::Original => {}
+        }
+        match self.quick_ranges(replica, rec, rd, frozen)? {
+            Ok(diffs) => Ok((
+                diffs,
+                "quick",
+                "the blocks the replica's overlays, newer restore points and the source's bitmap name".into(),
+            )),
+            Err(why) => Ok((vec![Difference::Digest; n], "digest", format!("no quick rollback: {why}"))),
+        }
+    }
+
+    /// Quick rollback: per disk, every range where the original disk can differ from the
+    /// replica's frozen state, from metadata alone: what the replica wrote (its overlays),
+    /// the restore points newer than the failover point (their layers), and what the
+    /// source wrote after its last restore point (its dirty bitmaps). Err says why the
+    /// metadata cannot be trusted.
+    pub(super) fn quick_ranges(
+        &self,
+        replica: &ReplicaRecord,
+        rec: &FailbackRecord,
+        rd: &ReplicaDisks,
+        frozen: &[String],
+    ) -> Result<std::result::Result<Vec<Difference>, String>> {
+        let dr_host = self.host(&replica.target_host)?;
+        let tgt = self.host(&rec.host)?;
+        let Some(newest) = rd.points.last() else { return Ok(Err("no restore point".into())) };
+        if let Some(p) = rd.newer_points().find(|p| p.disks.iter().any(|d| d.parent.is_none())) {
+            return Ok(Err(format!("restore point {} is a full copy, not a layer over the one before", p.id)));
+        }
+        let mut out = Vec::new();
+        for (i, d) in rec.disks.iter().enumerate() {
+            let size = rd.point.disks[i].size;
+            if format_of(d) != Format::Qcow2 {
+                return Ok(Err(format!("disk {i} is raw and has no dirty bitmap")));
+            }
+            let Some(current) = newest.disks.get(i).and_then(|x| x.bitmap.clone()) else {
+                return Ok(Err(format!("restore point {} recorded no bitmap for disk {i}", newest.id)));
+            };
+            let Some(cur_seq) = source::bitmap_seq(replica.id, &current) else {
+                return Ok(Err(format!("disk {i}: bitmap {current} is not standby's")));
+            };
+            let ours: Vec<_> = tgt
+                .image_info(&d.path, false)?
+                .bitmaps
+                .into_iter()
+                .filter(|b| source::bitmap_seq(replica.id, &b.name).is_some_and(|s| s >= cur_seq))
+                .collect();
+            if !ours.iter().any(|b| b.name == current) {
+                return Ok(Err(format!("disk {i}: bitmap {current} is gone")));
+            }
+            if ours.iter().any(|b| b.in_use) {
+                return Ok(Err(format!("disk {i}: a dirty bitmap was not saved cleanly (the VM crashed)")));
+            }
+            if !ours.iter().any(|b| b.enabled) {
+                return Ok(Err(format!("disk {i}: no dirty bitmap is recording")));
+            }
+            let mut lists = Vec::new();
+            for b in &ours {
+                lists.push(sync::bitmap_ranges(
+                    &format!("{}bm-d{i}", nbd_prefix(replica.id)),
+                    tgt.as_ref(),
+                    &d.path,
+                    &b.name,
+                )?);
+            }
+            for p in rd.newer_points() {
+                lists.push(dr_host.image_allocated(&p.disks[i].layer)?);
+            }
+            // What the replica wrote: its overlays, the top layers of the chain copied from.
+            out.push(Difference::Ranges {
+                known: transfer::union(&lists, size),
+                top_layers: overlay_gen(&frozen[i]) + 1,
+            });
+        }
+        Ok(Ok(out))
+    }
+
+    /// Undoes whatever part of phase 1 happened. The replica runs on (on a newer overlay
+    /// if the protective point was taken: same content); the target's disks were never
+    /// written, only the working layers, which go.
+    pub(super) fn roll_back_phase1(&self, replica: &ReplicaRecord) -> Result<()> {
+        self.host(&replica.target_host)?.nbd_stop_all(&nbd_prefix(replica.id))?;
+        self.settle_replica_top(replica)?;
+        if let Some(rec) = self.failback_record(replica.id)? {
+            let tgt = self.host(&rec.host)?;
+            tgt.nbd_stop_all(&nbd_prefix(replica.id))?;
+            self.discard_working(&rec)?;
+        }
+        self.store().delete_failback(replica.id)?;
+        let back = ReplicaState::FailingBack.apply(Transition::FailbackRolledBack)?;
+        self.store().set_replica_op(replica.id, back.as_str(), None, replica.failover_point)?;
+        Ok(())
+    }
+
+    /// Deletes the working layers, and the disks a `new:` failback created.
+    pub(super) fn discard_working(&self, rec: &FailbackRecord) -> Result<()> {
+        let tgt = self.host(&rec.host)?;
+        for w in &rec.working {
+            tgt.remove_file(w)?;
+        }
+        if rec.created_disks {
+            for d in &rec.disks {
+                tgt.remove_file(&d.path)?;
+            }
+        }
+        Ok(())
+    }
+}
