@@ -10,7 +10,6 @@ impl Engine {
     pub(super) fn commit_one(&self, name: &str, job: Option<&str>, progress: &dyn Progress) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "commit failback")?;
         let replica = self.replica_of(name, job)?;
-        let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
         let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
         let next = state.apply(Transition::CommitStarted)?;
         let rd = self.replica_disks(&replica)?;

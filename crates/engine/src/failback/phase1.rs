@@ -37,7 +37,6 @@ impl Engine {
     ) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "failback")?;
         let replica = self.replica_of(name, job)?;
-        let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
         let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
         let next = state.apply(Transition::FailbackStarted)?;
         let rd = self.replica_disks(&replica)?;

@@ -34,7 +34,6 @@ impl Engine {
     ) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "failback switch")?;
         let replica = self.replica_of(name, job)?;
-        let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
         self.switch_locked(&replica, progress, warnings)
     }
 
