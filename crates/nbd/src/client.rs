@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 
+use crate::coverage::Coverage;
 use crate::wire::*;
 use crate::{NbdError, Result};
 
@@ -254,9 +255,7 @@ impl<S: Read + Write> Client<S> {
 
     fn read_one(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let cookie = self.request(CMD_READ, CMD_FLAG_DF, offset, buf.len() as u32, &[])?;
-        let want = buf.len() as u64;
-        let mut filled = 0u64;
-        let end = offset + want;
+        let mut coverage = Coverage::new(offset, buf.len() as u64);
         let (simple, structured) = if self.structured { (None, Some(&mut *buf)) } else { (Some(&mut *buf), None) };
         let mut target = structured;
         self.replies(cookie, "read", offset, simple, |conn, kind, len| {
@@ -265,29 +264,21 @@ impl<S: Read + Write> Client<S> {
                 REPLY_TYPE_OFFSET_DATA => {
                     let at = read_u64(conn)?;
                     let n = u64::from(len.checked_sub(8).ok_or_else(|| NbdError::Protocol("short data chunk".into()))?);
-                    if at < offset || at.checked_add(n).is_none_or(|e| e > end) {
-                        return Err(NbdError::Protocol("data chunk outside the request".into()));
-                    }
-                    let start = (at - offset) as usize;
+                    let start = coverage.add("data", at, n)?;
                     conn.read_exact(&mut buf[start..start + n as usize])?;
-                    filled += n;
                 }
                 REPLY_TYPE_OFFSET_HOLE if len == 12 => {
                     let at = read_u64(conn)?;
                     let n = u64::from(read_u32(conn)?);
-                    if at < offset || at.checked_add(n).is_none_or(|e| e > end) {
-                        return Err(NbdError::Protocol("hole chunk outside the request".into()));
-                    }
-                    let start = (at - offset) as usize;
+                    let start = coverage.add("hole", at, n)?;
                     buf[start..start + n as usize].fill(0);
-                    filled += n;
                 }
-                other => return Err(NbdError::Protocol(format!("chunk type {other} in a read reply"))),
+                other => return Err(NbdError::Protocol(format!("chunk type {other} of {len} bytes in a read reply"))),
             }
             Ok(())
         })?;
-        if self.structured && filled != want {
-            return Err(NbdError::Protocol(format!("read reply covered {filled} of {want} bytes")));
+        if self.structured {
+            coverage.complete()?;
         }
         Ok(())
     }
@@ -467,10 +458,15 @@ mod tests {
         v.extend_from_slice(&IHAVEOPT.to_be_bytes());
         v.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
         v.extend(option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        v.extend(go_replies());
+        v
+    }
+
+    fn go_replies() -> Vec<u8> {
         let mut info = INFO_EXPORT.to_be_bytes().to_vec();
         info.extend_from_slice(&8192u64.to_be_bytes());
         info.extend_from_slice(&0u16.to_be_bytes());
-        v.extend(option_reply(OPT_GO, REP_INFO, &info));
+        let mut v = option_reply(OPT_GO, REP_INFO, &info);
         v.extend(option_reply(OPT_GO, REP_ACK, &[]));
         v
     }
@@ -512,7 +508,51 @@ mod tests {
         assert!(c.read(8000, &mut [0u8; 1024]).is_err(), "beyond the export");
     }
 
-    /// Random bytes from a server are errors, never panics or huge allocations.
+    /// The handshake of `handshake()` with the `base:allocation` context granted as id 1.
+    fn handshake_with_allocation() -> Vec<u8> {
+        let mut v = NBDMAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        v.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        v.extend(option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        let mut ctx = 1u32.to_be_bytes().to_vec();
+        ctx.extend_from_slice(b"base:allocation");
+        v.extend(option_reply(OPT_SET_META_CONTEXT, REP_META_CONTEXT, &ctx));
+        v.extend(option_reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
+        v.extend(go_replies());
+        v
+    }
+
+    fn data_chunk(flags: u16, at: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut data = at.to_be_bytes().to_vec();
+        data.extend_from_slice(bytes);
+        chunk(flags, REPLY_TYPE_OFFSET_DATA, 1, &data)
+    }
+
+    /// Two chunks whose lengths add up to the request but overlap leave a gap: an error,
+    /// never a buffer that keeps its old bytes.
+    #[test]
+    fn overlapping_chunks_that_add_up_are_refused() {
+        let mut bytes = handshake();
+        bytes.extend(data_chunk(0, 0, &[7u8; 4096]));
+        bytes.extend(data_chunk(REPLY_FLAG_DONE, 2048, &[8u8; 4096]));
+        let mut c = Client::connect(Replay(Cursor::new(bytes)), "", &[]).unwrap();
+        let e = c.read(0, &mut [1u8; 8192]).unwrap_err().to_string();
+        assert!(e.contains("overlaps"), "{e}");
+    }
+
+    #[test]
+    fn a_reply_with_a_gap_is_refused() {
+        let mut bytes = handshake();
+        bytes.extend(data_chunk(0, 0, &[7u8; 2048]));
+        bytes.extend(data_chunk(REPLY_FLAG_DONE, 4096, &[8u8; 4096]));
+        let mut c = Client::connect(Replay(Cursor::new(bytes)), "", &[]).unwrap();
+        let e = c.read(0, &mut [1u8; 8192]).unwrap_err().to_string();
+        assert!(e.contains("left 2048..4096 unfilled"), "{e}");
+    }
+
+    /// Random bytes from a server are errors, never panics, hangs or huge allocations:
+    /// without a handshake the connection is refused; after a good handshake every request
+    /// answered with garbage fails.
     #[test]
     fn garbage_from_the_server_is_an_error() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -522,16 +562,22 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
+        let mut connected = 0;
         for round in 0..2000 {
-            let mut bytes = if round % 2 == 0 { handshake() } else { Vec::new() };
+            let mut bytes = if round % 2 == 0 { handshake_with_allocation() } else { Vec::new() };
             let n = (next() % 200) as usize;
             bytes.extend((0..n).map(|_| next() as u8));
-            let cut = if round % 3 == 0 { bytes.len() / 2 } else { bytes.len() };
-            bytes.truncate(cut);
-            if let Ok(mut c) = Client::connect(Replay(Cursor::new(bytes)), "", &["base:allocation"]) {
-                let _ = c.block_status("base:allocation", 0, c.size().min(4096));
-                let _ = c.read(0, &mut [0u8; 512]);
+            match Client::connect(Replay(Cursor::new(bytes)), "", &["base:allocation"]) {
+                Ok(mut c) => {
+                    assert!(round % 2 == 0, "round {round}: garbage passed as a handshake");
+                    connected += 1;
+                    assert_eq!(c.size(), 8192);
+                    assert!(c.block_status("base:allocation", 0, 4096).is_err(), "round {round}: block status");
+                    assert!(c.read(0, &mut [0u8; 512]).is_err(), "round {round}: read");
+                }
+                Err(_) => assert!(round % 2 == 1, "round {round}: a good handshake was refused"),
             }
         }
+        assert_eq!(connected, 1000);
     }
 }

@@ -4,6 +4,7 @@
 //! lengths are bounded and offsets checked before anything is believed.
 
 mod client;
+mod coverage;
 mod wire;
 
 pub use client::{Client, Extent};
