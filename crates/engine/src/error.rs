@@ -51,6 +51,11 @@ pub enum EngineError {
          (standby vm shutdown {other}), or pass --force to run both"
     )]
     TwoWriters { vm: String, other: String, host: String },
+    #[error(
+        "the chain of {point} is broken: {problem}; standby will not read it (it would read zeros where data was); \
+         see `standby replica points` and restore the missing layer's record or file"
+    )]
+    BrokenChain { point: String, problem: String },
     #[error("{failed} of {total} VMs of job {job} got no new restore point")]
     JobFailed { job: String, failed: usize, total: usize },
 }

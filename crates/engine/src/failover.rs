@@ -192,7 +192,7 @@ impl Engine {
                     chain: Chain::single(&disk.path, Format::parse(&disk.format).unwrap_or(Format::Raw)),
                     open_by_header: true,
                 },
-                verify::Side { host: dr.as_ref(), chain: dr::chain_of(&points, &layer.layer), open_by_header: false },
+                verify::Side { host: dr.as_ref(), chain: dr::chain_of(&points, &layer.layer)?, open_by_header: false },
             )?;
             if differing != 0 {
                 return Err(EngineError::Invalid(format!(
@@ -461,7 +461,7 @@ impl Engine {
             .ok_or_else(|| EngineError::Invalid(format!("replica VM {} has no restore point to run from", vm.name)))?;
         let mut disks = Vec::new();
         for (d, overlay) in rp.disks.iter().zip(&vm.disks) {
-            let chain = overlay_chain(dr::chain_of(&points, &d.layer), &replica.dir, d.idx as usize, &overlay.path);
+            let chain = overlay_chain(dr::chain_of(&points, &d.layer)?, &replica.dir, d.idx as usize, &overlay.path);
             disks.push(standby_host::DiskSource::Chain(chain));
         }
         Ok(disks)

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use standby_host::Host;
+use standby_host::{Chain, Host};
 use standby_model::{ReplicaState, Transition};
 use standby_store::{ReplicaRecord, RestorePointRecord, VmRecord};
 
@@ -92,14 +92,14 @@ impl Engine {
         dr_host: &dyn Host,
     ) -> Result<()> {
         let running = self.vm_is_running(vm)?;
-        let chains: Vec<_> = rp
+        let chains: Vec<Chain> = rp
             .disks
             .iter()
             .zip(&vm.disks)
             .map(|(d, overlay)| {
-                overlay_chain(dr::chain_of(points, &d.layer), &replica.dir, d.idx as usize, &overlay.path)
+                Ok(overlay_chain(dr::chain_of(points, &d.layer)?, &replica.dir, d.idx as usize, &overlay.path))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         if running {
             let mut qmp = dr_host.vm_qmp(&vm.name)?;
             // The top node: a failback's protective point may have stacked a newer one.

@@ -164,8 +164,8 @@ struct ReplicaDisks {
 
 impl ReplicaDisks {
     /// Disk `idx` as the replica reads it, up to overlay `top`.
-    fn chain(&self, dir: &str, idx: usize, top: &str) -> Chain {
-        overlay_chain(dr::chain_of(&self.points, &self.point.disks[idx].layer), dir, idx, top)
+    fn chain(&self, dir: &str, idx: usize, top: &str) -> Result<Chain> {
+        Ok(overlay_chain(dr::chain_of(&self.points, &self.point.disks[idx].layer)?, dir, idx, top))
     }
 
     fn newer_points(&self) -> impl Iterator<Item = &RestorePointRecord> {

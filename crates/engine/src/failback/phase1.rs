@@ -252,7 +252,7 @@ impl Engine {
             progress.step(name, &format!("disk {i}: {method} to {}", rec.target));
             let stats = sync::copy(
                 &format!("{}d{i}", nbd_prefix(replica.id)),
-                End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &frozen[i]) },
+                End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &frozen[i])? },
                 End { host: tgt.as_ref(), chain: self.working_chain(&rec, i) },
                 diff,
                 progress,

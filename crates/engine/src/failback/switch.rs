@@ -117,7 +117,7 @@ impl Engine {
                 progress.step(name, &format!("disk {i}: changes since phase 1"));
                 let stats = sync::copy(
                     &format!("{}d{i}", nbd_prefix(replica.id)),
-                    End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &top.path) },
+                    End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &top.path)? },
                     End { host: tgt.as_ref(), chain: self.working_chain(&rec, i) },
                     &Difference::Ranges { known: Vec::new(), top_layers: 1 },
                     progress,

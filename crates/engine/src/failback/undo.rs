@@ -65,7 +65,7 @@ impl Engine {
                     progress.step(name, &format!("disk {i}: back to the replica's state"));
                     let stats = sync::copy(
                         &format!("{}d{i}", nbd_prefix(replica.id)),
-                        End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &rd.vm.disks[i].path) },
+                        End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &rd.vm.disks[i].path)? },
                         End { host: tgt.as_ref(), chain: Chain::single(&d.path, format_of(d)) },
                         &diff,
                         progress,

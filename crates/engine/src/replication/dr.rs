@@ -4,7 +4,7 @@
 use standby_host::{Chain, Format, Host, Layer};
 use standby_store::RestorePointRecord;
 
-use crate::Result;
+use crate::{EngineError, Result};
 
 /// The file of restore point `seq`'s layer for disk `idx`.
 pub fn layer_path(dir: &str, seq: i64, idx: usize) -> String {
@@ -25,20 +25,29 @@ fn is_layer_name(name: &str) -> bool {
 }
 
 /// The chain under `layer`, from the database's parent links, top first. Every restore
-/// point's disk rows are searched, so layers repointed by retention are found.
-pub fn chain_of(points: &[RestorePointRecord], layer: &str) -> Chain {
-    let mut layers = Vec::new();
+/// point's disk rows are searched, so layers repointed by retention are found. A layer
+/// without a record, or records that loop, mean the database no longer describes the chain:
+/// reading on would return zeros where data was, so it is an error naming the point.
+pub fn chain_of(points: &[RestorePointRecord], layer: &str) -> Result<Chain> {
+    let owner = |path: &str| points.iter().find(|p| p.disks.iter().any(|d| d.layer == path));
+    let top = owner(layer).map_or_else(|| "an unrecorded point".to_owned(), |p| format!("restore point {}", p.seq));
+    let mut layers: Vec<Layer> = Vec::new();
     let mut cur = Some(layer.to_owned());
     while let Some(path) = cur.take() {
-        // A cycle would mean a corrupt database; it must not hang us.
-        if layers.iter().any(|l: &Layer| l.path == path) {
-            break;
+        if layers.iter().any(|l| l.path == path) {
+            return Err(EngineError::BrokenChain { point: top, problem: format!("its layers loop back to {path}") });
         }
-        let parent = points.iter().flat_map(|p| &p.disks).find(|d| d.layer == path).and_then(|d| d.parent.clone());
+        let Some(record) = points.iter().flat_map(|p| &p.disks).find(|d| d.layer == path) else {
+            let problem = match layers.last() {
+                Some(child) => format!("layer {} names parent {path}, which no restore point records", child.path),
+                None => format!("layer {path} is not recorded"),
+            };
+            return Err(EngineError::BrokenChain { point: top, problem });
+        };
+        cur = record.parent.clone();
         layers.push(Layer { path, format: Format::Qcow2 });
-        cur = parent;
     }
-    Chain { layers }
+    Ok(Chain { layers })
 }
 
 /// Makes every layer header name the parent the database names, so that operators'
@@ -99,17 +108,26 @@ mod tests {
     #[test]
     fn chains_follow_database_parents_only() {
         let points = [rp(1, "/a", None), rp(2, "/b", Some("/a")), rp(3, "/c", Some("/b"))];
-        let c = chain_of(&points, "/c");
+        let c = chain_of(&points, "/c").unwrap();
         let paths: Vec<_> = c.layers.iter().map(|l| l.path.as_str()).collect();
         assert_eq!(paths, ["/c", "/b", "/a"]);
-        // A layer not yet recorded (a run's new layer) stacks on a given chain instead.
-        assert_eq!(chain_of(&points, "/a").layers.len(), 1);
+        assert_eq!(chain_of(&points, "/a").unwrap().layers.len(), 1);
     }
 
     #[test]
-    fn cyclic_records_do_not_hang() {
+    fn cyclic_records_are_an_error_naming_the_point() {
         let points = [rp(1, "/a", Some("/b")), rp(2, "/b", Some("/a"))];
-        assert_eq!(chain_of(&points, "/a").layers.len(), 2);
+        let e = chain_of(&points, "/a").unwrap_err().to_string();
+        assert!(e.contains("restore point 1") && e.contains("loop back to /a"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_parent_is_an_error_naming_it() {
+        let points = [rp(2, "/b", Some("/a")), rp(3, "/c", Some("/b"))];
+        let e = chain_of(&points, "/c").unwrap_err().to_string();
+        assert!(e.contains("restore point 3") && e.contains("layer /b names parent /a"), "{e}");
+        let e = chain_of(&points, "/z").unwrap_err().to_string();
+        assert!(e.contains("layer /z is not recorded"), "{e}");
     }
 
     #[test]

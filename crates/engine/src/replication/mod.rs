@@ -565,7 +565,7 @@ impl Engine {
             };
             dr.image_create(&layer, d.size, parent.as_deref().map(|p| (p, Format::Qcow2)))?;
             let chain = match &parent {
-                Some(p) => dr::chain_of(points, p).with_top(&layer),
+                Some(p) => dr::chain_of(points, p)?.with_top(&layer),
                 None => Chain::single(&layer, Format::Qcow2),
             };
             let id = format!("{}d{}", target_prefix(replica.id), d.idx);
