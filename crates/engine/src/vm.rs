@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::json;
-use standby_host::{Host, VmLaunch, VmRuntime};
+use standby_host::{Host, HostError, VmLaunch, VmRuntime};
 use standby_model::VmName;
 use standby_store::{DiskRecord, NewVm, VmRecord};
 
@@ -288,19 +288,28 @@ impl Engine {
 }
 
 /// `quit` lets QEMU flush and write its persistent bitmaps; SIGKILL only if it hangs.
+/// A VM is off only when its process is gone: callers delete definitions and overlays
+/// after this returns, so anything else is an error naming the process.
 pub(crate) fn power_off(host: &dyn Host, name: &str) -> Result<()> {
+    power_off_within(host, name, Duration::from_secs(30))
+}
+
+fn power_off_within(host: &dyn Host, name: &str, quit_wait: Duration) -> Result<()> {
     if let Ok(mut qmp) = host.vm_status_qmp(name) {
         let _ = qmp.execute("quit", json!({}));
     }
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
+    while start.elapsed() < quit_wait {
         if host.vm_runtime(name)? == VmRuntime::Stopped {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     host.vm_kill(name)?;
-    Ok(())
+    match host.vm_runtime(name)? {
+        VmRuntime::Stopped => Ok(()),
+        VmRuntime::Running { pid } => Err(HostError::StillRunning { vm: name.into(), pid }.into()),
+    }
 }
 
 /// An error and its causes on one line, for messages that embed another error.
@@ -313,4 +322,118 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use standby_host::*;
+
+    use super::*;
+
+    /// A host whose VM process outlives every signal, as a QEMU stuck in the kernel does;
+    /// `vm_kill` answers Ok as the old `LocalHost` did. Nothing else is ever called.
+    #[derive(Debug, Default)]
+    struct Undying {
+        kills: AtomicU32,
+    }
+
+    impl Host for Undying {
+        fn name(&self) -> &str {
+            "undying"
+        }
+        fn vm_status_qmp(&self, vm: &str) -> standby_host::Result<Box<dyn QmpChannel>> {
+            Err(HostError::NotRunning(vm.into()))
+        }
+        fn vm_runtime(&self, _: &str) -> standby_host::Result<VmRuntime> {
+            Ok(VmRuntime::Running { pid: 4242 })
+        }
+        fn vm_kill(&self, _: &str) -> standby_host::Result<()> {
+            self.kills.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn ensure_dir(&self, _: &str) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn list_dir(&self, _: &str) -> standby_host::Result<Vec<String>> {
+            unreachable!()
+        }
+        fn file_exists(&self, _: &str) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+        fn remove_file(&self, _: &str) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn sync_file(&self, _: &str) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn image_info(&self, _: &str, _: bool) -> standby_host::Result<ImageInfo> {
+            unreachable!()
+        }
+        fn image_create(&self, _: &str, _: u64, _: Option<(&str, Format)>) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn image_allocated(&self, _: &str) -> standby_host::Result<Vec<(u64, u64)>> {
+            unreachable!()
+        }
+        fn image_bitmap(&self, _: &str, _: Format, _: &str, _: BitmapOp<'_>) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn image_commit(&self, _: &Chain) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn image_set_backing_name(&self, _: &str, _: Option<&str>) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn image_flatten(&self, _: &Chain) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn image_compare(&self, _: &str, _: &str) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+        fn vm_start(&self, _: &VmLaunch) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn vm_qmp(&self, _: &str) -> standby_host::Result<Box<dyn QmpChannel>> {
+            unreachable!()
+        }
+        fn vm_console(&self, _: &str, _: u64) -> standby_host::Result<(Vec<u8>, u64)> {
+            unreachable!()
+        }
+        fn vm_scratch_path(&self, _: &str, _: &str) -> String {
+            unreachable!()
+        }
+        fn vm_scratch_files(&self, _: &str, _: &str) -> standby_host::Result<Vec<String>> {
+            unreachable!()
+        }
+        fn vm_nbd_address(&self, _: &str) -> (serde_json::Value, NbdAddress) {
+            unreachable!()
+        }
+        fn accel(&self) -> Accel {
+            unreachable!()
+        }
+        fn probe_accel(&self, _: &str, _: &str) -> standby_host::Result<Accel> {
+            unreachable!()
+        }
+        fn nbd_serve(&self, _: &ServeSpec) -> standby_host::Result<NbdAddress> {
+            unreachable!()
+        }
+        fn nbd_connect(&self, _: &NbdAddress, _: &str, _: &[&str]) -> standby_host::Result<NbdClient> {
+            unreachable!()
+        }
+        fn nbd_stop_all(&self, _: &str) -> standby_host::Result<usize> {
+            unreachable!()
+        }
+    }
+
+    /// Undo and rollback delete a replica's definition and overlays right after
+    /// `power_off` returns: a process that lives on must make it fail, naming the PID.
+    #[test]
+    fn power_off_fails_naming_the_pid_while_the_process_lives() {
+        let host = Undying::default();
+        let e = power_off_within(&host, "web_replica", Duration::from_millis(20)).unwrap_err().to_string();
+        assert_eq!(host.kills.load(Ordering::SeqCst), 1, "SIGKILL was tried");
+        assert!(e.contains("web_replica") && e.contains("process 4242") && e.contains("nothing was deleted"), "{e}");
+    }
 }

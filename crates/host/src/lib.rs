@@ -28,6 +28,16 @@ pub enum HostError {
     NotRunning(String),
     #[error("VM {vm} did not start: {detail}")]
     StartFailed { vm: String, detail: String },
+    #[error(
+        "VM {vm} is still running as process {pid} after SIGKILL, so it is not off and nothing was deleted; \
+         find out why it does not exit (`cat /proc/{pid}/status`), end it, and run the command again"
+    )]
+    StillRunning { vm: String, pid: u32 },
+    #[error(
+        "NBD server {id} is still running as process {pid} after SIGKILL; end it \
+         (`cat /proc/{pid}/status` says why it does not exit) and run the command again"
+    )]
+    NbdStillRunning { id: String, pid: u32 },
     #[error("{0}")]
     Invalid(String),
 }
@@ -122,7 +132,8 @@ pub trait Host: Debug + Send + Sync {
     fn vm_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>>;
     /// A second monitor for quick queries, never blocked by a long operation.
     fn vm_status_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>>;
-    /// Ends the VM's QEMU process at once: the last resort after `quit` failed.
+    /// Ends the VM's QEMU process at once: the last resort after `quit` failed. Ok only
+    /// when the process is gone; `StillRunning` names it otherwise.
     fn vm_kill(&self, vm: &str) -> Result<()>;
     /// Console output from byte `from`; returns the bytes and the next offset.
     fn vm_console(&self, vm: &str, from: u64) -> Result<(Vec<u8>, u64)>;
@@ -143,5 +154,6 @@ pub trait Host: Debug + Send + Sync {
     fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress>;
     fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<NbdClient>;
     /// Stops every standby NBD server whose id starts with `prefix`; returns how many ran.
+    /// A server whose process outlives SIGKILL is an error, and its files are kept.
     fn nbd_stop_all(&self, prefix: &str) -> Result<usize>;
 }

@@ -292,7 +292,9 @@ impl Host for LocalHost {
         let marker = self.vm_file(vm, "qmp.sock");
         if let Some(pid) = Self::live_pid(&pidfile, &marker) {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            Self::wait_gone(&pidfile, &marker, Duration::from_secs(10));
+            if !Self::wait_gone(&pidfile, &marker, Duration::from_secs(10)) {
+                return Err(HostError::StillRunning { vm: vm.into(), pid });
+            }
         }
         Ok(())
     }
@@ -398,7 +400,9 @@ impl Host for LocalHost {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
                 if !Self::wait_gone(&pidfile, &marker, Duration::from_secs(10)) {
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                    Self::wait_gone(&pidfile, &marker, Duration::from_secs(5));
+                    if !Self::wait_gone(&pidfile, &marker, Duration::from_secs(5)) {
+                        return Err(HostError::NbdStillRunning { id: id.into(), pid });
+                    }
                 }
             }
             let _ = fs::remove_file(&pidfile);
