@@ -201,6 +201,10 @@ enum VmCmd {
         /// A qcow2 or raw image; repeat for more disks.
         #[arg(long = "disk", required = true)]
         disks: Vec<String>,
+        /// The format of each --disk, in order: qcow2 or raw. Without it each disk's format
+        /// is probed once from its contents, shown and stored.
+        #[arg(long = "format")]
+        formats: Vec<String>,
         #[arg(long, default_value_t = 256)]
         memory: u32,
         #[arg(long, default_value_t = 1)]
@@ -452,11 +456,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
     match cmd {
-        VmCmd::Create { name, disks, memory, cpus, nics, kernel, initrd, append, host, json } => {
+        VmCmd::Create { name, disks, formats, memory, cpus, nics, kernel, initrd, append, host, json } => {
+            let probed = formats.is_empty();
             let v = engine.vm_create(&VmSpec {
                 name,
                 host,
                 disks,
+                formats,
                 memory_mib: memory,
                 cpus,
                 nics,
@@ -465,6 +471,9 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
                 append,
             })?;
             output::vm(&v, json.json)?;
+            if probed && !json.json {
+                println!("(disk formats probed from their contents; state them with --format to be sure)");
+            }
         }
         VmCmd::Start { name, force } => {
             let v = engine.vm_start(&name, force)?;

@@ -100,7 +100,10 @@ fn crash_stopped_vm_at(fp: &str) {
     assert!(identical(last["disks"][0]["path"].as_str().unwrap(), &disk), "{fp}: run after recovery is not exact");
     assert_ne!(last["method"], "full", "{fp}: recovery must not force a full copy");
     // Nothing orphaned: layers, servers, bitmaps, task states.
-    assert_eq!(dr_files(&env, "c"), used_layers(&points), "{fp}: stray files in the replica directory");
+    // The layers the points use, and the marker that makes the directory the replica's.
+    let mut expected = used_layers(&points);
+    expected.insert(0, env.path("dr/c/.standby-replica"));
+    assert_eq!(dr_files(&env, "c"), expected, "{fp}: stray files in the replica directory");
     assert!(env.processes().is_empty(), "{fp}: processes left: {:?}", env.processes());
     assert_eq!(standby_testkit::bitmaps(&disk).len(), 1, "{fp}: bitmaps {:?}", standby_testkit::bitmaps(&disk));
     assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");

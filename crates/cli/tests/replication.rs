@@ -141,11 +141,13 @@ fn retention_keeps_exactly_n_and_the_rest_stay_intact() {
             let id = p["id"].as_i64().unwrap();
             assert!(identical(path, &refs[&id]), "restore point {id} changed by retention (run {i})");
         }
-        // The replica directory holds exactly the layers the restore points use.
+        // The replica directory holds exactly the layers the restore points use, and the
+        // marker that makes it the replica's.
         let mut files: Vec<String> =
             std::fs::read_dir(env.path("dr/db")).unwrap().map(|e| e.unwrap().path().display().to_string()).collect();
         files.sort();
         let mut used: Vec<String> = points.iter().map(|p| p["disks"][0]["path"].as_str().unwrap().to_owned()).collect();
+        used.push(env.path("dr/db/.standby-replica"));
         used.sort();
         assert_eq!(files, used, "after run {i}");
     }

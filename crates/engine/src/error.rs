@@ -14,6 +14,11 @@ pub enum EngineError {
     Host(#[from] HostError),
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    #[error(
+        "data directory {path} may be written by others (mode {mode:04o}); standby refuses it, since its database \
+         decides what runs as root. Fix: chmod 700 {path}"
+    )]
+    DataDirUnsafe { path: String, mode: u32 },
     #[error("cannot use data directory {path}")]
     DataDir { path: String, source: std::io::Error },
     #[error("unknown host {0:?}; the hosts standby knows are listed by `standby host list`")]
@@ -40,6 +45,12 @@ pub enum EngineError {
     Busy { what: String, holder: String },
     #[error("target directory {dir} on host {host} is not usable: {reason}")]
     TargetDir { host: String, dir: String, reason: String },
+    #[error(
+        "replica directory {dir} is not provably this replica's ({reason}); standby writes and deletes nothing in it. \
+         If the DR storage is not mounted, mount it; if another job or standby installation uses the directory, give \
+         this job a directory of its own"
+    )]
+    NotOwner { dir: String, reason: String },
     #[error("VM {vm} is already replicated to {host}:{dir} by job {job}")]
     AlreadyProtected { vm: String, host: String, dir: String, job: String },
     #[error("replication of VM {vm} failed during {step}")]

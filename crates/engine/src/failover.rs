@@ -62,16 +62,19 @@ pub(crate) fn overlay_chain(point: Chain, dir: &str, idx: usize, top: &str) -> C
 }
 
 /// Deletes every failover overlay in a replica directory: the replica's writes are gone.
-pub(crate) fn remove_overlays(dr: &dyn Host, dir: &str) -> Result<()> {
-    for name in dr.list_dir(dir)? {
-        if name.starts_with(OVERLAY_PREFIX) {
-            dr.remove_file(&format!("{dir}/{name}"))?;
-        }
-    }
-    Ok(())
-}
-
 impl Engine {
+    /// Deletes the replica's failover overlays, once its directory proved to be its own.
+    pub(crate) fn remove_overlays(&self, dr: &dyn Host, replica: &ReplicaRecord) -> Result<()> {
+        self.check_replica_dir(dr, replica)?;
+        let dir = &replica.dir;
+        for name in dr.list_dir(dir)? {
+            if name.starts_with(OVERLAY_PREFIX) {
+                dr.remove_file(&format!("{dir}/{name}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `op` for every VM in parallel; one VM's failure does not stop the others.
     pub(crate) fn batch(
         &self,
@@ -187,12 +190,8 @@ impl Engine {
         for (disk, layer) in source.disks.iter().zip(&point.disks) {
             let differing = verify::differing_bytes(
                 &format!("verify-r{}-d{}", replica.id, layer.idx),
-                verify::Side {
-                    host: src.as_ref(),
-                    chain: Chain::single(&disk.path, Format::parse(&disk.format).unwrap_or(Format::Raw)),
-                    open_by_header: true,
-                },
-                verify::Side { host: dr.as_ref(), chain: dr::chain_of(&points, &layer.layer)?, open_by_header: false },
+                verify::Side { host: src.as_ref(), chain: Chain::single(&disk.path, crate::vm::disk_format(disk)?) },
+                verify::Side { host: dr.as_ref(), chain: dr::chain_of(&points, &layer.layer)? },
             )?;
             if differing != 0 {
                 return Err(EngineError::Invalid(format!(
@@ -259,6 +258,7 @@ impl Engine {
         let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
         let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
         let next = state.apply(Transition::FailoverStarted)?;
+        self.check_replica_dir(self.host(&replica.target_host)?.as_ref(), &replica)?;
         let points = self.store().restore_points(replica.id, false)?;
         let rp = match point {
             PointChoice::Latest => points.last(),
@@ -360,7 +360,7 @@ impl Engine {
             }
             self.store().delete_vm(vm_name)?;
         }
-        remove_overlays(dr, &replica.dir)?;
+        self.remove_overlays(dr, replica)?;
         let back = ReplicaState::FailingOver.apply(Transition::FailoverRolledBack)?;
         self.store().set_replica_op(replica.id, back.as_str(), None, None)?;
         Ok(())
@@ -390,7 +390,7 @@ impl Engine {
             self.store().set_replica_step(replica.id, "discard")?;
             self.store().delete_vm(&vm.name)?;
         }
-        remove_overlays(dr.as_ref(), &replica.dir)?;
+        self.remove_overlays(dr.as_ref(), replica)?;
         failpoint::hit("undo.after-discard");
         let done = ReplicaState::UndoingFailover.apply(Transition::UndoDone)?;
         self.store().set_replica_op(replica.id, done.as_str(), None, None)?;
@@ -443,14 +443,13 @@ impl Engine {
     /// the restore point's chain, described layer by layer.
     pub(crate) fn launch_disks(&self, vm: &VmRecord) -> Result<Vec<standby_host::DiskSource>> {
         let Some(replica_id) = vm.replica_id else {
-            return Ok(vm
+            return vm
                 .disks
                 .iter()
-                .map(|d| standby_host::DiskSource::Image {
-                    path: d.path.clone(),
-                    format: Format::parse(&d.format).unwrap_or(Format::Raw),
+                .map(|d| {
+                    Ok(standby_host::DiskSource::Image { path: d.path.clone(), format: crate::vm::disk_format(d)? })
                 })
-                .collect());
+                .collect();
         };
         let replica =
             self.store().replica(replica_id)?.ok_or_else(|| EngineError::NoReplica { vm: vm.name.clone() })?;

@@ -7,6 +7,9 @@ use serde::Serialize;
 use standby_model::{parse_interval, VmName, DEFAULT_RETAIN};
 use standby_store::NewJob;
 
+use standby_host::Host;
+
+use crate::replication::dr;
 use crate::{Engine, EngineError, Result};
 
 #[derive(Debug, Clone)]
@@ -61,14 +64,17 @@ impl Engine {
         }
         let every = spec.every.as_deref().map(parse_interval).transpose()?.map(|d: Duration| d.as_secs());
         let host = self.host(&spec.target_host)?;
-        let dir = spec.target_dir.trim_end_matches('/').to_owned();
-        if !dir.starts_with('/') {
-            return Err(EngineError::TargetDir {
-                host: spec.target_host.clone(),
-                dir,
-                reason: "give an absolute path".into(),
-            });
+        let given = spec.target_dir.clone();
+        let target_err =
+            |reason: String| EngineError::TargetDir { host: spec.target_host.clone(), dir: given.clone(), reason };
+        if !given.starts_with('/') {
+            return Err(target_err("give an absolute path".into()));
         }
+        // Prove the target usable, then name it as the host resolves it: two spellings of
+        // one directory (a symlink, `//`, `..`, a trailing `/`) are one directory.
+        host.ensure_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
+        let dir = host.canonical_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
+        let owned = self.store().replicas()?;
         let existing = self.store().jobs()?;
         let mut replicas = Vec::new();
         for vm_name in &spec.vms {
@@ -91,14 +97,24 @@ impl Engine {
                     });
                 }
             }
-            replicas.push((vm.id, format!("{dir}/{vm_name}")));
+            let rdir = format!("{dir}/{vm_name}");
+            // Nested directories count too: one replica's cleanup lists its directory.
+            let inside = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+            if let Some(o) = owned
+                .iter()
+                .find(|o| o.target_host == spec.target_host && (inside(&rdir, &o.dir) || inside(&o.dir, &rdir)))
+            {
+                return Err(EngineError::TargetDir {
+                    host: spec.target_host.clone(),
+                    dir: rdir,
+                    reason: format!(
+                        "replica {} of VM {} (job {}) keeps its restore points there; give this job another --target-dir",
+                        o.dir, o.vm, o.job
+                    ),
+                });
+            }
+            replicas.push((vm.id, rdir));
         }
-        // Prove the target usable before recording anything.
-        host.ensure_dir(&dir).map_err(|e| EngineError::TargetDir {
-            host: spec.target_host.clone(),
-            dir: dir.clone(),
-            reason: crate::vm::chain(&e),
-        })?;
         for (_, rdir) in &replicas {
             if !host.list_dir(rdir)?.is_empty() {
                 return Err(EngineError::TargetDir {
@@ -108,7 +124,18 @@ impl Engine {
                 });
             }
         }
-        self.store().insert_job(
+        // Claim each directory before recording anything: the marker is created only if
+        // absent, so of two jobs (or two standby installations) racing, one wins.
+        let mut claimed = Vec::new();
+        for (i, (_, rdir)) in replicas.iter().enumerate() {
+            let owner = self.replica_owner(&spec.name, &spec.vms[i]);
+            if let Err(e) = dr::claim(host.as_ref(), rdir, &owner) {
+                release(host.as_ref(), &claimed);
+                return Err(e);
+            }
+            claimed.push(rdir.clone());
+        }
+        let inserted = self.store().insert_job(
             &NewJob {
                 name: spec.name.clone(),
                 target_host: spec.target_host.clone(),
@@ -118,7 +145,11 @@ impl Engine {
                 replica_suffix: suffix,
             },
             &replicas,
-        )?;
+        );
+        if let Err(e) = inserted {
+            release(host.as_ref(), &claimed);
+            return Err(e.into());
+        }
         self.job_show(&spec.name)
     }
 
@@ -129,6 +160,13 @@ impl Engine {
 
     pub fn job_list(&self) -> Result<Vec<JobView>> {
         Ok(self.store().jobs()?.into_iter().map(view).collect())
+    }
+}
+
+/// Undoes the claims of a job creation that failed: the markers it wrote go.
+fn release(host: &dyn Host, dirs: &[String]) {
+    for d in dirs {
+        let _ = host.remove_file(&format!("{d}/{}", dr::OWNER_MARKER));
     }
 }
 

@@ -19,6 +19,7 @@ mod verify;
 mod vm;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -54,9 +55,36 @@ impl Engine {
     /// Opens (creating if needed) the data directory: the database and the local host's
     /// run files.
     pub fn open(data_dir: &Path) -> Result<Engine> {
-        std::fs::create_dir_all(data_dir.join("locks"))
+        standby_host::restrict_new_file_modes();
+        let io = |source| EngineError::DataDir { path: data_dir.display().to_string(), source };
+        // The database's plan hooks run as root and the run files control VMs: a data
+        // directory that others may write is refused, not quietly used or changed.
+        match std::fs::metadata(data_dir) {
+            Ok(m) if m.permissions().mode() & 0o022 != 0 => {
+                return Err(EngineError::DataDirUnsafe {
+                    path: data_dir.display().to_string(),
+                    mode: m.permissions().mode() & 0o7777,
+                })
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir).map_err(io)?;
+            }
+            Err(e) => return Err(io(e)),
+        }
+        std::fs::create_dir_all(data_dir.join("locks")).map_err(io)?;
+        // One spelling of the data directory: it names this installation in the
+        // ownership markers of replica directories.
+        let data_dir = &data_dir
+            .canonicalize()
             .map_err(|source| EngineError::DataDir { path: data_dir.display().to_string(), source })?;
         let store = Store::open(&data_dir.join("standby.db"))?;
+        for file in ["standby.db", "standby.db-wal", "standby.db-shm"] {
+            let path = data_dir.join(file);
+            if path.exists() {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            }
+        }
         let local: Arc<dyn Host> = Arc::new(LocalHost::new(LOCAL_HOST, &data_dir.join("hosts").join(LOCAL_HOST))?);
         let mut hosts = BTreeMap::new();
         hosts.insert(LOCAL_HOST.to_owned(), local);
@@ -103,6 +131,16 @@ impl Engine {
         // A panic while holding the lock leaves SQLite consistent (transactions roll back),
         // so a poisoned lock is safe to take over.
         self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Who owns the directory of `vm`'s replica by `job`: this installation's.
+    pub(crate) fn replica_owner(&self, job: &str, vm: &str) -> replication::dr::Owner {
+        replication::dr::Owner { data_dir: self.data_dir.display().to_string(), job: job.into(), vm: vm.into() }
+    }
+
+    /// Refuses to touch a replica directory whose marker does not name this replica.
+    pub(crate) fn check_replica_dir(&self, host: &dyn Host, replica: &standby_store::ReplicaRecord) -> Result<()> {
+        replication::dr::check_owner(host, &replica.dir, &self.replica_owner(&replica.job, &replica.vm))
     }
 
     pub(crate) fn host(&self, name: &str) -> Result<Arc<dyn Host>> {

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use standby_host::{Chain, Host};
+use standby_host::{Chain, Format, Host};
 use standby_model::{ReplicaState, Transition};
 use standby_store::{ReplicaRecord, RestorePointRecord, VmRecord};
 
@@ -65,7 +65,9 @@ impl Engine {
     /// Deletes the layer files of the removed restore points (the records went first).
     fn finish_permanent(&self, replica: &ReplicaRecord) -> Result<usize> {
         let dr_host = self.host(&replica.target_host)?;
-        let mut removed = dr::remove_orphans(dr_host.as_ref(), &replica.dir, &[])?;
+        self.check_replica_dir(dr_host.as_ref(), replica)?;
+        let next = self.store().replica(replica.id)?.map_or(replica.next_seq, |r| r.next_seq);
+        let mut removed = dr::remove_orphans(dr_host.as_ref(), &replica.dir, &[], next)?;
         // Overlay generations below the flattened top (a failback's protective point
         // left them) are read by nothing now.
         let vm = self.store().vm(&replica_vm_name(replica))?;
@@ -79,6 +81,9 @@ impl Engine {
             }
         }
         self.store().set_replica_op(replica.id, ReplicaState::Permanent.as_str(), None, None)?;
+        // No replica lives here any more: the directory holds an ordinary VM's disks, which
+        // its own records name. Last, so that a recovery of this step still finds it.
+        dr_host.remove_file(&format!("{}/{}", replica.dir, dr::OWNER_MARKER))?;
         Ok(removed.len())
     }
 
@@ -146,11 +151,11 @@ impl Engine {
         failpoint::hit("permanent.after-flatten");
         self.store().set_replica_step(replica.id, "verify")?;
         for (i, (chain, overlay)) in chains.iter().zip(&vm.disks).enumerate() {
-            let info = dr_host.image_info(&overlay.path, true)?;
+            let info = dr_host.image_info(&overlay.path, Format::Qcow2, true)?;
             if info.backing_filename.is_some() {
                 return Err(EngineError::Invalid(format!("disk {i} of {} still has a backing file", vm.name)));
             }
-            if !dr_host.image_compare(&overlay.path, &chain.filename())? {
+            if !dr_host.image_compare(&Chain::single(&overlay.path, Format::Qcow2), chain)? {
                 return Err(EngineError::Invalid(format!(
                     "disk {i} of {} does not read as the chain it ran on; nothing was deleted",
                     vm.name

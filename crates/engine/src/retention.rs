@@ -26,7 +26,7 @@ impl Engine {
         if !doomed.is_empty() {
             let points = self.store().restore_points(replica_id, true)?;
             dr::fix_headers(host, &points)?;
-            dr::remove_orphans(host, dir, &points)?;
+            dr::remove_orphans(host, dir, &points, self.next_seq(replica_id)?)?;
         }
         Ok(doomed.len())
     }
@@ -49,7 +49,12 @@ impl Engine {
         if interrupted || !pending.is_empty() {
             dr::fix_headers(host, &points)?;
         }
-        dr::remove_orphans(host, dir, &points)
+        dr::remove_orphans(host, dir, &points, self.next_seq(replica_id)?)
+    }
+
+    fn next_seq(&self, replica_id: i64) -> Result<i64> {
+        let replica = self.store().replica(replica_id)?;
+        Ok(replica.ok_or_else(|| EngineError::Invalid(format!("replica {replica_id} vanished")))?.next_seq)
     }
 
     fn drop_oldest(&self, host: &dyn Host, replica_id: i64, id: i64) -> Result<()> {

@@ -12,8 +12,6 @@ use crate::{EngineError, NoProgress, Result};
 pub(crate) struct Side<'a> {
     pub host: &'a dyn Host,
     pub chain: Chain,
-    /// A VM's own image, opened by its header; DR chains never are.
-    pub open_by_header: bool,
 }
 
 /// Bytes in which `a` and `b` differ (0: identical). `id` names the NBD servers, so that
@@ -25,7 +23,6 @@ pub(crate) fn differing_bytes(id: &str, a: Side<'_>, b: Side<'_>) -> Result<u64>
             chain: side.chain.clone(),
             writable: false,
             bitmap: None,
-            open_by_header: side.open_by_header,
             direct: true,
         })
     };

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::json;
-use standby_host::{Host, HostError, VmLaunch, VmRuntime};
+use standby_host::{Format, Host, HostError, VmLaunch, VmRuntime};
 use standby_model::VmName;
 use standby_store::{DiskRecord, NewVm, VmRecord};
 
@@ -17,6 +17,8 @@ pub struct VmSpec {
     pub name: String,
     pub host: String,
     pub disks: Vec<String>,
+    /// One format per disk, in order (`qcow2` or `raw`); empty to probe each disk once.
+    pub formats: Vec<String>,
     pub memory_mib: u32,
     pub cpus: u32,
     pub nics: Vec<String>,
@@ -77,9 +79,23 @@ impl Engine {
                 }
             }
         }
+        if !spec.formats.is_empty() && spec.formats.len() != spec.disks.len() {
+            return Err(EngineError::Invalid(format!(
+                "{} --format for {} --disk; give one format per disk, in order, or none to probe them",
+                spec.formats.len(),
+                spec.disks.len()
+            )));
+        }
+        let formats = spec
+            .formats
+            .iter()
+            .map(|f| {
+                Format::parse(f).ok_or_else(|| EngineError::Invalid(format!("--format {f:?} is neither qcow2 nor raw")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut disks = Vec::new();
-        for path in &spec.disks {
-            disks.push(self.check_disk(host.as_ref(), path, &disks)?);
+        for (i, path) in spec.disks.iter().enumerate() {
+            disks.push(self.check_disk(host.as_ref(), path, formats.get(i).copied(), &disks)?);
         }
         self.store().insert_vm(&NewVm {
             name: spec.name.clone(),
@@ -98,10 +114,22 @@ impl Engine {
         self.vm_show(&spec.name)
     }
 
-    fn check_disk(&self, host: &dyn Host, path: &str, so_far: &[DiskRecord]) -> Result<DiskRecord> {
+    /// Checks a disk an operator registers. Its format is the one stated, or probed here
+    /// once and stored: every later open states it, so a raw disk whose guest writes a
+    /// qcow2 header is never read as qcow2.
+    fn check_disk(
+        &self,
+        host: &dyn Host,
+        path: &str,
+        stated: Option<Format>,
+        so_far: &[DiskRecord],
+    ) -> Result<DiskRecord> {
         let bad = |reason: String| EngineError::BadDisk { path: path.into(), reason };
         if !path.starts_with('/') {
             return Err(bad("give an absolute path".into()));
+        }
+        if path.chars().any(char::is_control) {
+            return Err(bad("the path holds a control character; rename the file".into()));
         }
         if !host.file_exists(path)? {
             return Err(bad(format!("no such file on host {}; create it first (qemu-img create)", host.name())));
@@ -112,7 +140,17 @@ impl Engine {
         if let Some(other) = self.store().vms_using_disk(path)?.first() {
             return Err(bad(format!("already a disk of VM {other}")));
         }
-        let info = host.image_info(path, false).map_err(|e| bad(format!("not a usable disk image: {}", chain(&e))))?;
+        let info = match stated {
+            Some(format) => host.image_info(path, format, false),
+            None => host.image_probe(path),
+        }
+        .map_err(|e| bad(format!("not a usable disk image: {}", chain(&e))))?;
+        if let Some(backing) = &info.backing_filename {
+            return Err(bad(format!(
+                "it has a backing file ({backing}); standby protects standalone disks only: flatten it first \
+                 (qemu-img convert -O qcow2 {path} NEW.qcow2, then register NEW.qcow2)"
+            )));
+        }
         Ok(DiskRecord { path: path.into(), format: info.format.as_str().into() })
     }
 
@@ -287,6 +325,15 @@ impl Engine {
     }
 }
 
+/// The format stored for a disk. An unknown value is a damaged row, never a guess: opening
+/// a qcow2 image as raw would hand its metadata to the guest.
+pub(crate) fn disk_format(d: &DiskRecord) -> Result<Format> {
+    Format::parse(&d.format).ok_or_else(|| EngineError::BadDisk {
+        path: d.path.clone(),
+        reason: format!("the database records its format as {:?}, which is neither qcow2 nor raw", d.format),
+    })
+}
+
 /// `quit` lets QEMU flush and write its persistent bitmaps; SIGKILL only if it hangs.
 /// A VM is off only when its process is gone: callers delete definitions and overlays
 /// after this returns, so anything else is an error naming the process.
@@ -356,6 +403,15 @@ mod tests {
         fn ensure_dir(&self, _: &str) -> standby_host::Result<()> {
             unreachable!()
         }
+        fn canonical_dir(&self, _: &str) -> standby_host::Result<String> {
+            unreachable!()
+        }
+        fn create_file_new(&self, _: &str, _: &str) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+        fn read_small_file(&self, _: &str) -> standby_host::Result<Option<String>> {
+            unreachable!()
+        }
         fn list_dir(&self, _: &str) -> standby_host::Result<Vec<String>> {
             unreachable!()
         }
@@ -368,7 +424,10 @@ mod tests {
         fn sync_file(&self, _: &str) -> standby_host::Result<()> {
             unreachable!()
         }
-        fn image_info(&self, _: &str, _: bool) -> standby_host::Result<ImageInfo> {
+        fn image_info(&self, _: &str, _: Format, _: bool) -> standby_host::Result<ImageInfo> {
+            unreachable!()
+        }
+        fn image_probe(&self, _: &str) -> standby_host::Result<ImageInfo> {
             unreachable!()
         }
         fn image_create(&self, _: &str, _: u64, _: Option<(&str, Format)>) -> standby_host::Result<()> {
@@ -389,7 +448,7 @@ mod tests {
         fn image_flatten(&self, _: &Chain) -> standby_host::Result<()> {
             unreachable!()
         }
-        fn image_compare(&self, _: &str, _: &str) -> standby_host::Result<bool> {
+        fn image_compare(&self, _: &Chain, _: &Chain) -> standby_host::Result<bool> {
             unreachable!()
         }
         fn vm_start(&self, _: &VmLaunch) -> standby_host::Result<()> {

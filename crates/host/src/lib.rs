@@ -16,6 +16,14 @@ pub use standby_qemu::QemuError;
 
 pub use local::LocalHost;
 
+/// Makes every file and socket this process and the programs it starts create (QEMU, its
+/// QMP sockets and overlays, `qemu-img` layers, `qemu-nbd` sockets) owner-only. Restore
+/// points hold whole disks and the monitors control VMs: nobody else may read or reach
+/// them, whatever umask the operator's shell had. Process-wide, so call it first.
+pub fn restrict_new_file_modes() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error(transparent)]
@@ -93,7 +101,6 @@ pub struct ServeSpec {
     pub chain: Chain,
     pub writable: bool,
     pub bitmap: Option<String>,
-    pub open_by_header: bool,
     /// Read and write past the page cache: for whole-disk comparisons, which would
     /// otherwise evict the host's working set and pay one more copy per byte.
     pub direct: bool,
@@ -105,14 +112,26 @@ pub trait Host: Debug + Send + Sync {
     // ---- files and images ----
     /// Creates `dir` if needed and proves it writable.
     fn ensure_dir(&self, dir: &str) -> Result<()>;
+    /// `dir` (which must exist) as this host names it with every symlink, `.`, `..` and
+    /// repeated `/` resolved: one directory, one spelling.
+    fn canonical_dir(&self, dir: &str) -> Result<String>;
+    /// Creates `path` (owner-only) holding `content`; Ok(false), changing nothing, when it
+    /// exists already. How a directory is claimed, atomically.
+    fn create_file_new(&self, path: &str, content: &str) -> Result<bool>;
+    /// A small text file's content (at most 64 KiB), None when it does not exist.
+    fn read_small_file(&self, path: &str) -> Result<Option<String>>;
     fn list_dir(&self, dir: &str) -> Result<Vec<String>>;
     fn file_exists(&self, path: &str) -> Result<bool>;
     /// Removes a file; a missing file is not an error.
     fn remove_file(&self, path: &str) -> Result<()>;
     /// Makes a file's data and its directory entry durable.
     fn sync_file(&self, path: &str) -> Result<()>;
-    /// Reads an image's header. `shared` reads one a running VM holds.
-    fn image_info(&self, path: &str, shared: bool) -> Result<ImageInfo>;
+    /// Reads an image's header as the format standby knows it has. `shared` reads one a
+    /// running VM holds. No backing file is opened.
+    fn image_info(&self, path: &str, format: Format, shared: bool) -> Result<ImageInfo>;
+    /// Reads the header of an image whose format nobody stated, guessing it from the
+    /// contents: once, when an operator registers a disk; never afterwards.
+    fn image_probe(&self, path: &str) -> Result<ImageInfo>;
     /// Creates a qcow2 image, over `backing` (its path and format) if given.
     fn image_create(&self, path: &str, size: u64, backing: Option<(&str, Format)>) -> Result<()>;
     /// The ranges a qcow2 layer itself holds, from its metadata (its backing cut off).
@@ -122,8 +141,8 @@ pub trait Host: Debug + Send + Sync {
     fn image_set_backing_name(&self, path: &str, backing: Option<&str>) -> Result<()>;
     /// Makes the chain's top layer standalone (its lower layers' data copied into it).
     fn image_flatten(&self, chain: &Chain) -> Result<()>;
-    /// Whether two images (file or `json:` names) read the same.
-    fn image_compare(&self, a: &str, b: &str) -> Result<bool>;
+    /// Whether two chains read the same.
+    fn image_compare(&self, a: &Chain, b: &Chain) -> Result<bool>;
 
     // ---- VMs ----
     fn vm_start(&self, vm: &VmLaunch) -> Result<()>;

@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use standby_qemu::machine::{Machine, MachineDisk, QEMU_SYSTEM};
+use standby_qemu::machine::{opt_value, Machine, MachineDisk, QEMU_SYSTEM};
 use standby_qemu::nbd_server::{NbdServe, QEMU_NBD};
 use standby_qemu::qmp::Qmp;
 use standby_qemu::{img, QemuError};
@@ -65,6 +66,12 @@ impl LocalHost {
 
     fn vm_dir(&self, vm: &str) -> PathBuf {
         self.root.join("vms").join(vm)
+    }
+
+    /// What a VM's QEMU command line holds and no other process's does: its monitor path,
+    /// as written in its option string.
+    fn vm_marker(&self, vm: &str) -> String {
+        opt_value(&self.vm_file(vm, "qmp.sock"))
     }
 
     fn vm_file(&self, vm: &str, file: &str) -> String {
@@ -153,6 +160,44 @@ impl Host for LocalHost {
         Ok(())
     }
 
+    fn canonical_dir(&self, dir: &str) -> Result<String> {
+        let path = Path::new(dir);
+        let canonical = fs::canonicalize(path).map_err(io_err("cannot resolve", path))?;
+        if !canonical.is_dir() {
+            return Err(HostError::Invalid(format!("{dir} is not a directory")));
+        }
+        canonical
+            .to_str()
+            .map(str::to_owned)
+            .ok_or_else(|| HostError::Invalid(format!("{} is not valid UTF-8", canonical.display())))
+    }
+
+    fn create_file_new(&self, path: &str, content: &str) -> Result<bool> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = Path::new(path);
+        let mut f = match fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(io_err("cannot create", p)(e)),
+        };
+        f.write_all(content.as_bytes()).and_then(|()| f.sync_all()).map_err(io_err("cannot write", p))?;
+        self.sync_file(path)?;
+        Ok(true)
+    }
+
+    fn read_small_file(&self, path: &str) -> Result<Option<String>> {
+        let p = Path::new(path);
+        let f = match fs::File::open(p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("cannot open", p)(e)),
+        };
+        let mut text = String::new();
+        f.take(64 << 10).read_to_string(&mut text).map_err(io_err("cannot read", p))?;
+        Ok(Some(text))
+    }
+
     fn list_dir(&self, dir: &str) -> Result<Vec<String>> {
         let path = Path::new(dir);
         let entries = match fs::read_dir(path) {
@@ -189,12 +234,19 @@ impl Host for LocalHost {
         Ok(())
     }
 
-    fn image_info(&self, path: &str, shared: bool) -> Result<ImageInfo> {
-        Ok(img::info(path, shared)?)
+    fn image_info(&self, path: &str, format: Format, shared: bool) -> Result<ImageInfo> {
+        Ok(img::info(path, format, shared)?)
+    }
+
+    fn image_probe(&self, path: &str) -> Result<ImageInfo> {
+        Ok(img::probe(path)?)
     }
 
     fn image_create(&self, path: &str, size: u64, backing: Option<(&str, Format)>) -> Result<()> {
-        Ok(img::create_qcow2(path, size, backing)?)
+        img::create_qcow2(path, size, backing)?;
+        // Explicitly too, not only through the umask: a layer holds a disk's data.
+        let p = Path::new(path);
+        fs::set_permissions(p, fs::Permissions::from_mode(0o600)).map_err(io_err("cannot restrict", p))
     }
 
     fn image_allocated(&self, path: &str) -> Result<Vec<(u64, u64)>> {
@@ -217,7 +269,7 @@ impl Host for LocalHost {
         Ok(img::flatten(chain)?)
     }
 
-    fn image_compare(&self, a: &str, b: &str) -> Result<bool> {
+    fn image_compare(&self, a: &Chain, b: &Chain) -> Result<bool> {
         Ok(img::compare(a, b)?)
     }
 
@@ -254,6 +306,14 @@ impl Host for LocalHost {
                 detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
+        // A daemonized QEMU sets its own umask (027): its monitors and console log would
+        // be group-readable. The monitors control the VM, the log shows its console.
+        for file in ["qmp.sock", "qmp-status.sock", "console.log", "qemu.pid"] {
+            let p = dir.join(file);
+            if p.exists() {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(io_err("cannot restrict", &p))?;
+            }
+        }
         match self.vm_runtime(&vm.name)? {
             VmRuntime::Running { .. } => Ok(()),
             VmRuntime::Stopped => Err(HostError::StartFailed {
@@ -264,7 +324,7 @@ impl Host for LocalHost {
     }
 
     fn vm_runtime(&self, vm: &str) -> Result<VmRuntime> {
-        let marker = self.vm_file(vm, "qmp.sock");
+        let marker = self.vm_marker(vm);
         Ok(match Self::live_pid(&self.vm_dir(vm).join("qemu.pid"), &marker) {
             Some(pid) => VmRuntime::Running { pid },
             None => VmRuntime::Stopped,
@@ -289,7 +349,7 @@ impl Host for LocalHost {
 
     fn vm_kill(&self, vm: &str) -> Result<()> {
         let pidfile = self.vm_dir(vm).join("qemu.pid");
-        let marker = self.vm_file(vm, "qmp.sock");
+        let marker = self.vm_marker(vm);
         if let Some(pid) = Self::live_pid(&pidfile, &marker) {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             if !Self::wait_gone(&pidfile, &marker, Duration::from_secs(10)) {
@@ -353,7 +413,6 @@ impl Host for LocalHost {
                 export_name: &spec.id,
                 writable: spec.writable,
                 bitmap: spec.bitmap.as_deref(),
-                open_by_header: spec.open_by_header,
                 direct,
             }
             .args();

@@ -27,14 +27,24 @@ fn parse_err(detail: impl Into<String>) -> QemuError {
     QemuError::Parse { program: QEMU_IMG.into(), detail: detail.into() }
 }
 
-/// Reads an image's header without opening any backing file. `force_share` reads images
-/// that a running QEMU holds.
-pub fn info(path: &str, force_share: bool) -> Result<ImageInfo> {
-    let mut args = vec!["info".into(), "--output=json".into()];
+/// Reads an image's header as `format`, without opening any backing file (`qemu-img
+/// info` never does without `--backing-chain`). `force_share` reads images that a running
+/// QEMU holds.
+pub fn info(path: &str, format: Format, force_share: bool) -> Result<ImageInfo> {
+    let mut args = vec!["info".into(), "--output=json".into(), "-f".into(), format.as_str().into()];
     if force_share {
         args.push("-U".into());
     }
     args.push(path.into());
+    let out = run(QEMU_IMG, &args)?;
+    parse_info(&out.stdout)
+}
+
+/// Reads an image's header, guessing its format from its contents: only for a disk an
+/// operator registers without stating its format, once; the answer is stored and shown,
+/// and every later open states it.
+pub fn probe(path: &str) -> Result<ImageInfo> {
+    let args = vec!["info".into(), "--output=json".into(), path.into()];
     let out = run(QEMU_IMG, &args)?;
     parse_info(&out.stdout)
 }
@@ -69,10 +79,13 @@ pub fn parse_info(stdout: &[u8]) -> Result<ImageInfo> {
 
 /// Creates a qcow2 image. With `backing`, the header records that absolute path so that
 /// operators' `qemu-img` finds the chain; standby itself always opens chains explicitly.
+/// `-u`: the backing is named, never opened (without it `qemu-img` opens the whole chain
+/// the backing's own header names, which may be anything a guest or a hostile image put
+/// there: a FIFO that hangs, an `nbd:` URL that connects out).
 pub fn create_qcow2(path: &str, size: u64, backing: Option<(&str, Format)>) -> Result<()> {
     let mut args = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
     if let Some((b, format)) = backing {
-        args.extend(["-b".into(), b.into(), "-F".into(), format.as_str().into()]);
+        args.extend(["-u".into(), "-b".into(), b.into(), "-F".into(), format.as_str().into()]);
     }
     args.extend([path.into(), size.to_string()]);
     run(QEMU_IMG, &args).map(drop)
@@ -154,11 +167,12 @@ pub fn parse_map(stdout: &[u8]) -> Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// Byte-compares two images' guest-visible content (file or `json:` names, opened with
-/// shared locks so a paused VM's images can be read); Ok(true) when identical.
-pub fn compare(a: &str, b: &str) -> Result<bool> {
+/// Byte-compares two chains' guest-visible content (opened with shared locks so a paused
+/// VM's images can be read); Ok(true) when identical.
+pub fn compare(a: &Chain, b: &Chain) -> Result<bool> {
+    let (a, b) = (a.filename(), b.filename());
     let out = std::process::Command::new(QEMU_IMG)
-        .args(["compare", "-q", "-U", a, b])
+        .args(["compare", "-q", "-U", &a, &b])
         .output()
         .map_err(|source| QemuError::Spawn { program: QEMU_IMG.into(), source })?;
     match out.status.code() {

@@ -60,30 +60,32 @@ impl Machine {
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&["-name", &self.name, "-nodefaults", "-display", "none", "-no-user-config"]);
+        push(&[
+            "-name",
+            &format!("guest={}", opt_value(&self.name)),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-user-config",
+        ]);
         push(&["-accel", self.accel.as_str()]);
         push(&["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()]);
-        push(&["-chardev", &format!("file,id=console,path={},append=on", self.console_log)]);
+        push(&["-chardev", &format!("file,id=console,path={},append=on", opt_value(&self.console_log))]);
         push(&["-serial", "chardev:console"]);
-        push(&["-qmp", &format!("unix:{},server=on,wait=off", self.qmp_socket)]);
-        push(&["-qmp", &format!("unix:{},server=on,wait=off", self.qmp_status_socket)]);
+        for (id, socket) in [("qmp", &self.qmp_socket), ("qmp-status", &self.qmp_status_socket)] {
+            push(&["-chardev", &format!("socket,id={id},path={},server=on,wait=off", opt_value(socket))]);
+            push(&["-mon", &format!("chardev={id},mode=control")]);
+        }
         push(&["-daemonize", "-pidfile", &self.pidfile]);
         for (i, d) in self.disks.iter().enumerate() {
-            match &d.source {
-                DiskSource::Image { path, format } => {
-                    let file_node = format!("{}-file", d.node);
-                    push(&[
-                        "-blockdev",
-                        &format!("driver=file,filename={path},node-name={file_node},cache.direct=off"),
-                    ]);
-                    push(&["-blockdev", &format!("driver={},file={file_node},node-name={}", format.as_str(), d.node)]);
-                }
-                DiskSource::Chain(chain) => {
-                    let mut spec = chain.to_json();
-                    spec["node-name"] = serde_json::Value::String(d.node.clone());
-                    push(&["-blockdev", &spec.to_string()]);
-                }
-            }
+            // JSON, so that no path is parsed as options, and with the backing stated: QEMU
+            // never opens an image named in a disk's header, nor probes a format.
+            let mut spec = match &d.source {
+                DiskSource::Image { path, format } => Chain::single(path, *format).to_json(),
+                DiskSource::Chain(chain) => chain.to_json(),
+            };
+            spec["node-name"] = serde_json::Value::String(d.node.clone());
+            push(&["-blockdev", &spec.to_string()]);
             push(&["-device", &format!("virtio-blk-pci,drive={},id=vd{i}", d.node)]);
         }
         for (i, model) in self.nics.iter().enumerate() {
@@ -102,6 +104,11 @@ impl Machine {
         push(&["-no-reboot"]);
         a
     }
+}
+
+/// A value inside a QEMU option string (`key=value,...`), where a comma is written twice.
+pub fn opt_value(v: &str) -> String {
+    v.replace(',', ",,")
 }
 
 #[cfg(test)]
@@ -135,9 +142,39 @@ mod tests {
             pidfile: "/r/qemu.pid".into(),
         };
         let args = m.args().join(" ");
-        assert!(args.contains("driver=qcow2,file=disk0-file,node-name=disk0"));
+        assert!(args.contains(r#""node-name":"disk0""#), "{args}");
         assert!(args.contains("-daemonize -pidfile /r/qemu.pid"));
         assert!(args.contains(r#""node-name":"disk1""#), "{args}");
-        assert!(args.contains(r#""backing":null"#), "{args}");
+        assert_eq!(args.matches(r#""backing":null"#).count(), 2, "{args}");
+    }
+
+    /// A comma in a path would end the option value and start a new option.
+    #[test]
+    fn paths_with_commas_are_escaped_or_json() {
+        let m = Machine {
+            name: "web".into(),
+            cpus: 1,
+            memory_mib: 128,
+            disks: vec![MachineDisk {
+                source: DiskSource::Image { path: "/d/a,file.locking=off.qcow2".into(), format: Format::Raw },
+                node: "disk0".into(),
+            }],
+            nics: vec![],
+            kernel: None,
+            initrd: None,
+            append: None,
+            accel: Accel::Tcg,
+            qmp_socket: "/r,x/qmp.sock".into(),
+            qmp_status_socket: "/r,x/qmp-status.sock".into(),
+            console_log: "/r,x/console.log".into(),
+            pidfile: "/r,x/qemu.pid".into(),
+        };
+        let args = m.args();
+        assert!(args.contains(&"file,id=console,path=/r,,x/console.log,append=on".to_string()), "{args:?}");
+        assert!(args.contains(&"socket,id=qmp,path=/r,,x/qmp.sock,server=on,wait=off".to_string()), "{args:?}");
+        let disk: serde_json::Value =
+            serde_json::from_str(&args[args.iter().position(|a| a == "-blockdev").unwrap() + 1]).unwrap();
+        assert_eq!(disk["file"]["filename"], "/d/a,file.locking=off.qcow2");
+        assert_eq!(disk["driver"], "raw");
     }
 }

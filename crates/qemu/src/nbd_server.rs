@@ -13,9 +13,6 @@ pub struct NbdServe<'a> {
     pub writable: bool,
     /// A disabled dirty bitmap of the top layer to publish as `qemu:dirty-bitmap:NAME`.
     pub bitmap: Option<&'a str>,
-    /// Open a single image by its own header (a source disk, which may have a backing
-    /// file of its owner's). DR chains are always opened from their explicit description.
-    pub open_by_header: bool,
     /// Bypass the page cache (O_DIRECT, native AIO): a whole-disk comparison then costs
     /// the kernel one copy less per byte, which is what makes it CPU-bound. Linux writes
     /// back any dirty cached pages of a range before a direct read of it, so a file last
@@ -49,13 +46,9 @@ impl NbdServe<'_> {
         if let Some(b) = self.bitmap {
             a.push(format!("--bitmap={b}"));
         }
-        match self.chain.layers.as_slice() {
-            [only] if self.open_by_header => {
-                a.push(format!("--format={}", only.format.as_str()));
-                a.push(only.path.clone());
-            }
-            _ => a.push(self.chain.filename()),
-        }
+        // Always the explicit description, a source disk too: the server never opens an
+        // image named in another image's header, nor probes a format.
+        a.push(self.chain.filename());
         a
     }
 }

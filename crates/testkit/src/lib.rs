@@ -79,6 +79,31 @@ impl Env {
         Run::from(self.command(args).output().expect("run standby"))
     }
 
+    /// Runs, and fails the test if the command has not ended within `limit` (it is
+    /// killed then): hostile input may make a command fail, never hang.
+    pub fn run_within(&self, limit: Duration, args: &[&str]) -> Run {
+        use std::io::Read;
+        let mut child = self
+            .command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run standby");
+        let start = Instant::now();
+        while child.try_wait().expect("wait").is_none() {
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("standby {args:?} hung: still running after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (mut out, mut err) = (String::new(), String::new());
+        child.stdout.take().expect("stdout").read_to_string(&mut out).expect("stdout");
+        child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
+        Run { code: child.wait().expect("wait").code(), stdout: out, stderr: err }
+    }
+
     /// Runs with fail point `fp` armed and insists the process was killed there.
     pub fn run_killed_at(&self, fp: &str, args: &[&str]) -> Run {
         let r = Run::from(self.command(args).env("STANDBY_FAILPOINT", fp).output().expect("run standby"));

@@ -47,7 +47,7 @@ impl Engine {
         if let Some(rvm) = rvm {
             self.store().delete_vm(&rvm.name)?;
         }
-        remove_overlays(dr_host.as_ref(), &replica.dir)?;
+        self.remove_overlays(dr_host.as_ref(), replica)?;
         self.store().delete_failback(replica.id)?;
         let done = ReplicaState::CommittingFailback.apply(Transition::CommitDone)?;
         self.store().set_replica_op(replica.id, done.as_str(), None, None)?;
@@ -110,7 +110,7 @@ impl Engine {
             )?;
             dr_host.sync_file(&layer)?;
             moved.add(&stats);
-            let bitmap = (format_of(&rec.disks[i]) == Format::Qcow2).then(|| source::bitmap_name(replica.id, seq));
+            let bitmap = (format_of(&rec.disks[i])? == Format::Qcow2).then(|| source::bitmap_name(replica.id, seq));
             layers.push(RpDiskRecord {
                 idx: i as u32,
                 layer,

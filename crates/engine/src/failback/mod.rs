@@ -36,7 +36,7 @@ use standby_host::{BitmapOp, Chain, Format};
 use standby_model::{FailbackTarget, ReplicaState, SwitchMode, Transition};
 use standby_store::{DiskRecord, NewRestorePoint, NewVm, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
 
-use crate::failover::{overlay_chain, overlay_gen, overlay_path, remove_overlays, replica_vm_name, OpOutcome};
+use crate::failover::{overlay_chain, overlay_gen, overlay_path, replica_vm_name, OpOutcome};
 use crate::lock::VmLock;
 use crate::replication::{dr, source};
 use crate::task::TaskProgress;
@@ -147,8 +147,8 @@ fn as_new_vm(vm: &VmRecord) -> NewVm {
     }
 }
 
-fn format_of(d: &DiskRecord) -> Format {
-    Format::parse(&d.format).unwrap_or(Format::Raw)
+fn format_of(d: &DiskRecord) -> Result<Format> {
+    crate::vm::disk_format(d)
 }
 
 fn now_secs() -> u64 {

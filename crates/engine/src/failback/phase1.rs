@@ -158,7 +158,7 @@ impl Engine {
         let h = self.host(&host)?;
         if !created {
             for (i, (d, size)) in disks.iter().zip(&sizes).enumerate() {
-                let info = h.image_info(&d.path, true)?;
+                let info = h.image_info(&d.path, format_of(d)?, true)?;
                 if info.virtual_size != *size {
                     return Err(EngineError::Invalid(format!(
                         "disk {i} of {} ({}) is {} bytes and the replica's is {size}; they must be the same size",
@@ -227,7 +227,7 @@ impl Engine {
             if rec.created_disks {
                 tgt.image_create(&d.path, size, None)?;
             }
-            tgt.image_create(w, size, Some((&d.path, format_of(d))))?;
+            tgt.image_create(w, size, Some((&d.path, format_of(d)?)))?;
         }
         failpoint::hit("failback.after-working");
 
@@ -253,7 +253,7 @@ impl Engine {
             let stats = sync::copy(
                 &format!("{}d{i}", nbd_prefix(replica.id)),
                 End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &frozen[i])? },
-                End { host: tgt.as_ref(), chain: self.working_chain(&rec, i) },
+                End { host: tgt.as_ref(), chain: self.working_chain(&rec, i)? },
                 diff,
                 progress,
                 name,
@@ -269,9 +269,9 @@ impl Engine {
     }
 
     /// Disk `i` of the target with its working layer on top.
-    pub(super) fn working_chain(&self, rec: &FailbackRecord, i: usize) -> Chain {
+    pub(super) fn working_chain(&self, rec: &FailbackRecord, i: usize) -> Result<Chain> {
         let d = &rec.disks[i];
-        Chain::single(&d.path, format_of(d)).with_top(&rec.working[i])
+        Ok(Chain::single(&d.path, format_of(d)?).with_top(&rec.working[i]))
     }
 
     /// The protective point: freezes the replica's top overlays (a QMP snapshot of every
@@ -286,6 +286,11 @@ impl Engine {
             dr_host.remove_file(n)?;
         }
         if self.vm_is_running(&rd.vm)? {
+            // Created here, not by QEMU: a daemonized QEMU creates files group-readable,
+            // and an overlay holds the guest's writes. `existing` opens them as given.
+            for (i, (top, n)) in frozen.iter().zip(&next).enumerate() {
+                dr_host.image_create(n, rd.point.disks[i].size, Some((top, Format::Qcow2)))?;
+            }
             let mut qmp = dr_host.vm_qmp(&rd.vm.name)?;
             let nodes = top_nodes(qmp.as_mut(), frozen.len())?;
             let actions: Vec<_> = nodes
@@ -296,7 +301,7 @@ impl Engine {
                     json!({"type": "blockdev-snapshot-sync", "data": {
                         "node-name": node, "snapshot-file": file,
                         "snapshot-node-name": format!("{}-g{}", standby_host::disk_node(i), overlay_gen(file)),
-                        "format": "qcow2", "mode": "absolute-paths"}})
+                        "format": "qcow2", "mode": "existing"}})
                 })
                 .collect();
             qmp.execute("transaction", json!({ "actions": actions }))?;
@@ -389,7 +394,7 @@ impl Engine {
         let mut out = Vec::new();
         for (i, d) in rec.disks.iter().enumerate() {
             let size = rd.point.disks[i].size;
-            if format_of(d) != Format::Qcow2 {
+            if format_of(d)? != Format::Qcow2 {
                 return Ok(Err(format!("disk {i} is raw and has no dirty bitmap")));
             }
             let Some(current) = newest.disks.get(i).and_then(|x| x.bitmap.clone()) else {
@@ -399,7 +404,7 @@ impl Engine {
                 return Ok(Err(format!("disk {i}: bitmap {current} is not standby's")));
             };
             let ours: Vec<_> = tgt
-                .image_info(&d.path, false)?
+                .image_info(&d.path, Format::Qcow2, false)?
                 .bitmaps
                 .into_iter()
                 .filter(|b| source::bitmap_seq(replica.id, &b.name).is_some_and(|s| s >= cur_seq))

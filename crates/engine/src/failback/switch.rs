@@ -118,7 +118,7 @@ impl Engine {
                 let stats = sync::copy(
                     &format!("{}d{i}", nbd_prefix(replica.id)),
                     End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &top.path)? },
-                    End { host: tgt.as_ref(), chain: self.working_chain(&rec, i) },
+                    End { host: tgt.as_ref(), chain: self.working_chain(&rec, i)? },
                     &Difference::Ranges { known: Vec::new(), top_layers: 1 },
                     progress,
                     name,
@@ -135,7 +135,7 @@ impl Engine {
                 continue;
             }
             progress.step(name, &format!("disk {i}: committing into {}", d.path));
-            tgt.image_commit(&self.working_chain(&rec, i))?;
+            tgt.image_commit(&self.working_chain(&rec, i)?)?;
             tgt.sync_file(&d.path)?;
             tgt.remove_file(w)?;
             failpoint::hit("switch.mid-commit");
@@ -145,8 +145,8 @@ impl Engine {
         self.store().set_replica_step(replica.id, "bitmap")?;
         let bitmap = source::bitmap_name(replica.id, seq);
         for d in &rec.disks {
-            if format_of(d) == Format::Qcow2
-                && !tgt.image_info(&d.path, false)?.bitmaps.iter().any(|b| b.name == bitmap)
+            if format_of(d)? == Format::Qcow2
+                && !tgt.image_info(&d.path, Format::Qcow2, false)?.bitmaps.iter().any(|b| b.name == bitmap)
             {
                 tgt.image_bitmap(&d.path, Format::Qcow2, &bitmap, BitmapOp::Add)?;
             }

@@ -50,7 +50,6 @@ pub(crate) fn copy(
             chain: src.chain.clone(),
             writable: false,
             bitmap: None,
-            open_by_header: false,
             direct: *diff == Difference::Digest,
         })?;
         let dst_addr = dst.host.nbd_serve(&ServeSpec {
@@ -58,7 +57,6 @@ pub(crate) fn copy(
             chain: dst.chain.clone(),
             writable: true,
             bitmap: None,
-            open_by_header: false,
             direct: *diff == Difference::Digest,
         })?;
         let connect_src = || src.host.nbd_connect(&src_addr, &src_id, &[BASE_ALLOCATION, ALLOCATION_DEPTH]);
@@ -110,7 +108,6 @@ pub(crate) fn bitmap_ranges(id: &str, host: &dyn Host, path: &str, bitmap: &str)
             chain: Chain::single(path, Format::Qcow2),
             writable: false,
             bitmap: Some(bitmap.into()),
-            open_by_header: true,
             direct: false,
         })?;
         let ctx = transfer::bitmap_context(bitmap);

@@ -44,10 +44,12 @@ impl Engine {
                 let rd = self.replica_disks(replica)?;
                 let bitmap = rec.seq.map(|s| source::bitmap_name(replica.id, s));
                 for (i, d) in rec.disks.iter().enumerate() {
-                    let trusted = match (&bitmap, format_of(d)) {
-                        (Some(b), Format::Qcow2) => {
-                            tgt.image_info(&d.path, false)?.bitmaps.iter().any(|x| x.name == *b && !x.in_use)
-                        }
+                    let trusted = match (&bitmap, format_of(d)?) {
+                        (Some(b), Format::Qcow2) => tgt
+                            .image_info(&d.path, Format::Qcow2, false)?
+                            .bitmaps
+                            .iter()
+                            .any(|x| x.name == *b && !x.in_use),
                         _ => false,
                     };
                     let diff = match (&bitmap, trusted) {
@@ -66,7 +68,7 @@ impl Engine {
                     let stats = sync::copy(
                         &format!("{}d{i}", nbd_prefix(replica.id)),
                         End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &rd.vm.disks[i].path)? },
-                        End { host: tgt.as_ref(), chain: Chain::single(&d.path, format_of(d)) },
+                        End { host: tgt.as_ref(), chain: Chain::single(&d.path, format_of(d)?) },
                         &diff,
                         progress,
                         name,

@@ -11,17 +11,58 @@ pub fn layer_path(dir: &str, seq: i64, idx: usize) -> String {
     format!("{dir}/{seq:06}-d{idx}.qcow2")
 }
 
-fn is_layer_name(name: &str) -> bool {
-    let Some(stem) = name.strip_suffix(".qcow2") else {
-        return false;
-    };
-    let Some((seq, disk)) = stem.split_once("-d") else {
-        return false;
-    };
-    seq.len() == 6
-        && seq.bytes().all(|b| b.is_ascii_digit())
-        && !disk.is_empty()
-        && disk.bytes().all(|b| b.is_ascii_digit())
+/// The sequence in a layer file's name, if it is one `layer_path` makes.
+fn layer_seq(name: &str) -> Option<i64> {
+    let (seq, disk) = name.strip_suffix(".qcow2")?.split_once("-d")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (seq.len() >= 6 && digits(seq) && digits(disk)).then(|| seq.parse().ok()).flatten()
+}
+
+/// The file that makes a replica directory provably one replica's: written when the job
+/// is created (refused if it exists), checked before any run, failover or cleanup writes
+/// or deletes anything there.
+pub const OWNER_MARKER: &str = ".standby-replica";
+
+/// Who a replica directory belongs to: one replica (job and VM) of one standby data
+/// directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub data_dir: String,
+    pub job: String,
+    pub vm: String,
+}
+
+impl Owner {
+    fn text(&self) -> String {
+        format!("standby replica directory\ndata-dir: {}\njob: {}\nvm: {}\n", self.data_dir, self.job, self.vm)
+    }
+}
+
+/// Claims `dir` (created if needed) for `owner`; refused when anyone claimed it before.
+pub fn claim(host: &dyn Host, dir: &str, owner: &Owner) -> Result<()> {
+    host.ensure_dir(dir)?;
+    let marker = format!("{dir}/{OWNER_MARKER}");
+    if host.create_file_new(&marker, &owner.text())? {
+        return Ok(());
+    }
+    let theirs = host.read_small_file(&marker)?.unwrap_or_default();
+    Err(EngineError::NotOwner { dir: dir.into(), reason: format!("it is claimed already: {}", summary(&theirs)) })
+}
+
+/// Ok only when `dir`'s marker names `owner`.
+pub fn check_owner(host: &dyn Host, dir: &str, owner: &Owner) -> Result<()> {
+    match host.read_small_file(&format!("{dir}/{OWNER_MARKER}"))? {
+        Some(text) if text == owner.text() => Ok(()),
+        Some(text) => {
+            Err(EngineError::NotOwner { dir: dir.into(), reason: format!("its marker names {}", summary(&text)) })
+        }
+        None => Err(EngineError::NotOwner { dir: dir.into(), reason: format!("it has no {OWNER_MARKER} marker") }),
+    }
+}
+
+fn summary(marker: &str) -> String {
+    let field = |k: &str| marker.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("?").trim().to_owned();
+    format!("job {} VM {} of data directory {}", field("job:"), field("vm:"), field("data-dir:"))
 }
 
 /// The chain under `layer`, from the database's parent links, top first. Every restore
@@ -54,7 +95,7 @@ pub fn chain_of(points: &[RestorePointRecord], layer: &str) -> Result<Chain> {
 /// `qemu-img` follows the right chain after retention moved layers.
 pub fn fix_headers(host: &dyn Host, points: &[RestorePointRecord]) -> Result<()> {
     for d in points.iter().flat_map(|p| &p.disks) {
-        let info = host.image_info(&d.layer, true)?;
+        let info = host.image_info(&d.layer, Format::Qcow2, true)?;
         if info.backing_filename != d.parent {
             host.image_set_backing_name(&d.layer, d.parent.as_deref())?;
         }
@@ -63,13 +104,20 @@ pub fn fix_headers(host: &dyn Host, points: &[RestorePointRecord]) -> Result<()>
 }
 
 /// Deletes layer files no restore point uses: leftovers of failed or interrupted runs and
-/// of retention. Returns the files removed.
-pub fn remove_orphans(host: &dyn Host, dir: &str, points: &[RestorePointRecord]) -> Result<Vec<String>> {
+/// of retention. Only names this replica's runs made are candidates: a layer name whose
+/// sequence it has taken (`below_seq` is the next one). Anything else in the directory was
+/// not made by standby and stays. Returns the files removed.
+pub fn remove_orphans(
+    host: &dyn Host,
+    dir: &str,
+    points: &[RestorePointRecord],
+    below_seq: i64,
+) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for name in host.list_dir(dir)? {
         let path = format!("{dir}/{name}");
         let used = points.iter().flat_map(|p| &p.disks).any(|d| d.layer == path);
-        if is_layer_name(&name) && !used {
+        if layer_seq(&name).is_some_and(|s| s < below_seq) && !used {
             host.remove_file(&path)?;
             removed.push(path);
         }
@@ -132,10 +180,12 @@ mod tests {
 
     #[test]
     fn layer_names() {
-        assert!(is_layer_name("000012-d0.qcow2"));
+        assert_eq!(layer_seq("000012-d0.qcow2"), Some(12));
+        assert_eq!(layer_seq(&layer_path("", 1_234_567, 3)[1..]), Some(1_234_567));
         assert_eq!(layer_path("/x", 12, 0), "/x/000012-d0.qcow2");
-        assert!(!is_layer_name("disk.qcow2"));
-        assert!(!is_layer_name("000012-d.qcow2"));
-        assert!(!is_layer_name("notes.txt"));
+        assert_eq!(layer_seq("disk.qcow2"), None);
+        assert_eq!(layer_seq("000012-d.qcow2"), None);
+        assert_eq!(layer_seq("12-d0.qcow2"), None);
+        assert_eq!(layer_seq("notes.txt"), None);
     }
 }

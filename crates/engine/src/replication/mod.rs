@@ -341,7 +341,7 @@ impl Engine {
         let mut access = Access::open(src, &vm.name, running)?;
         source::close_views(&mut access, src, &vm.name, replica.id, vm.disks.len())?;
         dr.nbd_stop_all(&target_prefix(replica.id))?;
-        dr.ensure_dir(&replica.dir)?;
+        self.check_replica_dir(dr, replica)?;
         let interrupted = replica.state == ReplicaState::Replicating.as_str();
         let removed = self.finish_pruning(dr, replica.id, &replica.dir, interrupted)?;
         if interrupted || !removed.is_empty() {
@@ -376,8 +376,9 @@ impl Engine {
         // Disks as they are now, and what each one's previous layer and bitmap are.
         let mut disks = Vec::new();
         for (idx, d) in vm.disks.iter().enumerate() {
-            let info = src.image_info(&d.path, running).map_err(|e| fail("reading the source disks")(e.into()))?;
-            let format = Format::parse(&d.format).unwrap_or(Format::Raw);
+            let format = crate::vm::disk_format(d).map_err(fail("reading the source disks"))?;
+            let info =
+                src.image_info(&d.path, format, running).map_err(|e| fail("reading the source disks")(e.into()))?;
             disks.push(SourceDisk { idx, path: d.path.clone(), format, size: info.virtual_size });
         }
         let prev_disk = |idx: usize| prev.and_then(|p| p.disks.iter().find(|d| d.idx as usize == idx));
@@ -569,14 +570,8 @@ impl Engine {
                 None => Chain::single(&layer, Format::Qcow2),
             };
             let id = format!("{}d{}", target_prefix(replica.id), d.idx);
-            let address = dr.nbd_serve(&ServeSpec {
-                id: id.clone(),
-                chain,
-                writable: true,
-                bitmap: None,
-                open_by_header: false,
-                direct: false,
-            })?;
+            let address =
+                dr.nbd_serve(&ServeSpec { id: id.clone(), chain, writable: true, bitmap: None, direct: false })?;
             let mut contexts = vec![BASE_ALLOCATION.to_owned()];
             if let Some(b) = &view.bitmap {
                 contexts.push(transfer::bitmap_context(b));

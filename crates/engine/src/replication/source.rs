@@ -96,7 +96,7 @@ impl Access {
                     .collect())
             }
             Access::Offline => Ok(host
-                .image_info(&disk.path, false)?
+                .image_info(&disk.path, disk.format, false)?
                 .bitmaps
                 .into_iter()
                 .map(|b| BitmapState { name: b.name, inconsistent: b.in_use, recording: b.enabled })
@@ -278,7 +278,6 @@ pub fn open_views(
                     chain: Chain::single(&d.path, d.format),
                     writable: false,
                     bitmap: bitmap.clone(),
-                    open_by_header: true,
                     direct: false,
                 })?;
                 views.push(View { address, export: id, bitmap });
