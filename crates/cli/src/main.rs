@@ -225,7 +225,8 @@ enum VmCmd {
     },
     Start {
         name: String,
-        /// Start even though the VM's counterpart (source or replica) is running.
+        /// Start even though the VM's counterpart (source or replica) is running, or the VM
+        /// was retired by a permanent failover; recorded in the history.
         #[arg(long)]
         force: bool,
     },

@@ -358,6 +358,32 @@ fn permanent_failover_of_a_running_replica() {
     assert_eq!(replica["restore_points"], 0);
     assert!(layer_files(&env, "app").is_empty(), "restore point layers left: {:?}", layer_files(&env, "app"));
     assert!(env.json(&["job", "list"])[0]["vms"].as_array().unwrap().is_empty(), "app left its job");
+    // The old source is retired: shown so, and refused a start beside its replacement.
+    let app = env.json(&["vm", "show", "app"]);
+    assert_eq!((app["role"].as_str(), app["state"].as_str()), (Some("retired"), Some("stopped")));
+    let err = env.fails(&["vm", "start", "app"]);
+    assert!(err.contains("VM app is retired") && err.contains("app_replica") && err.contains("--force"), "{err}");
+    assert_eq!(env.json(&["vm", "show", "app"])["state"], "stopped");
+    let err = env.fails(&[
+        "job",
+        "create",
+        "again",
+        "--vm",
+        "app",
+        "--target-host",
+        "local",
+        "--target-dir",
+        &env.path("dr2"),
+    ]);
+    assert!(err.contains("retired"), "{err}");
+    env.ok(&["vm", "start", "app", "--force"]);
+    let forced = env.json(&["history", "app"]);
+    assert!(
+        forced.as_array().unwrap().iter().any(|h| h["result"] == "warning"
+            && h["detail"].as_str().unwrap().contains("started with --force although permanent failover retired it")),
+        "{forced}"
+    );
+    env.ok(&["vm", "stop", "app"]);
     let vm = vm_row(&env, "app_replica").unwrap();
     assert_eq!((vm["role"].as_str(), vm["state"].as_str()), (Some("source"), Some("running")), "kept running");
     let overlay = vm["disks"][0]["path"].as_str().unwrap().to_owned();

@@ -116,6 +116,7 @@ fn a_disk_with_a_backing_file_is_refused_with_what_to_do() {
     make_disk(&base, "qcow2", 8, &[(0x1, 0, 1)]);
     let top = env.path("src/top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top]);
+    env.ok(&["vm", "list"]);
     let before = env.snapshot();
     for args in [vec!["--disk", top.as_str()], vec!["--disk", top.as_str(), "--format", "qcow2"]] {
         let mut a = vec!["vm", "create", "t"];

@@ -67,6 +67,12 @@ pub enum EngineError {
          see `standby replica points` and restore the missing layer's record or file"
     )]
     BrokenChain { point: String, problem: String },
+    #[error(
+        "VM {vm} is retired: a permanent failover made {replacement} the VM that carries its identity, and two \
+         writers of one identity split its data. Keep {vm} stopped; if you must start it (the history records it), \
+         pass --force"
+    )]
+    Retired { vm: String, replacement: String },
     #[error("{failed} of {total} VMs of job {job} got no new restore point")]
     JobFailed { job: String, failed: usize, total: usize },
 }

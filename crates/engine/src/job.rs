@@ -79,6 +79,11 @@ impl Engine {
         let mut replicas = Vec::new();
         for vm_name in &spec.vms {
             let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.clone()))?;
+            if vm.role == "retired" {
+                return Err(EngineError::Invalid(format!(
+                    "VM {vm_name} is retired: a permanent failover replaced it; protect the VM that replaced it instead"
+                )));
+            }
             if vm.role == "replica" {
                 return Err(EngineError::Invalid(format!(
                     "VM {vm_name} is a replica in failover; it can be protected after a permanent failover makes it an ordinary VM"

@@ -168,7 +168,11 @@ impl Engine {
             name: vm.name,
             host: vm.host,
             state,
-            role: if vm.role == "replica" { "replica" } else { "source" },
+            role: match vm.role.as_str() {
+                "replica" => "replica",
+                "retired" => "retired",
+                _ => "source",
+            },
             pid,
             cpus: vm.cpus,
             memory_mib: vm.memory_mib,
@@ -208,6 +212,25 @@ impl Engine {
         // Not even with --force: its disks are being written under it.
         if let Some(why) = self.failback_holds(&vm)? {
             return Err(EngineError::Invalid(why));
+        }
+        if vm.role == "retired" {
+            let replacement = self
+                .store()
+                .replicas_of_vm(name)?
+                .iter()
+                .find(|r| r.state == "permanent")
+                .map_or_else(|| "its replica".to_owned(), crate::failover::replica_vm_name);
+            if !force {
+                return Err(EngineError::Retired { vm: name.into(), replacement });
+            }
+            self.record_raw(
+                &lock_name,
+                "vm start",
+                "warning",
+                &format!(
+                    "{name} started with --force although permanent failover retired it; {replacement} replaced it"
+                ),
+            );
         }
         if let Some(other) = self.running_counterpart(&vm)? {
             if !force {

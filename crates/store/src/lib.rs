@@ -389,6 +389,11 @@ impl Store {
     pub fn make_permanent(&mut self, replica_id: i64, vm: &str) -> Result<()> {
         let tx = self.tx()?;
         tx.execute("UPDATE vms SET role = 'source', replica_id = NULL WHERE name = ?1", [vm])?;
+        // The source the replica replaced: one identity, so it must not run beside it.
+        tx.execute(
+            "UPDATE vms SET role = 'retired' WHERE id = (SELECT vm_id FROM replicas WHERE id = ?1)",
+            [replica_id],
+        )?;
         tx.execute(
             "UPDATE replicas SET state = 'permanent', op_step = 'delete-points', failover_point = NULL WHERE id = ?1",
             [replica_id],

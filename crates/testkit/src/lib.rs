@@ -145,24 +145,44 @@ impl Env {
         last["disks"][idx]["path"].as_str().expect("disk path").to_owned()
     }
 
-    /// Everything a "nothing changed" assertion compares: VMs, jobs, replicas and points.
-    /// The history is left out: a refused request is recorded there, as it should be.
+    /// Everything a "nothing changed" assertion compares: every row of every table of the
+    /// database, and every file under this test's directory (the data directory, the
+    /// sources, the whole DR tree) with a checksum of its bytes. Left out: a refusal's
+    /// own history entry and task (result `failed`: a refused request is recorded, as it
+    /// should be), lock files (a lock taken and dropped leaves its empty file), the database's
+    /// files (their rows are compared) and console logs (a running guest writes them).
     pub fn snapshot(&self) -> String {
         let mut s = String::new();
-        for args in [&["vm", "list"][..], &["job", "list"]] {
-            s.push_str(&self.json(args).to_string());
+        let db = self.dir.path().join("data/standby.db");
+        if db.exists() {
+            let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .expect("open the database");
+            let mut tables: Vec<String> = conn
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+                .expect("list tables");
+            tables.sort();
+            for t in tables {
+                let filter = match t.as_str() {
+                    "history" => " WHERE result != 'failed'",
+                    "tasks" => " WHERE status != 'failed'",
+                    _ => "",
+                };
+                let mut q = conn.prepare(&format!("SELECT * FROM \"{t}\"{filter} ORDER BY rowid")).expect("query");
+                let n = q.column_count();
+                let rows: Vec<String> = q
+                    .query_map([], |r| (0..n).map(|i| r.get_ref(i).map(cell)).collect::<Result<Vec<_>, _>>())
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .expect("read rows")
+                    .into_iter()
+                    .map(|r| r.join("|"))
+                    .collect();
+                s.push_str(&format!("table {t}:\n{}\n", rows.join("\n")));
+            }
         }
-        let mut replicas = self.json(&["replica", "list"]);
-        for r in replicas.as_array_mut().into_iter().flatten() {
-            r.as_object_mut().map(|o| o.remove("last_operation"));
-        }
-        s.push_str(&replicas.to_string());
-        for r in self.json(&["replica", "list"]).as_array().cloned().unwrap_or_default() {
-            let vm = r["vm"].as_str().unwrap_or_default().to_owned();
-            s.push_str(
-                &self.json(&["replica", "points", &vm, "--job", r["job"].as_str().unwrap_or_default()]).to_string(),
-            );
-        }
+        let mut files = Vec::new();
+        walk(self.dir.path(), self.dir.path(), &mut files);
+        s.push_str(&files.join("\n"));
         s
     }
 
@@ -223,6 +243,40 @@ impl Drop for Env {
             if let Some(pid) = p.split(':').next() {
                 let _ = Command::new("kill").args(["-9", pid]).status();
             }
+        }
+    }
+}
+
+fn cell(v: rusqlite::types::ValueRef<'_>) -> String {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Null => "NULL".into(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Text(t) => format!("{:?}", String::from_utf8_lossy(t)),
+        ValueRef::Blob(b) => format!("blob of {} bytes", b.len()),
+    }
+}
+
+/// Every entry under `dir`, as `relative path: what it is` (a file's sha256), sorted.
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir).expect("read dir").flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let rel = path.strip_prefix(root).expect("under root").display().to_string();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let kind = e.file_type().expect("file type");
+        if rel.starts_with("data/locks/") || name.starts_with("standby.db") || name == "console.log" {
+            continue;
+        }
+        if kind.is_dir() {
+            out.push(format!("{rel}/"));
+            walk(root, &path, out);
+        } else if kind.is_file() {
+            out.push(format!("{rel}: {}", file_digest(&path.display().to_string())));
+        } else {
+            out.push(format!("{rel}: {kind:?}"));
         }
     }
 }
@@ -304,5 +358,8 @@ pub fn bitmaps(image: &str) -> Vec<String> {
 /// sha256 of an image file's bytes on disk (its exact state, not just its content).
 pub fn file_digest(path: &str) -> String {
     let o = Command::new("sha256sum").arg(path).output().expect("sha256sum");
-    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+    assert!(o.status.success(), "sha256sum {path}: {}", String::from_utf8_lossy(&o.stderr));
+    let digest = String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+    assert_eq!(digest.len(), 64, "sha256sum {path} printed no digest");
+    digest
 }

@@ -117,11 +117,14 @@ impl Engine {
             }
             FailbackTarget::New { host, dir } => {
                 let h = self.host(host)?;
-                h.ensure_dir(dir).map_err(|e| EngineError::TargetDir {
-                    host: host.clone(),
-                    dir: dir.clone(),
-                    reason: vm::chain(&e),
-                })?;
+                // Checked, not created: a refused request creates nothing. Phase 1 creates it.
+                let bad = |reason: String| EngineError::TargetDir { host: host.clone(), dir: dir.clone(), reason };
+                if !dir.starts_with('/') {
+                    return Err(bad("give an absolute path".into()));
+                }
+                if h.file_exists(dir)? {
+                    h.canonical_dir(dir).map_err(|e| bad(vm::chain(&e)))?;
+                }
                 let disks: Vec<DiskRecord> = (0..sizes.len())
                     .map(|i| DiskRecord { path: format!("{dir}/{name}-d{i}.qcow2"), format: "qcow2".into() })
                     .collect();
@@ -225,6 +228,9 @@ impl Engine {
         for (i, (d, w)) in rec.disks.iter().zip(&rec.working).enumerate() {
             let size = rd.point.disks[i].size;
             if rec.created_disks {
+                if let Some((dir, _)) = d.path.rsplit_once('/') {
+                    tgt.ensure_dir(dir)?;
+                }
                 tgt.image_create(&d.path, size, None)?;
             }
             tgt.image_create(w, size, Some((&d.path, format_of(d)?)))?;
