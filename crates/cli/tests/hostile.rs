@@ -7,7 +7,7 @@ use std::os::unix::net::UnixListener;
 use std::process::Command;
 use std::time::Duration;
 
-use standby_testkit::{file_digest, guest, identical, make_disk, qemu_img, qemu_io, read_image, Env};
+use standby_testkit::{file_digest, identical, make_disk, qemu_img, qemu_io, read_image, Env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
 
@@ -134,12 +134,7 @@ fn disk_paths_with_commas_equals_colons_and_spaces_work() {
     let env = Env::new(BIN);
     let disk = env.path("src/a,file.locking=off:b c.qcow2");
     make_disk(&disk, "qcow2", 32, &[(0x42, 0, 2)]);
-    let (kernel, initrd) = guest();
-    let append = "console=ttyS0 quiet panic=-1 standby.workload=idle";
-    env.ok(&[
-        "vm", "create", "c", "--disk", &disk, "--memory", "128", "--kernel", &kernel, "--initrd", &initrd, "--append",
-        append,
-    ]);
+    env.create_guest_vm("c", &disk, 128, "console=ttyS0 quiet panic=-1 standby.workload=idle");
     env.ok(&["vm", "start", "c"]);
     env.wait_console("c", Duration::from_secs(60), "guest boot", |c| c.contains("STANDBY-GUEST up workload=idle"));
     env.ok(&["job", "create", "j", "--vm", "c", "--target-host", "local", "--target-dir", &env.path("dr")]);

@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use standby_testkit::{guest, make_disk, Env};
+use standby_testkit::{make_disk, Env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
 
@@ -16,26 +16,9 @@ fn mode(path: &str) -> u32 {
 #[test]
 fn everything_standby_creates_is_owner_only() {
     let env = Env::new(BIN);
-    let (kernel, initrd) = guest();
     let disk = env.path("src/p.qcow2");
     make_disk(&disk, "qcow2", 16, &[(0x1, 0, 1)]);
-    env.ok(&[
-        "vm",
-        "create",
-        "p",
-        "--disk",
-        &disk,
-        "--format",
-        "qcow2",
-        "--memory",
-        "128",
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--append",
-        "console=ttyS0 quiet panic=-1 standby.workload=idle",
-    ]);
+    env.create_guest_vm("p", &disk, 128, "console=ttyS0 quiet panic=-1 standby.workload=idle");
     env.ok(&["vm", "start", "p"]);
     env.wait_console("p", Duration::from_secs(60), "boot", |c| c.contains("STANDBY-GUEST up"));
     env.ok(&["job", "create", "j", "--vm", "p", "--target-host", "local", "--target-dir", &env.path("dr/site")]);

@@ -61,9 +61,9 @@ pub(crate) fn overlay_chain(point: Chain, dir: &str, idx: usize, top: &str) -> C
     (0..=overlay_gen(top)).fold(point, |chain, g| chain.with_top(&overlay_path(dir, idx, g)))
 }
 
-/// Deletes every failover overlay in a replica directory: the replica's writes are gone.
 impl Engine {
-    /// Deletes the replica's failover overlays, once its directory proved to be its own.
+    /// Deletes every failover overlay in the replica's directory (the replica's writes
+    /// are gone), once the directory proved to be its own.
     pub(crate) fn remove_overlays(&self, dr: &dyn Host, replica: &ReplicaRecord) -> Result<()> {
         self.check_replica_dir(dr, replica)?;
         let dir = &replica.dir;

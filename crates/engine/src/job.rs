@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use serde::Serialize;
+use standby_host::Host;
 use standby_model::{parse_interval, VmName, DEFAULT_RETAIN};
 use standby_store::NewJob;
-
-use standby_host::Host;
 
 use crate::replication::dr;
 use crate::{Engine, EngineError, Result};
@@ -70,13 +69,7 @@ impl Engine {
         if !given.starts_with('/') {
             return Err(target_err("give an absolute path".into()));
         }
-        // Prove the target usable, then name it as the host resolves it: two spellings of
-        // one directory (a symlink, `//`, `..`, a trailing `/`) are one directory.
-        host.ensure_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
-        let dir = host.canonical_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
-        let owned = self.store().replicas()?;
-        let existing = self.store().jobs()?;
-        let mut replicas = Vec::new();
+        let mut vm_ids = Vec::new();
         for vm_name in &spec.vms {
             let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.clone()))?;
             if vm.role == "retired" {
@@ -89,9 +82,20 @@ impl Engine {
                     "VM {vm_name} is a replica in failover; it can be protected after a permanent failover makes it an ordinary VM"
                 )));
             }
-            if replicas.iter().any(|(id, _)| *id == vm.id) {
+            if vm_ids.contains(&vm.id) {
                 return Err(EngineError::Invalid(format!("VM {vm_name} is named twice")));
             }
+            vm_ids.push(vm.id);
+        }
+        // Once the VMs are known good, so that their refusals create nothing: prove the
+        // target usable, then name it as the host resolves it. Two spellings of one
+        // directory (a symlink, `//`, `..`, a trailing `/`) are one directory.
+        host.ensure_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
+        let dir = host.canonical_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
+        let owned = self.store().replicas()?;
+        let existing = self.store().jobs()?;
+        let mut replicas = Vec::new();
+        for (vm_name, &vm_id) in spec.vms.iter().zip(&vm_ids) {
             for other in &existing {
                 if other.vms.contains(vm_name) && other.target_host == spec.target_host && other.target_dir == dir {
                     return Err(EngineError::AlreadyProtected {
@@ -118,7 +122,7 @@ impl Engine {
                     ),
                 });
             }
-            replicas.push((vm.id, rdir));
+            replicas.push((vm_id, rdir));
         }
         for (_, rdir) in &replicas {
             if !host.list_dir(rdir)?.is_empty() {

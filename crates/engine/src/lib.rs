@@ -75,9 +75,7 @@ impl Engine {
         std::fs::create_dir_all(data_dir.join("locks")).map_err(io)?;
         // One spelling of the data directory: it names this installation in the
         // ownership markers of replica directories.
-        let data_dir = &data_dir
-            .canonicalize()
-            .map_err(|source| EngineError::DataDir { path: data_dir.display().to_string(), source })?;
+        let data_dir = &data_dir.canonicalize().map_err(io)?;
         let store = Store::open(&data_dir.join("standby.db"))?;
         for file in ["standby.db", "standby.db-wal", "standby.db-shm"] {
             let path = data_dir.join(file);

@@ -66,8 +66,7 @@ impl Engine {
     fn finish_permanent(&self, replica: &ReplicaRecord) -> Result<usize> {
         let dr_host = self.host(&replica.target_host)?;
         self.check_replica_dir(dr_host.as_ref(), replica)?;
-        let next = self.store().replica(replica.id)?.map_or(replica.next_seq, |r| r.next_seq);
-        let mut removed = dr::remove_orphans(dr_host.as_ref(), &replica.dir, &[], next)?;
+        let mut removed = dr::remove_orphans(dr_host.as_ref(), &replica.dir, &[], self.next_seq(replica.id)?)?;
         // Overlay generations below the flattened top (a failback's protective point
         // left them) are read by nothing now.
         let vm = self.store().vm(&replica_vm_name(replica))?;

@@ -52,7 +52,8 @@ impl Engine {
         dr::remove_orphans(host, dir, &points, self.next_seq(replica_id)?)
     }
 
-    fn next_seq(&self, replica_id: i64) -> Result<i64> {
+    /// The replica's next sequence, read now: every lower one was taken by a run.
+    pub(crate) fn next_seq(&self, replica_id: i64) -> Result<i64> {
         let replica = self.store().replica(replica_id)?;
         Ok(replica.ok_or_else(|| EngineError::Invalid(format!("replica {replica_id} vanished")))?.next_seq)
     }

@@ -110,7 +110,7 @@ impl Engine {
             )?;
             dr_host.sync_file(&layer)?;
             moved.add(&stats);
-            let bitmap = (format_of(&rec.disks[i])? == Format::Qcow2).then(|| source::bitmap_name(replica.id, seq));
+            let bitmap = (disk_format(&rec.disks[i])? == Format::Qcow2).then(|| source::bitmap_name(replica.id, seq));
             layers.push(RpDiskRecord {
                 idx: i as u32,
                 layer,

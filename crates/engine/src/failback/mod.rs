@@ -41,6 +41,7 @@ use crate::lock::VmLock;
 use crate::replication::{dr, source};
 use crate::task::TaskProgress;
 use crate::transfer::{self, Stats};
+use crate::vm::disk_format;
 use crate::{failpoint, vm, Engine, EngineError, Progress, Result};
 use sync::{Difference, End};
 
@@ -145,10 +146,6 @@ fn as_new_vm(vm: &VmRecord) -> NewVm {
         role: vm.role.clone(),
         replica_id: vm.replica_id,
     }
-}
-
-fn format_of(d: &DiskRecord) -> Result<Format> {
-    crate::vm::disk_format(d)
 }
 
 fn now_secs() -> u64 {

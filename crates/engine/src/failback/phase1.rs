@@ -161,7 +161,7 @@ impl Engine {
         let h = self.host(&host)?;
         if !created {
             for (i, (d, size)) in disks.iter().zip(&sizes).enumerate() {
-                let info = h.image_info(&d.path, format_of(d)?, true)?;
+                let info = h.image_info(&d.path, disk_format(d)?, true)?;
                 if info.virtual_size != *size {
                     return Err(EngineError::Invalid(format!(
                         "disk {i} of {} ({}) is {} bytes and the replica's is {size}; they must be the same size",
@@ -233,7 +233,7 @@ impl Engine {
                 }
                 tgt.image_create(&d.path, size, None)?;
             }
-            tgt.image_create(w, size, Some((&d.path, format_of(d)?)))?;
+            tgt.image_create(w, size, Some((&d.path, disk_format(d)?)))?;
         }
         failpoint::hit("failback.after-working");
 
@@ -277,7 +277,7 @@ impl Engine {
     /// Disk `i` of the target with its working layer on top.
     pub(super) fn working_chain(&self, rec: &FailbackRecord, i: usize) -> Result<Chain> {
         let d = &rec.disks[i];
-        Ok(Chain::single(&d.path, format_of(d)?).with_top(&rec.working[i]))
+        Ok(Chain::single(&d.path, disk_format(d)?).with_top(&rec.working[i]))
     }
 
     /// The protective point: freezes the replica's top overlays (a QMP snapshot of every
@@ -291,12 +291,13 @@ impl Engine {
         for n in &next {
             dr_host.remove_file(n)?;
         }
+        // Created by standby for a running replica too, not by QEMU: a daemonized QEMU
+        // creates files group-readable, and an overlay holds the guest's writes. QMP's
+        // `existing` mode then opens them as given.
+        for (i, (top, n)) in frozen.iter().zip(&next).enumerate() {
+            dr_host.image_create(n, rd.point.disks[i].size, Some((top, Format::Qcow2)))?;
+        }
         if self.vm_is_running(&rd.vm)? {
-            // Created here, not by QEMU: a daemonized QEMU creates files group-readable,
-            // and an overlay holds the guest's writes. `existing` opens them as given.
-            for (i, (top, n)) in frozen.iter().zip(&next).enumerate() {
-                dr_host.image_create(n, rd.point.disks[i].size, Some((top, Format::Qcow2)))?;
-            }
             let mut qmp = dr_host.vm_qmp(&rd.vm.name)?;
             let nodes = top_nodes(qmp.as_mut(), frozen.len())?;
             let actions: Vec<_> = nodes
@@ -311,10 +312,6 @@ impl Engine {
                 })
                 .collect();
             qmp.execute("transaction", json!({ "actions": actions }))?;
-        } else {
-            for (i, (top, n)) in frozen.iter().zip(&next).enumerate() {
-                dr_host.image_create(n, rd.point.disks[i].size, Some((top, Format::Qcow2)))?;
-            }
         }
         for (i, n) in next.iter().enumerate() {
             self.store().set_vm_disk(&rd.vm.name, i, &DiskRecord { path: n.clone(), format: "qcow2".into() })?;
@@ -400,7 +397,7 @@ impl Engine {
         let mut out = Vec::new();
         for (i, d) in rec.disks.iter().enumerate() {
             let size = rd.point.disks[i].size;
-            if format_of(d)? != Format::Qcow2 {
+            if disk_format(d)? != Format::Qcow2 {
                 return Ok(Err(format!("disk {i} is raw and has no dirty bitmap")));
             }
             let Some(current) = newest.disks.get(i).and_then(|x| x.bitmap.clone()) else {

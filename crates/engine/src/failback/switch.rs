@@ -145,7 +145,7 @@ impl Engine {
         self.store().set_replica_step(replica.id, "bitmap")?;
         let bitmap = source::bitmap_name(replica.id, seq);
         for d in &rec.disks {
-            if format_of(d)? == Format::Qcow2
+            if disk_format(d)? == Format::Qcow2
                 && !tgt.image_info(&d.path, Format::Qcow2, false)?.bitmaps.iter().any(|b| b.name == bitmap)
             {
                 tgt.image_bitmap(&d.path, Format::Qcow2, &bitmap, BitmapOp::Add)?;

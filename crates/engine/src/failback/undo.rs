@@ -44,7 +44,7 @@ impl Engine {
                 let rd = self.replica_disks(replica)?;
                 let bitmap = rec.seq.map(|s| source::bitmap_name(replica.id, s));
                 for (i, d) in rec.disks.iter().enumerate() {
-                    let trusted = match (&bitmap, format_of(d)?) {
+                    let trusted = match (&bitmap, disk_format(d)?) {
                         (Some(b), Format::Qcow2) => tgt
                             .image_info(&d.path, Format::Qcow2, false)?
                             .bitmaps
@@ -68,7 +68,7 @@ impl Engine {
                     let stats = sync::copy(
                         &format!("{}d{i}", nbd_prefix(replica.id)),
                         End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &rd.vm.disks[i].path)? },
-                        End { host: tgt.as_ref(), chain: Chain::single(&d.path, format_of(d)?) },
+                        End { host: tgt.as_ref(), chain: Chain::single(&d.path, disk_format(d)?) },
                         &diff,
                         progress,
                         name,
