@@ -27,7 +27,7 @@ qemu-img create -q -f qcow2 "$work/prod/web.qcow2" 256M
 qemu-io -f qcow2 -c "write -P 0x5a 0 48M" -c "write -P 0xa5 128M 16M" "$work/prod/web.qcow2" >/dev/null
 
 say "define and start the VM (test guest writes numbered, flushed records from 64 MiB on)"
-"$standby" vm create web --disk "$work/prod/web.qcow2" --memory 192 \
+"$standby" vm create web --disk "$work/prod/web.qcow2" --format qcow2 --memory 192 \
   --kernel "$root/build/guest/vmlinuz" --initrd "$root/build/guest/initrd.gz" \
   --append "console=ttyS0 quiet panic=-1 standby.workload=ledger standby.ledger_start=16384 standby.ledger_count=20000 standby.ledger_interval=20000"
 "$standby" vm start web
