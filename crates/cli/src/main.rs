@@ -13,7 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use standby_engine::{
-    Engine, FailbackOptions, FailbackTarget, JobSpec, PlanSpec, PointChoice, SwitchMode, VmSpec, LOCAL_HOST,
+    Engine, FailbackOptions, FailbackTarget, JobChange, JobSpec, PlanChange, PlanSpec, PointChoice, Points, SwitchMode,
+    VmChange, VmSpec, LOCAL_HOST,
 };
 
 #[derive(Parser, Debug)]
@@ -29,34 +30,40 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Define, run and inspect VMs.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: standby vm list")]
     Vm(VmCmd),
     /// Replication jobs.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: standby job list")]
     Job(JobCmd),
     /// Replicas and their restore points.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: standby replica list")]
     Replica(ReplicaCmd),
     /// Long operations, also from another terminal.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: standby task list")]
     Task(TaskCmd),
     /// Hosts standby can use.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: standby host list")]
     Host(HostCmd),
     /// Fail over to replicas (several VMs run in parallel); `failover undo VM...` undoes.
     Failover(FailoverArgs),
     /// Fail back from replicas in failover to production, in two phases; then commit or undo.
     Failback(FailbackArgs),
     /// Failover plans: ordered VMs, delays, commands before and after.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: standby plan list")]
     Plan(PlanCmd),
     /// Every operation and state change, oldest first.
+    #[command(after_help = "Example: standby history web --limit 20")]
     History {
+        /// A VM, `plan:NAME` or `job:NAME`.
         vm: Option<String>,
+        /// Show the newest N entries.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
         #[command(flatten)]
         json: Json,
     },
     /// Run jobs on their intervals until stopped.
+    #[command(after_help = "Example: standby daemon --tick 5")]
     Daemon {
         /// Seconds between checks for due jobs.
         #[arg(long, default_value_t = 5)]
@@ -65,7 +72,11 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Example: standby failover web --point latest"
+)]
 struct FailoverArgs {
     #[command(subcommand)]
     action: Option<FailoverCmd>,
@@ -88,6 +99,7 @@ struct FailoverArgs {
 #[derive(Subcommand, Debug)]
 enum FailoverCmd {
     /// For maintenance: sync, shut the source down, sync again, verify, fail over. No data loss.
+    #[command(after_help = "Example: standby failover planned web --shutdown-timeout 120")]
     Planned {
         #[arg(required = true)]
         vms: Vec<String>,
@@ -101,6 +113,7 @@ enum FailoverCmd {
         json: Json,
     },
     /// The replicas become ordinary VMs for good: standalone disks, restore points removed.
+    #[command(after_help = "Example: standby failover permanent web")]
     Permanent {
         #[arg(required = true)]
         vms: Vec<String>,
@@ -110,6 +123,7 @@ enum FailoverCmd {
         json: Json,
     },
     /// Power the replicas off and discard everything written during failover.
+    #[command(after_help = "Example: standby failover undo web")]
     Undo {
         #[arg(required = true)]
         vms: Vec<String>,
@@ -121,7 +135,11 @@ enum FailoverCmd {
 }
 
 #[derive(Args, Debug)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Example: standby failback web --to original --switch manual"
+)]
 struct FailbackArgs {
     #[command(subcommand)]
     action: Option<FailbackCmd>,
@@ -153,6 +171,7 @@ struct FailbackArgs {
 #[derive(Subcommand, Debug)]
 enum FailbackCmd {
     /// Phase 2 now: shut the replicas down, send their last changes, state failback.
+    #[command(after_help = "Example: standby failback switch web")]
     Switch {
         #[arg(required = true)]
         vms: Vec<String>,
@@ -162,6 +181,7 @@ enum FailbackCmd {
         json: Json,
     },
     /// Production works: keep the replica's final state as a restore point, resume replication.
+    #[command(after_help = "Example: standby failback commit web")]
     Commit {
         #[arg(required = true)]
         vms: Vec<String>,
@@ -171,6 +191,7 @@ enum FailbackCmd {
         json: Json,
     },
     /// Production does not work: power it off, and run the replica again as it was.
+    #[command(after_help = "Example: standby failback undo web")]
     Undo {
         #[arg(required = true)]
         vms: Vec<String>,
@@ -180,6 +201,7 @@ enum FailbackCmd {
         json: Json,
     },
     /// Failbacks in progress: target, method, bytes moved, switch.
+    #[command(after_help = "Example: standby failback list --json")]
     List {
         #[command(flatten)]
         json: Json,
@@ -196,6 +218,9 @@ struct Json {
 #[derive(Subcommand, Debug)]
 enum VmCmd {
     /// Define a VM from existing disk images.
+    #[command(
+        after_help = "Example: standby vm create web --disk /srv/web.qcow2 --format qcow2 --memory 1024 --nic virtio-net-pci"
+    )]
     Create {
         name: String,
         /// A qcow2 or raw image; repeat for more disks.
@@ -223,6 +248,8 @@ enum VmCmd {
         #[command(flatten)]
         json: Json,
     },
+    /// Start a VM (refused beside its running counterpart).
+    #[command(after_help = "Example: standby vm start web")]
     Start {
         name: String,
         /// Start even though the VM's counterpart (source or replica) is running, or the VM
@@ -231,23 +258,59 @@ enum VmCmd {
         force: bool,
     },
     /// Ask the guest to shut down; power off after the timeout.
+    #[command(after_help = "Example: standby vm shutdown web --timeout 60")]
     Shutdown {
         name: String,
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
     /// Power off at once.
+    #[command(after_help = "Example: standby vm stop web")]
     Stop { name: String },
+    /// VMs with their role, state and configuration.
+    #[command(after_help = "Example: standby vm list --json")]
     List {
         #[command(flatten)]
         json: Json,
     },
+    /// One VM: its state, disks and configuration.
+    #[command(after_help = "Example: standby vm show web")]
     Show {
         name: String,
         #[command(flatten)]
         json: Json,
     },
+    /// Change a stopped VM's memory, CPUs, NICs or kernel (applies at its next start).
+    #[command(after_help = "Example: standby vm change web --memory 2048 --cpus 2")]
+    Change {
+        name: String,
+        #[arg(long)]
+        memory: Option<u32>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// The VM's NICs from now on (virtio-net-pci or e1000); repeat for more.
+        #[arg(long = "nic", conflicts_with = "no_nics")]
+        nics: Vec<String>,
+        /// Remove every NIC.
+        #[arg(long)]
+        no_nics: bool,
+        #[arg(long, conflicts_with = "no_kernel")]
+        kernel: Option<String>,
+        /// Boot from the disks again: drop the kernel, initrd and kernel options.
+        #[arg(long)]
+        no_kernel: bool,
+        #[arg(long)]
+        initrd: Option<String>,
+        #[arg(long)]
+        append: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Forget a VM's definition; its disks stay. Refused while a job or plan uses it.
+    #[command(after_help = "Example: standby vm delete old-web")]
+    Delete { name: String },
     /// Print the VM's serial console log.
+    #[command(after_help = "Example: standby vm console web --follow")]
     Console {
         name: String,
         /// Keep printing as the guest writes.
@@ -258,6 +321,8 @@ enum VmCmd {
 
 #[derive(Subcommand, Debug)]
 enum PlanCmd {
+    /// Define a failover plan: VMs in start order, commands before and after.
+    #[command(after_help = "Example: standby plan create site --vm db:30 --vm web --post /usr/local/bin/switch-dns")]
     Create {
         name: String,
         /// VM[:DELAY_SECS], in start order; the delay is the wait after this VM starts.
@@ -269,22 +334,58 @@ enum PlanCmd {
         /// A shell command run after the last failover.
         #[arg(long)]
         post: Option<String>,
-        /// Go on with the next VMs when one fails over unsuccessfully (default: stop).
+        /// Go on when a VM fails over unsuccessfully or a command fails (default: stop).
         #[arg(long)]
         continue_on_failure: bool,
+        /// Seconds each command may run before it is killed.
+        #[arg(long, default_value_t = standby_engine::DEFAULT_HOOK_TIMEOUT_SECS)]
+        hook_timeout: u64,
         #[command(flatten)]
         json: Json,
     },
+    /// Failover plans.
+    #[command(after_help = "Example: standby plan list")]
     List {
         #[command(flatten)]
         json: Json,
     },
+    /// One failover plan.
+    #[command(after_help = "Example: standby plan show site --json")]
     Show {
         name: String,
         #[command(flatten)]
         json: Json,
     },
+    /// Change a plan: its VMs (the whole list, in order), commands, failure policy, limits.
+    #[command(after_help = "Example: standby plan change site --vm db:60 --vm web --hook-timeout 120")]
+    Change {
+        name: String,
+        /// VM[:DELAY_SECS], in start order: replaces the plan's VMs.
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+        #[arg(long, conflicts_with = "no_pre")]
+        pre: Option<String>,
+        #[arg(long)]
+        no_pre: bool,
+        #[arg(long, conflicts_with = "no_post")]
+        post: Option<String>,
+        #[arg(long)]
+        no_post: bool,
+        #[arg(long, conflicts_with = "stop_on_failure")]
+        continue_on_failure: bool,
+        #[arg(long)]
+        stop_on_failure: bool,
+        /// Seconds each command may run before it is killed.
+        #[arg(long)]
+        hook_timeout: Option<u64>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Delete a plan; its VMs and replicas are not touched.
+    #[command(after_help = "Example: standby plan delete site")]
+    Delete { name: String },
     /// Fail over every VM of the plan, in order, honouring the delays.
+    #[command(after_help = "Example: standby plan run site")]
     Run {
         name: String,
         /// Run replicas even where the source VM still runs.
@@ -294,6 +395,7 @@ enum PlanCmd {
         json: Json,
     },
     /// Undo the failover of every VM of the plan.
+    #[command(after_help = "Example: standby plan undo site")]
     Undo {
         name: String,
         #[command(flatten)]
@@ -303,6 +405,10 @@ enum PlanCmd {
 
 #[derive(Subcommand, Debug)]
 enum JobCmd {
+    /// Replicate VMs to a directory on a DR host, keeping a chain of restore points.
+    #[command(
+        after_help = "Example: standby job create nightly --vm web --target-host local --target-dir /srv/dr --every 1h --retain 7"
+    )]
     Create {
         name: String,
         #[arg(long = "vm", required = true)]
@@ -324,24 +430,79 @@ enum JobCmd {
         json: Json,
     },
     /// Run a job now and wait; exit 0 only when every VM got a restore point.
+    #[command(after_help = "Example: standby job run nightly")]
     Run {
         name: String,
         #[command(flatten)]
         json: Json,
     },
+    /// Jobs, their targets, schedules and last runs.
+    #[command(after_help = "Example: standby job list --json")]
     List {
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Change a job's retention or interval, or the VMs it protects.
+    #[command(after_help = "Example: standby job change nightly --retain 14 --every 30m --add-vm db")]
+    Change {
+        name: String,
+        /// Restore points to keep; fewer are pruned at the next run.
+        #[arg(long)]
+        retain: Option<u32>,
+        /// Run under `standby daemon` at this interval (30s, 15m, 1h, 1d).
+        #[arg(long, conflicts_with = "no_schedule")]
+        every: Option<String>,
+        /// Run on demand only.
+        #[arg(long)]
+        no_schedule: bool,
+        #[arg(long = "add-vm")]
+        add_vms: Vec<String>,
+        /// A VM whose replica holds no restore points (else: standby replica delete).
+        #[arg(long = "remove-vm")]
+        remove_vms: Vec<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Let a disabled job run again.
+    #[command(after_help = "Example: standby job enable nightly")]
+    Enable { name: String },
+    /// Stop a job from running (the daemon skips it); its restore points stay.
+    #[command(after_help = "Example: standby job disable nightly")]
+    Disable { name: String },
+    /// Delete a job and its replicas; restore points go only with --delete-points.
+    #[command(after_help = "Example: standby job delete nightly --delete-points --yes")]
+    Delete {
+        name: String,
+        #[command(flatten)]
+        points: PointsArgs,
         #[command(flatten)]
         json: Json,
     },
 }
 
+#[derive(Args, Debug)]
+struct PointsArgs {
+    /// Delete the restore point files from the DR host (asks for confirmation).
+    #[arg(long, conflicts_with = "keep_files")]
+    delete_points: bool,
+    /// Keep the restore point files on the DR host; standby forgets them.
+    #[arg(long)]
+    keep_files: bool,
+    /// Confirm --delete-points without asking (for scripts).
+    #[arg(long, requires = "delete_points")]
+    yes: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum ReplicaCmd {
+    /// Replicas: state, restore points, last operation, what needs attention.
+    #[command(after_help = "Example: standby replica list")]
     List {
         #[command(flatten)]
         json: Json,
     },
     /// Restore points of a VM's replica, oldest first.
+    #[command(after_help = "Example: standby replica points web --job nightly")]
     Points {
         vm: String,
         /// The job, when the VM is in more than one.
@@ -350,16 +511,32 @@ enum ReplicaCmd {
         #[command(flatten)]
         json: Json,
     },
+    /// Remove a VM's replica from its job; its restore points go only with --delete-points.
+    #[command(after_help = "Example: standby replica delete web --job nightly --delete-points")]
+    Delete {
+        vm: String,
+        /// The job, when the VM is in more than one.
+        #[arg(long)]
+        job: Option<String>,
+        #[command(flatten)]
+        points: PointsArgs,
+        #[command(flatten)]
+        json: Json,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum TaskCmd {
+    /// The newest tasks (long operations), with progress.
+    #[command(after_help = "Example: standby task list --limit 5")]
     List {
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[command(flatten)]
         json: Json,
     },
+    /// One task; --follow shows its progress until it ends.
+    #[command(after_help = "Example: standby task show 42 --follow")]
     Show {
         id: i64,
         /// Keep showing progress until the task ends.
@@ -373,8 +550,12 @@ enum TaskCmd {
 #[derive(Subcommand, Debug)]
 enum HostCmd {
     /// Hosts and the accelerator their VMs start with.
+    #[command(after_help = "Example: standby host list")]
     List,
     /// Boot a test guest under KVM; VMs use KVM from then on only if it booted.
+    #[command(
+        after_help = "Example: standby host probe --kernel /boot/vmlinuz --initrd /var/lib/standby/guest.cpio.gz"
+    )]
     Probe {
         #[arg(long, default_value = LOCAL_HOST)]
         host: String,
@@ -447,8 +628,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Failover(args) => failover(&engine, args),
         Command::Failback(args) => failback(&engine, args),
         Command::Plan(c) => plan(&engine, c),
-        Command::History { vm, json } => {
-            output::history(&engine.history(vm.as_deref())?, json.json)?;
+        Command::History { vm, limit, json } => {
+            output::history(&engine.history(vm.as_deref(), limit)?, json.json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Daemon { tick } => daemon::run(&engine, Duration::from_secs(tick.max(1))),
@@ -492,6 +673,21 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
             println!("{name}: powered off");
         }
         VmCmd::List { json } => output::vms(&engine.vm_list()?, json.json)?,
+        VmCmd::Change { name, memory, cpus, nics, no_nics, kernel, no_kernel, initrd, append, json } => {
+            let change = VmChange {
+                memory_mib: memory,
+                cpus,
+                nics: if no_nics { Some(Vec::new()) } else { (!nics.is_empty()).then_some(nics) },
+                kernel: if no_kernel { Some(None) } else { kernel.map(Some) },
+                initrd: initrd.map(Some),
+                append: append.map(Some),
+            };
+            output::vm(&engine.vm_change(&name, &change)?, json.json)?;
+        }
+        VmCmd::Delete { name } => {
+            let disks = engine.vm_delete(&name)?;
+            println!("{name}: definition deleted; its disks were not touched: {}", disks.join(" "));
+        }
         VmCmd::Show { name, json } => output::vm(&engine.vm_show(&name)?, json.json)?,
         VmCmd::Console { name, follow } => {
             let mut pos = 0;
@@ -528,6 +724,30 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
             }
         }
         JobCmd::List { json } => output::jobs(&engine.job_list()?, json.json)?,
+        JobCmd::Change { name, retain, every, no_schedule, add_vms, remove_vms, json } => {
+            let change = JobChange {
+                retain,
+                every: if no_schedule { Some(None) } else { every.map(Some) },
+                add_vms,
+                remove_vms,
+            };
+            output::jobs(std::slice::from_ref(&engine.job_change(&name, &change)?), json.json)?;
+        }
+        JobCmd::Enable { name } => {
+            engine.job_set_enabled(&name, true)?;
+            println!("job {name}: enabled");
+        }
+        JobCmd::Disable { name } => {
+            engine.job_set_enabled(&name, false)?;
+            println!("job {name}: disabled; its replicas and restore points stay (standby job enable {name})");
+        }
+        JobCmd::Delete { name, points, json } => {
+            let points = points.decide(&format!("every replica of job {name}"))?;
+            output::replicas_deleted(&engine.job_delete(&name, points)?, json.json)?;
+            if !json.json {
+                println!("job {name}: deleted");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -537,6 +757,11 @@ fn replica(engine: &Engine, cmd: ReplicaCmd) -> Result<ExitCode> {
         ReplicaCmd::List { json } => output::replicas(&engine.replica_list()?, json.json)?,
         ReplicaCmd::Points { vm, job, json } => {
             output::points(&engine.replica_points(&vm, job.as_deref())?, json.json)?
+        }
+        ReplicaCmd::Delete { vm, job, points, json } => {
+            let points = points.decide(&format!("the replica of VM {vm}"))?;
+            let done = engine.replica_delete(&vm, job.as_deref(), points)?;
+            output::replicas_deleted(std::slice::from_ref(&done), json.json)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -619,6 +844,34 @@ fn failback(engine: &Engine, args: FailbackArgs) -> Result<ExitCode> {
     Ok(if outcomes.iter().all(|o| o.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+impl PointsArgs {
+    /// What becomes of restore points; `--delete-points` is confirmed by `--yes` or by
+    /// the operator typing `yes` on a terminal.
+    fn decide(&self, what: &str) -> Result<Option<Points>> {
+        use std::io::IsTerminal;
+        if self.keep_files {
+            return Ok(Some(Points::Keep));
+        }
+        if !self.delete_points {
+            return Ok(None);
+        }
+        if !self.yes {
+            if !std::io::stdin().is_terminal() {
+                anyhow::bail!(
+                    "--delete-points deletes the restore points of {what} for good; confirm with --yes, or run it on a terminal"
+                );
+            }
+            eprint!("This deletes the restore points of {what} for good. Type yes to go on: ");
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            if answer.trim() != "yes" {
+                anyhow::bail!("not confirmed; nothing was changed");
+            }
+        }
+        Ok(Some(Points::Delete))
+    }
+}
+
 /// `VM[:DELAY_SECS]`.
 fn plan_vm(arg: &str) -> Result<(String, u64)> {
     match arg.rsplit_once(':') {
@@ -634,7 +887,7 @@ fn plan_vm(arg: &str) -> Result<(String, u64)> {
 
 fn plan(engine: &Engine, cmd: PlanCmd) -> Result<ExitCode> {
     match cmd {
-        PlanCmd::Create { name, vms, pre, post, continue_on_failure, json } => {
+        PlanCmd::Create { name, vms, pre, post, continue_on_failure, hook_timeout, json } => {
             let vms = vms.iter().map(|v| plan_vm(v)).collect::<Result<Vec<_>>>()?;
             let p = engine.plan_create(&PlanSpec {
                 name,
@@ -642,8 +895,41 @@ fn plan(engine: &Engine, cmd: PlanCmd) -> Result<ExitCode> {
                 pre_command: pre,
                 post_command: post,
                 continue_on_failure,
+                hook_timeout_secs: Some(hook_timeout),
             })?;
             output::plans(std::slice::from_ref(&p), json.json)?;
+        }
+        PlanCmd::Change {
+            name,
+            vms,
+            pre,
+            no_pre,
+            post,
+            no_post,
+            continue_on_failure,
+            stop_on_failure,
+            hook_timeout,
+            json,
+        } => {
+            let vms = vms.iter().map(|v| plan_vm(v)).collect::<Result<Vec<_>>>()?;
+            let change = PlanChange {
+                vms: (!vms.is_empty()).then_some(vms),
+                pre_command: if no_pre { Some(None) } else { pre.map(Some) },
+                post_command: if no_post { Some(None) } else { post.map(Some) },
+                continue_on_failure: if continue_on_failure {
+                    Some(true)
+                } else if stop_on_failure {
+                    Some(false)
+                } else {
+                    None
+                },
+                hook_timeout_secs: hook_timeout,
+            };
+            output::plans(std::slice::from_ref(&engine.plan_change(&name, &change)?), json.json)?;
+        }
+        PlanCmd::Delete { name } => {
+            engine.plan_delete(&name)?;
+            println!("plan {name}: deleted; its VMs and replicas are untouched");
         }
         PlanCmd::List { json } => output::plans(&engine.plan_list()?, json.json)?,
         PlanCmd::Show { name, json } => output::plans(std::slice::from_ref(&engine.plan_show(&name)?), json.json)?,
@@ -663,4 +949,36 @@ fn plan(engine: &Engine, cmd: PlanCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Cli;
+
+    /// Every subcommand says in one line what it does and shows an example of itself that
+    /// parses.
+    #[test]
+    fn every_subcommand_has_help_and_an_example_that_parses() {
+        fn walk(cmd: &clap::Command, path: &str, checked: &mut usize) {
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let here = format!("{path} {}", sub.get_name());
+                let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+                assert!(!about.is_empty() && !about.contains('\n'), "`{here}` needs a one-line help text");
+                let example = sub.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+                let line = example.strip_prefix("Example: ").unwrap_or_else(|| panic!("`{here}` has no example"));
+                assert!(line.starts_with(&here), "`{here}`'s example runs something else: {line}");
+                if let Err(e) = Cli::try_parse_from(line.split_whitespace()) {
+                    // A group's example may be its subcommand's; every example must parse.
+                    panic!("`{here}`'s example does not parse: {line}: {e}");
+                }
+                *checked += 1;
+                walk(sub, &here, checked);
+            }
+        }
+        let mut checked = 0;
+        walk(&Cli::command(), "standby", &mut checked);
+        assert!(checked > 40, "only {checked} subcommands found");
+    }
 }

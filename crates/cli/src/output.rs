@@ -3,8 +3,8 @@
 use anyhow::Result;
 use serde::Serialize;
 use standby_engine::{
-    FailbackView, HistoryRecord, JobView, OpOutcome, PlanRecord, PlanRun, ReplicaView, RestorePointView, RunOutcome,
-    TaskView, VmView,
+    FailbackView, HistoryRecord, JobView, OpOutcome, PlanRecord, PlanRun, ReplicaDeleted, ReplicaView,
+    RestorePointView, RunOutcome, TaskView, VmView,
 };
 
 fn json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
@@ -104,10 +104,11 @@ pub fn jobs(list: &[JobView], as_json: bool) -> Result<()> {
                     .map(|s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string())
                     .unwrap_or("-".into()),
                 j.last_run_at.clone().unwrap_or("-".into()),
+                if j.enabled { "enabled" } else { "disabled" }.into(),
             ]
         })
         .collect();
-    table(&["NAME", "VMS", "TARGET", "RETAIN", "EVERY", "LAST RUN"], &rows);
+    table(&["NAME", "VMS", "TARGET", "RETAIN", "EVERY", "LAST RUN", "STATUS"], &rows);
     Ok(())
 }
 
@@ -238,10 +239,11 @@ pub fn plans(list: &[PlanRecord], as_json: bool) -> Result<()> {
                 p.on_failure.clone(),
                 p.pre_command.clone().unwrap_or("-".into()),
                 p.post_command.clone().unwrap_or("-".into()),
+                format!("{} s", p.hook_timeout_secs),
             ]
         })
         .collect();
-    table(&["NAME", "VMS (VM:DELAY)", "ON FAILURE", "PRE", "POST"], &rows);
+    table(&["NAME", "VMS (VM:DELAY)", "ON FAILURE", "PRE", "POST", "COMMAND LIMIT"], &rows);
     Ok(())
 }
 
@@ -289,5 +291,28 @@ pub fn failbacks(list: &[FailbackView], as_json: bool) -> Result<()> {
         &["VM", "STATE", "TARGET", "METHOD", "PHASE 1 READ/WROTE", "PHASE 2 READ/WROTE", "SWITCH", "SWITCHED"],
         &rows,
     );
+    Ok(())
+}
+
+pub fn replicas_deleted(list: &[ReplicaDeleted], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    for r in list {
+        if r.kept {
+            println!(
+                "{} (job {}): replica removed; its {} restore point(s) stay in {}, no longer managed by standby",
+                r.vm, r.job, r.restore_points, r.dir
+            );
+        } else {
+            println!(
+                "{} (job {}): replica removed; {} restore point(s) deleted ({} file(s))",
+                r.vm,
+                r.job,
+                r.restore_points,
+                r.deleted_files.len()
+            );
+        }
+    }
     Ok(())
 }

@@ -77,3 +77,56 @@ fn a_running_job_can_be_followed_from_another_terminal() {
     assert_eq!(t[0]["done_bytes"], t[0]["total_bytes"]);
     assert_eq!(t[0]["total_bytes"].as_u64().unwrap(), 768 << 20);
 }
+
+#[test]
+fn the_daemon_survives_database_errors_and_a_clock_stepped_back() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/d.qcow2");
+    make_disk(&disk, "qcow2", 8, &[(0x1, 0, 1)]);
+    env.ok(&["vm", "create", "d", "--disk", &disk, "--format", "qcow2"]);
+    let dr = env.path("dr");
+    env.ok(&["job", "create", "j", "--vm", "d", "--target-host", "local", "--target-dir", &dr, "--every", "2s"]);
+    // A row the daemon cannot read: every check fails until it is repaired.
+    env.sql("UPDATE jobs SET every_secs = 'garbage'");
+    let log = env.path("daemon.log");
+    let mut daemon = env
+        .command(&["daemon", "--tick", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited on a database error");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("check failed") && text.contains("retrying in"), "{text}");
+    // Repaired, with a last run in the future (the clock was stepped back since): the job
+    // runs within an interval plus the back-off, not when the clock reaches 2999.
+    env.sql("UPDATE jobs SET every_secs = 2, last_run_at = '2999-01-01T00:00:00Z'");
+    let start = Instant::now();
+    let points = || env.json(&["replica", "points", "d"]).as_array().unwrap().len();
+    while points() == 0 && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    assert!(points() >= 1, "no run after the repair: {}", std::fs::read_to_string(&log).unwrap());
+    assert!(identical(&env.latest_disk("d", 0), &disk));
+}
+
+#[test]
+fn the_daemon_skips_a_disabled_job() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/d.qcow2");
+    make_disk(&disk, "qcow2", 8, &[(0x1, 0, 1)]);
+    env.ok(&["vm", "create", "d", "--disk", &disk, "--format", "qcow2"]);
+    let dr = env.path("dr");
+    env.ok(&["job", "create", "j", "--vm", "d", "--target-host", "local", "--target-dir", &dr, "--every", "1s"]);
+    env.ok(&["job", "disable", "j"]);
+    let mut daemon =
+        env.command(&["daemon", "--tick", "1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(3500));
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    assert!(env.json(&["replica", "points", "d"]).as_array().unwrap().is_empty(), "a disabled job ran");
+}

@@ -120,3 +120,45 @@ fn bad_plans_are_refused_and_change_nothing() {
     assert!(err.contains("pre-failover command") && err.contains("no VM was failed over"), "{err}");
     assert_eq!(states(&env), ["ready", "ready"]);
 }
+
+#[test]
+fn a_hung_plan_command_is_killed_at_its_limit_and_the_policy_decides() {
+    let env = world(&["a"]);
+    let never = env.path("never-touched");
+    let hang = format!("sleep 30; touch {never}");
+    env.ok(&["plan", "create", "strict", "--vm", "a", "--pre", &hang, "--hook-timeout", "1"]);
+    let r = env.run_within(std::time::Duration::from_secs(20), &["plan", "run", "strict"]);
+    assert_ne!(r.code, Some(0));
+    assert!(r.stderr.contains("did not finish within 1 s and was killed"), "{}", r.stderr);
+    assert!(r.stderr.contains("no VM was failed over"), "{}", r.stderr);
+    assert_eq!(states(&env), ["ready"]);
+    // Killed with everything it started: the shell whose command line names the marker is gone.
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+
+    // With --continue-on-failure a hung command does not hold the failover.
+    env.ok(&[
+        "plan",
+        "create",
+        "disaster",
+        "--vm",
+        "a",
+        "--pre",
+        &hang,
+        "--post",
+        &hang,
+        "--hook-timeout",
+        "1",
+        "--continue-on-failure",
+    ]);
+    let r = env.run_within(std::time::Duration::from_secs(30), &["plan", "run", "disaster", "--json"]);
+    assert_eq!(r.code, Some(1), "a killed command fails the run: {}", r.stderr);
+    let run: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(run["steps"][0]["result"], "ok", "{run}");
+    assert!(run["pre_command"].as_str().unwrap().contains("was killed"), "{run}");
+    assert!(run["post_command"].as_str().unwrap().contains("was killed"), "{run}");
+    assert_eq!(states(&env), ["failover"]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!std::path::Path::new(&never).exists());
+    env.ok(&["plan", "undo", "disaster"]);
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}

@@ -5,11 +5,54 @@ use std::time::Duration;
 
 use serde::Serialize;
 use standby_host::Host;
-use standby_model::{parse_interval, VmName, DEFAULT_RETAIN};
-use standby_store::NewJob;
+use standby_model::{parse_interval, ReplicaState, VmName, DEFAULT_RETAIN};
+use standby_store::{NewJob, ReplicaRecord};
 
+use crate::lock::VmLock;
 use crate::replication::dr;
 use crate::{Engine, EngineError, Result};
+
+/// What `standby job change` asks for; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct JobChange {
+    pub retain: Option<u32>,
+    /// `Some(None)`: run on demand only.
+    pub every: Option<Option<String>>,
+    pub add_vms: Vec<String>,
+    pub remove_vms: Vec<String>,
+}
+
+/// Replica directories placed and claimed: (VM id, directory) each, and the claims made.
+type Placed = (Vec<(i64, String)>, Vec<String>);
+
+/// What becomes of a removed replica's restore point files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Points {
+    /// Deleted from the DR host.
+    Delete,
+    /// Left on the DR host, no longer managed.
+    Keep,
+}
+
+fn disposal_word(p: Option<Points>) -> &'static str {
+    match p {
+        Some(Points::Delete) => "deleted",
+        Some(Points::Keep) => "kept on the DR host",
+        None => "(none held)",
+    }
+}
+
+/// What a removed replica left.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaDeleted {
+    pub vm: String,
+    pub job: String,
+    pub dir: String,
+    pub restore_points: usize,
+    pub deleted_files: Vec<String>,
+    /// The restore point files stay in `dir`, no longer managed by standby.
+    pub kept: bool,
+}
 
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -35,6 +78,8 @@ pub struct JobView {
     pub replica_suffix: String,
     pub last_run_at: Option<String>,
     pub created_at: String,
+    /// A disabled job does not run (`standby job enable` turns it back on).
+    pub enabled: bool,
 }
 
 impl Engine {
@@ -69,8 +114,42 @@ impl Engine {
         if !given.starts_with('/') {
             return Err(target_err("give an absolute path".into()));
         }
+        let vm_ids = self.vms_to_protect(&spec.vms, &[])?;
+        // Once the VMs are known good, so that their refusals create nothing: prove the
+        // target usable, then name it as the host resolves it. Two spellings of one
+        // directory (a symlink, `//`, `..`, a trailing `/`) are one directory.
+        host.ensure_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
+        let dir = host.canonical_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
+        let (replicas, claimed) =
+            self.place_replicas(host.as_ref(), &spec.target_host, &dir, &spec.name, &spec.vms, &vm_ids)?;
+        let inserted = self.store().insert_job(
+            &NewJob {
+                name: spec.name.clone(),
+                target_host: spec.target_host.clone(),
+                target_dir: dir.clone(),
+                retain,
+                every_secs: every,
+                replica_suffix: suffix,
+            },
+            &replicas,
+        );
+        if let Err(e) = inserted {
+            release(host.as_ref(), &claimed);
+            return Err(e.into());
+        }
+        self.record_raw(
+            &format!("job:{}", spec.name),
+            "job create",
+            "ok",
+            &format!("VMs {} to {}:{dir}", spec.vms.join(" "), spec.target_host),
+        );
+        self.job_show(&spec.name)
+    }
+
+    /// Checks VMs an operator asks a job to protect; their ids, in order.
+    fn vms_to_protect(&self, vms: &[String], in_job: &[String]) -> Result<Vec<i64>> {
         let mut vm_ids = Vec::new();
-        for vm_name in &spec.vms {
+        for vm_name in vms {
             let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.clone()))?;
             if vm.role == "retired" {
                 return Err(EngineError::Invalid(format!(
@@ -85,19 +164,31 @@ impl Engine {
             if vm_ids.contains(&vm.id) {
                 return Err(EngineError::Invalid(format!("VM {vm_name} is named twice")));
             }
+            if in_job.contains(vm_name) {
+                return Err(EngineError::Invalid(format!("VM {vm_name} is in the job already")));
+            }
             vm_ids.push(vm.id);
         }
-        // Once the VMs are known good, so that their refusals create nothing: prove the
-        // target usable, then name it as the host resolves it. Two spellings of one
-        // directory (a symlink, `//`, `..`, a trailing `/`) are one directory.
-        host.ensure_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
-        let dir = host.canonical_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
+        Ok(vm_ids)
+    }
+
+    /// Gives each VM its replica directory under `dir` and claims it. On error nothing
+    /// stays claimed; on success the caller releases the claims if it cannot record them.
+    fn place_replicas(
+        &self,
+        host: &dyn Host,
+        target_host: &str,
+        dir: &str,
+        job: &str,
+        vms: &[String],
+        vm_ids: &[i64],
+    ) -> Result<Placed> {
         let owned = self.store().replicas()?;
         let existing = self.store().jobs()?;
         let mut replicas = Vec::new();
-        for (vm_name, &vm_id) in spec.vms.iter().zip(&vm_ids) {
+        for (vm_name, &vm_id) in vms.iter().zip(vm_ids) {
             for other in &existing {
-                if other.vms.contains(vm_name) && other.target_host == spec.target_host && other.target_dir == dir {
+                if other.vms.contains(vm_name) && other.target_host == target_host && other.target_dir == dir {
                     return Err(EngineError::AlreadyProtected {
                         vm: vm_name.clone(),
                         host: other.target_host.clone(),
@@ -109,12 +200,11 @@ impl Engine {
             let rdir = format!("{dir}/{vm_name}");
             // Nested directories count too: one replica's cleanup lists its directory.
             let inside = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
-            if let Some(o) = owned
-                .iter()
-                .find(|o| o.target_host == spec.target_host && (inside(&rdir, &o.dir) || inside(&o.dir, &rdir)))
+            if let Some(o) =
+                owned.iter().find(|o| o.target_host == target_host && (inside(&rdir, &o.dir) || inside(&o.dir, &rdir)))
             {
                 return Err(EngineError::TargetDir {
-                    host: spec.target_host.clone(),
+                    host: target_host.into(),
                     dir: rdir,
                     reason: format!(
                         "replica {} of VM {} (job {}) keeps its restore points there; give this job another --target-dir",
@@ -127,7 +217,7 @@ impl Engine {
         for (_, rdir) in &replicas {
             if !host.list_dir(rdir)?.is_empty() {
                 return Err(EngineError::TargetDir {
-                    host: spec.target_host.clone(),
+                    host: target_host.into(),
                     dir: rdir.clone(),
                     reason: "it already holds files; standby keeps each replica in a directory of its own".into(),
                 });
@@ -137,29 +227,270 @@ impl Engine {
         // absent, so of two jobs (or two standby installations) racing, one wins.
         let mut claimed = Vec::new();
         for (i, (_, rdir)) in replicas.iter().enumerate() {
-            let owner = self.replica_owner(&spec.name, &spec.vms[i]);
-            if let Err(e) = dr::claim(host.as_ref(), rdir, &owner) {
-                release(host.as_ref(), &claimed);
+            let owner = self.replica_owner(job, &vms[i]);
+            if let Err(e) = dr::claim(host, rdir, &owner) {
+                release(host, &claimed);
                 return Err(e);
             }
             claimed.push(rdir.clone());
         }
-        let inserted = self.store().insert_job(
-            &NewJob {
-                name: spec.name.clone(),
-                target_host: spec.target_host.clone(),
-                target_dir: dir,
-                retain,
-                every_secs: every,
-                replica_suffix: suffix,
-            },
-            &replicas,
-        );
-        if let Err(e) = inserted {
-            release(host.as_ref(), &claimed);
-            return Err(e.into());
+        Ok((replicas, claimed))
+    }
+
+    /// Changes a job: what it keeps, when it runs, which VMs it protects. A lower
+    /// `retain` prunes at the job's next run. A VM leaves only while its replica holds no
+    /// restore points (`standby replica delete` removes them, or forgets them).
+    pub fn job_change(&self, name: &str, change: &JobChange) -> Result<JobView> {
+        let job = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
+        let retain = change.retain.unwrap_or(job.retain);
+        if retain == 0 {
+            return Err(EngineError::Invalid("--retain must be at least 1".into()));
         }
-        self.job_show(&spec.name)
+        let every = match &change.every {
+            None => job.every_secs,
+            Some(None) => None,
+            Some(Some(e)) => Some(parse_interval(e)?.as_secs()),
+        };
+        let mut changes = Vec::new();
+        if retain != job.retain {
+            changes.push(format!("retain {} -> {retain}", job.retain));
+        }
+        if every != job.every_secs {
+            let show = |e: Option<u64>| e.map_or_else(|| "on demand".to_owned(), |s| format!("every {s} s"));
+            changes.push(format!("{} -> {}", show(job.every_secs), show(every)));
+        }
+        // Leaving VMs: each under its lock, held until the change is recorded.
+        let mut leaving = Vec::new();
+        let mut locks = Vec::new();
+        for vm in &change.remove_vms {
+            if !job.vms.contains(vm) {
+                return Err(EngineError::Invalid(format!("VM {vm} is not in job {name} (standby job list)")));
+            }
+            locks.push(VmLock::acquire(&self.data_dir, vm, "job change")?);
+            let r = self.replica_of(vm, Some(name))?;
+            self.check_removable(&r)?;
+            let points = self.store().restore_points(r.id, true)?;
+            if !points.is_empty() {
+                return Err(EngineError::Invalid(format!(
+                    "the replica of VM {vm} holds {} restore point(s) in {}; remove it with \
+                     standby replica delete {vm} --job {name} --delete-points (or --keep-files to keep them on disk)",
+                    points.len(),
+                    r.dir
+                )));
+            }
+            leaving.push(r);
+        }
+        let joining_ids = self.vms_to_protect(&change.add_vms, &job.vms)?;
+        let host = self.host(&job.target_host)?;
+        let (joining, claimed) =
+            self.place_replicas(host.as_ref(), &job.target_host, &job.target_dir, name, &change.add_vms, &joining_ids)?;
+        if changes.is_empty() && joining.is_empty() && leaving.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "nothing to change: give --retain, --every, --no-schedule, --add-vm or --remove-vm with a value \
+                 other than job {name}'s current one (standby job list)"
+            )));
+        }
+        let recorded = (|| -> Result<()> {
+            self.store().update_job(job.id, retain, every, job.enabled)?;
+            for (vm_id, dir) in &joining {
+                self.store().insert_replica(job.id, *vm_id, dir)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = recorded {
+            release(host.as_ref(), &claimed);
+            return Err(e);
+        }
+        for vm in &change.add_vms {
+            changes.push(format!("VM {vm} added"));
+            self.record_raw(vm, "job change", "ok", &format!("now protected by job {name}"));
+        }
+        for r in &leaving {
+            self.store().delete_replica(r.id)?;
+            self.release_replica_dir(host.as_ref(), r)?;
+            changes.push(format!("VM {} removed", r.vm));
+            self.record_raw(&r.vm, "job change", "ok", &format!("no longer protected by job {name}"));
+        }
+        self.record_raw(&format!("job:{name}"), "job change", "ok", &changes.join(", "));
+        drop(locks);
+        self.job_show(name)
+    }
+
+    /// Enables or disables a job. A disabled job keeps its replicas and restore points;
+    /// `standby daemon` skips it and `standby job run` refuses it.
+    pub fn job_set_enabled(&self, name: &str, enabled: bool) -> Result<JobView> {
+        let job = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
+        let word = if enabled { "enabled" } else { "disabled" };
+        if job.enabled == enabled {
+            return Err(EngineError::Invalid(format!("job {name} is {word} already")));
+        }
+        self.store().update_job(job.id, job.retain, job.every_secs, enabled)?;
+        self.record_raw(&format!("job:{name}"), if enabled { "job enable" } else { "job disable" }, "ok", word);
+        self.job_show(name)
+    }
+
+    /// Deletes a job with all its replicas. Replicas holding restore points need a
+    /// decision: `Delete` their files, or `Keep` them on the DR host, forgotten.
+    pub fn job_delete(&self, name: &str, points: Option<Points>) -> Result<Vec<ReplicaDeleted>> {
+        let job = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
+        let replicas = self.store().replicas_of_job(job.id)?;
+        // Check every replica before deleting any: a refusal deletes nothing.
+        let mut locks = Vec::new();
+        for r in &replicas {
+            locks.push(VmLock::acquire(&self.data_dir, &r.vm, "job delete")?);
+            let r = self.store().replica(r.id)?.ok_or_else(|| EngineError::NoReplica { vm: r.vm.clone() })?;
+            self.check_removable(&r)?;
+            self.check_disposal(&r, points, &format!("standby job delete {name}"))?;
+        }
+        let mut done = Vec::new();
+        for r in &replicas {
+            done.push(self.delete_replica_locked(r, points)?);
+        }
+        self.store().delete_job(job.id)?;
+        self.record_raw(
+            &format!("job:{name}"),
+            "job delete",
+            "ok",
+            &format!("{} replica(s) removed, restore points {}", done.len(), disposal_word(points)),
+        );
+        drop(locks);
+        Ok(done)
+    }
+
+    /// Removes one VM's replica from its job: its records always, its restore point files
+    /// only with `Points::Delete`. Refused while a failover or failback is in progress.
+    pub fn replica_delete(&self, vm: &str, job: Option<&str>, points: Option<Points>) -> Result<ReplicaDeleted> {
+        let r = self.replica_of(vm, job)?;
+        let _lock = VmLock::acquire(&self.data_dir, vm, "replica delete")?;
+        let r = self.store().replica(r.id)?.ok_or_else(|| EngineError::NoReplica { vm: vm.into() })?;
+        self.check_removable(&r)?;
+        self.check_disposal(&r, points, &format!("standby replica delete {vm} --job {}", r.job))?;
+        self.delete_replica_locked(&r, points)
+    }
+
+    /// What would break if this replica went: an operation in progress, a replica VM, a
+    /// plan that fails its VM over with it.
+    fn check_removable(&self, r: &ReplicaRecord) -> Result<()> {
+        let refuse = |why: String| {
+            Err(EngineError::Invalid(format!("the replica of VM {} (job {}) cannot be removed: {why}", r.vm, r.job)))
+        };
+        let state: ReplicaState = r.state.parse().map_err(EngineError::Invalid)?;
+        match state {
+            ReplicaState::Ready if r.op_step.is_none() => {}
+            ReplicaState::Permanent => {}
+            ReplicaState::Failover => {
+                return refuse(format!(
+                    "it is in failover; end the failover first (standby failover undo {}, or standby failover \
+                     permanent {})",
+                    r.vm, r.vm
+                ))
+            }
+            ReplicaState::ReadyToSwitch | ReplicaState::Failback => {
+                return refuse(format!(
+                    "a failback is in progress ({state}); finish it first (standby failback commit {}, or standby \
+                     failback undo {})",
+                    r.vm, r.vm
+                ))
+            }
+            _ => {
+                return refuse(format!(
+                    "an operation is in progress or was interrupted ({state}); let it finish, or run any standby \
+                     command to recover it, and see standby history {}",
+                    r.vm
+                ))
+            }
+        }
+        if let Some(v) = self.store().replica_vm(r.id)? {
+            return refuse(format!("its replica VM {} is defined; end the failover first", v.name));
+        }
+        let others = self.store().replicas_of_vm(&r.vm)?;
+        let has_other = others.iter().any(|o| o.id != r.id && o.state != "permanent");
+        if !has_other && r.state != "permanent" {
+            let plans = self.store().plans()?;
+            if let Some(p) = plans.iter().find(|p| p.vms.iter().any(|v| v.vm == r.vm)) {
+                return refuse(format!(
+                    "plan {} fails VM {} over with it; take the VM out of the plan first (standby plan change {} \
+                     --vm ...), or delete the plan",
+                    p.name, r.vm, p.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A replica holding restore points (or files) goes only with a decision about them.
+    fn check_disposal(&self, r: &ReplicaRecord, points: Option<Points>, command: &str) -> Result<()> {
+        let n = self.store().restore_points(r.id, true)?.len();
+        if n > 0 && points.is_none() {
+            return Err(EngineError::Invalid(format!(
+                "the replica of VM {} (job {}) holds {n} restore point(s) in {}; say what becomes of them: \
+                 {command} --delete-points (deletes the files), or --keep-files (keeps them on the DR host, \
+                 no longer managed by standby)",
+                r.vm, r.job, r.dir
+            )));
+        }
+        Ok(())
+    }
+
+    /// The removal itself, for a caller that holds the VM's lock and checked it.
+    fn delete_replica_locked(&self, r: &ReplicaRecord, points: Option<Points>) -> Result<ReplicaDeleted> {
+        let dr_host = self.host(&r.target_host)?;
+        let restore_points = self.store().restore_points(r.id, true)?.len();
+        let mut out = ReplicaDeleted {
+            vm: r.vm.clone(),
+            job: r.job.clone(),
+            dir: r.dir.clone(),
+            restore_points,
+            deleted_files: Vec::new(),
+            kept: false,
+        };
+        if r.state == "permanent" {
+            // Only the record of a permanent failover: its files went with it.
+            self.store().delete_replica(r.id)?;
+            return Ok(out);
+        }
+        // A replica without restore points has nothing to keep: its directory goes.
+        let delete = points == Some(Points::Delete) || restore_points == 0;
+        if delete {
+            // Before anything goes: a directory that is not provably ours keeps its files.
+            self.check_replica_dir(dr_host.as_ref(), r)?;
+        }
+        let vm = self.store().vm(&r.vm)?.ok_or_else(|| EngineError::UnknownVm(r.vm.clone()))?;
+        self.forget_source_bitmaps(r, &vm)?;
+        self.store().delete_replica(r.id)?;
+        if delete {
+            // Only files named as this replica's layers (sequence numbers it took).
+            out.deleted_files = dr::remove_orphans(dr_host.as_ref(), &r.dir, &[], r.next_seq)?;
+            self.release_replica_dir(dr_host.as_ref(), r)?;
+        } else {
+            out.kept = restore_points > 0;
+            let _ = dr_host.remove_file(&format!("{}/{}", r.dir, dr::OWNER_MARKER));
+        }
+        self.record_raw(
+            &r.vm,
+            "replica delete",
+            "ok",
+            &format!(
+                "replica of job {} removed; {restore_points} restore point(s) {} in {}",
+                r.job,
+                if delete {
+                    "deleted"
+                } else if out.kept {
+                    "kept, no longer managed,"
+                } else {
+                    "were"
+                },
+                r.dir
+            ),
+        );
+        Ok(out)
+    }
+
+    /// A replica directory standby gave up: its marker goes, then the directory if empty.
+    fn release_replica_dir(&self, host: &dyn Host, r: &ReplicaRecord) -> Result<()> {
+        host.remove_file(&format!("{}/{}", r.dir, dr::OWNER_MARKER))?;
+        host.remove_empty_dir(&r.dir)?;
+        Ok(())
     }
 
     pub fn job_show(&self, name: &str) -> Result<JobView> {
@@ -172,10 +503,12 @@ impl Engine {
     }
 }
 
-/// Undoes the claims of a job creation that failed: the markers it wrote go.
+/// Undoes the claims of a job creation that failed: the markers it wrote go, and the
+/// directories the claims made, if nothing else came into them.
 fn release(host: &dyn Host, dirs: &[String]) {
     for d in dirs {
         let _ = host.remove_file(&format!("{d}/{}", dr::OWNER_MARKER));
+        let _ = host.remove_empty_dir(d);
     }
 }
 
@@ -190,5 +523,6 @@ fn view(j: standby_store::JobRecord) -> JobView {
         replica_suffix: j.replica_suffix,
         last_run_at: j.last_run_at,
         created_at: j.created_at,
+        enabled: j.enabled,
     }
 }

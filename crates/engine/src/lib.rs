@@ -29,15 +29,15 @@ use standby_store::Store;
 pub use error::{EngineError, Result};
 pub use failback::{FailbackOptions, FailbackView, Moved};
 pub use failover::{OpOutcome, PointChoice};
-pub use job::{JobSpec, JobView};
-pub use plan::{PlanRun, PlanSpec, PlanStep};
+pub use job::{JobChange, JobSpec, JobView, Points, ReplicaDeleted};
+pub use plan::{PlanChange, PlanRun, PlanSpec, PlanStep, DEFAULT_HOOK_TIMEOUT_SECS};
 pub use progress::{NoProgress, Progress};
 pub use replication::{ReplicaView, RestorePointView, RpDiskView, RunOutcome};
 pub use standby_model::{FailbackTarget, SwitchMode};
 pub use standby_store::HistoryRecord;
 pub use standby_store::PlanRecord;
 pub use task::TaskView;
-pub use vm::{VmSpec, VmView};
+pub use vm::{VmChange, VmSpec, VmView};
 
 /// The name of the host that exists from the first run: this machine.
 pub const LOCAL_HOST: &str = "local";
@@ -107,15 +107,18 @@ impl Engine {
         let _ = self.store().record_history(vm, operation, &self.command, result, detail);
     }
 
-    /// Every recorded operation, oldest first; only `vm`'s when given (its replica VM's
-    /// operations are recorded under the source VM's name).
-    pub fn history(&self, vm: Option<&str>) -> Result<Vec<HistoryRecord>> {
+    /// The newest `limit` recorded operations, oldest first; only `vm`'s when given (its
+    /// replica VM's operations are recorded under the source VM's name; a plan's under
+    /// `plan:NAME`, a job's under `job:NAME`).
+    pub fn history(&self, vm: Option<&str>, limit: u32) -> Result<Vec<HistoryRecord>> {
         if let Some(v) = vm {
-            if self.store().vm(v)?.is_none() {
+            let named = v.starts_with("plan:") || v.starts_with("job:");
+            // A deleted VM's history stays readable.
+            if !named && self.store().vm(v)?.is_none() && self.store().last_history(v)?.is_none() {
                 return Err(EngineError::UnknownVm(v.into()));
             }
         }
-        Ok(self.store().history(vm)?)
+        Ok(self.store().history(vm, limit)?)
     }
 
     pub fn data_dir(&self) -> &Path {

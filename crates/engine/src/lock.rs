@@ -15,7 +15,12 @@ pub struct VmLock {
 impl VmLock {
     /// Takes the VM's lock or says who holds it.
     pub fn acquire(data_dir: &Path, vm: &str, purpose: &str) -> Result<VmLock> {
-        let path = data_dir.join("locks").join(format!("vm-{vm}.lock"));
+        Self::acquire_named(data_dir, &format!("vm-{vm}"), &format!("VM {vm}"), purpose)
+    }
+
+    /// Takes the lock file `locks/<file>.lock` for `what` (as the error names it).
+    pub fn acquire_named(data_dir: &Path, file: &str, what: &str, purpose: &str) -> Result<VmLock> {
+        let path = data_dir.join("locks").join(format!("{file}.lock"));
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -32,7 +37,7 @@ impl VmLock {
             Err(std::fs::TryLockError::WouldBlock) => {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
                 Err(EngineError::Busy {
-                    what: format!("VM {vm}"),
+                    what: what.to_owned(),
                     holder: if holder.is_empty() { "another standby command".into() } else { holder },
                 })
             }

@@ -58,27 +58,7 @@ impl Engine {
         if spec.disks.is_empty() {
             return Err(EngineError::Invalid("a VM needs at least one --disk".into()));
         }
-        if !(1..=64).contains(&spec.cpus) {
-            return Err(EngineError::Invalid(format!("--cpus {} is out of range 1..=64", spec.cpus)));
-        }
-        if !(16..=1 << 20).contains(&spec.memory_mib) {
-            return Err(EngineError::Invalid(format!("--memory {} MiB is out of range 16..=1048576", spec.memory_mib)));
-        }
-        for nic in &spec.nics {
-            if !NIC_MODELS.contains(&nic.as_str()) {
-                return Err(EngineError::Invalid(format!("NIC model {nic:?} is not one of {}", NIC_MODELS.join(", "))));
-            }
-        }
-        if spec.kernel.is_none() && (spec.initrd.is_some() || spec.append.is_some()) {
-            return Err(EngineError::Invalid("--initrd and --append need --kernel".into()));
-        }
-        for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
-            if let Some(p) = path {
-                if !p.starts_with('/') || !host.file_exists(p)? {
-                    return Err(EngineError::Invalid(format!("{what} {p} does not exist (give an absolute path)")));
-                }
-            }
-        }
+        check_config(host.as_ref(), spec.cpus, spec.memory_mib, &spec.nics, &spec.kernel, &spec.initrd, &spec.append)?;
         if !spec.formats.is_empty() && spec.formats.len() != spec.disks.len() {
             return Err(EngineError::Invalid(format!(
                 "{} --format for {} --disk; give one format per disk, in order, or none to probe them",
@@ -348,6 +328,170 @@ impl Engine {
     }
 }
 
+/// What `standby vm change` asks for; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct VmChange {
+    pub memory_mib: Option<u32>,
+    pub cpus: Option<u32>,
+    pub nics: Option<Vec<String>>,
+    /// `Some(None)` removes the kernel, and with it the initrd and kernel options.
+    pub kernel: Option<Option<String>>,
+    pub initrd: Option<Option<String>>,
+    pub append: Option<Option<String>>,
+}
+
+impl Engine {
+    /// Changes a stopped VM's memory, CPUs, NICs or kernel; it takes effect at the next
+    /// start. Refused while it runs: QEMU applies none of these to a running guest.
+    pub fn vm_change(&self, name: &str, change: &VmChange) -> Result<VmView> {
+        let vm = self.vm_record(name)?;
+        let protected = self.protected_name(&vm)?;
+        let _lock = VmLock::acquire(&self.data_dir, &protected, "vm change")?;
+        if self.vm_is_running(&vm)? {
+            return Err(EngineError::VmState {
+                vm: name.into(),
+                state: "running",
+                hint: "QEMU cannot change memory, CPUs, NICs or the kernel of a running guest; shut it down first \
+                       (standby vm shutdown), change it, start it again",
+            });
+        }
+        let mut next = NewVm {
+            name: vm.name.clone(),
+            host: vm.host.clone(),
+            cpus: change.cpus.unwrap_or(vm.cpus),
+            memory_mib: change.memory_mib.unwrap_or(vm.memory_mib),
+            disks: vm.disks.clone(),
+            nics: change.nics.clone().unwrap_or_else(|| vm.nics.clone()),
+            kernel: change.kernel.clone().unwrap_or_else(|| vm.kernel.clone()),
+            initrd: change.initrd.clone().unwrap_or_else(|| vm.initrd.clone()),
+            append: change.append.clone().unwrap_or_else(|| vm.append.clone()),
+            role: vm.role.clone(),
+            replica_id: vm.replica_id,
+        };
+        if change.kernel == Some(None) {
+            if matches!(change.initrd, Some(Some(_))) || matches!(change.append, Some(Some(_))) {
+                return Err(EngineError::Invalid("--initrd and --append need a kernel; drop --no-kernel".into()));
+            }
+            next.initrd = None;
+            next.append = None;
+        }
+        let host = self.host(&vm.host)?;
+        check_config(host.as_ref(), next.cpus, next.memory_mib, &next.nics, &next.kernel, &next.initrd, &next.append)?;
+        let mut changes = Vec::new();
+        if next.cpus != vm.cpus {
+            changes.push(format!("cpus {} -> {}", vm.cpus, next.cpus));
+        }
+        if next.memory_mib != vm.memory_mib {
+            changes.push(format!("memory {} -> {} MiB", vm.memory_mib, next.memory_mib));
+        }
+        if next.nics != vm.nics {
+            changes.push(format!("nics [{}] -> [{}]", vm.nics.join(" "), next.nics.join(" ")));
+        }
+        for (what, old, new) in [
+            ("kernel", &vm.kernel, &next.kernel),
+            ("initrd", &vm.initrd, &next.initrd),
+            ("append", &vm.append, &next.append),
+        ] {
+            if old != new {
+                changes.push(format!(
+                    "{what} {:?} -> {:?}",
+                    old.as_deref().unwrap_or("none"),
+                    new.as_deref().unwrap_or("none")
+                ));
+            }
+        }
+        if changes.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "nothing to change: give --memory, --cpus, --nic, --no-nics, --kernel, --no-kernel, --initrd or --append \
+                 with a value other than {name}'s current one (standby vm show {name})"
+            )));
+        }
+        self.store().update_vm_config(&next)?;
+        self.record_raw(&protected, "vm change", "ok", &format!("{name}: {}", changes.join(", ")));
+        self.vm_show(name)
+    }
+
+    /// Removes a VM's definition. Its disks stay where they are. Refused while it runs,
+    /// while a job protects it, a plan names it or a failback writes to it.
+    pub fn vm_delete(&self, name: &str) -> Result<Vec<String>> {
+        let vm = self.vm_record(name)?;
+        let protected = self.protected_name(&vm)?;
+        let _lock = VmLock::acquire(&self.data_dir, &protected, "vm delete")?;
+        let refuse = |why: String| Err(EngineError::Invalid(format!("VM {name} cannot be deleted: {why}")));
+        if vm.role == "replica" {
+            return refuse(format!(
+                "it is the replica VM of {protected} in failover; end the failover instead \
+                 (standby failover undo {protected}, or standby failover permanent {protected})"
+            ));
+        }
+        if self.vm_is_running(&vm)? {
+            return refuse(format!("it is running; shut it down first (standby vm shutdown {name})"));
+        }
+        let replicas = self.store().replicas_of_vm(name)?;
+        if let Some(r) = replicas.iter().find(|r| r.state != "permanent") {
+            return refuse(format!(
+                "job {} protects it; remove it from the job first (standby replica delete {name} --job {} \
+                 --delete-points, or --keep-files)",
+                r.job, r.job
+            ));
+        }
+        let plans = self.store().plans()?;
+        if let Some(p) = plans.iter().find(|p| p.vms.iter().any(|v| v.vm == name)) {
+            return refuse(format!(
+                "plan {} fails it over; take it out of the plan first (standby plan change {} --vm ..., or \
+                 standby plan delete {})",
+                p.name, p.name, p.name
+            ));
+        }
+        if let Some(why) = self.failback_holds(&vm)? {
+            return refuse(why);
+        }
+        if let Some(p) = self.failback_targeting(name)? {
+            return refuse(format!(
+                "the failback of {p} goes to it; commit or undo that failback first (standby failback commit {p})"
+            ));
+        }
+        self.store().remove_vm_definition(name)?;
+        let disks: Vec<String> = vm.disks.iter().map(|d| d.path.clone()).collect();
+        self.record_raw(name, "vm delete", "ok", &format!("definition removed; disks kept: {}", disks.join(" ")));
+        Ok(disks)
+    }
+}
+
+/// The settings every VM definition must satisfy, at creation and at every change.
+fn check_config(
+    host: &dyn Host,
+    cpus: u32,
+    memory_mib: u32,
+    nics: &[String],
+    kernel: &Option<String>,
+    initrd: &Option<String>,
+    append: &Option<String>,
+) -> Result<()> {
+    if !(1..=64).contains(&cpus) {
+        return Err(EngineError::Invalid(format!("--cpus {cpus} is out of range 1..=64")));
+    }
+    if !(16..=1 << 20).contains(&memory_mib) {
+        return Err(EngineError::Invalid(format!("--memory {memory_mib} MiB is out of range 16..=1048576")));
+    }
+    for nic in nics {
+        if !NIC_MODELS.contains(&nic.as_str()) {
+            return Err(EngineError::Invalid(format!("NIC model {nic:?} is not one of {}", NIC_MODELS.join(", "))));
+        }
+    }
+    if kernel.is_none() && (initrd.is_some() || append.is_some()) {
+        return Err(EngineError::Invalid("--initrd and --append need --kernel".into()));
+    }
+    for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
+        if let Some(p) = path {
+            if !p.starts_with('/') || !host.file_exists(p)? {
+                return Err(EngineError::Invalid(format!("{what} {p} does not exist (give an absolute path)")));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The format stored for a disk. An unknown value is a damaged row, never a guess: opening
 /// a qcow2 image as raw would hand its metadata to the guest.
 pub(crate) fn disk_format(d: &DiskRecord) -> Result<Format> {
@@ -442,6 +586,9 @@ mod tests {
             unreachable!()
         }
         fn remove_file(&self, _: &str) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn remove_empty_dir(&self, _: &str) -> standby_host::Result<bool> {
             unreachable!()
         }
         fn sync_file(&self, _: &str) -> standby_host::Result<()> {

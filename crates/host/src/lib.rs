@@ -124,6 +124,8 @@ pub trait Host: Debug + Send + Sync {
     fn file_exists(&self, path: &str) -> Result<bool>;
     /// Removes a file; a missing file is not an error.
     fn remove_file(&self, path: &str) -> Result<()>;
+    /// Removes a directory if it is empty; a directory still holding files stays (Ok(false)).
+    fn remove_empty_dir(&self, dir: &str) -> Result<bool>;
     /// Makes a file's data and its directory entry durable.
     fn sync_file(&self, path: &str) -> Result<()>;
     /// Reads an image's header as the format standby knows it has. `shared` reads one a

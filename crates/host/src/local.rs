@@ -225,6 +225,15 @@ impl Host for LocalHost {
         }
     }
 
+    fn remove_empty_dir(&self, dir: &str) -> Result<bool> {
+        match fs::remove_dir(dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(false),
+            Err(e) => Err(io_err("cannot remove", Path::new(dir))(e)),
+        }
+    }
+
     fn sync_file(&self, path: &str) -> Result<()> {
         let p = Path::new(path);
         fs::File::open(p).and_then(|f| f.sync_all()).map_err(io_err("cannot sync", p))?;

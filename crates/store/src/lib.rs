@@ -24,6 +24,9 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// History entries kept per VM (and per plan or job): older ones are pruned.
+pub const HISTORY_KEEP: usize = 10_000;
+
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
@@ -177,6 +180,44 @@ impl Store {
         Ok(())
     }
 
+    /// Removes an operator's VM definition, with the records of permanent failovers that
+    /// name it (a retired VM's), in one transaction. Its disks are not touched.
+    pub fn remove_vm_definition(&mut self, name: &str) -> Result<()> {
+        let tx = self.tx()?;
+        let id: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [name], |r| r.get(0))?;
+        let live: i64 =
+            tx.query_row("SELECT COUNT(*) FROM replicas WHERE vm_id = ?1 AND state != 'permanent'", [id], |r| {
+                r.get(0)
+            })?;
+        if live > 0 {
+            return Err(StoreError::Corrupt(format!("VM {name} still has {live} replica(s)")));
+        }
+        delete_replica_rows(&tx, "vm_id = ?1", id)?;
+        tx.execute("DELETE FROM vms WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Changes a VM's configuration (not its name, host or disks).
+    pub fn update_vm_config(&mut self, vm: &NewVm) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE vms SET cpus = ?2, memory_mib = ?3, nics = ?4, kernel = ?5, initrd = ?6, append = ?7 WHERE name = ?1",
+            params![
+                vm.name,
+                vm.cpus,
+                vm.memory_mib,
+                serde_json::to_string(&vm.nics).unwrap_or_default(),
+                vm.kernel,
+                vm.initrd,
+                vm.append
+            ],
+        )?;
+        if n != 1 {
+            return Err(StoreError::Corrupt(format!("VM {} is not defined", vm.name)));
+        }
+        Ok(())
+    }
+
     /// Redefines a VM under the same name (a failback moves a protected VM's identity to
     /// the VM it failed back to): host, configuration and disks, in one transaction.
     pub fn redefine_vm(&mut self, vm: &NewVm) -> Result<()> {
@@ -259,7 +300,7 @@ impl Store {
     }
 
     const JOB_COLS: &'static str =
-        "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at, replica_suffix";
+        "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at, replica_suffix, enabled";
 
     fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         Ok(JobRecord {
@@ -273,6 +314,7 @@ impl Store {
             last_run_at: r.get(6)?,
             created_at: r.get(7)?,
             vms: Vec::new(),
+            enabled: r.get(9)?,
         })
     }
 
@@ -311,6 +353,49 @@ impl Store {
 
     pub fn set_job_last_run(&mut self, job_id: i64, at: &str) -> Result<()> {
         self.conn.execute("UPDATE jobs SET last_run_at = ?1 WHERE id = ?2", params![at, job_id])?;
+        Ok(())
+    }
+
+    /// Changes what a job keeps and when it runs.
+    pub fn update_job(&mut self, job_id: i64, retain: u32, every_secs: Option<u64>, enabled: bool) -> Result<()> {
+        self.conn.execute(
+            "UPDATE jobs SET retain = ?2, every_secs = ?3, enabled = ?4 WHERE id = ?1",
+            params![job_id, retain, every_secs.map(|s| s as i64), enabled],
+        )?;
+        Ok(())
+    }
+
+    /// Adds a VM to a job: a new replica in `dir`, ready for its first run.
+    pub fn insert_replica(&mut self, job_id: i64, vm_id: i64, dir: &str) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO replicas (job_id, vm_id, state, dir) VALUES (?1, ?2, 'ready', ?3)",
+            params![job_id, vm_id, dir],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Forgets a replica and its restore points in one transaction (its files are the
+    /// caller's business).
+    pub fn delete_replica(&mut self, replica_id: i64) -> Result<()> {
+        let tx = self.tx()?;
+        delete_replica_rows(&tx, "id = ?1", replica_id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deletes a job whose every remaining replica is the record of a permanent failover.
+    pub fn delete_job(&mut self, job_id: i64) -> Result<()> {
+        let tx = self.tx()?;
+        let live: i64 =
+            tx.query_row("SELECT COUNT(*) FROM replicas WHERE job_id = ?1 AND state != 'permanent'", [job_id], |r| {
+                r.get(0)
+            })?;
+        if live > 0 {
+            return Err(StoreError::Corrupt(format!("job {job_id} still has {live} replica(s)")));
+        }
+        delete_replica_rows(&tx, "job_id = ?1", job_id)?;
+        tx.execute("DELETE FROM jobs WHERE id = ?1", [job_id])?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -447,25 +532,29 @@ impl Store {
 
     pub fn insert_plan(&mut self, plan: &PlanRecord) -> Result<()> {
         let tx = self.tx()?;
-        tx.execute(
-            "INSERT INTO plans (name, pre_command, post_command, on_failure, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![plan.name, plan.pre_command, plan.post_command, plan.on_failure, plan.created_at],
-        )?;
-        let id = tx.last_insert_rowid();
-        for (pos, v) in plan.vms.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO plan_vms (plan_id, pos, vm, delay_secs) VALUES (?1, ?2, ?3, ?4)",
-                params![id, pos as i64, v.vm, v.delay_secs as i64],
-            )?;
-        }
+        insert_plan_rows(&tx, plan)?;
         tx.commit()?;
         Ok(())
     }
 
+    /// Replaces a plan's definition, keeping its name and creation time, in one transaction.
+    pub fn update_plan(&mut self, plan: &PlanRecord) -> Result<()> {
+        let tx = self.tx()?;
+        tx.execute("DELETE FROM plans WHERE name = ?1", [&plan.name])?;
+        insert_plan_rows(&tx, plan)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn delete_plan(&mut self, name: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM plans WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
     pub fn plans(&self) -> Result<Vec<PlanRecord>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id, name, pre_command, post_command, on_failure, created_at FROM plans ORDER BY name")?;
+        let mut st = self.conn.prepare(
+            "SELECT id, name, pre_command, post_command, on_failure, created_at, hook_timeout_secs FROM plans ORDER BY name",
+        )?;
         let rows: Vec<(i64, PlanRecord)> = st
             .query_map([], |r| {
                 Ok((
@@ -477,6 +566,7 @@ impl Store {
                         post_command: r.get(3)?,
                         on_failure: r.get(4)?,
                         created_at: r.get(5)?,
+                        hook_timeout_secs: r.get::<_, i64>(6)? as u64,
                     },
                 ))
             })?
@@ -506,28 +596,43 @@ impl Store {
             "INSERT INTO history (at, vm, operation, command, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![now(), vm, operation, command, result, detail],
         )?;
+        // Pruning costs a walk over HISTORY_KEEP index entries: do it every hundredth entry.
+        if self.conn.last_insert_rowid() % 100 == 0 {
+            self.prune_history(vm)?;
+        }
         Ok(())
     }
 
-    /// History, oldest first; only `vm`'s when given.
-    pub fn history(&self, vm: Option<&str>) -> Result<Vec<HistoryRecord>> {
+    /// Keeps the newest [`HISTORY_KEEP`] entries of `vm`; older ones go.
+    pub fn prune_history(&mut self, vm: &str) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM history WHERE vm = ?1 AND id <= (
+                 SELECT id FROM history WHERE vm = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            params![vm, HISTORY_KEEP as i64],
+        )?)
+    }
+
+    /// The newest `limit` history entries, oldest first; only `vm`'s when given.
+    pub fn history(&self, vm: Option<&str>, limit: u32) -> Result<Vec<HistoryRecord>> {
         let mut st = self.conn.prepare(
-            "SELECT id, at, vm, operation, command, result, detail FROM history WHERE ?1 IS NULL OR vm = ?1 ORDER BY id",
+            "SELECT id, at, vm, operation, command, result, detail FROM history
+             WHERE ?1 IS NULL OR vm = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
-        let rows = st
-            .query_map([vm], |r| {
-                Ok(HistoryRecord {
-                    id: r.get(0)?,
-                    at: r.get(1)?,
-                    vm: r.get(2)?,
-                    operation: r.get(3)?,
-                    command: r.get(4)?,
-                    result: r.get(5)?,
-                    detail: r.get(6)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
+        let mut rows = st.query_map(params![vm, limit], history_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.reverse();
         Ok(rows)
+    }
+
+    /// The newest history entry of `vm`: one index lookup, however long the history.
+    pub fn last_history(&self, vm: &str) -> Result<Option<HistoryRecord>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, at, vm, operation, command, result, detail FROM history WHERE vm = ?1 ORDER BY id DESC LIMIT 1",
+                [vm],
+                history_from_row,
+            )
+            .optional()?)
     }
 
     /// Reserves the sequence number of the next run: durable before any file is named after it.
@@ -695,6 +800,56 @@ impl Store {
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
+}
+
+fn history_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryRecord> {
+    Ok(HistoryRecord {
+        id: r.get(0)?,
+        at: r.get(1)?,
+        vm: r.get(2)?,
+        operation: r.get(3)?,
+        command: r.get(4)?,
+        result: r.get(5)?,
+        detail: r.get(6)?,
+    })
+}
+
+fn insert_plan_rows(tx: &Transaction<'_>, plan: &PlanRecord) -> Result<()> {
+    tx.execute(
+        "INSERT INTO plans (name, pre_command, post_command, on_failure, created_at, hook_timeout_secs)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            plan.name,
+            plan.pre_command,
+            plan.post_command,
+            plan.on_failure,
+            plan.created_at,
+            plan.hook_timeout_secs as i64
+        ],
+    )?;
+    let id = tx.last_insert_rowid();
+    for (pos, v) in plan.vms.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO plan_vms (plan_id, pos, vm, delay_secs) VALUES (?1, ?2, ?3, ?4)",
+            params![id, pos as i64, v.vm, v.delay_secs as i64],
+        )?;
+    }
+    Ok(())
+}
+
+/// Deletes the replicas matching `cond` (on `replicas` columns, one parameter) with their
+/// restore points, inside the caller's transaction.
+fn delete_replica_rows(tx: &Transaction<'_>, cond: &str, arg: i64) -> Result<()> {
+    let ids = format!("SELECT id FROM replicas WHERE {cond}");
+    tx.execute(
+        &format!("DELETE FROM rp_disks WHERE rp_id IN (SELECT id FROM restore_points WHERE replica_id IN ({ids}))"),
+        [arg],
+    )?;
+    tx.execute(&format!("DELETE FROM restore_points WHERE replica_id IN ({ids})"), [arg])?;
+    tx.execute(&format!("DELETE FROM failbacks WHERE replica_id IN ({ids})"), [arg])?;
+    tx.execute(&format!("UPDATE vms SET replica_id = NULL WHERE replica_id IN ({ids})"), [arg])?;
+    tx.execute(&format!("DELETE FROM replicas WHERE {cond}"), [arg])?;
+    Ok(())
 }
 
 fn insert_rp_disk(tx: &Transaction<'_>, rp_id: i64, d: &RpDiskRecord) -> Result<()> {

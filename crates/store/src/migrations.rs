@@ -136,4 +136,10 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at TEXT NOT NULL
     );
     "#,
+    // 5: configuration an operator changes: a job can be disabled (the daemon skips it, a
+    // manual run is refused), and a plan's commands get a time limit.
+    r#"
+    ALTER TABLE jobs ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1));
+    ALTER TABLE plans ADD COLUMN hook_timeout_secs INTEGER NOT NULL DEFAULT 300 CHECK (hook_timeout_secs >= 1);
+    "#,
 ];

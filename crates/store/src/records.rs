@@ -64,6 +64,8 @@ pub struct JobRecord {
     pub last_run_at: Option<String>,
     pub created_at: String,
     pub vms: Vec<String>,
+    /// A disabled job does not run: the daemon skips it and `job run` refuses it.
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -162,7 +164,9 @@ pub struct PlanRecord {
     pub vms: Vec<PlanVm>,
     pub pre_command: Option<String>,
     pub post_command: Option<String>,
-    /// `stop` or `continue` when a VM fails over unsuccessfully.
+    /// `stop` or `continue` when a VM fails over unsuccessfully (or a command fails).
     pub on_failure: String,
+    /// Seconds a pre- or post-command may run before it is killed.
+    pub hook_timeout_secs: u64,
     pub created_at: String,
 }

@@ -93,3 +93,26 @@ fn retention_drop_repoints_layers() {
     assert_eq!((rps[0].disks[0].layer.as_str(), rps[0].disks[0].parent.as_deref()), ("l1", None));
     assert_eq!((rps[1].disks[0].layer.as_str(), rps[1].disks[0].parent.as_deref()), ("l3", Some("l1")));
 }
+
+#[test]
+fn history_is_bounded_per_vm_and_its_last_entry_is_one_lookup() {
+    let (_d, mut s) = open();
+    for i in 0..(HISTORY_KEEP + 250) {
+        s.record_history("a", "op", "cmd", "ok", &format!("a{i}")).unwrap();
+        if i % 10 == 0 {
+            s.record_history("b", "op", "cmd", "ok", &format!("b{i}")).unwrap();
+        }
+    }
+    s.prune_history("a").unwrap();
+    let a = s.history(Some("a"), u32::MAX).unwrap();
+    assert_eq!(a.len(), HISTORY_KEEP, "older entries of a are pruned");
+    assert_eq!(a.last().unwrap().detail, format!("a{}", HISTORY_KEEP + 249));
+    assert_eq!(a.first().unwrap().detail, "a250", "the newest are kept, oldest first");
+    // Another VM's entries are its own to keep.
+    assert_eq!(s.history(Some("b"), u32::MAX).unwrap().len(), (HISTORY_KEEP + 250).div_ceil(10));
+    assert_eq!(s.last_history("b").unwrap().unwrap().detail, format!("b{}", HISTORY_KEEP + 240));
+    assert!(s.last_history("nobody").unwrap().is_none());
+    let newest = s.history(None, 3).unwrap();
+    assert_eq!(newest.len(), 3);
+    assert_eq!(newest[2].detail, format!("a{}", HISTORY_KEEP + 249));
+}

@@ -68,6 +68,8 @@ impl Env {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--data-dir").arg(self.data_dir()).args(args);
+        // Never a terminal: a confirmation prompt must not wait for the test's tty.
+        c.stdin(std::process::Stdio::null());
         c.env_remove("STANDBY_FAILPOINT");
         for (k, v) in &self.envs {
             c.env(k, v);
@@ -184,6 +186,13 @@ impl Env {
         walk(self.dir.path(), self.dir.path(), &mut files);
         s.push_str(&files.join("\n"));
         s
+    }
+
+    /// Runs SQL on standby's database behind its back: a damaged row, a clock that lied.
+    pub fn sql(&self, statements: &str) {
+        let conn = rusqlite::Connection::open(self.dir.path().join("data/standby.db")).expect("open the database");
+        conn.busy_timeout(Duration::from_secs(30)).expect("busy timeout");
+        conn.execute_batch(statements).unwrap_or_else(|e| panic!("{statements}: {e}"));
     }
 
     /// Defines VM `name` on `disk` booting the test guest with kernel command line `append`.

@@ -288,6 +288,20 @@ impl Engine {
 
     /// Why `vm` must not start now: a failback not yet switched is writing to its disks,
     /// or it is a replica whose final state production took over.
+    /// The protected VM whose failback in progress (any phase) goes to `vm` as an
+    /// `existing:` target: undo would need `vm`'s definition back.
+    pub(crate) fn failback_targeting(&self, vm: &str) -> Result<Option<String>> {
+        let rows = self.store().failbacks()?;
+        for (replica_id, _) in rows {
+            let replica = self.store().replica(replica_id)?;
+            let (Some(replica), Some(rec)) = (replica, self.failback_record(replica_id)?) else { continue };
+            if matches!(&rec.target, FailbackTarget::Existing { vm: t } if t == vm) {
+                return Ok(Some(replica.vm));
+            }
+        }
+        Ok(None)
+    }
+
     pub(crate) fn failback_holds(&self, vm: &VmRecord) -> Result<Option<String>> {
         let rows = self.store().failbacks()?;
         for (replica_id, _) in rows {

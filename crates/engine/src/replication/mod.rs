@@ -110,11 +110,8 @@ impl Engine {
             .map(|r| {
                 let points = self.store().restore_points(r.id, false)?;
                 let replica_vm = self.store().replica_vm(r.id)?.map(|v| v.name);
-                let last_operation = self
-                    .store()
-                    .history(Some(&r.vm))?
-                    .pop()
-                    .map(|h| format!("{} {} at {}", h.operation, h.result, h.at));
+                let last_operation =
+                    self.store().last_history(&r.vm)?.map(|h| format!("{} {} at {}", h.operation, h.result, h.at));
                 let state: ReplicaState = r.state.parse().map_err(EngineError::Invalid)?;
                 // Recovery ran before this; a transitional state nobody works on is stuck.
                 let stuck = !state.is_idle() && VmLock::acquire(&self.data_dir, &r.vm, "status").is_ok();
@@ -170,6 +167,11 @@ impl Engine {
     /// Runs a job: every VM in parallel, each with its own outcome.
     pub fn job_run(&self, name: &str, progress: &dyn Progress) -> Result<Vec<RunOutcome>> {
         let job = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
+        if !job.enabled {
+            return Err(EngineError::Invalid(format!(
+                "job {name} is disabled; enable it first (standby job enable {name})"
+            )));
+        }
         self.store().set_job_last_run(job.id, &standby_store::now())?;
         let replicas = self.store().replicas_of_job(job.id)?;
         let task = TaskProgress::start(self, "job-run", name, progress)?;
@@ -326,6 +328,20 @@ impl Engine {
         notes.extend(self.recover_permanent(&replica)?);
         notes.extend(self.recover_failback(&replica)?);
         Ok(notes)
+    }
+
+    /// Removes this replica's dirty bitmaps from the source VM's disks: a replica that is
+    /// deleted must not leave its change tracking behind in production images.
+    pub(crate) fn forget_source_bitmaps(&self, replica: &ReplicaRecord, vm: &VmRecord) -> Result<()> {
+        let src = self.host(&vm.host)?;
+        let running = self.vm_is_running(vm)?;
+        let mut access = Access::open(src.as_ref(), &vm.name, running)?;
+        source::close_views(&mut access, src.as_ref(), &vm.name, replica.id, vm.disks.len())?;
+        for (idx, d) in vm.disks.iter().enumerate() {
+            let disk = SourceDisk { idx, path: d.path.clone(), format: vm::disk_format(d)?, size: 0 };
+            access.reconcile(src.as_ref(), &disk, replica.id, None)?;
+        }
+        Ok(())
     }
 
     /// Clears what an interrupted run of this replica left behind. Idempotent.
