@@ -22,3 +22,4 @@ bench: deps
 	bash scripts/bench.sh
 	bash scripts/bench-failover.sh
 	bash scripts/bench-failback.sh
+	bash scripts/bench-history.sh

@@ -62,6 +62,9 @@ enum Command {
         #[command(flatten)]
         json: Json,
     },
+    /// Finish or roll back what interrupted operations left (commands that change state do it first).
+    #[command(after_help = "Example: standby recover")]
+    Recover,
     /// Run jobs on their intervals until stopped.
     #[command(after_help = "Example: standby daemon --tick 5")]
     Daemon {
@@ -604,8 +607,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let mut engine =
         Engine::open(&data_dir).with_context(|| format!("cannot open standby's data in {}", data_dir.display()))?;
     engine.set_command(std::env::args().collect::<Vec<_>>().join(" "));
-    for note in engine.recover_interrupted().context("recovering interrupted operations")? {
-        eprintln!("standby: {note}");
+    // Commands that only read report what waits for recovery and change nothing; the
+    // others first finish what interrupted operations left.
+    if reads_only(&cli.command) {
+        for note in engine.recovery_needed().context("reading the replicas' state")? {
+            eprintln!("standby: {note}");
+        }
+    } else {
+        let done = engine.recover_interrupted().context("recovering interrupted operations")?;
+        if matches!(cli.command, Command::Recover) {
+            if done.notes.is_empty() && done.attention.is_empty() {
+                println!("nothing to recover");
+            }
+            for note in done.notes.iter().chain(&done.attention) {
+                println!("{note}");
+            }
+            return Ok(if done.attention.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        }
+        for note in done.notes.iter().chain(&done.attention) {
+            eprintln!("standby: {note}");
+        }
     }
     match cli.command {
         Command::Vm(c) => vm(&engine, c),
@@ -632,7 +653,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output::history(&engine.history(vm.as_deref(), limit)?, json.json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Recover => Ok(ExitCode::SUCCESS),
         Command::Daemon { tick } => daemon::run(&engine, Duration::from_secs(tick.max(1))),
+    }
+}
+
+/// Whether a command only reads state (and so must not change it, not even by recovery).
+fn reads_only(cmd: &Command) -> bool {
+    match cmd {
+        Command::Vm(c) => matches!(c, VmCmd::List { .. } | VmCmd::Show { .. } | VmCmd::Console { .. }),
+        Command::Job(c) => matches!(c, JobCmd::List { .. }),
+        Command::Replica(c) => matches!(c, ReplicaCmd::List { .. } | ReplicaCmd::Points { .. }),
+        Command::Task(_) | Command::History { .. } => true,
+        Command::Host(c) => matches!(c, HostCmd::List),
+        Command::Plan(c) => matches!(c, PlanCmd::List { .. } | PlanCmd::Show { .. }),
+        Command::Failback(a) => matches!(a.action, Some(FailbackCmd::List { .. })),
+        Command::Failover(_) | Command::Recover | Command::Daemon { .. } => false,
     }
 }
 
@@ -693,14 +729,17 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
             let mut pos = 0;
             let mut out = std::io::stdout();
             loop {
+                // Piece by piece: the whole log is never in memory at once.
                 let (bytes, next) = engine.vm_console(&name, pos)?;
                 out.write_all(&bytes)?;
                 out.flush()?;
                 pos = next;
-                if !follow {
-                    break;
+                if bytes.is_empty() {
+                    if !follow {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
                 }
-                std::thread::sleep(Duration::from_millis(200));
             }
         }
     }

@@ -91,6 +91,9 @@ fn crash_stopped_vm_at(fp: &str) {
         assert!(identical(p["disks"][0]["path"].as_str().unwrap(), &refs[&id]), "{fp}: point {id} changed");
     }
 
+    // Reading changed nothing; recovery frees the source image the killed run's servers held.
+    let recovered = env.ok(&["recover"]);
+    assert!(recovered.contains("VM c"), "{fp}: {recovered}");
     // Changes made after the kill, and those the killed run was carrying, all arrive.
     qemu_io(&disk, "qcow2", &["write -P 0x42 30M 1M".into()]);
     let out = env.ok(&["job", "run", "j"]);

@@ -353,8 +353,8 @@ fn crash_at(fp: &str) {
     };
     let killed = env.run_killed_at(fp, args);
     assert!(killed.stderr.contains(&format!("fail point {fp} reached")), "{fp}: {}", killed.stderr);
-    let list = env.run(&["replica", "list"]);
-    assert!(list.stderr.contains(recovered), "{fp}: {}", list.stderr);
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains(recovered), "{fp}: {rec}");
     assert!(working_files(&env).is_empty(), "{fp}: working layers left: {:?}", working_files(&env));
     let final_state = vm_row(&env, "web_replica").map(|_| replica_top(&env)).unwrap_or_default();
     match fp.split('.').next().unwrap() {
@@ -522,8 +522,8 @@ fn kill_after_a_live_protective_point() {
     env.ok(&["failover", "web"]);
     env.wait_console("web_replica", Duration::from_secs(60), "writes in failover", |c| Ledger::acknowledged(c) >= 10);
     env.run_killed_at("failback.after-protect", &["failback", "web", "--to", "original", "--switch", "manual"]);
-    let list = env.run(&["replica", "list"]);
-    assert!(list.stderr.contains("phase 1 rolled back"), "{}", list.stderr);
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains("phase 1 rolled back"), "{rec}");
     assert_eq!(state(&env), "failover");
     assert_eq!(replica_top(&env), env.path("dr/web/failover-d0.g1.qcow2"), "the overlay QEMU writes to");
     let at_kill = Ledger::acknowledged(&env.console("web_replica"));

@@ -213,9 +213,9 @@ fn crash_failover_at(fp: &str) {
     plain_vms(&env, &["a"]);
     let before = chain_digests(&env, "a");
     env.run_killed_at(fp, &["failover", "a"]);
-    // Any command recovers.
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains("interrupted failover"), "{fp}: {rec}");
     let list = env.run(&["replica", "list", "--json"]);
-    assert!(list.stderr.contains("interrupted failover"), "{fp}: {}", list.stderr);
     let state = serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"].as_str().unwrap().to_owned();
     let replica_vm = vm_row(&env, "a_replica");
     if fp == "failover.after-start" {
@@ -231,7 +231,7 @@ fn crash_failover_at(fp: &str) {
     assert!(env.processes().is_empty(), "{fp}: {:?}", env.processes());
     assert_eq!(chain_digests(&env, "a"), before, "{fp}: restore points changed");
     // A second recovery changes nothing; the next failover works.
-    env.ok(&["replica", "list"]);
+    assert_eq!(env.ok(&["recover"]).trim(), "nothing to recover", "{fp}");
     env.ok(&["failover", "a"]);
     env.ok(&["failover", "undo", "a"]);
 }
@@ -242,8 +242,9 @@ fn crash_undo_at(fp: &str) {
     let before = chain_digests(&env, "a");
     env.ok(&["failover", "a"]);
     env.run_killed_at(fp, &["failover", "undo", "a"]);
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains("interrupted undo failover"), "{fp}: {rec}");
     let list = env.run(&["replica", "list", "--json"]);
-    assert!(list.stderr.contains("interrupted undo failover"), "{fp}: {}", list.stderr);
     assert_eq!(serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"], "ready", "{fp}");
     assert!(vm_row(&env, "a_replica").is_none(), "{fp}");
     assert!(env.processes().is_empty(), "{fp}: {:?}", env.processes());
@@ -305,8 +306,9 @@ fn crash_planned_at(fp: &str) {
     plain_vms(&env, &["a"]);
     env.ok(&["vm", "start", "a"]);
     env.run_killed_at(fp, &["failover", "planned", "a", "--shutdown-timeout", "1"]);
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains("interrupted planned failover"), "{fp}: {rec}");
     let list = env.run(&["replica", "list", "--json"]);
-    assert!(list.stderr.contains("interrupted planned failover"), "{fp}: {}", list.stderr);
     assert_eq!(serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"], "ready", "{fp}");
     // Never both stopped: the source that ran before runs again, and no replica runs.
     assert_eq!(env.json(&["vm", "show", "a"])["state"], "running", "{fp}");
@@ -412,8 +414,9 @@ fn crash_permanent_at(fp: &str) {
     standby_testkit::qemu_img(&["convert", "-O", "qcow2", &overlay, &view]);
     let layers = layer_files(&env, "a");
     env.run_killed_at(fp, &["failover", "permanent", "a"]);
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains("interrupted permanent failover"), "{fp}: {rec}");
     let list = env.run(&["replica", "list", "--json"]);
-    assert!(list.stderr.contains("interrupted permanent failover"), "{fp}: {}", list.stderr);
     let state = serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"].as_str().unwrap().to_owned();
     // Either way the VM's disk reads exactly as the failover view did.
     assert!(identical(&overlay, &view), "{fp}: the replica's disk changed");
@@ -512,9 +515,12 @@ fn a_recovery_that_cannot_finish_asks_for_attention_without_blocking_standby() {
     let dir = env.path("dr/a");
     std::fs::rename(&dir, env.path("dr-a-aside")).unwrap();
     std::fs::write(&dir, b"in the way").unwrap();
+    let r = env.run(&["recover"]);
+    assert_eq!(r.code, Some(1), "what could not be recovered fails `recover`: {}", r.stdout);
+    assert!(r.stdout.contains("VM a needs attention"), "{}", r.stdout);
     let r = env.run(&["vm", "list"]);
     assert_eq!(r.code, Some(0), "other work goes on: {}", r.stderr);
-    assert!(r.stderr.contains("VM a needs attention"), "{}", r.stderr);
+    assert!(r.stderr.contains("VM a (job j): an interrupted failing_over"), "{}", r.stderr);
     let replicas = env.json(&["replica", "list"]);
     let a = replicas.as_array().unwrap().iter().find(|r| r["vm"] == "a").unwrap().clone();
     assert_eq!(a["state"], "failing_over");
@@ -523,9 +529,9 @@ fn a_recovery_that_cannot_finish_asks_for_attention_without_blocking_standby() {
     // Once the cause is gone, the next command recovers it.
     std::fs::remove_file(&dir).unwrap();
     std::fs::rename(env.path("dr-a-aside"), &dir).unwrap();
-    let r = env.run(&["replica", "list", "--json"]);
-    assert!(r.stderr.contains("rolled back an interrupted failover"), "{}", r.stderr);
-    let replicas: Value = serde_json::from_str(&r.stdout).unwrap();
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains("rolled back an interrupted failover"), "{rec}");
+    let replicas = env.json(&["replica", "list"]);
     let a = replicas.as_array().unwrap().iter().find(|r| r["vm"] == "a").unwrap().clone();
     assert_eq!((a["state"].as_str(), a["needs_attention"].is_null()), (Some("ready"), true));
     env.ok(&["failover", "undo", "b"]);
@@ -568,4 +574,43 @@ fn a_vm_in_two_jobs_fails_over_to_the_replica_named() {
     assert_eq!(states, [("far".to_owned(), "failover".to_owned()), ("near".to_owned(), "ready".to_owned())]);
     env.ok(&["failover", "undo", "t", "--job", "far"]);
     assert!(env.processes().is_empty());
+}
+
+/// A live permanent failover pauses the guest while it verifies the standalone disk; a
+/// standby killed there must not leave the guest paused for good.
+#[test]
+fn a_kill_while_verifying_a_running_replica_leaves_no_paused_guest() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/app.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x51, 0, 3)]);
+    env.create_guest_vm("app", &disk, 160, &ledger_append(START, COUNT, 20_000));
+    env.ok(&["job", "create", "j", "--vm", "app", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "app"]);
+    env.wait_console("app", Duration::from_secs(60), "ledger writes", |c| Ledger::acknowledged(c) >= 5);
+    env.ok(&["failover", "planned", "app", "--shutdown-timeout", "30"]);
+    env.wait_console("app_replica", Duration::from_secs(60), "writes in failover", |c| {
+        c.lines().any(|l| l.starts_with("LEDGER-RESUME")) && Ledger::acknowledged(c) >= 10
+    });
+    env.run_killed_at("permanent.after-flatten", &["failover", "permanent", "app"]);
+    // Paused: a guest writing every 20 ms acknowledges nothing for a second and a half.
+    let paused_at = Ledger::acknowledged(&env.console("app_replica"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(Ledger::acknowledged(&env.console("app_replica")), paused_at, "the kill came while it was paused");
+    let rec = env.ok(&["recover"]);
+    assert!(
+        rec.contains("rolled back an interrupted permanent failover") && rec.contains("resumed app_replica"),
+        "{rec}"
+    );
+    env.wait_console("app_replica", Duration::from_secs(30), "writes after recovery", |c| {
+        Ledger::acknowledged(c) >= paused_at + 10
+    });
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "failover");
+    // The failover goes on and can still be made permanent, losing nothing.
+    let out = env.ok(&["failover", "permanent", "app"]);
+    assert!(out.contains("app: ok"), "{out}");
+    let overlay = vm_row(&env, "app_replica").unwrap()["disks"][0]["path"].as_str().unwrap().to_owned();
+    env.ok(&["vm", "shutdown", "app_replica", "--timeout", "30"]);
+    let acked = Ledger::acknowledged(&env.console("app_replica"));
+    let k = Ledger { start_block: START }.records_in(&read_image(&overlay), COUNT).unwrap();
+    assert!(k >= acked, "standalone disk has {k} records, guest acknowledged {acked}");
 }

@@ -139,3 +139,31 @@ fn kvm_probe_decides_the_accelerator() {
     let err = env.fails(&["host", "probe", "--kernel", "/nonexistent", "--initrd", &initrd]);
     assert!(err.contains("does not exist"), "{err}");
 }
+
+/// A guest's console log is read piece by piece and rotated at start, so neither memory
+/// nor disk grows with everything a guest ever printed.
+#[test]
+fn console_logs_are_read_in_pieces_and_rotated_at_start() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/c.qcow2");
+    make_disk(&disk, "qcow2", 8, &[]);
+    env.ok(&["vm", "create", "c", "--disk", &disk, "--format", "qcow2", "--memory", "64"]);
+    let dir = env.path("data/hosts/local/vms/c");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 9 MiB of numbered lines: more than one read's worth, and over the rotation size.
+    let mut old = String::new();
+    let mut i = 0u64;
+    while old.len() < 9 << 20 {
+        old.push_str(&format!("old console line {i}\n"));
+        i += 1;
+    }
+    std::fs::write(format!("{dir}/console.log"), &old).unwrap();
+    let shown = env.ok(&["vm", "console", "c"]);
+    assert!(shown == old, "vm console printed {} bytes of {}", shown.len(), old.len());
+    env.ok(&["vm", "start", "c"]);
+    env.ok(&["vm", "stop", "c"]);
+    assert_eq!(std::fs::read_to_string(format!("{dir}/console.log.1")).unwrap(), old, "the old log is kept once");
+    let now = std::fs::metadata(format!("{dir}/console.log")).map(|m| m.len()).unwrap_or(0);
+    assert!(now < 1 << 20, "the new log starts afresh: {now} bytes");
+    assert!(!env.ok(&["vm", "console", "c"]).contains("old console line"));
+}

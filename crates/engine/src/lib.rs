@@ -32,7 +32,7 @@ pub use failover::{OpOutcome, PointChoice};
 pub use job::{JobChange, JobSpec, JobView, Points, ReplicaDeleted};
 pub use plan::{PlanChange, PlanRun, PlanSpec, PlanStep, DEFAULT_HOOK_TIMEOUT_SECS};
 pub use progress::{NoProgress, Progress};
-pub use replication::{ReplicaView, RestorePointView, RpDiskView, RunOutcome};
+pub use replication::{Recovery, ReplicaView, RestorePointView, RpDiskView, RunOutcome};
 pub use standby_model::{FailbackTarget, SwitchMode};
 pub use standby_store::HistoryRecord;
 pub use standby_store::PlanRecord;

@@ -16,6 +16,9 @@ use crate::lock::VmLock;
 use crate::replication::dr;
 use crate::{failpoint, Engine, EngineError, Result};
 
+/// The step of a live permanent failover while it holds the guest paused.
+const PAUSED_STEP: &str = "verify-paused";
+
 /// Longest a live flatten may take before standby gives up on it.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
@@ -125,16 +128,20 @@ impl Engine {
                 std::thread::sleep(Duration::from_millis(50));
             }
             // Paused, the guest writes nothing and QEMU has flushed: the comparison below
-            // sees exactly what the VM runs.
+            // sees exactly what the VM runs. The step says so first: a standby killed
+            // while the guest is paused leaves recovery the note to resume it.
+            self.store().set_replica_step(replica.id, PAUSED_STEP)?;
             qmp.execute("stop", json!({}))?;
-            let verified = self.verify_standalone(replica, vm, &chains, dr_host);
-            qmp.execute("cont", json!({}))?;
-            verified
+            let verified = self.verify_standalone(replica, vm, &chains, dr_host, PAUSED_STEP);
+            let resumed = qmp.execute("cont", json!({}));
+            verified?;
+            resumed?;
+            Ok(())
         } else {
             for c in &chains {
                 dr_host.image_flatten(c)?;
             }
-            self.verify_standalone(replica, vm, &chains, dr_host)
+            self.verify_standalone(replica, vm, &chains, dr_host, "verify")
         }
     }
 
@@ -146,9 +153,10 @@ impl Engine {
         vm: &VmRecord,
         chains: &[standby_host::Chain],
         dr_host: &dyn Host,
+        step: &str,
     ) -> Result<()> {
         failpoint::hit("permanent.after-flatten");
-        self.store().set_replica_step(replica.id, "verify")?;
+        self.store().set_replica_step(replica.id, step)?;
         for (i, (chain, overlay)) in chains.iter().zip(&vm.disks).enumerate() {
             let info = dr_host.image_info(&overlay.path, Format::Qcow2, true)?;
             if info.backing_filename.is_some() {
@@ -171,11 +179,25 @@ impl Engine {
             // Not published: the replica goes on in failover; its overlays may already be
             // standalone, which changes nothing it reads.
             ReplicaState::MakingPermanent => {
+                // The guest paused for the verification runs again before anything else.
+                let mut resumed = String::new();
+                if replica.op_step.as_deref() == Some(PAUSED_STEP) {
+                    if let Some(vm) = self.store().replica_vm(replica.id)? {
+                        if self.resume_if_paused(&vm)? {
+                            resumed = format!("; resumed {}, paused for the verification", vm.name);
+                        }
+                    }
+                }
                 let back = state.apply(Transition::PermanentRolledBack)?;
                 self.store().set_replica_op(replica.id, back.as_str(), None, replica.failover_point)?;
-                self.record_raw(&replica.vm, "permanent failover", "rolled back", "recovered after an interruption");
+                self.record_raw(
+                    &replica.vm,
+                    "permanent failover",
+                    "rolled back",
+                    &format!("recovered after an interruption{resumed}"),
+                );
                 Ok(Some(format!(
-                    "VM {}: rolled back an interrupted permanent failover (still in failover)",
+                    "VM {}: rolled back an interrupted permanent failover (still in failover){resumed}",
                     replica.vm
                 )))
             }
@@ -186,5 +208,19 @@ impl Engine {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Resumes a running VM that is paused; whether it was.
+    fn resume_if_paused(&self, vm: &VmRecord) -> Result<bool> {
+        if !self.vm_is_running(vm)? {
+            return Ok(false);
+        }
+        let mut qmp = self.host(&vm.host)?.vm_qmp(&vm.name)?;
+        let status = qmp.execute("query-status", json!({}))?;
+        if status["running"].as_bool() == Some(false) && status["status"] == "paused" {
+            qmp.execute("cont", json!({}))?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 }

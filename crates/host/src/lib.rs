@@ -156,7 +156,8 @@ pub trait Host: Debug + Send + Sync {
     /// Ends the VM's QEMU process at once: the last resort after `quit` failed. Ok only
     /// when the process is gone; `StillRunning` names it otherwise.
     fn vm_kill(&self, vm: &str) -> Result<()>;
-    /// Console output from byte `from`; returns the bytes and the next offset.
+    /// Console output from byte `from`, at most 1 MiB of it; returns the bytes and the next
+    /// offset (empty at the end of the log).
     fn vm_console(&self, vm: &str, from: u64) -> Result<(Vec<u8>, u64)>;
     /// A path for a temporary file that belongs to the VM's run (fleecing images).
     fn vm_scratch_path(&self, vm: &str, file: &str) -> String;

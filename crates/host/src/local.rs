@@ -143,6 +143,21 @@ fn boots_under_kvm(root: &Path, kernel: &str, initrd: &str) -> Result<bool> {
     Ok(booted)
 }
 
+/// The most of a console log one read returns.
+const CONSOLE_CHUNK: u64 = 1 << 20;
+/// A console log larger than this at a VM's start becomes `console.log.1` (replacing the
+/// previous one): a VM's console costs at most about twice this plus one run's output.
+pub const CONSOLE_ROTATE_BYTES: u64 = 8 << 20;
+
+fn rotate_console(log: &Path) -> Result<()> {
+    match fs::metadata(log) {
+        Ok(m) if m.len() > CONSOLE_ROTATE_BYTES => {
+            fs::rename(log, log.with_extension("log.1")).map_err(io_err("cannot rotate", log))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Host for LocalHost {
     fn name(&self) -> &str {
         &self.name
@@ -305,6 +320,7 @@ impl Host for LocalHost {
             console_log: self.vm_file(&vm.name, "console.log"),
             pidfile: self.vm_file(&vm.name, "qemu.pid"),
         };
+        rotate_console(&dir.join("console.log"))?;
         let out = Command::new(QEMU_SYSTEM)
             .args(machine.args())
             .output()
@@ -375,9 +391,13 @@ impl Host for LocalHost {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
             Err(e) => return Err(io_err("cannot read", &path)(e)),
         };
+        // A log shorter than the offset was rotated at a restart: the new one is read whole.
+        let len = f.metadata().map_err(io_err("cannot read", &path))?.len();
+        let from = if from > len { 0 } else { from };
         f.seek(SeekFrom::Start(from)).map_err(io_err("cannot read", &path))?;
+        // A bounded piece: a guest that wrote gigabytes must not cost that much memory.
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf).map_err(io_err("cannot read", &path))?;
+        f.take(CONSOLE_CHUNK).read_to_end(&mut buf).map_err(io_err("cannot read", &path))?;
         let next = from + buf.len() as u64;
         Ok((buf, next))
     }

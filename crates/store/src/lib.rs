@@ -434,6 +434,32 @@ impl Store {
         self.replicas_where("1 = ?1", &1)
     }
 
+    /// Every replica row on its own: a row that cannot be read is an error for that row
+    /// only, so that one damaged replica does not hide (or stop) all the others.
+    pub fn replica_rows(&self) -> Result<Vec<(i64, Result<ReplicaRecord>)>> {
+        self.replica_rows_where("1 = ?1", 1)
+    }
+
+    /// The rows of the replicas a job replicates, each on its own (see [`Store::replica_rows`]).
+    pub fn replica_rows_of_job(&self, job_id: i64) -> Result<Vec<(i64, Result<ReplicaRecord>)>> {
+        // `state` is compared as text, so a damaged row is still found here.
+        self.replica_rows_where("job_id = ?1 AND state IS NOT 'permanent'", job_id)
+    }
+
+    fn replica_rows_where(&self, cond: &str, arg: i64) -> Result<Vec<(i64, Result<ReplicaRecord>)>> {
+        let mut st = self.conn.prepare(&format!("SELECT id FROM replicas WHERE {cond} ORDER BY id"))?;
+        let ids: Vec<i64> = st.query_map([arg], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(ids
+            .into_iter()
+            .map(|id| {
+                let row = self.replica(id).and_then(|r| {
+                    r.ok_or_else(|| StoreError::Corrupt(format!("replicas row {id} names a job or VM that is gone")))
+                });
+                (id, row)
+            })
+            .collect())
+    }
+
     /// The replicas a job replicates (a permanent failover took its VM out of the job).
     pub fn replicas_of_job(&self, job_id: i64) -> Result<Vec<ReplicaRecord>> {
         self.replicas_where("r.job_id = ?1 AND r.state != 'permanent'", &job_id)

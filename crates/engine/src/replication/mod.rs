@@ -68,6 +68,14 @@ pub struct ReplicaView {
     pub needs_attention: Option<String>,
 }
 
+/// What a recovery did: what it finished or rolled back, and what it could not.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub notes: Vec<String>,
+    /// Replicas left as they were, each with why and what to do.
+    pub attention: Vec<String>,
+}
+
 /// What one VM's run ended with.
 #[derive(Debug, Serialize)]
 pub struct RunOutcome {
@@ -103,40 +111,106 @@ fn point_view(rp: RestorePointRecord, vm: &str, job: &str) -> RestorePointView {
 }
 
 impl Engine {
+    /// Replicas with their state. Reads only: an interrupted operation is reported (in
+    /// `needs_attention`), not recovered; a replica whose row cannot be read is listed as
+    /// needing attention, naming the row, and the others are listed as usual.
     pub fn replica_list(&self) -> Result<Vec<ReplicaView>> {
-        let replicas = self.store().replicas()?;
-        replicas
-            .into_iter()
-            .map(|r| {
-                let points = self.store().restore_points(r.id, false)?;
-                let replica_vm = self.store().replica_vm(r.id)?.map(|v| v.name);
-                let last_operation =
-                    self.store().last_history(&r.vm)?.map(|h| format!("{} {} at {}", h.operation, h.result, h.at));
-                let state: ReplicaState = r.state.parse().map_err(EngineError::Invalid)?;
-                // Recovery ran before this; a transitional state nobody works on is stuck.
-                let stuck = !state.is_idle() && VmLock::acquire(&self.data_dir, &r.vm, "status").is_ok();
-                let needs_attention = stuck.then(|| {
-                    format!(
-                        "an interrupted {state} could not be recovered; see standby history {}, fix the cause, \
-                         then run any standby command",
-                        r.vm
-                    )
-                });
-                Ok(ReplicaView {
-                    needs_attention,
-                    vm: r.vm,
-                    job: r.job,
-                    target_host: r.target_host,
-                    dir: r.dir,
-                    state: r.state,
-                    restore_points: points.len(),
-                    latest: points.last().map(|p| p.created_at.clone()),
-                    failover_point: r.failover_point,
-                    replica_vm,
-                    last_operation,
-                })
-            })
-            .collect()
+        let rows = self.store().replica_rows()?;
+        let mut views = Vec::new();
+        for (id, row) in rows {
+            let view = row.map_err(EngineError::from).and_then(|r| self.replica_view(r));
+            views.push(view.unwrap_or_else(|e| ReplicaView {
+                vm: format!("(replicas row {id})"),
+                job: "?".into(),
+                target_host: "?".into(),
+                dir: "?".into(),
+                state: "unreadable".into(),
+                restore_points: 0,
+                latest: None,
+                failover_point: None,
+                replica_vm: None,
+                last_operation: None,
+                needs_attention: Some(format!(
+                    "replicas row {id} cannot be read ({}); standby leaves this replica alone until the row is \
+                     repaired or restored from a backup of the database",
+                    vm::chain(&e)
+                )),
+            }));
+        }
+        views.sort_by(|a, b| (&a.vm, &a.job).cmp(&(&b.vm, &b.job)));
+        Ok(views)
+    }
+
+    fn replica_view(&self, r: ReplicaRecord) -> Result<ReplicaView> {
+        let points = self.store().restore_points(r.id, false)?;
+        let replica_vm = self.store().replica_vm(r.id)?.map(|v| v.name);
+        let last_operation =
+            self.store().last_history(&r.vm)?.map(|h| format!("{} {} at {}", h.operation, h.result, h.at));
+        let needs_attention = match r.state.parse::<ReplicaState>() {
+            Err(e) => {
+                Some(format!("replicas row {}: {e}; standby leaves this replica alone until the row is repaired", r.id))
+            }
+            Ok(state) => self.pending_recovery(&r, state).map(|what| {
+                format!("{what} waits for recovery: run standby recover (standby history {} shows what happened)", r.vm)
+            }),
+        };
+        Ok(ReplicaView {
+            needs_attention,
+            vm: r.vm,
+            job: r.job,
+            target_host: r.target_host,
+            dir: r.dir,
+            state: r.state,
+            restore_points: points.len(),
+            latest: points.last().map(|p| p.created_at.clone()),
+            failover_point: r.failover_point,
+            replica_vm,
+            last_operation,
+        })
+    }
+
+    /// What an interrupted operation left for recovery on this replica, if anything. One
+    /// still running (it holds the VM's lock) is not interrupted.
+    fn pending_recovery(&self, r: &ReplicaRecord, state: ReplicaState) -> Option<String> {
+        if state.is_idle() && r.op_step.is_none() {
+            return None;
+        }
+        VmLock::acquire(&self.data_dir, &r.vm, "status").ok()?;
+        Some(match &r.op_step {
+            Some(step) => format!("an interrupted {state} (at step {step})"),
+            None => format!("an interrupted {state}"),
+        })
+    }
+
+    /// What recovery would do, without doing it: for commands that only read.
+    pub fn recovery_needed(&self) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        for (id, row) in self.store().replica_rows()? {
+            let r = match row {
+                Ok(r) => r,
+                Err(e) => {
+                    notes.push(format!(
+                        "replicas row {id} cannot be read ({}); that replica needs attention",
+                        vm::chain(&e)
+                    ));
+                    continue;
+                }
+            };
+            match r.state.parse::<ReplicaState>() {
+                Err(e) => {
+                    notes.push(format!("VM {} (job {}): replicas row {id}: {e}; it needs attention", r.vm, r.job))
+                }
+                Ok(state) => {
+                    if let Some(what) = self.pending_recovery(&r, state) {
+                        notes.push(format!(
+                            "VM {} (job {}): {what} waits for recovery; run standby recover",
+                            r.vm, r.job
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(notes)
     }
 
     pub(crate) fn replica_of(&self, vm: &str, job: Option<&str>) -> Result<ReplicaRecord> {
@@ -173,9 +247,25 @@ impl Engine {
             )));
         }
         self.store().set_job_last_run(job.id, &standby_store::now())?;
-        let replicas = self.store().replicas_of_job(job.id)?;
+        // A replica whose row cannot be read fails on its own; the others run.
+        let mut unreadable = Vec::new();
+        let mut replicas = Vec::new();
+        for (id, row) in self.store().replica_rows_of_job(job.id)? {
+            match row {
+                Ok(r) => replicas.push(r),
+                Err(e) => unreadable.push(RunOutcome {
+                    vm: format!("(replicas row {id})"),
+                    restore_point: None,
+                    error: Some(format!(
+                        "replicas row {id} cannot be read ({}); repair it, the other VMs of the job run on",
+                        vm::chain(&e)
+                    )),
+                    notes: Vec::new(),
+                }),
+            }
+        }
         let task = TaskProgress::start(self, "job-run", name, progress)?;
-        let outcomes: Vec<RunOutcome> = std::thread::scope(|s| {
+        let mut outcomes: Vec<RunOutcome> = std::thread::scope(|s| {
             let handles: Vec<_> = replicas
                 .iter()
                 .map(|r| {
@@ -196,6 +286,7 @@ impl Engine {
                 })
                 .collect()
         });
+        outcomes.extend(unreadable);
         let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
         let summary = if failed == 0 {
             Ok(format!("{} restore point(s) created", outcomes.len()))
@@ -208,7 +299,15 @@ impl Engine {
 
     fn replicate(&self, replica: &ReplicaRecord, retain: u32, progress: &dyn Progress) -> RunOutcome {
         let mut notes = Vec::new();
-        if let Ok(state) = replica.state.parse::<ReplicaState>() {
+        let state = match replica.state.parse::<ReplicaState>() {
+            Ok(s) => s,
+            Err(e) => {
+                let why =
+                    format!("replicas row {}: {e}; standby leaves this replica alone until it is repaired", replica.id);
+                return RunOutcome { vm: replica.vm.clone(), restore_point: None, error: Some(why), notes };
+            }
+        };
+        {
             if !state.replicates() {
                 let why = format!(
                     "skipped: its replica is in state {state}; replication resumes after the failover is undone"
@@ -276,11 +375,27 @@ impl Engine {
     /// Finishes what killed standby processes left: every replica still marked as
     /// replicating whose VM no live process holds is recovered now. Every command runs
     /// this first, so any command after a crash cleans up. Returns a note per replica.
-    pub fn recover_interrupted(&self) -> Result<Vec<String>> {
-        let mut notes = Vec::new();
-        let replicas = self.store().replicas()?;
-        for replica in replicas {
-            let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+    pub fn recover_interrupted(&self) -> Result<Recovery> {
+        let mut done = Recovery::default();
+        let rows = self.store().replica_rows()?;
+        for (id, row) in rows {
+            // A row that cannot be read flags its replica and leaves the others to go on.
+            let (replica, state) = match row.map_err(EngineError::from).and_then(|r| {
+                let state = r.state.parse::<ReplicaState>().map_err(|e| {
+                    EngineError::Invalid(format!("VM {} (job {}): replicas row {id}: {e}", r.vm, r.job))
+                })?;
+                Ok((r, state))
+            }) {
+                Ok(ok) => ok,
+                Err(e) => {
+                    done.attention.push(format!(
+                        "replicas row {id} needs attention: {}; standby leaves that replica alone until the row is \
+                         repaired",
+                        vm::chain(&e)
+                    ));
+                    continue;
+                }
+            };
             if state.is_idle() && replica.op_step.is_none() {
                 continue;
             }
@@ -290,19 +405,19 @@ impl Engine {
             };
             // One VM that cannot be recovered must not stop standby for all the others.
             match self.recover_one(&replica, state) {
-                Ok(n) => notes.extend(n),
+                Ok(n) => done.notes.extend(n),
                 Err(e) => {
                     let why = vm::chain(&e);
                     self.record_raw(&replica.vm, "recovery", "failed", &why);
-                    notes.push(format!(
+                    done.attention.push(format!(
                         "VM {} needs attention: its interrupted {state} could not be recovered: {why}; fix that \
-                         and run any standby command to retry (standby history {} shows what happened)",
+                         and run standby recover to retry (standby history {} shows what happened)",
                         replica.vm, replica.vm
                     ));
                 }
             }
         }
-        Ok(notes)
+        Ok(done)
     }
 
     fn recover_one(&self, replica: &ReplicaRecord, state: ReplicaState) -> Result<Vec<String>> {
