@@ -307,14 +307,34 @@ fn crash_planned_at(fp: &str) {
     env.ok(&["vm", "start", "a"]);
     env.run_killed_at(fp, &["failover", "planned", "a", "--shutdown-timeout", "1"]);
     let rec = env.ok(&["recover"]);
-    assert!(rec.contains("interrupted planned failover"), "{fp}: {rec}");
-    let list = env.run(&["replica", "list", "--json"]);
-    assert_eq!(serde_json::from_str::<Value>(&list.stdout).unwrap()[0]["state"], "ready", "{fp}");
-    // Never both stopped: the source that ran before runs again, and no replica runs.
-    assert_eq!(env.json(&["vm", "show", "a"])["state"], "running", "{fp}");
-    assert!(vm_row(&env, "a_replica").is_none(), "{fp}");
-    assert_eq!(env.processes().len(), 1, "{fp}: {:?}", env.processes());
-    env.ok(&["replica", "list"]);
+    let list = env.json(&["replica", "list"]);
+    if fp == "failover.after-start" {
+        // The replica runs: the failover the operator asked for is completed.
+        assert!(rec.contains("completed an interrupted failover (a_replica runs)"), "{fp}: {rec}");
+        assert_eq!(list[0]["state"], "failover", "{fp}");
+        assert_eq!(env.json(&["vm", "show", "a"])["state"], "stopped", "{fp}");
+        assert_eq!(vm_row(&env, "a_replica").unwrap()["state"], "running", "{fp}");
+        assert_eq!(env.processes().len(), 1, "{fp}: {:?}", env.processes());
+        env.ok(&["failover", "undo", "a"]);
+        env.ok(&["vm", "start", "a"]);
+    } else {
+        // Never both stopped: the source that ran before runs again, and no replica runs.
+        let what = if fp == "planned.after-first-sync" { "source a still runs" } else { "source a started again" };
+        assert!(rec.contains(&format!("rolled back an interrupted planned failover; {what}")), "{fp}: {rec}");
+        assert_eq!(list[0]["state"], "ready", "{fp}");
+        assert_eq!(env.json(&["vm", "show", "a"])["state"], "running", "{fp}");
+        assert!(vm_row(&env, "a_replica").is_none(), "{fp}");
+        assert!(!std::path::Path::new(&env.path("dr/a/failover-d0.qcow2")).exists(), "{fp}: overlay left");
+        assert_eq!(env.processes().len(), 1, "{fp}: {:?}", env.processes());
+        let history = env.json(&["history", "a"]);
+        assert!(
+            history.as_array().unwrap().iter().any(|h| h["operation"] == "planned failover"
+                && h["result"] == "rolled back"
+                && h["detail"].as_str().unwrap().contains(what)),
+            "{fp}: {history}"
+        );
+    }
+    assert_eq!(env.ok(&["recover"]).trim(), "nothing to recover", "{fp}");
     let out = env.ok(&["failover", "planned", "a", "--shutdown-timeout", "1"]);
     assert!(out.contains("a: ok") && out.contains("powered off"), "{fp}: {out}");
     env.ok(&["failover", "undo", "a"]);
@@ -322,7 +342,15 @@ fn crash_planned_at(fp: &str) {
 
 #[test]
 fn kill_during_planned_failover() {
-    for fp in ["planned.after-first-sync", "planned.after-shutdown", "planned.after-final-sync"] {
+    for fp in [
+        "planned.after-first-sync",
+        "planned.after-shutdown",
+        "planned.after-final-sync",
+        // The failover inside it: before its replica runs, and after.
+        "failover.after-overlays",
+        "failover.after-define",
+        "failover.after-start",
+    ] {
         crash_planned_at(fp);
     }
 }

@@ -149,13 +149,22 @@ impl Engine {
         // began restarts the source if it was running.
         let marker = if was_running { PLANNED_RUNNING } else { PLANNED_STOPPED };
         self.store().set_replica_op(replica.id, state.as_str(), Some(marker), None)?;
-        let result = self.planned_steps(&replica, &source, retain, was_running, timeout, warnings);
+        let result = self.planned_steps(&replica, &source, retain, was_running, timeout, warnings, marker);
         if result.is_err() {
-            let _ = self.roll_back_planned(replica.id);
+            match self.roll_back_planned(replica.id, was_running) {
+                Ok(true) => warnings.push(format!("source VM {name} was started again, as it ran before")),
+                Ok(false) => {}
+                Err(e) => warnings.push(format!(
+                    "source VM {name} ran before and could not be started again: {}; start it (standby vm start \
+                     {name})",
+                    vm::chain(&e)
+                )),
+            }
         }
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn planned_steps(
         &self,
         replica: &ReplicaRecord,
@@ -164,6 +173,7 @@ impl Engine {
         was_running: bool,
         timeout: Duration,
         warnings: &mut Vec<String>,
+        marker: &str,
     ) -> Result<String> {
         let mut notes = Vec::new();
         if was_running {
@@ -200,28 +210,35 @@ impl Engine {
                 )));
             }
         }
-        let done = self.failover_locked(&replica.vm, Some(&replica.job), PointChoice::Id(rp.id), false, warnings)?;
+        let done = self.failover_locked(
+            &replica.vm,
+            Some(&replica.job),
+            PointChoice::Id(rp.id),
+            false,
+            warnings,
+            Some(marker),
+        )?;
         Ok(format!("source shut down, restore point {} verified equal to it; {done}", rp.id))
     }
 
-    /// Puts things back as they were before a planned failover that did not reach its
-    /// failover: the source runs again if it ran, and the marker goes.
-    fn roll_back_planned(&self, replica_id: i64) -> Result<()> {
+    /// Puts things back as they were before a planned failover that did not complete (its
+    /// failover, if it began, is rolled back first): the source runs again if it ran, and
+    /// the marker goes. Whether the source was started.
+    fn roll_back_planned(&self, replica_id: i64, was_running: bool) -> Result<bool> {
         let replica =
             self.store().replica(replica_id)?.ok_or_else(|| EngineError::Invalid("replica vanished".into()))?;
-        let vm = replica.vm.as_str();
-        let marker = replica.op_step.clone();
-        if replica.state != ReplicaState::Ready.as_str()
-            || !marker.as_deref().is_some_and(|m| m.starts_with("planned:"))
-        {
-            return Ok(());
+        if replica.state != ReplicaState::Ready.as_str() {
+            return Ok(false);
         }
+        let vm = replica.vm.as_str();
         let source = self.store().vm(vm)?.ok_or_else(|| EngineError::UnknownVm(vm.into()))?;
-        if marker.as_deref() == Some(PLANNED_RUNNING) && !self.vm_is_running(&source)? {
+        let mut started = false;
+        if was_running && !self.vm_is_running(&source)? {
             self.launch(&source)?;
+            started = true;
         }
         self.store().set_replica_op(replica.id, ReplicaState::Ready.as_str(), None, None)?;
-        Ok(())
+        Ok(started)
     }
 
     pub fn failover_undo(&self, vms: &[String], job: Option<&str>) -> Vec<OpOutcome> {
@@ -241,10 +258,12 @@ impl Engine {
         warnings: &mut Vec<String>,
     ) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "failover")?;
-        self.failover_locked(name, job, point, force, warnings)
+        self.failover_locked(name, job, point, force, warnings, None)
     }
 
-    /// Failover for a caller that holds the VM's lock.
+    /// Failover for a caller that holds the VM's lock. A planned failover passes its
+    /// marker: every step recorded carries it, so that recovery of a kill in the middle
+    /// still knows whether the source ran before.
     fn failover_locked(
         &self,
         name: &str,
@@ -252,6 +271,7 @@ impl Engine {
         point: PointChoice,
         force: bool,
         warnings: &mut Vec<String>,
+        planned: Option<&str>,
     ) -> Result<String> {
         let replica = self.replica_of(name, job)?;
         // Re-read under the lock: another command may have changed it meanwhile.
@@ -298,8 +318,9 @@ impl Engine {
         let dr = self.host(&replica.target_host)?;
 
         // FailingOver, step "overlays": from here a crash is rolled back.
-        self.store().set_replica_op(replica.id, next.as_str(), Some("overlays"), Some(rp.id))?;
-        let result = self.bring_up(&replica, &source, &rp, dr.as_ref(), &vm_name);
+        let step = |s: &str| planned.map_or_else(|| s.to_owned(), |m| format!("{m}/{s}"));
+        self.store().set_replica_op(replica.id, next.as_str(), Some(&step("overlays")), Some(rp.id))?;
+        let result = self.bring_up(&replica, &source, &rp, dr.as_ref(), &vm_name, &step);
         if let Err(e) = result {
             let _ = self.roll_back_failover(&replica, dr.as_ref(), &vm_name);
             return Err(e);
@@ -321,6 +342,7 @@ impl Engine {
         rp: &standby_store::RestorePointRecord,
         dr: &dyn Host,
         vm_name: &str,
+        step: &dyn Fn(&str) -> String,
     ) -> Result<()> {
         let mut overlays = Vec::new();
         for d in &rp.disks {
@@ -329,7 +351,7 @@ impl Engine {
             overlays.push(standby_store::DiskRecord { path: overlay, format: "qcow2".into() });
         }
         failpoint::hit("failover.after-overlays");
-        self.store().set_replica_step(replica.id, "define")?;
+        self.store().set_replica_step(replica.id, &step("define"))?;
         self.store().insert_vm(&NewVm {
             name: vm_name.into(),
             host: replica.target_host.clone(),
@@ -344,7 +366,7 @@ impl Engine {
             replica_id: Some(replica.id),
         })?;
         failpoint::hit("failover.after-define");
-        self.store().set_replica_step(replica.id, "start")?;
+        self.store().set_replica_step(replica.id, &step("start"))?;
         let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.into()))?;
         self.launch(&vm)?;
         Ok(())
@@ -421,15 +443,16 @@ impl Engine {
                     Ok(Some(format!("VM {}: completed an interrupted failover ({vm_name} runs)", replica.vm)))
                 } else {
                     self.roll_back_failover(replica, dr.as_ref(), &vm_name)?;
+                    // A planned failover's: the operator had a running source; both down
+                    // is no state to leave.
+                    if let Some(note) = self.recover_planned(replica)? {
+                        return Ok(Some(note));
+                    }
                     self.record_raw(&replica.vm, "failover", "rolled back", "recovered after an interruption");
                     Ok(Some(format!("VM {}: rolled back an interrupted failover", replica.vm)))
                 }
             }
-            ReplicaState::Ready if replica.op_step.as_deref().is_some_and(|m| m.starts_with("planned:")) => {
-                self.roll_back_planned(replica.id)?;
-                self.record_raw(&replica.vm, "planned failover", "rolled back", "recovered after an interruption");
-                Ok(Some(format!("VM {}: rolled back an interrupted planned failover", replica.vm)))
-            }
+            ReplicaState::Ready => self.recover_planned(replica),
             ReplicaState::UndoingFailover => {
                 self.finish_undo(replica)?;
                 self.record_raw(&replica.vm, "undo failover", "completed", "recovered after an interruption");
@@ -437,6 +460,29 @@ impl Engine {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Rolls back a planned failover a kill interrupted (its marker in the recorded step),
+    /// restarting the source if it ran before; None if the step was no planned failover's.
+    fn recover_planned(&self, replica: &ReplicaRecord) -> Result<Option<String>> {
+        let marker = replica.op_step.as_deref().map(|s| s.split('/').next().unwrap_or(s));
+        if !matches!(marker, Some(PLANNED_RUNNING | PLANNED_STOPPED)) {
+            return Ok(None);
+        }
+        let ran = marker == Some(PLANNED_RUNNING);
+        let started = self.roll_back_planned(replica.id, ran)?;
+        let what = match (started, ran) {
+            (true, _) => format!("source {} started again, as it ran before", replica.vm),
+            (false, true) => format!("source {} still runs", replica.vm),
+            (false, false) => format!("source {} stays stopped, as it was", replica.vm),
+        };
+        self.record_raw(
+            &replica.vm,
+            "planned failover",
+            "rolled back",
+            &format!("recovered after an interruption: {what}"),
+        );
+        Ok(Some(format!("VM {}: rolled back an interrupted planned failover; {what}", replica.vm)))
     }
 
     /// The disks a VM starts with: its own images, or for a replica VM its overlays over
