@@ -14,9 +14,13 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets --locked -- -D warnings
 
-# The whole suite: unit tests and end-to-end tests with real QEMU guests (TCG).
+# The whole suite: unit tests and end-to-end tests with real QEMU guests (TCG). Every
+# standby process logs the fail points it reaches; the last test proves all were reached.
+FAILPOINT_LOG := $(CURDIR)/target/failpoints-reached.log
 test: deps guest lint
-	cargo test --locked --workspace -- --test-threads=2
+	mkdir -p target && rm -f $(FAILPOINT_LOG)
+	STANDBY_FAILPOINT_LOG=$(FAILPOINT_LOG) cargo test --locked --workspace -- --test-threads=2
+	STANDBY_FAILPOINT_LOG=$(FAILPOINT_LOG) cargo test --locked -p standby-cli --test crash -- --ignored every_fail_point_was_reached_by_the_suite
 
 bench: deps
 	bash scripts/bench.sh

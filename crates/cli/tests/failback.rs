@@ -669,3 +669,41 @@ fn guest_lifecycle_existing() {
 fn guest_lifecycle_new() {
     guest_lifecycle("new");
 }
+
+/// The replica's QEMU killed during failback phase 1, just after its protective point:
+/// phase 1 either completes from the frozen layers or rolls back; either way the failback
+/// then brings production every write the replica's guest acknowledged before it died.
+#[test]
+fn a_replica_qemu_killed_during_phase_1_loses_no_acknowledged_write() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x21, 0, 2)]);
+    env.create_guest_vm("web", &disk, 160, &ledger_append(START, COUNT, 20_000));
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["job", "run", "j"]);
+    env.ok(&["failover", "web"]);
+    env.wait_console("web_replica", Duration::from_secs(60), "writes in failover", |c| Ledger::acknowledged(c) >= 20);
+    let pattern = env.path("data/hosts/local/vms/web_replica/console.log");
+    let r = env.run_killing_at(
+        "failback.after-protect",
+        &pattern,
+        &["failback", "web", "--to", "original", "--switch", "manual"],
+    );
+    assert_eq!(env.json(&["vm", "show", "web_replica"])["state"], "stopped", "the replica's QEMU is gone");
+    let acked = Ledger::acknowledged(&env.console("web_replica"));
+    if r.code == Some(0) {
+        assert_eq!(state(&env), "ready_to_switch", "{}", r.stdout);
+    } else {
+        // Rolled back: still in failover, the original disk not written, and a new
+        // failback from the stopped replica works.
+        assert_eq!(state(&env), "failover", "{}{}", r.stdout, r.stderr);
+        assert!(working_files(&env).is_empty(), "{:?}", working_files(&env));
+        env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
+    }
+    env.ok(&["failback", "switch", "web"]);
+    let held = Ledger { start_block: START }.records_in(&read_image(&disk), COUNT).unwrap();
+    assert!(held >= acked, "production holds {held} records, the replica acknowledged {acked}");
+    env.ok(&["failback", "commit", "web"]);
+    assert!(identical(&env.latest_disk("web", 0), &disk));
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
+}

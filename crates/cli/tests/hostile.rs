@@ -52,9 +52,10 @@ fn hostile_source_image_is_refused() {
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// A FIFO or an `nbd:` URL planted as the backing name of the newest restore point's layer:
-/// the next run stacks a layer on it, which must never open that name (a FIFO blocks the
-/// opener forever; an NBD URL connects wherever it says).
+/// A FIFO, an `nbd:` URL, a `json:` description, a relative name and an absolute one outside
+/// the DR tree, each planted as the backing name of the newest restore point's layer: the
+/// next run stacks a layer on it, which must never open that name (a FIFO blocks the opener
+/// forever; an NBD URL or `json:` connects wherever it says; a decoy would be read as data).
 #[test]
 fn planted_fifo_and_nbd_backing_names_are_never_opened() {
     let env = Env::new(BIN);
@@ -68,7 +69,17 @@ fn planted_fifo_and_nbd_backing_names_are_never_opened() {
     let socket = env.path("evil.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     listener.set_nonblocking(true).unwrap();
-    for (planted, format) in [(fifo.clone(), "raw"), (format!("nbd+unix:///x?socket={socket}"), "raw")] {
+    // A decoy with other data, reachable by a relative name from the layer's directory.
+    let decoy = env.path("decoy.qcow2");
+    make_disk(&decoy, "qcow2", 16, &[(0xee, 0, 16)]);
+    let json = format!(r#"json:{{"driver":"nbd","server":{{"type":"unix","path":"{socket}"}},"export":"x"}}"#);
+    for (planted, format) in [
+        (fifo.clone(), "raw"),
+        (format!("nbd+unix:///x?socket={socket}"), "raw"),
+        (json, "raw"),
+        ("../../decoy.qcow2".to_owned(), "qcow2"),
+        (decoy.clone(), "qcow2"),
+    ] {
         let newest = env.latest_disk("f", 0);
         qemu_img(&["rebase", "-u", "-b", &planted, "-F", format, &newest]);
         qemu_io(&disk, "qcow2", &["write -P 0x9 8M 64k".into()]);
@@ -239,4 +250,65 @@ fn a_replica_directory_is_touched_only_while_provably_its_own() {
     std::fs::write(&marker, &mine).unwrap();
     env.ok(&["job", "run", "j"]);
     assert!(identical(&explicit_chain(&env.points("m")), &disk));
+}
+
+/// A DR layer whose header was cut short or had a bit flipped (a failing disk, a stray
+/// write): a run over it fails naming the damage, within the limit, and publishes nothing;
+/// the older points stay exact and can still be failed over to; once the layer is put
+/// back, the next run is exact.
+#[test]
+fn damaged_dr_layer_headers_fail_clearly_and_lose_nothing() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/d.qcow2");
+    make_disk(&disk, "qcow2", 16, &[(0x5, 0, 4)]);
+    env.ok(&["vm", "create", "d", "--disk", &disk, "--format", "qcow2", "--memory", "64"]);
+    env.ok(&["job", "create", "j", "--vm", "d", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    let mut refs = Vec::new();
+    for i in 0..2u8 {
+        qemu_io(&disk, "qcow2", &[format!("write -P {:#x} {}M 64k", 0x10 + i, 8 + i)]);
+        env.ok(&["job", "run", "j"]);
+        let r = env.path(&format!("ref{i}.qcow2"));
+        qemu_img(&["convert", "-O", "qcow2", &disk, &r]);
+        refs.push(r);
+    }
+    let newest = env.latest_disk("d", 0);
+    let saved = env.path("saved-layer.qcow2");
+    std::fs::copy(&newest, &saved).unwrap();
+    let damages: [(&str, fn(&str)); 3] = [
+        ("truncated header", |p| std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(40).unwrap()),
+        ("flipped magic", |p| flip(p, 0, 0x40)),
+        ("flipped cluster_bits", |p| flip(p, 23, 0x20)),
+    ];
+    for (what, damage) in damages {
+        damage(&newest);
+        qemu_io(&disk, "qcow2", &["write -P 0x33 12M 64k".into()]);
+        let ids: Vec<i64> = env.points("d").iter().map(|p| p["id"].as_i64().unwrap()).collect();
+        let r = env.run_within(LIMIT, &["job", "run", "j"]);
+        assert_eq!(r.code, Some(1), "{what}: a run over a damaged layer must fail:\n{}{}", r.stdout, r.stderr);
+        assert!(
+            r.stdout.contains(&newest) || r.stderr.contains(&newest),
+            "{what}: the error names the layer:\n{}{}",
+            r.stdout,
+            r.stderr
+        );
+        let now: Vec<i64> = env.points("d").iter().map(|p| p["id"].as_i64().unwrap()).collect();
+        assert_eq!(now, ids, "{what}: a point was published over a damaged layer");
+        let first = env.points("d")[0]["disks"][0]["path"].as_str().unwrap().to_owned();
+        assert!(identical(&first, &refs[0]), "{what}: the older point changed");
+        assert!(env.processes().is_empty(), "{what}: {:?}", env.processes());
+        // The older point is still a way back.
+        let older = ids[0].to_string();
+        env.ok(&["failover", "d", "--point", &older]);
+        env.ok(&["failover", "undo", "d"]);
+        std::fs::copy(&saved, &newest).unwrap();
+    }
+    env.ok(&["job", "run", "j"]);
+    assert!(identical(&env.latest_disk("d", 0), &disk), "the run after the repair is exact");
+}
+
+/// XORs one byte of a file.
+fn flip(path: &str, offset: usize, mask: u8) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset] ^= mask;
+    std::fs::write(path, bytes).unwrap();
 }

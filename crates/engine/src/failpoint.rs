@@ -1,6 +1,12 @@
 //! Named crash points for tests. When `STANDBY_FAILPOINT` names the point being passed,
 //! the process kills itself with SIGKILL right there: no destructor, no cleanup, exactly
 //! what a power loss or `kill -9` would leave behind.
+//!
+//! `STANDBY_FAILPOINT_KILL=POINT=PATTERN` kills other processes instead: at `POINT`, every
+//! process whose command line contains `PATTERN` (a QEMU, a `qemu-nbd` server) gets
+//! SIGKILL, and standby goes on, to meet the failure as it would in production.
+//! `STANDBY_FAILPOINT_LOG=FILE` appends each point reached with either to `FILE`, so that
+//! the suite can prove every point was reached, not merely named.
 
 /// Every fail point standby has; crash tests iterate over this list.
 pub const ALL: &[&str] = &[
@@ -36,11 +42,54 @@ pub const ALL: &[&str] = &[
 
 pub fn hit(name: &str) {
     debug_assert!(ALL.contains(&name), "fail point {name} is not listed in failpoint::ALL");
+    if let Ok(spec) = std::env::var("STANDBY_FAILPOINT_KILL") {
+        if let Some(pattern) = spec.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
+            let killed = kill_matching(pattern);
+            log(&format!("{name} kill={pattern}"));
+            eprintln!("standby: fail point {name} reached, killed {killed} process(es) matching {pattern:?}");
+        }
+    }
     if std::env::var("STANDBY_FAILPOINT").is_ok_and(|v| v == name) {
+        log(name);
         eprintln!("standby: fail point {name} reached, killing myself");
         // SIGKILL to ourselves: std::process::abort would run no destructors either,
         // but SIGKILL is what the tests model.
         let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
         std::process::abort();
     }
+}
+
+fn log(line: &str) {
+    use std::io::Write;
+    if let Some(path) = std::env::var_os("STANDBY_FAILPOINT_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+/// SIGKILLs every other process whose command line contains `pattern` and waits (up to
+/// 10 s) until each is gone; how many there were.
+fn kill_matching(pattern: &str) -> usize {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        if pid != me && String::from_utf8_lossy(&cmd).replace('\0', " ").contains(pattern) {
+            pids.push(pid);
+        }
+    }
+    for &pid in &pids {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Gone, or a zombie its parent has not reaped: either way it serves nothing.
+    let alive = |pid: &u32| std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+    while pids.iter().any(alive) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    pids.len()
 }

@@ -114,6 +114,20 @@ impl Env {
         r
     }
 
+    /// Runs with fail point `fp` set to SIGKILL every process whose command line holds
+    /// `pattern` (one of this test's own: give a path under `root()`), and insists at least
+    /// one was killed there; standby itself runs on.
+    pub fn run_killing_at(&self, fp: &str, pattern: &str, args: &[&str]) -> Run {
+        assert!(pattern.contains(&self.root().display().to_string()), "kill only this test's processes");
+        let r = Run::from(
+            self.command(args).env("STANDBY_FAILPOINT_KILL", format!("{fp}={pattern}")).output().expect("run standby"),
+        );
+        let killed = format!("fail point {fp} reached, killed ");
+        let n = r.stderr.split(&killed).nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse::<u32>().ok());
+        assert!(n.is_some_and(|n| n >= 1), "{fp}: nothing matching {pattern:?} was killed:\n{}", r.stderr);
+        r
+    }
+
     /// Runs and insists on success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);
