@@ -274,7 +274,7 @@ fn damaged_dr_layer_headers_fail_clearly_and_lose_nothing() {
     let newest = env.latest_disk("d", 0);
     let saved = env.path("saved-layer.qcow2");
     std::fs::copy(&newest, &saved).unwrap();
-    let damages: [(&str, fn(&str)); 3] = [
+    let damages: [(&str, Damage); 3] = [
         ("truncated header", |p| std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(40).unwrap()),
         ("flipped magic", |p| flip(p, 0, 0x40)),
         ("flipped cluster_bits", |p| flip(p, 23, 0x20)),
@@ -305,6 +305,9 @@ fn damaged_dr_layer_headers_fail_clearly_and_lose_nothing() {
     env.ok(&["job", "run", "j"]);
     assert!(identical(&env.latest_disk("d", 0), &disk), "the run after the repair is exact");
 }
+
+/// Something done to a layer file.
+type Damage = fn(&str);
 
 /// XORs one byte of a file.
 fn flip(path: &str, offset: usize, mask: u8) {
