@@ -1,7 +1,8 @@
 //! User story: images are not trusted. A backing-file name planted in a restore point's
 //! header never changes what standby reads and is never opened; a disk's format is stated
 //! or probed once, never guessed again; paths QEMU would parse as options work as paths.
-//! Every command here either works exactly or fails clearly, and none may hang.
+//! Every command here either works exactly or fails clearly, and none may hang: each runs
+//! under a time limit (`Env::bounded`).
 
 use std::os::unix::net::UnixListener;
 use std::process::Command;
@@ -13,7 +14,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_standby");
 
 #[test]
 fn planted_backing_file_name_is_never_followed() {
-    let env = Env::new(BIN);
+    let env = Env::bounded(BIN, LIMIT);
     let disk = env.path("src/h.qcow2");
     make_disk(&disk, "qcow2", 16, &[(0x5, 0, 4)]);
     env.ok(&["vm", "create", "h", "--disk", &disk]);
@@ -42,7 +43,7 @@ fn planted_backing_file_name_is_never_followed() {
 
 #[test]
 fn hostile_source_image_is_refused() {
-    let env = Env::new(BIN);
+    let env = Env::bounded(BIN, LIMIT);
     let bad = env.path("src/bad.qcow2");
     std::fs::write(&bad, b"QFI\xfb\x00\x00\x00\x03garbage header that is no qcow2 image at all").unwrap();
     let err = env.fails(&["vm", "create", "x", "--disk", &bad]);
@@ -58,7 +59,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// forever; an NBD URL or `json:` connects wherever it says; a decoy would be read as data).
 #[test]
 fn planted_fifo_and_nbd_backing_names_are_never_opened() {
-    let env = Env::new(BIN);
+    let env = Env::bounded(BIN, LIMIT);
     let disk = env.path("src/f.qcow2");
     make_disk(&disk, "qcow2", 16, &[(0x5, 0, 4)]);
     env.ok(&["vm", "create", "f", "--disk", &disk, "--format", "qcow2"]);
@@ -94,7 +95,7 @@ fn planted_fifo_and_nbd_backing_names_are_never_opened() {
 /// every later open states it, so the header is data like any other.
 #[test]
 fn raw_disk_holding_a_qcow2_header_is_read_as_raw() {
-    let env = Env::new(BIN);
+    let env = Env::bounded(BIN, LIMIT);
     let header = env.path("h.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &header, "1G"]);
     let disk = env.path("src/raw.img");
@@ -122,7 +123,7 @@ fn raw_disk_holding_a_qcow2_header_is_read_as_raw() {
 
 #[test]
 fn a_disk_with_a_backing_file_is_refused_with_what_to_do() {
-    let env = Env::new(BIN);
+    let env = Env::bounded(BIN, LIMIT);
     let base = env.path("src/base.qcow2");
     make_disk(&base, "qcow2", 8, &[(0x1, 0, 1)]);
     let top = env.path("src/top.qcow2");
@@ -142,7 +143,7 @@ fn a_disk_with_a_backing_file_is_refused_with_what_to_do() {
 /// A disk path with all of them runs, replicates while the guest writes, and compares equal.
 #[test]
 fn disk_paths_with_commas_equals_colons_and_spaces_work() {
-    let env = Env::new(BIN);
+    let env = Env::bounded(BIN, LIMIT);
     let disk = env.path("src/a,file.locking=off:b c.qcow2");
     make_disk(&disk, "qcow2", 32, &[(0x42, 0, 2)]);
     env.create_guest_vm("c", &disk, 128, "console=ttyS0 quiet panic=-1 standby.workload=idle");
@@ -172,7 +173,7 @@ fn explicit_chain(points: &[serde_json::Value]) -> String {
 /// layer names and delete each other's layers as orphans. Every spelling is refused.
 #[test]
 fn one_directory_under_another_spelling_is_refused() {
-    let env = Env::new(BIN);
+    let env = Env::bounded(BIN, LIMIT);
     let disk = env.path("src/s.qcow2");
     make_disk(&disk, "qcow2", 8, &[(0x5, 0, 1)]);
     env.ok(&["vm", "create", "s", "--disk", &disk, "--format", "qcow2"]);
@@ -207,7 +208,7 @@ fn one_directory_under_another_spelling_is_refused() {
 /// cleanup deletes only layer names the replica's own runs made.
 #[test]
 fn a_replica_directory_is_touched_only_while_provably_its_own() {
-    let env = Env::new(BIN);
+    let env = Env::bounded(BIN, LIMIT);
     let disk = env.path("src/m.qcow2");
     make_disk(&disk, "qcow2", 8, &[(0x5, 0, 1)]);
     env.ok(&["vm", "create", "m", "--disk", &disk, "--format", "qcow2"]);
@@ -258,7 +259,7 @@ fn a_replica_directory_is_touched_only_while_provably_its_own() {
 /// back, the next run is exact.
 #[test]
 fn damaged_dr_layer_headers_fail_clearly_and_lose_nothing() {
-    let env = Env::new(BIN);
+    let env = Env::bounded(BIN, LIMIT);
     let disk = env.path("src/d.qcow2");
     make_disk(&disk, "qcow2", 16, &[(0x5, 0, 4)]);
     env.ok(&["vm", "create", "d", "--disk", &disk, "--format", "qcow2", "--memory", "64"]);

@@ -18,6 +18,8 @@ pub struct Env {
     dir: tempfile::TempDir,
     bin: PathBuf,
     envs: Vec<(String, String)>,
+    /// When set, every command is bounded: one still running after it fails the test.
+    limit: Option<Duration>,
 }
 
 /// The result of one `standby` command.
@@ -46,7 +48,15 @@ impl Env {
         for sub in ["src", "dr"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
         }
-        Env { dir, bin: bin.into(), envs: vec![("STANDBY_ACCEL".into(), "tcg".into())] }
+        Env { dir, bin: bin.into(), envs: vec![("STANDBY_ACCEL".into(), "tcg".into())], limit: None }
+    }
+
+    /// An environment whose every command must end within `limit` (hostile input may
+    /// make a command fail, never hang).
+    pub fn bounded(bin: &str, limit: Duration) -> Env {
+        let mut env = Env::new(bin);
+        env.limit = Some(limit);
+        env
     }
 
     pub fn unset_env(&mut self, key: &str) {
@@ -78,7 +88,10 @@ impl Env {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        Run::from(self.command(args).output().expect("run standby"))
+        match self.limit {
+            Some(limit) => self.run_within(limit, args),
+            None => Run::from(self.command(args).output().expect("run standby")),
+        }
     }
 
     /// Runs, and fails the test if the command has not ended within `limit` (it is
@@ -91,19 +104,31 @@ impl Env {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run standby");
+        // Read while it runs: a command with much to say must not block on a full pipe.
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_string(&mut text);
+                }
+                text
+            })
+        };
+        let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+        let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
         let start = Instant::now();
-        while child.try_wait().expect("wait").is_none() {
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
             if start.elapsed() > limit {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!("standby {args:?} hung: still running after {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
-        let (mut out, mut err) = (String::new(), String::new());
-        child.stdout.take().expect("stdout").read_to_string(&mut out).expect("stdout");
-        child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
-        Run { code: child.wait().expect("wait").code(), stdout: out, stderr: err }
+        };
+        Run { code: status.code(), stdout: out.join().expect("stdout"), stderr: err.join().expect("stderr") }
     }
 
     /// Runs with fail point `fp` armed and insists the process was killed there.
