@@ -80,7 +80,15 @@ fn check(engine: &Engine, schedule: &mut Schedule) -> Result<()> {
         Ok(_) => {}
         Err(e) => eprintln!("{} scheduled failback switches: {e}", stamp()),
     }
-    for job in engine.job_list()? {
+    for job in engine.job_rows()? {
+        // A damaged row stops only its own job; the others keep their schedule.
+        let job = match job {
+            Ok(j) => j,
+            Err(why) => {
+                eprintln!("{} {why}; its job does not run until it is repaired", stamp());
+                continue;
+            }
+        };
         let mono = Instant::now();
         if !schedule.due(&job, mono) {
             continue;

@@ -124,8 +124,11 @@ fn a_job_changes_its_retention_schedule_and_vms() {
     env.ok(&["job", "change", "j", "--add-vm", "c"]);
     env.ok(&["job", "change", "j", "--remove-vm", "c"]);
     assert!(!Path::new(&env.path("dr/c")).exists());
-    assert!(bitmaps(&c).is_empty());
-    let _ = b;
+    assert!(history_has(&env, "job:j", "job change", "VM c removed"));
+    refused(&env, &["job", "change", "j", "--remove-vm", "a", "--remove-vm", "b"], "holds");
+    env.ok(&["job", "create", "k", "--vm", "c", "--target-host", "local", "--target-dir", &env.path("dr2")]);
+    refused(&env, &["job", "change", "k", "--remove-vm", "c"], "standby job delete k");
+    let _ = (b, c);
 }
 
 #[test]

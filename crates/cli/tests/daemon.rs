@@ -81,13 +81,20 @@ fn a_running_job_can_be_followed_from_another_terminal() {
 #[test]
 fn the_daemon_survives_database_errors_and_a_clock_stepped_back() {
     let env = Env::new(BIN);
-    let disk = env.path("src/d.qcow2");
-    make_disk(&disk, "qcow2", 8, &[(0x1, 0, 1)]);
-    env.ok(&["vm", "create", "d", "--disk", &disk, "--format", "qcow2"]);
     let dr = env.path("dr");
-    env.ok(&["job", "create", "j", "--vm", "d", "--target-host", "local", "--target-dir", &dr, "--every", "2s"]);
-    // A row the daemon cannot read: every check fails until it is repaired.
-    env.sql("UPDATE jobs SET every_secs = 'garbage'");
+    for (vm, job) in [("d", "good"), ("e", "bad")] {
+        let disk = env.path(&format!("src/{vm}.qcow2"));
+        make_disk(&disk, "qcow2", 8, &[(0x1, 0, 1)]);
+        env.ok(&["vm", "create", vm, "--disk", &disk, "--format", "qcow2"]);
+        env.ok(&["job", "create", job, "--vm", vm, "--target-host", "local", "--target-dir", &dr, "--every", "2s"]);
+    }
+    // `bad` has a row the daemon cannot read; `good` last ran in the future (the clock
+    // was stepped back since): it must run within an interval, not when the clock
+    // reaches 2999, and `bad` must not stop it.
+    env.sql(
+        "UPDATE jobs SET every_secs = 'garbage' WHERE name = 'bad';
+         UPDATE jobs SET last_run_at = '2999-01-01T00:00:00Z' WHERE name = 'good';",
+    );
     let log = env.path("daemon.log");
     let mut daemon = env
         .command(&["daemon", "--tick", "1"])
@@ -95,23 +102,30 @@ fn the_daemon_survives_database_errors_and_a_clock_stepped_back() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    let points = |vm: &str| env.json(&["replica", "points", vm]).as_array().unwrap().len();
+    let wait_for = |vm: &str| {
+        let start = Instant::now();
+        while points(vm) == 0 && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        points(vm)
+    };
+    assert!(wait_for("d") >= 1, "good did not run: {}", std::fs::read_to_string(&log).unwrap());
+    assert!(std::fs::read_to_string(&log).unwrap().contains("cannot be read"), "the damaged row is named");
+    // Now every check fails (the job table itself is gone, as from a damaged database):
+    // the daemon stays up, says so, and backs off.
+    env.sql("ALTER TABLE jobs RENAME TO jobs_aside");
+    std::thread::sleep(Duration::from_millis(3000));
     assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited on a database error");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("check failed") && text.contains("retrying in"), "{text}");
-    // Repaired, with a last run in the future (the clock was stepped back since): the job
-    // runs within an interval plus the back-off, not when the clock reaches 2999.
-    env.sql("UPDATE jobs SET every_secs = 2, last_run_at = '2999-01-01T00:00:00Z'");
-    let start = Instant::now();
-    let points = || env.json(&["replica", "points", "d"]).as_array().unwrap().len();
-    while points() == 0 && start.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // Repaired: the other job runs too.
+    env.sql("ALTER TABLE jobs_aside RENAME TO jobs; UPDATE jobs SET every_secs = 2 WHERE name = 'bad'");
+    assert!(wait_for("e") >= 1, "bad did not run after its repair: {}", std::fs::read_to_string(&log).unwrap());
     assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
     daemon.kill().unwrap();
     daemon.wait().unwrap();
-    assert!(points() >= 1, "no run after the repair: {}", std::fs::read_to_string(&log).unwrap());
-    assert!(identical(&env.latest_disk("d", 0), &disk));
+    assert!(identical(&env.latest_disk("d", 0), &env.path("src/d.qcow2")));
 }
 
 #[test]

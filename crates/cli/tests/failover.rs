@@ -642,3 +642,28 @@ fn a_kill_while_verifying_a_running_replica_leaves_no_paused_guest() {
     let k = Ledger { start_block: START }.records_in(&read_image(&overlay), COUNT).unwrap();
     assert!(k >= acked, "standalone disk has {k} records, guest acknowledged {acked}");
 }
+
+/// A planned failover killed inside its failover, whose source cannot start again at the
+/// first recovery: the marker that says the source ran is kept until it runs, so the VM
+/// stays flagged and a later recovery starts it; it is never forgotten with both down.
+#[test]
+fn a_source_that_cannot_restart_yet_is_not_forgotten() {
+    let env = Env::new(BIN);
+    plain_vms(&env, &["a"]);
+    env.ok(&["vm", "start", "a"]);
+    env.run_killed_at("failover.after-overlays", &["failover", "planned", "a", "--shutdown-timeout", "1"]);
+    let disk = env.path("src/a.qcow2");
+    let aside = env.path("a-aside.qcow2");
+    std::fs::rename(&disk, &aside).unwrap();
+    let r = env.run(&["recover"]);
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("VM a needs attention"), "{}", r.stdout);
+    let list = env.run(&["replica", "list", "--json"]);
+    assert!(list.stderr.contains("waits for recovery"), "still flagged: {}", list.stderr);
+    std::fs::rename(&aside, &disk).unwrap();
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains("source a started again"), "{rec}");
+    assert_eq!(env.json(&["vm", "show", "a"])["state"], "running");
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
+    env.ok(&["vm", "stop", "a"]);
+}

@@ -125,7 +125,9 @@ fn bad_plans_are_refused_and_change_nothing() {
 fn a_hung_plan_command_is_killed_at_its_limit_and_the_policy_decides() {
     let env = world(&["a"]);
     let never = env.path("never-touched");
-    let hang = format!("sleep 30; touch {never}");
+    // A background child that outlives its shell unless the whole group is killed; its
+    // command line (the shell's) names the marker, so env.processes() would show it.
+    let hang = format!("(sleep 30; touch {never}) & wait");
     env.ok(&["plan", "create", "strict", "--vm", "a", "--pre", &hang, "--hook-timeout", "1"]);
     let r = env.run_within(std::time::Duration::from_secs(20), &["plan", "run", "strict"]);
     assert_ne!(r.code, Some(0));

@@ -322,7 +322,7 @@ impl Engine {
         self.store().set_replica_op(replica.id, next.as_str(), Some(&step("overlays")), Some(rp.id))?;
         let result = self.bring_up(&replica, &source, &rp, dr.as_ref(), &vm_name, &step);
         if let Err(e) = result {
-            let _ = self.roll_back_failover(&replica, dr.as_ref(), &vm_name);
+            let _ = self.roll_back_failover(&replica, dr.as_ref(), &vm_name, planned);
             return Err(e);
         }
         failpoint::hit("failover.after-start");
@@ -373,8 +373,15 @@ impl Engine {
     }
 
     /// Undoes whatever part of a failover happened: the replica VM, its definition, the
-    /// overlays. The restore points were never written.
-    fn roll_back_failover(&self, replica: &ReplicaRecord, dr: &dyn Host, vm_name: &str) -> Result<()> {
+    /// overlays. The restore points were never written. A planned failover's marker stays
+    /// recorded until its source runs again (`roll_back_planned` clears it).
+    fn roll_back_failover(
+        &self,
+        replica: &ReplicaRecord,
+        dr: &dyn Host,
+        vm_name: &str,
+        planned: Option<&str>,
+    ) -> Result<()> {
         let vm = self.store().vm(vm_name)?;
         if let Some(vm) = vm {
             if self.vm_is_running(&vm)? {
@@ -384,7 +391,7 @@ impl Engine {
         }
         self.remove_overlays(dr, replica)?;
         let back = ReplicaState::FailingOver.apply(Transition::FailoverRolledBack)?;
-        self.store().set_replica_op(replica.id, back.as_str(), None, None)?;
+        self.store().set_replica_op(replica.id, back.as_str(), planned, None)?;
         Ok(())
     }
 
@@ -442,11 +449,18 @@ impl Engine {
                     );
                     Ok(Some(format!("VM {}: completed an interrupted failover ({vm_name} runs)", replica.vm)))
                 } else {
-                    self.roll_back_failover(replica, dr.as_ref(), &vm_name)?;
+                    let marker = planned_marker(replica);
+                    self.roll_back_failover(replica, dr.as_ref(), &vm_name, marker)?;
                     // A planned failover's: the operator had a running source; both down
-                    // is no state to leave.
-                    if let Some(note) = self.recover_planned(replica)? {
-                        return Ok(Some(note));
+                    // is no state to leave. The marker stays until the source runs.
+                    if marker.is_some() {
+                        let replica = self
+                            .store()
+                            .replica(replica.id)?
+                            .ok_or_else(|| EngineError::NoReplica { vm: replica.vm.clone() })?;
+                        if let Some(note) = self.recover_planned(&replica)? {
+                            return Ok(Some(note));
+                        }
                     }
                     self.record_raw(&replica.vm, "failover", "rolled back", "recovered after an interruption");
                     Ok(Some(format!("VM {}: rolled back an interrupted failover", replica.vm)))
@@ -465,10 +479,10 @@ impl Engine {
     /// Rolls back a planned failover a kill interrupted (its marker in the recorded step),
     /// restarting the source if it ran before; None if the step was no planned failover's.
     fn recover_planned(&self, replica: &ReplicaRecord) -> Result<Option<String>> {
-        let marker = replica.op_step.as_deref().map(|s| s.split('/').next().unwrap_or(s));
-        if !matches!(marker, Some(PLANNED_RUNNING | PLANNED_STOPPED)) {
+        let Some(marker) = planned_marker(replica) else {
             return Ok(None);
-        }
+        };
+        let marker = Some(marker);
         let ran = marker == Some(PLANNED_RUNNING);
         let started = self.roll_back_planned(replica.id, ran)?;
         let what = match (started, ran) {
@@ -515,6 +529,12 @@ impl Engine {
 
 const PLANNED_RUNNING: &str = "planned:source-was-running";
 const PLANNED_STOPPED: &str = "planned:source-was-stopped";
+
+/// A planned failover's marker in the step recorded (alone, or before `/STEP`).
+fn planned_marker(replica: &ReplicaRecord) -> Option<&'static str> {
+    let marker = replica.op_step.as_deref().map(|s| s.split('/').next().unwrap_or(s));
+    [PLANNED_RUNNING, PLANNED_STOPPED].into_iter().find(|m| marker == Some(*m))
+}
 
 /// The replica VM's name: the source's plus the job's suffix.
 pub(crate) fn replica_vm_name(replica: &ReplicaRecord) -> String {

@@ -22,6 +22,17 @@ pub struct JobChange {
     pub remove_vms: Vec<String>,
 }
 
+/// A replica removal, decided and checked before anything changes.
+#[derive(Debug)]
+struct Removal {
+    r: ReplicaRecord,
+    restore_points: usize,
+    /// The layer files go (deleting, or nothing to keep).
+    delete_files: bool,
+    /// The directory's marker names this replica: the marker (and an empty directory) go.
+    owned: bool,
+}
+
 /// Replica directories placed and claimed: (VM id, directory) each, and the claims made.
 type Placed = (Vec<(i64, String)>, Vec<String>);
 
@@ -268,6 +279,7 @@ impl Engine {
             }
             locks.push(VmLock::acquire(&self.data_dir, vm, "job change")?);
             let r = self.replica_of(vm, Some(name))?;
+            // What is in progress first: that is what the operator must deal with first.
             self.check_removable(&r)?;
             let points = self.store().restore_points(r.id, true)?;
             if !points.is_empty() {
@@ -278,7 +290,12 @@ impl Engine {
                     r.dir
                 )));
             }
-            leaving.push(r);
+            leaving.push(self.plan_removal(&r, None, "")?);
+        }
+        if !leaving.is_empty() && leaving.len() == job.vms.len() && change.add_vms.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "job {name} would protect no VM; delete it instead (standby job delete {name})"
+            )));
         }
         let joining_ids = self.vms_to_protect(&change.add_vms, &job.vms)?;
         let host = self.host(&job.target_host)?;
@@ -305,11 +322,13 @@ impl Engine {
             changes.push(format!("VM {vm} added"));
             self.record_raw(vm, "job change", "ok", &format!("now protected by job {name}"));
         }
-        for r in &leaving {
-            self.store().delete_replica(r.id)?;
-            self.release_replica_dir(host.as_ref(), r)?;
-            changes.push(format!("VM {} removed", r.vm));
-            self.record_raw(&r.vm, "job change", "ok", &format!("no longer protected by job {name}"));
+        for m in &leaving {
+            self.forget_source_bitmaps_of(m)?;
+        }
+        for m in leaving {
+            let vm = m.r.vm.clone();
+            self.remove_replica(m)?;
+            changes.push(format!("VM {vm} removed"));
         }
         self.record_raw(&format!("job:{name}"), "job change", "ok", &changes.join(", "));
         drop(locks);
@@ -334,17 +353,22 @@ impl Engine {
     pub fn job_delete(&self, name: &str, points: Option<Points>) -> Result<Vec<ReplicaDeleted>> {
         let job = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
         let replicas = self.store().replicas_of_job(job.id)?;
-        // Check every replica before deleting any: a refusal deletes nothing.
+        // Check every replica, as it stands under its lock, before changing anything: a
+        // refusal deletes nothing. Then the bitmaps (harmless to lose: a run compares by
+        // digest), then records and files.
         let mut locks = Vec::new();
+        let mut removals = Vec::new();
         for r in &replicas {
             locks.push(VmLock::acquire(&self.data_dir, &r.vm, "job delete")?);
             let r = self.store().replica(r.id)?.ok_or_else(|| EngineError::NoReplica { vm: r.vm.clone() })?;
-            self.check_removable(&r)?;
-            self.check_disposal(&r, points, &format!("standby job delete {name}"))?;
+            removals.push(self.plan_removal(&r, points, &format!("standby job delete {name}"))?);
+        }
+        for m in &removals {
+            self.forget_source_bitmaps_of(m)?;
         }
         let mut done = Vec::new();
-        for r in &replicas {
-            done.push(self.delete_replica_locked(r, points)?);
+        for m in removals {
+            done.push(self.remove_replica(m)?);
         }
         self.store().delete_job(job.id)?;
         self.record_raw(
@@ -363,9 +387,15 @@ impl Engine {
         let r = self.replica_of(vm, job)?;
         let _lock = VmLock::acquire(&self.data_dir, vm, "replica delete")?;
         let r = self.store().replica(r.id)?.ok_or_else(|| EngineError::NoReplica { vm: vm.into() })?;
-        self.check_removable(&r)?;
-        self.check_disposal(&r, points, &format!("standby replica delete {vm} --job {}", r.job))?;
-        self.delete_replica_locked(&r, points)
+        let m = self.plan_removal(&r, points, &format!("standby replica delete {vm} --job {}", r.job))?;
+        self.forget_source_bitmaps_of(&m)?;
+        let job = m.r.job.clone();
+        let done = self.remove_replica(m)?;
+        let left = self.store().job(&job)?.map(|j| j.vms.len());
+        if left == Some(0) {
+            self.record_raw(&format!("job:{job}"), "replica delete", "warning", "the job protects no VM now");
+        }
+        Ok(done)
     }
 
     /// What would break if this replica went: an operation in progress, a replica VM, a
@@ -432,61 +462,75 @@ impl Engine {
         Ok(())
     }
 
-    /// The removal itself, for a caller that holds the VM's lock and checked it.
-    fn delete_replica_locked(&self, r: &ReplicaRecord, points: Option<Points>) -> Result<ReplicaDeleted> {
-        let dr_host = self.host(&r.target_host)?;
+    /// Decides and checks one replica's removal (the caller holds its VM's lock and read
+    /// it under the lock); changes nothing.
+    fn plan_removal(&self, r: &ReplicaRecord, points: Option<Points>, command: &str) -> Result<Removal> {
+        self.check_removable(r)?;
+        self.check_disposal(r, points, command)?;
         let restore_points = self.store().restore_points(r.id, true)?.len();
+        let live = r.state != "permanent";
+        // A replica without restore points has nothing to keep: its directory goes.
+        let delete_files = live && (points == Some(Points::Delete) || (restore_points == 0 && points.is_none()));
+        let dr_host = self.host(&r.target_host)?;
+        let owned = live && self.check_replica_dir(dr_host.as_ref(), r).is_ok();
+        if delete_files && !owned {
+            // A directory that is not provably ours keeps its files; say why.
+            self.check_replica_dir(dr_host.as_ref(), r)?;
+        }
+        Ok(Removal { r: r.clone(), restore_points, delete_files, owned })
+    }
+
+    fn forget_source_bitmaps_of(&self, m: &Removal) -> Result<()> {
+        if m.r.state == "permanent" {
+            return Ok(());
+        }
+        let vm = self.store().vm(&m.r.vm)?.ok_or_else(|| EngineError::UnknownVm(m.r.vm.clone()))?;
+        self.forget_source_bitmaps(&m.r, &vm)
+    }
+
+    /// Carries out a checked removal: the records, then the files this replica's
+    /// sequence numbers name (when deleting), then its marker (only if provably its own).
+    fn remove_replica(&self, m: Removal) -> Result<ReplicaDeleted> {
+        let r = &m.r;
+        let dr_host = self.host(&r.target_host)?;
         let mut out = ReplicaDeleted {
             vm: r.vm.clone(),
             job: r.job.clone(),
             dir: r.dir.clone(),
-            restore_points,
+            restore_points: m.restore_points,
             deleted_files: Vec::new(),
             kept: false,
         };
+        self.store().delete_replica(r.id)?;
         if r.state == "permanent" {
             // Only the record of a permanent failover: its files went with it.
-            self.store().delete_replica(r.id)?;
             return Ok(out);
         }
-        // A replica without restore points has nothing to keep: its directory goes.
-        let delete = points == Some(Points::Delete) || restore_points == 0;
-        if delete {
-            // Before anything goes: a directory that is not provably ours keeps its files.
-            self.check_replica_dir(dr_host.as_ref(), r)?;
-        }
-        let vm = self.store().vm(&r.vm)?.ok_or_else(|| EngineError::UnknownVm(r.vm.clone()))?;
-        self.forget_source_bitmaps(r, &vm)?;
-        self.store().delete_replica(r.id)?;
-        if delete {
-            // Only files named as this replica's layers (sequence numbers it took).
+        if m.delete_files {
             out.deleted_files = dr::remove_orphans(dr_host.as_ref(), &r.dir, &[], r.next_seq)?;
-            self.release_replica_dir(dr_host.as_ref(), r)?;
-        } else {
-            out.kept = restore_points > 0;
-            let _ = dr_host.remove_file(&format!("{}/{}", r.dir, dr::OWNER_MARKER));
         }
+        if m.owned {
+            self.release_replica_dir(dr_host.as_ref(), r)?;
+        }
+        out.kept = !m.delete_files && m.restore_points > 0;
+        let what = if m.delete_files {
+            "deleted"
+        } else if out.kept {
+            "kept, no longer managed,"
+        } else {
+            "were"
+        };
         self.record_raw(
             &r.vm,
             "replica delete",
             "ok",
-            &format!(
-                "replica of job {} removed; {restore_points} restore point(s) {} in {}",
-                r.job,
-                if delete {
-                    "deleted"
-                } else if out.kept {
-                    "kept, no longer managed,"
-                } else {
-                    "were"
-                },
-                r.dir
-            ),
+            &format!("replica of job {} removed; {} restore point(s) {what} in {}", r.job, m.restore_points, r.dir),
         );
         Ok(out)
     }
 
-    /// A replica directory standby gave up: its marker goes, then the directory if empty.
+    /// A replica directory standby gave up (proven its own): its marker goes, then the
+    /// directory if empty.
     fn release_replica_dir(&self, host: &dyn Host, r: &ReplicaRecord) -> Result<()> {
         host.remove_file(&format!("{}/{}", r.dir, dr::OWNER_MARKER))?;
         host.remove_empty_dir(&r.dir)?;
@@ -500,6 +544,18 @@ impl Engine {
 
     pub fn job_list(&self) -> Result<Vec<JobView>> {
         Ok(self.store().jobs()?.into_iter().map(view).collect())
+    }
+
+    /// Every job, each on its own: a row that cannot be read is an error naming it, and
+    /// the others are listed (the daemon schedules them).
+    pub fn job_rows(&self) -> Result<Vec<std::result::Result<JobView, String>>> {
+        let rows = self.store().job_rows()?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, row)| {
+                row.map(view).map_err(|e| format!("jobs row {id} cannot be read ({})", crate::vm::chain(&e)))
+            })
+            .collect())
     }
 }
 

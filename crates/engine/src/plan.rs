@@ -149,6 +149,7 @@ impl Engine {
 
     /// Changes a plan. Refused while it runs; its VMs must each have a replica.
     pub fn plan_change(&self, name: &str, change: &PlanChange) -> Result<PlanRecord> {
+        self.plan_show(name)?;
         let _lock = PlanLock::acquire(self, name, "plan change")?;
         let mut plan = self.plan_show(name)?;
         if let Some(vms) = &change.vms {
@@ -174,6 +175,7 @@ impl Engine {
 
     /// Deletes a plan's definition; its VMs and replicas are not touched. Refused while it runs.
     pub fn plan_delete(&self, name: &str) -> Result<()> {
+        self.plan_show(name)?;
         let _lock = PlanLock::acquire(self, name, "plan delete")?;
         let plan = self.plan_show(name)?;
         self.store().delete_plan(name)?;
@@ -208,6 +210,7 @@ impl Engine {
 
     /// Fails over every VM of the plan in order, waiting each VM's delay after it runs.
     pub fn plan_run(&self, name: &str, force: bool) -> Result<PlanRun> {
+        self.plan_show(name)?;
         let _lock = PlanLock::acquire(self, name, "plan run")?;
         let plan = self.plan_show(name)?;
         let timeout = Duration::from_secs(plan.hook_timeout_secs);
@@ -274,6 +277,8 @@ impl Engine {
 
     /// Undoes the failover of every VM of the plan that is in failover, in parallel.
     pub fn plan_undo(&self, name: &str) -> Result<Vec<OpOutcome>> {
+        self.plan_show(name)?;
+        let _lock = PlanLock::acquire(self, name, "plan undo")?;
         let plan = self.plan_show(name)?;
         let mut in_failover = Vec::new();
         let mut others = Vec::new();

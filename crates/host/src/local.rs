@@ -499,3 +499,35 @@ impl Host for LocalHost {
         Ok(stopped)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_is_read_in_bounded_pieces_and_from_the_start_after_a_rotation() {
+        let dir = std::env::temp_dir().join(format!("standby-console-test-{}", std::process::id()));
+        let host = LocalHost::new("t", &dir).unwrap();
+        fs::create_dir_all(host.vm_dir("v")).unwrap();
+        let log = host.vm_dir("v").join("console.log");
+        let text: Vec<u8> = (0..(5 * CONSOLE_CHUNK / 2)).map(|i| b'a' + (i % 26) as u8).collect();
+        fs::write(&log, &text).unwrap();
+        let mut got = Vec::new();
+        let mut pos = 0;
+        loop {
+            let (piece, next) = host.vm_console("v", pos).unwrap();
+            assert!(piece.len() as u64 <= CONSOLE_CHUNK, "a piece of {} bytes", piece.len());
+            if piece.is_empty() {
+                break;
+            }
+            assert_eq!(next, pos + piece.len() as u64);
+            got.extend(piece);
+            pos = next;
+        }
+        assert_eq!(got, text, "the pieces make up the log");
+        // Rotated at a restart: the offset is past the new log's end, which is read whole.
+        fs::write(&log, b"new boot\n").unwrap();
+        assert_eq!(host.vm_console("v", pos).unwrap(), (b"new boot\n".to_vec(), 9));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -168,7 +168,7 @@ impl ReplicaState {
             | ReplicaState::Switching
             | ReplicaState::CommittingFailback
             | ReplicaState::UndoingFailback => {
-                "; another operation is in progress: wait for it, or run any standby command to recover it if it was killed"
+                "; another operation is in progress: wait for it, or run standby recover if it was killed"
             }
         }
     }

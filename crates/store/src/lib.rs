@@ -26,6 +26,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// History entries kept per VM (and per plan or job): older ones are pruned.
 pub const HISTORY_KEEP: usize = 10_000;
+/// How far past [`HISTORY_KEEP`] a VM's history may grow before it is pruned back.
+pub const HISTORY_SLACK: usize = 100;
 
 #[derive(Debug)]
 pub struct Store {
@@ -351,6 +353,22 @@ impl Store {
         Ok(jobs)
     }
 
+    /// Every job row on its own: one that cannot be read is an error for that row only.
+    pub fn job_rows(&self) -> Result<Vec<(i64, Result<JobRecord>)>> {
+        let mut st = self.conn.prepare("SELECT id, name FROM jobs ORDER BY name")?;
+        let rows: Vec<(i64, String)> =
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name)| {
+                let row = self
+                    .job(&name)
+                    .and_then(|j| j.ok_or_else(|| StoreError::Corrupt(format!("jobs row {id} vanished"))));
+                (id, row)
+            })
+            .collect())
+    }
+
     pub fn set_job_last_run(&mut self, job_id: i64, at: &str) -> Result<()> {
         self.conn.execute("UPDATE jobs SET last_run_at = ?1 WHERE id = ?2", params![at, job_id])?;
         Ok(())
@@ -622,8 +640,9 @@ impl Store {
             "INSERT INTO history (at, vm, operation, command, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![now(), vm, operation, command, result, detail],
         )?;
-        // Pruning costs a walk over HISTORY_KEEP index entries: do it every hundredth entry.
-        if self.conn.last_insert_rowid() % 100 == 0 {
+        // Counting one VM's entries walks its index range; pruning, rarer, walks it again.
+        let n: i64 = self.conn.query_row("SELECT COUNT(*) FROM history WHERE vm = ?1", [vm], |r| r.get(0))?;
+        if n as usize > HISTORY_KEEP + HISTORY_SLACK {
             self.prune_history(vm)?;
         }
         Ok(())

@@ -103,11 +103,12 @@ fn history_is_bounded_per_vm_and_its_last_entry_is_one_lookup() {
             s.record_history("b", "op", "cmd", "ok", &format!("b{i}")).unwrap();
         }
     }
-    s.prune_history("a").unwrap();
+    // Writing alone bounds it: never more than the slack beyond what is kept.
     let a = s.history(Some("a"), u32::MAX).unwrap();
-    assert_eq!(a.len(), HISTORY_KEEP, "older entries of a are pruned");
+    assert!(a.len() > HISTORY_KEEP && a.len() <= HISTORY_KEEP + HISTORY_SLACK, "{} entries of a", a.len());
     assert_eq!(a.last().unwrap().detail, format!("a{}", HISTORY_KEEP + 249));
-    assert_eq!(a.first().unwrap().detail, "a250", "the newest are kept, oldest first");
+    let first: usize = a.first().unwrap().detail[1..].parse().unwrap();
+    assert_eq!(first, HISTORY_KEEP + 250 - a.len(), "the newest are kept, oldest first");
     // Another VM's entries are its own to keep.
     assert_eq!(s.history(Some("b"), u32::MAX).unwrap().len(), (HISTORY_KEEP + 250).div_ceil(10));
     assert_eq!(s.last_history("b").unwrap().unwrap().detail, format!("b{}", HISTORY_KEEP + 240));

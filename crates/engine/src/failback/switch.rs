@@ -87,7 +87,7 @@ impl Engine {
                     Err(EngineError::Invalid(format!("{}; the replica runs on, still ready to switch", vm::chain(&e))))
                 } else {
                     Err(EngineError::Invalid(format!(
-                        "{}; the target's disks were being updated: run any standby command to finish the switch",
+                        "{}; the target's disks were being updated: run standby recover to finish the switch",
                         vm::chain(&e)
                     )))
                 }

@@ -286,6 +286,9 @@ impl Engine {
                 })
                 .collect()
         });
+        for o in &unreadable {
+            self.record_raw(&format!("job:{name}"), "replication", "failed", o.error.as_deref().unwrap_or_default());
+        }
         outcomes.extend(unreadable);
         let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
         let summary = if failed == 0 {
@@ -372,9 +375,9 @@ impl Engine {
         result
     }
 
-    /// Finishes what killed standby processes left: every replica still marked as
-    /// replicating whose VM no live process holds is recovered now. Every command runs
-    /// this first, so any command after a crash cleans up. Returns a note per replica.
+    /// Finishes what killed standby processes left: every replica in a transitional state
+    /// (or with a step recorded) whose VM no live process holds is recovered now, each on
+    /// its own. `standby recover` and every command that changes state run this first.
     pub fn recover_interrupted(&self) -> Result<Recovery> {
         let mut done = Recovery::default();
         let rows = self.store().replica_rows()?;
