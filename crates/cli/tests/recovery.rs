@@ -100,8 +100,9 @@ fn one_damaged_replica_row_does_not_stop_the_others() {
     assert!(a["needs_attention"].as_str().unwrap().contains("unknown replica state \"bogus\""), "{a}");
     let b = rows.iter().find(|r| r["vm"] == "b").expect("b is listed");
     assert_eq!((b["state"].as_str(), b["needs_attention"].as_str()), (Some("ready"), None));
-    let c = rows.iter().find(|r| r["vm"].as_str().unwrap().starts_with("(replicas row")).expect("c's row is named");
+    let c = rows.iter().find(|r| r["vm"] == "c").expect("c's row is named by its VM");
     assert!(c["needs_attention"].as_str().unwrap().contains("cannot be read"), "{c}");
+    assert!(c["needs_attention"].as_str().unwrap().contains("replicas row"), "{c}");
 
     // A run: b gets its point; a and c fail, each saying why.
     let r = env.run(&["job", "run", "j", "--json"]);
@@ -112,7 +113,11 @@ fn one_damaged_replica_row_does_not_stop_the_others() {
         |vm: &str| outcomes.as_array().unwrap().iter().find(|o| o["vm"].as_str().unwrap().starts_with(vm)).cloned();
     assert_eq!(of("b").unwrap()["error"], serde_json::Value::Null, "{outcomes}");
     assert!(of("a").unwrap()["error"].as_str().unwrap().contains("bogus"), "{outcomes}");
-    assert!(of("(replicas row").unwrap()["error"].as_str().unwrap().contains("cannot be read"), "{outcomes}");
+    assert!(of("c").unwrap()["error"].as_str().unwrap().contains("cannot be read"), "{outcomes}");
     assert_eq!(env.points("b").len(), 2);
-    assert_eq!(env.points("a").len(), 1, "the damaged replica is left alone");
+    // The damaged replica is left alone: what reads it says which row to repair.
+    let err = env.fails(&["replica", "points", "a"]);
+    assert!(err.contains("replicas row") && err.contains("bogus"), "{err}");
+    env.sql("UPDATE replicas SET state = 'ready' WHERE vm_id = (SELECT id FROM vms WHERE name = 'a')");
+    assert_eq!(env.points("a").len(), 1, "repaired, its one restore point is as it was");
 }

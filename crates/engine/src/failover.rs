@@ -7,19 +7,22 @@
 //! failover adds, before that, a run with the source up, its shutdown, a final run and a
 //! proof that the newest point equals the stopped source.
 //!
-//! Each step is recorded in the replica row before its side effect (`op_step`), so that a
-//! killed standby is recovered by the next command: a failover whose replica VM was not
-//! running yet is rolled back, one whose VM runs is completed; an undo is always completed.
+//! Each step is recorded in the replica row before its side effect, so that recovery
+//! (`standby_model::recovery`) knows what a killed standby left: a failover whose replica VM
+//! was not running yet is rolled back, one whose VM runs is completed; an undo is always
+//! completed; a planned failover is rolled back and its source started again if it ran.
 
 use std::time::Duration;
 
 use serde::Serialize;
 use standby_host::{Chain, Format, Host};
-use standby_model::{ReplicaState, Transition};
-use standby_store::{NewVm, ReplicaRecord, VmRecord};
+use standby_model::recovery::Recovery;
+use standby_model::step::{FailoverStep, PlannedStep, UndoStep};
+use standby_model::{ReplicaState, Step, Transition};
+use standby_store::{FailoverPoint, NewVm, ReplicaRecord, VmRecord};
 
 use crate::lock::VmLock;
-use crate::replication::dr;
+use crate::replication::{dr, RunWithin};
 use crate::{failpoint, verify, vm, Engine, EngineError, Result};
 
 /// Which restore point a failover goes to.
@@ -140,16 +143,20 @@ impl Engine {
     ) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "planned failover")?;
         let replica = self.replica_of(name, job)?;
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        state.apply(Transition::FailoverStarted)?;
+        replica.state.apply(Transition::PlannedStarted)?;
         let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
         let retain = self.store().job(&replica.job)?.map(|j| j.retain).unwrap_or(standby_model::DEFAULT_RETAIN);
         let was_running = self.vm_is_running(&source)?;
-        // The marker recovery reads: a planned failover interrupted before its failover
-        // began restarts the source if it was running.
-        let marker = if was_running { PLANNED_RUNNING } else { PLANNED_STOPPED };
-        self.store().set_replica_op(replica.id, state.as_str(), Some(marker), None)?;
-        let result = self.planned_steps(&replica, &source, retain, was_running, timeout, warnings, marker);
+        // Recorded first: a planned failover interrupted anywhere starts the source again
+        // if it was running.
+        self.store().transition(
+            replica.id,
+            replica.state,
+            Transition::PlannedStarted,
+            Some(Step::Planned { source_ran: was_running, at: PlannedStep::Sync }),
+            FailoverPoint::Set(None),
+        )?;
+        let result = self.planned_steps(&replica, &source, retain, was_running, timeout, warnings);
         if result.is_err() {
             match self.roll_back_planned(replica.id, was_running) {
                 Ok(true) => warnings.push(format!("source VM {name} was started again, as it ran before")),
@@ -173,11 +180,11 @@ impl Engine {
         was_running: bool,
         timeout: Duration,
         warnings: &mut Vec<String>,
-        marker: &str,
     ) -> Result<String> {
         let mut notes = Vec::new();
+        let within = RunWithin::PlannedFailover;
         if was_running {
-            self.replicate_locked(replica, retain, &crate::NoProgress, &mut notes)?;
+            self.replicate_locked(replica, retain, &crate::NoProgress, &mut notes, within)?;
             failpoint::hit("planned.after-first-sync");
             if !self.shutdown_locked(source, timeout)? {
                 warnings.push(format!(
@@ -188,7 +195,7 @@ impl Engine {
             }
             failpoint::hit("planned.after-shutdown");
         }
-        let rp = self.replicate_locked(replica, retain, &crate::NoProgress, &mut notes)?;
+        let rp = self.replicate_locked(replica, retain, &crate::NoProgress, &mut notes, within)?;
         failpoint::hit("planned.after-final-sync");
         // Zero loss, proven: the stopped source and the newest restore point read the same.
         let points = self.store().restore_points(replica.id, false)?;
@@ -216,29 +223,46 @@ impl Engine {
             PointChoice::Id(rp.id),
             false,
             warnings,
-            Some(marker),
+            Some(was_running),
         )?;
         Ok(format!("source shut down, restore point {} verified equal to it; {done}", rp.id))
     }
 
-    /// Puts things back as they were before a planned failover that did not complete (its
-    /// failover, if it began, is rolled back first): the source runs again if it ran, and
-    /// the marker goes. Whether the source was started.
-    fn roll_back_planned(&self, replica_id: i64, was_running: bool) -> Result<bool> {
+    /// Puts things back as they were before a planned failover that did not complete: its
+    /// failover, if it began, is rolled back; the source runs again if it ran. The state
+    /// says which part began, and stays until the source runs. Whether the source was
+    /// started.
+    fn roll_back_planned(&self, replica_id: i64, source_ran: bool) -> Result<bool> {
         let replica =
             self.store().replica(replica_id)?.ok_or_else(|| EngineError::Invalid("replica vanished".into()))?;
-        if replica.state != ReplicaState::Ready.as_str() {
-            return Ok(false);
+        match replica.state {
+            ReplicaState::PreparingFailover => {
+                let started = self.restart_source(&replica, source_ran)?;
+                self.store().transition(
+                    replica.id,
+                    replica.state,
+                    Transition::PlannedRolledBack,
+                    None,
+                    FailoverPoint::Set(None),
+                )?;
+                Ok(started)
+            }
+            ReplicaState::FailingOver => {
+                let dr = self.host(&replica.target_host)?;
+                self.roll_back_failover(&replica, dr.as_ref(), &replica_vm_name(&replica), Some(source_ran))
+            }
+            _ => Ok(false),
         }
-        let vm = replica.vm.as_str();
-        let source = self.store().vm(vm)?.ok_or_else(|| EngineError::UnknownVm(vm.into()))?;
-        let mut started = false;
-        if was_running && !self.vm_is_running(&source)? {
+    }
+
+    /// Starts the source of a planned failover again if it ran before; whether it did now.
+    fn restart_source(&self, replica: &ReplicaRecord, source_ran: bool) -> Result<bool> {
+        let source = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+        if source_ran && !self.vm_is_running(&source)? {
             self.launch(&source)?;
-            started = true;
+            return Ok(true);
         }
-        self.store().set_replica_op(replica.id, ReplicaState::Ready.as_str(), None, None)?;
-        Ok(started)
+        Ok(false)
     }
 
     pub fn failover_undo(&self, vms: &[String], job: Option<&str>) -> Vec<OpOutcome> {
@@ -261,9 +285,9 @@ impl Engine {
         self.failover_locked(name, job, point, force, warnings, None)
     }
 
-    /// Failover for a caller that holds the VM's lock. A planned failover passes its
-    /// marker: every step recorded carries it, so that recovery of a kill in the middle
-    /// still knows whether the source ran before.
+    /// Failover for a caller that holds the VM's lock. A planned failover passes whether
+    /// its source ran: every step recorded carries it, so that recovery of a kill in the
+    /// middle still knows.
     fn failover_locked(
         &self,
         name: &str,
@@ -271,13 +295,12 @@ impl Engine {
         point: PointChoice,
         force: bool,
         warnings: &mut Vec<String>,
-        planned: Option<&str>,
+        planned: Option<bool>,
     ) -> Result<String> {
         let replica = self.replica_of(name, job)?;
         // Re-read under the lock: another command may have changed it meanwhile.
         let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        let next = state.apply(Transition::FailoverStarted)?;
+        replica.state.apply(Transition::FailoverStarted)?;
         self.check_replica_dir(self.host(&replica.target_host)?.as_ref(), &replica)?;
         let points = self.store().restore_points(replica.id, false)?;
         let rp = match point {
@@ -318,16 +341,31 @@ impl Engine {
         let dr = self.host(&replica.target_host)?;
 
         // FailingOver, step "overlays": from here a crash is rolled back.
-        let step = |s: &str| planned.map_or_else(|| s.to_owned(), |m| format!("{m}/{s}"));
-        self.store().set_replica_op(replica.id, next.as_str(), Some(&step("overlays")), Some(rp.id))?;
+        let step = |at| Step::Failover { planned, at };
+        self.store().transition(
+            replica.id,
+            replica.state,
+            Transition::FailoverStarted,
+            Some(step(FailoverStep::Overlays)),
+            FailoverPoint::Set(Some(rp.id)),
+        )?;
         let result = self.bring_up(&replica, &source, &rp, dr.as_ref(), &vm_name, &step);
         if let Err(e) = result {
-            let _ = self.roll_back_failover(&replica, dr.as_ref(), &vm_name, planned);
+            // A planned failover's caller rolls the whole of it back, source included.
+            if planned.is_none() {
+                let replica = self.store().replica(replica.id)?.unwrap_or(replica);
+                let _ = self.roll_back_failover(&replica, dr.as_ref(), &vm_name, None);
+            }
             return Err(e);
         }
         failpoint::hit("failover.after-start");
-        let done = ReplicaState::FailingOver.apply(Transition::FailoverDone)?;
-        self.store().set_replica_op(replica.id, done.as_str(), None, Some(rp.id))?;
+        self.store().transition(
+            replica.id,
+            ReplicaState::FailingOver,
+            Transition::FailoverDone,
+            None,
+            FailoverPoint::Keep,
+        )?;
         Ok(format!(
             "replica {vm_name} runs on {} from restore point {} ({})",
             replica.target_host, rp.id, rp.created_at
@@ -342,7 +380,7 @@ impl Engine {
         rp: &standby_store::RestorePointRecord,
         dr: &dyn Host,
         vm_name: &str,
-        step: &dyn Fn(&str) -> String,
+        step: &dyn Fn(FailoverStep) -> Step,
     ) -> Result<()> {
         let mut overlays = Vec::new();
         for d in &rp.disks {
@@ -351,7 +389,7 @@ impl Engine {
             overlays.push(standby_store::DiskRecord { path: overlay, format: "qcow2".into() });
         }
         failpoint::hit("failover.after-overlays");
-        self.store().set_replica_step(replica.id, &step("define"))?;
+        self.store().set_step(replica.id, step(FailoverStep::Define))?;
         self.store().insert_vm(&NewVm {
             name: vm_name.into(),
             host: replica.target_host.clone(),
@@ -366,22 +404,22 @@ impl Engine {
             replica_id: Some(replica.id),
         })?;
         failpoint::hit("failover.after-define");
-        self.store().set_replica_step(replica.id, &step("start"))?;
+        self.store().set_step(replica.id, step(FailoverStep::Start))?;
         let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.into()))?;
         self.launch(&vm)?;
         Ok(())
     }
 
     /// Undoes whatever part of a failover happened: the replica VM, its definition, the
-    /// overlays. The restore points were never written. A planned failover's marker stays
-    /// recorded until its source runs again (`roll_back_planned` clears it).
+    /// overlays. The restore points were never written. A planned failover's source then
+    /// runs again if it ran (the step says so until it does). Whether the source started.
     fn roll_back_failover(
         &self,
         replica: &ReplicaRecord,
         dr: &dyn Host,
         vm_name: &str,
-        planned: Option<&str>,
-    ) -> Result<()> {
+        planned: Option<bool>,
+    ) -> Result<bool> {
         let vm = self.store().vm(vm_name)?;
         if let Some(vm) = vm {
             if self.vm_is_running(&vm)? {
@@ -390,18 +428,32 @@ impl Engine {
             self.store().delete_vm(vm_name)?;
         }
         self.remove_overlays(dr, replica)?;
-        let back = ReplicaState::FailingOver.apply(Transition::FailoverRolledBack)?;
-        self.store().set_replica_op(replica.id, back.as_str(), planned, None)?;
-        Ok(())
+        let mut started = false;
+        if let Some(ran) = planned {
+            self.store().set_step(replica.id, Step::Failover { planned, at: FailoverStep::RestartSource })?;
+            started = self.restart_source(replica, ran)?;
+        }
+        self.store().transition(
+            replica.id,
+            ReplicaState::FailingOver,
+            Transition::FailoverRolledBack,
+            None,
+            FailoverPoint::Set(None),
+        )?;
+        Ok(started)
     }
 
     fn undo_one(&self, name: &str, job: Option<&str>) -> Result<String> {
         let replica = self.replica_of(name, job)?;
         let _lock = VmLock::acquire(&self.data_dir, name, "undo failover")?;
         let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        let next = state.apply(Transition::UndoStarted)?;
-        self.store().set_replica_op(replica.id, next.as_str(), Some("stop"), replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            replica.state,
+            Transition::UndoStarted,
+            Some(Step::Undo(UndoStep::Stop)),
+            FailoverPoint::Keep,
+        )?;
         self.finish_undo(&replica)?;
         Ok(format!("replica {} powered off, its writes discarded; replication resumes", replica_vm_name(&replica)))
     }
@@ -416,75 +468,74 @@ impl Engine {
                 vm::power_off(dr.as_ref(), &vm.name)?;
             }
             failpoint::hit("undo.after-stop");
-            self.store().set_replica_step(replica.id, "discard")?;
+            self.store().set_step(replica.id, Step::Undo(UndoStep::Discard))?;
             self.store().delete_vm(&vm.name)?;
         }
         self.remove_overlays(dr.as_ref(), replica)?;
         failpoint::hit("undo.after-discard");
-        let done = ReplicaState::UndoingFailover.apply(Transition::UndoDone)?;
-        self.store().set_replica_op(replica.id, done.as_str(), None, None)?;
+        self.store().transition(
+            replica.id,
+            ReplicaState::UndoingFailover,
+            Transition::UndoDone,
+            None,
+            FailoverPoint::Set(None),
+        )?;
         Ok(())
     }
 
-    /// Recovery of a failover or undo a killed standby left; returns what it did.
-    pub(crate) fn recover_failover(&self, replica: &ReplicaRecord) -> Result<Option<String>> {
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+    /// Recovery of a failover or undo a killed standby left, as the recovery table
+    /// decided; returns what it did.
+    pub(crate) fn recover_failover(&self, replica: &ReplicaRecord, action: Recovery) -> Result<String> {
         let dr = self.host(&replica.target_host)?;
         let vm_name = replica_vm_name(replica);
-        match state {
-            ReplicaState::FailingOver => {
-                let vm = self.store().vm(&vm_name)?;
-                let running = match vm {
-                    Some(vm) => self.vm_is_running(&vm)?,
-                    None => false,
+        match action {
+            Recovery::CompleteFailover => {
+                self.store().transition(
+                    replica.id,
+                    replica.state,
+                    Transition::FailoverDone,
+                    None,
+                    FailoverPoint::Keep,
+                )?;
+                self.record_raw(
+                    &replica.vm,
+                    "failover",
+                    "completed",
+                    "recovered after an interruption: the replica runs",
+                );
+                Ok(format!("VM {}: completed an interrupted failover ({vm_name} runs)", replica.vm))
+            }
+            Recovery::RollBackFailover { restart_source } => {
+                let planned = match replica.step {
+                    Some(Step::Failover { planned, .. }) => planned,
+                    _ => None,
                 };
-                if running {
-                    let done = state.apply(Transition::FailoverDone)?;
-                    self.store().set_replica_op(replica.id, done.as_str(), None, replica.failover_point)?;
-                    self.record_raw(
-                        &replica.vm,
-                        "failover",
-                        "completed",
-                        "recovered after an interruption: the replica runs",
-                    );
-                    Ok(Some(format!("VM {}: completed an interrupted failover ({vm_name} runs)", replica.vm)))
-                } else {
-                    let marker = planned_marker(replica);
-                    self.roll_back_failover(replica, dr.as_ref(), &vm_name, marker)?;
-                    // A planned failover's: the operator had a running source; both down
-                    // is no state to leave. The marker stays until the source runs.
-                    if marker.is_some() {
-                        let replica = self
-                            .store()
-                            .replica(replica.id)?
-                            .ok_or_else(|| EngineError::NoReplica { vm: replica.vm.clone() })?;
-                        if let Some(note) = self.recover_planned(&replica)? {
-                            return Ok(Some(note));
-                        }
+                let started = self.roll_back_failover(replica, dr.as_ref(), &vm_name, planned)?;
+                match planned {
+                    Some(ran) => Ok(self.planned_note(replica, ran || restart_source, started)),
+                    None => {
+                        self.record_raw(&replica.vm, "failover", "rolled back", "recovered after an interruption");
+                        Ok(format!("VM {}: rolled back an interrupted failover", replica.vm))
                     }
-                    self.record_raw(&replica.vm, "failover", "rolled back", "recovered after an interruption");
-                    Ok(Some(format!("VM {}: rolled back an interrupted failover", replica.vm)))
                 }
             }
-            ReplicaState::Ready => self.recover_planned(replica),
-            ReplicaState::UndoingFailover => {
+            Recovery::FinishUndo => {
                 self.finish_undo(replica)?;
                 self.record_raw(&replica.vm, "undo failover", "completed", "recovered after an interruption");
-                Ok(Some(format!("VM {}: completed an interrupted undo failover", replica.vm)))
+                Ok(format!("VM {}: completed an interrupted undo failover", replica.vm))
             }
-            _ => Ok(None),
+            other => Err(EngineError::Invalid(format!("{other:?} is no failover recovery"))),
         }
     }
 
-    /// Rolls back a planned failover a kill interrupted (its marker in the recorded step),
-    /// restarting the source if it ran before; None if the step was no planned failover's.
-    fn recover_planned(&self, replica: &ReplicaRecord) -> Result<Option<String>> {
-        let Some(marker) = planned_marker(replica) else {
-            return Ok(None);
-        };
-        let marker = Some(marker);
-        let ran = marker == Some(PLANNED_RUNNING);
-        let started = self.roll_back_planned(replica.id, ran)?;
+    /// Rolls back a planned failover a kill interrupted before its failover, restarting
+    /// the source if it ran before.
+    pub(crate) fn recover_planned(&self, replica: &ReplicaRecord, restart_source: bool) -> Result<String> {
+        let started = self.roll_back_planned(replica.id, restart_source)?;
+        Ok(self.planned_note(replica, restart_source, started))
+    }
+
+    fn planned_note(&self, replica: &ReplicaRecord, ran: bool, started: bool) -> String {
         let what = match (started, ran) {
             (true, _) => format!("source {} started again, as it ran before", replica.vm),
             (false, true) => format!("source {} still runs", replica.vm),
@@ -496,7 +547,7 @@ impl Engine {
             "rolled back",
             &format!("recovered after an interruption: {what}"),
         );
-        Ok(Some(format!("VM {}: rolled back an interrupted planned failover; {what}", replica.vm)))
+        format!("VM {}: rolled back an interrupted planned failover; {what}", replica.vm)
     }
 
     /// The disks a VM starts with: its own images, or for a replica VM its overlays over
@@ -525,15 +576,6 @@ impl Engine {
         }
         Ok(disks)
     }
-}
-
-const PLANNED_RUNNING: &str = "planned:source-was-running";
-const PLANNED_STOPPED: &str = "planned:source-was-stopped";
-
-/// A planned failover's marker in the step recorded (alone, or before `/STEP`).
-fn planned_marker(replica: &ReplicaRecord) -> Option<&'static str> {
-    let marker = replica.op_step.as_deref().map(|s| s.split('/').next().unwrap_or(s));
-    [PLANNED_RUNNING, PLANNED_STOPPED].into_iter().find(|m| marker == Some(*m))
 }
 
 /// The replica VM's name: the source's plus the job's suffix.

@@ -404,9 +404,9 @@ impl Engine {
         let refuse = |why: String| {
             Err(EngineError::Invalid(format!("the replica of VM {} (job {}) cannot be removed: {why}", r.vm, r.job)))
         };
-        let state: ReplicaState = r.state.parse().map_err(EngineError::Invalid)?;
+        let state = r.state;
         match state {
-            ReplicaState::Ready if r.op_step.is_none() => {}
+            ReplicaState::Ready if r.step.is_none() => {}
             ReplicaState::Permanent => {}
             ReplicaState::Failover => {
                 return refuse(format!(
@@ -434,8 +434,8 @@ impl Engine {
             return refuse(format!("its replica VM {} is defined; end the failover first", v.name));
         }
         let others = self.store().replicas_of_vm(&r.vm)?;
-        let has_other = others.iter().any(|o| o.id != r.id && o.state != "permanent");
-        if !has_other && r.state != "permanent" {
+        let has_other = others.iter().any(|o| o.id != r.id && o.state != ReplicaState::Permanent);
+        if !has_other && r.state != ReplicaState::Permanent {
             let plans = self.store().plans()?;
             if let Some(p) = plans.iter().find(|p| p.vms.iter().any(|v| v.vm == r.vm)) {
                 return refuse(format!(
@@ -468,7 +468,7 @@ impl Engine {
         self.check_removable(r)?;
         self.check_disposal(r, points, command)?;
         let restore_points = self.store().restore_points(r.id, true)?.len();
-        let live = r.state != "permanent";
+        let live = r.state != ReplicaState::Permanent;
         // A replica without restore points has nothing to keep: its directory goes.
         let delete_files = live && (points == Some(Points::Delete) || (restore_points == 0 && points.is_none()));
         let dr_host = self.host(&r.target_host)?;
@@ -481,7 +481,7 @@ impl Engine {
     }
 
     fn forget_source_bitmaps_of(&self, m: &Removal) -> Result<()> {
-        if m.r.state == "permanent" {
+        if m.r.state == ReplicaState::Permanent {
             return Ok(());
         }
         let vm = self.store().vm(&m.r.vm)?.ok_or_else(|| EngineError::UnknownVm(m.r.vm.clone()))?;
@@ -502,7 +502,7 @@ impl Engine {
             kept: false,
         };
         self.store().delete_replica(r.id)?;
-        if r.state == "permanent" {
+        if r.state == ReplicaState::Permanent {
             // Only the record of a permanent failover: its files went with it.
             return Ok(out);
         }

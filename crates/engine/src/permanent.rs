@@ -7,17 +7,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use standby_host::{Chain, Format, Host};
-use standby_model::{ReplicaState, Transition};
-use standby_store::{ReplicaRecord, RestorePointRecord, VmRecord};
+use standby_model::step::PermanentStep;
+use standby_model::{ReplicaState, Step, Transition};
+use standby_store::{FailoverPoint, ReplicaRecord, RestorePointRecord, VmRecord};
 
 use crate::failback::top_nodes;
 use crate::failover::{overlay_chain, replica_vm_name, OpOutcome};
 use crate::lock::VmLock;
 use crate::replication::dr;
 use crate::{failpoint, Engine, EngineError, Result};
-
-/// The step of a live permanent failover while it holds the guest paused.
-const PAUSED_STEP: &str = "verify-paused";
 
 /// Longest a live flatten may take before standby gives up on it.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
@@ -34,8 +32,7 @@ impl Engine {
     fn permanent_one(&self, name: &str, job: Option<&str>) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "permanent failover")?;
         let replica = self.replica_of(name, job)?;
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        let next = state.apply(Transition::PermanentStarted)?;
+        replica.state.apply(Transition::PermanentStarted)?;
         let vm = self.store().replica_vm(replica.id)?.ok_or_else(|| {
             EngineError::Invalid(format!("VM {name} is in failover but its replica VM is not defined"))
         })?;
@@ -46,10 +43,21 @@ impl Engine {
             .ok_or_else(|| EngineError::Invalid(format!("VM {name}'s replica has no failover restore point")))?
             .clone();
         let dr_host = self.host(&replica.target_host)?;
-        self.store().set_replica_op(replica.id, next.as_str(), Some("flatten"), replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            replica.state,
+            Transition::PermanentStarted,
+            Some(Step::Permanent(PermanentStep::Flatten)),
+            FailoverPoint::Keep,
+        )?;
         if let Err(e) = self.make_standalone(&replica, &vm, &points, &rp, dr_host.as_ref()) {
-            let back = ReplicaState::MakingPermanent.apply(Transition::PermanentRolledBack)?;
-            self.store().set_replica_op(replica.id, back.as_str(), None, replica.failover_point)?;
+            self.store().transition(
+                replica.id,
+                ReplicaState::MakingPermanent,
+                Transition::PermanentRolledBack,
+                None,
+                FailoverPoint::Keep,
+            )?;
             return Err(e);
         }
         failpoint::hit("permanent.after-verify");
@@ -82,7 +90,7 @@ impl Engine {
                 }
             }
         }
-        self.store().set_replica_op(replica.id, ReplicaState::Permanent.as_str(), None, None)?;
+        self.store().end_operation(replica.id, ReplicaState::Permanent)?;
         // No replica lives here any more: the directory holds an ordinary VM's disks, which
         // its own records name. Last, so that a recovery of this step still finds it.
         dr_host.remove_file(&format!("{}/{}", replica.dir, dr::OWNER_MARKER))?;
@@ -130,9 +138,9 @@ impl Engine {
             // Paused, the guest writes nothing and QEMU has flushed: the comparison below
             // sees exactly what the VM runs. The step says so first: a standby killed
             // while the guest is paused leaves recovery the note to resume it.
-            self.store().set_replica_step(replica.id, PAUSED_STEP)?;
+            self.store().set_step(replica.id, Step::Permanent(PermanentStep::VerifyPaused))?;
             qmp.execute("stop", json!({}))?;
-            let verified = self.verify_standalone(replica, vm, &chains, dr_host, PAUSED_STEP);
+            let verified = self.verify_standalone(replica, vm, &chains, dr_host, PermanentStep::VerifyPaused);
             let resumed = qmp.execute("cont", json!({}));
             verified?;
             resumed?;
@@ -141,7 +149,7 @@ impl Engine {
             for c in &chains {
                 dr_host.image_flatten(c)?;
             }
-            self.verify_standalone(replica, vm, &chains, dr_host, "verify")
+            self.verify_standalone(replica, vm, &chains, dr_host, PermanentStep::Verify)
         }
     }
 
@@ -153,10 +161,10 @@ impl Engine {
         vm: &VmRecord,
         chains: &[standby_host::Chain],
         dr_host: &dyn Host,
-        step: &str,
+        step: PermanentStep,
     ) -> Result<()> {
         failpoint::hit("permanent.after-flatten");
-        self.store().set_replica_step(replica.id, step)?;
+        self.store().set_step(replica.id, Step::Permanent(step))?;
         for (i, (chain, overlay)) in chains.iter().zip(&vm.disks).enumerate() {
             let info = dr_host.image_info(&overlay.path, Format::Qcow2, true)?;
             if info.backing_filename.is_some() {
@@ -172,42 +180,39 @@ impl Engine {
         Ok(())
     }
 
-    /// Recovery of a permanent failover a killed standby left.
-    pub(crate) fn recover_permanent(&self, replica: &ReplicaRecord) -> Result<Option<String>> {
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        match state {
-            // Not published: the replica goes on in failover; its overlays may already be
-            // standalone, which changes nothing it reads.
-            ReplicaState::MakingPermanent => {
-                // The guest paused for the verification runs again before anything else.
-                let mut resumed = String::new();
-                if replica.op_step.as_deref() == Some(PAUSED_STEP) {
-                    if let Some(vm) = self.store().replica_vm(replica.id)? {
-                        if self.resume_if_paused(&vm)? {
-                            resumed = format!("; resumed {}, paused for the verification", vm.name);
-                        }
-                    }
+    /// Recovery of a permanent failover a killed standby left before it published: back
+    /// to failover (the overlays may be standalone already, which changes nothing the
+    /// replica reads), the guest resumed first if standby paused it to verify.
+    pub(crate) fn roll_back_permanent(&self, replica: &ReplicaRecord, resume_guest: bool) -> Result<String> {
+        let mut resumed = String::new();
+        if resume_guest {
+            if let Some(vm) = self.store().replica_vm(replica.id)? {
+                if self.resume_if_paused(&vm)? {
+                    resumed = format!("; resumed {}, paused for the verification", vm.name);
                 }
-                let back = state.apply(Transition::PermanentRolledBack)?;
-                self.store().set_replica_op(replica.id, back.as_str(), None, replica.failover_point)?;
-                self.record_raw(
-                    &replica.vm,
-                    "permanent failover",
-                    "rolled back",
-                    &format!("recovered after an interruption{resumed}"),
-                );
-                Ok(Some(format!(
-                    "VM {}: rolled back an interrupted permanent failover (still in failover){resumed}",
-                    replica.vm
-                )))
             }
-            ReplicaState::Permanent if replica.op_step.is_some() => {
-                self.finish_permanent(replica)?;
-                self.record_raw(&replica.vm, "permanent failover", "completed", "recovered after an interruption");
-                Ok(Some(format!("VM {}: completed an interrupted permanent failover", replica.vm)))
-            }
-            _ => Ok(None),
         }
+        self.store().transition(
+            replica.id,
+            replica.state,
+            Transition::PermanentRolledBack,
+            None,
+            FailoverPoint::Keep,
+        )?;
+        self.record_raw(
+            &replica.vm,
+            "permanent failover",
+            "rolled back",
+            &format!("recovered after an interruption{resumed}"),
+        );
+        Ok(format!("VM {}: rolled back an interrupted permanent failover (still in failover){resumed}", replica.vm))
+    }
+
+    /// Recovery of a permanent failover killed after it published: its files go.
+    pub(crate) fn complete_permanent(&self, replica: &ReplicaRecord) -> Result<String> {
+        self.finish_permanent(replica)?;
+        self.record_raw(&replica.vm, "permanent failover", "completed", "recovered after an interruption");
+        Ok(format!("VM {}: completed an interrupted permanent failover", replica.vm))
     }
 
     /// Resumes a running VM that is paused; whether it was.

@@ -284,7 +284,7 @@ impl Engine {
         let mut others = Vec::new();
         for pv in &plan.vms {
             let state = self.replica_of(&pv.vm, None)?.state;
-            if state == ReplicaState::Failover.as_str() {
+            if state == ReplicaState::Failover {
                 in_failover.push(pv.vm.clone());
             } else {
                 others.push(OpOutcome {

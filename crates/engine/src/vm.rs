@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 use standby_host::{Format, Host, HostError, VmLaunch, VmRuntime};
-use standby_model::VmName;
+use standby_model::{ReplicaState, VmName};
 use standby_store::{DiskRecord, NewVm, VmRecord};
 
 use crate::lock::VmLock;
@@ -198,7 +198,7 @@ impl Engine {
                 .store()
                 .replicas_of_vm(name)?
                 .iter()
-                .find(|r| r.state == "permanent")
+                .find(|r| r.state == ReplicaState::Permanent)
                 .map_or_else(|| "its replica".to_owned(), crate::failover::replica_vm_name);
             if !force {
                 return Err(EngineError::Retired { vm: name.into(), replacement });
@@ -428,7 +428,7 @@ impl Engine {
             return refuse(format!("it is running; shut it down first (standby vm shutdown {name})"));
         }
         let replicas = self.store().replicas_of_vm(name)?;
-        if let Some(r) = replicas.iter().find(|r| r.state != "permanent") {
+        if let Some(r) = replicas.iter().find(|r| r.state != ReplicaState::Permanent) {
             return refuse(format!(
                 "job {} protects it; remove it from the job first (standby replica delete {name} --job {} \
                  --delete-points, or --keep-files)",

@@ -3,10 +3,13 @@
 
 mod failback;
 mod names;
+pub mod recovery;
 mod retention;
 mod state;
+pub mod step;
 
 pub use failback::{FailbackTarget, SwitchMode};
 pub use names::{parse_interval, NameError, VmName};
 pub use retention::{points_to_drop, DEFAULT_RETAIN};
 pub use state::{Method, ReplicaState, Transition, TransitionError};
+pub use step::Step;

@@ -9,6 +9,9 @@ pub enum ReplicaState {
     Ready,
     /// A replication run is writing a new restore point.
     Replicating,
+    /// Planned failover before its failover: the replica is synced, the source shut down
+    /// and synced again, the last restore point verified equal to it.
+    PreparingFailover,
     /// Failover in progress: the replica is being brought to a restore point and started.
     FailingOver,
     /// The replica runs from a restore point; its writes go to a separate layer.
@@ -39,6 +42,8 @@ pub enum ReplicaState {
 /// What happens to a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
+    PlannedStarted,
+    PlannedRolledBack,
     RunStarted,
     RunFinished,
     RunFailed,
@@ -71,9 +76,10 @@ pub struct TransitionError {
 }
 
 impl ReplicaState {
-    pub const ALL: [ReplicaState; 13] = [
+    pub const ALL: [ReplicaState; 14] = [
         ReplicaState::Ready,
         ReplicaState::Replicating,
+        ReplicaState::PreparingFailover,
         ReplicaState::FailingOver,
         ReplicaState::Failover,
         ReplicaState::UndoingFailover,
@@ -95,6 +101,11 @@ impl ReplicaState {
             (Ready, RunStarted) => Ok(Replicating),
             // Replicating ---- restore point committed, or run abandoned ----> Ready
             (Replicating, RunFinished | RunFailed) => Ok(Ready),
+            // Ready ---- planned failover ----> PreparingFailover ---- synced, source off ----> FailingOver
+            (Ready, PlannedStarted) => Ok(PreparingFailover),
+            (PreparingFailover, FailoverStarted) => Ok(FailingOver),
+            // PreparingFailover ---- failed or interrupted (source started again if it ran) ----> Ready
+            (PreparingFailover, PlannedRolledBack) => Ok(Ready),
             // Ready ---- failover ----> FailingOver ---- replica started ----> Failover
             (Ready, FailoverStarted) => Ok(FailingOver),
             (FailingOver, FailoverDone) => Ok(Failover),
@@ -132,6 +143,7 @@ impl ReplicaState {
         match self {
             ReplicaState::Ready => "ready",
             ReplicaState::Replicating => "replicating",
+            ReplicaState::PreparingFailover => "preparing_failover",
             ReplicaState::FailingOver => "failing_over",
             ReplicaState::Failover => "failover",
             ReplicaState::UndoingFailover => "undoing_failover",
@@ -161,6 +173,7 @@ impl ReplicaState {
             }
             ReplicaState::Permanent => "; its failover was made permanent: the replica is an ordinary VM now",
             ReplicaState::Replicating
+            | ReplicaState::PreparingFailover
             | ReplicaState::FailingOver
             | ReplicaState::UndoingFailover
             | ReplicaState::MakingPermanent
@@ -192,7 +205,9 @@ impl ReplicaState {
 }
 
 impl Transition {
-    pub const ALL: [Transition; 21] = [
+    pub const ALL: [Transition; 23] = [
+        Transition::PlannedStarted,
+        Transition::PlannedRolledBack,
         Transition::RunStarted,
         Transition::RunFinished,
         Transition::RunFailed,
@@ -218,6 +233,8 @@ impl Transition {
 
     fn verb(self) -> &'static str {
         match self {
+            Transition::PlannedStarted => "start a planned failover",
+            Transition::PlannedRolledBack => "roll back a planned failover",
             Transition::RunStarted => "start a replication run",
             Transition::RunFinished => "finish a replication run",
             Transition::RunFailed => "abandon a replication run",
@@ -313,6 +330,9 @@ mod tests {
                     (Ready, RunStarted) => Some(Replicating),
                     (Replicating, RunFinished | RunFailed) => Some(Ready),
                     (Ready, FailoverStarted) => Some(FailingOver),
+                    (Ready, PlannedStarted) => Some(PreparingFailover),
+                    (PreparingFailover, FailoverStarted) => Some(FailingOver),
+                    (PreparingFailover, PlannedRolledBack) => Some(Ready),
                     (FailingOver, FailoverDone) => Some(Failover),
                     (FailingOver, FailoverRolledBack) => Some(Ready),
                     (Failover, UndoStarted) => Some(UndoingFailover),
@@ -335,6 +355,36 @@ mod tests {
                 assert_eq!(s.apply(t).ok(), want, "{s} {t:?}");
             }
             assert_eq!(s.as_str().parse::<ReplicaState>(), Ok(s));
+        }
+    }
+
+    /// Every state is reachable from `Ready`, every transition is used by the table, and
+    /// from every transitional state some path leads back to an idle one.
+    #[test]
+    fn no_state_is_unreachable_and_every_transitional_state_leads_back_to_idle() {
+        let mut seen = vec![ReplicaState::Ready];
+        let mut used = Vec::new();
+        let mut i = 0;
+        while i < seen.len() {
+            for t in Transition::ALL {
+                if let Ok(next) = seen[i].apply(t) {
+                    used.push(t);
+                    if !seen.contains(&next) {
+                        seen.push(next);
+                    }
+                }
+            }
+            i += 1;
+        }
+        for s in ReplicaState::ALL {
+            assert!(seen.contains(&s), "{s} is unreachable");
+        }
+        for t in Transition::ALL {
+            assert!(used.contains(&t), "{t:?} is never applied by the table");
+        }
+        for s in ReplicaState::ALL.into_iter().filter(|s| !s.is_idle()) {
+            let leads = Transition::ALL.iter().filter_map(|t| s.apply(*t).ok()).any(|n| n.is_idle());
+            assert!(leads, "{s} has no transition to an idle state");
         }
     }
 

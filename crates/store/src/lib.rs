@@ -9,11 +9,26 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use standby_model::{ReplicaState, Step, Transition};
 
 pub use records::*;
 
+/// What a transition does with the restore point a replica runs from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverPoint {
+    Keep,
+    Set(Option<i64>),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error(transparent)]
+    Transition(#[from] standby_model::TransitionError),
+    #[error(
+        "the replica of VM {vm} is {found} now, no longer {expected}: another standby command changed it meanwhile; \
+         look again (standby replica list)"
+    )]
+    StateMoved { vm: String, expected: ReplicaState, found: String },
     #[error("state database error")]
     Sql(#[from] rusqlite::Error),
     #[error("the state database has schema version {found}, newer than this standby knows ({known}); upgrade standby")]
@@ -422,19 +437,36 @@ impl Store {
          r.failover_point, r.op_step";
 
     fn replica_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRecord> {
+        let id: i64 = r.get(0)?;
+        // Read through their types: an unknown value is an error naming the row.
+        let bad = |col: usize, why: String| {
+            rusqlite::Error::FromSqlConversionFailure(
+                col,
+                rusqlite::types::Type::Text,
+                format!("replicas row {id}: {why}").into(),
+            )
+        };
+        let state: String = r.get(5)?;
+        let step: Option<String> = r.get(11)?;
+        let mut state: ReplicaState = state.parse().map_err(|e| bad(5, e))?;
+        // Before planned failover had a state of its own, it was `ready` with a marker.
+        if state == ReplicaState::Ready && step.as_deref().is_some_and(|s| s.starts_with("planned:")) {
+            state = ReplicaState::PreparingFailover;
+        }
+        let step = step.map(|s| Step::from_db(state, &s)).transpose().map_err(|e| bad(11, e))?;
         Ok(ReplicaRecord {
-            id: r.get(0)?,
+            id,
             job_id: r.get(1)?,
             job: r.get(2)?,
             vm_id: r.get(3)?,
             vm: r.get(4)?,
-            state: r.get(5)?,
+            state,
             dir: r.get(6)?,
             next_seq: r.get(7)?,
             target_host: r.get(8)?,
             replica_suffix: r.get(9)?,
             failover_point: r.get(10)?,
-            op_step: r.get(11)?,
+            step,
         })
     }
 
@@ -464,6 +496,20 @@ impl Store {
         self.replica_rows_where("job_id = ?1 AND state IS NOT 'permanent'", job_id)
     }
 
+    /// The VM and job of a replica row, read without the rest of it (for naming a row
+    /// that cannot be read whole).
+    pub fn replica_names(&self, id: i64) -> Result<Option<(String, String)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT v.name, j.name FROM replicas r JOIN vms v ON v.id = r.vm_id JOIN jobs j ON j.id = r.job_id
+                 WHERE r.id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
     fn replica_rows_where(&self, cond: &str, arg: i64) -> Result<Vec<(i64, Result<ReplicaRecord>)>> {
         let mut st = self.conn.prepare(&format!("SELECT id FROM replicas WHERE {cond} ORDER BY id"))?;
         let ids: Vec<i64> = st.query_map([arg], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
@@ -491,24 +537,58 @@ impl Store {
         Ok(self.replicas_where("r.id = ?1", &id)?.into_iter().next())
     }
 
-    pub fn set_replica_state(&mut self, id: i64, state: &str) -> Result<()> {
-        self.conn.execute("UPDATE replicas SET state = ?1 WHERE id = ?2", params![state, id])?;
+    /// The one way a replica's state changes: by transition `t` from the state `from` the
+    /// caller read, with the step its operation reached (None once it is done) and the
+    /// restore point it runs from, in one transaction. Refused, changing nothing, when the
+    /// transition does not apply or the state is no longer `from` (another command moved it).
+    pub fn transition(
+        &mut self,
+        id: i64,
+        from: ReplicaState,
+        t: Transition,
+        step: Option<Step>,
+        failover_point: FailoverPoint,
+    ) -> Result<ReplicaState> {
+        let to = from.apply(t)?;
+        if let Some(s) = step {
+            if s.state() != to {
+                return Err(StoreError::Corrupt(format!("step {s} is not a step of {to}")));
+            }
+        }
+        let tx = self.tx()?;
+        check_state(&tx, id, from)?;
+        let step = step.map(Step::to_db);
+        match failover_point {
+            FailoverPoint::Keep => tx.execute(
+                "UPDATE replicas SET state = ?2, op_step = ?3 WHERE id = ?1",
+                params![id, to.as_str(), step],
+            )?,
+            FailoverPoint::Set(p) => tx.execute(
+                "UPDATE replicas SET state = ?2, op_step = ?3, failover_point = ?4 WHERE id = ?1",
+                params![id, to.as_str(), step, p],
+            )?,
+        };
+        tx.commit()?;
+        Ok(to)
+    }
+
+    /// Ends the operation in progress on a replica that reached idle `state` (its last
+    /// step, such as deleting files after publishing, is done).
+    pub fn end_operation(&mut self, id: i64, state: ReplicaState) -> Result<()> {
+        let tx = self.tx()?;
+        check_state(&tx, id, state)?;
+        tx.execute("UPDATE replicas SET op_step = NULL WHERE id = ?1", [id])?;
+        tx.commit()?;
         Ok(())
     }
 
-    /// Moves a replica to `state` with the operation step in flight (None when idle) and
-    /// the restore point it runs from, in one write.
-    pub fn set_replica_op(
-        &mut self,
-        id: i64,
-        state: &str,
-        step: Option<&str>,
-        failover_point: Option<i64>,
-    ) -> Result<()> {
-        self.conn.execute(
-            "UPDATE replicas SET state = ?2, op_step = ?3, failover_point = ?4 WHERE id = ?1",
-            params![id, state, step, failover_point],
-        )?;
+    /// Records the step an operation in progress reached; refused unless the replica is in
+    /// the state the step belongs to.
+    pub fn set_step(&mut self, id: i64, step: Step) -> Result<()> {
+        let tx = self.tx()?;
+        check_state(&tx, id, step.state())?;
+        tx.execute("UPDATE replicas SET op_step = ?2 WHERE id = ?1", params![id, step.to_db()])?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -517,6 +597,9 @@ impl Store {
     /// go from the records. The layer files are deleted after this.
     pub fn make_permanent(&mut self, replica_id: i64, vm: &str) -> Result<()> {
         let tx = self.tx()?;
+        check_state(&tx, replica_id, ReplicaState::MakingPermanent)?;
+        let to = ReplicaState::MakingPermanent.apply(Transition::PermanentDone)?;
+        let step = Step::Permanent(standby_model::step::PermanentStep::DeletePoints);
         tx.execute("UPDATE vms SET role = 'source', replica_id = NULL WHERE name = ?1", [vm])?;
         // The source the replica replaced: one identity, so it must not run beside it.
         tx.execute(
@@ -524,8 +607,8 @@ impl Store {
             [replica_id],
         )?;
         tx.execute(
-            "UPDATE replicas SET state = 'permanent', op_step = 'delete-points', failover_point = NULL WHERE id = ?1",
-            [replica_id],
+            "UPDATE replicas SET state = ?2, op_step = ?3, failover_point = NULL WHERE id = ?1",
+            params![replica_id, to.as_str(), step.to_db()],
         )?;
         tx.execute(
             "DELETE FROM rp_disks WHERE rp_id IN (SELECT id FROM restore_points WHERE replica_id = ?1)",
@@ -533,11 +616,6 @@ impl Store {
         )?;
         tx.execute("DELETE FROM restore_points WHERE replica_id = ?1", [replica_id])?;
         tx.commit()?;
-        Ok(())
-    }
-
-    pub fn set_replica_step(&mut self, id: i64, step: &str) -> Result<()> {
-        self.conn.execute("UPDATE replicas SET op_step = ?2 WHERE id = ?1", params![id, step])?;
         Ok(())
     }
 
@@ -845,6 +923,19 @@ impl Store {
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
+}
+
+/// Refuses, inside a transaction, unless replica `id` is in state `expected`.
+fn check_state(tx: &Transaction<'_>, id: i64, expected: ReplicaState) -> Result<()> {
+    let (found, vm): (String, String) = tx.query_row(
+        "SELECT r.state, v.name FROM replicas r JOIN vms v ON v.id = r.vm_id WHERE r.id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if found != expected.as_str() {
+        return Err(StoreError::StateMoved { vm, expected, found });
+    }
+    Ok(())
 }
 
 fn history_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryRecord> {

@@ -1,6 +1,7 @@
 //! Plain rows, as the database holds them.
 
 use serde::{Deserialize, Serialize};
+use standby_model::{ReplicaState, Step};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRecord {
@@ -68,20 +69,21 @@ pub struct JobRecord {
     pub enabled: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct ReplicaRecord {
     pub id: i64,
     pub job_id: i64,
     pub job: String,
     pub vm_id: i64,
     pub vm: String,
-    pub state: String,
+    pub state: ReplicaState,
     pub dir: String,
     pub next_seq: i64,
     pub target_host: String,
     pub replica_suffix: String,
     pub failover_point: Option<i64>,
-    pub op_step: Option<String>,
+    /// The step an operation in progress reached; None when none is in progress.
+    pub step: Option<Step>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -117,3 +117,52 @@ fn history_is_bounded_per_vm_and_its_last_entry_is_one_lookup() {
     assert_eq!(newest.len(), 3);
     assert_eq!(newest[2].detail, format!("a{}", HISTORY_KEEP + 249));
 }
+
+#[test]
+fn a_state_moves_only_by_a_transition_from_the_state_its_writer_read() {
+    use standby_model::step::{FailoverStep, UndoStep};
+    use standby_model::{ReplicaState as S, Step, Transition as T};
+    let (_d, mut s) = open();
+    let vm_id = s.insert_vm(&vm("a")).unwrap();
+    let job = NewJob {
+        name: "j".into(),
+        target_host: "local".into(),
+        target_dir: "/dr".into(),
+        retain: 2,
+        every_secs: None,
+        replica_suffix: "_replica".into(),
+    };
+    s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
+    let id = s.replicas().unwrap()[0].id;
+    assert_eq!(s.transition(id, S::Ready, T::RunStarted, None, FailoverPoint::Keep).unwrap(), S::Replicating);
+    // A second writer that read `ready` before is refused, and nothing changes.
+    let step = Step::Failover { planned: None, at: FailoverStep::Overlays };
+    let e = s.transition(id, S::Ready, T::FailoverStarted, Some(step), FailoverPoint::Set(Some(1))).unwrap_err();
+    assert!(matches!(e, StoreError::StateMoved { .. }), "{e}");
+    assert!(e.to_string().contains("is replicating now, no longer ready"), "{e}");
+    let r = s.replica(id).unwrap().unwrap();
+    assert_eq!((r.state, r.failover_point, r.step), (S::Replicating, None, None));
+    // A transition the table does not have, and a step of another operation.
+    assert!(matches!(
+        s.transition(id, S::Replicating, T::UndoDone, None, FailoverPoint::Keep),
+        Err(StoreError::Transition(_))
+    ));
+    assert!(s.set_step(id, Step::Undo(UndoStep::Stop)).is_err());
+    assert!(s.transition(id, S::Replicating, T::RunFinished, Some(step), FailoverPoint::Keep).is_err());
+    assert_eq!(s.replica(id).unwrap().unwrap().state, S::Replicating);
+    // What no standby wrote is an error naming the row, never a default.
+    s.conn.execute("UPDATE replicas SET state = 'bogus'", []).unwrap();
+    let e = s.replica(id).unwrap_err();
+    assert!(crate::tests::chain(&e).contains(&format!("replicas row {id}: unknown replica state \"bogus\"")), "{e}");
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -18,8 +18,8 @@ pub struct Env {
     dir: tempfile::TempDir,
     bin: PathBuf,
     envs: Vec<(String, String)>,
-    /// When set, every command is bounded: one still running after it fails the test.
-    limit: Option<Duration>,
+    /// Every command is bounded: one still running after this fails the test.
+    limit: Duration,
 }
 
 /// The result of one `standby` command.
@@ -48,14 +48,20 @@ impl Env {
         for sub in ["src", "dr"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
         }
-        Env { dir, bin: bin.into(), envs: vec![("STANDBY_ACCEL".into(), "tcg".into())], limit: None }
+        // Every command is bounded: a hang fails its test instead of stalling the suite.
+        Env {
+            dir,
+            bin: bin.into(),
+            envs: vec![("STANDBY_ACCEL".into(), "tcg".into())],
+            limit: Duration::from_secs(600),
+        }
     }
 
     /// An environment whose every command must end within `limit` (hostile input may
     /// make a command fail, never hang).
     pub fn bounded(bin: &str, limit: Duration) -> Env {
         let mut env = Env::new(bin);
-        env.limit = Some(limit);
+        env.limit = limit;
         env
     }
 
@@ -88,10 +94,7 @@ impl Env {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        match self.limit {
-            Some(limit) => self.run_within(limit, args),
-            None => Run::from(self.command(args).output().expect("run standby")),
-        }
+        self.run_within(self.limit, args)
     }
 
     /// Runs, and fails the test if the command has not ended within `limit` (it is
@@ -264,6 +267,12 @@ impl Env {
 
     /// Processes whose command line mentions this test's directory (QEMU, qemu-nbd).
     pub fn processes(&self) -> Vec<String> {
+        self.processes_here(false)
+    }
+
+    /// Processes whose command line mentions this test's directory; standby's own too
+    /// when `with_standby` (a daemon the test started).
+    fn processes_here(&self, with_standby: bool) -> Vec<String> {
         let me = self.root().display().to_string();
         let mut found = Vec::new();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -276,7 +285,8 @@ impl Env {
             };
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             let zombie = std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| s.contains(") Z "));
-            if cmd.contains(&me) && !zombie && !cmd.contains(self.bin.to_string_lossy().as_ref()) {
+            let standby = cmd.contains(self.bin.to_string_lossy().as_ref());
+            if cmd.contains(&me) && !zombie && (with_standby || !standby) {
                 found.push(format!("{name}: {cmd}"));
             }
         }
@@ -285,9 +295,9 @@ impl Env {
 }
 
 impl Drop for Env {
-    /// No test leaves a VM or server running, pass or fail.
+    /// No test leaves a VM, a server or a standby daemon running, pass or fail.
     fn drop(&mut self) {
-        for p in self.processes() {
+        for p in self.processes_here(true) {
             if let Some(pid) = p.split(':').next() {
                 let _ = Command::new("kill").args(["-9", pid]).status();
             }

@@ -10,8 +10,7 @@ impl Engine {
     pub(super) fn commit_one(&self, name: &str, job: Option<&str>, progress: &dyn Progress) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "commit failback")?;
         let replica = self.replica_of(name, job)?;
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        let next = state.apply(Transition::CommitStarted)?;
+        replica.state.apply(Transition::CommitStarted)?;
         let rd = self.replica_disks(&replica)?;
         if self.vm_is_running(&rd.vm)? {
             return Err(EngineError::Invalid(format!(
@@ -19,7 +18,13 @@ impl Engine {
                 rd.vm.name, rd.vm.name
             )));
         }
-        self.store().set_replica_op(replica.id, next.as_str(), Some("point"), replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            replica.state,
+            Transition::CommitStarted,
+            Some(Step::Commit(CommitStep::Point)),
+            FailoverPoint::Keep,
+        )?;
         self.finish_commit(&replica, progress)
     }
 
@@ -30,8 +35,13 @@ impl Engine {
         let dr_host = self.host(&replica.target_host)?;
         let Some(rec) = self.failback_record(replica.id)? else {
             // Only the final state change was left.
-            let done = ReplicaState::CommittingFailback.apply(Transition::CommitDone)?;
-            self.store().set_replica_op(replica.id, done.as_str(), None, None)?;
+            self.store().transition(
+                replica.id,
+                ReplicaState::CommittingFailback,
+                Transition::CommitDone,
+                None,
+                FailoverPoint::Set(None),
+            )?;
             return Ok("failback committed".into());
         };
         let seq = rec.seq.ok_or_else(|| EngineError::Invalid("the failback reserved no sequence".into()))?;
@@ -42,15 +52,20 @@ impl Engine {
             kept = Some(self.keep_final_state(replica, &rec, &rd, seq, progress)?);
         }
         failpoint::hit("commit.after-point");
-        self.store().set_replica_step(replica.id, "cleanup")?;
+        self.store().set_step(replica.id, Step::Commit(CommitStep::Cleanup))?;
         let rvm = self.store().replica_vm(replica.id)?;
         if let Some(rvm) = rvm {
             self.store().delete_vm(&rvm.name)?;
         }
         self.remove_overlays(dr_host.as_ref(), replica)?;
         self.store().delete_failback(replica.id)?;
-        let done = ReplicaState::CommittingFailback.apply(Transition::CommitDone)?;
-        self.store().set_replica_op(replica.id, done.as_str(), None, None)?;
+        self.store().transition(
+            replica.id,
+            ReplicaState::CommittingFailback,
+            Transition::CommitDone,
+            None,
+            FailoverPoint::Set(None),
+        )?;
         let retain = self.store().job(&replica.job)?.map(|j| j.retain).unwrap_or(standby_model::DEFAULT_RETAIN);
         let dropped = self.apply_retention(dr_host.as_ref(), replica.id, &replica.dir, retain)?;
         let mut msg = match kept {

@@ -33,8 +33,12 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use standby_host::{BitmapOp, Chain, Format};
-use standby_model::{FailbackTarget, ReplicaState, SwitchMode, Transition};
-use standby_store::{DiskRecord, NewRestorePoint, NewVm, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
+use standby_model::recovery::Recovery;
+use standby_model::step::{CommitStep, FailbackStep, SwitchStep, UndoFailbackStep};
+use standby_model::{FailbackTarget, ReplicaState, Step, SwitchMode, Transition};
+use standby_store::{
+    DiskRecord, FailoverPoint, NewRestorePoint, NewVm, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord,
+};
 
 use crate::failover::{overlay_chain, overlay_gen, overlay_path, replica_vm_name, OpOutcome};
 use crate::lock::VmLock;
@@ -231,7 +235,7 @@ impl Engine {
             out.push(FailbackView {
                 vm: replica.vm,
                 job: replica.job,
-                state: replica.state,
+                state: replica.state.as_str().into(),
                 target: rec.target.to_string(),
                 method: rec.method,
                 method_note: rec.method_note,
@@ -248,42 +252,41 @@ impl Engine {
     // ---------------------------------------------------------------- recovery
 
     /// Recovery of a failback a killed standby left; returns what it did.
-    pub(crate) fn recover_failback(&self, replica: &ReplicaRecord) -> Result<Option<String>> {
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
+    /// Recovery of a failback a killed standby left, as the recovery table decided.
+    pub(crate) fn recover_failback(&self, replica: &ReplicaRecord, action: Recovery) -> Result<String> {
         let vm = replica.vm.as_str();
         let quiet = crate::NoProgress;
-        let (op, outcome, note) = match state {
-            ReplicaState::FailingBack => {
+        let (op, outcome, note) = match action {
+            Recovery::RollBackFailback => {
                 self.roll_back_phase1(replica)?;
                 ("failback", "rolled back", "phase 1 rolled back: the replica runs on, the target is as before")
             }
-            ReplicaState::Switching => {
-                let rvm = self.store().replica_vm(replica.id)?;
-                let running = match rvm {
-                    Some(v) => self.vm_is_running(&v)?,
-                    None => false,
-                };
-                if running && replica.op_step.as_deref() == Some("shutdown") {
-                    let back = state.apply(Transition::SwitchRolledBack)?;
-                    self.store().set_replica_op(replica.id, back.as_str(), None, replica.failover_point)?;
-                    ("failback switch", "rolled back", "switch rolled back: the replica runs on, ready to switch")
-                } else {
-                    self.finish_switch(replica, &quiet)?;
-                    ("failback switch", "completed", "switch completed: production holds the replica's final state")
-                }
+            Recovery::RollBackSwitch => {
+                self.store().transition(
+                    replica.id,
+                    replica.state,
+                    Transition::SwitchRolledBack,
+                    None,
+                    FailoverPoint::Keep,
+                )?;
+                ("failback switch", "rolled back", "switch rolled back: the replica runs on, ready to switch")
             }
-            ReplicaState::CommittingFailback => {
+            Recovery::FinishSwitch => {
+                self.finish_switch(replica, &quiet)?;
+                ("failback switch", "completed", "switch completed: production holds the replica's final state")
+            }
+            Recovery::FinishCommit => {
                 self.finish_commit(replica, &quiet)?;
                 ("commit failback", "completed", "commit failback completed")
             }
-            ReplicaState::UndoingFailback => {
+            Recovery::FinishUndoFailback => {
                 self.finish_undo_failback(replica, &quiet)?;
                 ("undo failback", "completed", "undo failback completed: the replica runs again")
             }
-            _ => return Ok(None),
+            other => return Err(EngineError::Invalid(format!("{other:?} is no failback recovery"))),
         };
         self.record_raw(vm, op, outcome, "recovered after an interruption");
-        Ok(Some(format!("VM {vm}: {note}")))
+        Ok(format!("VM {vm}: {note}"))
     }
 
     /// Why `vm` must not start now: a failback not yet switched is writing to its disks,
@@ -307,7 +310,7 @@ impl Engine {
         for (replica_id, _) in rows {
             let replica = self.store().replica(replica_id)?;
             let (Some(replica), Some(rec)) = (replica, self.failback_record(replica_id)?) else { continue };
-            let state = replica.state.parse::<ReplicaState>();
+            let state: std::result::Result<ReplicaState, ()> = Ok(replica.state);
             // After the switch the replica's final state is production's: one more write
             // on the replica and commit would keep a state production never had.
             let switched = matches!(

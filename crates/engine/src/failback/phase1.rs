@@ -37,14 +37,19 @@ impl Engine {
     ) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "failback")?;
         let replica = self.replica_of(name, job)?;
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        let next = state.apply(Transition::FailbackStarted)?;
+        replica.state.apply(Transition::FailbackStarted)?;
         let rd = self.replica_disks(&replica)?;
         let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
         let (rec, target_vm) = self.plan_target(&replica, &rd, &source, opts)?;
 
         // Nothing has changed so far; from here every step is recorded first.
-        self.store().set_replica_op(replica.id, next.as_str(), Some("start"), replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            replica.state,
+            Transition::FailbackStarted,
+            Some(Step::Failback(FailbackStep::Start)),
+            FailoverPoint::Keep,
+        )?;
         self.save_failback(replica.id, &rec)?;
         let result = self.phase1(&replica, rec, target_vm.as_ref(), progress, warnings);
         let rec = match result {
@@ -56,8 +61,13 @@ impl Engine {
                 return Err(e);
             }
         };
-        let ready = ReplicaState::FailingBack.apply(Transition::FailbackSynced)?;
-        self.store().set_replica_op(replica.id, ready.as_str(), None, replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            ReplicaState::FailingBack,
+            Transition::FailbackSynced,
+            None,
+            FailoverPoint::Keep,
+        )?;
         let done = format!(
             "phase 1 done to {} by {} ({}): read {}, wrote {}; ready to switch",
             rec.target,
@@ -213,7 +223,7 @@ impl Engine {
         let name = replica.vm.as_str();
         let tgt = self.host(&rec.host)?;
         let dr_host = self.host(&replica.target_host)?;
-        self.store().set_replica_step(replica.id, "target-off")?;
+        self.store().set_step(replica.id, Step::Failback(FailbackStep::TargetOff))?;
         if let Some(t) = target_vm {
             if self.vm_is_running(t)? {
                 progress.step(name, &format!("powering off {}", t.name));
@@ -223,7 +233,7 @@ impl Engine {
         }
         failpoint::hit("failback.after-target-off");
 
-        self.store().set_replica_step(replica.id, "working")?;
+        self.store().set_step(replica.id, Step::Failback(FailbackStep::Working))?;
         let rd = self.replica_disks(replica)?;
         for (i, (d, w)) in rec.disks.iter().zip(&rec.working).enumerate() {
             let size = rd.point.disks[i].size;
@@ -237,12 +247,12 @@ impl Engine {
         }
         failpoint::hit("failback.after-working");
 
-        self.store().set_replica_step(replica.id, "protect")?;
+        self.store().set_step(replica.id, Step::Failback(FailbackStep::Protect))?;
         progress.step(name, "protective point on the replica");
         let frozen = self.protect(replica, &rd)?;
         failpoint::hit("failback.after-protect");
 
-        self.store().set_replica_step(replica.id, "transfer")?;
+        self.store().set_step(replica.id, Step::Failback(FailbackStep::Transfer))?;
         let rd = self.replica_disks(replica)?;
         let (diffs, method, note) = self.difference(replica, &rec, &rd, &frozen)?;
         rec.method = method.into();
@@ -454,8 +464,13 @@ impl Engine {
             self.discard_working(&rec)?;
         }
         self.store().delete_failback(replica.id)?;
-        let back = ReplicaState::FailingBack.apply(Transition::FailbackRolledBack)?;
-        self.store().set_replica_op(replica.id, back.as_str(), None, replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            ReplicaState::FailingBack,
+            Transition::FailbackRolledBack,
+            None,
+            FailoverPoint::Keep,
+        )?;
         Ok(())
     }
 

@@ -18,7 +18,7 @@ impl Engine {
         for (replica_id, _) in rows {
             let replica = self.store().replica(replica_id)?;
             let (Some(replica), Some(rec)) = (replica, self.failback_record(replica_id)?) else { continue };
-            if replica.state == ReplicaState::ReadyToSwitch.as_str() && rec.switch_at.is_some_and(|t| t <= now_secs()) {
+            if replica.state == ReplicaState::ReadyToSwitch && rec.switch_at.is_some_and(|t| t <= now_secs()) {
                 due.push((replica.vm, replica.job));
             }
         }
@@ -43,15 +43,20 @@ impl Engine {
         progress: &dyn Progress,
         warnings: &mut Vec<String>,
     ) -> Result<String> {
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        let next = state.apply(Transition::SwitchStarted)?;
+        replica.state.apply(Transition::SwitchStarted)?;
         let mut rec = self.failback_record(replica.id)?.ok_or_else(|| missing_record(&replica.vm))?;
         let rd = self.replica_disks(replica)?;
         if rec.seq.is_none() {
             rec.seq = Some(self.store().take_seq(replica.id)?);
             self.save_failback(replica.id, &rec)?;
         }
-        self.store().set_replica_op(replica.id, next.as_str(), Some("shutdown"), replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            replica.state,
+            Transition::SwitchStarted,
+            Some(Step::Switch(SwitchStep::Shutdown)),
+            FailoverPoint::Keep,
+        )?;
         let was_running = self.vm_is_running(&rd.vm)?;
         if was_running {
             progress.step(&replica.vm, &format!("shutting down {}", rd.vm.name));
@@ -63,7 +68,13 @@ impl Engine {
                     rd.vm.name, rec.shutdown_secs
                 )),
                 Err(e) => {
-                    self.store().set_replica_op(replica.id, state.as_str(), None, replica.failover_point)?;
+                    self.store().transition(
+                        replica.id,
+                        ReplicaState::Switching,
+                        Transition::SwitchRolledBack,
+                        None,
+                        FailoverPoint::Keep,
+                    )?;
                     return Err(e);
                 }
             }
@@ -76,14 +87,20 @@ impl Engine {
                 let rec = self.failback_record(replica.id)?.ok_or_else(|| missing_record(&replica.vm))?;
                 let tgt = self.host(&rec.host)?;
                 let untouched = rec.working.iter().all(|w| tgt.file_exists(w).unwrap_or(false))
-                    && self.store().replica(replica.id)?.and_then(|r| r.op_step).as_deref() == Some("final-transfer");
+                    && self.store().replica(replica.id)?.and_then(|r| r.step)
+                        == Some(Step::Switch(SwitchStep::FinalTransfer));
                 if untouched {
                     let _ = tgt.nbd_stop_all(&nbd_prefix(replica.id));
                     if was_running && !self.vm_is_running(&rd.vm)? {
                         self.launch(&rd.vm)?;
                     }
-                    let back = ReplicaState::Switching.apply(Transition::SwitchRolledBack)?;
-                    self.store().set_replica_op(replica.id, back.as_str(), None, replica.failover_point)?;
+                    self.store().transition(
+                        replica.id,
+                        ReplicaState::Switching,
+                        Transition::SwitchRolledBack,
+                        None,
+                        FailoverPoint::Keep,
+                    )?;
                     Err(EngineError::Invalid(format!("{}; the replica runs on, still ready to switch", vm::chain(&e))))
                 } else {
                     Err(EngineError::Invalid(format!(
@@ -111,7 +128,7 @@ impl Engine {
         // The working layers exist until they are committed: their absence means the
         // copy and commit are done.
         if rec.working.iter().all(|w| tgt.file_exists(w).unwrap_or(false)) {
-            self.store().set_replica_step(replica.id, "final-transfer")?;
+            self.store().set_step(replica.id, Step::Switch(SwitchStep::FinalTransfer))?;
             rec.phase2 = Moved::default();
             for (i, top) in rd.vm.disks.iter().enumerate() {
                 progress.step(name, &format!("disk {i}: changes since phase 1"));
@@ -129,7 +146,7 @@ impl Engine {
             self.save_failback(replica.id, &rec)?;
             failpoint::hit("switch.after-final-transfer");
         }
-        self.store().set_replica_step(replica.id, "commit")?;
+        self.store().set_step(replica.id, Step::Switch(SwitchStep::Commit))?;
         for (i, (d, w)) in rec.disks.iter().zip(&rec.working).enumerate() {
             if !tgt.file_exists(w)? {
                 continue;
@@ -142,7 +159,7 @@ impl Engine {
         }
         // From the switch on, the bitmap of the point commit will publish records every
         // write production makes. Added after the commit so the commit is not in it.
-        self.store().set_replica_step(replica.id, "bitmap")?;
+        self.store().set_step(replica.id, Step::Switch(SwitchStep::Bitmap))?;
         let bitmap = source::bitmap_name(replica.id, seq);
         for d in &rec.disks {
             if disk_format(d)? == Format::Qcow2
@@ -151,13 +168,18 @@ impl Engine {
                 tgt.image_bitmap(&d.path, Format::Qcow2, &bitmap, BitmapOp::Add)?;
             }
         }
-        self.store().set_replica_step(replica.id, "identity")?;
+        self.store().set_step(replica.id, Step::Switch(SwitchStep::Identity))?;
         self.move_identity(replica, &mut rec)?;
         failpoint::hit("switch.after-identity");
         rec.switched_at = Some(standby_store::now());
         self.save_failback(replica.id, &rec)?;
-        let done = ReplicaState::Switching.apply(Transition::SwitchDone)?;
-        self.store().set_replica_op(replica.id, done.as_str(), None, replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            ReplicaState::Switching,
+            Transition::SwitchDone,
+            None,
+            FailoverPoint::Keep,
+        )?;
 
         let production = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
         let mut msg = format!(

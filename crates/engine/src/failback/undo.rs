@@ -11,9 +11,13 @@ impl Engine {
     pub(super) fn undo_failback_one(&self, name: &str, job: Option<&str>, progress: &dyn Progress) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "undo failback")?;
         let replica = self.replica_of(name, job)?;
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        let next = state.apply(Transition::UndoFailbackStarted)?;
-        self.store().set_replica_op(replica.id, next.as_str(), Some("stop"), replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            replica.state,
+            Transition::UndoFailbackStarted,
+            Some(Step::UndoFailback(UndoFailbackStep::Stop)),
+            FailoverPoint::Keep,
+        )?;
         self.finish_undo_failback(&replica, progress)
     }
 
@@ -23,8 +27,13 @@ impl Engine {
     pub(super) fn finish_undo_failback(&self, replica: &ReplicaRecord, progress: &dyn Progress) -> Result<String> {
         let name = replica.vm.as_str();
         let Some(rec) = self.failback_record(replica.id)? else {
-            let done = ReplicaState::UndoingFailback.apply(Transition::UndoFailbackDone)?;
-            self.store().set_replica_op(replica.id, done.as_str(), None, replica.failover_point)?;
+            self.store().transition(
+                replica.id,
+                ReplicaState::UndoingFailback,
+                Transition::UndoFailbackDone,
+                None,
+                FailoverPoint::Keep,
+            )?;
             return Ok("failback undone".into());
         };
         let tgt = self.host(&rec.host)?;
@@ -32,14 +41,14 @@ impl Engine {
         tgt.nbd_stop_all(&nbd_prefix(replica.id))?;
         let mut restored = Moved::default();
         if rec.switched_at.is_some() {
-            self.store().set_replica_step(replica.id, "stop")?;
+            self.store().set_step(replica.id, Step::UndoFailback(UndoFailbackStep::Stop))?;
             let production = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
             if production.disks == rec.disks && self.vm_is_running(&production)? {
                 progress.step(name, "powering off production");
                 vm::power_off(tgt.as_ref(), name)?;
             }
             failpoint::hit("undo-failback.after-stop");
-            self.store().set_replica_step(replica.id, "restore")?;
+            self.store().set_step(replica.id, Step::UndoFailback(UndoFailbackStep::Restore))?;
             if !rec.created_disks {
                 let rd = self.replica_disks(replica)?;
                 let bitmap = rec.seq.map(|s| source::bitmap_name(replica.id, s));
@@ -82,7 +91,7 @@ impl Engine {
                 }
             }
             failpoint::hit("undo-failback.after-restore");
-            self.store().set_replica_step(replica.id, "identity")?;
+            self.store().set_step(replica.id, Step::UndoFailback(UndoFailbackStep::Identity))?;
             if let Some(prior) = &rec.prior {
                 self.store().redefine_vm(&prior.protected)?;
                 if let Some(e) = &prior.existing {
@@ -94,7 +103,7 @@ impl Engine {
             }
         }
         self.discard_working(&rec)?;
-        self.store().set_replica_step(replica.id, "start-replica")?;
+        self.store().set_step(replica.id, Step::UndoFailback(UndoFailbackStep::StartReplica))?;
         let rvm = self.store().replica_vm(replica.id)?;
         let mut started = false;
         if let Some(rvm) = rvm {
@@ -104,8 +113,13 @@ impl Engine {
             }
         }
         self.store().delete_failback(replica.id)?;
-        let done = ReplicaState::UndoingFailback.apply(Transition::UndoFailbackDone)?;
-        self.store().set_replica_op(replica.id, done.as_str(), None, replica.failover_point)?;
+        self.store().transition(
+            replica.id,
+            ReplicaState::UndoingFailback,
+            Transition::UndoFailbackDone,
+            None,
+            FailoverPoint::Keep,
+        )?;
         let vm_name = replica_vm_name(replica);
         Ok(match rec.switched_at {
             Some(_) => format!(

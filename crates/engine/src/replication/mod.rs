@@ -18,8 +18,9 @@ use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 use standby_host::{Chain, Format, Host, ServeSpec};
+use standby_model::recovery::{recovery, Recovery as Action, Seen};
 use standby_model::{Method, ReplicaState, Transition};
-use standby_store::{NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
+use standby_store::{FailoverPoint, NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
 
 use crate::lock::VmLock;
 use crate::task::TaskProgress;
@@ -76,6 +77,15 @@ pub struct Recovery {
     pub attention: Vec<String>,
 }
 
+/// Whether a run is an operation of its own or part of another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunWithin {
+    /// A job run: the replica goes through `replicating`.
+    Own,
+    /// A planned failover's sync: the replica stays `preparing_failover`.
+    PlannedFailover,
+}
+
 /// What one VM's run ended with.
 #[derive(Debug, Serialize)]
 pub struct RunOutcome {
@@ -119,9 +129,10 @@ impl Engine {
         let mut views = Vec::new();
         for (id, row) in rows {
             let view = row.map_err(EngineError::from).and_then(|r| self.replica_view(r));
+            let names = self.store().replica_names(id).ok().flatten();
             views.push(view.unwrap_or_else(|e| ReplicaView {
-                vm: format!("(replicas row {id})"),
-                job: "?".into(),
+                vm: names.as_ref().map_or_else(|| format!("(replicas row {id})"), |n| n.0.clone()),
+                job: names.as_ref().map_or_else(|| "?".into(), |n| n.1.clone()),
                 target_host: "?".into(),
                 dir: "?".into(),
                 state: "unreadable".into(),
@@ -146,21 +157,16 @@ impl Engine {
         let replica_vm = self.store().replica_vm(r.id)?.map(|v| v.name);
         let last_operation =
             self.store().last_history(&r.vm)?.map(|h| format!("{} {} at {}", h.operation, h.result, h.at));
-        let needs_attention = match r.state.parse::<ReplicaState>() {
-            Err(e) => {
-                Some(format!("replicas row {}: {e}; standby leaves this replica alone until the row is repaired", r.id))
-            }
-            Ok(state) => self.pending_recovery(&r, state).map(|what| {
-                format!("{what} waits for recovery: run standby recover (standby history {} shows what happened)", r.vm)
-            }),
-        };
+        let needs_attention = self.pending_recovery(&r).map(|what| {
+            format!("{what} waits for recovery: run standby recover (standby history {} shows what happened)", r.vm)
+        });
         Ok(ReplicaView {
             needs_attention,
             vm: r.vm,
             job: r.job,
             target_host: r.target_host,
             dir: r.dir,
-            state: r.state,
+            state: r.state.as_str().into(),
             restore_points: points.len(),
             latest: points.last().map(|p| p.created_at.clone()),
             failover_point: r.failover_point,
@@ -171,12 +177,13 @@ impl Engine {
 
     /// What an interrupted operation left for recovery on this replica, if anything. One
     /// still running (it holds the VM's lock) is not interrupted.
-    fn pending_recovery(&self, r: &ReplicaRecord, state: ReplicaState) -> Option<String> {
-        if state.is_idle() && r.op_step.is_none() {
+    fn pending_recovery(&self, r: &ReplicaRecord) -> Option<String> {
+        let state = r.state;
+        if state.is_idle() && r.step.is_none() {
             return None;
         }
         VmLock::acquire(&self.data_dir, &r.vm, "status").ok()?;
-        Some(match &r.op_step {
+        Some(match &r.step {
             Some(step) => format!("an interrupted {state} (at step {step})"),
             None => format!("an interrupted {state}"),
         })
@@ -185,29 +192,18 @@ impl Engine {
     /// What recovery would do, without doing it: for commands that only read.
     pub fn recovery_needed(&self) -> Result<Vec<String>> {
         let mut notes = Vec::new();
-        for (id, row) in self.store().replica_rows()? {
+        // Bound first: the store's guard must not live through the loop, which asks again.
+        let rows = self.store().replica_rows()?;
+        for (id, row) in rows {
             let r = match row {
                 Ok(r) => r,
                 Err(e) => {
-                    notes.push(format!(
-                        "replicas row {id} cannot be read ({}); that replica needs attention",
-                        vm::chain(&e)
-                    ));
+                    notes.push(format!("{} cannot be read ({}); it needs attention", self.row_name(id), vm::chain(&e)));
                     continue;
                 }
             };
-            match r.state.parse::<ReplicaState>() {
-                Err(e) => {
-                    notes.push(format!("VM {} (job {}): replicas row {id}: {e}; it needs attention", r.vm, r.job))
-                }
-                Ok(state) => {
-                    if let Some(what) = self.pending_recovery(&r, state) {
-                        notes.push(format!(
-                            "VM {} (job {}): {what} waits for recovery; run standby recover",
-                            r.vm, r.job
-                        ));
-                    }
-                }
+            if let Some(what) = self.pending_recovery(&r) {
+                notes.push(format!("VM {} (job {}): {what} waits for recovery; run standby recover", r.vm, r.job));
             }
         }
         Ok(notes)
@@ -250,11 +246,17 @@ impl Engine {
         // A replica whose row cannot be read fails on its own; the others run.
         let mut unreadable = Vec::new();
         let mut replicas = Vec::new();
-        for (id, row) in self.store().replica_rows_of_job(job.id)? {
+        let rows = self.store().replica_rows_of_job(job.id)?;
+        for (id, row) in rows {
             match row {
                 Ok(r) => replicas.push(r),
                 Err(e) => unreadable.push(RunOutcome {
-                    vm: format!("(replicas row {id})"),
+                    vm: self
+                        .store()
+                        .replica_names(id)
+                        .ok()
+                        .flatten()
+                        .map_or_else(|| format!("(replicas row {id})"), |n| n.0),
                     restore_point: None,
                     error: Some(format!(
                         "replicas row {id} cannot be read ({}); repair it, the other VMs of the job run on",
@@ -302,14 +304,7 @@ impl Engine {
 
     fn replicate(&self, replica: &ReplicaRecord, retain: u32, progress: &dyn Progress) -> RunOutcome {
         let mut notes = Vec::new();
-        let state = match replica.state.parse::<ReplicaState>() {
-            Ok(s) => s,
-            Err(e) => {
-                let why =
-                    format!("replicas row {}: {e}; standby leaves this replica alone until it is repaired", replica.id);
-                return RunOutcome { vm: replica.vm.clone(), restore_point: None, error: Some(why), notes };
-            }
-        };
+        let state = replica.state;
         {
             if !state.replicates() {
                 let why = format!(
@@ -341,16 +336,18 @@ impl Engine {
         notes: &mut Vec<String>,
     ) -> Result<RestorePointView> {
         let _lock = VmLock::acquire(&self.data_dir, &replica.vm, &format!("replication job {}", replica.job))?;
-        self.replicate_locked(replica, retain, progress, notes)
+        self.replicate_locked(replica, retain, progress, notes, RunWithin::Own)
     }
 
-    /// One run for a caller that holds the VM's lock.
+    /// One run for a caller that holds the VM's lock. `Own` runs move the replica through
+    /// `replicating`; a planned failover's runs happen inside its own state.
     pub(crate) fn replicate_locked(
         &self,
         replica: &ReplicaRecord,
         retain: u32,
         progress: &dyn Progress,
         notes: &mut Vec<String>,
+        within: RunWithin,
     ) -> Result<RestorePointView> {
         // Re-read under the lock: a failover may have started since the job was read.
         let replica =
@@ -359,19 +356,24 @@ impl Engine {
         let src_host = self.host(&vm.host)?;
         let dr_host = self.host(&replica.target_host)?;
         progress.step(&vm.name, "recovering");
-        self.recover_replica(replica, &vm, src_host.as_ref(), dr_host.as_ref(), notes)?;
-
-        let state: ReplicaState = replica.state.parse().map_err(EngineError::Invalid)?;
-        let state = if state == ReplicaState::Replicating { ReplicaState::Ready } else { state };
-        let next = state.apply(Transition::RunStarted)?;
-        self.store().set_replica_state(replica.id, next.as_str())?;
-        let result = self.run_once(replica, &vm, src_host.as_ref(), dr_host.as_ref(), retain, progress, notes);
-        let end = ReplicaState::Replicating.apply(if result.is_ok() {
-            Transition::RunFinished
+        let interrupted = replica.state == ReplicaState::Replicating;
+        self.recover_replica(replica, &vm, src_host.as_ref(), dr_host.as_ref(), notes, interrupted)?;
+        if within == RunWithin::PlannedFailover {
+            if replica.state != ReplicaState::PreparingFailover {
+                return Err(EngineError::Invalid(format!("VM {} is not preparing a planned failover", replica.vm)));
+            }
+            return self.run_once(replica, &vm, src_host.as_ref(), dr_host.as_ref(), retain, progress, notes);
+        }
+        let from = if interrupted {
+            // A killed run nobody recovered yet: its leftovers went just now.
+            self.store().transition(replica.id, replica.state, Transition::RunFailed, None, FailoverPoint::Keep)?
         } else {
-            Transition::RunFailed
-        })?;
-        self.store().set_replica_state(replica.id, end.as_str())?;
+            replica.state
+        };
+        self.store().transition(replica.id, from, Transition::RunStarted, None, FailoverPoint::Keep)?;
+        let result = self.run_once(replica, &vm, src_host.as_ref(), dr_host.as_ref(), retain, progress, notes);
+        let end = if result.is_ok() { Transition::RunFinished } else { Transition::RunFailed };
+        self.store().transition(replica.id, ReplicaState::Replicating, end, None, FailoverPoint::Keep)?;
         result
     }
 
@@ -383,23 +385,18 @@ impl Engine {
         let rows = self.store().replica_rows()?;
         for (id, row) in rows {
             // A row that cannot be read flags its replica and leaves the others to go on.
-            let (replica, state) = match row.map_err(EngineError::from).and_then(|r| {
-                let state = r.state.parse::<ReplicaState>().map_err(|e| {
-                    EngineError::Invalid(format!("VM {} (job {}): replicas row {id}: {e}", r.vm, r.job))
-                })?;
-                Ok((r, state))
-            }) {
-                Ok(ok) => ok,
+            let replica = match row {
+                Ok(r) => r,
                 Err(e) => {
                     done.attention.push(format!(
-                        "replicas row {id} needs attention: {}; standby leaves that replica alone until the row is \
-                         repaired",
+                        "{} needs attention: {}; standby leaves that replica alone until the row is repaired",
+                        self.row_name(id),
                         vm::chain(&e)
                     ));
                     continue;
                 }
             };
-            if state.is_idle() && replica.op_step.is_none() {
+            if replica.state.is_idle() && replica.step.is_none() {
                 continue;
             }
             // A live operation holds the lock: then nothing was interrupted.
@@ -407,15 +404,15 @@ impl Engine {
                 continue;
             };
             // One VM that cannot be recovered must not stop standby for all the others.
-            match self.recover_one(&replica, state) {
+            match self.recover_one(&replica) {
                 Ok(n) => done.notes.extend(n),
                 Err(e) => {
                     let why = vm::chain(&e);
                     self.record_raw(&replica.vm, "recovery", "failed", &why);
                     done.attention.push(format!(
-                        "VM {} needs attention: its interrupted {state} could not be recovered: {why}; fix that \
+                        "VM {} needs attention: its interrupted {} could not be recovered: {why}; fix that \
                          and run standby recover to retry (standby history {} shows what happened)",
-                        replica.vm, replica.vm
+                        replica.vm, replica.state, replica.vm
                     ));
                 }
             }
@@ -423,29 +420,59 @@ impl Engine {
         Ok(done)
     }
 
-    fn recover_one(&self, replica: &ReplicaRecord, state: ReplicaState) -> Result<Vec<String>> {
-        let mut notes = Vec::new();
-        if state == ReplicaState::Replicating {
-            let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
-            let mut n = Vec::new();
-            self.recover_replica(
-                replica,
-                &vm,
-                self.host(&vm.host)?.as_ref(),
-                self.host(&replica.target_host)?.as_ref(),
-                &mut n,
-            )?;
-            self.store().set_replica_state(replica.id, ReplicaState::Ready.as_str())?;
-            self.record_raw(&replica.vm, "replication", "rolled back", "recovered after an interruption");
-            notes.push(format!("VM {}, job {}: rolled back an interrupted replication run", replica.vm, replica.job));
+    /// A replica row as an operator finds it: by its VM and job when those can be read.
+    pub(crate) fn row_name(&self, id: i64) -> String {
+        match self.store().replica_names(id) {
+            Ok(Some((vm, job))) => format!("VM {vm} (job {job}, replicas row {id})"),
+            _ => format!("replicas row {id}"),
         }
-        // An operation around the run (a planned failover) may be pending too.
-        let replica =
-            self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: replica.vm.clone() })?;
-        notes.extend(self.recover_failover(&replica)?);
-        notes.extend(self.recover_permanent(&replica)?);
-        notes.extend(self.recover_failback(&replica)?);
-        Ok(notes)
+    }
+
+    /// Carries out what the recovery table decides for one replica.
+    fn recover_one(&self, replica: &ReplicaRecord) -> Result<Vec<String>> {
+        let replica_runs = match self.store().replica_vm(replica.id)? {
+            Some(v) => self.vm_is_running(&v)?,
+            None => false,
+        };
+        let action = recovery(replica.state, replica.step, Seen { replica_runs });
+        let note = match action {
+            Action::Nothing => return Ok(Vec::new()),
+            Action::RollBackRun => {
+                self.roll_back_run(replica)?;
+                self.store().transition(replica.id, replica.state, Transition::RunFailed, None, FailoverPoint::Keep)?;
+                self.record_raw(&replica.vm, "replication", "rolled back", "recovered after an interruption");
+                format!("VM {}, job {}: rolled back an interrupted replication run", replica.vm, replica.job)
+            }
+            Action::RollBackPlanned { restart_source } => {
+                self.roll_back_run(replica)?;
+                self.recover_planned(replica, restart_source)?
+            }
+            Action::CompleteFailover | Action::RollBackFailover { .. } | Action::FinishUndo => {
+                self.recover_failover(replica, action)?
+            }
+            Action::RollBackPermanent { resume_guest } => self.roll_back_permanent(replica, resume_guest)?,
+            Action::FinishPermanent => self.complete_permanent(replica)?,
+            Action::RollBackFailback
+            | Action::RollBackSwitch
+            | Action::FinishSwitch
+            | Action::FinishCommit
+            | Action::FinishUndoFailback => self.recover_failback(replica, action)?,
+        };
+        Ok(vec![note])
+    }
+
+    /// What a killed run left (views, servers, unfinished layers) goes.
+    fn roll_back_run(&self, replica: &ReplicaRecord) -> Result<()> {
+        let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+        let mut n = Vec::new();
+        self.recover_replica(
+            replica,
+            &vm,
+            self.host(&vm.host)?.as_ref(),
+            self.host(&replica.target_host)?.as_ref(),
+            &mut n,
+            true,
+        )
     }
 
     /// Removes this replica's dirty bitmaps from the source VM's disks: a replica that is
@@ -470,13 +497,13 @@ impl Engine {
         src: &dyn Host,
         dr: &dyn Host,
         notes: &mut Vec<String>,
+        interrupted: bool,
     ) -> Result<()> {
         let running = self.vm_is_running(vm)?;
         let mut access = Access::open(src, &vm.name, running)?;
         source::close_views(&mut access, src, &vm.name, replica.id, vm.disks.len())?;
         dr.nbd_stop_all(&target_prefix(replica.id))?;
         self.check_replica_dir(dr, replica)?;
-        let interrupted = replica.state == ReplicaState::Replicating.as_str();
         let removed = self.finish_pruning(dr, replica.id, &replica.dir, interrupted)?;
         if interrupted || !removed.is_empty() {
             notes.push(format!(
