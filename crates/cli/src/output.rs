@@ -3,8 +3,8 @@
 use anyhow::Result;
 use serde::Serialize;
 use standby_engine::{
-    FailbackView, HistoryRecord, JobView, OpOutcome, PlanRecord, PlanRun, ReplicaDeleted, ReplicaView,
-    RestorePointView, RunOutcome, TaskView, VmView,
+    FailbackView, HistoryView, JobView, OpOutcome, PlanRun, PlanView, ReplicaDeleted, ReplicaView, RestorePointView,
+    RunOutcome, TaskView, VmView,
 };
 
 fn json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
@@ -212,7 +212,7 @@ pub fn op_outcomes(list: &[OpOutcome], as_json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn history(list: &[HistoryRecord], as_json: bool) -> Result<()> {
+pub fn history(list: &[HistoryView], as_json: bool) -> Result<()> {
     if as_json {
         return json(list);
     }
@@ -226,7 +226,7 @@ pub fn history(list: &[HistoryRecord], as_json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn plans(list: &[PlanRecord], as_json: bool) -> Result<()> {
+pub fn plans(list: &[PlanView], as_json: bool) -> Result<()> {
     if as_json {
         return json(list);
     }

@@ -18,7 +18,7 @@ use serde::Serialize;
 use standby_host::{Chain, Format, Host};
 use standby_model::recovery::Recovery;
 use standby_model::step::{FailoverStep, PlannedStep, UndoStep};
-use standby_model::{ReplicaState, Step, Transition};
+use standby_model::{ReplicaState, Role, Step, Transition};
 use standby_store::{FailoverPoint, NewVm, ReplicaRecord, VmRecord};
 
 use crate::lock::VmLock;
@@ -400,7 +400,7 @@ impl Engine {
             kernel: source.kernel.clone(),
             initrd: source.initrd.clone(),
             append: source.append.clone(),
-            role: "replica".into(),
+            role: Role::Replica,
             replica_id: Some(replica.id),
         })?;
         failpoint::hit("failover.after-define");

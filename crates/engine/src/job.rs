@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use standby_host::Host;
-use standby_model::{parse_interval, ReplicaState, VmName, DEFAULT_RETAIN};
+use standby_model::{parse_interval, ReplicaState, Role, VmName, DEFAULT_RETAIN};
 use standby_store::{NewJob, ReplicaRecord};
 
 use crate::lock::VmLock;
@@ -162,12 +162,12 @@ impl Engine {
         let mut vm_ids = Vec::new();
         for vm_name in vms {
             let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.clone()))?;
-            if vm.role == "retired" {
+            if vm.role == Role::Retired {
                 return Err(EngineError::Invalid(format!(
                     "VM {vm_name} is retired: a permanent failover replaced it; protect the VM that replaced it instead"
                 )));
             }
-            if vm.role == "replica" {
+            if vm.role == Role::Replica {
                 return Err(EngineError::Invalid(format!(
                     "VM {vm_name} is a replica in failover; it can be protected after a permanent failover makes it an ordinary VM"
                 )));

@@ -30,17 +30,42 @@ pub use error::{EngineError, Result};
 pub use failback::{FailbackOptions, FailbackView, Moved};
 pub use failover::{OpOutcome, PointChoice};
 pub use job::{JobChange, JobSpec, JobView, Points, ReplicaDeleted};
-pub use plan::{PlanChange, PlanRun, PlanSpec, PlanStep, DEFAULT_HOOK_TIMEOUT_SECS};
+pub use plan::{PlanChange, PlanRun, PlanSpec, PlanStep, PlanView, PlanVmView, DEFAULT_HOOK_TIMEOUT_SECS};
 pub use progress::{NoProgress, Progress};
 pub use replication::{Recovery, ReplicaView, RestorePointView, RpDiskView, RunOutcome};
 pub use standby_model::{FailbackTarget, SwitchMode};
-pub use standby_store::HistoryRecord;
-pub use standby_store::PlanRecord;
 pub use task::TaskView;
 pub use vm::{VmChange, VmSpec, VmView};
 
 /// The name of the host that exists from the first run: this machine.
 pub const LOCAL_HOST: &str = "local";
+
+/// One history entry as `standby history --json` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryView {
+    pub id: i64,
+    pub at: String,
+    pub vm: String,
+    pub operation: String,
+    pub command: String,
+    /// `ok`, `failed`, `rolled back`, `completed` (by recovery) or `warning`.
+    pub result: String,
+    pub detail: String,
+}
+
+impl From<standby_store::HistoryRecord> for HistoryView {
+    fn from(h: standby_store::HistoryRecord) -> HistoryView {
+        HistoryView {
+            id: h.id,
+            at: h.at,
+            vm: h.vm,
+            operation: h.operation,
+            command: h.command,
+            result: h.result,
+            detail: h.detail,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Engine {
@@ -110,7 +135,7 @@ impl Engine {
     /// The newest `limit` recorded operations, oldest first; only `vm`'s when given (its
     /// replica VM's operations are recorded under the source VM's name; a plan's under
     /// `plan:NAME`, a job's under `job:NAME`).
-    pub fn history(&self, vm: Option<&str>, limit: u32) -> Result<Vec<HistoryRecord>> {
+    pub fn history(&self, vm: Option<&str>, limit: u32) -> Result<Vec<HistoryView>> {
         if let Some(v) = vm {
             let named = v.starts_with("plan:") || v.starts_with("job:");
             // A deleted VM's history stays readable.
@@ -118,7 +143,7 @@ impl Engine {
                 return Err(EngineError::UnknownVm(v.into()));
             }
         }
-        Ok(self.store().history(vm, limit)?)
+        Ok(self.store().history(vm, limit)?.into_iter().map(HistoryView::from).collect())
     }
 
     pub fn data_dir(&self) -> &Path {

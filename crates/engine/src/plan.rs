@@ -40,6 +40,42 @@ pub struct PlanChange {
 /// change, short enough that a hung command does not hold a disaster failover for long.
 pub const DEFAULT_HOOK_TIMEOUT_SECS: u64 = 300;
 
+/// A failover plan as `standby plan list/show --json` prints it (its fields are the
+/// scripts' interface; the table behind them may change).
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanView {
+    pub name: String,
+    pub vms: Vec<PlanVmView>,
+    pub pre_command: Option<String>,
+    pub post_command: Option<String>,
+    /// `stop` or `continue` when a VM fails over unsuccessfully (or a command fails).
+    pub on_failure: String,
+    /// Seconds a pre- or post-command may run before it is killed.
+    pub hook_timeout_secs: u64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanVmView {
+    pub vm: String,
+    /// Seconds to wait after this VM started before starting the next.
+    pub delay_secs: u64,
+}
+
+impl From<PlanRecord> for PlanView {
+    fn from(p: PlanRecord) -> PlanView {
+        PlanView {
+            name: p.name,
+            vms: p.vms.into_iter().map(|v| PlanVmView { vm: v.vm, delay_secs: v.delay_secs }).collect(),
+            pre_command: p.pre_command,
+            post_command: p.post_command,
+            on_failure: p.on_failure,
+            hook_timeout_secs: p.hook_timeout_secs,
+            created_at: p.created_at,
+        }
+    }
+}
+
 /// One VM's part of a plan run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanStep {
@@ -127,7 +163,7 @@ fn run_command(what: &str, plan: &str, cmd: &str, timeout: Duration) -> std::res
 }
 
 impl Engine {
-    pub fn plan_create(&self, spec: &PlanSpec) -> Result<PlanRecord> {
+    pub fn plan_create(&self, spec: &PlanSpec) -> Result<PlanView> {
         VmName::new(&spec.name)?;
         if self.store().plans()?.iter().any(|p| p.name == spec.name) {
             return Err(EngineError::Invalid(format!("a plan named {:?} already exists", spec.name)));
@@ -144,14 +180,14 @@ impl Engine {
         };
         self.store().insert_plan(&plan)?;
         self.record_raw(&format!("plan:{}", plan.name), "plan create", "ok", &plan_summary(&plan));
-        Ok(plan)
+        Ok(PlanView::from(plan))
     }
 
     /// Changes a plan. Refused while it runs; its VMs must each have a replica.
-    pub fn plan_change(&self, name: &str, change: &PlanChange) -> Result<PlanRecord> {
-        self.plan_show(name)?;
+    pub fn plan_change(&self, name: &str, change: &PlanChange) -> Result<PlanView> {
+        self.plan_record(name)?;
         let _lock = PlanLock::acquire(self, name, "plan change")?;
-        let mut plan = self.plan_show(name)?;
+        let mut plan = self.plan_record(name)?;
         if let Some(vms) = &change.vms {
             self.check_plan_vms(vms)?;
             plan.vms = vms.iter().map(|(vm, d)| PlanVm { vm: vm.clone(), delay_secs: *d }).collect();
@@ -170,14 +206,14 @@ impl Engine {
         }
         self.store().update_plan(&plan)?;
         self.record_raw(&format!("plan:{name}"), "plan change", "ok", &plan_summary(&plan));
-        Ok(plan)
+        Ok(PlanView::from(plan))
     }
 
     /// Deletes a plan's definition; its VMs and replicas are not touched. Refused while it runs.
     pub fn plan_delete(&self, name: &str) -> Result<()> {
-        self.plan_show(name)?;
+        self.plan_record(name)?;
         let _lock = PlanLock::acquire(self, name, "plan delete")?;
-        let plan = self.plan_show(name)?;
+        let plan = self.plan_record(name)?;
         self.store().delete_plan(name)?;
         self.record_raw(&format!("plan:{name}"), "plan delete", "ok", &plan_summary(&plan));
         Ok(())
@@ -196,11 +232,15 @@ impl Engine {
         Ok(())
     }
 
-    pub fn plan_list(&self) -> Result<Vec<PlanRecord>> {
-        Ok(self.store().plans()?)
+    pub fn plan_list(&self) -> Result<Vec<PlanView>> {
+        Ok(self.store().plans()?.into_iter().map(PlanView::from).collect())
     }
 
-    pub fn plan_show(&self, name: &str) -> Result<PlanRecord> {
+    pub fn plan_show(&self, name: &str) -> Result<PlanView> {
+        self.plan_record(name).map(PlanView::from)
+    }
+
+    fn plan_record(&self, name: &str) -> Result<PlanRecord> {
         self.store()
             .plans()?
             .into_iter()
@@ -210,9 +250,9 @@ impl Engine {
 
     /// Fails over every VM of the plan in order, waiting each VM's delay after it runs.
     pub fn plan_run(&self, name: &str, force: bool) -> Result<PlanRun> {
-        self.plan_show(name)?;
+        self.plan_record(name)?;
         let _lock = PlanLock::acquire(self, name, "plan run")?;
-        let plan = self.plan_show(name)?;
+        let plan = self.plan_record(name)?;
         let timeout = Duration::from_secs(plan.hook_timeout_secs);
         let mut run = PlanRun { plan: name.into(), ok: true, pre_command: None, post_command: None, steps: Vec::new() };
         if let Some(cmd) = &plan.pre_command {
@@ -277,9 +317,9 @@ impl Engine {
 
     /// Undoes the failover of every VM of the plan that is in failover, in parallel.
     pub fn plan_undo(&self, name: &str) -> Result<Vec<OpOutcome>> {
-        self.plan_show(name)?;
+        self.plan_record(name)?;
         let _lock = PlanLock::acquire(self, name, "plan undo")?;
-        let plan = self.plan_show(name)?;
+        let plan = self.plan_record(name)?;
         let mut in_failover = Vec::new();
         let mut others = Vec::new();
         for pv in &plan.vms {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 use standby_host::{Format, Host, HostError, VmLaunch, VmRuntime};
-use standby_model::{ReplicaState, VmName};
+use standby_model::{ReplicaState, Role, VmName};
 use standby_store::{DiskRecord, NewVm, VmRecord};
 
 use crate::lock::VmLock;
@@ -87,7 +87,7 @@ impl Engine {
             kernel: spec.kernel.clone(),
             initrd: spec.initrd.clone(),
             append: spec.append.clone(),
-            role: "source".into(),
+            role: Role::Source,
             replica_id: None,
         })?;
         self.record_raw(&spec.name, "vm create", "ok", &format!("{} disk(s) on host {}", spec.disks.len(), spec.host));
@@ -148,11 +148,7 @@ impl Engine {
             name: vm.name,
             host: vm.host,
             state,
-            role: match vm.role.as_str() {
-                "replica" => "replica",
-                "retired" => "retired",
-                _ => "source",
-            },
+            role: vm.role.as_str(),
             pid,
             cpus: vm.cpus,
             memory_mib: vm.memory_mib,
@@ -193,7 +189,7 @@ impl Engine {
         if let Some(why) = self.failback_holds(&vm)? {
             return Err(EngineError::Invalid(why));
         }
-        if vm.role == "retired" {
+        if vm.role == Role::Retired {
             let replacement = self
                 .store()
                 .replicas_of_vm(name)?
@@ -365,7 +361,7 @@ impl Engine {
             kernel: change.kernel.clone().unwrap_or_else(|| vm.kernel.clone()),
             initrd: change.initrd.clone().unwrap_or_else(|| vm.initrd.clone()),
             append: change.append.clone().unwrap_or_else(|| vm.append.clone()),
-            role: vm.role.clone(),
+            role: vm.role,
             replica_id: vm.replica_id,
         };
         if change.kernel == Some(None) {
@@ -418,7 +414,7 @@ impl Engine {
         let protected = self.protected_name(&vm)?;
         let _lock = VmLock::acquire(&self.data_dir, &protected, "vm delete")?;
         let refuse = |why: String| Err(EngineError::Invalid(format!("VM {name} cannot be deleted: {why}")));
-        if vm.role == "replica" {
+        if vm.role == Role::Replica {
             return refuse(format!(
                 "it is the replica VM of {protected} in failover; end the failover instead \
                  (standby failover undo {protected}, or standby failover permanent {protected})"

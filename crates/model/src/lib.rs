@@ -11,5 +11,5 @@ pub mod step;
 pub use failback::{FailbackTarget, SwitchMode};
 pub use names::{parse_interval, NameError, VmName};
 pub use retention::{points_to_drop, DEFAULT_RETAIN};
-pub use state::{Method, ReplicaState, Transition, TransitionError};
+pub use state::{Method, ReplicaState, Role, Transition, TransitionError};
 pub use step::Step;

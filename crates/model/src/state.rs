@@ -273,6 +273,38 @@ impl FromStr for ReplicaState {
     }
 }
 
+/// What a VM is to standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A VM standby protects or manages.
+    Source,
+    /// A replica running (or stopped) in failover.
+    Replica,
+    /// A source a permanent failover replaced: it must not run beside its replacement.
+    Retired,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Replica => "replica",
+            Role::Retired => "retired",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Role::Source, Role::Replica, Role::Retired]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown VM role {s:?}"))
+    }
+}
+
 /// How a disk's data reached a restore point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

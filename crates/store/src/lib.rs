@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use standby_model::{ReplicaState, Step, Transition};
+use standby_model::{Method, ReplicaState, Role, Step, Transition};
 
 pub use records::*;
 
@@ -130,7 +130,7 @@ impl Store {
                 vm.initrd,
                 vm.append,
                 now(),
-                vm.role,
+                vm.role.as_str(),
                 vm.replica_id
             ],
         )?;
@@ -141,19 +141,21 @@ impl Store {
     }
 
     fn vm_from_row(&self, r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
+        let id: i64 = r.get(0)?;
         let nics: String = r.get(5)?;
+        let role: String = r.get(10)?;
         Ok(VmRecord {
             id: r.get(0)?,
             name: r.get(1)?,
             host: r.get(2)?,
             cpus: r.get(3)?,
             memory_mib: r.get(4)?,
-            nics: serde_json::from_str(&nics).unwrap_or_default(),
+            nics: serde_json::from_str(&nics).map_err(|e| bad_cell("vms", id, 5, format!("nics {nics:?}: {e}")))?,
             kernel: r.get(6)?,
             initrd: r.get(7)?,
             append: r.get(8)?,
             created_at: r.get(9)?,
-            role: r.get(10)?,
+            role: role.parse().map_err(|e| bad_cell("vms", id, 10, e))?,
             replica_id: r.get(11)?,
             disks: Vec::new(),
         })
@@ -600,11 +602,11 @@ impl Store {
         check_state(&tx, replica_id, ReplicaState::MakingPermanent)?;
         let to = ReplicaState::MakingPermanent.apply(Transition::PermanentDone)?;
         let step = Step::Permanent(standby_model::step::PermanentStep::DeletePoints);
-        tx.execute("UPDATE vms SET role = 'source', replica_id = NULL WHERE name = ?1", [vm])?;
+        tx.execute("UPDATE vms SET role = ?2, replica_id = NULL WHERE name = ?1", params![vm, Role::Source.as_str()])?;
         // The source the replica replaced: one identity, so it must not run beside it.
         tx.execute(
-            "UPDATE vms SET role = 'retired' WHERE id = (SELECT vm_id FROM replicas WHERE id = ?1)",
-            [replica_id],
+            "UPDATE vms SET role = ?2 WHERE id = (SELECT vm_id FROM replicas WHERE id = ?1)",
+            params![replica_id, Role::Retired.as_str()],
         )?;
         tx.execute(
             "UPDATE replicas SET state = ?2, op_step = ?3, failover_point = NULL WHERE id = ?1",
@@ -779,7 +781,7 @@ impl Store {
                 rp.replica_id,
                 rp.seq,
                 rp.created_at,
-                rp.method,
+                rp.method.as_str(),
                 rp.bytes_transferred as i64,
                 rp.bytes_read as i64,
                 rp.duration_ms as i64
@@ -807,7 +809,7 @@ impl Store {
                     replica_id,
                     seq: r.get(1)?,
                     created_at: r.get(2)?,
-                    method: r.get(3)?,
+                    method: method_cell("restore_points", r.get(0)?, 3, r.get(3)?)?,
                     bytes_transferred: r.get::<_, i64>(4)? as u64,
                     bytes_read: r.get::<_, i64>(5)? as u64,
                     duration_ms: r.get::<_, i64>(6)? as u64,
@@ -827,7 +829,7 @@ impl Store {
                         layer: r.get(1)?,
                         parent: r.get(2)?,
                         size: r.get::<_, i64>(3)? as u64,
-                        method: r.get(4)?,
+                        method: method_cell("rp_disks", rp.id, 4, r.get(4)?)?,
                         bitmap: r.get(5)?,
                         bytes_transferred: r.get::<_, i64>(6)? as u64,
                     })
@@ -925,6 +927,20 @@ impl Store {
     }
 }
 
+/// A cell no standby wrote: an error naming the table's row.
+fn bad_cell(table: &str, id: i64, col: usize, why: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        col,
+        rusqlite::types::Type::Text,
+        format!("{table} row {id}: {why}").into(),
+    )
+}
+
+/// A transfer method as stored.
+fn method_cell(table: &str, id: i64, col: usize, v: String) -> rusqlite::Result<Method> {
+    v.parse().map_err(|e| bad_cell(table, id, col, e))
+}
+
 /// Refuses, inside a transaction, unless replica `id` is in state `expected`.
 fn check_state(tx: &Transaction<'_>, id: i64, expected: ReplicaState) -> Result<()> {
     let (found, vm): (String, String) = tx.query_row(
@@ -992,7 +1008,16 @@ fn insert_rp_disk(tx: &Transaction<'_>, rp_id: i64, d: &RpDiskRecord) -> Result<
     tx.execute(
         "INSERT INTO rp_disks (rp_id, idx, layer, parent, size, method, bitmap, bytes_transferred)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![rp_id, d.idx, d.layer, d.parent, d.size as i64, d.method, d.bitmap, d.bytes_transferred as i64],
+        params![
+            rp_id,
+            d.idx,
+            d.layer,
+            d.parent,
+            d.size as i64,
+            d.method.as_str(),
+            d.bitmap,
+            d.bytes_transferred as i64
+        ],
     )?;
     Ok(())
 }

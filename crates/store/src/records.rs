@@ -1,7 +1,7 @@
 //! Plain rows, as the database holds them.
 
 use serde::{Deserialize, Serialize};
-use standby_model::{ReplicaState, Step};
+use standby_model::{Method, ReplicaState, Role, Step};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRecord {
@@ -20,7 +20,7 @@ pub struct NewVm {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub append: Option<String>,
-    pub role: String,
+    pub role: Role,
     pub replica_id: Option<i64>,
 }
 
@@ -37,8 +37,7 @@ pub struct VmRecord {
     pub initrd: Option<String>,
     pub append: Option<String>,
     pub created_at: String,
-    /// `source`, or `replica` for a replica running (or stopped) in failover.
-    pub role: String,
+    pub role: Role,
     /// For a replica VM: the replica it runs.
     pub replica_id: Option<i64>,
 }
@@ -94,7 +93,7 @@ pub struct RpDiskRecord {
     /// The layer below it; None for a base layer.
     pub parent: Option<String>,
     pub size: u64,
-    pub method: String,
+    pub method: Method,
     /// The source-side dirty bitmap started at this restore point's instant.
     pub bitmap: Option<String>,
     pub bytes_transferred: u64,
@@ -105,7 +104,7 @@ pub struct NewRestorePoint {
     pub replica_id: i64,
     pub seq: i64,
     pub created_at: String,
-    pub method: String,
+    pub method: Method,
     pub bytes_transferred: u64,
     pub bytes_read: u64,
     pub duration_ms: u64,
@@ -118,7 +117,7 @@ pub struct RestorePointRecord {
     pub replica_id: i64,
     pub seq: i64,
     pub created_at: String,
-    pub method: String,
+    pub method: Method,
     pub bytes_transferred: u64,
     pub bytes_read: u64,
     pub duration_ms: u64,

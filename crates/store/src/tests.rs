@@ -17,7 +17,7 @@ fn vm(name: &str) -> NewVm {
         kernel: None,
         initrd: None,
         append: None,
-        role: "source".into(),
+        role: standby_model::Role::Source,
         replica_id: None,
     }
 }
@@ -64,7 +64,7 @@ fn retention_drop_repoints_layers() {
         layer: layer.into(),
         parent: parent.map(Into::into),
         size: 1,
-        method: "full".into(),
+        method: standby_model::Method::Full,
         bitmap: None,
         bytes_transferred: 0,
     };
@@ -75,7 +75,7 @@ fn retention_drop_repoints_layers() {
                 replica_id: rep.id,
                 seq,
                 created_at: now(),
-                method: "full".into(),
+                method: standby_model::Method::Full,
                 bytes_transferred: 0,
                 bytes_read: 0,
                 duration_ms: 0,

@@ -131,7 +131,7 @@ impl Engine {
                 layer,
                 parent: Some(base.layer.clone()),
                 size: base.size,
-                method: if full_newer { "digest" } else { "cbt" }.into(),
+                method: if full_newer { Method::Digest } else { Method::Cbt },
                 bitmap,
                 bytes_transferred: stats.written,
             });
@@ -140,7 +140,7 @@ impl Engine {
             replica_id: replica.id,
             seq,
             created_at: rec.switched_at.clone().unwrap_or_else(standby_store::now),
-            method: if full_newer { "digest" } else { "cbt" }.into(),
+            method: if full_newer { Method::Digest } else { Method::Cbt },
             bytes_transferred: moved.written,
             bytes_read: moved.read,
             duration_ms: started.elapsed().as_millis() as u64,

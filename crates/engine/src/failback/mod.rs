@@ -35,7 +35,7 @@ use serde_json::json;
 use standby_host::{BitmapOp, Chain, Format};
 use standby_model::recovery::Recovery;
 use standby_model::step::{CommitStep, FailbackStep, SwitchStep, UndoFailbackStep};
-use standby_model::{FailbackTarget, ReplicaState, Step, SwitchMode, Transition};
+use standby_model::{FailbackTarget, Method, ReplicaState, Role, Step, SwitchMode, Transition};
 use standby_store::{
     DiskRecord, FailoverPoint, NewRestorePoint, NewVm, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord,
 };
@@ -147,7 +147,7 @@ fn as_new_vm(vm: &VmRecord) -> NewVm {
         kernel: vm.kernel.clone(),
         initrd: vm.initrd.clone(),
         append: vm.append.clone(),
-        role: vm.role.clone(),
+        role: vm.role,
         replica_id: vm.replica_id,
     }
 }

@@ -222,7 +222,7 @@ impl Engine {
             name: name.into(),
             host: rec.host.clone(),
             disks: rec.disks.clone(),
-            role: "source".into(),
+            role: Role::Source,
             replica_id: None,
             ..config
         };
