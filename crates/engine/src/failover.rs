@@ -21,6 +21,7 @@ use standby_model::step::{FailoverStep, PlannedStep, UndoStep};
 use standby_model::{ReplicaState, Role, Step, Transition};
 use standby_store::{FailoverPoint, NewVm, ReplicaRecord, VmRecord};
 
+use crate::layout::{self, overlay_gen, overlay_path};
 use crate::lock::VmLock;
 use crate::replication::{dr, RunWithin};
 use crate::{failpoint, verify, vm, Engine, EngineError, Result};
@@ -42,22 +43,6 @@ pub struct OpOutcome {
     pub warnings: Vec<String>,
 }
 
-const OVERLAY_PREFIX: &str = "failover-d";
-
-/// The replica's overlay of disk `idx`, generation `gen`. Failover makes generation 0; each
-/// failback's protective point freezes the top one and stacks the next over it.
-pub(crate) fn overlay_path(dir: &str, idx: usize, gen: u32) -> String {
-    match gen {
-        0 => format!("{dir}/{OVERLAY_PREFIX}{idx}.qcow2"),
-        g => format!("{dir}/{OVERLAY_PREFIX}{idx}.g{g}.qcow2"),
-    }
-}
-
-/// The generation of an overlay path made by [`overlay_path`].
-pub(crate) fn overlay_gen(path: &str) -> u32 {
-    path.strip_suffix(".qcow2").and_then(|p| p.rsplit_once(".g")).and_then(|(_, g)| g.parse().ok()).unwrap_or(0)
-}
-
 /// A replica disk's whole chain: the restore point's layers, then every overlay
 /// generation up to `top`.
 pub(crate) fn overlay_chain(point: Chain, dir: &str, idx: usize, top: &str) -> Chain {
@@ -71,7 +56,7 @@ impl Engine {
         self.check_replica_dir(dr, replica)?;
         let dir = &replica.dir;
         for name in dr.list_dir(dir)? {
-            if name.starts_with(OVERLAY_PREFIX) {
+            if layout::is_overlay(&name) {
                 dr.remove_file(&format!("{dir}/{name}"))?;
             }
         }
@@ -206,7 +191,7 @@ impl Engine {
         let (src, dr) = (self.host(&source.host)?, self.host(&replica.target_host)?);
         for (disk, layer) in source.disks.iter().zip(&point.disks) {
             let differing = verify::differing_bytes(
-                &format!("verify-r{}-d{}", replica.id, layer.idx),
+                &layout::verify_id(replica.id, layer.idx),
                 verify::Side { host: src.as_ref(), chain: Chain::single(&disk.path, crate::vm::disk_format(disk)?) },
                 verify::Side { host: dr.as_ref(), chain: dr::chain_of(&points, &layer.layer)? },
             )?;
@@ -589,11 +574,6 @@ mod tests {
 
     #[test]
     fn overlay_generations() {
-        assert_eq!(overlay_path("/r", 1, 0), "/r/failover-d1.qcow2");
-        assert_eq!(overlay_path("/r", 1, 3), "/r/failover-d1.g3.qcow2");
-        for g in [0, 1, 12] {
-            assert_eq!(overlay_gen(&overlay_path("/r.g7", 0, g)), g);
-        }
         let c = overlay_chain(Chain::single("/r/1-d0.qcow2", Format::Qcow2), "/r", 0, "/r/failover-d0.g2.qcow2");
         let paths: Vec<_> = c.layers.iter().map(|l| l.path.as_str()).collect();
         assert_eq!(

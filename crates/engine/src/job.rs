@@ -532,7 +532,7 @@ impl Engine {
     /// A replica directory standby gave up (proven its own): its marker goes, then the
     /// directory if empty.
     fn release_replica_dir(&self, host: &dyn Host, r: &ReplicaRecord) -> Result<()> {
-        host.remove_file(&format!("{}/{}", r.dir, dr::OWNER_MARKER))?;
+        host.remove_file(&format!("{}/{}", r.dir, crate::layout::OWNER_MARKER))?;
         host.remove_empty_dir(&r.dir)?;
         Ok(())
     }
@@ -563,7 +563,7 @@ impl Engine {
 /// directories the claims made, if nothing else came into them.
 fn release(host: &dyn Host, dirs: &[String]) {
     for d in dirs {
-        let _ = host.remove_file(&format!("{d}/{}", dr::OWNER_MARKER));
+        let _ = host.remove_file(&format!("{d}/{}", crate::layout::OWNER_MARKER));
         let _ = host.remove_empty_dir(d);
     }
 }

@@ -7,6 +7,7 @@ mod failback;
 mod failover;
 pub mod failpoint;
 mod job;
+mod layout;
 mod lock;
 mod permanent;
 mod plan;

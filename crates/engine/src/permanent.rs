@@ -84,7 +84,7 @@ impl Engine {
         if let Some(vm) = vm {
             for name in dr_host.list_dir(&replica.dir)? {
                 let path = format!("{}/{name}", replica.dir);
-                if name.starts_with("failover-d") && !vm.disks.iter().any(|d| d.path == path) {
+                if crate::layout::is_overlay(&name) && !vm.disks.iter().any(|d| d.path == path) {
                     dr_host.remove_file(&path)?;
                     removed.push(path);
                 }
@@ -93,7 +93,7 @@ impl Engine {
         self.store().end_operation(replica.id, ReplicaState::Permanent)?;
         // No replica lives here any more: the directory holds an ordinary VM's disks, which
         // its own records name. Last, so that a recovery of this step still finds it.
-        dr_host.remove_file(&format!("{}/{}", replica.dir, dr::OWNER_MARKER))?;
+        dr_host.remove_file(&format!("{}/{}", replica.dir, crate::layout::OWNER_MARKER))?;
         Ok(removed.len())
     }
 

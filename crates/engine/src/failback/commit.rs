@@ -101,7 +101,7 @@ impl Engine {
         let started = std::time::Instant::now();
         for (i, top) in rd.vm.disks.iter().enumerate() {
             let base = &newest.disks[i];
-            let layer = dr::layer_path(&replica.dir, seq, i);
+            let layer = crate::layout::layer_path(&replica.dir, seq, i);
             dr_host.remove_file(&layer)?;
             dr_host.image_create(&layer, base.size, Some((&base.layer, Format::Qcow2)))?;
             let diff = if full_newer {
@@ -125,7 +125,8 @@ impl Engine {
             )?;
             dr_host.sync_file(&layer)?;
             moved.add(&stats);
-            let bitmap = (disk_format(&rec.disks[i])? == Format::Qcow2).then(|| source::bitmap_name(replica.id, seq));
+            let bitmap =
+                (disk_format(&rec.disks[i])? == Format::Qcow2).then(|| crate::layout::bitmap_name(replica.id, seq));
             layers.push(RpDiskRecord {
                 idx: i as u32,
                 layer,

@@ -40,9 +40,10 @@ use standby_store::{
     DiskRecord, FailoverPoint, NewRestorePoint, NewVm, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord,
 };
 
-use crate::failover::{overlay_chain, overlay_gen, overlay_path, replica_vm_name, OpOutcome};
+use crate::failover::{overlay_chain, replica_vm_name, OpOutcome};
+use crate::layout::{overlay_gen, overlay_path};
 use crate::lock::VmLock;
-use crate::replication::{dr, source};
+use crate::replication::dr;
 use crate::task::TaskProgress;
 use crate::transfer::{self, Stats};
 use crate::vm::disk_format;
@@ -128,13 +129,7 @@ pub struct FailbackView {
     pub switched_at: Option<String>,
 }
 
-fn working_path(disk: &str, replica_id: i64) -> String {
-    format!("{disk}.failback-r{replica_id}.qcow2")
-}
-
-fn nbd_prefix(replica_id: i64) -> String {
-    format!("fb-r{replica_id}-")
-}
+use crate::layout::{failback_prefix as nbd_prefix, working_path};
 
 fn as_new_vm(vm: &VmRecord) -> NewVm {
     NewVm {

@@ -413,14 +413,14 @@ impl Engine {
             let Some(current) = newest.disks.get(i).and_then(|x| x.bitmap.clone()) else {
                 return Ok(Err(format!("restore point {} recorded no bitmap for disk {i}", newest.id)));
             };
-            let Some(cur_seq) = source::bitmap_seq(replica.id, &current) else {
+            let Some(cur_seq) = crate::layout::bitmap_seq(replica.id, &current) else {
                 return Ok(Err(format!("disk {i}: bitmap {current} is not standby's")));
             };
             let ours: Vec<_> = tgt
                 .image_info(&d.path, Format::Qcow2, false)?
                 .bitmaps
                 .into_iter()
-                .filter(|b| source::bitmap_seq(replica.id, &b.name).is_some_and(|s| s >= cur_seq))
+                .filter(|b| crate::layout::bitmap_seq(replica.id, &b.name).is_some_and(|s| s >= cur_seq))
                 .collect();
             if !ours.iter().any(|b| b.name == current) {
                 return Ok(Err(format!("disk {i}: bitmap {current} is gone")));

@@ -160,7 +160,7 @@ impl Engine {
         // From the switch on, the bitmap of the point commit will publish records every
         // write production makes. Added after the commit so the commit is not in it.
         self.store().set_step(replica.id, Step::Switch(SwitchStep::Bitmap))?;
-        let bitmap = source::bitmap_name(replica.id, seq);
+        let bitmap = crate::layout::bitmap_name(replica.id, seq);
         for d in &rec.disks {
             if disk_format(d)? == Format::Qcow2
                 && !tgt.image_info(&d.path, Format::Qcow2, false)?.bitmaps.iter().any(|b| b.name == bitmap)

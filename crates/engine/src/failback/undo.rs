@@ -51,7 +51,7 @@ impl Engine {
             self.store().set_step(replica.id, Step::UndoFailback(UndoFailbackStep::Restore))?;
             if !rec.created_disks {
                 let rd = self.replica_disks(replica)?;
-                let bitmap = rec.seq.map(|s| source::bitmap_name(replica.id, s));
+                let bitmap = rec.seq.map(|s| crate::layout::bitmap_name(replica.id, s));
                 for (i, d) in rec.disks.iter().enumerate() {
                     let trusted = match (&bitmap, disk_format(d)?) {
                         (Some(b), Format::Qcow2) => tgt

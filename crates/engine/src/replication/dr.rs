@@ -4,24 +4,8 @@
 use standby_host::{Chain, Format, Host, Layer};
 use standby_store::RestorePointRecord;
 
+use crate::layout::{layer_seq, OWNER_MARKER};
 use crate::{EngineError, Result};
-
-/// The file of restore point `seq`'s layer for disk `idx`.
-pub fn layer_path(dir: &str, seq: i64, idx: usize) -> String {
-    format!("{dir}/{seq:06}-d{idx}.qcow2")
-}
-
-/// The sequence in a layer file's name, if it is one `layer_path` makes.
-fn layer_seq(name: &str) -> Option<i64> {
-    let (seq, disk) = name.strip_suffix(".qcow2")?.split_once("-d")?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    (seq.len() >= 6 && digits(seq) && digits(disk)).then(|| seq.parse().ok()).flatten()
-}
-
-/// The file that makes a replica directory provably one replica's: written when the job
-/// is created (refused if it exists), checked before any run, failover or cleanup writes
-/// or deletes anything there.
-pub const OWNER_MARKER: &str = ".standby-replica";
 
 /// Who a replica directory belongs to: one replica (job and VM) of one standby data
 /// directory.
@@ -176,16 +160,5 @@ mod tests {
         assert!(e.contains("restore point 3") && e.contains("layer /b names parent /a"), "{e}");
         let e = chain_of(&points, "/z").unwrap_err().to_string();
         assert!(e.contains("layer /z is not recorded"), "{e}");
-    }
-
-    #[test]
-    fn layer_names() {
-        assert_eq!(layer_seq("000012-d0.qcow2"), Some(12));
-        assert_eq!(layer_seq(&layer_path("", 1_234_567, 3)[1..]), Some(1_234_567));
-        assert_eq!(layer_path("/x", 12, 0), "/x/000012-d0.qcow2");
-        assert_eq!(layer_seq("disk.qcow2"), None);
-        assert_eq!(layer_seq("000012-d.qcow2"), None);
-        assert_eq!(layer_seq("12-d0.qcow2"), None);
-        assert_eq!(layer_seq("notes.txt"), None);
     }
 }

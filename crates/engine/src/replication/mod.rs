@@ -570,7 +570,7 @@ impl Engine {
         }
 
         let seq = self.store().take_seq(replica.id)?;
-        let new_bitmap = source::bitmap_name(replica.id, seq);
+        let new_bitmap = crate::layout::bitmap_name(replica.id, seq);
         progress.step(&vm.name, "taking the point-in-time view");
         let created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let views = source::open_views(
@@ -595,7 +595,7 @@ impl Engine {
             (Err(e), _) | (Ok(_), Err(e)) => {
                 let _ = dr.nbd_stop_all(&target_prefix(replica.id));
                 for d in &disks {
-                    let _ = dr.remove_file(&dr::layer_path(&replica.dir, seq, d.idx));
+                    let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
                     let _ = access.reconcile(src, d, replica.id, previous_bitmaps[d.idx].as_deref());
                 }
                 return Err(e);
@@ -610,7 +610,7 @@ impl Engine {
             Ok(id) => id,
             Err(e) => {
                 for d in &disks {
-                    let _ = dr.remove_file(&dr::layer_path(&replica.dir, seq, d.idx));
+                    let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
                     let _ = access.reconcile(src, d, replica.id, previous_bitmaps[d.idx].as_deref());
                 }
                 return Err(fail("publishing the restore point")(e));
@@ -720,7 +720,7 @@ impl Engine {
                 Method::Digest => "digest comparison",
             };
             progress.step(&vm.name, &format!("disk {}: {what}", d.idx));
-            let layer = dr::layer_path(&replica.dir, seq, d.idx);
+            let layer = crate::layout::layer_path(&replica.dir, seq, d.idx);
             let parent = match method {
                 Method::Full => None,
                 _ => prev.and_then(|p| p.disks.iter().find(|x| x.idx as usize == d.idx)).map(|x| x.layer.clone()),
@@ -773,9 +773,7 @@ impl Engine {
     }
 }
 
-fn target_prefix(replica_id: i64) -> String {
-    format!("dst-r{replica_id}-")
-}
+use crate::layout::target_prefix;
 
 fn digest_reason(d: &SourceDisk, bitmap_ok: bool, same_size: bool) -> &'static str {
     if d.format == Format::Raw {

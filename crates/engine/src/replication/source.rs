@@ -41,13 +41,7 @@ pub struct BitmapState {
     pub recording: bool,
 }
 
-pub fn bitmap_name(replica_id: i64, seq: i64) -> String {
-    format!("standby-r{replica_id}-{seq}")
-}
-
-pub(crate) fn bitmap_seq(replica_id: i64, name: &str) -> Option<i64> {
-    name.strip_prefix(&format!("standby-r{replica_id}-"))?.parse().ok()
-}
+use crate::layout::bitmap_seq;
 
 /// How standby reaches the source's disks: through the running QEMU, or through the image
 /// files of a stopped VM.
@@ -188,19 +182,9 @@ pub struct View {
     pub bitmap: Option<String>,
 }
 
-/// Names of the run's QEMU objects, derived from the replica so that leftovers of a killed
-/// run are found again.
-fn fleece_node(replica_id: i64, idx: usize) -> String {
-    format!("fleece-r{replica_id}-d{idx}")
-}
-
-pub fn fleece_file_prefix(replica_id: i64) -> String {
-    format!("fleece-r{replica_id}-")
-}
-
-pub fn serve_prefix(replica_id: i64) -> String {
-    format!("src-r{replica_id}-")
-}
+// The run's QEMU objects are named from the replica (`layout`), so that leftovers of a
+// killed run are found again.
+use crate::layout::{fleece_file_prefix, fleece_node, serve_prefix};
 
 /// Takes the instant: one QMP transaction (live) or the bitmap rotation on the closed
 /// images (offline), then publishes every disk over NBD. `trusted[i]` says whether disk
@@ -326,17 +310,4 @@ pub fn close_views(access: &mut Access, host: &dyn Host, vm: &str, replica_id: i
         host.remove_file(&f)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bitmap_names_round_trip() {
-        assert_eq!(bitmap_seq(3, &bitmap_name(3, 17)), Some(17));
-        assert_eq!(bitmap_seq(3, &bitmap_name(4, 17)), None);
-        assert_eq!(bitmap_seq(3, "standby-r3-x"), None);
-        assert_eq!(bitmap_seq(3, "user-bitmap"), None);
-    }
 }

@@ -1,0 +1,137 @@
+//! Every name standby gives to what it leaves on disk, in QEMU and in `qemu-nbd`: one place,
+//! so that the on-disk format is read here and recovery finds what a killed run left by
+//! the same names that made it.
+//!
+//! A replica directory (`TARGET_DIR/VM/`) holds:
+//!
+//! | file | what | made by |
+//! |---|---|---|
+//! | `.standby-replica` | the ownership marker: data dir, job and VM that own the directory | job creation |
+//! | `000042-d0.qcow2` | restore point sequence 42's layer of disk 0, over the previous point's | a run |
+//! | `failover-d0.qcow2` | the replica VM's overlay of disk 0 in failover (generation 0) | failover |
+//! | `failover-d0.g2.qcow2` | generation 2 over it, after failback protective points | failback phase 1 |
+//!
+//! Beside a target disk `DISK` a failback writes `DISK.failback-r<replica>.qcow2`, the
+//! working layer its phases fill before the switch commits it.
+//!
+//! On the source, a replica's dirty bitmaps are `standby-r<replica>-<seq>`, the bitmap of
+//! run `seq` starting at its instant. A live run's fleecing nodes are
+//! `fleece-r<replica>-d<disk>` (their scratch files start with `fleece-r<replica>-`);
+//! NBD servers are named by purpose and replica: `src-r<replica>-` (a source's view),
+//! `dst-r<replica>-` (a DR layer being written), `fb-r<replica>-` (failback transfers),
+//! `verify-r<replica>-d<disk>` (a planned failover's comparison).
+
+/// The file of restore point `seq`'s layer for disk `idx`.
+pub fn layer_path(dir: &str, seq: i64, idx: usize) -> String {
+    format!("{dir}/{seq:06}-d{idx}.qcow2")
+}
+
+/// The sequence in a layer file's name, if it is one `layer_path` makes.
+pub fn layer_seq(name: &str) -> Option<i64> {
+    let (seq, disk) = name.strip_suffix(".qcow2")?.split_once("-d")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (seq.len() >= 6 && digits(seq) && digits(disk)).then(|| seq.parse().ok()).flatten()
+}
+
+/// The file that makes a replica directory provably one replica's: written when the job
+/// is created (refused if it exists), checked before any run, failover or cleanup writes
+/// or deletes anything there.
+pub const OWNER_MARKER: &str = ".standby-replica";
+
+const OVERLAY_PREFIX: &str = "failover-d";
+
+/// The replica's overlay of disk `idx`, generation `gen`. Failover makes generation 0; each
+/// failback's protective point freezes the top one and stacks the next over it.
+pub fn overlay_path(dir: &str, idx: usize, gen: u32) -> String {
+    match gen {
+        0 => format!("{dir}/{OVERLAY_PREFIX}{idx}.qcow2"),
+        g => format!("{dir}/{OVERLAY_PREFIX}{idx}.g{g}.qcow2"),
+    }
+}
+
+/// The generation of an overlay path made by [`overlay_path`].
+pub fn overlay_gen(path: &str) -> u32 {
+    path.strip_suffix(".qcow2").and_then(|p| p.rsplit_once(".g")).and_then(|(_, g)| g.parse().ok()).unwrap_or(0)
+}
+
+/// Whether a file name in a replica directory is one of its overlays.
+pub fn is_overlay(name: &str) -> bool {
+    name.starts_with(OVERLAY_PREFIX)
+}
+
+/// A failback's working layer over target disk `disk`.
+pub fn working_path(disk: &str, replica_id: i64) -> String {
+    format!("{disk}.failback-r{replica_id}.qcow2")
+}
+
+/// The source bitmap of run `seq`.
+pub fn bitmap_name(replica_id: i64, seq: i64) -> String {
+    format!("standby-r{replica_id}-{seq}")
+}
+
+/// The run a bitmap name belongs to, if it is this replica's.
+pub fn bitmap_seq(replica_id: i64, name: &str) -> Option<i64> {
+    name.strip_prefix(&format!("standby-r{replica_id}-"))?.parse().ok()
+}
+
+/// A live run's fleecing node for disk `idx`.
+pub fn fleece_node(replica_id: i64, idx: usize) -> String {
+    format!("fleece-r{replica_id}-d{idx}")
+}
+
+/// The start of a live run's fleecing scratch files.
+pub fn fleece_file_prefix(replica_id: i64) -> String {
+    format!("fleece-r{replica_id}-")
+}
+
+/// The NBD servers of a source's point-in-time views.
+pub fn serve_prefix(replica_id: i64) -> String {
+    format!("src-r{replica_id}-")
+}
+
+/// The NBD servers of DR layers being written.
+pub fn target_prefix(replica_id: i64) -> String {
+    format!("dst-r{replica_id}-")
+}
+
+/// The NBD servers of a failback's transfers.
+pub fn failback_prefix(replica_id: i64) -> String {
+    format!("fb-r{replica_id}-")
+}
+
+/// The NBD servers of a planned failover's comparison of disk `idx`.
+pub fn verify_id(replica_id: i64, idx: u32) -> String {
+    format!("verify-r{replica_id}-d{idx}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_read_back_as_what_made_them() {
+        assert_eq!(layer_path("/r", 42, 1), "/r/000042-d1.qcow2");
+        assert_eq!(layer_seq("000042-d1.qcow2"), Some(42));
+        assert_eq!(layer_seq("1234567-d0.qcow2"), Some(1_234_567));
+        for stranger in ["42-d1.qcow2", "000042-d.qcow2", "failover-d0.qcow2", "000042-d1.raw", ".standby-replica"] {
+            assert_eq!(layer_seq(stranger), None, "{stranger}");
+        }
+        assert_eq!(overlay_path("/r", 1, 0), "/r/failover-d1.qcow2");
+        assert_eq!(overlay_path("/r", 1, 3), "/r/failover-d1.g3.qcow2");
+        for g in [0, 1, 12] {
+            assert_eq!(overlay_gen(&overlay_path("/r.g7", 0, g)), g);
+        }
+        assert!(is_overlay("failover-d0.g2.qcow2") && !is_overlay("000001-d0.qcow2"));
+        assert_eq!(bitmap_seq(3, &bitmap_name(3, 17)), Some(17));
+        assert_eq!(bitmap_seq(3, &bitmap_name(4, 17)), None);
+        assert_eq!(bitmap_seq(3, "standby-r3-x"), None);
+        // Each purpose's servers are found by a prefix no other purpose's name starts with.
+        let ids = [serve_prefix(1), target_prefix(1), failback_prefix(1), verify_id(1, 0), fleece_file_prefix(1)];
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                assert!(!a.starts_with(b.as_str()) && !b.starts_with(a.as_str()), "{a} {b}");
+            }
+        }
+        assert!(!serve_prefix(1).starts_with(&serve_prefix(11)) && !serve_prefix(11).starts_with(&serve_prefix(1)));
+    }
+}
