@@ -7,6 +7,7 @@ pub mod recovery;
 mod retention;
 mod state;
 pub mod step;
+pub mod tracking;
 
 pub use failback::{FailbackTarget, SwitchMode};
 pub use names::{parse_interval, NameError, VmName};

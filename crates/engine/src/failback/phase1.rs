@@ -2,6 +2,7 @@
 //! the difference (quick rollback, digest or full) copied into the working layers.
 
 use super::*;
+use standby_model::tracking::{bitmap_trust, SeenBitmap};
 
 impl Engine {
     pub fn failback(
@@ -422,14 +423,16 @@ impl Engine {
                 .into_iter()
                 .filter(|b| crate::layout::bitmap_seq(replica.id, &b.name).is_some_and(|s| s >= cur_seq))
                 .collect();
-            if !ours.iter().any(|b| b.name == current) {
-                return Ok(Err(format!("disk {i}: bitmap {current} is gone")));
-            }
-            if ours.iter().any(|b| b.in_use) {
-                return Ok(Err(format!("disk {i}: a dirty bitmap was not saved cleanly (the VM crashed)")));
-            }
-            if !ours.iter().any(|b| b.enabled) {
-                return Ok(Err(format!("disk {i}: no dirty bitmap is recording")));
+            let seen: Vec<SeenBitmap> = ours
+                .iter()
+                .filter_map(|b| {
+                    let seq = crate::layout::bitmap_seq(replica.id, &b.name)?;
+                    Some(SeenBitmap { seq, inconsistent: b.in_use, recording: b.enabled })
+                })
+                .collect();
+            // The source's writes since its last run are read from these bitmaps.
+            if let Err(why) = bitmap_trust(Some(cur_seq), &seen, true) {
+                return Ok(Err(format!("disk {i}: {} ({current})", why.reason())));
             }
             let mut lists = Vec::new();
             for b in &ours {

@@ -2,6 +2,7 @@
 //! working layers dropped before a switch), the replica running again as it was.
 
 use super::*;
+use standby_model::tracking::{bitmap_trust, SeenBitmap};
 
 impl Engine {
     pub fn failback_undo(&self, vms: &[String], job: Option<&str>, progress: &dyn Progress) -> Vec<OpOutcome> {
@@ -53,12 +54,19 @@ impl Engine {
                 let rd = self.replica_disks(replica)?;
                 let bitmap = rec.seq.map(|s| crate::layout::bitmap_name(replica.id, s));
                 for (i, d) in rec.disks.iter().enumerate() {
-                    let trusted = match (&bitmap, disk_format(d)?) {
-                        (Some(b), Format::Qcow2) => tgt
-                            .image_info(&d.path, Format::Qcow2, false)?
-                            .bitmaps
-                            .iter()
-                            .any(|x| x.name == *b && !x.in_use),
+                    // Production's writes since the switch are in the switch's bitmap alone:
+                    // it is the newest, and it is trusted only if QEMU saved it cleanly.
+                    let trusted = match (rec.seq, disk_format(d)?) {
+                        (Some(seq), Format::Qcow2) => {
+                            let seen: Vec<SeenBitmap> = tgt
+                                .image_info(&d.path, Format::Qcow2, false)?
+                                .bitmaps
+                                .iter()
+                                .filter(|x| x.name == crate::layout::bitmap_name(replica.id, seq))
+                                .map(|x| SeenBitmap { seq, inconsistent: x.in_use, recording: x.enabled })
+                                .collect();
+                            bitmap_trust(Some(seq), &seen, false).is_ok()
+                        }
                         _ => false,
                     };
                     let diff = match (&bitmap, trusted) {

@@ -19,6 +19,7 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 use standby_host::{Chain, Format, Host, ServeSpec};
 use standby_model::recovery::{recovery, Recovery as Action, Seen};
+use standby_model::tracking::{choose_method, DiskSeen, Distrust};
 use standby_model::{Method, ReplicaState, Transition};
 use standby_store::{FailoverPoint, NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
 
@@ -555,14 +556,14 @@ impl Engine {
             let ok = access
                 .reconcile(src, d, replica.id, prev_bitmap.as_deref())
                 .map_err(fail("reconciling dirty bitmaps"))?;
-            let same_size = pd.is_some_and(|p| p.size == d.size);
-            let method = match pd {
-                None => Method::Full,
-                Some(_) if ok && same_size => Method::Cbt,
-                Some(_) => Method::Digest,
-            };
-            if pd.is_some() && method == Method::Digest {
-                notes.push(format!("disk {}: {}", d.idx, digest_reason(d, ok, same_size)));
+            let (method, why) = choose_method(DiskSeen {
+                previous_size: pd.map(|p| p.size),
+                size: d.size,
+                raw: d.format == Format::Raw,
+                bitmap: if ok { Ok(()) } else { Err(Distrust::Missing) },
+            });
+            if let Some(why) = why {
+                notes.push(format!("disk {}: {why}", d.idx));
             }
             methods.push(method);
             previous_bitmaps.push(prev_bitmap);
@@ -774,15 +775,3 @@ impl Engine {
 }
 
 use crate::layout::target_prefix;
-
-fn digest_reason(d: &SourceDisk, bitmap_ok: bool, same_size: bool) -> &'static str {
-    if d.format == Format::Raw {
-        "raw disk has no dirty bitmap, compared by digest"
-    } else if !same_size {
-        "disk size changed, compared by digest"
-    } else if !bitmap_ok {
-        "dirty bitmap missing or inconsistent, compared by digest"
-    } else {
-        "compared by digest"
-    }
-}

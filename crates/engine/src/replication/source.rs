@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use standby_host::{BitmapOp, Chain, Format, Host, NbdAddress, QemuError, QmpChannel, ServeSpec};
 
 use crate::{EngineError, Result};
+use standby_model::tracking::{bitmap_trust, SeenBitmap};
 
 /// One disk of the source VM as this run sees it.
 #[derive(Debug, Clone)]
@@ -134,10 +135,15 @@ impl Access {
             self.bitmaps(host, disk)?.into_iter().filter(|b| bitmap_seq(replica_id, &b.name).is_some()).collect();
         let current_seq = current.and_then(|c| bitmap_seq(replica_id, c));
         let cur = current.and_then(|c| ours.iter().find(|b| b.name == c));
-        let trusted = match (cur, current_seq) {
-            (Some(c), Some(_)) => !c.inconsistent && ours.iter().all(|b| !b.inconsistent),
-            _ => false,
-        };
+        let seen: Vec<SeenBitmap> = ours
+            .iter()
+            .filter_map(|b| {
+                let seq = bitmap_seq(replica_id, &b.name)?;
+                Some(SeenBitmap { seq, inconsistent: b.inconsistent, recording: b.recording })
+            })
+            .collect();
+        // An interrupted run may have left `current` disabled: it is enabled again below.
+        let trusted = bitmap_trust(current_seq, &seen, false).is_ok();
         for b in &ours {
             if Some(b.name.as_str()) == current {
                 continue;
