@@ -243,6 +243,10 @@ impl Engine {
     /// Starts the source of a planned failover again if it ran before; whether it did now.
     fn restart_source(&self, replica: &ReplicaRecord, source_ran: bool) -> Result<bool> {
         let source = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+        // A comparison's servers a kill left hold the source's disks open: they go first.
+        for host in [self.host(&source.host)?, self.host(&replica.target_host)?] {
+            host.nbd_stop_all(&layout::verify_prefix(replica.id))?;
+        }
         if source_ran && !self.vm_is_running(&source)? {
             self.launch(&source)?;
             return Ok(true);
@@ -286,6 +290,11 @@ impl Engine {
         // Re-read under the lock: another command may have changed it meanwhile.
         let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
         replica.state.apply(Transition::FailoverStarted)?;
+        if planned.is_none() && replica.state == ReplicaState::PreparingFailover {
+            return Err(EngineError::Invalid(format!(
+                "VM {name} is in an interrupted planned failover; run standby recover first"
+            )));
+        }
         self.check_replica_dir(self.host(&replica.target_host)?.as_ref(), &replica)?;
         let points = self.store().restore_points(replica.id, false)?;
         let rp = match point {

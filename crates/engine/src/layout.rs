@@ -101,7 +101,12 @@ pub fn failback_prefix(replica_id: i64) -> String {
 
 /// The NBD servers of a planned failover's comparison of disk `idx`.
 pub fn verify_id(replica_id: i64, idx: u32) -> String {
-    format!("verify-r{replica_id}-d{idx}")
+    format!("{}d{idx}", verify_prefix(replica_id))
+}
+
+/// The start of every comparison server's name of a replica.
+pub fn verify_prefix(replica_id: i64) -> String {
+    format!("verify-r{replica_id}-")
 }
 
 #[cfg(test)]

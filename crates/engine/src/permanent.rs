@@ -51,6 +51,11 @@ impl Engine {
             FailoverPoint::Keep,
         )?;
         if let Err(e) = self.make_standalone(&replica, &vm, &points, &rp, dr_host.as_ref()) {
+            // Whatever failed, a guest standby paused to verify must not stay paused.
+            let step = self.store().replica(replica.id)?.and_then(|r| r.step);
+            if step == Some(Step::Permanent(PermanentStep::VerifyPaused)) {
+                let _ = self.resume_if_paused(&vm);
+            }
             self.store().transition(
                 replica.id,
                 ReplicaState::MakingPermanent,

@@ -450,11 +450,7 @@ impl Store {
         };
         let state: String = r.get(5)?;
         let step: Option<String> = r.get(11)?;
-        let mut state: ReplicaState = state.parse().map_err(|e| bad(5, e))?;
-        // Before planned failover had a state of its own, it was `ready` with a marker.
-        if state == ReplicaState::Ready && step.as_deref().is_some_and(|s| s.starts_with("planned:")) {
-            state = ReplicaState::PreparingFailover;
-        }
+        let state: ReplicaState = state.parse().map_err(|e| bad(5, e))?;
         let step = step.map(|s| Step::from_db(state, &s)).transpose().map_err(|e| bad(11, e))?;
         Ok(ReplicaRecord {
             id,

@@ -142,4 +142,10 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE jobs ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1));
     ALTER TABLE plans ADD COLUMN hook_timeout_secs INTEGER NOT NULL DEFAULT 300 CHECK (hook_timeout_secs >= 1);
     "#,
+    // 6: a planned failover is a state of its own. Rows an interrupted planned failover
+    // left as `ready` or `replicating` with its marker become `preparing_failover`.
+    r#"
+    UPDATE replicas SET state = 'preparing_failover'
+     WHERE state IN ('ready', 'replicating') AND op_step LIKE 'planned:%';
+    "#,
 ];

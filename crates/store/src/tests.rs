@@ -166,3 +166,41 @@ fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// A planned failover the previous version left (`ready` or `replicating` with its
+/// marker) is read as the state it is now, and can be moved on from it.
+#[test]
+fn planned_failover_rows_of_the_previous_version_become_its_state() {
+    use standby_model::{ReplicaState as S, Transition as T};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("standby.db");
+    let mut s = Store::open(&path).unwrap();
+    let vm_id = s.insert_vm(&vm("a")).unwrap();
+    let vm_b = s.insert_vm(&vm("b")).unwrap();
+    let job = NewJob {
+        name: "j".into(),
+        target_host: "local".into(),
+        target_dir: "/dr".into(),
+        retain: 2,
+        every_secs: None,
+        replica_suffix: "_replica".into(),
+    };
+    s.insert_job(&job, &[(vm_id, "/dr/a".into()), (vm_b, "/dr/b".into())]).unwrap();
+    s.conn
+        .execute_batch(
+            "UPDATE replicas SET state = 'ready', op_step = 'planned:source-was-running' WHERE dir = '/dr/a';
+             UPDATE replicas SET state = 'replicating', op_step = 'planned:source-was-stopped' WHERE dir = '/dr/b';
+             PRAGMA user_version = 5;",
+        )
+        .unwrap();
+    drop(s);
+    let mut s = Store::open(&path).unwrap();
+    for r in s.replicas().unwrap() {
+        assert_eq!(r.state, S::PreparingFailover, "{}", r.vm);
+        assert!(matches!(r.step, Some(standby_model::Step::Planned { .. })), "{}", r.vm);
+        assert_eq!(
+            s.transition(r.id, r.state, T::PlannedRolledBack, None, FailoverPoint::Set(None)).unwrap(),
+            S::Ready
+        );
+    }
+}

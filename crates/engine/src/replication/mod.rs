@@ -404,6 +404,15 @@ impl Engine {
             let Ok(_lock) = VmLock::acquire(&self.data_dir, &replica.vm, "recovery") else {
                 continue;
             };
+            // As it stands now, under the lock: an operation may have ended since the read.
+            let replica = match self.store().replica(id) {
+                Ok(Some(r)) if !(r.state.is_idle() && r.step.is_none()) => r,
+                Ok(_) => continue,
+                Err(e) => {
+                    done.attention.push(format!("{} needs attention: {}", self.row_name(id), vm::chain(&e)));
+                    continue;
+                }
+            };
             // One VM that cannot be recovered must not stop standby for all the others.
             match self.recover_one(&replica) {
                 Ok(n) => done.notes.extend(n),
