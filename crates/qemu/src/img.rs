@@ -1,7 +1,5 @@
 //! `qemu-img`, with JSON output where it has one.
 
-use serde_json::Value;
-
 use crate::chain::{Chain, Format};
 use crate::{run, QemuError, Result};
 
@@ -49,32 +47,61 @@ pub fn probe(path: &str) -> Result<ImageInfo> {
     parse_info(&out.stdout)
 }
 
+/// `qemu-img info --output=json`, as far as standby reads it. Fields it does not read
+/// are ignored; a value it reads that it does not know (a format, a bitmap flag) is an
+/// error, never a default.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct InfoJson {
+    format: String,
+    virtual_size: u64,
+    backing_filename: Option<String>,
+    format_specific: Option<FormatSpecificJson>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct FormatSpecificJson {
+    #[serde(default)]
+    data: FormatDataJson,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct FormatDataJson {
+    #[serde(default)]
+    bitmaps: Vec<BitmapJson>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BitmapJson {
+    name: String,
+    flags: Vec<BitmapFlag>,
+}
+
+#[derive(Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum BitmapFlag {
+    InUse,
+    Auto,
+}
+
 pub fn parse_info(stdout: &[u8]) -> Result<ImageInfo> {
-    let v: Value = serde_json::from_slice(stdout).map_err(|e| parse_err(e.to_string()))?;
-    let fmt = v["format"].as_str().ok_or_else(|| parse_err("no format"))?;
-    let format = Format::parse(fmt).ok_or_else(|| QemuError::Parse {
+    let v: InfoJson = serde_json::from_slice(stdout).map_err(|e| parse_err(format!("info: {e}")))?;
+    let format = Format::parse(&v.format).ok_or_else(|| QemuError::Parse {
         program: QEMU_IMG.into(),
-        detail: format!("image format {fmt:?} is not qcow2 or raw"),
+        detail: format!("image format {:?} is not qcow2 or raw", v.format),
     })?;
-    let virtual_size = v["virtual-size"].as_u64().ok_or_else(|| parse_err("no virtual-size"))?;
-    let bitmaps = v["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .filter_map(|b| {
-                    let flags: Vec<&str> =
-                        b["flags"].as_array().map(|f| f.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-                    Some(BitmapInfo {
-                        name: b["name"].as_str()?.to_owned(),
-                        in_use: flags.contains(&"in-use"),
-                        enabled: flags.contains(&"auto"),
-                    })
-                })
-                .collect()
+    let bitmaps = v
+        .format_specific
+        .map(|f| f.data.bitmaps)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|b| BitmapInfo {
+            in_use: b.flags.contains(&BitmapFlag::InUse),
+            enabled: b.flags.contains(&BitmapFlag::Auto),
+            name: b.name,
         })
-        .unwrap_or_default();
-    let backing_filename = v["backing-filename"].as_str().map(str::to_owned);
-    Ok(ImageInfo { format, virtual_size, bitmaps, backing_filename })
+        .collect();
+    Ok(ImageInfo { format, virtual_size: v.virtual_size, bitmaps, backing_filename: v.backing_filename })
 }
 
 /// Creates a qcow2 image. With `backing`, the header records that absolute path so that
@@ -148,20 +175,25 @@ pub fn allocated(path: &str) -> Result<Vec<(u64, u64)>> {
     parse_map(&out.stdout)
 }
 
+/// One extent of `qemu-img map --output=json`.
+#[derive(Debug, serde::Deserialize)]
+struct MapEntry {
+    start: u64,
+    length: u64,
+    depth: u64,
+    present: bool,
+}
+
 pub fn parse_map(stdout: &[u8]) -> Result<Vec<(u64, u64)>> {
-    let v: serde_json::Value = serde_json::from_slice(stdout).map_err(|e| parse_err(format!("map: {e}")))?;
+    let entries: Vec<MapEntry> = serde_json::from_slice(stdout).map_err(|e| parse_err(format!("map: {e}")))?;
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in v.as_array().into_iter().flatten() {
-        let present = e["present"].as_bool().ok_or_else(|| parse_err("map: no \"present\" field"))?;
-        let (Some(start), Some(length)) = (e["start"].as_u64(), e["length"].as_u64()) else {
-            return Err(parse_err(format!("map: bad entry {e}")));
-        };
-        if !present || e["depth"].as_u64() != Some(0) {
+    for e in entries {
+        if !e.present || e.depth != 0 {
             continue;
         }
         match out.last_mut() {
-            Some(last) if last.0 + last.1 == start => last.1 += length,
-            _ => out.push((start, length)),
+            Some(last) if last.0 + last.1 == e.start => last.1 += e.length,
+            _ => out.push((e.start, e.length)),
         }
     }
     Ok(out)
@@ -225,5 +257,25 @@ mod tests {
         let out = br#"{"virtual-size": 1, "format": "vmdk"}"#;
         assert!(parse_info(out).is_err());
         assert!(parse_info(b"not json").is_err());
+    }
+
+    #[test]
+    fn refuses_what_it_reads_and_does_not_know() {
+        // A bitmap flag no QEMU standby knows wrote: its meaning for trust is unknown.
+        let out = br#"{"virtual-size": 1, "format": "qcow2", "format-specific": {"type": "qcow2",
+          "data": {"bitmaps": [{"flags": ["in-use", "sideways"], "name": "b", "granularity": 65536}]}}}"#;
+        assert!(parse_info(out).unwrap_err().to_string().contains("sideways"));
+        // A bitmap without a name, a size that is no number.
+        let out = br#"{"virtual-size": 1, "format": "qcow2", "format-specific": {"type": "qcow2",
+          "data": {"bitmaps": [{"flags": []}]}}}"#;
+        assert!(parse_info(out).is_err());
+        assert!(parse_info(br#"{"virtual-size": "big", "format": "raw"}"#).is_err());
+        // Raw images have no format-specific part; qcow2 ones without bitmaps have no list.
+        let raw = parse_info(br#"{"virtual-size": 4096, "format": "raw"}"#).unwrap();
+        assert!(raw.bitmaps.is_empty() && raw.backing_filename.is_none());
+        let plain = br#"{"virtual-size": 4096, "format": "qcow2", "backing-filename": "/b.qcow2",
+          "format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}}"#;
+        assert_eq!(parse_info(plain).unwrap().backing_filename.as_deref(), Some("/b.qcow2"));
+        assert!(parse_map(br#"[{"start": 0, "length": 1, "depth": 0, "present": "yes"}]"#).is_err());
     }
 }
