@@ -144,9 +144,9 @@ impl Engine {
             // sees exactly what the VM runs. The step says so first: a standby killed
             // while the guest is paused leaves recovery the note to resume it.
             self.store().set_step(replica.id, Step::Permanent(PermanentStep::VerifyPaused))?;
-            qmp.execute("stop", json!({}))?;
+            dr_host.vm_pause(&vm.name)?;
             let verified = self.verify_standalone(replica, vm, &chains, dr_host, PermanentStep::VerifyPaused);
-            let resumed = qmp.execute("cont", json!({}));
+            let resumed = dr_host.vm_resume(&vm.name);
             verified?;
             resumed?;
             Ok(())
@@ -225,10 +225,9 @@ impl Engine {
         if !self.vm_is_running(vm)? {
             return Ok(false);
         }
-        let mut qmp = self.host(&vm.host)?.vm_qmp(&vm.name)?;
-        let status = qmp.execute("query-status", json!({}))?;
-        if status["running"].as_bool() == Some(false) && status["status"] == "paused" {
-            qmp.execute("cont", json!({}))?;
+        let host = self.host(&vm.host)?;
+        if host.vm_paused(&vm.name)? {
+            host.vm_resume(&vm.name)?;
             return Ok(true);
         }
         Ok(false)

@@ -3,7 +3,6 @@
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::json;
 use standby_host::{Format, Host, HostError, VmLaunch, VmRuntime};
 use standby_model::{ReplicaState, Role, VmName};
 use standby_store::{DiskRecord, NewVm, VmRecord};
@@ -293,7 +292,7 @@ impl Engine {
         if !self.vm_is_running(vm)? {
             return Err(EngineError::VmState { vm: name.into(), state: "stopped", hint: "nothing to shut down" });
         }
-        host.vm_status_qmp(name)?.execute("system_powerdown", json!({}))?;
+        host.vm_powerdown(name)?;
         let start = Instant::now();
         while start.elapsed() < timeout {
             if !self.vm_is_running(vm)? {
@@ -505,9 +504,8 @@ pub(crate) fn power_off(host: &dyn Host, name: &str) -> Result<()> {
 }
 
 fn power_off_within(host: &dyn Host, name: &str, quit_wait: Duration) -> Result<()> {
-    if let Ok(mut qmp) = host.vm_status_qmp(name) {
-        let _ = qmp.execute("quit", json!({}));
-    }
+    // A QEMU that no longer answers is killed below.
+    let _ = host.vm_quit(name);
     let start = Instant::now();
     while start.elapsed() < quit_wait {
         if host.vm_runtime(name)? == VmRuntime::Stopped {

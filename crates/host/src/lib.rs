@@ -153,6 +153,30 @@ pub trait Host: Debug + Send + Sync {
     fn vm_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>>;
     /// A second monitor for quick queries, never blocked by a long operation.
     fn vm_status_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>>;
+    /// Asks the guest to shut down (ACPI power button).
+    fn vm_powerdown(&self, vm: &str) -> Result<()> {
+        self.vm_status_qmp(vm)?.execute("system_powerdown", serde_json::json!({}))?;
+        Ok(())
+    }
+    /// Asks QEMU to exit now, flushing its images and writing persistent bitmaps.
+    fn vm_quit(&self, vm: &str) -> Result<()> {
+        self.vm_status_qmp(vm)?.execute("quit", serde_json::json!({}))?;
+        Ok(())
+    }
+    /// Stops the guest's CPUs; its images are flushed and written by nothing until resumed.
+    fn vm_pause(&self, vm: &str) -> Result<()> {
+        self.vm_status_qmp(vm)?.execute("stop", serde_json::json!({}))?;
+        Ok(())
+    }
+    fn vm_resume(&self, vm: &str) -> Result<()> {
+        self.vm_status_qmp(vm)?.execute("cont", serde_json::json!({}))?;
+        Ok(())
+    }
+    /// Whether a running VM's guest is paused.
+    fn vm_paused(&self, vm: &str) -> Result<bool> {
+        let status = self.vm_status_qmp(vm)?.execute("query-status", serde_json::json!({}))?;
+        Ok(status["running"].as_bool() == Some(false) && status["status"] == "paused")
+    }
     /// Ends the VM's QEMU process at once: the last resort after `quit` failed. Ok only
     /// when the process is gone; `StillRunning` names it otherwise.
     fn vm_kill(&self, vm: &str) -> Result<()>;
