@@ -3,15 +3,13 @@
 //! stopped one by `qemu-img rebase`), are verified to read exactly as the chain they ran
 //! on, and only then are the restore points removed and the VM taken out of its job.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::json;
 use standby_host::{Chain, Format, Host};
 use standby_model::step::PermanentStep;
 use standby_model::{ReplicaState, Step, Transition};
 use standby_store::{FailoverPoint, ReplicaRecord, RestorePointRecord, VmRecord};
 
-use crate::failback::top_nodes;
 use crate::failover::{overlay_chain, replica_vm_name, OpOutcome};
 use crate::lock::VmLock;
 use crate::replication::dr;
@@ -121,25 +119,8 @@ impl Engine {
             })
             .collect::<Result<_>>()?;
         if running {
-            let mut qmp = dr_host.vm_qmp(&vm.name)?;
-            // The top node: a failback's protective point may have stacked a newer one.
-            for (i, node) in top_nodes(qmp.as_mut(), chains.len())?.iter().enumerate() {
-                qmp.execute("block-stream", json!({"device": node, "job-id": format!("permanent-d{i}")}))?;
-            }
-            let start = Instant::now();
-            loop {
-                let jobs = qmp.execute("query-block-jobs", json!({}))?;
-                let ours = jobs.as_array().is_some_and(|a| {
-                    a.iter().any(|j| j["device"].as_str().is_some_and(|d| d.starts_with("permanent-d")))
-                });
-                if !ours {
-                    break;
-                }
-                if start.elapsed() > STREAM_TIMEOUT {
-                    return Err(EngineError::Invalid(format!("flattening the disks of {} did not finish", vm.name)));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            // From each disk's top: a failback's protective point may have stacked a newer one.
+            dr_host.vm_flatten(&vm.name, chains.len(), STREAM_TIMEOUT)?;
             // Paused, the guest writes nothing and QEMU has flushed: the comparison below
             // sees exactly what the VM runs. The step says so first: a standby killed
             // while the guest is paused leaves recovery the note to resume it.

@@ -52,6 +52,24 @@ pub enum HostError {
 
 pub type Result<T> = std::result::Result<T, HostError>;
 
+/// Each of a running VM's first `disks` disks: its top node and the file it writes to, as
+/// QEMU reports them (the device of disk `i` is `vd<i>`).
+fn block_tops(qmp: &mut dyn QmpChannel, disks: usize) -> Result<Vec<(String, String)>> {
+    let blocks = qmp.execute("query-block", serde_json::json!({}))?;
+    (0..disks)
+        .map(|i| {
+            let qdev = format!("/vd{i}/");
+            blocks
+                .as_array()
+                .and_then(|bs| bs.iter().find(|b| b["qdev"].as_str().is_some_and(|q| q.contains(&qdev))))
+                .and_then(|b| {
+                    Some((b["inserted"]["node-name"].as_str()?.to_owned(), b["inserted"]["file"].as_str()?.to_owned()))
+                })
+                .ok_or_else(|| HostError::Invalid(format!("QEMU does not report disk {i}")))
+        })
+        .collect()
+}
+
 /// What a host needs to run a VM.
 #[derive(Debug, Clone)]
 pub struct VmLaunch {
@@ -176,6 +194,55 @@ pub trait Host: Debug + Send + Sync {
     fn vm_paused(&self, vm: &str) -> Result<bool> {
         let status = self.vm_status_qmp(vm)?.execute("query-status", serde_json::json!({}))?;
         Ok(status["running"].as_bool() == Some(false) && status["status"] == "paused")
+    }
+    /// The file each of a running VM's first `disks` disks writes to now.
+    fn vm_top_files(&self, vm: &str, disks: usize) -> Result<Vec<String>> {
+        Ok(block_tops(self.vm_status_qmp(vm)?.as_mut(), disks)?.into_iter().map(|(_, f)| f).collect())
+    }
+    /// A protective point on a running VM, all disks at one instant: disk `i` writes to
+    /// `new_tops[i].0` from now on (an image over its current top, created beforehand, so
+    /// that standby sets its mode); `new_tops[i].1` tells the new layers apart.
+    fn vm_protect(&self, vm: &str, new_tops: &[(String, u32)]) -> Result<()> {
+        let mut qmp = self.vm_qmp(vm)?;
+        let nodes = block_tops(qmp.as_mut(), new_tops.len())?;
+        let actions: Vec<Value> = nodes
+            .iter()
+            .zip(new_tops)
+            .enumerate()
+            .map(|(i, ((node, _), (file, tag)))| {
+                serde_json::json!({"type": "blockdev-snapshot-sync", "data": {
+                    "node-name": node, "snapshot-file": file,
+                    "snapshot-node-name": format!("{}-g{tag}", disk_node(i)),
+                    "format": "qcow2", "mode": "existing"}})
+            })
+            .collect();
+        qmp.execute("transaction", serde_json::json!({ "actions": actions }))?;
+        Ok(())
+    }
+    /// Makes each of a running VM's disks standalone while it runs (every layer below its
+    /// top pulled into the top), waiting at most `timeout`.
+    fn vm_flatten(&self, vm: &str, disks: usize, timeout: std::time::Duration) -> Result<()> {
+        let mut qmp = self.vm_qmp(vm)?;
+        for (i, (node, _)) in block_tops(qmp.as_mut(), disks)?.iter().enumerate() {
+            qmp.execute("block-stream", serde_json::json!({"device": node, "job-id": format!("flatten-d{i}")}))?;
+        }
+        let start = std::time::Instant::now();
+        loop {
+            let jobs = qmp.execute("query-block-jobs", serde_json::json!({}))?;
+            let ours = jobs
+                .as_array()
+                .is_some_and(|a| a.iter().any(|j| j["device"].as_str().is_some_and(|d| d.starts_with("flatten-d"))));
+            if !ours {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(HostError::Invalid(format!(
+                    "flattening the disks of {vm} did not finish within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
     /// Ends the VM's QEMU process at once: the last resort after `quit` failed. Ok only
     /// when the process is gone; `StillRunning` names it otherwise.

@@ -31,7 +31,6 @@ mod undo;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use standby_host::{BitmapOp, Chain, Format};
 use standby_model::recovery::Recovery;
 use standby_model::step::{CommitStep, FailbackStep, SwitchStep, UndoFailbackStep};
@@ -343,30 +342,6 @@ fn missing_record(vm: &str) -> EngineError {
 }
 
 /// The node and file at the top of each of a running VM's disks, from `query-block`.
-fn block_tops(qmp: &mut dyn standby_host::QmpChannel, disks: usize) -> Result<Vec<(String, String)>> {
-    let blocks = qmp.execute("query-block", json!({}))?;
-    (0..disks)
-        .map(|i| {
-            let qdev = format!("/vd{i}/");
-            blocks
-                .as_array()
-                .and_then(|bs| bs.iter().find(|b| b["qdev"].as_str().is_some_and(|q| q.contains(&qdev))))
-                .and_then(|b| {
-                    Some((b["inserted"]["node-name"].as_str()?.to_owned(), b["inserted"]["file"].as_str()?.to_owned()))
-                })
-                .ok_or_else(|| EngineError::Invalid(format!("QEMU does not report disk {i}")))
-        })
-        .collect()
-}
-
-pub(crate) fn top_nodes(qmp: &mut dyn standby_host::QmpChannel, disks: usize) -> Result<Vec<String>> {
-    Ok(block_tops(qmp, disks)?.into_iter().map(|(n, _)| n).collect())
-}
-
-fn top_files(qmp: &mut dyn standby_host::QmpChannel, disks: usize) -> Result<Vec<String>> {
-    Ok(block_tops(qmp, disks)?.into_iter().map(|(_, f)| f).collect())
-}
-
 fn human(bytes: u64) -> String {
     const MIB: f64 = (1 << 20) as f64;
     if bytes >= 1 << 20 {

@@ -309,20 +309,8 @@ impl Engine {
             dr_host.image_create(n, rd.point.disks[i].size, Some((top, Format::Qcow2)))?;
         }
         if self.vm_is_running(&rd.vm)? {
-            let mut qmp = dr_host.vm_qmp(&rd.vm.name)?;
-            let nodes = top_nodes(qmp.as_mut(), frozen.len())?;
-            let actions: Vec<_> = nodes
-                .iter()
-                .zip(&next)
-                .enumerate()
-                .map(|(i, (node, file))| {
-                    json!({"type": "blockdev-snapshot-sync", "data": {
-                        "node-name": node, "snapshot-file": file,
-                        "snapshot-node-name": format!("{}-g{}", standby_host::disk_node(i), overlay_gen(file)),
-                        "format": "qcow2", "mode": "existing"}})
-                })
-                .collect();
-            qmp.execute("transaction", json!({ "actions": actions }))?;
+            let tops: Vec<(String, u32)> = next.iter().map(|n| (n.clone(), overlay_gen(n))).collect();
+            dr_host.vm_protect(&rd.vm.name, &tops)?;
         }
         for (i, n) in next.iter().enumerate() {
             self.store().set_vm_disk(&rd.vm.name, i, &DiskRecord { path: n.clone(), format: "qcow2".into() })?;
@@ -338,8 +326,7 @@ impl Engine {
         let Some(rvm) = self.store().replica_vm(replica.id)? else { return Ok(()) };
         let dr_host = self.host(&replica.target_host)?;
         let running = self.vm_is_running(&rvm)?;
-        let files =
-            if running { Some(top_files(dr_host.vm_status_qmp(&rvm.name)?.as_mut(), rvm.disks.len())?) } else { None };
+        let files = if running { Some(dr_host.vm_top_files(&rvm.name, rvm.disks.len())?) } else { None };
         for (i, d) in rvm.disks.iter().enumerate() {
             let next = overlay_path(&replica.dir, i, overlay_gen(&d.path) + 1);
             let adopt = match &files {
