@@ -15,11 +15,11 @@
 //! working layer its phases fill before the switch commits it.
 //!
 //! On the source, a replica's dirty bitmaps are `standby-r<replica>-<seq>`, the bitmap of
-//! run `seq` starting at its instant. A live run's fleecing nodes are
-//! `fleece-r<replica>-d<disk>` (their scratch files start with `fleece-r<replica>-`);
-//! NBD servers are named by purpose and replica: `src-r<replica>-` (a source's view),
+//! run `seq` starting at its instant. NBD servers are named by purpose and replica:
 //! `dst-r<replica>-` (a DR layer being written), `fb-r<replica>-` (failback transfers),
-//! `verify-r<replica>-d<disk>` (a planned failover's comparison).
+//! `verify-r<replica>-d<disk>` (a planned failover's comparison). The source's views (QEMU
+//! fleecing nodes, exports and `src-r<replica>-` servers) are named by the host's driver
+//! (`standby_host::views`) from the replica id.
 
 /// The file of restore point `seq`'s layer for disk `idx`.
 pub fn layer_path(dir: &str, seq: i64, idx: usize) -> String {
@@ -74,21 +74,6 @@ pub fn bitmap_seq(replica_id: i64, name: &str) -> Option<i64> {
     name.strip_prefix(&format!("standby-r{replica_id}-"))?.parse().ok()
 }
 
-/// A live run's fleecing node for disk `idx`.
-pub fn fleece_node(replica_id: i64, idx: usize) -> String {
-    format!("fleece-r{replica_id}-d{idx}")
-}
-
-/// The start of a live run's fleecing scratch files.
-pub fn fleece_file_prefix(replica_id: i64) -> String {
-    format!("fleece-r{replica_id}-")
-}
-
-/// The NBD servers of a source's point-in-time views.
-pub fn serve_prefix(replica_id: i64) -> String {
-    format!("src-r{replica_id}-")
-}
-
 /// The NBD servers of DR layers being written.
 pub fn target_prefix(replica_id: i64) -> String {
     format!("dst-r{replica_id}-")
@@ -131,6 +116,7 @@ mod tests {
         assert_eq!(bitmap_seq(3, &bitmap_name(4, 17)), None);
         assert_eq!(bitmap_seq(3, "standby-r3-x"), None);
         // Each purpose's servers are found by a prefix no other purpose's name starts with.
+        use standby_host::views::{fleece_file_prefix, serve_prefix};
         let ids = [serve_prefix(1), target_prefix(1), failback_prefix(1), verify_id(1, 0), fleece_file_prefix(1)];
         for (i, a) in ids.iter().enumerate() {
             for b in &ids[i + 1..] {

@@ -4,6 +4,7 @@
 //! this machine; a network agent will implement the same trait.
 
 mod local;
+pub mod views;
 
 use std::fmt::Debug;
 use std::io::{Read, Write};

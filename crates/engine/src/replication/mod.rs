@@ -494,7 +494,7 @@ impl Engine {
         source::close_views(&mut access, src.as_ref(), &vm.name, replica.id, vm.disks.len())?;
         for (idx, d) in vm.disks.iter().enumerate() {
             let disk = SourceDisk { idx, path: d.path.clone(), format: vm::disk_format(d)?, size: 0 };
-            access.reconcile(src.as_ref(), &disk, replica.id, None)?;
+            source::reconcile(&mut access, src.as_ref(), &disk, replica.id, None)?;
         }
         Ok(())
     }
@@ -562,8 +562,7 @@ impl Engine {
         for d in &disks {
             let pd = prev_disk(d.idx);
             let prev_bitmap = pd.and_then(|p| p.bitmap.clone());
-            let ok = access
-                .reconcile(src, d, replica.id, prev_bitmap.as_deref())
+            let ok = source::reconcile(&mut access, src, d, replica.id, prev_bitmap.as_deref())
                 .map_err(fail("reconciling dirty bitmaps"))?;
             let (method, why) = choose_method(DiskSeen {
                 previous_size: pd.map(|p| p.size),
@@ -592,21 +591,23 @@ impl Engine {
             &previous_bitmaps,
             &trusted,
             &new_bitmap,
-        );
+        )
+        .map_err(EngineError::from);
         let result = views.map_err(fail("taking the point-in-time view")).and_then(|views| {
             failpoint::hit("replicate.after-checkpoint");
             self.transfer_disks(replica, vm, dr, &disks, &views, &methods, &points, seq, progress)
         });
         // Views go whatever happened; on failure the bitmaps are reconciled so that the
         // bitmap of the last restore point again covers every change.
-        let closed = source::close_views(&mut access, src, &vm.name, replica.id, disks.len());
+        let closed =
+            source::close_views(&mut access, src, &vm.name, replica.id, disks.len()).map_err(EngineError::from);
         let (stats, layers) = match (result, closed) {
             (Ok(r), Ok(())) => r,
             (Err(e), _) | (Ok(_), Err(e)) => {
                 let _ = dr.nbd_stop_all(&target_prefix(replica.id));
                 for d in &disks {
                     let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
-                    let _ = access.reconcile(src, d, replica.id, previous_bitmaps[d.idx].as_deref());
+                    let _ = source::reconcile(&mut access, src, d, replica.id, previous_bitmaps[d.idx].as_deref());
                 }
                 return Err(e);
             }
@@ -621,7 +622,7 @@ impl Engine {
             Err(e) => {
                 for d in &disks {
                     let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
-                    let _ = access.reconcile(src, d, replica.id, previous_bitmaps[d.idx].as_deref());
+                    let _ = source::reconcile(&mut access, src, d, replica.id, previous_bitmaps[d.idx].as_deref());
                 }
                 return Err(fail("publishing the restore point")(e));
             }
@@ -632,7 +633,7 @@ impl Engine {
         // (the next run's reconcile removes it), so it is a note, not a failed run.
         for d in &disks {
             if let (true, Some(prev)) = (trusted[d.idx], &previous_bitmaps[d.idx]) {
-                if let Err(e) = access.retire(src, d, prev) {
+                if let Err(e) = source::retire(&mut access, src, d, prev) {
                     notes.push(format!(
                         "disk {}: old bitmap {prev} stays until the next run: {}",
                         d.idx,
