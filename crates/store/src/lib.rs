@@ -2,8 +2,11 @@
 //! busy timeout so that concurrent standby commands wait for each other instead of failing
 //! or corrupting anything. Every write that must be atomic is one transaction here.
 
+mod history;
 mod migrations;
+mod plans;
 mod records;
+mod state;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -11,14 +14,9 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use standby_model::{Method, ReplicaState, Role, Step, Transition};
 
+pub use history::{HISTORY_KEEP, HISTORY_SLACK};
 pub use records::*;
-
-/// What a transition does with the restore point a replica runs from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailoverPoint {
-    Keep,
-    Set(Option<i64>),
-}
+pub use state::FailoverPoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -38,11 +36,6 @@ pub enum StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
-
-/// History entries kept per VM (and per plan or job): older ones are pruned.
-pub const HISTORY_KEEP: usize = 10_000;
-/// How far past [`HISTORY_KEEP`] a VM's history may grow before it is pruned back.
-pub const HISTORY_SLACK: usize = 100;
 
 #[derive(Debug)]
 pub struct Store {
@@ -204,10 +197,7 @@ impl Store {
     pub fn remove_vm_definition(&mut self, name: &str) -> Result<()> {
         let tx = self.tx()?;
         let id: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [name], |r| r.get(0))?;
-        let live: i64 =
-            tx.query_row("SELECT COUNT(*) FROM replicas WHERE vm_id = ?1 AND state != 'permanent'", [id], |r| {
-                r.get(0)
-            })?;
+        let live = live_replicas(&tx, "vm_id = ?1", id)?;
         if live > 0 {
             return Err(StoreError::Corrupt(format!("VM {name} still has {live} replica(s)")));
         }
@@ -421,10 +411,7 @@ impl Store {
     /// Deletes a job whose every remaining replica is the record of a permanent failover.
     pub fn delete_job(&mut self, job_id: i64) -> Result<()> {
         let tx = self.tx()?;
-        let live: i64 =
-            tx.query_row("SELECT COUNT(*) FROM replicas WHERE job_id = ?1 AND state != 'permanent'", [job_id], |r| {
-                r.get(0)
-            })?;
+        let live = live_replicas(&tx, "job_id = ?1", job_id)?;
         if live > 0 {
             return Err(StoreError::Corrupt(format!("job {job_id} still has {live} replica(s)")));
         }
@@ -535,88 +522,6 @@ impl Store {
         Ok(self.replicas_where("r.id = ?1", &id)?.into_iter().next())
     }
 
-    /// The one way a replica's state changes: by transition `t` from the state `from` the
-    /// caller read, with the step its operation reached (None once it is done) and the
-    /// restore point it runs from, in one transaction. Refused, changing nothing, when the
-    /// transition does not apply or the state is no longer `from` (another command moved it).
-    pub fn transition(
-        &mut self,
-        id: i64,
-        from: ReplicaState,
-        t: Transition,
-        step: Option<Step>,
-        failover_point: FailoverPoint,
-    ) -> Result<ReplicaState> {
-        let to = from.apply(t)?;
-        if let Some(s) = step {
-            if s.state() != to {
-                return Err(StoreError::Corrupt(format!("step {s} is not a step of {to}")));
-            }
-        }
-        let tx = self.tx()?;
-        check_state(&tx, id, from)?;
-        let step = step.map(Step::to_db);
-        match failover_point {
-            FailoverPoint::Keep => tx.execute(
-                "UPDATE replicas SET state = ?2, op_step = ?3 WHERE id = ?1",
-                params![id, to.as_str(), step],
-            )?,
-            FailoverPoint::Set(p) => tx.execute(
-                "UPDATE replicas SET state = ?2, op_step = ?3, failover_point = ?4 WHERE id = ?1",
-                params![id, to.as_str(), step, p],
-            )?,
-        };
-        tx.commit()?;
-        Ok(to)
-    }
-
-    /// Ends the operation in progress on a replica that reached idle `state` (its last
-    /// step, such as deleting files after publishing, is done).
-    pub fn end_operation(&mut self, id: i64, state: ReplicaState) -> Result<()> {
-        let tx = self.tx()?;
-        check_state(&tx, id, state)?;
-        tx.execute("UPDATE replicas SET op_step = NULL WHERE id = ?1", [id])?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Records the step an operation in progress reached; refused unless the replica is in
-    /// the state the step belongs to.
-    pub fn set_step(&mut self, id: i64, step: Step) -> Result<()> {
-        let tx = self.tx()?;
-        check_state(&tx, id, step.state())?;
-        tx.execute("UPDATE replicas SET op_step = ?2 WHERE id = ?1", params![id, step.to_db()])?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Permanent failover's publishing step, in one transaction: the replica VM becomes an
-    /// ordinary VM, the replica leaves its job (state `permanent`) and its restore points
-    /// go from the records. The layer files are deleted after this.
-    pub fn make_permanent(&mut self, replica_id: i64, vm: &str) -> Result<()> {
-        let tx = self.tx()?;
-        check_state(&tx, replica_id, ReplicaState::MakingPermanent)?;
-        let to = ReplicaState::MakingPermanent.apply(Transition::PermanentDone)?;
-        let step = Step::Permanent(standby_model::step::PermanentStep::DeletePoints);
-        tx.execute("UPDATE vms SET role = ?2, replica_id = NULL WHERE name = ?1", params![vm, Role::Source.as_str()])?;
-        // The source the replica replaced: one identity, so it must not run beside it.
-        tx.execute(
-            "UPDATE vms SET role = ?2 WHERE id = (SELECT vm_id FROM replicas WHERE id = ?1)",
-            params![replica_id, Role::Retired.as_str()],
-        )?;
-        tx.execute(
-            "UPDATE replicas SET state = ?2, op_step = ?3, failover_point = NULL WHERE id = ?1",
-            params![replica_id, to.as_str(), step.to_db()],
-        )?;
-        tx.execute(
-            "DELETE FROM rp_disks WHERE rp_id IN (SELECT id FROM restore_points WHERE replica_id = ?1)",
-            [replica_id],
-        )?;
-        tx.execute("DELETE FROM restore_points WHERE replica_id = ?1", [replica_id])?;
-        tx.commit()?;
-        Ok(())
-    }
-
     // ---- failbacks ----
 
     /// Writes the record of a replica's failback in progress.
@@ -646,114 +551,6 @@ impl Store {
     pub fn delete_failback(&mut self, replica_id: i64) -> Result<()> {
         self.conn.execute("DELETE FROM failbacks WHERE replica_id = ?1", [replica_id])?;
         Ok(())
-    }
-
-    // ---- failover plans ----
-
-    pub fn insert_plan(&mut self, plan: &PlanRecord) -> Result<()> {
-        let tx = self.tx()?;
-        insert_plan_rows(&tx, plan)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Replaces a plan's definition, keeping its name and creation time, in one transaction.
-    pub fn update_plan(&mut self, plan: &PlanRecord) -> Result<()> {
-        let tx = self.tx()?;
-        tx.execute("DELETE FROM plans WHERE name = ?1", [&plan.name])?;
-        insert_plan_rows(&tx, plan)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    pub fn delete_plan(&mut self, name: &str) -> Result<()> {
-        self.conn.execute("DELETE FROM plans WHERE name = ?1", [name])?;
-        Ok(())
-    }
-
-    pub fn plans(&self) -> Result<Vec<PlanRecord>> {
-        let mut st = self.conn.prepare(
-            "SELECT id, name, pre_command, post_command, on_failure, created_at, hook_timeout_secs FROM plans ORDER BY name",
-        )?;
-        let rows: Vec<(i64, PlanRecord)> = st
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    PlanRecord {
-                        name: r.get(1)?,
-                        vms: Vec::new(),
-                        pre_command: r.get(2)?,
-                        post_command: r.get(3)?,
-                        on_failure: r.get(4)?,
-                        created_at: r.get(5)?,
-                        hook_timeout_secs: r.get::<_, i64>(6)? as u64,
-                    },
-                ))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        let mut st = self.conn.prepare("SELECT vm, delay_secs FROM plan_vms WHERE plan_id = ?1 ORDER BY pos")?;
-        let mut plans = Vec::new();
-        for (id, mut plan) in rows {
-            plan.vms = st
-                .query_map([id], |r| Ok(PlanVm { vm: r.get(0)?, delay_secs: r.get::<_, i64>(1)? as u64 }))?
-                .collect::<rusqlite::Result<_>>()?;
-            plans.push(plan);
-        }
-        Ok(plans)
-    }
-
-    // ---- history ----
-
-    pub fn record_history(
-        &mut self,
-        vm: &str,
-        operation: &str,
-        command: &str,
-        result: &str,
-        detail: &str,
-    ) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO history (at, vm, operation, command, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![now(), vm, operation, command, result, detail],
-        )?;
-        // Counting one VM's entries walks its index range; pruning, rarer, walks it again.
-        let n: i64 = self.conn.query_row("SELECT COUNT(*) FROM history WHERE vm = ?1", [vm], |r| r.get(0))?;
-        if n as usize > HISTORY_KEEP + HISTORY_SLACK {
-            self.prune_history(vm)?;
-        }
-        Ok(())
-    }
-
-    /// Keeps the newest [`HISTORY_KEEP`] entries of `vm`; older ones go.
-    pub fn prune_history(&mut self, vm: &str) -> Result<usize> {
-        Ok(self.conn.execute(
-            "DELETE FROM history WHERE vm = ?1 AND id <= (
-                 SELECT id FROM history WHERE vm = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-            params![vm, HISTORY_KEEP as i64],
-        )?)
-    }
-
-    /// The newest `limit` history entries, oldest first; only `vm`'s when given.
-    pub fn history(&self, vm: Option<&str>, limit: u32) -> Result<Vec<HistoryRecord>> {
-        let mut st = self.conn.prepare(
-            "SELECT id, at, vm, operation, command, result, detail FROM history
-             WHERE ?1 IS NULL OR vm = ?1 ORDER BY id DESC LIMIT ?2",
-        )?;
-        let mut rows = st.query_map(params![vm, limit], history_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.reverse();
-        Ok(rows)
-    }
-
-    /// The newest history entry of `vm`: one index lookup, however long the history.
-    pub fn last_history(&self, vm: &str) -> Result<Option<HistoryRecord>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT id, at, vm, operation, command, result, detail FROM history WHERE vm = ?1 ORDER BY id DESC LIMIT 1",
-                [vm],
-                history_from_row,
-            )
-            .optional()?)
     }
 
     /// Reserves the sequence number of the next run: durable before any file is named after it.
@@ -937,52 +734,10 @@ fn method_cell(table: &str, id: i64, col: usize, v: String) -> rusqlite::Result<
     v.parse().map_err(|e| bad_cell(table, id, col, e))
 }
 
-/// Refuses, inside a transaction, unless replica `id` is in state `expected`.
-fn check_state(tx: &Transaction<'_>, id: i64, expected: ReplicaState) -> Result<()> {
-    let (found, vm): (String, String) = tx.query_row(
-        "SELECT r.state, v.name FROM replicas r JOIN vms v ON v.id = r.vm_id WHERE r.id = ?1",
-        [id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    if found != expected.as_str() {
-        return Err(StoreError::StateMoved { vm, expected, found });
-    }
-    Ok(())
-}
-
-fn history_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryRecord> {
-    Ok(HistoryRecord {
-        id: r.get(0)?,
-        at: r.get(1)?,
-        vm: r.get(2)?,
-        operation: r.get(3)?,
-        command: r.get(4)?,
-        result: r.get(5)?,
-        detail: r.get(6)?,
-    })
-}
-
-fn insert_plan_rows(tx: &Transaction<'_>, plan: &PlanRecord) -> Result<()> {
-    tx.execute(
-        "INSERT INTO plans (name, pre_command, post_command, on_failure, created_at, hook_timeout_secs)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
-            plan.name,
-            plan.pre_command,
-            plan.post_command,
-            plan.on_failure,
-            plan.created_at,
-            plan.hook_timeout_secs as i64
-        ],
-    )?;
-    let id = tx.last_insert_rowid();
-    for (pos, v) in plan.vms.iter().enumerate() {
-        tx.execute(
-            "INSERT INTO plan_vms (plan_id, pos, vm, delay_secs) VALUES (?1, ?2, ?3, ?4)",
-            params![id, pos as i64, v.vm, v.delay_secs as i64],
-        )?;
-    }
-    Ok(())
+/// How many replicas matching `cond` are more than the record of a permanent failover.
+fn live_replicas(tx: &Transaction<'_>, cond: &str, arg: i64) -> Result<i64> {
+    let sql = format!("SELECT COUNT(*) FROM replicas WHERE {cond} AND state != 'permanent'");
+    Ok(tx.query_row(&sql, [arg], |r| r.get(0))?)
 }
 
 /// Deletes the replicas matching `cond` (on `replicas` columns, one parameter) with their
