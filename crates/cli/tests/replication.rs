@@ -220,3 +220,94 @@ fn running_vm_with_two_disks_is_captured_in_one_transaction() {
     assert!(identical(&env.latest_disk("two", 0), &a));
     assert!(identical(&env.latest_disk("two", 1), &b));
 }
+
+/// Sends raw QMP commands to a monitor socket and returns each reply line, for a test
+/// that must act on a VM behind standby's back.
+fn qmp_raw(socket: &str, commands: &[&str]) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect to the monitor");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap(); // the greeting
+    let mut replies = Vec::new();
+    for c in std::iter::once(&r#"{"execute":"qmp_capabilities"}"#).chain(commands) {
+        writeln!(writer, "{c}").unwrap();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if !line.contains("\"event\"") {
+                break;
+            }
+        }
+        replies.push(line.clone());
+    }
+    replies
+}
+
+/// A live view holds its instant only while QEMU's copy job copies old data aside: a job
+/// that is gone before the view has been read (ended by an error, or by anyone) means the
+/// view may hold data written after the instant. The run fails saying so, makes no restore
+/// point, leaves nothing behind, and the next run makes a restore point that is the disk.
+#[test]
+fn a_view_whose_copy_job_stopped_makes_no_restore_point() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 64, &[(0xab, 0, 8)]);
+    env.create_guest_vm("web", &disk, 192, &ledger_append(LEDGER_START, LEDGER_MAX, 20_000));
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "web"]);
+    env.wait_console("web", Duration::from_secs(60), "5 ledger writes", |c| Ledger::acknowledged(c) >= 5);
+    env.ok(&["job", "run", "j"]);
+    assert_eq!(env.points("web").len(), 1);
+
+    let pause = env.path("paused-at-checkpoint");
+    let run = env
+        .command(&["job", "run", "j"])
+        .env("STANDBY_FAILPOINT_PAUSE", format!("replicate.after-checkpoint={pause}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !std::path::Path::new(&pause).exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "the run never reached its instant");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let monitor = format!("{}/hosts/local/vms/web/qmp-status.sock", env.data_dir());
+    let jobs = qmp_raw(&monitor, &[r#"{"execute":"query-block-jobs"}"#]).pop().unwrap();
+    let job = jobs.split('"').skip_while(|w| *w != "device").nth(2).unwrap().to_owned();
+    assert!(job.starts_with("fleece-"), "the run's copy job: {jobs}");
+    let cancel = format!(r#"{{"execute":"block-job-cancel","arguments":{{"device":"{job}","force":true}}}}"#);
+    let reply = qmp_raw(&monitor, &[&cancel]).pop().unwrap();
+    assert!(reply.contains("\"return\""), "{reply}");
+    std::fs::remove_file(&pause).unwrap();
+    let out = run.wait_with_output().unwrap();
+    let stderr = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the run must fail: {stderr}");
+    assert!(
+        stderr.contains(&format!("copy job {job} stopped")) && stderr.contains("nothing read from it is kept"),
+        "{stderr}"
+    );
+    assert_eq!(env.points("web").len(), 1, "no restore point from a broken view");
+    let left: Vec<String> = std::fs::read_dir(format!("{}/hosts/local/vms/web", env.data_dir()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("fleece-"))
+        .collect();
+    assert!(left.is_empty(), "fleecing scratch files left: {left:?}");
+    let dr_files: Vec<String> = std::fs::read_dir(env.path("dr/web"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dr_files.iter().filter(|n| n.ends_with(".qcow2")).count(), 1, "only the first layer: {dr_files:?}");
+
+    // The changes the failed run saw are not lost: the next run's point is the disk.
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+    env.ok(&["job", "run", "j"]);
+    let points = env.points("web");
+    assert_eq!(points.len(), 2);
+    assert_eq!(points[1]["method"], "cbt");
+    assert!(identical(&env.latest_disk("web", 0), &disk), "the next restore point differs from the disk");
+}

@@ -5,6 +5,9 @@
 //! `STANDBY_FAILPOINT_KILL=POINT=PATTERN` kills other processes instead: at `POINT`, every
 //! process whose command line contains `PATTERN` (a QEMU, a `qemu-nbd` server) gets
 //! SIGKILL, and standby goes on, to meet the failure as it would in production.
+//! `STANDBY_FAILPOINT_PAUSE=POINT=FILE` stops there instead: standby creates `FILE` and
+//! waits (two minutes at most) until the test removes it, so that a test can change the
+//! world at an exact moment of an operation (end a VM's block job) and watch standby meet it.
 //! `STANDBY_FAILPOINT_LOG=FILE` appends each point reached with either to `FILE`, so that
 //! the suite can prove every point was reached, not merely named.
 
@@ -49,6 +52,12 @@ pub fn hit(name: &str) {
             eprintln!("standby: fail point {name} reached, killed {killed} process(es) matching {pattern:?}");
         }
     }
+    if let Ok(spec) = std::env::var("STANDBY_FAILPOINT_PAUSE") {
+        if let Some(file) = spec.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
+            log(&format!("{name} pause"));
+            pause(name, std::path::Path::new(file));
+        }
+    }
     if std::env::var("STANDBY_FAILPOINT").is_ok_and(|v| v == name) {
         log(name);
         eprintln!("standby: fail point {name} reached, killing myself");
@@ -56,6 +65,17 @@ pub fn hit(name: &str) {
         // but SIGKILL is what the tests model.
         let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
         std::process::abort();
+    }
+}
+
+fn pause(name: &str, file: &std::path::Path) {
+    let start = std::time::Instant::now();
+    if std::fs::write(file, name).is_err() {
+        return;
+    }
+    eprintln!("standby: fail point {name} reached, paused until {} is removed", file.display());
+    while file.exists() && start.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

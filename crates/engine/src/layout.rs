@@ -116,8 +116,8 @@ mod tests {
         assert_eq!(bitmap_seq(3, &bitmap_name(4, 17)), None);
         assert_eq!(bitmap_seq(3, "standby-r3-x"), None);
         // Each purpose's servers are found by a prefix no other purpose's name starts with.
-        use standby_host::views::{fleece_file_prefix, serve_prefix};
-        let ids = [serve_prefix(1), target_prefix(1), failback_prefix(1), verify_id(1, 0), fleece_file_prefix(1)];
+        use standby_host::{fleece_prefix, serve_prefix};
+        let ids = [serve_prefix(1), target_prefix(1), failback_prefix(1), verify_id(1, 0), fleece_prefix(1)];
         for (i, a) in ids.iter().enumerate() {
             for b in &ids[i + 1..] {
                 assert!(!a.starts_with(b.as_str()) && !b.starts_with(a.as_str()), "{a} {b}");

@@ -81,6 +81,15 @@ impl Engine {
     /// Opens (creating if needed) the data directory: the database and the local host's
     /// run files.
     pub fn open(data_dir: &Path) -> Result<Engine> {
+        let local = |data_dir: &Path| -> Result<Arc<dyn Host>> {
+            Ok(Arc::new(LocalHost::new(LOCAL_HOST, &data_dir.join("hosts").join(LOCAL_HOST))?))
+        };
+        Engine::open_on(data_dir, local)
+    }
+
+    /// [`Engine::open`] with the local host that `local` makes from the data directory:
+    /// a fake one, for tests of the engine alone.
+    pub fn open_on(data_dir: &Path, local: impl FnOnce(&Path) -> Result<Arc<dyn Host>>) -> Result<Engine> {
         standby_host::restrict_new_file_modes();
         let io = |source| EngineError::DataDir { path: data_dir.display().to_string(), source };
         // The database's plan hooks run as root and the run files control VMs: a data
@@ -109,7 +118,7 @@ impl Engine {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
             }
         }
-        let local: Arc<dyn Host> = Arc::new(LocalHost::new(LOCAL_HOST, &data_dir.join("hosts").join(LOCAL_HOST))?);
+        let local = local(data_dir)?;
         let mut hosts = BTreeMap::new();
         hosts.insert(LOCAL_HOST.to_owned(), local);
         Ok(Engine { data_dir: data_dir.into(), store: Mutex::new(store), hosts, command: "standby".into() })

@@ -13,7 +13,9 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use standby_host::NbdClient;
+use standby_host::BlockStream;
+
+type Stream = Box<dyn BlockStream>;
 use standby_nbd::{Extent, NbdError};
 
 use crate::Progress;
@@ -104,7 +106,7 @@ impl Plan {
 
     /// Verification: which bytes of two images differ. Regions where both read zero are
     /// skipped; everything else is read on both sides; nothing is written.
-    pub fn verify(a: &mut NbdClient, b: &mut NbdClient) -> Result<Plan, NbdError> {
+    pub fn verify(a: &mut Stream, b: &mut Stream) -> Result<Plan, NbdError> {
         let size = a.size().max(b.size());
         let a_map = a.block_status(BASE_ALLOCATION, 0, a.size())?;
         let b_map = b.block_status(BASE_ALLOCATION, 0, b.size())?;
@@ -123,7 +125,7 @@ impl Plan {
     }
 
     /// First run: every allocated, non-zero block into a fresh layer.
-    pub fn full(src: &mut NbdClient) -> Result<Plan, NbdError> {
+    pub fn full(src: &mut Stream) -> Result<Plan, NbdError> {
         let mut plan = Plan::default();
         for e in src.block_status(BASE_ALLOCATION, 0, src.size())? {
             if e.flags & (STATE_HOLE | STATE_ZERO) == 0 {
@@ -135,7 +137,7 @@ impl Plan {
 
     /// Incremental run from a trusted bitmap: only dirty blocks, zeroes where the source
     /// now reads zero.
-    pub fn cbt(src: &mut NbdClient, bitmap: &str) -> Result<Plan, NbdError> {
+    pub fn cbt(src: &mut Stream, bitmap: &str) -> Result<Plan, NbdError> {
         let size = src.size();
         let dirty = src.block_status(&bitmap_context(bitmap), 0, size)?;
         let alloc = src.block_status(BASE_ALLOCATION, 0, size)?;
@@ -152,7 +154,7 @@ impl Plan {
     /// Copies exactly `ranges` (offset, length), known from metadata to hold every block
     /// that differs: zeroes where the source reads zero there, data elsewhere. Nothing else
     /// is read.
-    pub fn ranges(src: &mut NbdClient, ranges: &[(u64, u64)]) -> Result<Plan, NbdError> {
+    pub fn ranges(src: &mut Stream, ranges: &[(u64, u64)]) -> Result<Plan, NbdError> {
         let size = src.size();
         let alloc = src.block_status(BASE_ALLOCATION, 0, size)?;
         let mut plan = Plan::default();
@@ -168,7 +170,7 @@ impl Plan {
     /// Incremental run without a trusted bitmap: where both sides read zero nothing is
     /// read; where only the source does, the layer gets zeroes; the rest is compared.
     /// `dst` reads the new layer, which still shows the previous restore point.
-    pub fn digest(src: &mut NbdClient, dst: &mut NbdClient) -> Result<Plan, NbdError> {
+    pub fn digest(src: &mut Stream, dst: &mut Stream) -> Result<Plan, NbdError> {
         let size = src.size();
         let src_map = src.block_status(BASE_ALLOCATION, 0, size)?;
         let dst_map = dst.block_status(BASE_ALLOCATION, 0, size.min(dst.size()))?;
@@ -191,7 +193,7 @@ fn is_zero(b: &[u8]) -> bool {
 /// Writes `buf` (the source's bytes at `offset`) to `dst` in runs of zero and non-zero
 /// blocks: non-zero runs as data, zero runs as write-zeroes unless the layer already reads
 /// zero there (`skip_zero`).
-fn write_blocks(dst: &mut NbdClient, offset: u64, buf: &[u8], skip_zero: bool, st: &mut Stats) -> Result<(), NbdError> {
+fn write_blocks(dst: &mut Stream, offset: u64, buf: &[u8], skip_zero: bool, st: &mut Stats) -> Result<(), NbdError> {
     let block_zero = |i: usize| is_zero(&buf[i..(i + BLOCK).min(buf.len())]);
     let mut i = 0;
     while i < buf.len() {
@@ -215,8 +217,8 @@ fn write_blocks(dst: &mut NbdClient, offset: u64, buf: &[u8], skip_zero: bool, s
 
 /// One worker's share: items taken from the shared plan until none are left.
 fn work(
-    src: &mut NbdClient,
-    dst: &mut NbdClient,
+    src: &mut Stream,
+    dst: &mut Stream,
     plan: &Plan,
     next: &AtomicUsize,
     done: &AtomicU64,
@@ -270,7 +272,7 @@ fn work(
 /// (source, destination). `on_chunk` runs after each item (fail points hook in there).
 pub fn execute(
     plan: &Plan,
-    connect: &(dyn Fn() -> crate::Result<(NbdClient, NbdClient)> + Sync),
+    connect: &(dyn Fn() -> crate::Result<(Stream, Stream)> + Sync),
     progress: &dyn Progress,
     subject: &str,
     on_chunk: &(dyn Fn() + Sync),

@@ -551,7 +551,10 @@ mod tests {
         fn name(&self) -> &str {
             "undying"
         }
-        fn vm_status_qmp(&self, vm: &str) -> standby_host::Result<Box<dyn QmpChannel>> {
+        fn vm_quit(&self, vm: &str) -> standby_host::Result<()> {
+            Err(HostError::NotRunning(vm.into()))
+        }
+        fn vm_powerdown(&self, vm: &str) -> standby_host::Result<()> {
             Err(HostError::NotRunning(vm.into()))
         }
         fn vm_runtime(&self, _: &str) -> standby_host::Result<VmRuntime> {
@@ -618,7 +621,25 @@ mod tests {
         fn vm_start(&self, _: &VmLaunch) -> standby_host::Result<()> {
             unreachable!()
         }
-        fn vm_qmp(&self, _: &str) -> standby_host::Result<Box<dyn QmpChannel>> {
+        fn vm_pause(&self, _: &str) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn vm_resume(&self, _: &str) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn vm_paused(&self, _: &str) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+        fn vm_top_files(&self, _: &str, _: usize) -> standby_host::Result<Vec<String>> {
+            unreachable!()
+        }
+        fn vm_protect(&self, _: &str, _: &[(String, u32)]) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn vm_flatten(&self, _: &str, _: usize, _: Duration) -> standby_host::Result<()> {
+            unreachable!()
+        }
+        fn vm_disks<'a>(&'a self, _: &str, _: bool) -> standby_host::Result<Box<dyn DiskAccess + 'a>> {
             unreachable!()
         }
         fn vm_console(&self, _: &str, _: u64) -> standby_host::Result<(Vec<u8>, u64)> {
@@ -630,9 +651,6 @@ mod tests {
         fn vm_scratch_files(&self, _: &str, _: &str) -> standby_host::Result<Vec<String>> {
             unreachable!()
         }
-        fn vm_nbd_address(&self, _: &str) -> (serde_json::Value, NbdAddress) {
-            unreachable!()
-        }
         fn accel(&self) -> Accel {
             unreachable!()
         }
@@ -642,7 +660,7 @@ mod tests {
         fn nbd_serve(&self, _: &ServeSpec) -> standby_host::Result<NbdAddress> {
             unreachable!()
         }
-        fn nbd_connect(&self, _: &NbdAddress, _: &str, _: &[&str]) -> standby_host::Result<NbdClient> {
+        fn nbd_connect(&self, _: &NbdAddress, _: &str, _: &[&str]) -> standby_host::Result<Box<dyn BlockStream>> {
             unreachable!()
         }
         fn nbd_stop_all(&self, _: &str) -> standby_host::Result<usize> {

@@ -1,21 +1,27 @@
 //! Every operation on a host (run a VM, read or write a disk image, dirty bitmaps, NBD
-//! exports) goes through [`Host`]. Paths in this interface are strings that mean something
-//! on the named host only; process handles never leave it. [`LocalHost`] runs everything on
-//! this machine; a network agent will implement the same trait.
+//! exports) goes through [`Host`], in DR words: no QMP and no JSON in any signature.
+//! Paths in this interface are strings that mean something on the named host only;
+//! process handles never leave it. [`LocalHost`] runs everything on this machine with
+//! QEMU (its monitor side is `live.rs`); a network agent will implement the same trait.
 
+mod live;
 mod local;
 pub mod views;
 
 use std::fmt::Debug;
 use std::io::{Read, Write};
+use std::time::Duration;
 
-use serde_json::Value;
+use standby_nbd::{Extent, NbdError};
+
 pub use standby_qemu::chain::{Chain, Format, Layer};
 pub use standby_qemu::img::{BitmapInfo, BitmapOp, ImageInfo};
 pub use standby_qemu::machine::{Accel, DiskSource};
 pub use standby_qemu::QemuError;
 
+pub use live::{fleece_prefix, serve_prefix};
 pub use local::LocalHost;
+pub use views::{BitmapState, DiskAccess, SourceDisk, View};
 
 /// Makes every file and socket this process and the programs it starts create (QEMU, its
 /// QMP sockets and overlays, `qemu-img` layers, `qemu-nbd` sockets) owner-only. Restore
@@ -47,29 +53,24 @@ pub enum HostError {
          (`cat /proc/{pid}/status` says why it does not exit) and run the command again"
     )]
     NbdStillRunning { id: String, pid: u32 },
+    #[error("VM {vm}: its monitor")]
+    Monitor { vm: String, source: QemuError },
+    #[error("VM {vm}: QEMU does not report its disk {disk}; was the VM started by standby with its disks?")]
+    DiskMissing { vm: String, disk: usize },
+    #[error("VM {vm}: {what} did not finish within {secs} s; see `standby vm console {vm}` and the host's load")]
+    Timeout { vm: String, what: String, secs: u64 },
+    #[error("VM {vm}: block job {job} failed: {error}")]
+    JobFailed { vm: String, job: String, error: String },
+    #[error(
+        "VM {vm}: the point-in-time view's copy job {job} stopped ({error}), so the view may have read data written \
+         after its instant; nothing read from it is kept. Free space for the VM's scratch files and run again"
+    )]
+    ViewBroken { vm: String, job: String, error: String },
     #[error("{0}")]
     Invalid(String),
 }
 
 pub type Result<T> = std::result::Result<T, HostError>;
-
-/// Each of a running VM's first `disks` disks: its top node and the file it writes to, as
-/// QEMU reports them (the device of disk `i` is `vd<i>`).
-fn block_tops(qmp: &mut dyn QmpChannel, disks: usize) -> Result<Vec<(String, String)>> {
-    let blocks = qmp.execute("query-block", serde_json::json!({}))?;
-    (0..disks)
-        .map(|i| {
-            let qdev = format!("/vd{i}/");
-            blocks
-                .as_array()
-                .and_then(|bs| bs.iter().find(|b| b["qdev"].as_str().is_some_and(|q| q.contains(&qdev))))
-                .and_then(|b| {
-                    Some((b["inserted"]["node-name"].as_str()?.to_owned(), b["inserted"]["file"].as_str()?.to_owned()))
-                })
-                .ok_or_else(|| HostError::Invalid(format!("QEMU does not report disk {i}")))
-        })
-        .collect()
-}
 
 /// What a host needs to run a VM.
 #[derive(Debug, Clone)]
@@ -90,21 +91,45 @@ pub enum VmRuntime {
     Stopped,
 }
 
-/// The node name QMP uses for a VM's disk `idx`: the same on every host.
-pub fn disk_node(idx: usize) -> String {
-    format!("disk{idx}")
+/// A connection to a served disk (the transport seam): what a transfer reads, writes and
+/// asks block status of. QEMU's hosts serve NBD and this is an NBD client; a fake host
+/// serves from memory.
+pub trait BlockStream: Send + Debug {
+    fn size(&self) -> u64;
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), NbdError>;
+    fn write(&mut self, offset: u64, data: &[u8]) -> std::result::Result<(), NbdError>;
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::result::Result<(), NbdError>;
+    /// Makes every write so far durable on the serving side.
+    fn flush(&mut self) -> std::result::Result<(), NbdError>;
+    /// Extents of `context` (`base:allocation`, `qemu:allocation-depth`,
+    /// `qemu:dirty-bitmap:NAME`) covering `offset..offset + len`.
+    fn block_status(&mut self, context: &str, offset: u64, len: u64) -> std::result::Result<Vec<Extent>, NbdError>;
+    fn disconnect(self: Box<Self>) -> std::result::Result<(), NbdError>;
 }
 
-/// A running VM's monitor.
-pub trait QmpChannel: Debug + Send {
-    fn execute(&mut self, command: &str, arguments: Value) -> std::result::Result<Value, QemuError>;
+impl<S: Read + Write + Send + Debug> BlockStream for standby_nbd::Client<S> {
+    fn size(&self) -> u64 {
+        standby_nbd::Client::size(self)
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), NbdError> {
+        standby_nbd::Client::read(self, offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> std::result::Result<(), NbdError> {
+        standby_nbd::Client::write(self, offset, data)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::result::Result<(), NbdError> {
+        standby_nbd::Client::write_zeroes(self, offset, len)
+    }
+    fn flush(&mut self) -> std::result::Result<(), NbdError> {
+        standby_nbd::Client::flush(self)
+    }
+    fn block_status(&mut self, context: &str, offset: u64, len: u64) -> std::result::Result<Vec<Extent>, NbdError> {
+        standby_nbd::Client::block_status(self, context, offset, len)
+    }
+    fn disconnect(self: Box<Self>) -> std::result::Result<(), NbdError> {
+        standby_nbd::Client::disconnect(*self)
+    }
 }
-
-/// A byte stream to an NBD server on a host.
-pub trait NbdStream: Read + Write + Send + Debug {}
-impl<T: Read + Write + Send + Debug> NbdStream for T {}
-
-pub type NbdClient = standby_nbd::Client<Box<dyn NbdStream>>;
 
 /// Where an NBD server listens, as the host hands it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,83 +193,27 @@ pub trait Host: Debug + Send + Sync {
     // ---- VMs ----
     fn vm_start(&self, vm: &VmLaunch) -> Result<()>;
     fn vm_runtime(&self, vm: &str) -> Result<VmRuntime>;
-    /// The monitor for long operations.
-    fn vm_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>>;
-    /// A second monitor for quick queries, never blocked by a long operation.
-    fn vm_status_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>>;
     /// Asks the guest to shut down (ACPI power button).
-    fn vm_powerdown(&self, vm: &str) -> Result<()> {
-        self.vm_status_qmp(vm)?.execute("system_powerdown", serde_json::json!({}))?;
-        Ok(())
-    }
-    /// Asks QEMU to exit now, flushing its images and writing persistent bitmaps.
-    fn vm_quit(&self, vm: &str) -> Result<()> {
-        self.vm_status_qmp(vm)?.execute("quit", serde_json::json!({}))?;
-        Ok(())
-    }
+    fn vm_powerdown(&self, vm: &str) -> Result<()>;
+    /// Asks the VM to end now, flushing its images and writing persistent bitmaps.
+    fn vm_quit(&self, vm: &str) -> Result<()>;
     /// Stops the guest's CPUs; its images are flushed and written by nothing until resumed.
-    fn vm_pause(&self, vm: &str) -> Result<()> {
-        self.vm_status_qmp(vm)?.execute("stop", serde_json::json!({}))?;
-        Ok(())
-    }
-    fn vm_resume(&self, vm: &str) -> Result<()> {
-        self.vm_status_qmp(vm)?.execute("cont", serde_json::json!({}))?;
-        Ok(())
-    }
+    fn vm_pause(&self, vm: &str) -> Result<()>;
+    fn vm_resume(&self, vm: &str) -> Result<()>;
     /// Whether a running VM's guest is paused.
-    fn vm_paused(&self, vm: &str) -> Result<bool> {
-        let status = self.vm_status_qmp(vm)?.execute("query-status", serde_json::json!({}))?;
-        Ok(status["running"].as_bool() == Some(false) && status["status"] == "paused")
-    }
+    fn vm_paused(&self, vm: &str) -> Result<bool>;
     /// The file each of a running VM's first `disks` disks writes to now.
-    fn vm_top_files(&self, vm: &str, disks: usize) -> Result<Vec<String>> {
-        Ok(block_tops(self.vm_status_qmp(vm)?.as_mut(), disks)?.into_iter().map(|(_, f)| f).collect())
-    }
+    fn vm_top_files(&self, vm: &str, disks: usize) -> Result<Vec<String>>;
     /// A protective point on a running VM, all disks at one instant: disk `i` writes to
     /// `new_tops[i].0` from now on (an image over its current top, created beforehand, so
     /// that standby sets its mode); `new_tops[i].1` tells the new layers apart.
-    fn vm_protect(&self, vm: &str, new_tops: &[(String, u32)]) -> Result<()> {
-        let mut qmp = self.vm_qmp(vm)?;
-        let nodes = block_tops(qmp.as_mut(), new_tops.len())?;
-        let actions: Vec<Value> = nodes
-            .iter()
-            .zip(new_tops)
-            .enumerate()
-            .map(|(i, ((node, _), (file, tag)))| {
-                serde_json::json!({"type": "blockdev-snapshot-sync", "data": {
-                    "node-name": node, "snapshot-file": file,
-                    "snapshot-node-name": format!("{}-g{tag}", disk_node(i)),
-                    "format": "qcow2", "mode": "existing"}})
-            })
-            .collect();
-        qmp.execute("transaction", serde_json::json!({ "actions": actions }))?;
-        Ok(())
-    }
+    fn vm_protect(&self, vm: &str, new_tops: &[(String, u32)]) -> Result<()>;
     /// Makes each of a running VM's disks standalone while it runs (every layer below its
     /// top pulled into the top), waiting at most `timeout`.
-    fn vm_flatten(&self, vm: &str, disks: usize, timeout: std::time::Duration) -> Result<()> {
-        let mut qmp = self.vm_qmp(vm)?;
-        for (i, (node, _)) in block_tops(qmp.as_mut(), disks)?.iter().enumerate() {
-            qmp.execute("block-stream", serde_json::json!({"device": node, "job-id": format!("flatten-d{i}")}))?;
-        }
-        let start = std::time::Instant::now();
-        loop {
-            let jobs = qmp.execute("query-block-jobs", serde_json::json!({}))?;
-            let ours = jobs
-                .as_array()
-                .is_some_and(|a| a.iter().any(|j| j["device"].as_str().is_some_and(|d| d.starts_with("flatten-d"))));
-            if !ours {
-                return Ok(());
-            }
-            if start.elapsed() > timeout {
-                return Err(HostError::Invalid(format!(
-                    "flattening the disks of {vm} did not finish within {} s",
-                    timeout.as_secs()
-                )));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
+    fn vm_flatten(&self, vm: &str, disks: usize, timeout: Duration) -> Result<()>;
+    /// A run's hold on the VM's disks: through the running VM when `running`, on its closed
+    /// images otherwise (the caller knows which it is and keeps it so while it holds this).
+    fn vm_disks<'a>(&'a self, vm: &str, running: bool) -> Result<Box<dyn DiskAccess + 'a>>;
     /// Ends the VM's QEMU process at once: the last resort after `quit` failed. Ok only
     /// when the process is gone; `StillRunning` names it otherwise.
     fn vm_kill(&self, vm: &str) -> Result<()>;
@@ -255,9 +224,6 @@ pub trait Host: Debug + Send + Sync {
     fn vm_scratch_path(&self, vm: &str, file: &str) -> String;
     /// Every scratch file of the VM whose name starts with `prefix`.
     fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>>;
-    /// The address a VM's own NBD server listens on, as QMP `nbd-server-start` wants it,
-    /// and as `nbd_connect` takes it.
-    fn vm_nbd_address(&self, vm: &str) -> (Value, NbdAddress);
     /// Which accelerator VMs start with here.
     fn accel(&self) -> Accel;
     /// Boots `kernel` + `initrd` (a guest that prints `STANDBY-GUEST up` on its serial
@@ -266,7 +232,7 @@ pub trait Host: Debug + Send + Sync {
 
     // ---- NBD ----
     fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress>;
-    fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<NbdClient>;
+    fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<Box<dyn BlockStream>>;
     /// Stops every standby NBD server whose id starts with `prefix`; returns how many ran.
     /// A server whose process outlives SIGKILL is an error, and its files are kept.
     fn nbd_stop_all(&self, prefix: &str) -> Result<usize>;

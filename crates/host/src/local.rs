@@ -15,12 +15,14 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::{json, Value};
 use standby_qemu::machine::{opt_value, Machine, MachineDisk, QEMU_SYSTEM};
 use standby_qemu::nbd_server::{NbdServe, QEMU_NBD};
 use standby_qemu::qmp::Qmp;
 use standby_qemu::{img, QemuError};
 
+use standby_qemu::qmp::commands::{Cont, Quit, Stop, SystemPowerdown};
+
+use crate::live::{disk_node, Monitor, QemuDisks, QMP_TIMEOUT, STATUS_TIMEOUT};
 use crate::*;
 
 /// Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
@@ -36,15 +38,6 @@ pub struct LocalHost {
 fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {
     let (what, path) = (what.to_owned(), path.display().to_string());
     move |source| HostError::Io { what, path, source }
-}
-
-#[derive(Debug)]
-struct LocalQmp(Qmp);
-
-impl QmpChannel for LocalQmp {
-    fn execute(&mut self, command: &str, arguments: Value) -> std::result::Result<Value, QemuError> {
-        self.0.execute(command, arguments)
-    }
 }
 
 impl LocalHost {
@@ -72,6 +65,30 @@ impl LocalHost {
     /// as written in its option string.
     fn vm_marker(&self, vm: &str) -> String {
         opt_value(&self.vm_file(vm, "qmp.sock"))
+    }
+
+    /// The monitor for long operations.
+    fn monitor(&self, vm: &str) -> Result<Monitor> {
+        self.monitor_at(vm, "qmp.sock", QMP_TIMEOUT)
+    }
+
+    /// A second monitor for quick queries, never blocked by a long operation.
+    fn status_monitor(&self, vm: &str) -> Result<Monitor> {
+        self.monitor_at(vm, "qmp-status.sock", STATUS_TIMEOUT)
+    }
+
+    fn monitor_at(&self, vm: &str, socket: &str, timeout: Duration) -> Result<Monitor> {
+        if self.vm_runtime(vm)? == VmRuntime::Stopped {
+            return Err(HostError::NotRunning(vm.into()));
+        }
+        let qmp = Qmp::connect(&self.vm_file(vm, socket), timeout)
+            .map_err(|source| HostError::Monitor { vm: vm.into(), source })?;
+        Ok(Monitor::new(vm, qmp))
+    }
+
+    /// Where a VM's own NBD server (its live views) listens.
+    pub(crate) fn vm_nbd_socket(&self, vm: &str) -> NbdAddress {
+        NbdAddress { socket: self.vm_file(vm, "nbd.sock") }
     }
 
     fn vm_file(&self, vm: &str, file: &str) -> String {
@@ -356,20 +373,41 @@ impl Host for LocalHost {
         })
     }
 
-    fn vm_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>> {
-        if self.vm_runtime(vm)? == VmRuntime::Stopped {
-            return Err(HostError::NotRunning(vm.into()));
-        }
-        let qmp = Qmp::connect(&self.vm_file(vm, "qmp.sock"), Duration::from_secs(120))?;
-        Ok(Box::new(LocalQmp(qmp)))
+    fn vm_powerdown(&self, vm: &str) -> Result<()> {
+        self.status_monitor(vm)?.run(&SystemPowerdown {}).map(drop)
     }
 
-    fn vm_status_qmp(&self, vm: &str) -> Result<Box<dyn QmpChannel>> {
-        if self.vm_runtime(vm)? == VmRuntime::Stopped {
-            return Err(HostError::NotRunning(vm.into()));
-        }
-        let qmp = Qmp::connect(&self.vm_file(vm, "qmp-status.sock"), Duration::from_secs(10))?;
-        Ok(Box::new(LocalQmp(qmp)))
+    fn vm_quit(&self, vm: &str) -> Result<()> {
+        self.status_monitor(vm)?.run(&Quit {}).map(drop)
+    }
+
+    fn vm_pause(&self, vm: &str) -> Result<()> {
+        self.status_monitor(vm)?.run(&Stop {}).map(drop)
+    }
+
+    fn vm_resume(&self, vm: &str) -> Result<()> {
+        self.status_monitor(vm)?.run(&Cont {}).map(drop)
+    }
+
+    fn vm_paused(&self, vm: &str) -> Result<bool> {
+        self.status_monitor(vm)?.paused()
+    }
+
+    fn vm_top_files(&self, vm: &str, disks: usize) -> Result<Vec<String>> {
+        Ok(self.status_monitor(vm)?.block_tops(disks)?.into_iter().map(|(_, f)| f).collect())
+    }
+
+    fn vm_protect(&self, vm: &str, new_tops: &[(String, u32)]) -> Result<()> {
+        self.monitor(vm)?.protect(new_tops)
+    }
+
+    fn vm_flatten(&self, vm: &str, disks: usize, timeout: Duration) -> Result<()> {
+        self.monitor(vm)?.flatten(disks, timeout)
+    }
+
+    fn vm_disks<'a>(&'a self, vm: &str, running: bool) -> Result<Box<dyn DiskAccess + 'a>> {
+        let live = if running { Some(self.monitor(vm)?) } else { None };
+        Ok(Box::new(QemuDisks { host: self, vm: vm.into(), live, fleecing: Vec::new() }))
     }
 
     fn vm_kill(&self, vm: &str) -> Result<()> {
@@ -409,12 +447,6 @@ impl Host for LocalHost {
     fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>> {
         let dir = self.vm_dir(vm).display().to_string();
         Ok(self.list_dir(&dir)?.into_iter().filter(|n| n.starts_with(prefix)).map(|n| format!("{dir}/{n}")).collect())
-    }
-
-    fn vm_nbd_address(&self, vm: &str) -> (Value, NbdAddress) {
-        let socket = self.vm_file(vm, "nbd.sock");
-        // QEMU 7.2 takes the legacy socket address form here.
-        (json!({"type": "unix", "data": {"path": socket}}), NbdAddress { socket })
     }
 
     fn accel(&self) -> Accel {
@@ -466,9 +498,9 @@ impl Host for LocalHost {
         Ok(NbdAddress { socket })
     }
 
-    fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<NbdClient> {
+    fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<Box<dyn BlockStream>> {
         let stream = UnixStream::connect(&addr.socket).map_err(io_err("cannot connect to", Path::new(&addr.socket)))?;
-        Ok(standby_nbd::Client::connect(Box::new(stream) as Box<dyn NbdStream>, export, contexts)?)
+        Ok(Box::new(standby_nbd::Client::connect(stream, export, contexts)?))
     }
 
     fn nbd_stop_all(&self, prefix: &str) -> Result<usize> {

@@ -27,7 +27,7 @@ use crate::lock::VmLock;
 use crate::task::TaskProgress;
 use crate::transfer::{self, Plan, Stats, BASE_ALLOCATION};
 use crate::{failpoint, vm, Engine, EngineError, Progress, Result};
-use source::{Access, SourceDisk};
+use standby_host::SourceDisk;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RpDiskView {
@@ -490,11 +490,11 @@ impl Engine {
     pub(crate) fn forget_source_bitmaps(&self, replica: &ReplicaRecord, vm: &VmRecord) -> Result<()> {
         let src = self.host(&vm.host)?;
         let running = self.vm_is_running(vm)?;
-        let mut access = Access::open(src.as_ref(), &vm.name, running)?;
-        source::close_views(&mut access, src.as_ref(), &vm.name, replica.id, vm.disks.len())?;
+        let mut access = src.vm_disks(&vm.name, running)?;
+        access.close_views(replica.id, vm.disks.len())?;
         for (idx, d) in vm.disks.iter().enumerate() {
             let disk = SourceDisk { idx, path: d.path.clone(), format: vm::disk_format(d)?, size: 0 };
-            source::reconcile(&mut access, src.as_ref(), &disk, replica.id, None)?;
+            source::reconcile(access.as_mut(), &disk, replica.id, None)?;
         }
         Ok(())
     }
@@ -510,8 +510,7 @@ impl Engine {
         interrupted: bool,
     ) -> Result<()> {
         let running = self.vm_is_running(vm)?;
-        let mut access = Access::open(src, &vm.name, running)?;
-        source::close_views(&mut access, src, &vm.name, replica.id, vm.disks.len())?;
+        src.vm_disks(&vm.name, running)?.close_views(replica.id, vm.disks.len())?;
         dr.nbd_stop_all(&target_prefix(replica.id))?;
         self.check_replica_dir(dr, replica)?;
         let removed = self.finish_pruning(dr, replica.id, &replica.dir, interrupted)?;
@@ -555,14 +554,14 @@ impl Engine {
         let prev_disk = |idx: usize| prev.and_then(|p| p.disks.iter().find(|d| d.idx as usize == idx));
 
         progress.step(&vm.name, "checking bitmaps");
-        let mut access = Access::open(src, &vm.name, running)?;
+        let mut access = src.vm_disks(&vm.name, running)?;
         let mut methods = Vec::new();
         let mut previous_bitmaps = Vec::new();
         let mut trusted = Vec::new();
         for d in &disks {
             let pd = prev_disk(d.idx);
             let prev_bitmap = pd.and_then(|p| p.bitmap.clone());
-            let ok = source::reconcile(&mut access, src, d, replica.id, prev_bitmap.as_deref())
+            let ok = source::reconcile(access.as_mut(), d, replica.id, prev_bitmap.as_deref())
                 .map_err(fail("reconciling dirty bitmaps"))?;
             let (method, why) = choose_method(DiskSeen {
                 previous_size: pd.map(|p| p.size),
@@ -582,32 +581,22 @@ impl Engine {
         let new_bitmap = crate::layout::bitmap_name(replica.id, seq);
         progress.step(&vm.name, "taking the point-in-time view");
         let created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        let views = source::open_views(
-            &mut access,
-            src,
-            &vm.name,
-            replica.id,
-            &disks,
-            &previous_bitmaps,
-            &trusted,
-            &new_bitmap,
-        )
-        .map_err(EngineError::from);
+        let views =
+            access.open_views(replica.id, &disks, &previous_bitmaps, &trusted, &new_bitmap).map_err(EngineError::from);
         let result = views.map_err(fail("taking the point-in-time view")).and_then(|views| {
             failpoint::hit("replicate.after-checkpoint");
             self.transfer_disks(replica, vm, dr, &disks, &views, &methods, &points, seq, progress)
         });
         // Views go whatever happened; on failure the bitmaps are reconciled so that the
         // bitmap of the last restore point again covers every change.
-        let closed =
-            source::close_views(&mut access, src, &vm.name, replica.id, disks.len()).map_err(EngineError::from);
+        let closed = access.close_views(replica.id, disks.len()).map_err(EngineError::from);
         let (stats, layers) = match (result, closed) {
             (Ok(r), Ok(())) => r,
             (Err(e), _) | (Ok(_), Err(e)) => {
                 let _ = dr.nbd_stop_all(&target_prefix(replica.id));
                 for d in &disks {
                     let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
-                    let _ = source::reconcile(&mut access, src, d, replica.id, previous_bitmaps[d.idx].as_deref());
+                    let _ = source::reconcile(access.as_mut(), d, replica.id, previous_bitmaps[d.idx].as_deref());
                 }
                 return Err(e);
             }
@@ -622,7 +611,7 @@ impl Engine {
             Err(e) => {
                 for d in &disks {
                     let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
-                    let _ = source::reconcile(&mut access, src, d, replica.id, previous_bitmaps[d.idx].as_deref());
+                    let _ = source::reconcile(access.as_mut(), d, replica.id, previous_bitmaps[d.idx].as_deref());
                 }
                 return Err(fail("publishing the restore point")(e));
             }
@@ -633,7 +622,7 @@ impl Engine {
         // (the next run's reconcile removes it), so it is a note, not a failed run.
         for d in &disks {
             if let (true, Some(prev)) = (trusted[d.idx], &previous_bitmaps[d.idx]) {
-                if let Err(e) = source::retire(&mut access, src, d, prev) {
+                if let Err(e) = source::retire(access.as_mut(), d, prev) {
                     notes.push(format!(
                         "disk {}: old bitmap {prev} stays until the next run: {}",
                         d.idx,
@@ -708,7 +697,7 @@ impl Engine {
         vm: &VmRecord,
         dr: &dyn Host,
         disks: &[SourceDisk],
-        views: &[source::View],
+        views: &[standby_host::View],
         methods: &[Method],
         points: &[RestorePointRecord],
         seq: i64,

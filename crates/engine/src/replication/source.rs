@@ -1,6 +1,6 @@
 //! The rotation of a replica's dirty bitmaps on the source's disks, which never loses a
 //! change when a run fails or is killed. (The disks' point-in-time views and the bitmap
-//! primitives are the host's: `standby_host::views`.)
+//! primitives are the driver's: `standby_host::DiskAccess`.)
 //!
 //! Bitmaps are named `standby-r<replica>-<seq>`: the bitmap of run `seq` starts at that
 //! run's instant. The previous restore point records the bitmap it started (`L`). At the
@@ -9,8 +9,7 @@
 //! merging every newer `standby-r<replica>-*` bitmap into `L` restores the rule "`L`
 //! covers everything since the last restore point", which is what [`reconcile`] does.
 
-pub use standby_host::views::{close_views, open_views, Access, BitmapState, SourceDisk, View};
-use standby_host::Host;
+use standby_host::{BitmapState, DiskAccess, SourceDisk};
 use standby_model::tracking::{bitmap_trust, SeenBitmap};
 
 use crate::layout::bitmap_seq;
@@ -21,14 +20,13 @@ use crate::Result;
 /// `current` can be trusted; when it cannot, every bitmap of this replica is removed
 /// and the disk must be compared by digest.
 pub fn reconcile(
-    access: &mut Access,
-    host: &dyn Host,
+    access: &mut dyn DiskAccess,
     disk: &SourceDisk,
     replica_id: i64,
     current: Option<&str>,
 ) -> Result<bool> {
     let ours: Vec<BitmapState> =
-        access.bitmaps(host, disk)?.into_iter().filter(|b| bitmap_seq(replica_id, &b.name).is_some()).collect();
+        access.bitmaps(disk)?.into_iter().filter(|b| bitmap_seq(replica_id, &b.name).is_some()).collect();
     let current_seq = current.and_then(|c| bitmap_seq(replica_id, c));
     let cur = current.and_then(|c| ours.iter().find(|b| b.name == c));
     let seen: Vec<SeenBitmap> = ours
@@ -46,21 +44,21 @@ pub fn reconcile(
         }
         let newer = bitmap_seq(replica_id, &b.name) > current_seq;
         if trusted && newer {
-            access.merge_into(host, disk, current.unwrap_or_default(), &b.name)?;
+            access.merge_bitmap(disk, current.unwrap_or_default(), &b.name)?;
         }
-        access.remove(host, disk, &b.name)?;
+        access.remove_bitmap(disk, &b.name)?;
     }
     match (trusted, cur) {
         // A `current` disabled by an interrupted run must track again.
-        (true, Some(c)) if !c.recording => access.enable(host, disk, &c.name)?,
+        (true, Some(c)) if !c.recording => access.enable_bitmap(disk, &c.name)?,
         (true, _) => {}
-        (false, Some(c)) => access.remove(host, disk, &c.name)?,
+        (false, Some(c)) => access.remove_bitmap(disk, &c.name)?,
         (false, None) => {}
     }
     Ok(trusted)
 }
 
 /// After the restore point is durable: the previous bitmap has served its purpose.
-pub fn retire(access: &mut Access, host: &dyn Host, disk: &SourceDisk, previous: &str) -> Result<()> {
-    Ok(access.remove(host, disk, previous)?)
+pub fn retire(access: &mut dyn DiskAccess, disk: &SourceDisk, previous: &str) -> Result<()> {
+    Ok(access.remove_bitmap(disk, previous)?)
 }

@@ -1,5 +1,10 @@
-//! A QMP client: JSON lines over a unix socket. Asynchronous events that arrive between a
-//! command and its answer are skipped: standby polls state (`query-block-jobs`) instead.
+//! A QMP client: JSON lines over a unix socket, typed commands ([`commands`]) in, typed
+//! replies out. Events that arrive between a command and its answer are kept when they are
+//! ones standby acts on ([`events`]): block jobs end asynchronously, and a job that failed
+//! is gone from `query-block-jobs` by the time anyone polls.
+
+pub mod commands;
+pub mod events;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -8,12 +13,15 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::{QemuError, Result};
+pub use commands::Command;
+pub use events::Event;
 
 #[derive(Debug)]
 pub struct Qmp {
     socket: String,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    events: Vec<Event>,
 }
 
 impl Qmp {
@@ -24,12 +32,12 @@ impl Qmp {
         let stream = UnixStream::connect(socket).map_err(io)?;
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
-        let mut qmp = Qmp { socket: socket.into(), reader: BufReader::new(stream), writer };
+        let mut qmp = Qmp { socket: socket.into(), reader: BufReader::new(stream), writer, events: Vec::new() };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
             return Err(QemuError::QmpProtocol(format!("no QMP greeting on {socket}")));
         }
-        qmp.execute("qmp_capabilities", json!({}))?;
+        qmp.run(&commands::QmpCapabilities {})?;
         Ok(qmp)
     }
 
@@ -45,8 +53,23 @@ impl Qmp {
         serde_json::from_str(&line).map_err(|e| QemuError::QmpProtocol(format!("bad QMP message: {e}")))
     }
 
-    /// Runs one command and returns its `return` value.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+    /// Runs one command and returns its reply.
+    pub fn run<C: Command>(&mut self, command: &C) -> Result<C::Reply> {
+        let arguments = serde_json::to_value(command)
+            .map_err(|e| QemuError::QmpProtocol(format!("cannot encode {}: {e}", C::NAME)))?;
+        let reply = self.execute(C::NAME, arguments)?;
+        serde_json::from_value(reply).map_err(|e| {
+            QemuError::QmpProtocol(format!("QEMU's reply to {} does not read as its schema: {e}", C::NAME))
+        })
+    }
+
+    /// The events kept since the last call, oldest first. Events QEMU sent while nothing
+    /// was asked are read with the next command's reply.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
         let mut msg = json!({"execute": command});
         if arguments.as_object().is_some_and(|o| !o.is_empty()) {
             msg["arguments"] = arguments;
@@ -58,7 +81,11 @@ impl Qmp {
             .map_err(|source| QemuError::QmpIo { socket: self.socket.clone(), source })?;
         loop {
             let reply = self.read_message()?;
-            if reply.get("event").is_some() {
+            if let Some(name) = reply.get("event").and_then(Value::as_str) {
+                let data = reply.get("data").cloned().unwrap_or(Value::Null);
+                let event = Event::parse(name, &data)
+                    .map_err(|e| QemuError::QmpProtocol(format!("event {name} does not read as its schema: {e}")))?;
+                self.events.extend(event);
                 continue;
             }
             if let Some(ret) = reply.get("return") {
