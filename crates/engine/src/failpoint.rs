@@ -43,8 +43,22 @@ pub const ALL: &[&str] = &[
     "undo-failback.after-restore",
 ];
 
+type Hook = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+static HOOK: std::sync::Mutex<Option<Hook>> = std::sync::Mutex::new(None);
+
+/// Runs `hook` at every fail point this process passes: how a test of the engine alone
+/// (on a fake host, in one process) stops an operation at an exact step, by panicking
+/// there. Process-wide: such tests arm one point at a time.
+pub fn set_hook(hook: Option<Hook>) {
+    *HOOK.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+}
+
 pub fn hit(name: &str) {
     debug_assert!(ALL.contains(&name), "fail point {name} is not listed in failpoint::ALL");
+    let hook = HOOK.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(hook) = hook {
+        hook(name);
+    }
     if let Ok(spec) = std::env::var("STANDBY_FAILPOINT_KILL") {
         if let Some(pattern) = spec.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
             let killed = kill_matching(pattern);
