@@ -78,9 +78,3 @@ pub enum EngineError {
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
-
-impl From<standby_host::QemuError> for EngineError {
-    fn from(e: standby_host::QemuError) -> Self {
-        EngineError::Host(e.into())
-    }
-}

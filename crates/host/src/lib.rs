@@ -14,10 +14,8 @@ use std::time::Duration;
 
 use standby_nbd::{Extent, NbdError};
 
-pub use standby_qemu::chain::{Chain, Format, Layer};
-pub use standby_qemu::img::{BitmapInfo, BitmapOp, ImageInfo};
-pub use standby_qemu::machine::{Accel, DiskSource};
-pub use standby_qemu::QemuError;
+pub use standby_model::image::{Accel, BitmapInfo, BitmapOp, Chain, DiskSource, Format, ImageInfo, Layer};
+use standby_qemu::QemuError;
 
 pub use live::{fleece_prefix, serve_prefix};
 pub use local::LocalHost;

@@ -2,6 +2,7 @@
 //! this crate what is allowed and what to do; it never performs I/O itself.
 
 mod failback;
+pub mod image;
 mod names;
 pub mod recovery;
 mod retention;

@@ -1,25 +1,10 @@
 //! `qemu-img`, with JSON output where it has one.
 
-use crate::chain::{Chain, Format};
+use crate::chain::{chain_filename, Chain, Format};
 use crate::{run, QemuError, Result};
+pub use standby_model::image::{BitmapInfo, BitmapOp, ImageInfo};
 
 const QEMU_IMG: &str = "qemu-img";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BitmapInfo {
-    pub name: String,
-    /// Set on a closed image when QEMU did not shut down cleanly: the bitmap cannot be trusted.
-    pub in_use: bool,
-    pub enabled: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct ImageInfo {
-    pub format: Format,
-    pub virtual_size: u64,
-    pub bitmaps: Vec<BitmapInfo>,
-    pub backing_filename: Option<String>,
-}
 
 fn parse_err(detail: impl Into<String>) -> QemuError {
     QemuError::Parse { program: QEMU_IMG.into(), detail: detail.into() }
@@ -118,16 +103,6 @@ pub fn create_qcow2(path: &str, size: u64, backing: Option<(&str, Format)>) -> R
     run(QEMU_IMG, &args).map(drop)
 }
 
-#[derive(Debug, Clone, Copy)]
-pub enum BitmapOp<'a> {
-    Add,
-    Remove,
-    Enable,
-    Disable,
-    /// Merge the named bitmap of the same image into the target bitmap.
-    MergeFrom(&'a str),
-}
-
 pub fn bitmap(path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Result<()> {
     let mut args = vec!["bitmap".into()];
     match op {
@@ -143,7 +118,7 @@ pub fn bitmap(path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Resul
 
 /// Writes the top layer's data into the layer below it, leaving the top layer as it was.
 pub fn commit_keep_top(chain: &Chain) -> Result<()> {
-    let args = vec!["commit".into(), "-q".into(), "-d".into(), chain.filename()];
+    let args = vec!["commit".into(), "-q".into(), "-d".into(), chain_filename(chain)];
     run(QEMU_IMG, &args).map(drop)
 }
 
@@ -161,7 +136,7 @@ pub fn set_backing_name(path: &str, backing: Option<&str>) -> Result<()> {
 /// Copies everything the chain's lower layers hold into its top layer and drops the
 /// backing: the top becomes a standalone image with the same content.
 pub fn flatten(chain: &Chain) -> Result<()> {
-    let args = vec!["rebase".into(), "-q".into(), "-b".into(), String::new(), chain.filename()];
+    let args = vec!["rebase".into(), "-q".into(), "-b".into(), String::new(), chain_filename(chain)];
     run(QEMU_IMG, &args).map(drop)
 }
 
@@ -169,7 +144,7 @@ pub fn flatten(chain: &Chain) -> Result<()> {
 /// metadata alone with its backing cut off: what this layer changes over the layers below.
 /// Shared locks, so a running VM's read-only backing layers can be mapped.
 pub fn allocated(path: &str) -> Result<Vec<(u64, u64)>> {
-    let layer = Chain::single(path, Format::Qcow2).filename();
+    let layer = chain_filename(&Chain::single(path, Format::Qcow2));
     let args: Vec<String> = vec!["map".into(), "-U".into(), "--output=json".into(), layer];
     let out = run(QEMU_IMG, &args)?;
     parse_map(&out.stdout)
@@ -202,7 +177,7 @@ pub fn parse_map(stdout: &[u8]) -> Result<Vec<(u64, u64)>> {
 /// Byte-compares two chains' guest-visible content (opened with shared locks so a paused
 /// VM's images can be read); Ok(true) when identical.
 pub fn compare(a: &Chain, b: &Chain) -> Result<bool> {
-    let (a, b) = (a.filename(), b.filename());
+    let (a, b) = (chain_filename(a), chain_filename(b));
     let out = std::process::Command::new(QEMU_IMG)
         .args(["compare", "-q", "-U", &a, &b])
         .output()

@@ -1,32 +1,9 @@
 //! The qemu-system command line for a VM standby runs.
 
-use crate::chain::{Chain, Format};
+use crate::chain::{chain_json, Chain};
+pub use standby_model::image::{Accel, DiskSource};
 
 pub const QEMU_SYSTEM: &str = "qemu-system-x86_64";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
-/// How a disk's image is opened.
-#[derive(Debug, Clone)]
-pub enum DiskSource {
-    /// One image file opened by its own header (a VM's own disk).
-    Image { path: String, format: Format },
-    /// A chain standby describes layer by layer (a replica's disk).
-    Chain(Chain),
-}
 
 #[derive(Debug, Clone)]
 pub struct MachineDisk {
@@ -81,8 +58,8 @@ impl Machine {
             // JSON, so that no path is parsed as options, and with the backing stated: QEMU
             // never opens an image named in a disk's header, nor probes a format.
             let mut spec = match &d.source {
-                DiskSource::Image { path, format } => Chain::single(path, *format).to_json(),
-                DiskSource::Chain(chain) => chain.to_json(),
+                DiskSource::Image { path, format } => chain_json(&Chain::single(path, *format)),
+                DiskSource::Chain(chain) => chain_json(chain),
             };
             spec["node-name"] = serde_json::Value::String(d.node.clone());
             push(&["-blockdev", &spec.to_string()]);
@@ -114,6 +91,7 @@ pub fn opt_value(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chain::Format;
 
     #[test]
     fn disks_get_named_nodes() {

@@ -48,7 +48,7 @@ impl NbdServe<'_> {
         }
         // Always the explicit description, a source disk too: the server never opens an
         // image named in another image's header, nor probes a format.
-        a.push(self.chain.filename());
+        a.push(crate::chain::chain_filename(self.chain));
         a
     }
 }
