@@ -18,7 +18,7 @@ use serde::Serialize;
 use standby_host::{Chain, Format, Host};
 use standby_model::recovery::Recovery;
 use standby_model::step::{FailoverStep, PlannedStep, UndoStep};
-use standby_model::{ReplicaState, Role, Step, Transition};
+use standby_model::{PointId, ReplicaId, ReplicaState, Role, Step, Transition};
 use standby_store::{FailoverPoint, NewVm, ReplicaRecord, VmRecord};
 
 use crate::layout::{self, overlay_gen, overlay_path};
@@ -30,7 +30,7 @@ use crate::{failpoint, verify, vm, Engine, EngineError, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PointChoice {
     Latest,
-    Id(i64),
+    Id(PointId),
 }
 
 /// One VM's result in a batch.
@@ -192,7 +192,7 @@ impl Engine {
         for (disk, layer) in source.disks.iter().zip(&point.disks) {
             let differing = verify::differing_bytes(
                 &layout::verify_id(replica.id, layer.idx),
-                verify::Side { host: src.as_ref(), chain: Chain::single(&disk.path, crate::vm::disk_format(disk)?) },
+                verify::Side { host: src.as_ref(), chain: Chain::single(&disk.path, disk.format) },
                 verify::Side { host: dr.as_ref(), chain: dr::chain_of(&points, &layer.layer)? },
             )?;
             if differing != 0 {
@@ -217,7 +217,7 @@ impl Engine {
     /// failover, if it began, is rolled back; the source runs again if it ran. The state
     /// says which part began, and stays until the source runs. Whether the source was
     /// started.
-    fn roll_back_planned(&self, replica_id: i64, source_ran: bool) -> Result<bool> {
+    fn roll_back_planned(&self, replica_id: ReplicaId, source_ran: bool) -> Result<bool> {
         let replica =
             self.store().replica(replica_id)?.ok_or_else(|| EngineError::Invalid("replica vanished".into()))?;
         match replica.state {
@@ -380,7 +380,7 @@ impl Engine {
         for d in &rp.disks {
             let overlay = overlay_path(&replica.dir, d.idx as usize, 0);
             dr.image_create(&overlay, d.size, Some((&d.layer, Format::Qcow2)))?;
-            overlays.push(standby_store::DiskRecord { path: overlay, format: "qcow2".into() });
+            overlays.push(standby_store::DiskRecord { path: overlay, format: Format::Qcow2 });
         }
         failpoint::hit("failover.after-overlays");
         self.store().set_step(replica.id, step(FailoverStep::Define))?;
@@ -551,9 +551,7 @@ impl Engine {
             return vm
                 .disks
                 .iter()
-                .map(|d| {
-                    Ok(standby_host::DiskSource::Image { path: d.path.clone(), format: crate::vm::disk_format(d)? })
-                })
+                .map(|d| Ok(standby_host::DiskSource::Image { path: d.path.clone(), format: d.format }))
                 .collect();
         };
         let replica =

@@ -21,16 +21,18 @@
 //! fleecing nodes, exports and `src-r<replica>-` servers) are named by the host's driver
 //! (`standby_host::views`) from the replica id.
 
+use standby_model::{ReplicaId, Seq};
+
 /// The file of restore point `seq`'s layer for disk `idx`.
-pub fn layer_path(dir: &str, seq: i64, idx: usize) -> String {
+pub fn layer_path(dir: &str, seq: Seq, idx: usize) -> String {
     format!("{dir}/{seq:06}-d{idx}.qcow2")
 }
 
 /// The sequence in a layer file's name, if it is one `layer_path` makes.
-pub fn layer_seq(name: &str) -> Option<i64> {
+pub fn layer_seq(name: &str) -> Option<Seq> {
     let (seq, disk) = name.strip_suffix(".qcow2")?.split_once("-d")?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    (seq.len() >= 6 && digits(seq) && digits(disk)).then(|| seq.parse().ok()).flatten()
+    (seq.len() >= 6 && digits(seq) && digits(disk)).then(|| seq.parse().ok().map(Seq)).flatten()
 }
 
 /// The file that makes a replica directory provably one replica's: written when the job
@@ -60,37 +62,37 @@ pub fn is_overlay(name: &str) -> bool {
 }
 
 /// A failback's working layer over target disk `disk`.
-pub fn working_path(disk: &str, replica_id: i64) -> String {
+pub fn working_path(disk: &str, replica_id: ReplicaId) -> String {
     format!("{disk}.failback-r{replica_id}.qcow2")
 }
 
 /// The source bitmap of run `seq`.
-pub fn bitmap_name(replica_id: i64, seq: i64) -> String {
+pub fn bitmap_name(replica_id: ReplicaId, seq: Seq) -> String {
     format!("standby-r{replica_id}-{seq}")
 }
 
 /// The run a bitmap name belongs to, if it is this replica's.
-pub fn bitmap_seq(replica_id: i64, name: &str) -> Option<i64> {
-    name.strip_prefix(&format!("standby-r{replica_id}-"))?.parse().ok()
+pub fn bitmap_seq(replica_id: ReplicaId, name: &str) -> Option<Seq> {
+    name.strip_prefix(&format!("standby-r{replica_id}-"))?.parse().ok().map(Seq)
 }
 
 /// The NBD servers of DR layers being written.
-pub fn target_prefix(replica_id: i64) -> String {
+pub fn target_prefix(replica_id: ReplicaId) -> String {
     format!("dst-r{replica_id}-")
 }
 
 /// The NBD servers of a failback's transfers.
-pub fn failback_prefix(replica_id: i64) -> String {
+pub fn failback_prefix(replica_id: ReplicaId) -> String {
     format!("fb-r{replica_id}-")
 }
 
 /// The NBD servers of a planned failover's comparison of disk `idx`.
-pub fn verify_id(replica_id: i64, idx: u32) -> String {
+pub fn verify_id(replica_id: ReplicaId, idx: u32) -> String {
     format!("{}d{idx}", verify_prefix(replica_id))
 }
 
 /// The start of every comparison server's name of a replica.
-pub fn verify_prefix(replica_id: i64) -> String {
+pub fn verify_prefix(replica_id: ReplicaId) -> String {
     format!("verify-r{replica_id}-")
 }
 
@@ -98,11 +100,14 @@ pub fn verify_prefix(replica_id: i64) -> String {
 mod tests {
     use super::*;
 
+    const R3: ReplicaId = ReplicaId(3);
+    const R1: ReplicaId = ReplicaId(1);
+
     #[test]
     fn names_read_back_as_what_made_them() {
-        assert_eq!(layer_path("/r", 42, 1), "/r/000042-d1.qcow2");
-        assert_eq!(layer_seq("000042-d1.qcow2"), Some(42));
-        assert_eq!(layer_seq("1234567-d0.qcow2"), Some(1_234_567));
+        assert_eq!(layer_path("/r", Seq(42), 1), "/r/000042-d1.qcow2");
+        assert_eq!(layer_seq("000042-d1.qcow2"), Some(Seq(42)));
+        assert_eq!(layer_seq("1234567-d0.qcow2"), Some(Seq(1_234_567)));
         for stranger in ["42-d1.qcow2", "000042-d.qcow2", "failover-d0.qcow2", "000042-d1.raw", ".standby-replica"] {
             assert_eq!(layer_seq(stranger), None, "{stranger}");
         }
@@ -112,17 +117,18 @@ mod tests {
             assert_eq!(overlay_gen(&overlay_path("/r.g7", 0, g)), g);
         }
         assert!(is_overlay("failover-d0.g2.qcow2") && !is_overlay("000001-d0.qcow2"));
-        assert_eq!(bitmap_seq(3, &bitmap_name(3, 17)), Some(17));
-        assert_eq!(bitmap_seq(3, &bitmap_name(4, 17)), None);
-        assert_eq!(bitmap_seq(3, "standby-r3-x"), None);
+        assert_eq!(bitmap_seq(R3, &bitmap_name(R3, Seq(17))), Some(Seq(17)));
+        assert_eq!(bitmap_seq(R3, &bitmap_name(ReplicaId(4), Seq(17))), None);
+        assert_eq!(bitmap_seq(R3, "standby-r3-x"), None);
         // Each purpose's servers are found by a prefix no other purpose's name starts with.
         use standby_host::{fleece_prefix, serve_prefix};
-        let ids = [serve_prefix(1), target_prefix(1), failback_prefix(1), verify_id(1, 0), fleece_prefix(1)];
+        let ids = [serve_prefix(R1), target_prefix(R1), failback_prefix(R1), verify_id(R1, 0), fleece_prefix(R1)];
         for (i, a) in ids.iter().enumerate() {
             for b in &ids[i + 1..] {
                 assert!(!a.starts_with(b.as_str()) && !b.starts_with(a.as_str()), "{a} {b}");
             }
         }
-        assert!(!serve_prefix(1).starts_with(&serve_prefix(11)) && !serve_prefix(11).starts_with(&serve_prefix(1)));
+        let r11 = ReplicaId(11);
+        assert!(!serve_prefix(R1).starts_with(&serve_prefix(r11)) && !serve_prefix(r11).starts_with(&serve_prefix(R1)));
     }
 }

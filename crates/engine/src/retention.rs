@@ -7,7 +7,7 @@
 //! transaction it reads through its own layer, after it through the committed file.
 
 use standby_host::{Chain, Format, Host, Layer};
-use standby_model::points_to_drop;
+use standby_model::{points_to_drop, PointId, ReplicaId, Seq};
 use standby_store::RestorePointRecord;
 
 use crate::replication::dr;
@@ -15,10 +15,16 @@ use crate::{failpoint, Engine, EngineError, Result};
 
 impl Engine {
     /// Drops restore points beyond `keep`, finishing any drop a crash interrupted first.
-    pub(crate) fn apply_retention(&self, host: &dyn Host, replica_id: i64, dir: &str, keep: u32) -> Result<usize> {
+    pub(crate) fn apply_retention(
+        &self,
+        host: &dyn Host,
+        replica_id: ReplicaId,
+        dir: &str,
+        keep: u32,
+    ) -> Result<usize> {
         let all = self.store().restore_points(replica_id, true)?;
-        let kept: Vec<i64> = all.iter().filter(|p| !p.pruning).map(|p| p.id).collect();
-        let mut doomed: Vec<i64> = all.iter().filter(|p| p.pruning).map(|p| p.id).collect();
+        let kept: Vec<PointId> = all.iter().filter(|p| !p.pruning).map(|p| p.id).collect();
+        let mut doomed: Vec<PointId> = all.iter().filter(|p| p.pruning).map(|p| p.id).collect();
         doomed.extend(points_to_drop(&kept, keep));
         for id in &doomed {
             self.drop_oldest(host, replica_id, *id)?;
@@ -36,12 +42,12 @@ impl Engine {
     pub(crate) fn finish_pruning(
         &self,
         host: &dyn Host,
-        replica_id: i64,
+        replica_id: ReplicaId,
         dir: &str,
         interrupted: bool,
     ) -> Result<Vec<String>> {
         let points = self.store().restore_points(replica_id, true)?;
-        let pending: Vec<i64> = points.iter().filter(|p| p.pruning).map(|p| p.id).collect();
+        let pending: Vec<PointId> = points.iter().filter(|p| p.pruning).map(|p| p.id).collect();
         for id in &pending {
             self.drop_oldest(host, replica_id, *id)?;
         }
@@ -53,12 +59,12 @@ impl Engine {
     }
 
     /// The replica's next sequence, read now: every lower one was taken by a run.
-    pub(crate) fn next_seq(&self, replica_id: i64) -> Result<i64> {
+    pub(crate) fn next_seq(&self, replica_id: ReplicaId) -> Result<Seq> {
         let replica = self.store().replica(replica_id)?;
         Ok(replica.ok_or_else(|| EngineError::Invalid(format!("replica {replica_id} vanished")))?.next_seq)
     }
 
-    fn drop_oldest(&self, host: &dyn Host, replica_id: i64, id: i64) -> Result<()> {
+    fn drop_oldest(&self, host: &dyn Host, replica_id: ReplicaId, id: PointId) -> Result<()> {
         let points = self.store().restore_points(replica_id, true)?;
         let Some(pos) = points.iter().position(|p| p.id == id) else {
             return Ok(());

@@ -130,7 +130,7 @@ impl Engine {
                  (qemu-img convert -O qcow2 {path} NEW.qcow2, then register NEW.qcow2)"
             )));
         }
-        Ok(DiskRecord { path: path.into(), format: info.format.as_str().into() })
+        Ok(DiskRecord { path: path.into(), format: info.format })
     }
 
     fn vm_record(&self, name: &str) -> Result<VmRecord> {
@@ -485,15 +485,6 @@ fn check_config(
         }
     }
     Ok(())
-}
-
-/// The format stored for a disk. An unknown value is a damaged row, never a guess: opening
-/// a qcow2 image as raw would hand its metadata to the guest.
-pub(crate) fn disk_format(d: &DiskRecord) -> Result<Format> {
-    Format::parse(&d.format).ok_or_else(|| EngineError::BadDisk {
-        path: d.path.clone(),
-        reason: format!("the database records its format as {:?}, which is neither qcow2 nor raw", d.format),
-    })
 }
 
 /// `quit` lets QEMU flush and write its persistent bitmaps; SIGKILL only if it hangs.

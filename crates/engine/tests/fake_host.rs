@@ -99,7 +99,7 @@ fn impossible_transitions_are_refused_and_change_nothing() {
     let out = site.engine.failover_permanent(&["web".into()], None);
     assert!(!out[0].ok, "{}", out[0].message);
     assert_eq!(site.state(), "ready");
-    let out = site.engine.failover(&["web".into()], None, PointChoice::Id(999_999), false);
+    let out = site.engine.failover(&["web".into()], None, PointChoice::Id(standby_model::PointId(999_999)), false);
     assert!(!out[0].ok && out[0].message.contains("999999"), "{}", out[0].message);
     assert_eq!(site.state(), "ready");
     assert!(site.fake.vm_chains("web_replica").is_none());

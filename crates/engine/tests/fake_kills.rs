@@ -211,7 +211,7 @@ fn a_kill_at_every_step_is_recovered_with_every_restore_point_intact() {
     for case in cases() {
         let mut site = Site::protected();
         (case.setup)(&site);
-        let before: BTreeMap<i64, Vec<u8>> = site
+        let before: BTreeMap<standby_model::PointId, Vec<u8>> = site
             .engine
             .replica_points("web", None)
             .unwrap()

@@ -14,6 +14,7 @@ use standby_host::{
     Accel, BitmapInfo, BitmapOp, BitmapState, BlockStream, Chain, DiskAccess, DiskSource, Format, Host, HostError,
     ImageInfo, NbdAddress, Result, ServeSpec, SourceDisk, View, VmLaunch, VmRuntime,
 };
+use standby_model::ReplicaId;
 use standby_nbd::{Extent, NbdError};
 
 pub const CLUSTER: u64 = 64 << 10;
@@ -406,7 +407,7 @@ struct FakeDisks {
     running: bool,
 }
 
-fn view_id(owner: i64, idx: usize) -> String {
+fn view_id(owner: ReplicaId, idx: usize) -> String {
     format!("fake-view-r{owner}-d{idx}")
 }
 
@@ -465,7 +466,7 @@ impl DiskAccess for FakeDisks {
 
     fn open_views(
         &mut self,
-        owner: i64,
+        owner: ReplicaId,
         disks: &[SourceDisk],
         previous: &[Option<String>],
         trusted: &[bool],
@@ -511,7 +512,7 @@ impl DiskAccess for FakeDisks {
         Ok(views)
     }
 
-    fn close_views(&mut self, owner: i64, _disk_count: usize) -> Result<()> {
+    fn close_views(&mut self, owner: ReplicaId, _disk_count: usize) -> Result<()> {
         let mut w = self.host.call("close_views");
         let prefix = format!("fake-view-r{owner}-");
         w.exports.retain(|id, _| !id.starts_with(&prefix));

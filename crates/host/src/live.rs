@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use standby_model::ReplicaId;
 use standby_qemu::qmp::commands::*;
 use standby_qemu::qmp::{Command, Qmp};
 
@@ -18,17 +19,17 @@ pub fn disk_node(idx: usize) -> String {
 }
 
 /// A live run's fleecing node for disk `idx` (also its job and export id).
-pub fn fleece_node(owner: i64, idx: usize) -> String {
+pub fn fleece_node(owner: ReplicaId, idx: usize) -> String {
     format!("fleece-r{owner}-d{idx}")
 }
 
 /// The start of a live run's fleecing node, job, export and scratch file names.
-pub fn fleece_prefix(owner: i64) -> String {
+pub fn fleece_prefix(owner: ReplicaId) -> String {
     format!("fleece-r{owner}-")
 }
 
 /// The `qemu-nbd` servers of a stopped VM's views.
-pub fn serve_prefix(owner: i64) -> String {
+pub fn serve_prefix(owner: ReplicaId) -> String {
     format!("src-r{owner}-")
 }
 
@@ -205,7 +206,7 @@ impl DiskAccess for QemuDisks<'_> {
 
     fn open_views(
         &mut self,
-        owner: i64,
+        owner: ReplicaId,
         disks: &[SourceDisk],
         previous: &[Option<String>],
         trusted: &[bool],
@@ -275,7 +276,7 @@ impl DiskAccess for QemuDisks<'_> {
         Ok(views)
     }
 
-    fn close_views(&mut self, owner: i64, disk_count: usize) -> Result<()> {
+    fn close_views(&mut self, owner: ReplicaId, disk_count: usize) -> Result<()> {
         let vm = self.vm.clone();
         let mut broken = None;
         if let Some(m) = &mut self.live {

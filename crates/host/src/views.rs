@@ -8,6 +8,8 @@
 
 use std::fmt::Debug;
 
+use standby_model::ReplicaId;
+
 use crate::{Format, NbdAddress, Result};
 
 /// One disk of the source VM as this run sees it.
@@ -53,7 +55,7 @@ pub trait DiskAccess: Debug + Send {
     /// were at the instant, however the VM writes.
     fn open_views(
         &mut self,
-        owner: i64,
+        owner: ReplicaId,
         disks: &[SourceDisk],
         previous: &[Option<String>],
         trusted: &[bool],
@@ -64,5 +66,5 @@ pub trait DiskAccess: Debug + Send {
     /// an error also says they may not have held the instant (a live view whose copy job
     /// failed reads what the VM wrote since): what was read from them is not a restore
     /// point.
-    fn close_views(&mut self, owner: i64, disk_count: usize) -> Result<()>;
+    fn close_views(&mut self, owner: ReplicaId, disk_count: usize) -> Result<()>;
 }

@@ -5,7 +5,8 @@
 
 /// An image format standby opens. Anything else is refused where it is read, never
 /// taken for one of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Qcow2,
     Raw,
@@ -25,6 +26,12 @@ impl Format {
             "raw" => Some(Format::Raw),
             _ => None,
         }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

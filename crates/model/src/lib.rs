@@ -2,6 +2,7 @@
 //! this crate what is allowed and what to do; it never performs I/O itself.
 
 mod failback;
+mod ids;
 pub mod image;
 mod names;
 pub mod recovery;
@@ -11,6 +12,7 @@ pub mod step;
 pub mod tracking;
 
 pub use failback::{FailbackTarget, SwitchMode};
+pub use ids::{PointId, ReplicaId, Seq};
 pub use names::{parse_interval, NameError, VmName};
 pub use retention::{points_to_drop, DEFAULT_RETAIN};
 pub use state::{Method, ReplicaState, Role, Transition, TransitionError};

@@ -2,13 +2,13 @@
 //! can a dirty bitmap be trusted to name every change since its run, and so which method
 //! a disk's transfer uses.
 
-use crate::Method;
+use crate::{Method, Seq};
 
 /// What standby sees of one of a replica's bitmaps on a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeenBitmap {
     /// The run that started it.
-    pub seq: i64,
+    pub seq: Seq,
     /// QEMU did not save it cleanly (the VM crashed): it may miss writes.
     pub inconsistent: bool,
     /// It still records changes.
@@ -44,7 +44,7 @@ impl Distrust {
 /// on the disk, and neither it nor any bitmap started after it was left inconsistent by a
 /// crash (bitmaps started later hold the rest of the changes; they merge into it).
 /// `need_recording` also asks that one of them still records.
-pub fn bitmap_trust(current: Option<i64>, ours: &[SeenBitmap], need_recording: bool) -> Result<(), Distrust> {
+pub fn bitmap_trust(current: Option<Seq>, ours: &[SeenBitmap], need_recording: bool) -> Result<(), Distrust> {
     let current = current.ok_or(Distrust::NoneRecorded)?;
     if !ours.iter().any(|b| b.seq == current) {
         return Err(Distrust::Missing);
@@ -93,7 +93,7 @@ mod tests {
     use super::*;
 
     fn b(seq: i64, inconsistent: bool, recording: bool) -> SeenBitmap {
-        SeenBitmap { seq, inconsistent, recording }
+        SeenBitmap { seq: Seq(seq), inconsistent, recording }
     }
 
     #[test]
@@ -113,7 +113,7 @@ mod tests {
             (Some(5), &[b(4, true, false), b(5, false, true)], false, Ok(())),
         ];
         for (current, ours, need, want) in rows {
-            assert_eq!(bitmap_trust(*current, ours, *need), *want, "{current:?} {ours:?} {need}");
+            assert_eq!(bitmap_trust(current.map(Seq), ours, *need), *want, "{current:?} {ours:?} {need}");
         }
     }
 

@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use standby_model::{Method, ReplicaState, Role, Step, Transition};
+use standby_model::image::Format;
+use standby_model::{Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, Transition};
 
 pub use history::{HISTORY_KEEP, HISTORY_SLACK};
 pub use records::*;
@@ -51,7 +52,7 @@ fn insert_disks(tx: &Transaction<'_>, vm_id: i64, disks: &[DiskRecord]) -> Resul
     for (i, d) in disks.iter().enumerate() {
         tx.execute(
             "INSERT INTO vm_disks (vm_id, idx, path, format) VALUES (?1, ?2, ?3, ?4)",
-            params![vm_id, i as i64, d.path, d.format],
+            params![vm_id, i as i64, d.path, d.format.as_str()],
         )?;
     }
     Ok(())
@@ -157,7 +158,12 @@ impl Store {
     fn vm_disks(&self, vm_id: i64) -> Result<Vec<DiskRecord>> {
         let mut st = self.conn.prepare("SELECT path, format FROM vm_disks WHERE vm_id = ?1 ORDER BY idx")?;
         let rows = st
-            .query_map([vm_id], |r| Ok(DiskRecord { path: r.get(0)?, format: r.get(1)? }))?
+            .query_map([vm_id], |r| {
+                let format: String = r.get(1)?;
+                let format = Format::parse(&format)
+                    .ok_or_else(|| bad_cell("vm_disks", vm_id, 1, format!("unknown image format {format:?}")))?;
+                Ok(DiskRecord { path: r.get(0)?, format })
+            })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
@@ -256,13 +262,13 @@ impl Store {
     pub fn set_vm_disk(&mut self, name: &str, idx: usize, disk: &DiskRecord) -> Result<()> {
         self.conn.execute(
             "UPDATE vm_disks SET path = ?3, format = ?4 WHERE vm_id = (SELECT id FROM vms WHERE name = ?1) AND idx = ?2",
-            params![name, idx as i64, disk.path, disk.format],
+            params![name, idx as i64, disk.path, disk.format.as_str()],
         )?;
         Ok(())
     }
 
     /// The replica VM running replica `replica_id`, if one is defined.
-    pub fn replica_vm(&self, replica_id: i64) -> Result<Option<VmRecord>> {
+    pub fn replica_vm(&self, replica_id: ReplicaId) -> Result<Option<VmRecord>> {
         let name: Option<String> =
             self.conn.query_row("SELECT name FROM vms WHERE replica_id = ?1", [replica_id], |r| r.get(0)).optional()?;
         match name {
@@ -391,19 +397,19 @@ impl Store {
     }
 
     /// Adds a VM to a job: a new replica in `dir`, ready for its first run.
-    pub fn insert_replica(&mut self, job_id: i64, vm_id: i64, dir: &str) -> Result<i64> {
+    pub fn insert_replica(&mut self, job_id: i64, vm_id: i64, dir: &str) -> Result<ReplicaId> {
         self.conn.execute(
             "INSERT INTO replicas (job_id, vm_id, state, dir) VALUES (?1, ?2, 'ready', ?3)",
             params![job_id, vm_id, dir],
         )?;
-        Ok(self.conn.last_insert_rowid())
+        Ok(ReplicaId(self.conn.last_insert_rowid()))
     }
 
     /// Forgets a replica and its restore points in one transaction (its files are the
     /// caller's business).
-    pub fn delete_replica(&mut self, replica_id: i64) -> Result<()> {
+    pub fn delete_replica(&mut self, replica_id: ReplicaId) -> Result<()> {
         let tx = self.tx()?;
-        delete_replica_rows(&tx, "id = ?1", replica_id)?;
+        delete_replica_rows(&tx, "id = ?1", replica_id.0)?;
         tx.commit()?;
         Ok(())
     }
@@ -426,7 +432,7 @@ impl Store {
          r.failover_point, r.op_step";
 
     fn replica_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRecord> {
-        let id: i64 = r.get(0)?;
+        let id: ReplicaId = r.get(0)?;
         // Read through their types: an unknown value is an error naming the row.
         let bad = |col: usize, why: String| {
             rusqlite::Error::FromSqlConversionFailure(
@@ -471,19 +477,19 @@ impl Store {
 
     /// Every replica row on its own: a row that cannot be read is an error for that row
     /// only, so that one damaged replica does not hide (or stop) all the others.
-    pub fn replica_rows(&self) -> Result<Vec<(i64, Result<ReplicaRecord>)>> {
+    pub fn replica_rows(&self) -> Result<Vec<(ReplicaId, Result<ReplicaRecord>)>> {
         self.replica_rows_where("1 = ?1", 1)
     }
 
     /// The rows of the replicas a job replicates, each on its own (see [`Store::replica_rows`]).
-    pub fn replica_rows_of_job(&self, job_id: i64) -> Result<Vec<(i64, Result<ReplicaRecord>)>> {
+    pub fn replica_rows_of_job(&self, job_id: i64) -> Result<Vec<(ReplicaId, Result<ReplicaRecord>)>> {
         // `state` is compared as text, so a damaged row is still found here.
         self.replica_rows_where("job_id = ?1 AND state IS NOT 'permanent'", job_id)
     }
 
     /// The VM and job of a replica row, read without the rest of it (for naming a row
     /// that cannot be read whole).
-    pub fn replica_names(&self, id: i64) -> Result<Option<(String, String)>> {
+    pub fn replica_names(&self, id: ReplicaId) -> Result<Option<(String, String)>> {
         Ok(self
             .conn
             .query_row(
@@ -495,9 +501,9 @@ impl Store {
             .optional()?)
     }
 
-    fn replica_rows_where(&self, cond: &str, arg: i64) -> Result<Vec<(i64, Result<ReplicaRecord>)>> {
+    fn replica_rows_where(&self, cond: &str, arg: i64) -> Result<Vec<(ReplicaId, Result<ReplicaRecord>)>> {
         let mut st = self.conn.prepare(&format!("SELECT id FROM replicas WHERE {cond} ORDER BY id"))?;
-        let ids: Vec<i64> = st.query_map([arg], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let ids: Vec<ReplicaId> = st.query_map([arg], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         Ok(ids
             .into_iter()
             .map(|id| {
@@ -518,14 +524,14 @@ impl Store {
         self.replicas_where("v.name = ?1", &vm)
     }
 
-    pub fn replica(&self, id: i64) -> Result<Option<ReplicaRecord>> {
+    pub fn replica(&self, id: ReplicaId) -> Result<Option<ReplicaRecord>> {
         Ok(self.replicas_where("r.id = ?1", &id)?.into_iter().next())
     }
 
     // ---- failbacks ----
 
     /// Writes the record of a replica's failback in progress.
-    pub fn put_failback(&mut self, replica_id: i64, record: &str) -> Result<()> {
+    pub fn put_failback(&mut self, replica_id: ReplicaId, record: &str) -> Result<()> {
         self.conn.execute(
             "INSERT INTO failbacks (replica_id, record, updated_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (replica_id) DO UPDATE SET record = excluded.record, updated_at = excluded.updated_at",
@@ -534,7 +540,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn failback(&self, replica_id: i64) -> Result<Option<String>> {
+    pub fn failback(&self, replica_id: ReplicaId) -> Result<Option<String>> {
         Ok(self
             .conn
             .query_row("SELECT record FROM failbacks WHERE replica_id = ?1", [replica_id], |r| r.get(0))
@@ -542,21 +548,21 @@ impl Store {
     }
 
     /// Every failback in progress: (replica id, record).
-    pub fn failbacks(&self) -> Result<Vec<(i64, String)>> {
+    pub fn failbacks(&self) -> Result<Vec<(ReplicaId, String)>> {
         let mut st = self.conn.prepare("SELECT replica_id, record FROM failbacks ORDER BY replica_id")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
-    pub fn delete_failback(&mut self, replica_id: i64) -> Result<()> {
+    pub fn delete_failback(&mut self, replica_id: ReplicaId) -> Result<()> {
         self.conn.execute("DELETE FROM failbacks WHERE replica_id = ?1", [replica_id])?;
         Ok(())
     }
 
     /// Reserves the sequence number of the next run: durable before any file is named after it.
-    pub fn take_seq(&mut self, replica_id: i64) -> Result<i64> {
+    pub fn take_seq(&mut self, replica_id: ReplicaId) -> Result<Seq> {
         let tx = self.tx()?;
-        let seq: i64 = tx.query_row("SELECT next_seq FROM replicas WHERE id = ?1", [replica_id], |r| r.get(0))?;
+        let seq: Seq = tx.query_row("SELECT next_seq FROM replicas WHERE id = ?1", [replica_id], |r| r.get(0))?;
         tx.execute("UPDATE replicas SET next_seq = next_seq + 1 WHERE id = ?1", [replica_id])?;
         tx.commit()?;
         Ok(seq)
@@ -565,7 +571,7 @@ impl Store {
     // ---- restore points ----
 
     /// Makes a run's layers a restore point: the one atomic step that publishes it.
-    pub fn insert_restore_point(&mut self, rp: &NewRestorePoint) -> Result<i64> {
+    pub fn insert_restore_point(&mut self, rp: &NewRestorePoint) -> Result<PointId> {
         let tx = self.tx()?;
         tx.execute(
             "INSERT INTO restore_points (replica_id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms)
@@ -580,7 +586,7 @@ impl Store {
                 rp.duration_ms as i64
             ],
         )?;
-        let id = tx.last_insert_rowid();
+        let id = PointId(tx.last_insert_rowid());
         for d in &rp.disks {
             insert_rp_disk(&tx, id, d)?;
         }
@@ -590,7 +596,7 @@ impl Store {
 
     /// A replica's restore points in chain order, oldest first, with their disks.
     /// `pruning` points (half-removed by retention) are included only when asked.
-    pub fn restore_points(&self, replica_id: i64, include_pruning: bool) -> Result<Vec<RestorePointRecord>> {
+    pub fn restore_points(&self, replica_id: ReplicaId, include_pruning: bool) -> Result<Vec<RestorePointRecord>> {
         let mut st = self.conn.prepare(
             "SELECT id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms, pruning
              FROM restore_points WHERE replica_id = ?1 AND (pruning = 0 OR ?2) ORDER BY seq",
@@ -622,7 +628,7 @@ impl Store {
                         layer: r.get(1)?,
                         parent: r.get(2)?,
                         size: r.get::<_, i64>(3)? as u64,
-                        method: method_cell("rp_disks", rp.id, 4, r.get(4)?)?,
+                        method: method_cell("rp_disks", rp.id.0, 4, r.get(4)?)?,
                         bitmap: r.get(5)?,
                         bytes_transferred: r.get::<_, i64>(6)? as u64,
                     })
@@ -632,7 +638,7 @@ impl Store {
         Ok(rps)
     }
 
-    pub fn mark_pruning(&mut self, rp_id: i64) -> Result<()> {
+    pub fn mark_pruning(&mut self, rp_id: PointId) -> Result<()> {
         self.conn.execute("UPDATE restore_points SET pruning = 1 WHERE id = ?1", [rp_id])?;
         Ok(())
     }
@@ -640,7 +646,12 @@ impl Store {
     /// Retention's publishing step: drops `rp_id` and repoints layers in one transaction.
     /// `moves` are (old layer path, new layer path): every disk row whose layer or parent
     /// named the old path names the new one afterwards.
-    pub fn drop_restore_point(&mut self, rp_id: i64, moves: &[(String, String)], new_bases: &[String]) -> Result<()> {
+    pub fn drop_restore_point(
+        &mut self,
+        rp_id: PointId,
+        moves: &[(String, String)],
+        new_bases: &[String],
+    ) -> Result<()> {
         let tx = self.tx()?;
         tx.execute("DELETE FROM rp_disks WHERE rp_id = ?1", [rp_id])?;
         tx.execute("DELETE FROM restore_points WHERE id = ?1", [rp_id])?;
@@ -755,7 +766,7 @@ fn delete_replica_rows(tx: &Transaction<'_>, cond: &str, arg: i64) -> Result<()>
     Ok(())
 }
 
-fn insert_rp_disk(tx: &Transaction<'_>, rp_id: i64, d: &RpDiskRecord) -> Result<()> {
+fn insert_rp_disk(tx: &Transaction<'_>, rp_id: PointId, d: &RpDiskRecord) -> Result<()> {
     tx.execute(
         "INSERT INTO rp_disks (rp_id, idx, layer, parent, size, method, bitmap, bytes_transferred)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",

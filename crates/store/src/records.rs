@@ -1,12 +1,13 @@
 //! Plain rows, as the database holds them.
 
 use serde::{Deserialize, Serialize};
-use standby_model::{Method, ReplicaState, Role, Step};
+use standby_model::image::Format;
+use standby_model::{Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRecord {
     pub path: String,
-    pub format: String,
+    pub format: Format,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,7 +22,7 @@ pub struct NewVm {
     pub initrd: Option<String>,
     pub append: Option<String>,
     pub role: Role,
-    pub replica_id: Option<i64>,
+    pub replica_id: Option<ReplicaId>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,7 +40,7 @@ pub struct VmRecord {
     pub created_at: String,
     pub role: Role,
     /// For a replica VM: the replica it runs.
-    pub replica_id: Option<i64>,
+    pub replica_id: Option<ReplicaId>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,17 +71,17 @@ pub struct JobRecord {
 
 #[derive(Debug, Clone)]
 pub struct ReplicaRecord {
-    pub id: i64,
+    pub id: ReplicaId,
     pub job_id: i64,
     pub job: String,
     pub vm_id: i64,
     pub vm: String,
     pub state: ReplicaState,
     pub dir: String,
-    pub next_seq: i64,
+    pub next_seq: Seq,
     pub target_host: String,
     pub replica_suffix: String,
-    pub failover_point: Option<i64>,
+    pub failover_point: Option<PointId>,
     /// The step an operation in progress reached; None when none is in progress.
     pub step: Option<Step>,
 }
@@ -101,8 +102,8 @@ pub struct RpDiskRecord {
 
 #[derive(Debug, Clone)]
 pub struct NewRestorePoint {
-    pub replica_id: i64,
-    pub seq: i64,
+    pub replica_id: ReplicaId,
+    pub seq: Seq,
     pub created_at: String,
     pub method: Method,
     pub bytes_transferred: u64,
@@ -113,9 +114,9 @@ pub struct NewRestorePoint {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RestorePointRecord {
-    pub id: i64,
-    pub replica_id: i64,
-    pub seq: i64,
+    pub id: PointId,
+    pub replica_id: ReplicaId,
+    pub seq: Seq,
     pub created_at: String,
     pub method: Method,
     pub bytes_transferred: u64,

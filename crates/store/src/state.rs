@@ -9,7 +9,7 @@ use crate::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailoverPoint {
     Keep,
-    Set(Option<i64>),
+    Set(Option<PointId>),
 }
 
 impl Store {
@@ -19,7 +19,7 @@ impl Store {
     /// transition does not apply or the state is no longer `from` (another command moved it).
     pub fn transition(
         &mut self,
-        id: i64,
+        id: ReplicaId,
         from: ReplicaState,
         t: Transition,
         step: Option<Step>,
@@ -50,7 +50,7 @@ impl Store {
 
     /// Ends the operation in progress on a replica that reached idle `state` (its last
     /// step, such as deleting files after publishing, is done).
-    pub fn end_operation(&mut self, id: i64, state: ReplicaState) -> Result<()> {
+    pub fn end_operation(&mut self, id: ReplicaId, state: ReplicaState) -> Result<()> {
         let tx = self.tx()?;
         check_state(&tx, id, state)?;
         tx.execute("UPDATE replicas SET op_step = NULL WHERE id = ?1", [id])?;
@@ -60,7 +60,7 @@ impl Store {
 
     /// Records the step an operation in progress reached; refused unless the replica is in
     /// the state the step belongs to.
-    pub fn set_step(&mut self, id: i64, step: Step) -> Result<()> {
+    pub fn set_step(&mut self, id: ReplicaId, step: Step) -> Result<()> {
         let tx = self.tx()?;
         check_state(&tx, id, step.state())?;
         tx.execute("UPDATE replicas SET op_step = ?2 WHERE id = ?1", params![id, step.to_db()])?;
@@ -71,7 +71,7 @@ impl Store {
     /// Permanent failover's publishing step, in one transaction: the replica VM becomes an
     /// ordinary VM, the replica leaves its job (state `permanent`) and its restore points
     /// go from the records. The layer files are deleted after this.
-    pub fn make_permanent(&mut self, replica_id: i64, vm: &str) -> Result<()> {
+    pub fn make_permanent(&mut self, replica_id: ReplicaId, vm: &str) -> Result<()> {
         let tx = self.tx()?;
         check_state(&tx, replica_id, ReplicaState::MakingPermanent)?;
         let to = ReplicaState::MakingPermanent.apply(Transition::PermanentDone)?;
@@ -97,7 +97,7 @@ impl Store {
 }
 
 /// Refuses, inside a transaction, unless replica `id` is in state `expected`.
-fn check_state(tx: &Transaction<'_>, id: i64, expected: ReplicaState) -> Result<()> {
+fn check_state(tx: &Transaction<'_>, id: ReplicaId, expected: ReplicaState) -> Result<()> {
     let (found, vm): (String, String) = tx.query_row(
         "SELECT r.state, v.name FROM replicas r JOIN vms v ON v.id = r.vm_id WHERE r.id = ?1",
         [id],

@@ -12,7 +12,7 @@ fn vm(name: &str) -> NewVm {
         host: "local".into(),
         cpus: 1,
         memory_mib: 128,
-        disks: vec![DiskRecord { path: format!("/d/{name}.qcow2"), format: "qcow2".into() }],
+        disks: vec![DiskRecord { path: format!("/d/{name}.qcow2"), format: Format::Qcow2 }],
         nics: vec![],
         kernel: None,
         initrd: None,
@@ -73,7 +73,7 @@ fn retention_drop_repoints_layers() {
         ids.push(
             s.insert_restore_point(&NewRestorePoint {
                 replica_id: rep.id,
-                seq,
+                seq: Seq(seq),
                 created_at: now(),
                 method: standby_model::Method::Full,
                 bytes_transferred: 0,
@@ -137,7 +137,8 @@ fn a_state_moves_only_by_a_transition_from_the_state_its_writer_read() {
     assert_eq!(s.transition(id, S::Ready, T::RunStarted, None, FailoverPoint::Keep).unwrap(), S::Replicating);
     // A second writer that read `ready` before is refused, and nothing changes.
     let step = Step::Failover { planned: None, at: FailoverStep::Overlays };
-    let e = s.transition(id, S::Ready, T::FailoverStarted, Some(step), FailoverPoint::Set(Some(1))).unwrap_err();
+    let e =
+        s.transition(id, S::Ready, T::FailoverStarted, Some(step), FailoverPoint::Set(Some(PointId(1)))).unwrap_err();
     assert!(matches!(e, StoreError::StateMoved { .. }), "{e}");
     assert!(e.to_string().contains("is replicating now, no longer ready"), "{e}");
     let r = s.replica(id).unwrap().unwrap();
@@ -203,4 +204,14 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
             S::Ready
         );
     }
+}
+
+#[test]
+fn a_disk_format_no_standby_wrote_is_an_error_naming_the_row_never_raw() {
+    let (_d, mut s) = open();
+    let id = s.insert_vm(&vm("web")).unwrap();
+    assert_eq!(s.vm("web").unwrap().unwrap().disks[0].format, Format::Qcow2);
+    s.conn.execute("UPDATE vm_disks SET format = 'vmdk'", []).unwrap();
+    let e = chain(&s.vm("web").unwrap_err());
+    assert!(e.contains(&format!("vm_disks row {id}")) && e.contains("vmdk"), "{e}");
 }

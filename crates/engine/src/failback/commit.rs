@@ -90,9 +90,9 @@ impl Engine {
         replica: &ReplicaRecord,
         rec: &FailbackRecord,
         rd: &ReplicaDisks,
-        seq: i64,
+        seq: Seq,
         progress: &dyn Progress,
-    ) -> Result<(i64, Moved)> {
+    ) -> Result<(PointId, Moved)> {
         let dr_host = self.host(&replica.target_host)?;
         let newest = rd.points.last().ok_or_else(|| EngineError::Invalid("the replica has no restore point".into()))?;
         let full_newer = rd.newer_points().any(|p| p.disks.iter().any(|d| d.parent.is_none()));
@@ -125,8 +125,7 @@ impl Engine {
             )?;
             dr_host.sync_file(&layer)?;
             moved.add(&stats);
-            let bitmap =
-                (disk_format(&rec.disks[i])? == Format::Qcow2).then(|| crate::layout::bitmap_name(replica.id, seq));
+            let bitmap = (rec.disks[i].format == Format::Qcow2).then(|| crate::layout::bitmap_name(replica.id, seq));
             layers.push(RpDiskRecord {
                 idx: i as u32,
                 layer,

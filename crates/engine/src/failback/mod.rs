@@ -34,7 +34,9 @@ use serde::{Deserialize, Serialize};
 use standby_host::{BitmapOp, Chain, Format};
 use standby_model::recovery::Recovery;
 use standby_model::step::{CommitStep, FailbackStep, SwitchStep, UndoFailbackStep};
-use standby_model::{FailbackTarget, Method, ReplicaState, Role, Step, SwitchMode, Transition};
+use standby_model::{
+    FailbackTarget, Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, SwitchMode, Transition,
+};
 use standby_store::{
     DiskRecord, FailoverPoint, NewRestorePoint, NewVm, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord,
 };
@@ -45,7 +47,6 @@ use crate::lock::VmLock;
 use crate::replication::dr;
 use crate::task::TaskProgress;
 use crate::transfer::{self, Stats};
-use crate::vm::disk_format;
 use crate::{failpoint, vm, Engine, EngineError, Progress, Result};
 use sync::{Difference, End};
 
@@ -97,7 +98,7 @@ struct FailbackRecord {
     shutdown_secs: u64,
     /// The restore point sequence reserved at the switch: its bitmap starts there, and
     /// commit publishes the replica's final state under it.
-    seq: Option<i64>,
+    seq: Option<Seq>,
     /// Definitions the switch replaced when the identity moved (`existing:`, `new:`).
     prior: Option<Prior>,
     phase1: Moved,
@@ -169,7 +170,7 @@ impl ReplicaDisks {
 }
 
 impl Engine {
-    fn failback_record(&self, replica_id: i64) -> Result<Option<FailbackRecord>> {
+    fn failback_record(&self, replica_id: ReplicaId) -> Result<Option<FailbackRecord>> {
         let raw = self.store().failback(replica_id)?;
         raw.map(|r| {
             serde_json::from_str(&r).map_err(|e| {
@@ -179,7 +180,7 @@ impl Engine {
         .transpose()
     }
 
-    fn save_failback(&self, replica_id: i64, rec: &FailbackRecord) -> Result<()> {
+    fn save_failback(&self, replica_id: ReplicaId, rec: &FailbackRecord) -> Result<()> {
         let raw = serde_json::to_string(rec).map_err(|e| EngineError::Invalid(e.to_string()))?;
         self.store().put_failback(replica_id, &raw)?;
         Ok(())

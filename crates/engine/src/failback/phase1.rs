@@ -137,7 +137,7 @@ impl Engine {
                     h.canonical_dir(dir).map_err(|e| bad(vm::chain(&e)))?;
                 }
                 let disks: Vec<DiskRecord> = (0..sizes.len())
-                    .map(|i| DiskRecord { path: format!("{dir}/{name}-d{i}.qcow2"), format: "qcow2".into() })
+                    .map(|i| DiskRecord { path: format!("{dir}/{name}-d{i}.qcow2"), format: Format::Qcow2 })
                     .collect();
                 for d in &disks {
                     if h.file_exists(&d.path)? {
@@ -172,7 +172,7 @@ impl Engine {
         let h = self.host(&host)?;
         if !created {
             for (i, (d, size)) in disks.iter().zip(&sizes).enumerate() {
-                let info = h.image_info(&d.path, disk_format(d)?, true)?;
+                let info = h.image_info(&d.path, d.format, true)?;
                 if info.virtual_size != *size {
                     return Err(EngineError::Invalid(format!(
                         "disk {i} of {} ({}) is {} bytes and the replica's is {size}; they must be the same size",
@@ -244,7 +244,7 @@ impl Engine {
                 }
                 tgt.image_create(&d.path, size, None)?;
             }
-            tgt.image_create(w, size, Some((&d.path, disk_format(d)?)))?;
+            tgt.image_create(w, size, Some((&d.path, d.format)))?;
         }
         failpoint::hit("failback.after-working");
 
@@ -288,7 +288,7 @@ impl Engine {
     /// Disk `i` of the target with its working layer on top.
     pub(super) fn working_chain(&self, rec: &FailbackRecord, i: usize) -> Result<Chain> {
         let d = &rec.disks[i];
-        Ok(Chain::single(&d.path, disk_format(d)?).with_top(&rec.working[i]))
+        Ok(Chain::single(&d.path, d.format).with_top(&rec.working[i]))
     }
 
     /// The protective point: freezes the replica's top overlays (a QMP snapshot of every
@@ -313,7 +313,7 @@ impl Engine {
             dr_host.vm_protect(&rd.vm.name, &tops)?;
         }
         for (i, n) in next.iter().enumerate() {
-            self.store().set_vm_disk(&rd.vm.name, i, &DiskRecord { path: n.clone(), format: "qcow2".into() })?;
+            self.store().set_vm_disk(&rd.vm.name, i, &DiskRecord { path: n.clone(), format: Format::Qcow2 })?;
         }
         Ok(frozen)
     }
@@ -334,7 +334,7 @@ impl Engine {
                 None => dr_host.file_exists(&next)?,
             };
             if adopt {
-                self.store().set_vm_disk(&rvm.name, i, &DiskRecord { path: next, format: "qcow2".into() })?;
+                self.store().set_vm_disk(&rvm.name, i, &DiskRecord { path: next, format: Format::Qcow2 })?;
             } else {
                 dr_host.remove_file(&next)?;
             }
@@ -395,7 +395,7 @@ impl Engine {
         let mut out = Vec::new();
         for (i, d) in rec.disks.iter().enumerate() {
             let size = rd.point.disks[i].size;
-            if disk_format(d)? != Format::Qcow2 {
+            if d.format != Format::Qcow2 {
                 return Ok(Err(format!("disk {i} is raw and has no dirty bitmap")));
             }
             let Some(current) = newest.disks.get(i).and_then(|x| x.bitmap.clone()) else {

@@ -162,7 +162,7 @@ impl Engine {
         self.store().set_step(replica.id, Step::Switch(SwitchStep::Bitmap))?;
         let bitmap = crate::layout::bitmap_name(replica.id, seq);
         for d in &rec.disks {
-            if disk_format(d)? == Format::Qcow2
+            if d.format == Format::Qcow2
                 && !tgt.image_info(&d.path, Format::Qcow2, false)?.bitmaps.iter().any(|b| b.name == bitmap)
             {
                 tgt.image_bitmap(&d.path, Format::Qcow2, &bitmap, BitmapOp::Add)?;

@@ -56,7 +56,7 @@ impl Engine {
                 for (i, d) in rec.disks.iter().enumerate() {
                     // Production's writes since the switch are in the switch's bitmap alone:
                     // it is the newest, and it is trusted only if QEMU saved it cleanly.
-                    let trusted = match (rec.seq, disk_format(d)?) {
+                    let trusted = match (rec.seq, d.format) {
                         (Some(seq), Format::Qcow2) => {
                             let seen: Vec<SeenBitmap> = tgt
                                 .image_info(&d.path, Format::Qcow2, false)?
@@ -85,7 +85,7 @@ impl Engine {
                     let stats = sync::copy(
                         &format!("{}d{i}", nbd_prefix(replica.id)),
                         End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &rd.vm.disks[i].path)? },
-                        End { host: tgt.as_ref(), chain: Chain::single(&d.path, disk_format(d)?) },
+                        End { host: tgt.as_ref(), chain: Chain::single(&d.path, d.format) },
                         &diff,
                         progress,
                         name,

@@ -2,6 +2,7 @@
 //! the repair that makes the replica directory hold exactly what the database names.
 
 use standby_host::{Chain, Format, Host, Layer};
+use standby_model::Seq;
 use standby_store::RestorePointRecord;
 
 use crate::layout::{layer_seq, OWNER_MARKER};
@@ -95,7 +96,7 @@ pub fn remove_orphans(
     host: &dyn Host,
     dir: &str,
     points: &[RestorePointRecord],
-    below_seq: i64,
+    below_seq: Seq,
 ) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for name in host.list_dir(dir)? {
@@ -116,9 +117,9 @@ mod tests {
 
     fn rp(seq: i64, layer: &str, parent: Option<&str>) -> RestorePointRecord {
         RestorePointRecord {
-            id: seq,
-            replica_id: 1,
-            seq,
+            id: standby_model::PointId(seq),
+            replica_id: standby_model::ReplicaId(1),
+            seq: Seq(seq),
             created_at: String::new(),
             method: standby_model::Method::Full,
             bytes_transferred: 0,

@@ -20,7 +20,7 @@ use serde::Serialize;
 use standby_host::{Chain, Format, Host, ServeSpec};
 use standby_model::recovery::{recovery, Recovery as Action, Seen};
 use standby_model::tracking::{choose_method, DiskSeen, Distrust};
-use standby_model::{Method, ReplicaState, Transition};
+use standby_model::{Method, PointId, ReplicaId, ReplicaState, Seq, Transition};
 use standby_store::{FailoverPoint, NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
 
 use crate::lock::VmLock;
@@ -41,7 +41,7 @@ pub struct RpDiskView {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RestorePointView {
-    pub id: i64,
+    pub id: PointId,
     pub vm: String,
     pub job: String,
     pub created_at: String,
@@ -62,7 +62,7 @@ pub struct ReplicaView {
     pub restore_points: usize,
     pub latest: Option<String>,
     /// In failover: the restore point the replica VM runs from, and that VM's name.
-    pub failover_point: Option<i64>,
+    pub failover_point: Option<PointId>,
     pub replica_vm: Option<String>,
     /// The newest history entry of the VM: `operation result at`.
     pub last_operation: Option<String>,
@@ -431,7 +431,7 @@ impl Engine {
     }
 
     /// A replica row as an operator finds it: by its VM and job when those can be read.
-    pub(crate) fn row_name(&self, id: i64) -> String {
+    pub(crate) fn row_name(&self, id: ReplicaId) -> String {
         match self.store().replica_names(id) {
             Ok(Some((vm, job))) => format!("VM {vm} (job {job}, replicas row {id})"),
             _ => format!("replicas row {id}"),
@@ -493,7 +493,7 @@ impl Engine {
         let mut access = src.vm_disks(&vm.name, running)?;
         access.close_views(replica.id, vm.disks.len())?;
         for (idx, d) in vm.disks.iter().enumerate() {
-            let disk = SourceDisk { idx, path: d.path.clone(), format: vm::disk_format(d)?, size: 0 };
+            let disk = SourceDisk { idx, path: d.path.clone(), format: d.format, size: 0 };
             source::reconcile(access.as_mut(), &disk, replica.id, None)?;
         }
         Ok(())
@@ -546,7 +546,7 @@ impl Engine {
         // Disks as they are now, and what each one's previous layer and bitmap are.
         let mut disks = Vec::new();
         for (idx, d) in vm.disks.iter().enumerate() {
-            let format = crate::vm::disk_format(d).map_err(fail("reading the source disks"))?;
+            let format = d.format;
             let info =
                 src.image_info(&d.path, format, running).map_err(|e| fail("reading the source disks")(e.into()))?;
             disks.push(SourceDisk { idx, path: d.path.clone(), format, size: info.virtual_size });
@@ -656,11 +656,11 @@ impl Engine {
         layers: Vec<RpDiskRecord>,
         stats: &[Stats],
         methods: &[Method],
-        seq: i64,
+        seq: Seq,
         new_bitmap: &str,
         created_at: String,
         started: Instant,
-    ) -> Result<i64> {
+    ) -> Result<PointId> {
         for l in &layers {
             dr.sync_file(&l.layer)?;
         }
@@ -700,7 +700,7 @@ impl Engine {
         views: &[standby_host::View],
         methods: &[Method],
         points: &[RestorePointRecord],
-        seq: i64,
+        seq: Seq,
         progress: &dyn Progress,
     ) -> Result<(Vec<Stats>, Vec<RpDiskRecord>)> {
         let src = self.host(&vm.host)?;

@@ -11,6 +11,7 @@
 
 use standby_host::{BitmapState, DiskAccess, SourceDisk};
 use standby_model::tracking::{bitmap_trust, SeenBitmap};
+use standby_model::ReplicaId;
 
 use crate::layout::bitmap_seq;
 use crate::Result;
@@ -22,7 +23,7 @@ use crate::Result;
 pub fn reconcile(
     access: &mut dyn DiskAccess,
     disk: &SourceDisk,
-    replica_id: i64,
+    replica_id: ReplicaId,
     current: Option<&str>,
 ) -> Result<bool> {
     let ours: Vec<BitmapState> =
