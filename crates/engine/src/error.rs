@@ -1,5 +1,5 @@
 use standby_host::HostError;
-use standby_model::{NameError, TransitionError};
+use standby_model::{NameError, PointId, TransitionError};
 use standby_store::StoreError;
 
 /// Everything an operation can fail with. Messages say what is wrong and, where the
@@ -39,6 +39,40 @@ pub enum EngineError {
     BadDisk { path: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// An argument of the request is wrong; `why` says how, and what would do.
+    #[error("{why}")]
+    BadArgument { arg: &'static str, why: String },
+    /// A change request that changes nothing.
+    #[error("nothing to change: {hint}")]
+    NothingToChange { subject: String, hint: String },
+    /// Refused because of where the VM (or its replica) stands; `why` says what to do.
+    #[error("{why}")]
+    Refused { vm: String, why: String },
+    /// Refused because of where the job stands.
+    #[error("{why}")]
+    JobRefused { job: String, why: String },
+    #[error("unknown plan {0:?}; see `standby plan list`")]
+    UnknownPlan(String),
+    #[error("a plan named {0:?} already exists")]
+    PlanExists(String),
+    #[error("VM {vm} has no restore point yet; run its job first")]
+    NoRestorePoint { vm: String },
+    #[error("VM {vm} has no restore point {point}; its restore points are {known} (standby replica points {vm})")]
+    UnknownPoint { vm: String, point: PointId, known: String },
+    /// A check that guards data found a difference; what it guarded was left as it was.
+    #[error("{what}")]
+    Mismatch { vm: String, what: String },
+    /// The records of a VM contradict each other or its files.
+    #[error(
+        "the records of VM {vm} disagree: {what}; run `standby recover`, and if this stays, see `standby history {vm}`"
+    )]
+    Damaged { vm: String, what: String },
+    /// Part of an operation was done when a later step failed.
+    #[error("{done}; {failed}")]
+    PartlyDone { vm: String, done: String, failed: String },
+    /// What standby's own logic says cannot happen.
+    #[error("standby hit a bug: {0}; please report it with the output of `standby history`")]
+    Bug(String),
     #[error("VM {vm} is {state}; {hint}")]
     VmState { vm: String, state: &'static str, hint: &'static str },
     #[error("{what} is busy: {holder}; wait for it to finish and try again")]

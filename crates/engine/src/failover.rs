@@ -187,7 +187,7 @@ impl Engine {
         let point = points
             .iter()
             .find(|p| p.id == rp.id)
-            .ok_or_else(|| EngineError::Invalid("restore point vanished".into()))?;
+            .ok_or_else(|| EngineError::Damaged { vm: source.name.clone(), what: "restore point vanished".into() })?;
         let (src, dr) = (self.host(&source.host)?, self.host(&replica.target_host)?);
         for (disk, layer) in source.disks.iter().zip(&point.disks) {
             let differing = verify::differing_bytes(
@@ -196,10 +196,10 @@ impl Engine {
                 verify::Side { host: dr.as_ref(), chain: dr::chain_of(&points, &layer.layer)? },
             )?;
             if differing != 0 {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::Mismatch { vm: source.name.clone(), what: format!(
                     "disk {} of restore point {} differs from the stopped source in {differing} bytes; not failing over",
                     layer.idx, rp.id
-                )));
+                ) });
             }
         }
         let done = self.failover_locked(
@@ -291,9 +291,10 @@ impl Engine {
         let replica = self.store().replica(replica.id)?.ok_or_else(|| EngineError::NoReplica { vm: name.into() })?;
         replica.state.apply(Transition::FailoverStarted)?;
         if planned.is_none() && replica.state == ReplicaState::PreparingFailover {
-            return Err(EngineError::Invalid(format!(
-                "VM {name} is in an interrupted planned failover; run standby recover first"
-            )));
+            return Err(EngineError::Refused {
+                vm: name.into(),
+                why: format!("VM {name} is in an interrupted planned failover; run standby recover first"),
+            });
         }
         self.check_replica_dir(self.host(&replica.target_host)?.as_ref(), &replica)?;
         let points = self.store().restore_points(replica.id, false)?;
@@ -302,13 +303,12 @@ impl Engine {
             PointChoice::Id(id) => points.iter().find(|p| p.id == id),
         }
         .ok_or_else(|| match point {
-            PointChoice::Latest => {
-                EngineError::Invalid(format!("VM {name} has no restore point yet; run its job first"))
-            }
-            PointChoice::Id(id) => EngineError::Invalid(format!(
-                "VM {name} has no restore point {id}; its restore points are {} (standby replica points {name})",
-                points.iter().map(|p| p.id.to_string()).collect::<Vec<_>>().join(", ")
-            )),
+            PointChoice::Latest => EngineError::NoRestorePoint { vm: name.into() },
+            PointChoice::Id(id) => EngineError::UnknownPoint {
+                vm: name.into(),
+                point: id,
+                known: points.iter().map(|p| p.id.to_string()).collect::<Vec<_>>().join(", "),
+            },
         })?
         .clone();
         let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
@@ -327,10 +327,13 @@ impl Engine {
         }
         let vm_name = replica_vm_name(&replica);
         if self.store().vm(&vm_name)?.is_some() {
-            return Err(EngineError::Invalid(format!(
-                "a VM named {vm_name} already exists; rename it, or set another replica suffix on job {}",
-                replica.job
-            )));
+            return Err(EngineError::Refused {
+                vm: name.into(),
+                why: format!(
+                    "a VM named {vm_name} already exists; rename it, or set another replica suffix on job {}",
+                    replica.job
+                ),
+            });
         }
         let dr = self.host(&replica.target_host)?;
 
@@ -518,7 +521,7 @@ impl Engine {
                 self.record_raw(&replica.vm, "undo failover", "completed", "recovered after an interruption");
                 Ok(format!("VM {}: completed an interrupted undo failover", replica.vm))
             }
-            other => Err(EngineError::Invalid(format!("{other:?} is no failover recovery"))),
+            other => Err(EngineError::Bug(format!("{other:?} is no failover recovery"))),
         }
     }
 
@@ -557,10 +560,10 @@ impl Engine {
         let replica =
             self.store().replica(replica_id)?.ok_or_else(|| EngineError::NoReplica { vm: vm.name.clone() })?;
         let points = self.store().restore_points(replica_id, true)?;
-        let rp = points
-            .iter()
-            .find(|p| Some(p.id) == replica.failover_point)
-            .ok_or_else(|| EngineError::Invalid(format!("replica VM {} has no restore point to run from", vm.name)))?;
+        let rp = points.iter().find(|p| Some(p.id) == replica.failover_point).ok_or_else(|| EngineError::Damaged {
+            vm: vm.name.clone(),
+            what: format!("replica VM {} has no restore point to run from", vm.name),
+        })?;
         let mut disks = Vec::new();
         for (d, overlay) in rp.disks.iter().zip(&vm.disks) {
             let chain = overlay_chain(dr::chain_of(&points, &d.layer)?, &replica.dir, d.idx as usize, &overlay.path);

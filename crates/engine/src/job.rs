@@ -101,21 +101,23 @@ impl Engine {
             return Err(EngineError::JobExists(spec.name.clone()));
         }
         if spec.vms.is_empty() {
-            return Err(EngineError::Invalid("a job needs at least one --vm".into()));
+            return Err(EngineError::BadArgument { arg: "--vm", why: "a job needs at least one --vm".into() });
         }
         let retain = spec.retain.unwrap_or(DEFAULT_RETAIN);
         if retain == 0 {
-            return Err(EngineError::Invalid("--retain must be at least 1".into()));
+            return Err(EngineError::BadArgument { arg: "--retain", why: "--retain must be at least 1".into() });
         }
         let suffix = spec.replica_suffix.clone().unwrap_or_else(|| "_replica".into());
         // The replica VM's name must itself be a valid VM name.
-        VmName::new(&format!("x{suffix}")).map_err(|_| {
-            EngineError::Invalid(format!("--replica-suffix {suffix:?} may only hold letters, digits, '-', '_' and '.'"))
+        VmName::new(&format!("x{suffix}")).map_err(|_| EngineError::BadArgument {
+            arg: "--replica-suffix",
+            why: format!("--replica-suffix {suffix:?} may only hold letters, digits, '-', '_' and '.'"),
         })?;
         if suffix.is_empty() {
-            return Err(EngineError::Invalid(
-                "--replica-suffix must not be empty: the replica VM needs a name of its own".into(),
-            ));
+            return Err(EngineError::BadArgument {
+                arg: "--replica-suffix",
+                why: "--replica-suffix must not be empty: the replica VM needs a name of its own".into(),
+            });
         }
         let every = spec.every.as_deref().map(parse_interval).transpose()?.map(|d: Duration| d.as_secs());
         let host = self.host(&spec.target_host)?;
@@ -163,20 +165,26 @@ impl Engine {
         for vm_name in vms {
             let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.clone()))?;
             if vm.role == Role::Retired {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::Refused {
+                    vm: vm_name.clone(),
+                    why: format!(
                     "VM {vm_name} is retired: a permanent failover replaced it; protect the VM that replaced it instead"
-                )));
+                ),
+                });
             }
             if vm.role == Role::Replica {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::Refused { vm: vm_name.clone(), why: format!(
                     "VM {vm_name} is a replica in failover; it can be protected after a permanent failover makes it an ordinary VM"
-                )));
+                ) });
             }
             if vm_ids.contains(&vm.id) {
-                return Err(EngineError::Invalid(format!("VM {vm_name} is named twice")));
+                return Err(EngineError::BadArgument { arg: "--vm", why: format!("VM {vm_name} is named twice") });
             }
             if in_job.contains(vm_name) {
-                return Err(EngineError::Invalid(format!("VM {vm_name} is in the job already")));
+                return Err(EngineError::Refused {
+                    vm: vm_name.clone(),
+                    why: format!("VM {vm_name} is in the job already"),
+                });
             }
             vm_ids.push(vm.id);
         }
@@ -255,7 +263,7 @@ impl Engine {
         let job = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
         let retain = change.retain.unwrap_or(job.retain);
         if retain == 0 {
-            return Err(EngineError::Invalid("--retain must be at least 1".into()));
+            return Err(EngineError::BadArgument { arg: "--retain", why: "--retain must be at least 1".into() });
         }
         let every = match &change.every {
             None => job.every_secs,
@@ -275,7 +283,10 @@ impl Engine {
         let mut locks = Vec::new();
         for vm in &change.remove_vms {
             if !job.vms.contains(vm) {
-                return Err(EngineError::Invalid(format!("VM {vm} is not in job {name} (standby job list)")));
+                return Err(EngineError::Refused {
+                    vm: vm.clone(),
+                    why: format!("VM {vm} is not in job {name} (standby job list)"),
+                });
             }
             locks.push(VmLock::acquire(&self.data_dir, vm, "job change")?);
             let r = self.replica_of(vm, Some(name))?;
@@ -283,29 +294,36 @@ impl Engine {
             self.check_removable(&r)?;
             let points = self.store().restore_points(r.id, true)?;
             if !points.is_empty() {
-                return Err(EngineError::Invalid(format!(
-                    "the replica of VM {vm} holds {} restore point(s) in {}; remove it with \
+                return Err(EngineError::Refused {
+                    vm: vm.clone(),
+                    why: format!(
+                        "the replica of VM {vm} holds {} restore point(s) in {}; remove it with \
                      standby replica delete {vm} --job {name} --delete-points (or --keep-files to keep them on disk)",
-                    points.len(),
-                    r.dir
-                )));
+                        points.len(),
+                        r.dir
+                    ),
+                });
             }
             leaving.push(self.plan_removal(&r, None, "")?);
         }
         if !leaving.is_empty() && leaving.len() == job.vms.len() && change.add_vms.is_empty() {
-            return Err(EngineError::Invalid(format!(
-                "job {name} would protect no VM; delete it instead (standby job delete {name})"
-            )));
+            return Err(EngineError::JobRefused {
+                job: name.into(),
+                why: format!("job {name} would protect no VM; delete it instead (standby job delete {name})"),
+            });
         }
         let joining_ids = self.vms_to_protect(&change.add_vms, &job.vms)?;
         let host = self.host(&job.target_host)?;
         let (joining, claimed) =
             self.place_replicas(host.as_ref(), &job.target_host, &job.target_dir, name, &change.add_vms, &joining_ids)?;
         if changes.is_empty() && joining.is_empty() && leaving.is_empty() {
-            return Err(EngineError::Invalid(format!(
-                "nothing to change: give --retain, --every, --no-schedule, --add-vm or --remove-vm with a value \
-                 other than job {name}'s current one (standby job list)"
-            )));
+            return Err(EngineError::NothingToChange {
+                subject: format!("job {name}"),
+                hint: format!(
+                    "give --retain, --every, --no-schedule, --add-vm or --remove-vm with a value other than job \
+                     {name}'s current one (standby job list)"
+                ),
+            });
         }
         let recorded = (|| -> Result<()> {
             self.store().update_job(job.id, retain, every, job.enabled)?;
@@ -341,7 +359,7 @@ impl Engine {
         let job = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
         let word = if enabled { "enabled" } else { "disabled" };
         if job.enabled == enabled {
-            return Err(EngineError::Invalid(format!("job {name} is {word} already")));
+            return Err(EngineError::JobRefused { job: name.into(), why: format!("job {name} is {word} already") });
         }
         self.store().update_job(job.id, job.retain, job.every_secs, enabled)?;
         self.record_raw(&format!("job:{name}"), if enabled { "job enable" } else { "job disable" }, "ok", word);
@@ -402,7 +420,10 @@ impl Engine {
     /// plan that fails its VM over with it.
     fn check_removable(&self, r: &ReplicaRecord) -> Result<()> {
         let refuse = |why: String| {
-            Err(EngineError::Invalid(format!("the replica of VM {} (job {}) cannot be removed: {why}", r.vm, r.job)))
+            Err(EngineError::Refused {
+                vm: r.vm.clone(),
+                why: format!("the replica of VM {} (job {}) cannot be removed: {why}", r.vm, r.job),
+            })
         };
         let state = r.state;
         match state {
@@ -452,12 +473,15 @@ impl Engine {
     fn check_disposal(&self, r: &ReplicaRecord, points: Option<Points>, command: &str) -> Result<()> {
         let n = self.store().restore_points(r.id, true)?.len();
         if n > 0 && points.is_none() {
-            return Err(EngineError::Invalid(format!(
-                "the replica of VM {} (job {}) holds {n} restore point(s) in {}; say what becomes of them: \
+            return Err(EngineError::Refused {
+                vm: r.vm.clone(),
+                why: format!(
+                    "the replica of VM {} (job {}) holds {n} restore point(s) in {}; say what becomes of them: \
                  {command} --delete-points (deletes the files), or --keep-files (keeps them on the DR host, \
                  no longer managed by standby)",
-                r.vm, r.job, r.dir
-            )));
+                    r.vm, r.job, r.dir
+                ),
+            });
         }
         Ok(())
     }

@@ -192,7 +192,10 @@ impl Engine {
     pub fn host_probe(&self, host: &str, kernel: &str, initrd: &str) -> Result<&'static str> {
         for (what, p) in [("kernel", kernel), ("initrd", initrd)] {
             if !std::path::Path::new(p).is_absolute() || !self.host(host)?.file_exists(p)? {
-                return Err(EngineError::Invalid(format!("{what} {p} does not exist (give an absolute path)")));
+                return Err(EngineError::BadArgument {
+                    arg: what,
+                    why: format!("{what} {p} does not exist (give an absolute path)"),
+                });
             }
         }
         Ok(self.host(host)?.probe_accel(kernel, initrd)?.as_str())

@@ -31,14 +31,18 @@ impl Engine {
         let _lock = VmLock::acquire(&self.data_dir, name, "permanent failover")?;
         let replica = self.replica_of(name, job)?;
         replica.state.apply(Transition::PermanentStarted)?;
-        let vm = self.store().replica_vm(replica.id)?.ok_or_else(|| {
-            EngineError::Invalid(format!("VM {name} is in failover but its replica VM is not defined"))
+        let vm = self.store().replica_vm(replica.id)?.ok_or_else(|| EngineError::Damaged {
+            vm: name.into(),
+            what: format!("VM {name} is in failover but its replica VM is not defined"),
         })?;
         let points = self.store().restore_points(replica.id, true)?;
         let rp = points
             .iter()
             .find(|p| Some(p.id) == replica.failover_point)
-            .ok_or_else(|| EngineError::Invalid(format!("VM {name}'s replica has no failover restore point")))?
+            .ok_or_else(|| EngineError::Damaged {
+                vm: name.into(),
+                what: format!("VM {name}'s replica has no failover restore point"),
+            })?
             .clone();
         let dr_host = self.host(&replica.target_host)?;
         self.store().transition(
@@ -154,13 +158,16 @@ impl Engine {
         for (i, (chain, overlay)) in chains.iter().zip(&vm.disks).enumerate() {
             let info = dr_host.image_info(&overlay.path, Format::Qcow2, true)?;
             if info.backing_filename.is_some() {
-                return Err(EngineError::Invalid(format!("disk {i} of {} still has a backing file", vm.name)));
+                return Err(EngineError::Mismatch {
+                    vm: vm.name.clone(),
+                    what: format!("disk {i} of {} still has a backing file", vm.name),
+                });
             }
             if !dr_host.image_compare(&Chain::single(&overlay.path, Format::Qcow2), chain)? {
-                return Err(EngineError::Invalid(format!(
-                    "disk {i} of {} does not read as the chain it ran on; nothing was deleted",
-                    vm.name
-                )));
+                return Err(EngineError::Mismatch {
+                    vm: vm.name.clone(),
+                    what: format!("disk {i} of {} does not read as the chain it ran on; nothing was deleted", vm.name),
+                });
             }
         }
         Ok(())

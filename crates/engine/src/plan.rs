@@ -166,7 +166,7 @@ impl Engine {
     pub fn plan_create(&self, spec: &PlanSpec) -> Result<PlanView> {
         VmName::new(&spec.name)?;
         if self.store().plans()?.iter().any(|p| p.name == spec.name) {
-            return Err(EngineError::Invalid(format!("a plan named {:?} already exists", spec.name)));
+            return Err(EngineError::PlanExists(spec.name.clone()));
         }
         self.check_plan_vms(&spec.vms)?;
         let plan = PlanRecord {
@@ -221,11 +221,14 @@ impl Engine {
 
     fn check_plan_vms(&self, vms: &[(String, u64)]) -> Result<()> {
         if vms.is_empty() {
-            return Err(EngineError::Invalid("a plan needs at least one --vm".into()));
+            return Err(EngineError::BadArgument { arg: "--vm", why: "a plan needs at least one --vm".into() });
         }
         for (i, (vm, _)) in vms.iter().enumerate() {
             if vms[..i].iter().any(|(v, _)| v == vm) {
-                return Err(EngineError::Invalid(format!("VM {vm} is named twice in the plan")));
+                return Err(EngineError::BadArgument {
+                    arg: "--vm",
+                    why: format!("VM {vm} is named twice in the plan"),
+                });
             }
             self.replica_of(vm, None)?;
         }
@@ -241,11 +244,7 @@ impl Engine {
     }
 
     fn plan_record(&self, name: &str) -> Result<PlanRecord> {
-        self.store()
-            .plans()?
-            .into_iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| EngineError::Invalid(format!("unknown plan {name:?}; see `standby plan list`")))
+        self.store().plans()?.into_iter().find(|p| p.name == name).ok_or_else(|| EngineError::UnknownPlan(name.into()))
     }
 
     /// Fails over every VM of the plan in order, waiting each VM's delay after it runs.
@@ -266,7 +265,11 @@ impl Engine {
                 }
                 Err(m) => {
                     self.record_raw(&format!("plan:{name}"), "plan run", "failed", &m);
-                    return Err(EngineError::Invalid(format!("{m}; no VM was failed over")));
+                    return Err(EngineError::PartlyDone {
+                        vm: format!("plan:{name}"),
+                        done: m,
+                        failed: "no VM was failed over".into(),
+                    });
                 }
             }
         }
@@ -350,7 +353,10 @@ impl Engine {
 
 fn check_hook_timeout(secs: u64) -> Result<u64> {
     if !(1..=86_400).contains(&secs) {
-        return Err(EngineError::Invalid(format!("--hook-timeout {secs} is out of range 1..=86400 seconds")));
+        return Err(EngineError::BadArgument {
+            arg: "--hook-timeout",
+            why: format!("--hook-timeout {secs} is out of range 1..=86400 seconds"),
+        });
     }
     Ok(secs)
 }

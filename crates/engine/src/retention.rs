@@ -70,7 +70,7 @@ impl Engine {
             return Ok(());
         };
         if pos != 0 {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::Bug(format!(
                 "restore point {id} is not the oldest; retention drops oldest first"
             )));
         }
@@ -80,7 +80,7 @@ impl Engine {
         let mut new_bases = Vec::new();
         for d in &doomed.disks {
             if d.parent.is_some() {
-                return Err(EngineError::Invalid(format!("oldest restore point {id} has a parent layer")));
+                return Err(EngineError::Bug(format!("oldest restore point {id} has a parent layer")));
             }
             let child = points[1..].iter().flat_map(|p| &p.disks).find(|c| c.parent.as_deref() == Some(&d.layer));
             if let Some(c) = child {

@@ -307,7 +307,7 @@ pub fn execute(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(crate::EngineError::Invalid("a transfer worker panicked".into()))))
+            .map(|h| h.join().unwrap_or_else(|_| Err(crate::EngineError::Bug("a transfer worker panicked".into()))))
             .collect()
     });
     let mut total_stats = Stats::default();

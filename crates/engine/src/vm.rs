@@ -55,21 +55,27 @@ impl Engine {
         }
         let host = self.host(&spec.host)?;
         if spec.disks.is_empty() {
-            return Err(EngineError::Invalid("a VM needs at least one --disk".into()));
+            return Err(EngineError::BadArgument { arg: "--disk", why: "a VM needs at least one --disk".into() });
         }
         check_config(host.as_ref(), spec.cpus, spec.memory_mib, &spec.nics, &spec.kernel, &spec.initrd, &spec.append)?;
         if !spec.formats.is_empty() && spec.formats.len() != spec.disks.len() {
-            return Err(EngineError::Invalid(format!(
-                "{} --format for {} --disk; give one format per disk, in order, or none to probe them",
-                spec.formats.len(),
-                spec.disks.len()
-            )));
+            return Err(EngineError::BadArgument {
+                arg: "--format",
+                why: format!(
+                    "{} --format for {} --disk; give one format per disk, in order, or none to probe them",
+                    spec.formats.len(),
+                    spec.disks.len()
+                ),
+            });
         }
         let formats = spec
             .formats
             .iter()
             .map(|f| {
-                Format::parse(f).ok_or_else(|| EngineError::Invalid(format!("--format {f:?} is neither qcow2 nor raw")))
+                Format::parse(f).ok_or_else(|| EngineError::BadArgument {
+                    arg: "--format",
+                    why: format!("--format {f:?} is neither qcow2 nor raw"),
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let mut disks = Vec::new();
@@ -186,7 +192,7 @@ impl Engine {
         }
         // Not even with --force: its disks are being written under it.
         if let Some(why) = self.failback_holds(&vm)? {
-            return Err(EngineError::Invalid(why));
+            return Err(EngineError::Refused { vm: name.into(), why });
         }
         if vm.role == Role::Retired {
             let replacement = self
@@ -365,7 +371,10 @@ impl Engine {
         };
         if change.kernel == Some(None) {
             if matches!(change.initrd, Some(Some(_))) || matches!(change.append, Some(Some(_))) {
-                return Err(EngineError::Invalid("--initrd and --append need a kernel; drop --no-kernel".into()));
+                return Err(EngineError::BadArgument {
+                    arg: "--no-kernel",
+                    why: "--initrd and --append need a kernel; drop --no-kernel".into(),
+                });
             }
             next.initrd = None;
             next.append = None;
@@ -396,10 +405,13 @@ impl Engine {
             }
         }
         if changes.is_empty() {
-            return Err(EngineError::Invalid(format!(
-                "nothing to change: give --memory, --cpus, --nic, --no-nics, --kernel, --no-kernel, --initrd or --append \
-                 with a value other than {name}'s current one (standby vm show {name})"
-            )));
+            return Err(EngineError::NothingToChange {
+                subject: name.into(),
+                hint: format!(
+                    "give --memory, --cpus, --nic, --no-nics, --kernel, --no-kernel, --initrd or --append with a value \
+                     other than {name}'s current one (standby vm show {name})"
+                ),
+            });
         }
         self.store().update_vm_config(&next)?;
         self.record_raw(&protected, "vm change", "ok", &format!("{name}: {}", changes.join(", ")));
@@ -412,7 +424,9 @@ impl Engine {
         let vm = self.vm_record(name)?;
         let protected = self.protected_name(&vm)?;
         let _lock = VmLock::acquire(&self.data_dir, &protected, "vm delete")?;
-        let refuse = |why: String| Err(EngineError::Invalid(format!("VM {name} cannot be deleted: {why}")));
+        let refuse = |why: String| {
+            Err(EngineError::Refused { vm: name.into(), why: format!("VM {name} cannot be deleted: {why}") })
+        };
         if vm.role == Role::Replica {
             return refuse(format!(
                 "it is the replica VM of {protected} in failover; end the failover instead \
@@ -464,23 +478,32 @@ fn check_config(
     append: &Option<String>,
 ) -> Result<()> {
     if !(1..=64).contains(&cpus) {
-        return Err(EngineError::Invalid(format!("--cpus {cpus} is out of range 1..=64")));
+        return Err(EngineError::BadArgument { arg: "--cpus", why: format!("--cpus {cpus} is out of range 1..=64") });
     }
     if !(16..=1 << 20).contains(&memory_mib) {
-        return Err(EngineError::Invalid(format!("--memory {memory_mib} MiB is out of range 16..=1048576")));
+        return Err(EngineError::BadArgument {
+            arg: "--memory",
+            why: format!("--memory {memory_mib} MiB is out of range 16..=1048576"),
+        });
     }
     for nic in nics {
         if !NIC_MODELS.contains(&nic.as_str()) {
-            return Err(EngineError::Invalid(format!("NIC model {nic:?} is not one of {}", NIC_MODELS.join(", "))));
+            return Err(EngineError::BadArgument {
+                arg: "--nic",
+                why: format!("NIC model {nic:?} is not one of {}", NIC_MODELS.join(", ")),
+            });
         }
     }
     if kernel.is_none() && (initrd.is_some() || append.is_some()) {
-        return Err(EngineError::Invalid("--initrd and --append need --kernel".into()));
+        return Err(EngineError::BadArgument { arg: "--kernel", why: "--initrd and --append need --kernel".into() });
     }
     for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
         if let Some(p) = path {
             if !p.starts_with('/') || !host.file_exists(p)? {
-                return Err(EngineError::Invalid(format!("{what} {p} does not exist (give an absolute path)")));
+                return Err(EngineError::BadArgument {
+                    arg: what,
+                    why: format!("{what} {p} does not exist (give an absolute path)"),
+                });
             }
         }
     }

@@ -121,3 +121,28 @@ fn permanent_failover_makes_the_replica_independent_of_the_chain() {
     assert_eq!(chains[0].layers.len(), 1, "one standalone disk: {:?}", chains[0]);
     assert!(fake.read_chain(&chains[0]) == expect, "with everything the guest wrote");
 }
+
+#[test]
+fn bad_requests_are_typed_errors_that_name_what_is_wrong_and_change_nothing() {
+    use standby_engine::{EngineError, JobChange, VmChange};
+    let site = Site::protected();
+    let before = site.engine.job_show("j").unwrap();
+    let e = site
+        .engine
+        .job_change("j", &JobChange { retain: Some(0), every: None, add_vms: Vec::new(), remove_vms: Vec::new() })
+        .unwrap_err();
+    assert!(matches!(e, EngineError::BadArgument { arg: "--retain", .. }), "{e:?}");
+    let e = site
+        .engine
+        .job_change("j", &JobChange { retain: Some(3), every: None, add_vms: Vec::new(), remove_vms: Vec::new() })
+        .unwrap_err();
+    assert!(matches!(&e, EngineError::NothingToChange { subject, .. } if subject == "job j"), "{e:?}");
+    let same = VmChange { memory_mib: Some(128), cpus: None, nics: None, kernel: None, initrd: None, append: None };
+    let e = site.engine.vm_change("web", &same).unwrap_err();
+    assert!(matches!(&e, EngineError::NothingToChange { subject, .. } if subject == "web"), "{e:?}");
+    let huge = VmChange { cpus: Some(1000), ..same };
+    let e = site.engine.vm_change("web", &huge).unwrap_err();
+    assert!(matches!(e, EngineError::BadArgument { arg: "--cpus", .. }), "{e:?}");
+    assert_eq!(site.engine.job_show("j").unwrap().retain, before.retain);
+    assert_eq!(site.engine.vm_show("web").unwrap().cpus, 1);
+}

@@ -13,10 +13,13 @@ impl Engine {
         replica.state.apply(Transition::CommitStarted)?;
         let rd = self.replica_disks(&replica)?;
         if self.vm_is_running(&rd.vm)? {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::Refused {
+                vm: name.into(),
+                why: format!(
                 "replica {} runs; shut it down first (standby vm shutdown {}) so that production is the only writer",
                 rd.vm.name, rd.vm.name
-            )));
+            ),
+            });
         }
         self.store().transition(
             replica.id,
@@ -44,7 +47,10 @@ impl Engine {
             )?;
             return Ok("failback committed".into());
         };
-        let seq = rec.seq.ok_or_else(|| EngineError::Invalid("the failback reserved no sequence".into()))?;
+        let seq = rec.seq.ok_or_else(|| EngineError::Damaged {
+            vm: name.into(),
+            what: "the failback reserved no sequence".into(),
+        })?;
         let exists = self.store().restore_points(replica.id, false)?.iter().any(|p| p.seq == seq);
         let mut kept = None;
         if !exists {
@@ -94,7 +100,10 @@ impl Engine {
         progress: &dyn Progress,
     ) -> Result<(PointId, Moved)> {
         let dr_host = self.host(&replica.target_host)?;
-        let newest = rd.points.last().ok_or_else(|| EngineError::Invalid("the replica has no restore point".into()))?;
+        let newest = rd.points.last().ok_or_else(|| EngineError::Damaged {
+            vm: replica.vm.clone(),
+            what: "the replica has no restore point".into(),
+        })?;
         let full_newer = rd.newer_points().any(|p| p.disks.iter().any(|d| d.parent.is_none()));
         let mut moved = Moved::default();
         let mut layers = Vec::new();

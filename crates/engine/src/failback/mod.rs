@@ -181,7 +181,7 @@ impl Engine {
     }
 
     fn save_failback(&self, replica_id: ReplicaId, rec: &FailbackRecord) -> Result<()> {
-        let raw = serde_json::to_string(rec).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let raw = serde_json::to_string(rec).map_err(|e| EngineError::Bug(e.to_string()))?;
         self.store().put_failback(replica_id, &raw)?;
         Ok(())
     }
@@ -191,10 +191,14 @@ impl Engine {
         let point = points
             .iter()
             .find(|p| Some(p.id) == replica.failover_point)
-            .ok_or_else(|| EngineError::Invalid(format!("VM {}'s replica has no failover restore point", replica.vm)))?
+            .ok_or_else(|| EngineError::Damaged {
+                vm: replica.vm.clone(),
+                what: format!("VM {}'s replica has no failover restore point", replica.vm),
+            })?
             .clone();
-        let vm = self.store().replica_vm(replica.id)?.ok_or_else(|| {
-            EngineError::Invalid(format!("VM {} is in failover but its replica VM is not defined", replica.vm))
+        let vm = self.store().replica_vm(replica.id)?.ok_or_else(|| EngineError::Damaged {
+            vm: replica.vm.clone(),
+            what: format!("VM {} is in failover but its replica VM is not defined", replica.vm),
         })?;
         Ok(ReplicaDisks { points, point, vm })
     }
@@ -278,7 +282,7 @@ impl Engine {
                 self.finish_undo_failback(replica, &quiet)?;
                 ("undo failback", "completed", "undo failback completed: the replica runs again")
             }
-            other => return Err(EngineError::Invalid(format!("{other:?} is no failback recovery"))),
+            other => return Err(EngineError::Bug(format!("{other:?} is no failback recovery"))),
         };
         self.record_raw(vm, op, outcome, "recovered after an interruption");
         Ok(format!("VM {vm}: {note}"))
@@ -339,7 +343,7 @@ impl Engine {
 }
 
 fn missing_record(vm: &str) -> EngineError {
-    EngineError::Invalid(format!("VM {vm}'s failback record is missing"))
+    EngineError::Damaged { vm: vm.into(), what: format!("VM {vm}'s failback record is missing") }
 }
 
 /// The node and file at the top of each of a running VM's disks, from `query-block`.

@@ -85,7 +85,11 @@ impl Engine {
                 self.record(name, "failback switch", &switched, String::clone);
                 match switched {
                     Ok(s) => Ok(format!("{done}; {s}")),
-                    Err(e) => Err(EngineError::Invalid(format!("{done}; the switch failed: {}", vm::chain(&e)))),
+                    Err(e) => Err(EngineError::PartlyDone {
+                        vm: name.into(),
+                        done,
+                        failed: format!("the switch failed: {}", vm::chain(&e)),
+                    }),
                 }
             }
             SwitchMode::Manual => Ok(format!("{done}; switch with: standby failback switch {name}")),
@@ -106,23 +110,27 @@ impl Engine {
         let (host, disks, target_vm, created) = match &opts.target {
             FailbackTarget::Original => (source.host.clone(), source.disks.clone(), Some(source.clone()), false),
             FailbackTarget::Existing { vm } => {
-                let t = self.store().vm(vm)?.ok_or_else(|| {
-                    EngineError::Invalid(format!(
+                let t = self.store().vm(vm)?.ok_or_else(|| EngineError::BadArgument {
+                    arg: "--to",
+                    why: format!(
                         "unknown VM {vm:?}: register the recovered VM first (standby vm create {vm} --disk PATH ...)"
-                    ))
+                    ),
                 })?;
                 let protected = !self.store().replicas_of_vm(vm)?.is_empty();
                 if t.name == *name || t.replica_id.is_some() || protected {
-                    return Err(EngineError::Invalid(format!(
-                        "VM {vm} cannot take {name}'s place: it is {}",
-                        if t.name == *name {
-                            "the same VM (use --to original)"
-                        } else if t.replica_id.is_some() {
-                            "a replica VM"
-                        } else {
-                            "protected by a job of its own"
-                        }
-                    )));
+                    return Err(EngineError::Refused {
+                        vm: vm.clone(),
+                        why: format!(
+                            "VM {vm} cannot take {name}'s place: it is {}",
+                            if t.name == *name {
+                                "the same VM (use --to original)"
+                            } else if t.replica_id.is_some() {
+                                "a replica VM"
+                            } else {
+                                "protected by a job of its own"
+                            }
+                        ),
+                    });
                 }
                 (t.host.clone(), t.disks.clone(), Some(t), false)
             }
@@ -141,10 +149,10 @@ impl Engine {
                     .collect();
                 for d in &disks {
                     if h.file_exists(&d.path)? {
-                        return Err(EngineError::Invalid(format!(
-                            "{} already exists on {host}; choose another directory or remove it",
-                            d.path
-                        )));
+                        return Err(EngineError::BadArgument {
+                            arg: "--to",
+                            why: format!("{} already exists on {host}; choose another directory or remove it", d.path),
+                        });
                     }
                 }
                 (host.clone(), disks, None, true)
@@ -154,36 +162,48 @@ impl Engine {
             // The name moves to the target at the switch; a QEMU still running the old
             // source under that name would be a second writer nobody could address.
             if self.vm_is_running(source)? {
-                return Err(EngineError::Invalid(format!(
-                    "the old source VM {name} runs on {}; shut it down first (standby vm shutdown {name}): the \
+                return Err(EngineError::Refused {
+                    vm: name.clone(),
+                    why: format!(
+                        "the old source VM {name} runs on {}; shut it down first (standby vm shutdown {name}): the \
                      failback gives its name to {}",
-                    source.host, opts.target
-                )));
+                        source.host, opts.target
+                    ),
+                });
             }
         }
         if disks.len() != sizes.len() {
-            return Err(EngineError::Invalid(format!(
-                "{} has {} disk(s) and the replica {}; they must match",
-                opts.target,
-                disks.len(),
-                sizes.len()
-            )));
+            return Err(EngineError::BadArgument {
+                arg: "--to",
+                why: format!(
+                    "{} has {} disk(s) and the replica {}; they must match",
+                    opts.target,
+                    disks.len(),
+                    sizes.len()
+                ),
+            });
         }
         let h = self.host(&host)?;
         if !created {
             for (i, (d, size)) in disks.iter().zip(&sizes).enumerate() {
                 let info = h.image_info(&d.path, d.format, true)?;
                 if info.virtual_size != *size {
-                    return Err(EngineError::Invalid(format!(
-                        "disk {i} of {} ({}) is {} bytes and the replica's is {size}; they must be the same size",
-                        opts.target, d.path, info.virtual_size
-                    )));
+                    return Err(EngineError::BadArgument {
+                        arg: "--to",
+                        why: format!(
+                            "disk {i} of {} ({}) is {} bytes and the replica's is {size}; they must be the same size",
+                            opts.target, d.path, info.virtual_size
+                        ),
+                    });
                 }
                 if let Some(b) = info.backing_filename {
-                    return Err(EngineError::Invalid(format!(
+                    return Err(EngineError::BadArgument {
+                        arg: "--to",
+                        why: format!(
                         "disk {i} of {} ({}) has a backing file ({b}); flatten it first (qemu-img rebase -b '' ...)",
                         opts.target, d.path
-                    )));
+                    ),
+                    });
                 }
             }
         }

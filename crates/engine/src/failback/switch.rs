@@ -121,9 +121,15 @@ impl Engine {
         let tgt = self.host(&rec.host)?;
         let dr_host = self.host(&replica.target_host)?;
         if self.vm_is_running(&rd.vm)? {
-            return Err(EngineError::Invalid(format!("replica {} still runs; it must be off to switch", rd.vm.name)));
+            return Err(EngineError::Refused {
+                vm: rd.vm.name.clone(),
+                why: format!("replica {} still runs; it must be off to switch", rd.vm.name),
+            });
         }
-        let seq = rec.seq.ok_or_else(|| EngineError::Invalid("the switch reserved no sequence".into()))?;
+        let seq = rec.seq.ok_or_else(|| EngineError::Damaged {
+            vm: rd.vm.name.clone(),
+            what: "the switch reserved no sequence".into(),
+        })?;
 
         // The working layers exist until they are committed: their absence means the
         // copy and commit are done.

@@ -66,11 +66,14 @@ pub(crate) fn copy(
         let mut plan_src = connect_src()?;
         let mut plan_dst = connect_dst()?;
         if plan_src.size() != plan_dst.size() {
-            return Err(EngineError::Invalid(format!(
-                "the replica's disk is {} bytes and the target's {}; they must be the same size",
-                plan_src.size(),
-                plan_dst.size()
-            )));
+            return Err(EngineError::BadArgument {
+                arg: "--to",
+                why: format!(
+                    "the replica's disk is {} bytes and the target's {}; they must be the same size",
+                    plan_src.size(),
+                    plan_dst.size()
+                ),
+            });
         }
         let plan = match diff {
             Difference::Ranges { known, top_layers } => {

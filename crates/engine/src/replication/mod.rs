@@ -221,10 +221,13 @@ impl Engine {
         match all.len() {
             0 => Err(EngineError::NoReplica { vm: vm.into() }),
             1 => Ok(all.remove(0)),
-            _ => Err(EngineError::Invalid(format!(
-                "VM {vm} has replicas from jobs {}; name one with --job",
-                all.iter().map(|r| r.job.as_str()).collect::<Vec<_>>().join(", ")
-            ))),
+            _ => Err(EngineError::BadArgument {
+                arg: "--job",
+                why: format!(
+                    "VM {vm} has replicas from jobs {}; name one with --job",
+                    all.iter().map(|r| r.job.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            }),
         }
     }
 
@@ -239,9 +242,10 @@ impl Engine {
     pub fn job_run(&self, name: &str, progress: &dyn Progress) -> Result<Vec<RunOutcome>> {
         let job = self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?;
         if !job.enabled {
-            return Err(EngineError::Invalid(format!(
-                "job {name} is disabled; enable it first (standby job enable {name})"
-            )));
+            return Err(EngineError::JobRefused {
+                job: name.into(),
+                why: format!("job {name} is disabled; enable it first (standby job enable {name})"),
+            });
         }
         self.store().set_job_last_run(job.id, &standby_store::now())?;
         // A replica whose row cannot be read fails on its own; the others run.
@@ -361,7 +365,7 @@ impl Engine {
         self.recover_replica(replica, &vm, src_host.as_ref(), dr_host.as_ref(), notes, interrupted)?;
         if within == RunWithin::PlannedFailover {
             if replica.state != ReplicaState::PreparingFailover {
-                return Err(EngineError::Invalid(format!("VM {} is not preparing a planned failover", replica.vm)));
+                return Err(EngineError::Bug(format!("VM {} is not preparing a planned failover", replica.vm)));
             }
             return self.run_once(replica, &vm, src_host.as_ref(), dr_host.as_ref(), retain, progress, notes);
         }
@@ -641,7 +645,7 @@ impl Engine {
             .restore_points(replica.id, false)?
             .into_iter()
             .find(|p| p.id == rp_id)
-            .ok_or_else(|| EngineError::Invalid("the new restore point vanished".into()))?;
+            .ok_or_else(|| EngineError::Bug("the new restore point vanished".into()))?;
         Ok(point_view(rp, &replica.vm, &replica.job))
     }
 
