@@ -14,16 +14,18 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
 use standby_host::{Chain, Format, Host};
 use standby_model::recovery::Recovery;
 use standby_model::step::{FailoverStep, PlannedStep, UndoStep};
 use standby_model::{PointId, ReplicaId, ReplicaState, Role, Step, Transition};
 use standby_store::{FailoverPoint, NewVm, ReplicaRecord, VmRecord};
 
-use crate::layout::{self, overlay_gen, overlay_path};
+use crate::batch::OpOutcome;
+use crate::layout::{self, overlay_path};
 use crate::lock::VmLock;
-use crate::replication::{dr, RunWithin};
+use crate::replica_dir;
+use crate::replica_vm::{overlay_chain, replica_vm_name};
+use crate::replication::RunWithin;
 use crate::{failpoint, verify, vm, Engine, EngineError, Result};
 
 /// Which restore point a failover goes to.
@@ -31,22 +33,6 @@ use crate::{failpoint, verify, vm, Engine, EngineError, Result};
 pub enum PointChoice {
     Latest,
     Id(PointId),
-}
-
-/// One VM's result in a batch.
-#[derive(Debug, Clone, Serialize)]
-pub struct OpOutcome {
-    pub vm: String,
-    pub ok: bool,
-    /// What happened, or why it failed.
-    pub message: String,
-    pub warnings: Vec<String>,
-}
-
-/// A replica disk's whole chain: the restore point's layers, then every overlay
-/// generation up to `top`.
-pub(crate) fn overlay_chain(point: Chain, dir: &str, idx: usize, top: &str) -> Chain {
-    (0..=overlay_gen(top)).fold(point, |chain, g| chain.with_top(&overlay_path(dir, idx, g)))
 }
 
 impl Engine {
@@ -61,44 +47,6 @@ impl Engine {
             }
         }
         Ok(())
-    }
-
-    /// Runs `op` for every VM in parallel; one VM's failure does not stop the others.
-    pub(crate) fn batch(
-        &self,
-        vms: &[String],
-        op: impl Fn(&str, &mut Vec<String>) -> Result<String> + Sync,
-    ) -> Vec<OpOutcome> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = vms
-                .iter()
-                .map(|vm| {
-                    let op = &op;
-                    s.spawn(move || {
-                        let mut warnings = Vec::new();
-                        let r = op(vm, &mut warnings);
-                        OpOutcome {
-                            vm: vm.clone(),
-                            ok: r.is_ok(),
-                            message: r.unwrap_or_else(|e| vm::chain(&e)),
-                            warnings,
-                        }
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .zip(vms)
-                .map(|(h, vm)| {
-                    h.join().unwrap_or_else(|_| OpOutcome {
-                        vm: vm.clone(),
-                        ok: false,
-                        message: "the operation panicked; this is a bug".into(),
-                        warnings: Vec::new(),
-                    })
-                })
-                .collect()
-        })
     }
 
     pub fn failover(&self, vms: &[String], job: Option<&str>, point: PointChoice, force: bool) -> Vec<OpOutcome> {
@@ -149,7 +97,7 @@ impl Engine {
                 Err(e) => warnings.push(format!(
                     "source VM {name} ran before and could not be started again: {}; start it (standby vm start \
                      {name})",
-                    vm::chain(&e)
+                    crate::chain(&e)
                 )),
             }
         }
@@ -193,7 +141,7 @@ impl Engine {
             let differing = verify::differing_bytes(
                 &layout::verify_id(replica.id, layer.idx),
                 verify::Side { host: src.as_ref(), chain: Chain::single(&disk.path, disk.format) },
-                verify::Side { host: dr.as_ref(), chain: dr::chain_of(&points, &layer.layer)? },
+                verify::Side { host: dr.as_ref(), chain: replica_dir::chain_of(&points, &layer.layer)? },
             )?;
             if differing != 0 {
                 return Err(EngineError::Mismatch { vm: source.name.clone(), what: format!(
@@ -566,16 +514,12 @@ impl Engine {
         })?;
         let mut disks = Vec::new();
         for (d, overlay) in rp.disks.iter().zip(&vm.disks) {
-            let chain = overlay_chain(dr::chain_of(&points, &d.layer)?, &replica.dir, d.idx as usize, &overlay.path);
+            let chain =
+                overlay_chain(replica_dir::chain_of(&points, &d.layer)?, &replica.dir, d.idx as usize, &overlay.path);
             disks.push(standby_host::DiskSource::Chain(chain));
         }
         Ok(disks)
     }
-}
-
-/// The replica VM's name: the source's plus the job's suffix.
-pub(crate) fn replica_vm_name(replica: &ReplicaRecord) -> String {
-    format!("{}{}", replica.vm, replica.replica_suffix)
 }
 
 #[cfg(test)]

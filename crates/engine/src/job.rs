@@ -9,7 +9,7 @@ use standby_model::{parse_interval, ReplicaState, Role, VmName, DEFAULT_RETAIN};
 use standby_store::{NewJob, ReplicaRecord};
 
 use crate::lock::VmLock;
-use crate::replication::dr;
+use crate::replica_dir;
 use crate::{Engine, EngineError, Result};
 
 /// What `standby job change` asks for; `None` keeps the current value.
@@ -131,8 +131,8 @@ impl Engine {
         // Once the VMs are known good, so that their refusals create nothing: prove the
         // target usable, then name it as the host resolves it. Two spellings of one
         // directory (a symlink, `//`, `..`, a trailing `/`) are one directory.
-        host.ensure_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
-        let dir = host.canonical_dir(&given).map_err(|e| target_err(crate::vm::chain(&e)))?;
+        host.ensure_dir(&given).map_err(|e| target_err(crate::chain(&e)))?;
+        let dir = host.canonical_dir(&given).map_err(|e| target_err(crate::chain(&e)))?;
         let (replicas, claimed) =
             self.place_replicas(host.as_ref(), &spec.target_host, &dir, &spec.name, &spec.vms, &vm_ids)?;
         let inserted = self.store().insert_job(
@@ -247,7 +247,7 @@ impl Engine {
         let mut claimed = Vec::new();
         for (i, (_, rdir)) in replicas.iter().enumerate() {
             let owner = self.replica_owner(job, &vms[i]);
-            if let Err(e) = dr::claim(host, rdir, &owner) {
+            if let Err(e) = replica_dir::claim(host, rdir, &owner) {
                 release(host, &claimed);
                 return Err(e);
             }
@@ -531,7 +531,7 @@ impl Engine {
             return Ok(out);
         }
         if m.delete_files {
-            out.deleted_files = dr::remove_orphans(dr_host.as_ref(), &r.dir, &[], r.next_seq)?;
+            out.deleted_files = replica_dir::remove_orphans(dr_host.as_ref(), &r.dir, &[], r.next_seq)?;
         }
         if m.owned {
             self.release_replica_dir(dr_host.as_ref(), r)?;
@@ -576,9 +576,7 @@ impl Engine {
         let rows = self.store().job_rows()?;
         Ok(rows
             .into_iter()
-            .map(|(id, row)| {
-                row.map(view).map_err(|e| format!("jobs row {id} cannot be read ({})", crate::vm::chain(&e)))
-            })
+            .map(|(id, row)| row.map(view).map_err(|e| format!("jobs row {id} cannot be read ({})", crate::chain(&e))))
             .collect())
     }
 }

@@ -2,6 +2,7 @@
 //! only through [`standby_host::Host`] and keeps its state in [`standby_store::Store`].
 //! It never prints: progress goes to a [`Progress`] sink and results are returned.
 
+mod batch;
 mod error;
 mod failback;
 mod failover;
@@ -12,6 +13,8 @@ mod lock;
 mod permanent;
 mod plan;
 mod progress;
+mod replica_dir;
+mod replica_vm;
 mod replication;
 mod retention;
 mod task;
@@ -27,9 +30,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use standby_host::{Host, LocalHost};
 use standby_store::Store;
 
+pub use batch::OpOutcome;
+pub(crate) use error::chain;
 pub use error::{EngineError, Result};
 pub use failback::{FailbackOptions, FailbackView, Moved};
-pub use failover::{OpOutcome, PointChoice};
+pub use failover::PointChoice;
 pub use job::{JobChange, JobSpec, JobView, Points, ReplicaDeleted};
 pub use plan::{PlanChange, PlanRun, PlanSpec, PlanStep, PlanView, PlanVmView, DEFAULT_HOOK_TIMEOUT_SECS};
 pub use progress::{NoProgress, Progress};
@@ -134,7 +139,7 @@ impl Engine {
     pub(crate) fn record<T>(&self, vm: &str, operation: &str, result: &Result<T>, ok: impl FnOnce(&T) -> String) {
         match result {
             Ok(v) => self.record_raw(vm, operation, "ok", &ok(v)),
-            Err(e) => self.record_raw(vm, operation, "failed", &vm::chain(e)),
+            Err(e) => self.record_raw(vm, operation, "failed", &crate::chain(e)),
         }
     }
 
@@ -170,13 +175,13 @@ impl Engine {
     }
 
     /// Who owns the directory of `vm`'s replica by `job`: this installation's.
-    pub(crate) fn replica_owner(&self, job: &str, vm: &str) -> replication::dr::Owner {
-        replication::dr::Owner { data_dir: self.data_dir.display().to_string(), job: job.into(), vm: vm.into() }
+    pub(crate) fn replica_owner(&self, job: &str, vm: &str) -> replica_dir::Owner {
+        replica_dir::Owner { data_dir: self.data_dir.display().to_string(), job: job.into(), vm: vm.into() }
     }
 
     /// Refuses to touch a replica directory whose marker does not name this replica.
     pub(crate) fn check_replica_dir(&self, host: &dyn Host, replica: &standby_store::ReplicaRecord) -> Result<()> {
-        replication::dr::check_owner(host, &replica.dir, &self.replica_owner(&replica.job, &replica.vm))
+        replica_dir::check_owner(host, &replica.dir, &self.replica_owner(&replica.job, &replica.vm))
     }
 
     pub(crate) fn host(&self, name: &str) -> Result<Arc<dyn Host>> {

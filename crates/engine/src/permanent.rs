@@ -10,9 +10,10 @@ use standby_model::step::PermanentStep;
 use standby_model::{ReplicaState, Step, Transition};
 use standby_store::{FailoverPoint, ReplicaRecord, RestorePointRecord, VmRecord};
 
-use crate::failover::{overlay_chain, replica_vm_name, OpOutcome};
+use crate::batch::OpOutcome;
 use crate::lock::VmLock;
-use crate::replication::dr;
+use crate::replica_dir;
+use crate::replica_vm::{overlay_chain, replica_vm_name};
 use crate::{failpoint, Engine, EngineError, Result};
 
 /// Longest a live flatten may take before standby gives up on it.
@@ -84,7 +85,7 @@ impl Engine {
     fn finish_permanent(&self, replica: &ReplicaRecord) -> Result<usize> {
         let dr_host = self.host(&replica.target_host)?;
         self.check_replica_dir(dr_host.as_ref(), replica)?;
-        let mut removed = dr::remove_orphans(dr_host.as_ref(), &replica.dir, &[], self.next_seq(replica.id)?)?;
+        let mut removed = replica_dir::remove_orphans(dr_host.as_ref(), &replica.dir, &[], self.next_seq(replica.id)?)?;
         // Overlay generations below the flattened top (a failback's protective point
         // left them) are read by nothing now.
         let vm = self.store().vm(&replica_vm_name(replica))?;
@@ -119,7 +120,7 @@ impl Engine {
             .iter()
             .zip(&vm.disks)
             .map(|(d, overlay)| {
-                Ok(overlay_chain(dr::chain_of(points, &d.layer)?, &replica.dir, d.idx as usize, &overlay.path))
+                Ok(overlay_chain(replica_dir::chain_of(points, &d.layer)?, &replica.dir, d.idx as usize, &overlay.path))
             })
             .collect::<Result<_>>()?;
         if running {

@@ -11,7 +11,8 @@ use serde::Serialize;
 use standby_model::{ReplicaState, VmName};
 use standby_store::{PlanRecord, PlanVm};
 
-use crate::failover::{OpOutcome, PointChoice};
+use crate::batch::OpOutcome;
+use crate::failover::PointChoice;
 use crate::{Engine, EngineError, Result};
 
 /// What `standby plan create` asks for.

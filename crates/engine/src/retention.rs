@@ -10,7 +10,7 @@ use standby_host::{Chain, Format, Host, Layer};
 use standby_model::{points_to_drop, PointId, ReplicaId, Seq};
 use standby_store::RestorePointRecord;
 
-use crate::replication::dr;
+use crate::replica_dir;
 use crate::{failpoint, Engine, EngineError, Result};
 
 impl Engine {
@@ -31,8 +31,8 @@ impl Engine {
         }
         if !doomed.is_empty() {
             let points = self.store().restore_points(replica_id, true)?;
-            dr::fix_headers(host, &points)?;
-            dr::remove_orphans(host, dir, &points, self.next_seq(replica_id)?)?;
+            replica_dir::fix_headers(host, &points)?;
+            replica_dir::remove_orphans(host, dir, &points, self.next_seq(replica_id)?)?;
         }
         Ok(doomed.len())
     }
@@ -53,9 +53,9 @@ impl Engine {
         }
         let points = self.store().restore_points(replica_id, true)?;
         if interrupted || !pending.is_empty() {
-            dr::fix_headers(host, &points)?;
+            replica_dir::fix_headers(host, &points)?;
         }
-        dr::remove_orphans(host, dir, &points, self.next_seq(replica_id)?)
+        replica_dir::remove_orphans(host, dir, &points, self.next_seq(replica_id)?)
     }
 
     /// The replica's next sequence, read now: every lower one was taken by a run.

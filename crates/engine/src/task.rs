@@ -47,7 +47,7 @@ impl<'a> TaskProgress<'a> {
     pub fn finish(&self, result: &Result<String>) {
         let (status, msg) = match result {
             Ok(m) => ("ok", m.clone()),
-            Err(e) => ("failed", crate::vm::chain(e)),
+            Err(e) => ("failed", crate::chain(e)),
         };
         self.flush_bytes(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
         let _ = self.engine.store().finish_task(self.id, status, &msg);

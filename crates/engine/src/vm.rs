@@ -129,7 +129,7 @@ impl Engine {
             Some(format) => host.image_info(path, format, false),
             None => host.image_probe(path),
         }
-        .map_err(|e| bad(format!("not a usable disk image: {}", chain(&e))))?;
+        .map_err(|e| bad(format!("not a usable disk image: {}", crate::chain(&e))))?;
         if let Some(backing) = &info.backing_filename {
             return Err(bad(format!(
                 "it has a backing file ({backing}); standby protects standalone disks only: flatten it first \
@@ -200,7 +200,7 @@ impl Engine {
                 .replicas_of_vm(name)?
                 .iter()
                 .find(|r| r.state == ReplicaState::Permanent)
-                .map_or_else(|| "its replica".to_owned(), crate::failover::replica_vm_name);
+                .map_or_else(|| "its replica".to_owned(), crate::replica_vm::replica_vm_name);
             if !force {
                 return Err(EngineError::Retired { vm: name.into(), replacement });
             }
@@ -532,18 +532,6 @@ fn power_off_within(host: &dyn Host, name: &str, quit_wait: Duration) -> Result<
         VmRuntime::Stopped => Ok(()),
         VmRuntime::Running { pid } => Err(HostError::StillRunning { vm: name.into(), pid }.into()),
     }
-}
-
-/// An error and its causes on one line, for messages that embed another error.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

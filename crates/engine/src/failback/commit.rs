@@ -126,7 +126,7 @@ impl Engine {
             let stats = sync::copy(
                 &format!("{}keep-d{i}", nbd_prefix(replica.id)),
                 End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &top.path)? },
-                End { host: dr_host.as_ref(), chain: dr::chain_of(&rd.points, &base.layer)?.with_top(&layer) },
+                End { host: dr_host.as_ref(), chain: replica_dir::chain_of(&rd.points, &base.layer)?.with_top(&layer) },
                 &diff,
                 progress,
                 &replica.vm,

@@ -41,10 +41,11 @@ use standby_store::{
     DiskRecord, FailoverPoint, NewRestorePoint, NewVm, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord,
 };
 
-use crate::failover::{overlay_chain, replica_vm_name, OpOutcome};
+use crate::batch::OpOutcome;
 use crate::layout::{overlay_gen, overlay_path};
 use crate::lock::VmLock;
-use crate::replication::dr;
+use crate::replica_dir;
+use crate::replica_vm::{overlay_chain, replica_vm_name};
 use crate::task::TaskProgress;
 use crate::transfer::{self, Stats};
 use crate::{failpoint, vm, Engine, EngineError, Progress, Result};
@@ -161,7 +162,7 @@ struct ReplicaDisks {
 impl ReplicaDisks {
     /// Disk `idx` as the replica reads it, up to overlay `top`.
     fn chain(&self, dir: &str, idx: usize, top: &str) -> Result<Chain> {
-        Ok(overlay_chain(dr::chain_of(&self.points, &self.point.disks[idx].layer)?, dir, idx, top))
+        Ok(overlay_chain(replica_dir::chain_of(&self.points, &self.point.disks[idx].layer)?, dir, idx, top))
     }
 
     fn newer_points(&self) -> impl Iterator<Item = &RestorePointRecord> {

@@ -57,7 +57,7 @@ impl Engine {
             Ok(rec) => rec,
             Err(e) => {
                 if let Err(r) = self.roll_back_phase1(&replica) {
-                    warnings.push(format!("rolling back failed too: {}", vm::chain(&r)));
+                    warnings.push(format!("rolling back failed too: {}", crate::chain(&r)));
                 }
                 return Err(e);
             }
@@ -88,7 +88,7 @@ impl Engine {
                     Err(e) => Err(EngineError::PartlyDone {
                         vm: name.into(),
                         done,
-                        failed: format!("the switch failed: {}", vm::chain(&e)),
+                        failed: format!("the switch failed: {}", crate::chain(&e)),
                     }),
                 }
             }
@@ -142,7 +142,7 @@ impl Engine {
                     return Err(bad("give an absolute path".into()));
                 }
                 if h.file_exists(dir)? {
-                    h.canonical_dir(dir).map_err(|e| bad(vm::chain(&e)))?;
+                    h.canonical_dir(dir).map_err(|e| bad(crate::chain(&e)))?;
                 }
                 let disks: Vec<DiskRecord> = (0..sizes.len())
                     .map(|i| DiskRecord { path: format!("{dir}/{name}-d{i}.qcow2"), format: Format::Qcow2 })

@@ -101,11 +101,14 @@ impl Engine {
                         None,
                         FailoverPoint::Keep,
                     )?;
-                    Err(EngineError::Invalid(format!("{}; the replica runs on, still ready to switch", vm::chain(&e))))
+                    Err(EngineError::Invalid(format!(
+                        "{}; the replica runs on, still ready to switch",
+                        crate::chain(&e)
+                    )))
                 } else {
                     Err(EngineError::Invalid(format!(
                         "{}; the target's disks were being updated: run standby recover to finish the switch",
-                        vm::chain(&e)
+                        crate::chain(&e)
                     )))
                 }
             }

@@ -10,7 +10,6 @@
 //!    database transaction;
 //! 6. retire the previous bitmaps, apply retention.
 
-pub(crate) mod dr;
 pub(crate) mod source;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,9 +23,10 @@ use standby_model::{Method, PointId, ReplicaId, ReplicaState, Seq, Transition};
 use standby_store::{FailoverPoint, NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
 
 use crate::lock::VmLock;
+use crate::replica_dir;
 use crate::task::TaskProgress;
 use crate::transfer::{self, Plan, Stats, BASE_ALLOCATION};
-use crate::{failpoint, vm, Engine, EngineError, Progress, Result};
+use crate::{failpoint, Engine, EngineError, Progress, Result};
 use standby_host::SourceDisk;
 
 #[derive(Debug, Clone, Serialize)]
@@ -145,7 +145,7 @@ impl Engine {
                 needs_attention: Some(format!(
                     "replicas row {id} cannot be read ({}); standby leaves this replica alone until the row is \
                      repaired or restored from a backup of the database",
-                    vm::chain(&e)
+                    crate::chain(&e)
                 )),
             }));
         }
@@ -199,7 +199,11 @@ impl Engine {
             let r = match row {
                 Ok(r) => r,
                 Err(e) => {
-                    notes.push(format!("{} cannot be read ({}); it needs attention", self.row_name(id), vm::chain(&e)));
+                    notes.push(format!(
+                        "{} cannot be read ({}); it needs attention",
+                        self.row_name(id),
+                        crate::chain(&e)
+                    ));
                     continue;
                 }
             };
@@ -265,7 +269,7 @@ impl Engine {
                     restore_point: None,
                     error: Some(format!(
                         "replicas row {id} cannot be read ({}); repair it, the other VMs of the job run on",
-                        vm::chain(&e)
+                        crate::chain(&e)
                     )),
                     notes: Vec::new(),
                 }),
@@ -328,7 +332,7 @@ impl Engine {
             }
             Err(e) => {
                 progress.step(&replica.vm, "failed");
-                RunOutcome { vm: replica.vm.clone(), restore_point: None, error: Some(crate::vm::chain(&e)), notes }
+                RunOutcome { vm: replica.vm.clone(), restore_point: None, error: Some(crate::chain(&e)), notes }
             }
         }
     }
@@ -396,7 +400,7 @@ impl Engine {
                     done.attention.push(format!(
                         "{} needs attention: {}; standby leaves that replica alone until the row is repaired",
                         self.row_name(id),
-                        vm::chain(&e)
+                        crate::chain(&e)
                     ));
                     continue;
                 }
@@ -413,7 +417,7 @@ impl Engine {
                 Ok(Some(r)) if !(r.state.is_idle() && r.step.is_none()) => r,
                 Ok(_) => continue,
                 Err(e) => {
-                    done.attention.push(format!("{} needs attention: {}", self.row_name(id), vm::chain(&e)));
+                    done.attention.push(format!("{} needs attention: {}", self.row_name(id), crate::chain(&e)));
                     continue;
                 }
             };
@@ -421,7 +425,7 @@ impl Engine {
             match self.recover_one(&replica) {
                 Ok(n) => done.notes.extend(n),
                 Err(e) => {
-                    let why = vm::chain(&e);
+                    let why = crate::chain(&e);
                     self.record_raw(&replica.vm, "recovery", "failed", &why);
                     done.attention.push(format!(
                         "VM {} needs attention: its interrupted {} could not be recovered: {why}; fix that \
@@ -630,7 +634,7 @@ impl Engine {
                     notes.push(format!(
                         "disk {}: old bitmap {prev} stays until the next run: {}",
                         d.idx,
-                        crate::vm::chain(&e)
+                        crate::chain(&e)
                     ));
                 }
             }
@@ -731,7 +735,7 @@ impl Engine {
             };
             dr.image_create(&layer, d.size, parent.as_deref().map(|p| (p, Format::Qcow2)))?;
             let chain = match &parent {
-                Some(p) => dr::chain_of(points, p)?.with_top(&layer),
+                Some(p) => replica_dir::chain_of(points, p)?.with_top(&layer),
                 None => Chain::single(&layer, Format::Qcow2),
             };
             let id = format!("{}d{}", target_prefix(replica.id), d.idx);

@@ -1,5 +1,6 @@
-//! The DR side: restore-point layers, the chains standby builds from its own records, and
-//! the repair that makes the replica directory hold exactly what the database names.
+//! The replica directory on the DR host: who owns it, the restore-point layers, the chains
+//! standby builds from its own records, and the repair that makes the directory hold
+//! exactly what the database names.
 
 use standby_host::{Chain, Format, Host, Layer};
 use standby_model::Seq;
