@@ -18,7 +18,8 @@ use args::{
 };
 use clap::Parser;
 use standby_engine::{
-    Engine, FailbackOptions, JobChange, JobSpec, PlanChange, PlanSpec, PointChoice, VmChange, VmSpec,
+    DriverConfig, Engine, FailbackOptions, JobChange, JobSpec, PlanChange, PlanSpec, PointChoice, VmChange, VmConfig,
+    VmSpec,
 };
 
 fn default_data_dir() -> PathBuf {
@@ -132,12 +133,7 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
                 host,
                 disks,
                 formats,
-                memory_mib: memory,
-                cpus,
-                nics,
-                kernel,
-                initrd,
-                append,
+                config: VmConfig { cpus, memory_mib: memory, driver: DriverConfig { nics, kernel, initrd, append } },
             })?;
             output::vm(&v, json.json)?;
             if probed && !json.json {

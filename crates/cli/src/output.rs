@@ -57,8 +57,8 @@ pub fn vms(list: &[VmView], as_json: bool) -> Result<()> {
                 v.host.clone(),
                 v.role.into(),
                 v.state.into(),
-                v.cpus.to_string(),
-                format!("{} MiB", v.memory_mib),
+                v.config.cpus.to_string(),
+                format!("{} MiB", v.config.memory_mib),
                 v.disks.len().to_string(),
             ]
         })
@@ -74,15 +74,15 @@ pub fn vm(v: &VmView, as_json: bool) -> Result<()> {
     println!("name:    {}", v.name);
     println!("host:    {}", v.host);
     println!("state:   {}{}", v.state, v.pid.map(|p| format!(" (pid {p})")).unwrap_or_default());
-    println!("cpus:    {}", v.cpus);
-    println!("memory:  {} MiB", v.memory_mib);
+    println!("cpus:    {}", v.config.cpus);
+    println!("memory:  {} MiB", v.config.memory_mib);
     for (i, d) in v.disks.iter().enumerate() {
         println!("disk {i}:  {} ({})", d.path, d.format);
     }
-    for n in &v.nics {
+    for n in &v.config.driver.nics {
         println!("nic:     {n}");
     }
-    if let Some(k) = &v.kernel {
+    if let Some(k) = &v.config.driver.kernel {
         println!("kernel:  {k}");
     }
     Ok(())

@@ -338,13 +338,8 @@ impl Engine {
         self.store().insert_vm(&NewVm {
             name: vm_name.into(),
             host: replica.target_host.clone(),
-            cpus: source.cpus,
-            memory_mib: source.memory_mib,
+            config: source.config.clone(),
             disks: overlays,
-            nics: source.nics.clone(),
-            kernel: source.kernel.clone(),
-            initrd: source.initrd.clone(),
-            append: source.append.clone(),
             role: Role::Replica,
             replica_id: Some(replica.id),
         })?;

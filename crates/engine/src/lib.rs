@@ -39,9 +39,9 @@ pub use job::{JobChange, JobSpec, JobView, Points, ReplicaDeleted};
 pub use plan::{PlanChange, PlanRun, PlanSpec, PlanStep, PlanView, PlanVmView, DEFAULT_HOOK_TIMEOUT_SECS};
 pub use progress::{NoProgress, Progress};
 pub use replication::{Recovery, ReplicaView, RestorePointView, RpDiskView, RunOutcome};
-pub use standby_model::{FailbackTarget, SwitchMode};
+pub use standby_model::{DriverConfig, FailbackTarget, SwitchMode, VmChange, VmConfig};
 pub use task::TaskView;
-pub use vm::{VmChange, VmSpec, VmView};
+pub use vm::{VmSpec, VmView};
 
 /// The name of the host that exists from the first run: this machine.
 pub const LOCAL_HOST: &str = "local";

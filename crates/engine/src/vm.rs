@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use standby_host::{Format, Host, HostError, VmLaunch, VmRuntime};
-use standby_model::{ReplicaState, Role, VmName};
+use standby_model::{ReplicaState, Role, VmChange, VmConfig, VmName};
 use standby_store::{DiskRecord, NewVm, VmRecord};
 
 use crate::lock::VmLock;
@@ -18,12 +18,7 @@ pub struct VmSpec {
     pub disks: Vec<String>,
     /// One format per disk, in order (`qcow2` or `raw`); empty to probe each disk once.
     pub formats: Vec<String>,
-    pub memory_mib: u32,
-    pub cpus: u32,
-    pub nics: Vec<String>,
-    pub kernel: Option<String>,
-    pub initrd: Option<String>,
-    pub append: Option<String>,
+    pub config: VmConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -35,17 +30,12 @@ pub struct VmView {
     /// `source` for a VM standby protects or manages.
     pub role: &'static str,
     pub pid: Option<u32>,
-    pub cpus: u32,
-    pub memory_mib: u32,
+    /// Flattened: `--json` keeps `cpus`, `memory_mib`, `nics`, `kernel`, ... at the top.
+    #[serde(flatten)]
+    pub config: VmConfig,
     pub disks: Vec<DiskRecord>,
-    pub nics: Vec<String>,
-    pub kernel: Option<String>,
-    pub initrd: Option<String>,
-    pub append: Option<String>,
     pub created_at: String,
 }
-
-const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000"];
 
 impl Engine {
     pub fn vm_create(&self, spec: &VmSpec) -> Result<VmView> {
@@ -57,7 +47,7 @@ impl Engine {
         if spec.disks.is_empty() {
             return Err(EngineError::BadArgument { arg: "--disk", why: "a VM needs at least one --disk".into() });
         }
-        check_config(host.as_ref(), spec.cpus, spec.memory_mib, &spec.nics, &spec.kernel, &spec.initrd, &spec.append)?;
+        check_config(host.as_ref(), &spec.config)?;
         if !spec.formats.is_empty() && spec.formats.len() != spec.disks.len() {
             return Err(EngineError::BadArgument {
                 arg: "--format",
@@ -85,13 +75,8 @@ impl Engine {
         self.store().insert_vm(&NewVm {
             name: spec.name.clone(),
             host: spec.host.clone(),
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
+            config: spec.config.clone(),
             disks,
-            nics: spec.nics.clone(),
-            kernel: spec.kernel.clone(),
-            initrd: spec.initrd.clone(),
-            append: spec.append.clone(),
             role: Role::Source,
             replica_id: None,
         })?;
@@ -155,13 +140,8 @@ impl Engine {
             state,
             role: vm.role.as_str(),
             pid,
-            cpus: vm.cpus,
-            memory_mib: vm.memory_mib,
+            config: vm.config,
             disks: vm.disks,
-            nics: vm.nics,
-            kernel: vm.kernel,
-            initrd: vm.initrd,
-            append: vm.append,
             created_at: vm.created_at,
         })
     }
@@ -232,16 +212,7 @@ impl Engine {
     /// Starts the VM's QEMU on its host.
     pub(crate) fn launch(&self, vm: &VmRecord) -> Result<()> {
         let disks = self.launch_disks(vm)?;
-        self.host(&vm.host)?.vm_start(&VmLaunch {
-            name: vm.name.clone(),
-            cpus: vm.cpus,
-            memory_mib: vm.memory_mib,
-            disks,
-            nics: vm.nics.clone(),
-            kernel: vm.kernel.clone(),
-            initrd: vm.initrd.clone(),
-            append: vm.append.clone(),
-        })?;
+        self.host(&vm.host)?.vm_start(&VmLaunch { name: vm.name.clone(), config: vm.config.clone(), disks })?;
         Ok(())
     }
 
@@ -329,18 +300,6 @@ impl Engine {
     }
 }
 
-/// What `standby vm change` asks for; `None` keeps the current value.
-#[derive(Debug, Clone, Default)]
-pub struct VmChange {
-    pub memory_mib: Option<u32>,
-    pub cpus: Option<u32>,
-    pub nics: Option<Vec<String>>,
-    /// `Some(None)` removes the kernel, and with it the initrd and kernel options.
-    pub kernel: Option<Option<String>>,
-    pub initrd: Option<Option<String>>,
-    pub append: Option<Option<String>>,
-}
-
 impl Engine {
     /// Changes a stopped VM's memory, CPUs, NICs or kernel; it takes effect at the next
     /// start. Refused while it runs: QEMU applies none of these to a running guest.
@@ -356,54 +315,9 @@ impl Engine {
                        (standby vm shutdown), change it, start it again",
             });
         }
-        let mut next = NewVm {
-            name: vm.name.clone(),
-            host: vm.host.clone(),
-            cpus: change.cpus.unwrap_or(vm.cpus),
-            memory_mib: change.memory_mib.unwrap_or(vm.memory_mib),
-            disks: vm.disks.clone(),
-            nics: change.nics.clone().unwrap_or_else(|| vm.nics.clone()),
-            kernel: change.kernel.clone().unwrap_or_else(|| vm.kernel.clone()),
-            initrd: change.initrd.clone().unwrap_or_else(|| vm.initrd.clone()),
-            append: change.append.clone().unwrap_or_else(|| vm.append.clone()),
-            role: vm.role,
-            replica_id: vm.replica_id,
-        };
-        if change.kernel == Some(None) {
-            if matches!(change.initrd, Some(Some(_))) || matches!(change.append, Some(Some(_))) {
-                return Err(EngineError::BadArgument {
-                    arg: "--no-kernel",
-                    why: "--initrd and --append need a kernel; drop --no-kernel".into(),
-                });
-            }
-            next.initrd = None;
-            next.append = None;
-        }
-        let host = self.host(&vm.host)?;
-        check_config(host.as_ref(), next.cpus, next.memory_mib, &next.nics, &next.kernel, &next.initrd, &next.append)?;
-        let mut changes = Vec::new();
-        if next.cpus != vm.cpus {
-            changes.push(format!("cpus {} -> {}", vm.cpus, next.cpus));
-        }
-        if next.memory_mib != vm.memory_mib {
-            changes.push(format!("memory {} -> {} MiB", vm.memory_mib, next.memory_mib));
-        }
-        if next.nics != vm.nics {
-            changes.push(format!("nics [{}] -> [{}]", vm.nics.join(" "), next.nics.join(" ")));
-        }
-        for (what, old, new) in [
-            ("kernel", &vm.kernel, &next.kernel),
-            ("initrd", &vm.initrd, &next.initrd),
-            ("append", &vm.append, &next.append),
-        ] {
-            if old != new {
-                changes.push(format!(
-                    "{what} {:?} -> {:?}",
-                    old.as_deref().unwrap_or("none"),
-                    new.as_deref().unwrap_or("none")
-                ));
-            }
-        }
+        let next = vm.config.changed(change).map_err(|(arg, why)| EngineError::BadArgument { arg, why })?;
+        check_config(self.host(&vm.host)?.as_ref(), &next)?;
+        let changes = vm.config.differences(&next);
         if changes.is_empty() {
             return Err(EngineError::NothingToChange {
                 subject: name.into(),
@@ -413,7 +327,7 @@ impl Engine {
                 ),
             });
         }
-        self.store().update_vm_config(&next)?;
+        self.store().update_vm_config(name, &next)?;
         self.record_raw(&protected, "vm change", "ok", &format!("{name}: {}", changes.join(", ")));
         self.vm_show(name)
     }
@@ -467,47 +381,14 @@ impl Engine {
     }
 }
 
-/// The settings every VM definition must satisfy, at creation and at every change.
-fn check_config(
-    host: &dyn Host,
-    cpus: u32,
-    memory_mib: u32,
-    nics: &[String],
-    kernel: &Option<String>,
-    initrd: &Option<String>,
-    append: &Option<String>,
-) -> Result<()> {
-    if !(1..=64).contains(&cpus) {
-        return Err(EngineError::BadArgument { arg: "--cpus", why: format!("--cpus {cpus} is out of range 1..=64") });
-    }
-    if !(16..=1 << 20).contains(&memory_mib) {
-        return Err(EngineError::BadArgument {
-            arg: "--memory",
-            why: format!("--memory {memory_mib} MiB is out of range 16..=1048576"),
-        });
-    }
-    for nic in nics {
-        if !NIC_MODELS.contains(&nic.as_str()) {
-            return Err(EngineError::BadArgument {
-                arg: "--nic",
-                why: format!("NIC model {nic:?} is not one of {}", NIC_MODELS.join(", ")),
-            });
-        }
-    }
-    if kernel.is_none() && (initrd.is_some() || append.is_some()) {
-        return Err(EngineError::BadArgument { arg: "--kernel", why: "--initrd and --append need --kernel".into() });
-    }
-    for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
-        if let Some(p) = path {
-            if !p.starts_with('/') || !host.file_exists(p)? {
-                return Err(EngineError::BadArgument {
-                    arg: what,
-                    why: format!("{what} {p} does not exist (give an absolute path)"),
-                });
-            }
-        }
-    }
-    Ok(())
+/// The settings every VM definition must satisfy, at creation and at every change: the
+/// limits of any VM, then what its host's driver can run.
+fn check_config(host: &dyn Host, config: &VmConfig) -> Result<()> {
+    config.check().map_err(|(arg, why)| EngineError::BadArgument { arg, why })?;
+    host.check_config(config).map_err(|e| match e {
+        HostError::BadConfig { arg, why } => EngineError::BadArgument { arg, why },
+        e => e.into(),
+    })
 }
 
 /// `quit` lets QEMU flush and write its persistent bitmaps; SIGKILL only if it hangs.
@@ -618,6 +499,9 @@ mod tests {
             unreachable!()
         }
         fn image_compare(&self, _: &Chain, _: &Chain) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+        fn check_config(&self, _: &VmConfig) -> standby_host::Result<()> {
             unreachable!()
         }
         fn vm_start(&self, _: &VmLaunch) -> standby_host::Result<()> {

@@ -144,5 +144,5 @@ fn bad_requests_are_typed_errors_that_name_what_is_wrong_and_change_nothing() {
     let e = site.engine.vm_change("web", &huge).unwrap_err();
     assert!(matches!(e, EngineError::BadArgument { arg: "--cpus", .. }), "{e:?}");
     assert_eq!(site.engine.job_show("j").unwrap().retain, before.retain);
-    assert_eq!(site.engine.vm_show("web").unwrap().cpus, 1);
+    assert_eq!(site.engine.vm_show("web").unwrap().config.cpus, 1);
 }

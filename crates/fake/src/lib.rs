@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use standby_host::{
     Accel, BitmapInfo, BitmapOp, BitmapState, BlockStream, Chain, DiskAccess, DiskSource, Format, Host, HostError,
-    ImageInfo, NbdAddress, Result, ServeSpec, SourceDisk, View, VmLaunch, VmRuntime,
+    ImageInfo, NbdAddress, Result, ServeSpec, SourceDisk, View, VmConfig, VmLaunch, VmRuntime,
 };
 use standby_model::ReplicaId;
 use standby_nbd::{Extent, NbdError};
@@ -702,6 +702,19 @@ impl Host for FakeHost {
     fn image_compare(&self, a: &Chain, b: &Chain) -> Result<bool> {
         let w = self.call("image_compare");
         Ok(w.contents(a)? == w.contents(b)?)
+    }
+
+    /// Any NIC model; a kernel and an initrd must be files of this host.
+    fn check_config(&self, config: &VmConfig) -> Result<()> {
+        let d = &config.driver;
+        for (arg, path) in [("--kernel", &d.kernel), ("--initrd", &d.initrd)] {
+            if let Some(p) = path {
+                if !self.file_exists(p)? {
+                    return Err(HostError::BadConfig { arg, why: format!("{p} does not exist") });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn vm_start(&self, vm: &VmLaunch) -> Result<()> {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use standby_nbd::{Extent, NbdError};
 
 pub use standby_model::image::{Accel, BitmapInfo, BitmapOp, Chain, DiskSource, Format, ImageInfo, Layer};
+pub use standby_model::VmConfig;
 use standby_qemu::QemuError;
 
 pub use live::{fleece_prefix, serve_prefix};
@@ -51,6 +52,9 @@ pub enum HostError {
          (`cat /proc/{pid}/status` says why it does not exit) and run the command again"
     )]
     NbdStillRunning { id: String, pid: u32 },
+    /// A VM configuration this driver cannot run; `arg` is the option at fault.
+    #[error("{why}")]
+    BadConfig { arg: &'static str, why: String },
     #[error("VM {vm}: its monitor")]
     Monitor { vm: String, source: QemuError },
     #[error("VM {vm}: QEMU does not report its disk {disk}; was the VM started by standby with its disks?")]
@@ -70,17 +74,12 @@ pub enum HostError {
 
 pub type Result<T> = std::result::Result<T, HostError>;
 
-/// What a host needs to run a VM.
+/// What a host needs to run a VM: its configuration, carried whole, and its disks.
 #[derive(Debug, Clone)]
 pub struct VmLaunch {
     pub name: String,
-    pub cpus: u32,
-    pub memory_mib: u32,
+    pub config: VmConfig,
     pub disks: Vec<DiskSource>,
-    pub nics: Vec<String>,
-    pub kernel: Option<String>,
-    pub initrd: Option<String>,
-    pub append: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +188,9 @@ pub trait Host: Debug + Send + Sync {
     fn image_compare(&self, a: &Chain, b: &Chain) -> Result<bool>;
 
     // ---- VMs ----
+    /// Checks the driver's part of a VM's configuration (device models, boot files)
+    /// before it is stored: a VM standby accepts is one this host can start.
+    fn check_config(&self, config: &VmConfig) -> Result<()>;
     fn vm_start(&self, vm: &VmLaunch) -> Result<()>;
     fn vm_runtime(&self, vm: &str) -> Result<VmRuntime>;
     /// Asks the guest to shut down (ACPI power button).

@@ -25,6 +25,9 @@ use standby_qemu::qmp::commands::{Cont, Quit, Stop, SystemPowerdown};
 use crate::live::{disk_node, Monitor, QemuDisks, QMP_TIMEOUT, STATUS_TIMEOUT};
 use crate::*;
 
+/// The NIC device models a VM may have, each with user-mode networking.
+const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000"];
+
 /// Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -314,23 +317,40 @@ impl Host for LocalHost {
         Ok(img::compare(a, b)?)
     }
 
+    fn check_config(&self, config: &VmConfig) -> Result<()> {
+        let d = &config.driver;
+        for nic in &d.nics {
+            if !NIC_MODELS.contains(&nic.as_str()) {
+                let why = format!("NIC model {nic:?} is not one of {}", NIC_MODELS.join(", "));
+                return Err(HostError::BadConfig { arg: "--nic", why });
+            }
+        }
+        if d.kernel.is_none() && (d.initrd.is_some() || d.append.is_some()) {
+            return Err(HostError::BadConfig { arg: "--kernel", why: "--initrd and --append need --kernel".into() });
+        }
+        for (arg, what, path) in [("--kernel", "kernel", &d.kernel), ("--initrd", "initrd", &d.initrd)] {
+            if let Some(p) = path {
+                if !Path::new(p).is_absolute() || !Path::new(p).exists() {
+                    let why = format!("{what} {p} does not exist (give an absolute path)");
+                    return Err(HostError::BadConfig { arg, why });
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn vm_start(&self, vm: &VmLaunch) -> Result<()> {
         let dir = self.vm_dir(&vm.name);
         fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
         let machine = Machine {
             name: vm.name.clone(),
-            cpus: vm.cpus,
-            memory_mib: vm.memory_mib,
+            config: vm.config.clone(),
             disks: vm
                 .disks
                 .iter()
                 .enumerate()
                 .map(|(i, source)| MachineDisk { source: source.clone(), node: disk_node(i) })
                 .collect(),
-            nics: vm.nics.clone(),
-            kernel: vm.kernel.clone(),
-            initrd: vm.initrd.clone(),
-            append: vm.append.clone(),
             accel: self.accel,
             qmp_socket: self.socket(self.vm_file(&vm.name, "qmp.sock"))?,
             qmp_status_socket: self.socket(self.vm_file(&vm.name, "qmp-status.sock"))?,

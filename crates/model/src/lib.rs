@@ -10,6 +10,7 @@ mod retention;
 mod state;
 pub mod step;
 pub mod tracking;
+mod vm;
 
 pub use failback::{FailbackTarget, SwitchMode};
 pub use ids::{PointId, ReplicaId, Seq};
@@ -17,3 +18,4 @@ pub use names::{parse_interval, NameError, VmName};
 pub use retention::{points_to_drop, DEFAULT_RETAIN};
 pub use state::{Method, ReplicaState, Role, Transition, TransitionError};
 pub use step::Step;
+pub use vm::{DriverConfig, VmChange, VmConfig};

@@ -2,6 +2,7 @@
 
 use crate::chain::{chain_json, Chain};
 pub use standby_model::image::{Accel, DiskSource};
+use standby_model::VmConfig;
 
 pub const QEMU_SYSTEM: &str = "qemu-system-x86_64";
 
@@ -15,14 +16,9 @@ pub struct MachineDisk {
 #[derive(Debug, Clone)]
 pub struct Machine {
     pub name: String,
-    pub cpus: u32,
-    pub memory_mib: u32,
+    /// Its NICs are models with user-mode networking; none when empty.
+    pub config: VmConfig,
     pub disks: Vec<MachineDisk>,
-    /// NIC models with user-mode networking; empty for none.
-    pub nics: Vec<String>,
-    pub kernel: Option<String>,
-    pub initrd: Option<String>,
-    pub append: Option<String>,
     pub accel: Accel,
     /// Monitor for long operations (replication runs).
     pub qmp_socket: String,
@@ -46,7 +42,7 @@ impl Machine {
             "-no-user-config",
         ]);
         push(&["-accel", self.accel.as_str()]);
-        push(&["-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()]);
+        push(&["-smp", &self.config.cpus.to_string(), "-m", &self.config.memory_mib.to_string()]);
         push(&["-chardev", &format!("file,id=console,path={},append=on", opt_value(&self.console_log))]);
         push(&["-serial", "chardev:console"]);
         for (id, socket) in [("qmp", &self.qmp_socket), ("qmp-status", &self.qmp_status_socket)] {
@@ -65,17 +61,18 @@ impl Machine {
             push(&["-blockdev", &spec.to_string()]);
             push(&["-device", &format!("virtio-blk-pci,drive={},id=vd{i}", d.node)]);
         }
-        for (i, model) in self.nics.iter().enumerate() {
+        let boot = &self.config.driver;
+        for (i, model) in boot.nics.iter().enumerate() {
             push(&["-netdev", &format!("user,id=net{i}")]);
             push(&["-device", &format!("{model},netdev=net{i}")]);
         }
-        if let Some(k) = &self.kernel {
+        if let Some(k) = &boot.kernel {
             push(&["-kernel", k]);
         }
-        if let Some(i) = &self.initrd {
+        if let Some(i) = &boot.initrd {
             push(&["-initrd", i]);
         }
-        if let Some(ap) = &self.append {
+        if let Some(ap) = &boot.append {
             push(&["-append", ap]);
         }
         push(&["-no-reboot"]);
@@ -97,8 +94,7 @@ mod tests {
     fn disks_get_named_nodes() {
         let m = Machine {
             name: "web".into(),
-            cpus: 1,
-            memory_mib: 128,
+            config: VmConfig { cpus: 1, memory_mib: 128, driver: Default::default() },
             disks: vec![
                 MachineDisk {
                     source: DiskSource::Image { path: "/d/a.qcow2".into(), format: Format::Qcow2 },
@@ -109,10 +105,6 @@ mod tests {
                     node: "disk1".into(),
                 },
             ],
-            nics: vec![],
-            kernel: None,
-            initrd: None,
-            append: None,
             accel: Accel::Tcg,
             qmp_socket: "/r/qmp.sock".into(),
             qmp_status_socket: "/r/qmp-status.sock".into(),
@@ -131,16 +123,11 @@ mod tests {
     fn paths_with_commas_are_escaped_or_json() {
         let m = Machine {
             name: "web".into(),
-            cpus: 1,
-            memory_mib: 128,
+            config: VmConfig { cpus: 1, memory_mib: 128, driver: Default::default() },
             disks: vec![MachineDisk {
                 source: DiskSource::Image { path: "/d/a,file.locking=off.qcow2".into(), format: Format::Raw },
                 node: "disk0".into(),
             }],
-            nics: vec![],
-            kernel: None,
-            initrd: None,
-            append: None,
             accel: Accel::Tcg,
             qmp_socket: "/r,x/qmp.sock".into(),
             qmp_status_socket: "/r,x/qmp-status.sock".into(),

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use standby_model::image::Format;
-use standby_model::{Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, Transition};
+use standby_model::{DriverConfig, Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, Transition, VmConfig};
 
 pub use history::{HISTORY_KEEP, HISTORY_SLACK};
 pub use records::*;
@@ -117,12 +117,12 @@ impl Store {
             params![
                 vm.name,
                 vm.host,
-                vm.cpus,
-                vm.memory_mib,
-                serde_json::to_string(&vm.nics).unwrap_or_default(),
-                vm.kernel,
-                vm.initrd,
-                vm.append,
+                vm.config.cpus,
+                vm.config.memory_mib,
+                serde_json::to_string(&vm.config.driver.nics).unwrap_or_default(),
+                vm.config.driver.kernel,
+                vm.config.driver.initrd,
+                vm.config.driver.append,
                 now(),
                 vm.role.as_str(),
                 vm.replica_id
@@ -142,12 +142,17 @@ impl Store {
             id: r.get(0)?,
             name: r.get(1)?,
             host: r.get(2)?,
-            cpus: r.get(3)?,
-            memory_mib: r.get(4)?,
-            nics: serde_json::from_str(&nics).map_err(|e| bad_cell("vms", id, 5, format!("nics {nics:?}: {e}")))?,
-            kernel: r.get(6)?,
-            initrd: r.get(7)?,
-            append: r.get(8)?,
+            config: VmConfig {
+                cpus: r.get(3)?,
+                memory_mib: r.get(4)?,
+                driver: DriverConfig {
+                    nics: serde_json::from_str(&nics)
+                        .map_err(|e| bad_cell("vms", id, 5, format!("nics {nics:?}: {e}")))?,
+                    kernel: r.get(6)?,
+                    initrd: r.get(7)?,
+                    append: r.get(8)?,
+                },
+            },
             created_at: r.get(9)?,
             role: role.parse().map_err(|e| bad_cell("vms", id, 10, e))?,
             replica_id: r.get(11)?,
@@ -214,21 +219,22 @@ impl Store {
     }
 
     /// Changes a VM's configuration (not its name, host or disks).
-    pub fn update_vm_config(&mut self, vm: &NewVm) -> Result<()> {
+    pub fn update_vm_config(&mut self, name: &str, config: &VmConfig) -> Result<()> {
+        let d = &config.driver;
         let n = self.conn.execute(
             "UPDATE vms SET cpus = ?2, memory_mib = ?3, nics = ?4, kernel = ?5, initrd = ?6, append = ?7 WHERE name = ?1",
             params![
-                vm.name,
-                vm.cpus,
-                vm.memory_mib,
-                serde_json::to_string(&vm.nics).unwrap_or_default(),
-                vm.kernel,
-                vm.initrd,
-                vm.append
+                name,
+                config.cpus,
+                config.memory_mib,
+                serde_json::to_string(&d.nics).unwrap_or_default(),
+                d.kernel,
+                d.initrd,
+                d.append
             ],
         )?;
         if n != 1 {
-            return Err(StoreError::Corrupt(format!("VM {} is not defined", vm.name)));
+            return Err(StoreError::Corrupt(format!("VM {name} is not defined")));
         }
         Ok(())
     }
@@ -244,12 +250,12 @@ impl Store {
             params![
                 id,
                 vm.host,
-                vm.cpus,
-                vm.memory_mib,
-                serde_json::to_string(&vm.nics).unwrap_or_default(),
-                vm.kernel,
-                vm.initrd,
-                vm.append
+                vm.config.cpus,
+                vm.config.memory_mib,
+                serde_json::to_string(&vm.config.driver.nics).unwrap_or_default(),
+                vm.config.driver.kernel,
+                vm.config.driver.initrd,
+                vm.config.driver.append
             ],
         )?;
         tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;

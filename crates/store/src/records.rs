@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use standby_model::image::Format;
-use standby_model::{Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step};
+use standby_model::{Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, VmConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRecord {
@@ -14,13 +14,10 @@ pub struct DiskRecord {
 pub struct NewVm {
     pub name: String,
     pub host: String,
-    pub cpus: u32,
-    pub memory_mib: u32,
+    /// Flattened: failback records written before it was one type read the same.
+    #[serde(flatten)]
+    pub config: VmConfig,
     pub disks: Vec<DiskRecord>,
-    pub nics: Vec<String>,
-    pub kernel: Option<String>,
-    pub initrd: Option<String>,
-    pub append: Option<String>,
     pub role: Role,
     pub replica_id: Option<ReplicaId>,
 }
@@ -30,13 +27,8 @@ pub struct VmRecord {
     pub id: i64,
     pub name: String,
     pub host: String,
-    pub cpus: u32,
-    pub memory_mib: u32,
+    pub config: VmConfig,
     pub disks: Vec<DiskRecord>,
-    pub nics: Vec<String>,
-    pub kernel: Option<String>,
-    pub initrd: Option<String>,
-    pub append: Option<String>,
     pub created_at: String,
     pub role: Role,
     /// For a replica VM: the replica it runs.

@@ -10,13 +10,8 @@ fn vm(name: &str) -> NewVm {
     NewVm {
         name: name.into(),
         host: "local".into(),
-        cpus: 1,
-        memory_mib: 128,
+        config: VmConfig { cpus: 1, memory_mib: 128, driver: DriverConfig::default() },
         disks: vec![DiskRecord { path: format!("/d/{name}.qcow2"), format: Format::Qcow2 }],
-        nics: vec![],
-        kernel: None,
-        initrd: None,
-        append: None,
         role: standby_model::Role::Source,
         replica_id: None,
     }

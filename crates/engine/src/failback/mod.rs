@@ -136,13 +136,8 @@ fn as_new_vm(vm: &VmRecord) -> NewVm {
     NewVm {
         name: vm.name.clone(),
         host: vm.host.clone(),
-        cpus: vm.cpus,
-        memory_mib: vm.memory_mib,
+        config: vm.config.clone(),
         disks: vm.disks.clone(),
-        nics: vm.nics.clone(),
-        kernel: vm.kernel.clone(),
-        initrd: vm.initrd.clone(),
-        append: vm.append.clone(),
         role: vm.role,
         replica_id: vm.replica_id,
     }

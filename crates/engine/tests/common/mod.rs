@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use standby_engine::{Engine, JobSpec, NoProgress, RunOutcome, VmSpec};
+use standby_engine::{DriverConfig, Engine, JobSpec, NoProgress, RunOutcome, VmConfig, VmSpec};
 use standby_fake::FakeHost;
 use standby_host::{Format, Host};
 
@@ -31,12 +31,7 @@ impl Site {
                 host: "local".into(),
                 disks: vec![DISK.into()],
                 formats: vec!["qcow2".into()],
-                memory_mib: 128,
-                cpus: 1,
-                nics: Vec::new(),
-                kernel: None,
-                initrd: None,
-                append: None,
+                config: VmConfig { cpus: 1, memory_mib: 128, driver: DriverConfig::default() },
             })
             .unwrap();
         engine
