@@ -107,32 +107,14 @@ impl Plan {
     /// Verification: which bytes of two images differ. Regions where both read zero are
     /// skipped; everything else is read on both sides; nothing is written.
     pub fn verify(a: &mut Stream, b: &mut Stream) -> Result<Plan, NbdError> {
-        let size = a.size().max(b.size());
         let a_map = a.block_status(BASE_ALLOCATION, 0, a.size())?;
         let b_map = b.block_status(BASE_ALLOCATION, 0, b.size())?;
-        let mut plan = Plan { verify_only: true, ..Plan::default() };
-        if a.size() != b.size() {
-            // Different sizes differ: one item that can only count as a difference.
-            plan.push(0, size, Action::Zero);
-            return Ok(plan);
-        }
-        for r in overlay(&a_map, &b_map, size) {
-            if r.a_flags & STATE_ZERO == 0 || r.b_flags & STATE_ZERO == 0 {
-                plan.push(r.offset, r.length, Action::Compare);
-            }
-        }
-        Ok(plan)
+        Ok(Plan::verify_from(a.size(), b.size(), &a_map, &b_map))
     }
 
     /// First run: every allocated, non-zero block into a fresh layer.
     pub fn full(src: &mut Stream) -> Result<Plan, NbdError> {
-        let mut plan = Plan::default();
-        for e in src.block_status(BASE_ALLOCATION, 0, src.size())? {
-            if e.flags & (STATE_HOLE | STATE_ZERO) == 0 {
-                plan.push(e.offset, e.length, Action::Copy { fresh: true });
-            }
-        }
-        Ok(plan)
+        Ok(Plan::full_from(&src.block_status(BASE_ALLOCATION, 0, src.size())?))
     }
 
     /// Incremental run from a trusted bitmap: only dirty blocks, zeroes where the source
@@ -141,14 +123,7 @@ impl Plan {
         let size = src.size();
         let dirty = src.block_status(&bitmap_context(bitmap), 0, size)?;
         let alloc = src.block_status(BASE_ALLOCATION, 0, size)?;
-        let mut plan = Plan::default();
-        for r in overlay(&dirty, &alloc, size) {
-            if r.a_flags & STATE_DIRTY != 0 {
-                let action = if r.b_flags & STATE_ZERO != 0 { Action::Zero } else { Action::Copy { fresh: false } };
-                plan.push(r.offset, r.length, action);
-            }
-        }
-        Ok(plan)
+        Ok(Plan::cbt_from(size, &dirty, &alloc))
     }
 
     /// Copies exactly `ranges` (offset, length), known from metadata to hold every block
@@ -157,14 +132,7 @@ impl Plan {
     pub fn ranges(src: &mut Stream, ranges: &[(u64, u64)]) -> Result<Plan, NbdError> {
         let size = src.size();
         let alloc = src.block_status(BASE_ALLOCATION, 0, size)?;
-        let mut plan = Plan::default();
-        for r in overlay(&covering(ranges, size), &alloc, size) {
-            if r.a_flags & STATE_DIRTY != 0 {
-                let action = if r.b_flags & STATE_ZERO != 0 { Action::Zero } else { Action::Copy { fresh: false } };
-                plan.push(r.offset, r.length, action);
-            }
-        }
-        Ok(plan)
+        Ok(Plan::cbt_from(size, &covering(ranges, size), &alloc))
     }
 
     /// Incremental run without a trusted bitmap: where both sides read zero nothing is
@@ -174,15 +142,58 @@ impl Plan {
         let size = src.size();
         let src_map = src.block_status(BASE_ALLOCATION, 0, size)?;
         let dst_map = dst.block_status(BASE_ALLOCATION, 0, size.min(dst.size()))?;
+        Ok(Plan::digest_from(size, &src_map, &dst_map))
+    }
+
+    // The decisions themselves, from extents alone (`plan_from_extents_table`).
+
+    fn verify_from(a_size: u64, b_size: u64, a_map: &[Extent], b_map: &[Extent]) -> Plan {
+        let mut plan = Plan { verify_only: true, ..Plan::default() };
+        if a_size != b_size {
+            // Different sizes differ: one item that can only count as a difference.
+            plan.push(0, a_size.max(b_size), Action::Zero);
+            return plan;
+        }
+        for r in overlay(a_map, b_map, a_size) {
+            if r.a_flags & STATE_ZERO == 0 || r.b_flags & STATE_ZERO == 0 {
+                plan.push(r.offset, r.length, Action::Compare);
+            }
+        }
+        plan
+    }
+
+    fn full_from(alloc: &[Extent]) -> Plan {
         let mut plan = Plan::default();
-        for r in overlay(&src_map, &dst_map, size) {
+        for e in alloc {
+            if e.flags & (STATE_HOLE | STATE_ZERO) == 0 {
+                plan.push(e.offset, e.length, Action::Copy { fresh: true });
+            }
+        }
+        plan
+    }
+
+    /// `dirty` flags (`STATE_DIRTY`) what must be sent; `alloc` says where it reads zero.
+    fn cbt_from(size: u64, dirty: &[Extent], alloc: &[Extent]) -> Plan {
+        let mut plan = Plan::default();
+        for r in overlay(dirty, alloc, size) {
+            if r.a_flags & STATE_DIRTY != 0 {
+                let action = if r.b_flags & STATE_ZERO != 0 { Action::Zero } else { Action::Copy { fresh: false } };
+                plan.push(r.offset, r.length, action);
+            }
+        }
+        plan
+    }
+
+    fn digest_from(size: u64, src_map: &[Extent], dst_map: &[Extent]) -> Plan {
+        let mut plan = Plan::default();
+        for r in overlay(src_map, dst_map, size) {
             match (r.a_flags & STATE_ZERO != 0, r.b_flags & STATE_ZERO != 0) {
                 (true, true) => {}
                 (true, false) => plan.push(r.offset, r.length, Action::Zero),
                 _ => plan.push(r.offset, r.length, Action::Compare),
             }
         }
-        Ok(plan)
+        plan
     }
 }
 
@@ -417,6 +428,42 @@ mod tests {
         let c: Vec<_> = covering(&u, 130).iter().map(|e| (e.offset, e.length, e.flags)).collect();
         assert_eq!(c, vec![(0, 15, 1), (15, 15, 0), (30, 10, 1), (40, 60, 0), (100, 20, 1), (120, 10, 0)]);
         assert_eq!(covering(&[], 10).len(), 1);
+    }
+
+    /// What each method sends, decided from extents alone. Flags: 0 data, 3 hole (reads
+    /// zero), 1 on a bitmap dirty.
+    #[test]
+    fn plan_from_extents_table() {
+        use Action::*;
+        const Z: u32 = STATE_ZERO | STATE_HOLE;
+        let items = |p: Plan| p.items.iter().map(|i| (i.offset, i.length, i.action)).collect::<Vec<_>>();
+        let copy = Copy { fresh: false };
+        // Full: allocated data only, into a fresh layer.
+        assert_eq!(
+            items(Plan::full_from(&[e(0, 10, 0), e(10, 20, Z), e(30, 5, 0)])),
+            [(0, 10, Copy { fresh: true }), (30, 5, Copy { fresh: true })]
+        );
+        assert_eq!(items(Plan::full_from(&[e(0, 100, Z)])), []);
+        // CBT: dirty ranges only; a dirty range that now reads zero becomes zeroes.
+        let alloc = [e(0, 50, 0), e(50, 50, Z)];
+        assert_eq!(
+            items(Plan::cbt_from(100, &[e(0, 10, 0), e(10, 60, 1), e(70, 30, 0)], &alloc)),
+            [(10, 40, copy), (50, 20, Zero)]
+        );
+        assert_eq!(items(Plan::cbt_from(100, &[e(0, 100, 0)], &alloc)), [], "a clean bitmap sends nothing");
+        // Digest: both zero, skipped; zero at the source only, zeroes; else compared. A
+        // destination shorter than the source (a grown disk) reads zero past its end; items
+        // split where either map changes.
+        let src = [e(0, 30, Z), e(30, 70, 0)];
+        let dst = [e(0, 10, Z), e(10, 40, 0)];
+        assert_eq!(items(Plan::digest_from(100, &src, &dst)), [(10, 20, Zero), (30, 20, Compare), (50, 50, Compare)]);
+        // Verify: compare wherever either side holds data; different sizes always differ.
+        let p = Plan::verify_from(100, 100, &[e(0, 50, Z), e(50, 50, 0)], &[e(0, 20, 0), e(20, 80, Z)]);
+        assert!(p.verify_only);
+        assert_eq!(items(p), [(0, 20, Compare), (50, 50, Compare)]);
+        assert_eq!(items(Plan::verify_from(100, 200, &[], &[])), [(0, 200, Zero)]);
+        // Ranges known from metadata are a bitmap of their own.
+        assert_eq!(items(Plan::cbt_from(100, &covering(&[(40, 20)], 100), &alloc)), [(40, 10, copy), (50, 10, Zero)]);
     }
 
     #[test]
