@@ -3,7 +3,7 @@
 //! differ. Planned failover uses it to prove zero loss before the replica starts, and
 //! permanent failover to prove a flattened disk before anything is deleted.
 
-use standby_host::{Chain, Host, ServeSpec};
+use standby_host::{Chain, Endpoint, Host, NbdAddress, ServeSpec};
 
 use crate::transfer::{self, Plan, BASE_ALLOCATION};
 use crate::{EngineError, NoProgress, Result};
@@ -36,8 +36,13 @@ pub(crate) fn differing_bytes(id: &str, a: Side<'_>, b: Side<'_>) -> Result<u64>
         let mut plan_a = connect_a()?;
         let mut plan_b = connect_b()?;
         let plan = Plan::verify(&mut plan_a, &mut plan_b).map_err(|source| EngineError::Transfer { source })?;
-        let connect = || Ok((connect_a()?, connect_b()?));
-        let stats = transfer::execute(&plan, &connect, &NoProgress, id, &|| {})?;
+        let end = |address: &NbdAddress, export: &str| Endpoint {
+            address: address.clone(),
+            export: export.into(),
+            contexts: vec![BASE_ALLOCATION.into()],
+        };
+        let ends = (&end(&a_addr, &a_id), &end(&b_addr, &b_id));
+        let stats = transfer::run(b.host, &plan, ends, &NoProgress, id, &|| {})?;
         Ok(stats.differing)
     })();
     a.host.nbd_stop_all(&a_id)?;

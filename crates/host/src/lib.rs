@@ -6,6 +6,7 @@
 
 mod live;
 mod local;
+pub mod transfer;
 pub mod views;
 
 use std::fmt::Debug;
@@ -134,6 +135,14 @@ pub struct NbdAddress {
     pub socket: String,
 }
 
+/// One side of a transfer: a served disk, and the block-status contexts it is read with.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub address: NbdAddress,
+    pub export: String,
+    pub contexts: Vec<String>,
+}
+
 /// What `nbd_serve` should publish.
 #[derive(Debug, Clone)]
 pub struct ServeSpec {
@@ -233,6 +242,23 @@ pub trait Host: Debug + Send + Sync {
     // ---- NBD ----
     fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress>;
     fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<Box<dyn BlockStream>>;
+    fn connect(&self, end: &Endpoint) -> Result<Box<dyn BlockStream>> {
+        let contexts: Vec<&str> = end.contexts.iter().map(String::as_str).collect();
+        self.nbd_connect(&end.address, &end.export, &contexts)
+    }
+    /// Carries out `plan` from `src` into `dst` here, on the host that holds `dst`: a host
+    /// reached over the network runs it next to its data, and the bytes go from source to
+    /// destination directly. `report(done, total)` follows it. This process's hosts (and
+    /// the fake) run it right here.
+    fn transfer(
+        &self,
+        plan: &transfer::Plan,
+        src: &Endpoint,
+        dst: &Endpoint,
+        report: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<transfer::Stats> {
+        transfer::execute(plan, &|| Ok((self.connect(src)?, self.connect(dst)?)), report)
+    }
     /// Stops every standby NBD server whose id starts with `prefix`; returns how many ran.
     /// A server whose process outlives SIGKILL is an error, and its files are kept.
     fn nbd_stop_all(&self, prefix: &str) -> Result<usize>;

@@ -6,7 +6,7 @@
 //! - digest: both sides read and compared, only differing blocks written;
 //! - full: a new, empty target gets every allocated block.
 
-use standby_host::{Chain, Format, Host, ServeSpec};
+use standby_host::{Chain, Endpoint, Format, Host, ServeSpec};
 
 use crate::transfer::{self, Plan, Stats, BASE_ALLOCATION};
 use crate::{EngineError, Progress, Result};
@@ -91,8 +91,15 @@ pub(crate) fn copy(
             Difference::Full => Plan::full(&mut plan_src),
         }
         .map_err(err)?;
-        let connect = || Ok((connect_src()?, connect_dst()?));
-        let stats = transfer::execute(&plan, &connect, progress, subject, on_chunk)?;
+        let ends = (
+            &Endpoint {
+                address: src_addr.clone(),
+                export: src_id.clone(),
+                contexts: vec![BASE_ALLOCATION.into(), ALLOCATION_DEPTH.into()],
+            },
+            &Endpoint { address: dst_addr.clone(), export: dst_id.clone(), contexts: vec![BASE_ALLOCATION.into()] },
+        );
+        let stats = transfer::run(dst.host, &plan, ends, progress, subject, on_chunk)?;
         plan_dst.flush().map_err(err)?;
         let _ = plan_dst.disconnect();
         let _ = plan_src.disconnect();

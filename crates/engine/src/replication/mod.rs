@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
-use standby_host::{Chain, Format, Host, ServeSpec};
+use standby_host::{Chain, Endpoint, Format, Host, ServeSpec};
 use standby_model::recovery::{recovery, Recovery as Action, Seen};
 use standby_model::tracking::{choose_method, DiskSeen, Distrust};
 use standby_model::{Method, PointId, ReplicaId, ReplicaState, Seq, Transition};
@@ -759,8 +759,9 @@ impl Engine {
                 Method::Digest => Plan::digest(&mut plan_src, &mut plan_dst),
             }
             .map_err(err)?;
-            let connect = || Ok((connect_src()?, connect_dst()?));
-            let stats = transfer::execute(&plan, &connect, progress, &vm.name, &on_chunk)?;
+            let src_end = Endpoint { address: view.address.clone(), export: view.export.clone(), contexts };
+            let dst_end = Endpoint { address, export: id.clone(), contexts: vec![BASE_ALLOCATION.into()] };
+            let stats = transfer::run(dr, &plan, (&src_end, &dst_end), progress, &vm.name, &on_chunk)?;
             plan_dst.flush().map_err(err)?;
             let _ = plan_dst.disconnect();
             let _ = plan_src.disconnect();

@@ -1,0 +1,485 @@
+//! Moving a disk's blocks from a point-in-time view on the source into a new DR layer.
+//! Three methods, one result: the layer, read through its chain, equals the source view.
+//! - full: a fresh layer without backing; copy allocated, non-zero data only.
+//! - cbt: a layer over the previous restore point; copy the blocks a trusted dirty bitmap
+//!   names (zeroes where the source now reads zero).
+//! - digest: a layer over the previous restore point; compare every block of both sides
+//!   and send only the ones that differ.
+//!
+//! Each method first makes a plan (a list of items, from block status alone), then a few
+//! workers, each with its own connection to both sides, carry it out. Several requests in
+//! flight hide the latency of each one, which is what scattered small changes need.
+//!
+//! This is the transport: the engine plans (it reads extents only), and the host that
+//! holds the destination carries the plan out ([`crate::Host::transfer`]), so that on a
+//! host reached over the network the bytes go from source to destination directly.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use standby_nbd::{Extent, NbdError};
+
+use crate::{BlockStream, HostError, Result};
+
+type Stream = Box<dyn BlockStream>;
+
+/// `base:allocation` flags.
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
+/// `qemu:dirty-bitmap:*` flag.
+pub const STATE_DIRTY: u32 = 1;
+
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// Connections per side that one disk's copy uses, twice that for a comparison (servers
+/// are started to allow them).
+pub const WORKERS: usize = 4;
+
+pub fn bitmap_context(name: &str) -> String {
+    format!("qemu:dirty-bitmap:{name}")
+}
+
+/// Largest item: bytes per read request.
+const CHUNK: u64 = 4 << 20;
+/// Granularity of zero detection and digest comparison.
+const BLOCK: usize = 64 << 10;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes read from the source view.
+    pub read: u64,
+    /// Data bytes written to the DR layer: what travels.
+    pub written: u64,
+    /// Bytes made zero on the DR layer without sending data.
+    pub zeroed: u64,
+    /// Verification only: bytes that differ between the two sides.
+    pub differing: u64,
+}
+
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        self.read += o.read;
+        self.written += o.written;
+        self.zeroed += o.zeroed;
+        self.differing += o.differing;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Read the source, write its non-zero blocks; zero blocks are skipped when the layer
+    /// is fresh (`fresh`) and written as zeroes otherwise.
+    Copy { fresh: bool },
+    /// The source reads zero here; make the layer read zero.
+    Zero,
+    /// Read both sides, write the blocks whose digests differ.
+    Compare,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Item {
+    offset: u64,
+    length: u64,
+    action: Action,
+}
+
+/// What a transfer will do, decided from block status only.
+#[derive(Debug, Default)]
+pub struct Plan {
+    items: Vec<Item>,
+    /// Compare only: count differing bytes, write nothing.
+    verify_only: bool,
+}
+
+impl Plan {
+    fn push(&mut self, offset: u64, length: u64, action: Action) {
+        let step = if action == Action::Zero { length } else { CHUNK };
+        let mut pos = offset;
+        while pos < offset + length {
+            let n = (offset + length - pos).min(step);
+            self.items.push(Item { offset: pos, length: n, action });
+            pos += n;
+        }
+    }
+
+    /// Bytes that will be read from the source.
+    pub fn bytes_to_read(&self) -> u64 {
+        self.items.iter().filter(|i| i.action != Action::Zero).map(|i| i.length).sum()
+    }
+
+    /// Verification: which bytes of two images differ. Regions where both read zero are
+    /// skipped; everything else is read on both sides; nothing is written.
+    pub fn verify(a: &mut Stream, b: &mut Stream) -> std::result::Result<Plan, NbdError> {
+        let a_map = a.block_status(BASE_ALLOCATION, 0, a.size())?;
+        let b_map = b.block_status(BASE_ALLOCATION, 0, b.size())?;
+        Ok(Plan::verify_from(a.size(), b.size(), &a_map, &b_map))
+    }
+
+    /// First run: every allocated, non-zero block into a fresh layer.
+    pub fn full(src: &mut Stream) -> std::result::Result<Plan, NbdError> {
+        Ok(Plan::full_from(&src.block_status(BASE_ALLOCATION, 0, src.size())?))
+    }
+
+    /// Incremental run from a trusted bitmap: only dirty blocks, zeroes where the source
+    /// now reads zero.
+    pub fn cbt(src: &mut Stream, bitmap: &str) -> std::result::Result<Plan, NbdError> {
+        let size = src.size();
+        let dirty = src.block_status(&bitmap_context(bitmap), 0, size)?;
+        let alloc = src.block_status(BASE_ALLOCATION, 0, size)?;
+        Ok(Plan::cbt_from(size, &dirty, &alloc))
+    }
+
+    /// Copies exactly `ranges` (offset, length), known from metadata to hold every block
+    /// that differs: zeroes where the source reads zero there, data elsewhere. Nothing else
+    /// is read.
+    pub fn ranges(src: &mut Stream, ranges: &[(u64, u64)]) -> std::result::Result<Plan, NbdError> {
+        let size = src.size();
+        let alloc = src.block_status(BASE_ALLOCATION, 0, size)?;
+        Ok(Plan::cbt_from(size, &covering(ranges, size), &alloc))
+    }
+
+    /// Incremental run without a trusted bitmap: where both sides read zero nothing is
+    /// read; where only the source does, the layer gets zeroes; the rest is compared.
+    /// `dst` reads the new layer, which still shows the previous restore point.
+    pub fn digest(src: &mut Stream, dst: &mut Stream) -> std::result::Result<Plan, NbdError> {
+        let size = src.size();
+        let src_map = src.block_status(BASE_ALLOCATION, 0, size)?;
+        let dst_map = dst.block_status(BASE_ALLOCATION, 0, size.min(dst.size()))?;
+        Ok(Plan::digest_from(size, &src_map, &dst_map))
+    }
+
+    // The decisions themselves, from extents alone (`plan_from_extents_table`).
+
+    fn verify_from(a_size: u64, b_size: u64, a_map: &[Extent], b_map: &[Extent]) -> Plan {
+        let mut plan = Plan { verify_only: true, ..Plan::default() };
+        if a_size != b_size {
+            // Different sizes differ: one item that can only count as a difference.
+            plan.push(0, a_size.max(b_size), Action::Zero);
+            return plan;
+        }
+        for r in overlay(a_map, b_map, a_size) {
+            if r.a_flags & STATE_ZERO == 0 || r.b_flags & STATE_ZERO == 0 {
+                plan.push(r.offset, r.length, Action::Compare);
+            }
+        }
+        plan
+    }
+
+    fn full_from(alloc: &[Extent]) -> Plan {
+        let mut plan = Plan::default();
+        for e in alloc {
+            if e.flags & (STATE_HOLE | STATE_ZERO) == 0 {
+                plan.push(e.offset, e.length, Action::Copy { fresh: true });
+            }
+        }
+        plan
+    }
+
+    /// `dirty` flags (`STATE_DIRTY`) what must be sent; `alloc` says where it reads zero.
+    fn cbt_from(size: u64, dirty: &[Extent], alloc: &[Extent]) -> Plan {
+        let mut plan = Plan::default();
+        for r in overlay(dirty, alloc, size) {
+            if r.a_flags & STATE_DIRTY != 0 {
+                let action = if r.b_flags & STATE_ZERO != 0 { Action::Zero } else { Action::Copy { fresh: false } };
+                plan.push(r.offset, r.length, action);
+            }
+        }
+        plan
+    }
+
+    fn digest_from(size: u64, src_map: &[Extent], dst_map: &[Extent]) -> Plan {
+        let mut plan = Plan::default();
+        for r in overlay(src_map, dst_map, size) {
+            match (r.a_flags & STATE_ZERO != 0, r.b_flags & STATE_ZERO != 0) {
+                (true, true) => {}
+                (true, false) => plan.push(r.offset, r.length, Action::Zero),
+                _ => plan.push(r.offset, r.length, Action::Compare),
+            }
+        }
+        plan
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// Writes `buf` (the source's bytes at `offset`) to `dst` in runs of zero and non-zero
+/// blocks: non-zero runs as data, zero runs as write-zeroes unless the layer already reads
+/// zero there (`skip_zero`).
+fn write_blocks(
+    dst: &mut Stream,
+    offset: u64,
+    buf: &[u8],
+    skip_zero: bool,
+    st: &mut Stats,
+) -> std::result::Result<(), NbdError> {
+    let block_zero = |i: usize| is_zero(&buf[i..(i + BLOCK).min(buf.len())]);
+    let mut i = 0;
+    while i < buf.len() {
+        let zero = block_zero(i);
+        let mut j = i;
+        while j < buf.len() && block_zero(j) == zero {
+            j = (j + BLOCK).min(buf.len());
+        }
+        let off = offset + i as u64;
+        if !zero {
+            dst.write(off, &buf[i..j])?;
+            st.written += (j - i) as u64;
+        } else if !skip_zero {
+            dst.write_zeroes(off, (j - i) as u64)?;
+            st.zeroed += (j - i) as u64;
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// One worker's share: items taken from the shared plan until none are left.
+fn work(
+    src: &mut Stream,
+    dst: &mut Stream,
+    plan: &Plan,
+    next: &AtomicUsize,
+    done: &AtomicU64,
+    report: &(dyn Fn(u64) + Sync),
+) -> std::result::Result<Stats, NbdError> {
+    let mut st = Stats::default();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut theirs = vec![0u8; CHUNK as usize];
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(item) = plan.items.get(i) else {
+            return Ok(st);
+        };
+        let n = item.length as usize;
+        match item.action {
+            Action::Zero if plan.verify_only => st.differing += item.length,
+            Action::Zero => {
+                dst.write_zeroes(item.offset, item.length)?;
+                st.zeroed += item.length;
+                continue;
+            }
+            Action::Copy { fresh } => {
+                src.read(item.offset, &mut buf[..n])?;
+                st.read += item.length;
+                write_blocks(dst, item.offset, &buf[..n], fresh, &mut st)?;
+            }
+            Action::Compare => {
+                src.read(item.offset, &mut buf[..n])?;
+                dst.read(item.offset, &mut theirs[..n])?;
+                st.read += item.length;
+                // Both sides are read by this process, so their blocks are compared as they
+                // are: the same decision as comparing their digests, with no collisions and
+                // no hashing cost. A remote host will send digests of its side instead.
+                for (k, (ours, old)) in buf[..n].chunks(BLOCK).zip(theirs[..n].chunks(BLOCK)).enumerate() {
+                    if ours == old {
+                        continue;
+                    }
+                    if plan.verify_only {
+                        st.differing += ours.len() as u64;
+                    } else {
+                        write_blocks(dst, item.offset + (k * BLOCK) as u64, ours, false, &mut st)?;
+                    }
+                }
+            }
+        }
+        report(done.fetch_add(item.length, Ordering::Relaxed) + item.length);
+    }
+}
+
+/// Carries out `plan` with up to [`WORKERS`] (2x for comparisons) pairs of connections
+/// made by `connect` (source, destination). `report(done, total)` runs after each item,
+/// one call at a time (the engine's progress and fail points hook in there).
+pub fn execute(
+    plan: &Plan,
+    connect: &(dyn Fn() -> Result<(Stream, Stream)> + Sync),
+    report: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Stats> {
+    let total = plan.bytes_to_read();
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let progress_lock = Mutex::new(());
+    let report = |d: u64| {
+        let _g = progress_lock.lock();
+        report(d.min(total), total);
+    };
+    // A comparison reads every block of both sides: twice the requests in flight keep both
+    // disks busy while the CPU compares (measured on the failback benchmark: 8 workers
+    // 6.2 s, 4 workers 6.7 s for two 4 GiB disks). Copies of scattered changes gain nothing.
+    let compares = plan.items.iter().any(|i| i.action == Action::Compare);
+    let workers = if compares { 2 * WORKERS } else { WORKERS }.min(plan.items.len());
+    let results: Vec<Result<Stats>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| -> Result<Stats> {
+                    let (mut src, mut dst) = connect()?;
+                    let st = work(&mut src, &mut dst, plan, &next, &done, &report)?;
+                    dst.flush()?;
+                    let _ = dst.disconnect();
+                    let _ = src.disconnect();
+                    Ok(st)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(HostError::Invalid("a transfer worker panicked".into()))))
+            .collect()
+    });
+    let mut total_stats = Stats::default();
+    for r in results {
+        total_stats += r?;
+    }
+    Ok(total_stats)
+}
+
+/// Sorted, merged ranges from several lists, clipped to `size`.
+pub fn union(lists: &[Vec<(u64, u64)>], size: u64) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = lists.iter().flatten().copied().filter(|r| r.1 > 0 && r.0 < size).collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in all {
+        let end = (off + len).min(size);
+        match out.last_mut() {
+            Some(last) if off <= last.0 + last.1 => last.1 = last.1.max(end - last.0),
+            _ => out.push((off, end - off)),
+        }
+    }
+    out
+}
+
+/// An extent map of the whole disk: `STATE_DIRTY` inside `ranges`, 0 between them.
+fn covering(ranges: &[(u64, u64)], size: u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    for (off, len) in union(&[ranges.to_vec()], size) {
+        if off > pos {
+            out.push(Extent { offset: pos, length: off - pos, flags: 0 });
+        }
+        out.push(Extent { offset: off, length: len, flags: STATE_DIRTY });
+        pos = off + len;
+    }
+    if pos < size {
+        out.push(Extent { offset: pos, length: size - pos, flags: 0 });
+    }
+    out
+}
+
+/// The ranges a block-status answer flags with `flag`.
+pub fn flagged(extents: &[Extent], flag: u32) -> Vec<(u64, u64)> {
+    extents.iter().filter(|e| e.flags & flag != 0).map(|e| (e.offset, e.length)).collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Region {
+    offset: u64,
+    length: u64,
+    a_flags: u32,
+    b_flags: u32,
+}
+
+/// Overlays two extent maps of one disk; where `b` ends early (a grown disk) its flags
+/// read as zero (`STATE_ZERO | STATE_HOLE`).
+fn overlay(a: &[Extent], b: &[Extent], size: u64) -> Vec<Region> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    let mut pos = 0;
+    while pos < size {
+        while i < a.len() && a[i].offset + a[i].length <= pos {
+            i += 1;
+        }
+        while j < b.len() && b[j].offset + b[j].length <= pos {
+            j += 1;
+        }
+        let Some(x) = a.get(i) else { break };
+        let mut end = x.offset + x.length;
+        let b_flags = match b.get(j) {
+            Some(y) if y.offset <= pos => {
+                end = end.min(y.offset + y.length);
+                y.flags
+            }
+            _ => STATE_ZERO | STATE_HOLE,
+        };
+        let end = end.min(size);
+        out.push(Region { offset: pos, length: end - pos, a_flags: x.flags, b_flags });
+        pos = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(offset: u64, length: u64, flags: u32) -> Extent {
+        Extent { offset, length, flags }
+    }
+
+    #[test]
+    fn overlay_splits_at_every_boundary() {
+        let a = [e(0, 100, 0), e(100, 100, STATE_ZERO | STATE_HOLE)];
+        let b = [e(0, 50, STATE_ZERO), e(50, 100, 0)];
+        let got: Vec<_> = overlay(&a, &b, 200).iter().map(|r| (r.offset, r.length, r.a_flags, r.b_flags)).collect();
+        assert_eq!(
+            got,
+            vec![(0, 50, 0, STATE_ZERO), (50, 50, 0, 0), (100, 50, 3, 0), (150, 50, 3, STATE_ZERO | STATE_HOLE)]
+        );
+    }
+
+    #[test]
+    fn union_and_covering() {
+        let u = union(&[vec![(0, 10), (30, 10)], vec![(5, 10), (100, 50)]], 120);
+        assert_eq!(u, vec![(0, 15), (30, 10), (100, 20)]);
+        let c: Vec<_> = covering(&u, 130).iter().map(|e| (e.offset, e.length, e.flags)).collect();
+        assert_eq!(c, vec![(0, 15, 1), (15, 15, 0), (30, 10, 1), (40, 60, 0), (100, 20, 1), (120, 10, 0)]);
+        assert_eq!(covering(&[], 10).len(), 1);
+    }
+
+    /// What each method sends, decided from extents alone. Flags: 0 data, 3 hole (reads
+    /// zero), 1 on a bitmap dirty.
+    #[test]
+    fn plan_from_extents_table() {
+        use Action::*;
+        const Z: u32 = STATE_ZERO | STATE_HOLE;
+        let items = |p: Plan| p.items.iter().map(|i| (i.offset, i.length, i.action)).collect::<Vec<_>>();
+        let copy = Copy { fresh: false };
+        // Full: allocated data only, into a fresh layer.
+        assert_eq!(
+            items(Plan::full_from(&[e(0, 10, 0), e(10, 20, Z), e(30, 5, 0)])),
+            [(0, 10, Copy { fresh: true }), (30, 5, Copy { fresh: true })]
+        );
+        assert_eq!(items(Plan::full_from(&[e(0, 100, Z)])), []);
+        // CBT: dirty ranges only; a dirty range that now reads zero becomes zeroes.
+        let alloc = [e(0, 50, 0), e(50, 50, Z)];
+        assert_eq!(
+            items(Plan::cbt_from(100, &[e(0, 10, 0), e(10, 60, 1), e(70, 30, 0)], &alloc)),
+            [(10, 40, copy), (50, 20, Zero)]
+        );
+        assert_eq!(items(Plan::cbt_from(100, &[e(0, 100, 0)], &alloc)), [], "a clean bitmap sends nothing");
+        // Digest: both zero, skipped; zero at the source only, zeroes; else compared. A
+        // destination shorter than the source (a grown disk) reads zero past its end; items
+        // split where either map changes.
+        let src = [e(0, 30, Z), e(30, 70, 0)];
+        let dst = [e(0, 10, Z), e(10, 40, 0)];
+        assert_eq!(items(Plan::digest_from(100, &src, &dst)), [(10, 20, Zero), (30, 20, Compare), (50, 50, Compare)]);
+        // Verify: compare wherever either side holds data; different sizes always differ.
+        let p = Plan::verify_from(100, 100, &[e(0, 50, Z), e(50, 50, 0)], &[e(0, 20, 0), e(20, 80, Z)]);
+        assert!(p.verify_only);
+        assert_eq!(items(p), [(0, 20, Compare), (50, 50, Compare)]);
+        assert_eq!(items(Plan::verify_from(100, 200, &[], &[])), [(0, 200, Zero)]);
+        // Ranges known from metadata are a bitmap of their own.
+        assert_eq!(items(Plan::cbt_from(100, &covering(&[(40, 20)], 100), &alloc)), [(40, 10, copy), (50, 10, Zero)]);
+    }
+
+    #[test]
+    fn plan_items_are_bounded() {
+        let mut p = Plan::default();
+        assert!(!p.verify_only);
+        p.push(0, 10 << 20, Action::Copy { fresh: true });
+        p.push(20 << 20, 10 << 20, Action::Zero);
+        assert_eq!(p.items.len(), 4, "{:?}", p.items);
+        assert!(p.items.iter().all(|i| i.action == Action::Zero || i.length <= CHUNK));
+        assert_eq!(p.bytes_to_read(), 10 << 20);
+    }
+}
