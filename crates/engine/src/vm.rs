@@ -434,121 +434,166 @@ mod tests {
         fn name(&self) -> &str {
             "undying"
         }
+    }
+
+    impl Storage for Undying {
+        fn ensure_dir(&self, _: &str) -> standby_host::Result<()> {
+            unreachable!()
+        }
+
+        fn canonical_dir(&self, _: &str) -> standby_host::Result<String> {
+            unreachable!()
+        }
+
+        fn create_file_new(&self, _: &str, _: &str) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+
+        fn read_small_file(&self, _: &str) -> standby_host::Result<Option<String>> {
+            unreachable!()
+        }
+
+        fn list_dir(&self, _: &str) -> standby_host::Result<Vec<String>> {
+            unreachable!()
+        }
+
+        fn file_exists(&self, _: &str) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+
+        fn remove_file(&self, _: &str) -> standby_host::Result<()> {
+            unreachable!()
+        }
+
+        fn remove_empty_dir(&self, _: &str) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+
+        fn sync_file(&self, _: &str) -> standby_host::Result<()> {
+            unreachable!()
+        }
+
+        fn image_info(&self, _: &str, _: Format, _: bool) -> standby_host::Result<ImageInfo> {
+            unreachable!()
+        }
+
+        fn image_probe(&self, _: &str) -> standby_host::Result<ImageInfo> {
+            unreachable!()
+        }
+
+        fn image_create(&self, _: &str, _: u64, _: Option<(&str, Format)>) -> standby_host::Result<()> {
+            unreachable!()
+        }
+
+        fn image_allocated(&self, _: &str) -> standby_host::Result<Vec<(u64, u64)>> {
+            unreachable!()
+        }
+
+        fn image_bitmap(&self, _: &str, _: Format, _: &str, _: BitmapOp<'_>) -> standby_host::Result<()> {
+            unreachable!()
+        }
+
+        fn image_commit(&self, _: &Chain) -> standby_host::Result<()> {
+            unreachable!()
+        }
+
+        fn image_set_backing_name(&self, _: &str, _: Option<&str>) -> standby_host::Result<()> {
+            unreachable!()
+        }
+
+        fn image_flatten(&self, _: &Chain) -> standby_host::Result<()> {
+            unreachable!()
+        }
+
+        fn image_compare(&self, _: &Chain, _: &Chain) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+    }
+
+    impl VmDriver for Undying {
         fn vm_quit(&self, vm: &str) -> standby_host::Result<()> {
             Err(HostError::NotRunning(vm.into()))
         }
+
         fn vm_powerdown(&self, vm: &str) -> standby_host::Result<()> {
             Err(HostError::NotRunning(vm.into()))
         }
+
         fn vm_runtime(&self, _: &str) -> standby_host::Result<VmRuntime> {
             Ok(VmRuntime::Running { pid: 4242 })
         }
+
         fn vm_kill(&self, _: &str) -> standby_host::Result<()> {
             self.kills.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
-        fn ensure_dir(&self, _: &str) -> standby_host::Result<()> {
-            unreachable!()
-        }
-        fn canonical_dir(&self, _: &str) -> standby_host::Result<String> {
-            unreachable!()
-        }
-        fn create_file_new(&self, _: &str, _: &str) -> standby_host::Result<bool> {
-            unreachable!()
-        }
-        fn read_small_file(&self, _: &str) -> standby_host::Result<Option<String>> {
-            unreachable!()
-        }
-        fn list_dir(&self, _: &str) -> standby_host::Result<Vec<String>> {
-            unreachable!()
-        }
-        fn file_exists(&self, _: &str) -> standby_host::Result<bool> {
-            unreachable!()
-        }
-        fn remove_file(&self, _: &str) -> standby_host::Result<()> {
-            unreachable!()
-        }
-        fn remove_empty_dir(&self, _: &str) -> standby_host::Result<bool> {
-            unreachable!()
-        }
-        fn sync_file(&self, _: &str) -> standby_host::Result<()> {
-            unreachable!()
-        }
-        fn image_info(&self, _: &str, _: Format, _: bool) -> standby_host::Result<ImageInfo> {
-            unreachable!()
-        }
-        fn image_probe(&self, _: &str) -> standby_host::Result<ImageInfo> {
-            unreachable!()
-        }
-        fn image_create(&self, _: &str, _: u64, _: Option<(&str, Format)>) -> standby_host::Result<()> {
-            unreachable!()
-        }
-        fn image_allocated(&self, _: &str) -> standby_host::Result<Vec<(u64, u64)>> {
-            unreachable!()
-        }
-        fn image_bitmap(&self, _: &str, _: Format, _: &str, _: BitmapOp<'_>) -> standby_host::Result<()> {
-            unreachable!()
-        }
-        fn image_commit(&self, _: &Chain) -> standby_host::Result<()> {
-            unreachable!()
-        }
-        fn image_set_backing_name(&self, _: &str, _: Option<&str>) -> standby_host::Result<()> {
-            unreachable!()
-        }
-        fn image_flatten(&self, _: &Chain) -> standby_host::Result<()> {
-            unreachable!()
-        }
-        fn image_compare(&self, _: &Chain, _: &Chain) -> standby_host::Result<bool> {
-            unreachable!()
-        }
+
         fn check_config(&self, _: &VmConfig) -> standby_host::Result<()> {
             unreachable!()
         }
+
         fn vm_start(&self, _: &VmLaunch) -> standby_host::Result<()> {
             unreachable!()
         }
+
         fn vm_pause(&self, _: &str) -> standby_host::Result<()> {
             unreachable!()
         }
+
         fn vm_resume(&self, _: &str) -> standby_host::Result<()> {
             unreachable!()
         }
+
         fn vm_paused(&self, _: &str) -> standby_host::Result<bool> {
             unreachable!()
         }
+
         fn vm_top_files(&self, _: &str, _: usize) -> standby_host::Result<Vec<String>> {
             unreachable!()
         }
+
         fn vm_protect(&self, _: &str, _: &[(String, u32)]) -> standby_host::Result<()> {
             unreachable!()
         }
+
         fn vm_flatten(&self, _: &str, _: usize, _: Duration) -> standby_host::Result<()> {
             unreachable!()
         }
+
         fn vm_disks<'a>(&'a self, _: &str, _: bool) -> standby_host::Result<Box<dyn DiskAccess + 'a>> {
             unreachable!()
         }
+
         fn vm_console(&self, _: &str, _: u64) -> standby_host::Result<(Vec<u8>, u64)> {
             unreachable!()
         }
+
         fn vm_scratch_path(&self, _: &str, _: &str) -> String {
             unreachable!()
         }
+
         fn vm_scratch_files(&self, _: &str, _: &str) -> standby_host::Result<Vec<String>> {
             unreachable!()
         }
+
         fn accel(&self) -> Accel {
             unreachable!()
         }
+
         fn probe_accel(&self, _: &str, _: &str) -> standby_host::Result<Accel> {
             unreachable!()
         }
+    }
+
+    impl Transport for Undying {
         fn nbd_serve(&self, _: &ServeSpec) -> standby_host::Result<NbdAddress> {
             unreachable!()
         }
+
         fn nbd_connect(&self, _: &NbdAddress, _: &str, _: &[&str]) -> standby_host::Result<Box<dyn BlockStream>> {
             unreachable!()
         }
+
         fn nbd_stop_all(&self, _: &str) -> standby_host::Result<usize> {
             unreachable!()
         }

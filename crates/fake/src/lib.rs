@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use standby_host::{
     Accel, BitmapInfo, BitmapOp, BitmapState, BlockStream, Chain, DiskAccess, DiskSource, Format, Host, HostError,
-    ImageInfo, NbdAddress, Result, ServeSpec, SourceDisk, View, VmConfig, VmLaunch, VmRuntime,
+    ImageInfo, NbdAddress, Result, ServeSpec, SourceDisk, Storage, Transport, View, VmConfig, VmDriver, VmLaunch,
+    VmRuntime,
 };
 use standby_model::ReplicaId;
 use standby_nbd::{Extent, NbdError};
@@ -525,7 +526,9 @@ impl Host for FakeHost {
     fn name(&self) -> &str {
         &self.name
     }
+}
 
+impl Storage for FakeHost {
     fn ensure_dir(&self, dir: &str) -> Result<()> {
         if !dir.starts_with('/') {
             return Err(invalid(format!("{dir} is not an absolute path")));
@@ -703,7 +706,9 @@ impl Host for FakeHost {
         let w = self.call("image_compare");
         Ok(w.contents(a)? == w.contents(b)?)
     }
+}
 
+impl VmDriver for FakeHost {
     /// Any NIC model; a kernel and an initrd must be files of this host.
     fn check_config(&self, config: &VmConfig) -> Result<()> {
         let d = &config.driver;
@@ -831,7 +836,9 @@ impl Host for FakeHost {
     fn probe_accel(&self, _kernel: &str, _initrd: &str) -> Result<Accel> {
         Ok(Accel::Tcg)
     }
+}
 
+impl Transport for FakeHost {
     fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress> {
         let mut w = self.call(&format!("nbd_serve {}", spec.id));
         for l in &spec.chain.layers {

@@ -156,10 +156,14 @@ pub struct ServeSpec {
     pub direct: bool,
 }
 
-pub trait Host: Debug + Send + Sync {
+/// A host: one machine standby reaches, by name, through three seams of its own.
+pub trait Host: Storage + VmDriver + Transport + Debug + Send + Sync {
     fn name(&self) -> &str;
+}
 
-    // ---- files and images ----
+/// Files and images on a host: directories, small files, image headers, layers and their
+/// chains, persistent bitmaps of closed images.
+pub trait Storage {
     /// Creates `dir` if needed and proves it writable.
     fn ensure_dir(&self, dir: &str) -> Result<()>;
     /// `dir` (which must exist) as this host names it with every symlink, `.`, `..` and
@@ -195,8 +199,12 @@ pub trait Host: Debug + Send + Sync {
     fn image_flatten(&self, chain: &Chain) -> Result<()>;
     /// Whether two chains read the same.
     fn image_compare(&self, a: &Chain, b: &Chain) -> Result<bool>;
+}
 
-    // ---- VMs ----
+/// The VMs of a host, in DR verbs: start one from a disk chain, its status and console,
+/// shut it down or end it, pause it, a protective point, a live flatten, and a run's hold
+/// on its disks.
+pub trait VmDriver {
     /// Checks the driver's part of a VM's configuration (device models, boot files)
     /// before it is stored: a VM standby accepts is one this host can start.
     fn check_config(&self, config: &VmConfig) -> Result<()>;
@@ -238,8 +246,11 @@ pub trait Host: Debug + Send + Sync {
     /// Boots `kernel` + `initrd` (a guest that prints `STANDBY-GUEST up` on its serial
     /// console) under KVM; records and returns the accelerator later VMs get.
     fn probe_accel(&self, kernel: &str, initrd: &str) -> Result<Accel>;
+}
 
-    // ---- NBD ----
+/// Block streams between hosts: serving a chain, connecting to one, and carrying out a
+/// transfer plan next to the destination's data.
+pub trait Transport: Sync {
     fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress>;
     fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<Box<dyn BlockStream>>;
     fn connect(&self, end: &Endpoint) -> Result<Box<dyn BlockStream>> {

@@ -11,7 +11,8 @@ use standby_qemu::qmp::commands::*;
 use standby_qemu::qmp::{Command, Qmp};
 
 use crate::views::{BitmapState, DiskAccess, SourceDisk, View};
-use crate::{BitmapOp, Chain, Format, Host, HostError, LocalHost, QemuError, Result, ServeSpec};
+use crate::{BitmapOp, Chain, Format, HostError, LocalHost, QemuError, Result, ServeSpec};
+use crate::{Storage, Transport, VmDriver};
 
 /// The node name of a VM's disk `idx`, on its command line and in QMP.
 pub fn disk_node(idx: usize) -> String {

@@ -182,7 +182,9 @@ impl Host for LocalHost {
     fn name(&self) -> &str {
         &self.name
     }
+}
 
+impl Storage for LocalHost {
     fn ensure_dir(&self, dir: &str) -> Result<()> {
         let path = Path::new(dir);
         if !path.is_absolute() {
@@ -316,7 +318,9 @@ impl Host for LocalHost {
     fn image_compare(&self, a: &Chain, b: &Chain) -> Result<bool> {
         Ok(img::compare(a, b)?)
     }
+}
 
+impl VmDriver for LocalHost {
     fn check_config(&self, config: &VmConfig) -> Result<()> {
         let d = &config.driver;
         for nic in &d.nics {
@@ -480,7 +484,9 @@ impl Host for LocalHost {
         fs::write(&file, accel.as_str()).map_err(io_err("cannot write", &file))?;
         Ok(accel)
     }
+}
 
+impl Transport for LocalHost {
     fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress> {
         let dir = self.root.join("nbd");
         let socket = self.socket(dir.join(format!("{}.sock", spec.id)).display().to_string())?;
