@@ -19,7 +19,7 @@
 //! `dst-r<replica>-` (a DR layer being written), `fb-r<replica>-` (failback transfers),
 //! `verify-r<replica>-d<disk>` (a planned failover's comparison). The source's views (QEMU
 //! fleecing nodes, exports and `src-r<replica>-` servers) are named by the host's driver
-//! (`standby_host::views`) from the replica id.
+//! (the QEMU driver's `live.rs`) from the replica id.
 
 use standby_model::{ReplicaId, Seq};
 

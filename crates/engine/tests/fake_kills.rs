@@ -1,7 +1,8 @@
-//! standby killed at every step of every operation, on the fake host, in one process: the
-//! operation panics at the fail point (no cleanup runs; locks go with the unwound stack as
-//! they go with a dead process), the next engine opens the same data directory and
-//! host, recovers, and must find every restore point as it was, the replica idle, and the
+//! standby killed at every fail point of every operation, on the fake host, in one
+//! process: the operation panics there, so none of its own error handling runs (the batch
+//! runner records the panic as a failure, and locks go with the unwound stack as they go
+//! with a dead process); the next engine opens the same data directory and host,
+//! recovers, and must find every restore point as it was, the replica idle, and the
 //! lifecycle able to go on. One test: the fail point hook is process-wide.
 //!
 //! Fail points passed inside transfer workers (`*.mid-transfer`) end that worker only: the
@@ -60,6 +61,15 @@ struct Case {
     op: fn(&Site),
     /// Whether the operation writes the source VM's disk (failback to it does).
     writes_source: bool,
+    /// Whether the source ran before and the operation shuts it down (a planned
+    /// failover): rolled back, it must run again.
+    restarts_source: bool,
+}
+
+/// Whether completing the operation removes restore points: retention drops the oldest,
+/// permanent failover all of them.
+fn drops_points(point: &str) -> bool {
+    point.starts_with("retention.") || point.starts_with("permanent.")
 }
 
 fn cases() -> Vec<Case> {
@@ -73,6 +83,7 @@ fn cases() -> Vec<Case> {
         },
         op: |s| drop(s.engine.job_run("j", &NoProgress)),
         writes_source: false,
+        restarts_source: false,
     };
     let retention = |point| Case {
         point,
@@ -85,12 +96,14 @@ fn cases() -> Vec<Case> {
         },
         op: |s| drop(s.engine.job_run("j", &NoProgress)),
         writes_source: false,
+        restarts_source: false,
     };
     let failover_case = |point| Case {
         point,
         setup: run,
         op: |s| drop(s.engine.failover(&vms(), None, PointChoice::Latest, false)),
         writes_source: false,
+        restarts_source: false,
     };
     let undo = |point| Case {
         point,
@@ -100,6 +113,7 @@ fn cases() -> Vec<Case> {
         },
         op: |s| drop(s.engine.failover_undo(&vms(), None)),
         writes_source: false,
+        restarts_source: false,
     };
     let planned = |point| Case {
         point,
@@ -110,6 +124,7 @@ fn cases() -> Vec<Case> {
         },
         op: |s| drop(s.engine.failover_planned(&vms(), None, Duration::from_secs(5))),
         writes_source: false,
+        restarts_source: true,
     };
     let permanent = |point| Case {
         point,
@@ -119,6 +134,7 @@ fn cases() -> Vec<Case> {
         },
         op: |s| drop(s.engine.failover_permanent(&vms(), None)),
         writes_source: false,
+        restarts_source: false,
     };
     let failback_case = |point| Case {
         point,
@@ -128,6 +144,7 @@ fn cases() -> Vec<Case> {
         },
         op: |s| drop(s.engine.failback(&vms(), None, &failback_opts(), &NoProgress)),
         writes_source: true,
+        restarts_source: false,
     };
     let switch = |point| Case {
         point,
@@ -137,6 +154,7 @@ fn cases() -> Vec<Case> {
         },
         op: |s| drop(s.engine.failback_switch(&vms(), None, &NoProgress)),
         writes_source: true,
+        restarts_source: false,
     };
     // After the switch: undo then stops the target and restores it (before the switch
     // there is nothing to stop).
@@ -149,8 +167,18 @@ fn cases() -> Vec<Case> {
         },
         op: |s| drop(s.engine.failback_undo(&vms(), None, &NoProgress)),
         writes_source: true,
+        restarts_source: false,
+    };
+    // A planned failover ends in an ordinary one: killed there, its recovery must also
+    // start the source again (it had shut it down).
+    let planned_failover = |point| Case {
+        op: |s| drop(s.engine.failover_planned(&vms(), None, Duration::from_secs(5))),
+        ..planned(point)
     };
     let mut all = Vec::new();
+    for p in failpoint::ALL.iter().filter(|p| p.starts_with("failover.")) {
+        all.push(planned_failover(p));
+    }
     for p in failpoint::ALL {
         let family = p.split('.').next().unwrap();
         all.push(match family {
@@ -172,6 +200,7 @@ fn cases() -> Vec<Case> {
                 },
                 op: |s| drop(s.engine.failback_commit(&vms(), None, &NoProgress)),
                 writes_source: true,
+                restarts_source: false,
             },
             other => panic!("fail point family {other} has no case here"),
         });
@@ -235,7 +264,13 @@ fn a_kill_at_every_step_is_recovered_with_every_restore_point_intact() {
         let recovery = site.engine.recover_interrupted().unwrap();
         assert!(recovery.attention.is_empty(), "{point}: {:?}", recovery.attention);
         assert!(site.engine.recovery_needed().unwrap().is_empty(), "{point}: still needs recovery");
-        for p in site.engine.replica_points("web", None).unwrap() {
+        let after = site.engine.replica_points("web", None).unwrap();
+        if !drops_points(point) {
+            for id in before.keys() {
+                assert!(after.iter().any(|p| p.id == *id), "{point}: restore point {id} was lost");
+            }
+        }
+        for p in after {
             if let Some(data) = before.get(&p.id) {
                 assert!(&site.fake.read_image(&p.disks[0].path) == data, "{point}: restore point {} changed", p.id);
             }
@@ -243,7 +278,11 @@ fn a_kill_at_every_step_is_recovered_with_every_restore_point_intact() {
         if !case.writes_source {
             assert!(site.fake.read_image(DISK) == source, "{point}: the source disk changed");
         }
+        if case.restarts_source && site.state() == "ready" {
+            assert!(site.fake.vm_chains("web").is_some(), "{point}: rolled back, the source must run again");
+        }
         goes_on(&site);
     }
-    assert_eq!(reached.lock().unwrap().len(), failpoint::ALL.len(), "one kill per fail point");
+    let failover_points = failpoint::ALL.iter().filter(|p| p.starts_with("failover.")).count();
+    assert_eq!(reached.lock().unwrap().len(), failpoint::ALL.len() + failover_points, "one kill per case");
 }

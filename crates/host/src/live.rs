@@ -286,13 +286,21 @@ impl DiskAccess for QemuDisks<'_> {
             broken = match self.fleecing.is_empty() {
                 true => None,
                 false => {
-                    let jobs = m.run(&QueryBlockJobs {})?;
+                    // Unknown is broken too; and teardown goes on either way.
+                    let jobs = match m.run(&QueryBlockJobs {}) {
+                        Ok(jobs) => jobs,
+                        Err(e) => {
+                            broken = Some((self.fleecing[0].clone(), format!("its state cannot be read: {e}")));
+                            Vec::new()
+                        }
+                    };
                     let failed = m.qmp.take_events().into_iter().find_map(|e| {
                         self.fleecing.iter().any(|f| f == e.job()).then(|| e.failure()).flatten().map(|f| (e, f))
                     });
-                    match failed {
-                        Some((e, error)) => Some((e.job().to_owned(), error)),
-                        None => self
+                    match (failed, broken.take()) {
+                        (Some((e, error)), _) => Some((e.job().to_owned(), error)),
+                        (None, Some(unknown)) => Some(unknown),
+                        (None, None) => self
                             .fleecing
                             .iter()
                             .find(|f| !jobs.iter().any(|j| &j.device == *f && j.status == "running"))

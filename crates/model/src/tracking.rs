@@ -72,19 +72,22 @@ pub struct DiskSeen {
 }
 
 /// The method for one disk's transfer, and for digest, why.
-pub fn choose_method(d: DiskSeen) -> (Method, Option<&'static str>) {
+pub fn choose_method(d: DiskSeen) -> (Method, Option<String>) {
     let Some(previous) = d.previous_size else {
         return (Method::Full, None);
     };
     if d.raw {
-        return (Method::Digest, Some("raw disk has no dirty bitmap, compared by digest"));
+        return (Method::Digest, Some("raw disk has no dirty bitmap, compared by digest".into()));
     }
     if previous != d.size {
-        return (Method::Digest, Some("disk size changed, compared by digest"));
+        return (Method::Digest, Some("disk size changed, compared by digest".into()));
     }
     match d.bitmap {
         Ok(()) => (Method::Cbt, None),
-        Err(_) => (Method::Digest, Some("dirty bitmap missing or inconsistent, compared by digest")),
+        Err(why) => (
+            Method::Digest,
+            Some(format!("dirty bitmap missing or inconsistent ({}), compared by digest", why.reason())),
+        ),
     }
 }
 

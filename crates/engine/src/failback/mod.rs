@@ -342,7 +342,7 @@ fn missing_record(vm: &str) -> EngineError {
     EngineError::Damaged { vm: vm.into(), what: format!("VM {vm}'s failback record is missing") }
 }
 
-/// The node and file at the top of each of a running VM's disks, from `query-block`.
+/// A byte count as operators read it.
 fn human(bytes: u64) -> String {
     const MIB: f64 = (1 << 20) as f64;
     if bytes >= 1 << 20 {

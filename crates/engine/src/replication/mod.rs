@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 use standby_host::{Chain, Endpoint, Format, Host, ServeSpec};
 use standby_model::recovery::{recovery, Recovery as Action, Seen};
-use standby_model::tracking::{choose_method, DiskSeen, Distrust};
+use standby_model::tracking::{choose_method, DiskSeen};
 use standby_model::{Method, PointId, ReplicaId, ReplicaState, Seq, Transition};
 use standby_store::{FailoverPoint, NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
 
@@ -502,7 +502,8 @@ impl Engine {
         access.close_views(replica.id, vm.disks.len())?;
         for (idx, d) in vm.disks.iter().enumerate() {
             let disk = SourceDisk { idx, path: d.path.clone(), format: d.format, size: 0 };
-            source::reconcile(access.as_mut(), &disk, replica.id, None)?;
+            // Without a current bitmap nothing is trusted: every one of this replica goes.
+            let _untrusted = source::reconcile(access.as_mut(), &disk, replica.id, None)?;
         }
         Ok(())
     }
@@ -569,13 +570,13 @@ impl Engine {
         for d in &disks {
             let pd = prev_disk(d.idx);
             let prev_bitmap = pd.and_then(|p| p.bitmap.clone());
-            let ok = source::reconcile(access.as_mut(), d, replica.id, prev_bitmap.as_deref())
+            let trust = source::reconcile(access.as_mut(), d, replica.id, prev_bitmap.as_deref())
                 .map_err(fail("reconciling dirty bitmaps"))?;
             let (method, why) = choose_method(DiskSeen {
                 previous_size: pd.map(|p| p.size),
                 size: d.size,
                 raw: d.format == Format::Raw,
-                bitmap: if ok { Ok(()) } else { Err(Distrust::Missing) },
+                bitmap: trust,
             });
             if let Some(why) = why {
                 notes.push(format!("disk {}: {why}", d.idx));

@@ -10,7 +10,7 @@
 //! covers everything since the last restore point", which is what [`reconcile`] does.
 
 use standby_host::{BitmapState, DiskAccess, SourceDisk};
-use standby_model::tracking::{bitmap_trust, SeenBitmap};
+use standby_model::tracking::{bitmap_trust, Distrust, SeenBitmap};
 use standby_model::ReplicaId;
 
 use crate::layout::bitmap_seq;
@@ -18,14 +18,14 @@ use crate::Result;
 
 /// Restores the rule that `current` (the bitmap the last restore point started) holds
 /// every change since that restore point, after any interrupted run. Returns whether
-/// `current` can be trusted; when it cannot, every bitmap of this replica is removed
-/// and the disk must be compared by digest.
+/// `current` can be trusted, or why not; when it cannot, every bitmap of this replica is
+/// removed and the disk must be compared by digest.
 pub fn reconcile(
     access: &mut dyn DiskAccess,
     disk: &SourceDisk,
     replica_id: ReplicaId,
     current: Option<&str>,
-) -> Result<bool> {
+) -> Result<std::result::Result<(), Distrust>> {
     let ours: Vec<BitmapState> =
         access.bitmaps(disk)?.into_iter().filter(|b| bitmap_seq(replica_id, &b.name).is_some()).collect();
     let current_seq = current.and_then(|c| bitmap_seq(replica_id, c));
@@ -38,7 +38,8 @@ pub fn reconcile(
         })
         .collect();
     // An interrupted run may have left `current` disabled: it is enabled again below.
-    let trusted = bitmap_trust(current_seq, &seen, false).is_ok();
+    let trust = bitmap_trust(current_seq, &seen, false);
+    let trusted = trust.is_ok();
     for b in &ours {
         if Some(b.name.as_str()) == current {
             continue;
@@ -56,7 +57,7 @@ pub fn reconcile(
         (false, Some(c)) => access.remove_bitmap(disk, &c.name)?,
         (false, None) => {}
     }
-    Ok(trusted)
+    Ok(trust)
 }
 
 /// After the restore point is durable: the previous bitmap has served its purpose.

@@ -79,14 +79,25 @@ impl Qmp {
         self.writer
             .write_all(text.as_bytes())
             .map_err(|source| QemuError::QmpIo { socket: self.socket.clone(), source })?;
+        // A known event that does not read as its schema is an error, but only once the
+        // command's own reply is read: returning early would leave that reply for the
+        // next command to take as its own.
+        let mut bad_event = None;
         loop {
             let reply = self.read_message()?;
             if let Some(name) = reply.get("event").and_then(Value::as_str) {
                 let data = reply.get("data").cloned().unwrap_or(Value::Null);
-                let event = Event::parse(name, &data)
-                    .map_err(|e| QemuError::QmpProtocol(format!("event {name} does not read as its schema: {e}")))?;
-                self.events.extend(event);
+                match Event::parse(name, &data) {
+                    Ok(event) => self.events.extend(event),
+                    Err(e) => {
+                        bad_event =
+                            Some(QemuError::QmpProtocol(format!("event {name} does not read as its schema: {e}")))
+                    }
+                }
                 continue;
+            }
+            if let Some(e) = bad_event {
+                return Err(e);
             }
             if let Some(ret) = reply.get("return") {
                 return Ok(ret.clone());
