@@ -1,0 +1,178 @@
+//! standby's own certificate authority, and the mutually authenticated TLS 1.3 that every
+//! connection between a controller and an agent (or two agents) uses. The authority is
+//! made at first use in the controller's data directory, its key readable by its owner
+//! only. A host makes its own key and a signing request ([`request`]); the key never
+//! leaves it. Both ends then pin the authority: a peer without a certificate, with one
+//! from another authority, or with an expired one is refused during the handshake, before
+//! anything it sends is read.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("cannot {what} {path}")]
+    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("{what} is not a PEM {kind}")]
+    Pem { what: String, kind: &'static str },
+}
+
+pub type Result<T> = std::result::Result<T, TrustError>;
+
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca.key";
+const CA_NAME: &str = "standby certificate authority";
+
+/// The certificate authority of one standby installation.
+pub struct Authority {
+    cert_pem: String,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Authority").finish_non_exhaustive()
+    }
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TrustError {
+    let path = path.display().to_string();
+    move |source| TrustError::Io { what, path, source }
+}
+
+/// Writes `content` to a new owner-only file (refusing to replace one).
+fn write_new_private(path: &Path, content: &str) -> Result<()> {
+    let mut f =
+        fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io("create", path))?;
+    f.write_all(content.as_bytes()).and_then(|()| f.sync_all()).map_err(io("write", path))
+}
+
+impl Authority {
+    /// The authority kept in `dir`, made there at first use (its key owner-only).
+    pub fn open_or_create(dir: &Path) -> Result<Authority> {
+        let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
+        if key_path.exists() {
+            let key = KeyPair::from_pem(&fs::read_to_string(&key_path).map_err(io("read", &key_path))?)?;
+            let cert_pem = fs::read_to_string(&cert_path).map_err(io("read", &cert_path))?;
+            return Ok(Authority { cert_pem, key });
+        }
+        fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, CA_NAME);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = SystemTime::now().into();
+        params.not_after = (SystemTime::now() + Duration::from_secs(20 * 365 * 86400)).into();
+        let cert = params.self_signed(&key)?;
+        // The key first: a certificate without its key is useless, a key without its
+        // certificate is found and refused at the next start.
+        write_new_private(&key_path, &key.serialize_pem())?;
+        write_new_private(&cert_path, &cert.pem())?;
+        Ok(Authority { cert_pem: cert.pem(), key })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Signs host `host`'s request ([`request`]): a certificate naming it, for both ends of
+    /// a connection, valid for `valid` from now.
+    pub fn sign(&self, host: &str, csr_pem: &str, valid: Duration) -> Result<String> {
+        self.sign_between(host, csr_pem, SystemTime::now(), SystemTime::now() + valid)
+    }
+
+    fn sign_between(&self, host: &str, csr_pem: &str, from: SystemTime, until: SystemTime) -> Result<String> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        // The authority decides what a host certificate says, not the request.
+        let p = &mut csr.params;
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, host);
+        p.subject_alt_names = vec![SanType::DnsName(host.try_into()?)];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.not_before = from.into();
+        p.not_after = until.into();
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        Ok(csr.signed_by(&issuer)?.pem())
+    }
+}
+
+/// A host's own key (PEM) and its signing request for `host` (PEM), made on the host.
+pub fn request(host: &str) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let params = CertificateParams::new(vec![host.to_owned()])?;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| TrustError::Pem { what: what.into(), kind: "certificate" })?;
+    match certs.is_empty() {
+        true => Err(TrustError::Pem { what: what.into(), kind: "certificate" }),
+        false => Ok(certs),
+    }
+}
+
+fn key(pem: &str) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| TrustError::Pem { what: "the key".into(), kind: "key" })
+}
+
+fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca_pem, "the authority")? {
+        roots.add(c)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What an agent serves with: its certificate and key, and only clients the authority
+/// signed, over TLS 1.3.
+pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(cert_pem, "the host certificate")?, key(key_pem)?)?;
+    Ok(Arc::new(config))
+}
+
+/// What a controller (or an agent reaching another) connects with: its certificate and
+/// key, and only servers the authority signed, over TLS 1.3.
+pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ClientConfig>> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(certs(cert_pem, "the host certificate")?, key(key_pem)?)?;
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests;
