@@ -174,5 +174,104 @@ pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<
     Ok(Arc::new(config))
 }
 
+/// The SHA-256 of a certificate's DER bytes, in hex: what an enrolment token pins.
+pub fn fingerprint(cert_pem: &str) -> Result<String> {
+    let der = certs(cert_pem, "the certificate")?.remove(0);
+    Ok(hex(ring::digest::digest(&ring::digest::SHA256, &der).as_ref()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A fresh random secret in hex (an enrolment token's), from the system's generator.
+pub fn secret() -> Result<String> {
+    let mut bytes = [0u8; 24];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| rustls::Error::General("the system random generator failed".into()))?;
+    Ok(hex(&bytes))
+}
+
+/// A host's certificate before it is enrolled: signed by its own key, for the one
+/// connection that enrols it. Its fingerprint travels in the enrolment token, so the
+/// controller knows it talks to that host and no other.
+pub fn bootstrap_cert(host: &str, key_pem: &str) -> Result<String> {
+    let key = KeyPair::from_pem(key_pem)?;
+    let params = CertificateParams::new(vec![host.to_owned()])?;
+    Ok(params.self_signed(&key)?.pem())
+}
+
+/// An agent's configuration before enrolment: its bootstrap certificate, no client
+/// certificate asked for (the token, sent inside the connection, authenticates the
+/// controller).
+pub fn bootstrap_server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert_pem, "the bootstrap certificate")?, key(key_pem)?)?;
+    Ok(Arc::new(config))
+}
+
+/// The controller's configuration for enrolling a host: the server must present exactly
+/// the certificate whose fingerprint the token holds.
+pub fn pinned_client_config(fingerprint: &str) -> Result<Arc<ClientConfig>> {
+    let provider = provider();
+    let verifier = Arc::new(Pinned { fingerprint: fingerprint.to_lowercase(), provider: provider.clone() });
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Accepts one certificate, named by its fingerprint; signatures are still checked.
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let got = hex(ring::digest::digest(&ring::digest::SHA256, end_entity).as_ref());
+        match got == self.fingerprint {
+            true => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            false => Err(rustls::Error::General(format!(
+                "the host presented certificate {got}, not the one its enrolment token names"
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not spoken here".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -112,3 +112,22 @@ fn garbage_is_an_error_that_says_what_it_is() {
     let e = server_config("nothing", "nothing", "nothing").unwrap_err().to_string();
     assert!(e.contains("the authority") && e.contains("certificate"), "{e}");
 }
+
+#[test]
+fn a_pinned_enrolment_reaches_only_the_host_the_token_names() {
+    let (key, _) = request("dr1").unwrap();
+    let cert = bootstrap_cert("dr1", &key).unwrap();
+    let pin = fingerprint(&cert).unwrap();
+    assert_eq!(pin.len(), 64);
+    let (port, handle) = serve(bootstrap_server_config(&cert, &key).unwrap());
+    assert_eq!(ping(pinned_client_config(&pin).unwrap(), port, "dr1").as_deref(), Ok("pong\n"));
+    assert_eq!(handle.join().unwrap().as_deref(), Some("ping\n"));
+    // Another host answering at that address is not the one the token names.
+    let (other_key, _) = request("dr1").unwrap();
+    let other = bootstrap_cert("dr1", &other_key).unwrap();
+    let (port, handle) = serve(bootstrap_server_config(&other, &other_key).unwrap());
+    let e = ping(pinned_client_config(&pin).unwrap(), port, "dr1").unwrap_err();
+    assert!(e.contains("enrolment token"), "{e}");
+    assert_eq!(handle.join().unwrap(), None);
+    assert_ne!(secret().unwrap(), secret().unwrap());
+}
