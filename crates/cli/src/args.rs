@@ -54,6 +54,13 @@ pub(crate) enum Command {
     /// Finish or roll back what interrupted operations left (commands that change state do it first).
     #[command(after_help = "Example: standby recover")]
     Recover,
+    /// Run this hypervisor host's agent for a controller elsewhere; `--data-dir` is the agent's own.
+    #[command(after_help = "Example: standby agent --listen 0.0.0.0:7301 --data-dir /var/lib/standby-agent")]
+    Agent {
+        /// The address and port to listen on.
+        #[arg(long)]
+        listen: String,
+    },
     /// Run jobs on their intervals until stopped.
     #[command(after_help = "Example: standby daemon --tick 5")]
     Daemon {
@@ -541,9 +548,26 @@ pub(crate) enum TaskCmd {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum HostCmd {
-    /// Hosts and the accelerator their VMs start with.
+    /// Hosts: the accelerator VMs start with here, and whether each agent answers.
     #[command(after_help = "Example: standby host list")]
-    List,
+    List {
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Enrol the agent a host runs (`standby agent` printed its token).
+    #[command(after_help = "Example: standby host add dr1 --address 10.0.0.2:7301 --token 3f2a...")]
+    Add {
+        name: String,
+        /// The agent's address and port.
+        #[arg(long)]
+        address: String,
+        /// The `enrolment token:` the agent printed (also in its data directory).
+        #[arg(long)]
+        token: String,
+    },
+    /// Forget an agent's host (refused while a VM or job uses it).
+    #[command(after_help = "Example: standby host remove dr1")]
+    Remove { name: String },
     /// Boot a test guest under KVM; VMs use KVM from then on only if it booted.
     #[command(
         after_help = "Example: standby host probe --kernel /boot/vmlinuz --initrd /var/lib/standby/guest.cpio.gz"

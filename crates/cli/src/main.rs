@@ -55,6 +55,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // An agent is not a controller: it opens no database.
+    if let Command::Agent { listen } = &cli.command {
+        let dir = cli.data_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/standby-agent"));
+        standby_agent::run(listen, &dir, &mut std::io::stdout())
+            .with_context(|| format!("the agent on {listen} with data in {}", dir.display()))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let data_dir = cli.data_dir.unwrap_or_else(default_data_dir);
     let mut engine =
         Engine::open(&data_dir).with_context(|| format!("cannot open standby's data in {}", data_dir.display()))?;
@@ -85,10 +92,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Job(c) => job(&engine, c),
         Command::Replica(c) => replica(&engine, c),
         Command::Task(c) => task(&engine, c),
-        Command::Host(HostCmd::List) => {
-            for (name, accel) in engine.host_list() {
-                println!("{name}  accel={accel}");
-            }
+        Command::Host(HostCmd::List { json }) => {
+            output::hosts(&engine.host_list()?, json.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Host(HostCmd::Add { name, address, token }) => {
+            let h = engine.host_add(&name, &address, &token)?;
+            println!("host {} enrolled: agent {} at {address}", h.name, h.version.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Host(HostCmd::Remove { name }) => {
+            engine.host_remove(&name)?;
+            println!("host {name} removed");
             Ok(ExitCode::SUCCESS)
         }
         Command::Host(HostCmd::Probe { host, kernel, initrd }) => {
@@ -106,6 +121,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Recover => Ok(ExitCode::SUCCESS),
+        Command::Agent { .. } => unreachable!("the agent runs before any engine is opened"),
         Command::Daemon { tick } => daemon::run(&engine, Duration::from_secs(tick.max(1))),
     }
 }
@@ -117,10 +133,10 @@ fn reads_only(cmd: &Command) -> bool {
         Command::Job(c) => matches!(c, JobCmd::List { .. }),
         Command::Replica(c) => matches!(c, ReplicaCmd::List { .. } | ReplicaCmd::Points { .. }),
         Command::Task(_) | Command::History { .. } => true,
-        Command::Host(c) => matches!(c, HostCmd::List),
+        Command::Host(c) => matches!(c, HostCmd::List { .. }),
         Command::Plan(c) => matches!(c, PlanCmd::List { .. } | PlanCmd::Show { .. }),
         Command::Failback(a) => matches!(a.action, Some(FailbackCmd::List { .. })),
-        Command::Failover(_) | Command::Recover | Command::Daemon { .. } => false,
+        Command::Failover(_) | Command::Recover | Command::Daemon { .. } | Command::Agent { .. } => false,
     }
 }
 

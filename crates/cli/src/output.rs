@@ -3,8 +3,8 @@
 use anyhow::Result;
 use serde::Serialize;
 use standby_engine::{
-    FailbackView, HistoryView, JobView, OpOutcome, PlanRun, PlanView, ReplicaDeleted, ReplicaView, RestorePointView,
-    RunOutcome, TaskView, VmView,
+    FailbackView, HistoryView, HostView, JobView, OpOutcome, PlanRun, PlanView, ReplicaDeleted, ReplicaView,
+    RestorePointView, RunOutcome, TaskView, VmView,
 };
 
 fn json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
@@ -312,6 +312,29 @@ pub fn replicas_deleted(list: &[ReplicaDeleted], as_json: bool) -> Result<()> {
                 r.restore_points,
                 r.deleted_files.len()
             );
+        }
+    }
+    Ok(())
+}
+
+/// The local host keeps its one-line form (`local  accel=tcg`); agents say where they are
+/// and whether they answer.
+pub fn hosts(list: &[HostView], as_json: bool) -> Result<()> {
+    if as_json {
+        return json(list);
+    }
+    for h in list {
+        match (&h.address, h.accel) {
+            (_, Some(accel)) => println!("{}  accel={accel}", h.name),
+            (address, None) => println!(
+                "{}  {}  {}  version {}  last seen {}{}",
+                h.name,
+                h.state,
+                address.as_deref().unwrap_or("-"),
+                h.version.as_deref().unwrap_or("-"),
+                h.last_seen.as_deref().unwrap_or("never"),
+                h.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()
+            ),
         }
     }
     Ok(())

@@ -23,6 +23,16 @@ pub enum EngineError {
     DataDir { path: String, source: std::io::Error },
     #[error("unknown host {0:?}; the hosts standby knows are listed by `standby host list`")]
     UnknownHost(String),
+    #[error("a host named {0:?} already exists (standby host list)")]
+    HostExists(String),
+    #[error(
+        "host {0} is an enrolled agent, but VMs, jobs and failbacks on agent hosts are not built yet; use the local host"
+    )]
+    AgentHost(String),
+    #[error(transparent)]
+    Agent(#[from] standby_agent::AgentError),
+    #[error(transparent)]
+    Trust(#[from] standby_trust::TrustError),
     #[error("unknown VM {0:?}; see `standby vm list`")]
     UnknownVm(String),
     #[error("unknown job {0:?}; see `standby job list`")]

@@ -7,6 +7,7 @@ mod error;
 mod failback;
 mod failover;
 pub mod failpoint;
+mod hosts;
 mod job;
 mod layout;
 mod lock;
@@ -35,6 +36,7 @@ pub(crate) use error::chain;
 pub use error::{EngineError, Result};
 pub use failback::{FailbackOptions, FailbackView, Moved};
 pub use failover::PointChoice;
+pub use hosts::HostView;
 pub use job::{JobChange, JobSpec, JobView, Points, ReplicaDeleted};
 pub use plan::{PlanChange, PlanRun, PlanSpec, PlanStep, PlanView, PlanVmView, DEFAULT_HOOK_TIMEOUT_SECS};
 pub use progress::{NoProgress, Progress};
@@ -185,12 +187,13 @@ impl Engine {
     }
 
     pub(crate) fn host(&self, name: &str) -> Result<Arc<dyn Host>> {
-        self.hosts.get(name).cloned().ok_or_else(|| EngineError::UnknownHost(name.to_owned()))
-    }
-
-    /// Hosts with the accelerator their VMs start with.
-    pub fn host_list(&self) -> Vec<(String, &'static str)> {
-        self.hosts.iter().map(|(n, h)| (n.clone(), h.accel().as_str())).collect()
+        if let Some(h) = self.hosts.get(name) {
+            return Ok(h.clone());
+        }
+        match self.store().host_exists(name)? {
+            true => Err(EngineError::AgentHost(name.to_owned())),
+            false => Err(EngineError::UnknownHost(name.to_owned())),
+        }
     }
 
     /// Finds out whether VMs on `host` can use KVM by booting a real guest under it.

@@ -148,4 +148,10 @@ pub const MIGRATIONS: &[&str] = &[
     UPDATE replicas SET state = 'preparing_failover'
      WHERE state IN ('ready', 'replicating') AND op_step LIKE 'planned:%';
     "#,
+    // 7: hosts reached through an agent: where, and what it last said.
+    r#"
+    ALTER TABLE hosts ADD COLUMN address TEXT;
+    ALTER TABLE hosts ADD COLUMN version TEXT;
+    ALTER TABLE hosts ADD COLUMN last_seen TEXT;
+    "#,
 ];

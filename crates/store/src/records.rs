@@ -35,6 +35,17 @@ pub struct VmRecord {
     pub replica_id: Option<ReplicaId>,
 }
 
+/// A host standby knows: `local`, or one reached through an agent at `address`.
+#[derive(Debug, Clone)]
+pub struct HostRecord {
+    pub name: String,
+    /// `local` or `agent`.
+    pub kind: String,
+    pub address: Option<String>,
+    pub version: Option<String>,
+    pub last_seen: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct NewJob {
     pub name: String,

@@ -23,10 +23,10 @@ fn migrates_once_and_has_local_host() {
     let path = dir.path().join("standby.db");
     let s = Store::open(&path).unwrap();
     assert_eq!(s.schema_version().unwrap(), migrations::MIGRATIONS.len() as u32);
-    assert_eq!(s.hosts().unwrap(), vec!["local".to_string()]);
+    assert_eq!(s.hosts().unwrap().iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["local"]);
     drop(s);
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.hosts().unwrap(), vec!["local".to_string()]);
+    assert_eq!(s.hosts().unwrap().iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["local"]);
 }
 
 #[test]
@@ -186,6 +186,9 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
         .execute_batch(
             "UPDATE replicas SET state = 'ready', op_step = 'planned:source-was-running' WHERE dir = '/dr/a';
              UPDATE replicas SET state = 'replicating', op_step = 'planned:source-was-stopped' WHERE dir = '/dr/b';
+             ALTER TABLE hosts DROP COLUMN address;
+             ALTER TABLE hosts DROP COLUMN version;
+             ALTER TABLE hosts DROP COLUMN last_seen;
              PRAGMA user_version = 5;",
         )
         .unwrap();

@@ -119,10 +119,25 @@ impl Authority {
 
 /// A host's own key (PEM) and its signing request for `host` (PEM), made on the host.
 pub fn request(host: &str) -> Result<(String, String)> {
-    let key = KeyPair::generate()?;
-    let params = CertificateParams::new(vec![host.to_owned()])?;
-    let csr = params.serialize_request(&key)?;
-    Ok((key.serialize_pem(), csr.pem()?))
+    let key = KeyPair::generate()?.serialize_pem();
+    let csr = request_with_key(host, &key)?;
+    Ok((key, csr))
+}
+
+/// A signing request for `host` with a key the host already has (PEM).
+pub fn request_with_key(host: &str, key_pem: &str) -> Result<String> {
+    let key = KeyPair::from_pem(key_pem)?;
+    Ok(CertificateParams::new(vec![host.to_owned()])?.serialize_request(&key)?.pem()?)
+}
+
+/// A new private key (PEM).
+pub fn new_key() -> Result<String> {
+    Ok(KeyPair::generate()?.serialize_pem())
+}
+
+/// Writes `content` to a new owner-only file, refusing to replace one.
+pub fn write_private(path: &Path, content: &str) -> Result<()> {
+    write_new_private(path, content)
 }
 
 fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>> {

@@ -1,0 +1,295 @@
+//! `standby agent`: a hypervisor host's end of standby, and the controller's client for it.
+//!
+//! An agent listens on one TCP address. Until it is enrolled it serves a certificate
+//! signed by its own key and accepts one request, `Enrol`, carrying the secret of the
+//! one-time token it wrote to `DIR/enrolment-token` (owner-only) and printed. The token
+//! also holds that certificate's fingerprint, so the controller sends its secret to this
+//! agent only. Enrolment signs the agent's key with the controller's authority; from then
+//! on every connection is mutual TLS 1.3 pinned to that authority, and the token is gone.
+//!
+//! Requests and answers are one JSON line each, inside TLS. What an enrolled agent
+//! carries out is its `Hello` for now; the host verbs (VMs, images, transfers) come next.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, ServerConnection, StreamOwned};
+use serde::{Deserialize, Serialize};
+use standby_trust::{Authority, TrustError};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// How long one request may take to arrive, or an answer, before the peer is dropped.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a controller waits to reach an agent.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot {what} {path}")]
+    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("host {host} ({address}) is unreachable")]
+    Unreachable { host: String, address: String, source: std::io::Error },
+    #[error("host {host} ({address}) refused the connection or its certificate: {detail}")]
+    Refused { host: String, address: String, detail: String },
+    #[error("host {host} refused: {why}")]
+    Said { host: String, why: String },
+    #[error("host {host} broke the protocol: {detail}")]
+    Protocol { host: String, detail: String },
+    #[error("the enrolment token {0:?} is not one an agent printed; copy the whole `enrolment token:` line's value")]
+    BadToken(String),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+}
+
+pub type Result<T> = std::result::Result<T, AgentError>;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    Enrol { secret: String, name: String, ca_pem: String },
+    Certificate { cert_pem: String },
+    Hello,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+enum Answer {
+    Csr { csr_pem: String },
+    Enrolled { version: String },
+    Hello { name: String, version: String },
+    Refused { why: String },
+}
+
+/// An agent's files in its directory.
+#[derive(Debug, Clone)]
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.join(f)
+    }
+    fn read(&self, f: &str) -> Result<Option<String>> {
+        let p = self.path(f);
+        match std::fs::read_to_string(&p) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(AgentError::Io { what: "read", path: p.display().to_string(), source }),
+        }
+    }
+    fn need(&self, f: &str) -> Result<String> {
+        let p = self.path(f);
+        std::fs::read_to_string(&p).map_err(|source| AgentError::Io {
+            what: "read",
+            path: p.display().to_string(),
+            source,
+        })
+    }
+}
+
+const KEY: &str = "agent.key";
+const BOOTSTRAP: &str = "bootstrap.pem";
+const TOKEN: &str = "enrolment-token";
+const CA: &str = "ca.pem";
+const CERT: &str = "agent.pem";
+const NAME: &str = "name";
+
+/// Runs the agent on `listen` with its files in `dir`, forever. It says what it listens
+/// on, and before enrolment the token, on `out`.
+pub fn run(listen: &str, dir: &Path, out: &mut dyn Write) -> Result<()> {
+    let io = |what, path: &Path| {
+        let path = path.display().to_string();
+        move |source| AgentError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let files = Files { dir: dir.into() };
+    if files.read(KEY)?.is_none() {
+        standby_trust::write_private(&files.path(KEY), &standby_trust::new_key()?)?;
+    }
+    let key = files.need(KEY)?;
+    if files.read(CERT)?.is_none() && files.read(TOKEN)?.is_none() {
+        let cert = standby_trust::bootstrap_cert("standby-agent", &key)?;
+        let _ = std::fs::remove_file(files.path(BOOTSTRAP));
+        standby_trust::write_private(&files.path(BOOTSTRAP), &cert)?;
+        let token = format!("{}.{}", standby_trust::secret()?, standby_trust::fingerprint(&cert)?);
+        standby_trust::write_private(&files.path(TOKEN), &token)?;
+    }
+    let listener = TcpListener::bind(listen).map_err(io("listen on", Path::new(listen)))?;
+    let addr = listener.local_addr().map_err(io("listen on", Path::new(listen)))?;
+    let _ = writeln!(out, "listening on {addr}");
+    if let Some(token) = files.read(TOKEN)? {
+        let _ = writeln!(out, "enrolment token: {}", token.trim());
+    }
+    let _ = out.flush();
+    for conn in listener.incoming() {
+        let Ok(tcp) = conn else { continue };
+        // One connection at a time: enrolment changes what the next one is served with.
+        if let Err(e) = serve_one(&files, &key, tcp) {
+            let _ = writeln!(out, "connection refused: {e}");
+            let _ = out.flush();
+        }
+    }
+    Ok(())
+}
+
+fn serve_one(files: &Files, key: &str, tcp: TcpStream) -> Result<()> {
+    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let proto = |detail: String| AgentError::Protocol { host: peer.clone(), detail };
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| proto(e.to_string()))?;
+    tcp.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| proto(e.to_string()))?;
+    let enrolled = files.read(CERT)?;
+    let config = match &enrolled {
+        Some(cert) => standby_trust::server_config(&files.need(CA)?, cert, key)?,
+        None => standby_trust::bootstrap_server_config(&files.need(BOOTSTRAP)?, key)?,
+    };
+    let conn = ServerConnection::new(config).map_err(|e| proto(e.to_string()))?;
+    let mut tls = Line::new(StreamOwned::new(conn, tcp));
+    let request: Request = tls.read().map_err(|e| proto(e.to_string()))?;
+    let answer = match (request, enrolled.is_some()) {
+        (Request::Hello, true) => {
+            Answer::Hello { name: files.read(NAME)?.unwrap_or_default().trim().into(), version: VERSION.into() }
+        }
+        (Request::Enrol { secret, name, ca_pem }, false) => {
+            let token = files.read(TOKEN)?.unwrap_or_default();
+            let expected = token.trim().split('.').next().unwrap_or_default().to_owned();
+            if expected.is_empty() || !same(&secret, &expected) {
+                Answer::Refused { why: "wrong enrolment token; nothing changed".into() }
+            } else {
+                tls.write(&Answer::Csr { csr_pem: standby_trust::request_with_key(&name, key)? })
+                    .map_err(|e| proto(e.to_string()))?;
+                let Request::Certificate { cert_pem } = tls.read().map_err(|e| proto(e.to_string()))? else {
+                    return Err(proto("expected the signed certificate".into()));
+                };
+                // The authority and the name first, the certificate last: an agent is
+                // enrolled once its certificate exists, and then the token goes.
+                let _ = std::fs::remove_file(files.path(CA));
+                let _ = std::fs::remove_file(files.path(NAME));
+                standby_trust::write_private(&files.path(CA), &ca_pem)?;
+                standby_trust::write_private(&files.path(NAME), &name)?;
+                standby_trust::write_private(&files.path(CERT), &cert_pem)?;
+                let _ = std::fs::remove_file(files.path(TOKEN));
+                Answer::Enrolled { version: VERSION.into() }
+            }
+        }
+        (Request::Enrol { .. }, true) => {
+            Answer::Refused { why: "this agent is enrolled already; its token was used".into() }
+        }
+        (r, _) => Answer::Refused { why: format!("{r:?} is not something this agent does now") },
+    };
+    tls.write(&answer).map_err(|e| proto(e.to_string()))
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// JSON lines over a TLS stream.
+struct Line<S: std::io::Read + Write> {
+    stream: BufReader<S>,
+}
+
+impl<S: std::io::Read + Write> Line<S> {
+    fn new(s: S) -> Self {
+        Line { stream: BufReader::new(s) }
+    }
+    fn read<T: serde::de::DeserializeOwned>(&mut self) -> std::io::Result<T> {
+        let mut line = String::new();
+        // A bounded line: a peer may not make us buffer without end.
+        let n = std::io::Read::take(&mut self.stream, 1 << 20).read_line(&mut line)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection"));
+        }
+        serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+    fn write<T: Serialize>(&mut self, v: &T) -> std::io::Result<()> {
+        let mut text = serde_json::to_string(v).map_err(std::io::Error::other)?;
+        text.push('\n');
+        let s = self.stream.get_mut();
+        s.write_all(text.as_bytes())?;
+        s.flush()
+    }
+}
+
+fn connect(
+    host: &str,
+    address: &str,
+    config: Arc<ClientConfig>,
+    server_name: &str,
+) -> Result<Line<StreamOwned<ClientConnection, TcpStream>>> {
+    let unreachable = |source| AgentError::Unreachable { host: host.into(), address: address.into(), source };
+    let addr = address
+        .to_socket_addrs()
+        .map_err(unreachable)?
+        .next()
+        .ok_or_else(|| unreachable(std::io::Error::other("the address names no socket")))?;
+    let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(unreachable)?;
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+    tcp.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|e| AgentError::Protocol { host: host.into(), detail: e.to_string() })?;
+    let conn = ClientConnection::new(config, name)
+        .map_err(|e| AgentError::Protocol { host: host.into(), detail: e.to_string() })?;
+    Ok(Line::new(StreamOwned::new(conn, tcp)))
+}
+
+/// Turns what failed on the wire into what the operator needs: a refused handshake says
+/// so (TLS errors arrive as I/O errors wrapping them).
+fn wire<'a>(host: &'a str, address: &'a str) -> impl Fn(std::io::Error) -> AgentError + 'a {
+    move |e| {
+        let tls = e.get_ref().is_some_and(|i| i.is::<rustls::Error>());
+        match tls || e.kind() == std::io::ErrorKind::UnexpectedEof || e.kind() == std::io::ErrorKind::ConnectionReset {
+            true => AgentError::Refused { host: host.into(), address: address.into(), detail: e.to_string() },
+            false => AgentError::Protocol { host: host.into(), detail: e.to_string() },
+        }
+    }
+}
+
+/// Enrols the agent at `address` as host `name`, with the token it printed: signs its key
+/// with `authority`. Returns the agent's version.
+pub fn enrol(name: &str, address: &str, token: &str, authority: &Authority) -> Result<String> {
+    let (secret, pin) = token.trim().split_once('.').ok_or_else(|| AgentError::BadToken(token.into()))?;
+    if secret.is_empty() || pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AgentError::BadToken(token.into()));
+    }
+    let wire = wire(name, address);
+    let mut line = connect(name, address, standby_trust::pinned_client_config(pin)?, "standby-agent")?;
+    line.write(&Request::Enrol { secret: secret.into(), name: name.into(), ca_pem: authority.cert_pem().into() })
+        .map_err(&wire)?;
+    let csr_pem = match line.read().map_err(&wire)? {
+        Answer::Csr { csr_pem } => csr_pem,
+        Answer::Refused { why } => return Err(AgentError::Said { host: name.into(), why }),
+        other => return Err(AgentError::Protocol { host: name.into(), detail: format!("answered {other:?}") }),
+    };
+    let cert_pem = authority.sign(name, &csr_pem, Duration::from_secs(5 * 365 * 86400))?;
+    line.write(&Request::Certificate { cert_pem }).map_err(&wire)?;
+    match line.read().map_err(&wire)? {
+        Answer::Enrolled { version } => Ok(version),
+        Answer::Refused { why } => Err(AgentError::Said { host: name.into(), why }),
+        other => Err(AgentError::Protocol { host: name.into(), detail: format!("answered {other:?}") }),
+    }
+}
+
+/// What an enrolled agent says of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub name: String,
+    pub version: String,
+}
+
+/// Asks enrolled host `name` at `address` who it is, over mutual TLS with `config`.
+pub fn hello(name: &str, address: &str, config: Arc<ClientConfig>) -> Result<Hello> {
+    let wire = wire(name, address);
+    let mut line = connect(name, address, config, name)?;
+    line.write(&Request::Hello).map_err(&wire)?;
+    match line.read().map_err(&wire)? {
+        Answer::Hello { name, version } => Ok(Hello { name, version }),
+        Answer::Refused { why } => Err(AgentError::Said { host: name.into(), why }),
+        other => Err(AgentError::Protocol { host: name.into(), detail: format!("answered {other:?}") }),
+    }
+}

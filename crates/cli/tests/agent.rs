@@ -1,0 +1,137 @@
+//! User story: a DR host runs `standby agent`; the controller enrols it with the token it
+//! printed, and from then on reaches it over mutual TLS only. A wrong or reused token
+//! changes nothing; an agent that stops answering is shown offline; a host in use cannot
+//! be removed. (Running VMs and replicas on agent hosts comes next: they are refused.)
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use standby_testkit::Env;
+
+const BIN: &str = env!("CARGO_BIN_EXE_standby");
+
+/// A running agent on loopback, killed when dropped.
+struct Agent {
+    child: Child,
+    address: String,
+    token: Option<String>,
+    dir: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts an agent with its files in `dir` on a free loopback port, and reads what it
+/// says at start (its address and, before enrolment, its token).
+fn agent(dir: &str, listen: &str) -> Agent {
+    let mut child = Command::new(BIN)
+        .args(["--data-dir", dir, "agent", "--listen", listen])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the agent");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut address, mut token) = (None, None);
+    let start = Instant::now();
+    // The token, when there is one, comes right after the address.
+    let window = Duration::from_millis(500);
+    while address.is_none() || (token.is_none() && start.elapsed() < window) {
+        let wait = if address.is_some() { window.saturating_sub(start.elapsed()) } else { Duration::from_secs(20) };
+        let line = match rx.recv_timeout(wait) {
+            Ok(line) => line,
+            Err(_) if address.is_some() => break,
+            Err(e) => panic!("the agent said nothing ({e}); it is {:?}", child.try_wait()),
+        };
+        if let Some(a) = line.strip_prefix("listening on ") {
+            address = Some(a.to_owned());
+        }
+        if let Some(t) = line.strip_prefix("enrolment token: ") {
+            token = Some(t.to_owned());
+        }
+    }
+    Agent { child, address: address.unwrap(), token, dir: dir.into() }
+}
+
+fn host<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
+    list.as_array().unwrap().iter().find(|h| h["name"] == name)
+}
+
+#[test]
+fn an_agent_is_enrolled_once_with_its_token_and_then_reached_over_mutual_tls() {
+    let env = Env::bounded(BIN, Duration::from_secs(60));
+    let dir = env.path("agent-dr1");
+    let a = agent(&dir, "127.0.0.1:0");
+    let token = a.token.clone().expect("a new agent prints its enrolment token");
+    let mode = |f: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(format!("{dir}/{f}")).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode("enrolment-token"), 0o600);
+    assert_eq!(std::fs::read_to_string(format!("{dir}/enrolment-token")).unwrap().trim(), token);
+
+    // A wrong secret, or no token at all, enrols nothing.
+    let pin = token.split_once('.').unwrap().1;
+    let err = env.fails(&["host", "add", "dr1", "--address", &a.address, "--token", &format!("00ff.{pin}")]);
+    assert!(err.contains("wrong enrolment token") && err.contains("dr1"), "{err}");
+    let err = env.fails(&["host", "add", "dr1", "--address", &a.address, "--token", "garbage"]);
+    assert!(err.contains("enrolment token"), "{err}");
+    assert!(host(&env.json(&["host", "list"]), "dr1").is_none(), "nothing was added");
+
+    let out = env.ok(&["host", "add", "dr1", "--address", &a.address, "--token", &token]);
+    assert!(out.contains("host dr1 enrolled"), "{out}");
+    assert!(!std::path::Path::new(&format!("{dir}/enrolment-token")).exists(), "the token is used up");
+    assert_eq!(mode("agent.key"), 0o600);
+    assert_eq!(mode("../data/trust/ca.key"), 0o600, "the authority's key is the controller's owner's only");
+    let list = env.json(&["host", "list"]);
+    let dr1 = host(&list, "dr1").unwrap();
+    assert_eq!((dr1["state"].as_str(), dr1["kind"].as_str()), (Some("online"), Some("agent")), "{list}");
+    assert_eq!(dr1["address"], a.address.as_str());
+    assert!(dr1["version"].is_string() && dr1["last_seen"].is_string(), "{dr1}");
+    assert!(env.ok(&["host", "list"]).contains("local  accel="), "the local host reads as before");
+
+    // The used token enrols nothing else, and a second controller (another authority) is
+    // refused in the handshake.
+    let err = env.fails(&["host", "add", "dr2", "--address", &a.address, "--token", &token]);
+    assert!(err.contains("host dr2") && err.contains("refused"), "{err}");
+    assert!(host(&env.json(&["host", "list"]), "dr2").is_none());
+    let other = Env::bounded(BIN, Duration::from_secs(60));
+    let err = other.fails(&["host", "add", "dr1", "--address", &a.address, "--token", &token]);
+    assert!(err.contains("host dr1") && err.contains("refused"), "{err}");
+
+    // Not yet a place for VMs or replicas: refused, saying so.
+    let err = env.fails(&["vm", "create", "web", "--host", "dr1", "--disk", "/srv/web.qcow2"]);
+    assert!(err.contains("host dr1 is an enrolled agent") && err.contains("not built yet"), "{err}");
+
+    // A stopped agent is offline; started again, it answers as the same host.
+    let address = a.address.clone();
+    drop(a);
+    let list = env.json(&["host", "list"]);
+    assert_eq!(host(&list, "dr1").unwrap()["state"], "offline", "{list}");
+    let again = agent(&dir, &address);
+    assert!(again.token.is_none(), "an enrolled agent prints no token");
+    assert_eq!(host(&env.json(&["host", "list"]), "dr1").unwrap()["state"], "online");
+    assert_eq!(again.dir, dir);
+
+    let err = env.fails(&["host", "remove", "local"]);
+    assert!(err.contains("cannot be removed"), "{err}");
+    env.ok(&["host", "remove", "dr1"]);
+    assert!(host(&env.json(&["host", "list"]), "dr1").is_none());
+    let history = env.ok(&["history", "host:dr1"]);
+    assert!(history.contains("host add") && history.contains("host remove"), "{history}");
+}

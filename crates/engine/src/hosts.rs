@@ -1,0 +1,138 @@
+//! Hosts reached through an agent (`standby agent`): enrolment, which are online, and
+//! removal. The controller's trust lives in `DATA_DIR/trust`: the installation's
+//! authority, and the controller's own certificate signed by it at first use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use standby_model::VmName;
+use standby_trust::Authority;
+
+use crate::{Engine, EngineError, Result, LOCAL_HOST};
+
+/// One host as `standby host list --json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostView {
+    pub name: String,
+    /// `local` or `agent`.
+    pub kind: String,
+    pub address: Option<String>,
+    /// `online` or `offline`.
+    pub state: &'static str,
+    pub last_seen: Option<String>,
+    pub version: Option<String>,
+    /// The accelerator VMs start with, where standby runs them.
+    pub accel: Option<&'static str>,
+    /// Why an agent is offline.
+    pub error: Option<String>,
+}
+
+const CONTROLLER: &str = "standby-controller";
+
+impl Engine {
+    fn trust_dir(&self) -> std::path::PathBuf {
+        self.data_dir.join("trust")
+    }
+
+    fn authority(&self) -> Result<Authority> {
+        Ok(Authority::open_or_create(&self.trust_dir())?)
+    }
+
+    /// How the controller connects to its agents: its own key and certificate, made and
+    /// signed by the authority at first use.
+    fn controller_tls(&self) -> Result<Arc<rustls::ClientConfig>> {
+        let ca = self.authority()?;
+        let dir = self.trust_dir();
+        let (key_path, cert_path) = (dir.join("controller.key"), dir.join("controller.pem"));
+        if !key_path.exists() {
+            standby_trust::write_private(&key_path, &standby_trust::new_key()?)?;
+        }
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|source| EngineError::DataDir { path: p.display().to_string(), source })
+        };
+        let key = read(&key_path)?;
+        if !cert_path.exists() {
+            let csr = standby_trust::request_with_key(CONTROLLER, &key)?;
+            let cert = ca.sign(CONTROLLER, &csr, Duration::from_secs(5 * 365 * 86400))?;
+            standby_trust::write_private(&cert_path, &cert)?;
+        }
+        Ok(standby_trust::client_config(ca.cert_pem(), &read(&cert_path)?, &key)?)
+    }
+
+    /// Enrols the agent at `address` (which printed `token`) as host `name`.
+    pub fn host_add(&self, name: &str, address: &str, token: &str) -> Result<HostView> {
+        VmName::new(name)?;
+        if self.store().host_exists(name)? {
+            return Err(EngineError::HostExists(name.into()));
+        }
+        let authority = self.authority()?;
+        let result = standby_agent::enrol(name, address, token, &authority).map_err(EngineError::from);
+        self.record(&format!("host:{name}"), "host add", &result, |v| format!("agent {v} at {address} enrolled"));
+        let version = result?;
+        self.store().insert_agent_host(name, address, &version)?;
+        self.host_list()?.into_iter().find(|h| h.name == name).ok_or_else(|| EngineError::UnknownHost(name.into()))
+    }
+
+    /// Every host, each agent asked whether it answers (a few seconds at most each).
+    pub fn host_list(&self) -> Result<Vec<HostView>> {
+        let records = self.store().hosts()?;
+        let mut tls = None;
+        let mut views = Vec::new();
+        for h in records {
+            let mut view = HostView {
+                name: h.name.clone(),
+                kind: h.kind.clone(),
+                address: h.address.clone(),
+                state: "online",
+                last_seen: h.last_seen.clone(),
+                version: h.version.clone(),
+                accel: None,
+                error: None,
+            };
+            match (&h.address, self.hosts.get(&h.name)) {
+                (_, Some(local)) => view.accel = Some(local.accel().as_str()),
+                (Some(address), None) => {
+                    if tls.is_none() {
+                        tls = Some(self.controller_tls()?);
+                    }
+                    let config = tls.clone().unwrap_or_else(|| unreachable!());
+                    match standby_agent::hello(&h.name, address, config) {
+                        Ok(hello) => {
+                            self.store().host_seen(&h.name, &hello.version)?;
+                            view.version = Some(hello.version);
+                            view.last_seen = Some(standby_store::now());
+                        }
+                        Err(e) => {
+                            view.state = "offline";
+                            view.error = Some(crate::chain(&e));
+                        }
+                    }
+                }
+                (None, None) => view.state = "offline",
+            }
+            views.push(view);
+        }
+        Ok(views)
+    }
+
+    /// Forgets an agent's host; refused while a VM or a job uses it.
+    pub fn host_remove(&self, name: &str) -> Result<()> {
+        if name == LOCAL_HOST {
+            return Err(EngineError::Refused { vm: name.into(), why: "the local host cannot be removed".into() });
+        }
+        if !self.store().host_exists(name)? {
+            return Err(EngineError::UnknownHost(name.into()));
+        }
+        let users = self.store().host_users(name)?;
+        if !users.is_empty() {
+            return Err(EngineError::Refused {
+                vm: name.into(),
+                why: format!("host {name} is used by {}; move or delete them first", users.join(", ")),
+            });
+        }
+        self.store().delete_host(name)?;
+        self.record_raw(&format!("host:{name}"), "host remove", "ok", "forgotten");
+        Ok(())
+    }
+}
