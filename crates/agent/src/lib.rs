@@ -126,18 +126,32 @@ pub fn run(listen: &str, dir: &Path, out: &mut dyn Write) -> Result<()> {
         let _ = writeln!(out, "enrolment token: {}", token.trim());
     }
     let _ = out.flush();
+    // Each connection on its own thread, so that a peer that stalls (it may be anyone
+    // until its certificate is checked) holds up nobody else; at most MAX_CONNECTIONS at
+    // once. Enrolment is one at a time: it changes what every later connection is served.
+    let enrolling = Arc::new(std::sync::Mutex::new(()));
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(tcp) = conn else { continue };
-        // One connection at a time: enrolment changes what the next one is served with.
-        if let Err(e) = serve_one(&files, &key, tcp) {
-            let _ = writeln!(out, "connection refused: {e}");
-            let _ = out.flush();
+        if open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            continue;
         }
+        let (files, key, enrolling, open) = (files.clone(), key.clone(), enrolling.clone(), open.clone());
+        std::thread::spawn(move || {
+            if let Err(e) = serve_one(&files, &key, tcp, &enrolling) {
+                eprintln!("standby agent: connection refused: {e}");
+            }
+            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        });
     }
     Ok(())
 }
 
-fn serve_one(files: &Files, key: &str, tcp: TcpStream) -> Result<()> {
+/// Connections served at once; one more is closed as soon as it is accepted.
+const MAX_CONNECTIONS: usize = 64;
+
+fn serve_one(files: &Files, key: &str, tcp: TcpStream, enrolling: &std::sync::Mutex<()>) -> Result<()> {
     let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let proto = |detail: String| AgentError::Protocol { host: peer.clone(), detail };
     tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| proto(e.to_string()))?;
@@ -155,6 +169,9 @@ fn serve_one(files: &Files, key: &str, tcp: TcpStream) -> Result<()> {
             Answer::Hello { name: files.read(NAME)?.unwrap_or_default().trim().into(), version: VERSION.into() }
         }
         (Request::Enrol { secret, name, ca_pem }, false) => {
+            let _one = enrolling.lock().unwrap_or_else(|e| e.into_inner());
+            // Another connection may have enrolled this agent meanwhile: then the token is
+            // gone and this one is refused below.
             let token = files.read(TOKEN)?.unwrap_or_default();
             let expected = token.trim().split('.').next().unwrap_or_default().to_owned();
             if expected.is_empty() || !same(&secret, &expected) {

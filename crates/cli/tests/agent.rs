@@ -93,7 +93,13 @@ fn an_agent_is_enrolled_once_with_its_token_and_then_reached_over_mutual_tls() {
     assert!(err.contains("enrolment token"), "{err}");
     assert!(host(&env.json(&["host", "list"]), "dr1").is_none(), "nothing was added");
 
-    let out = env.ok(&["host", "add", "dr1", "--address", &a.address, "--token", &token]);
+    // A peer that connects and says nothing holds up nobody: enrolment does not wait for
+    // its 30 s timeout.
+    let _stalled = std::net::TcpStream::connect(&a.address).unwrap();
+    let r =
+        env.run_within(Duration::from_secs(15), &["host", "add", "dr1", "--address", &a.address, "--token", &token]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let out = r.stdout;
     assert!(out.contains("host dr1 enrolled"), "{out}");
     assert!(!std::path::Path::new(&format!("{dir}/enrolment-token")).exists(), "the token is used up");
     assert_eq!(mode("agent.key"), 0o600);
