@@ -106,7 +106,10 @@ pub fn run(listen: &str, dir: &Path, out: &mut dyn Write) -> Result<()> {
         let path = path.display().to_string();
         move |source| AgentError::Io { what, path, source }
     };
-    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    // Owner-only, like the controller's: it holds the agent's key.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .map_err(io("create", dir))?;
     let files = Files { dir: dir.into() };
     if files.read(KEY)?.is_none() {
         standby_trust::write_private(&files.path(KEY), &standby_trust::new_key()?)?;

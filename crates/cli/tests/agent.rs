@@ -83,6 +83,7 @@ fn an_agent_is_enrolled_once_with_its_token_and_then_reached_over_mutual_tls() {
         std::fs::metadata(format!("{dir}/{f}")).unwrap().permissions().mode() & 0o777
     };
     assert_eq!(mode("enrolment-token"), 0o600);
+    assert_eq!(mode("."), 0o700, "the agent's directory is its owner's only");
     assert_eq!(std::fs::read_to_string(format!("{dir}/enrolment-token")).unwrap().trim(), token);
 
     // A wrong secret, or no token at all, enrols nothing.
