@@ -327,12 +327,16 @@ pub fn hosts(list: &[HostView], as_json: bool) -> Result<()> {
         match (&h.address, h.accel) {
             (_, Some(accel)) => println!("{}  accel={accel}", h.name),
             (address, None) => println!(
-                "{}  {}  {}  version {}  last seen {}{}",
+                "{}  {}  {}  version {}  last seen {}{}{}",
                 h.name,
                 h.state,
                 address.as_deref().unwrap_or("-"),
                 h.version.as_deref().unwrap_or("-"),
                 h.last_seen.as_deref().unwrap_or("never"),
+                match (h.state, h.used_by.is_empty()) {
+                    ("offline", false) => format!("  blocks {}", h.used_by.join(", ")),
+                    _ => String::new(),
+                },
                 h.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()
             ),
         }

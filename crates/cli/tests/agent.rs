@@ -129,7 +129,10 @@ fn an_agent_is_enrolled_once_with_its_token_and_then_reached_over_mutual_tls() {
     let address = a.address.clone();
     drop(a);
     let list = env.json(&["host", "list"]);
-    assert_eq!(host(&list, "dr1").unwrap()["state"], "offline", "{list}");
+    let dr1 = host(&list, "dr1").unwrap();
+    assert_eq!(dr1["state"], "offline", "{list}");
+    assert!(dr1["error"].as_str().is_some_and(|e| e.contains("dr1") && e.contains("unreachable")), "{dr1}");
+    assert_eq!(dr1["used_by"], serde_json::json!([]), "nothing uses it yet, so it blocks nothing");
     let again = agent(&dir, &address);
     assert!(again.token.is_none(), "an enrolled agent prints no token");
     assert_eq!(host(&env.json(&["host", "list"]), "dr1").unwrap()["state"], "online");

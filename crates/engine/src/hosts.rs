@@ -26,6 +26,9 @@ pub struct HostView {
     pub accel: Option<&'static str>,
     /// Why an agent is offline.
     pub error: Option<String>,
+    /// What runs on or replicates to this host (`VM web`, `job nightly`): what its being
+    /// offline blocks.
+    pub used_by: Vec<String>,
 }
 
 const CONTROLLER: &str = "standby-controller";
@@ -89,6 +92,7 @@ impl Engine {
                 version: h.version.clone(),
                 accel: None,
                 error: None,
+                used_by: self.store().host_users(&h.name)?,
             };
             match (&h.address, self.hosts.get(&h.name)) {
                 (_, Some(local)) => view.accel = Some(local.accel().as_str()),
