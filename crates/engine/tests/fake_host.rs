@@ -3,9 +3,9 @@
 //! runs in milliseconds; the real-QEMU suite (`crates/cli/tests`) proves the same paths
 //! on real images and guests.
 
-mod common;
+mod site;
 
-use common::{Site, DISK, SIZE};
+use site::{Site, DISK, SIZE};
 use standby_engine::PointChoice;
 use standby_fake::CLUSTER;
 

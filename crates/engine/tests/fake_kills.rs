@@ -8,13 +8,13 @@
 //! Fail points passed inside transfer workers (`*.mid-transfer`) end that worker only: the
 //! operation sees a failed transfer and cleans up, which is the path this proves there.
 
-mod common;
+mod site;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Site, DISK};
+use site::{Site, DISK};
 use standby_engine::failpoint;
 use standby_engine::{FailbackOptions, FailbackTarget, NoProgress, PointChoice, SwitchMode};
 use standby_fake::CLUSTER;
