@@ -7,10 +7,16 @@
 //! agent only. Enrolment signs the agent's key with the controller's authority; from then
 //! on every connection is mutual TLS 1.3 pinned to that authority, and the token is gone.
 //!
-//! Requests and answers are one JSON line each, inside TLS. What an enrolled agent
-//! carries out is its `Hello` for now; the host verbs (VMs, images, transfers) come next.
+//! Requests and answers are JSON lines inside TLS (`proto.rs`, `wire.rs`). An enrolled
+//! agent carries out the host verbs for the controller (`serve.rs`); the controller's
+//! side is [`RemoteHost`] (`remote.rs`).
 
-use std::io::{BufRead, BufReader, Write};
+mod proto;
+mod remote;
+mod serve;
+mod wire;
+
+use std::io::Write;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +24,13 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, ServerConnection, StreamOwned};
-use serde::{Deserialize, Serialize};
 use standby_trust::{Authority, TrustError};
+
+pub use proto::Codec;
+use proto::{Answer, Request};
+pub use remote::{RemoteHost, RemoteStream};
+use serve::{Peer, Service};
+use wire::Line;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How long one request may take to arrive, or an answer, before the peer is dropped.
@@ -46,23 +57,6 @@ pub enum AgentError {
 }
 
 pub type Result<T> = std::result::Result<T, AgentError>;
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Request {
-    Enrol { secret: String, name: String, ca_pem: String },
-    Certificate { cert_pem: String },
-    Hello,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "answer", rename_all = "snake_case")]
-enum Answer {
-    Csr { csr_pem: String },
-    Enrolled { version: String },
-    Hello { name: String, version: String },
-    Refused { why: String },
-}
 
 /// An agent's files in its directory.
 #[derive(Debug, Clone)]
@@ -98,6 +92,7 @@ const TOKEN: &str = "enrolment-token";
 const CA: &str = "ca.pem";
 const CERT: &str = "agent.pem";
 const NAME: &str = "name";
+const CONTROLLER: &str = "controller.pem";
 
 /// Runs the agent on `listen` with its files in `dir`, forever. It says what it listens
 /// on, and before enrolment the token, on `out`.
@@ -167,41 +162,91 @@ fn serve_one(files: &Files, key: &str, tcp: TcpStream, enrolling: &std::sync::Mu
     let conn = ServerConnection::new(config).map_err(|e| proto(e.to_string()))?;
     let mut tls = Line::new(StreamOwned::new(conn, tcp));
     let request: Request = tls.read().map_err(|e| proto(e.to_string()))?;
-    let answer = match (request, enrolled.is_some()) {
-        (Request::Hello, true) => {
-            Answer::Hello { name: files.read(NAME)?.unwrap_or_default().trim().into(), version: VERSION.into() }
+    let Some(cert) = enrolled else {
+        return enrol_here(files, key, request, &mut tls, enrolling).map_err(|e| proto(e.to_string()));
+    };
+    // The handshake is done: the peer's certificate was signed by the authority. The
+    // controller is the one enrolment named; anyone else is another host's agent.
+    let controller = files.need(CONTROLLER)?;
+    let controller = standby_trust::fingerprint(&controller)?;
+    let presented =
+        tls.get_ref().conn.peer_certificates().and_then(|c| c.first()).map(|c| standby_trust::fingerprint_der(c));
+    let peer_kind = if presented.as_deref() == Some(controller.as_str()) { Peer::Controller } else { Peer::Agent };
+    let name = files.read(NAME)?.unwrap_or_default().trim().to_owned();
+    let host = standby_host::LocalHost::new(&name, &files.path("host"))
+        .map_err(|e| proto(format!("cannot open this host's run directory: {e}")))?;
+    let answer = match request {
+        Request::Hello => Answer::Hello { name, version: VERSION.into(), accel: standby_host::VmDriver::accel(&host) },
+        Request::Enrol { .. } => Answer::Refused { why: "this agent is enrolled already; its token was used".into() },
+        request => {
+            // A session (a run's hold on disks, a stream a transfer keeps open while others
+            // work) may rest between requests for as long as the run lasts.
+            let _ = tls.get_ref().sock.set_read_timeout(Some(SESSION_IDLE));
+            let tls_config = standby_trust::client_config(&files.need(CA)?, &cert, key)?;
+            let service = Service { host, tls: tls_config };
+            return service.serve(peer_kind, request, &mut tls).map_err(|e| proto(e.to_string()));
         }
-        (Request::Enrol { secret, name, ca_pem }, false) => {
-            let _one = enrolling.lock().unwrap_or_else(|e| e.into_inner());
-            // Another connection may have enrolled this agent meanwhile: then the token is
-            // gone and this one is refused below.
-            let token = files.read(TOKEN)?.unwrap_or_default();
-            let expected = token.trim().split('.').next().unwrap_or_default().to_owned();
-            if expected.is_empty() || !same(&secret, &expected) {
-                Answer::Refused { why: "wrong enrolment token; nothing changed".into() }
-            } else {
-                tls.write(&Answer::Csr { csr_pem: standby_trust::request_with_key(&name, key)? })
-                    .map_err(|e| proto(e.to_string()))?;
-                let Request::Certificate { cert_pem } = tls.read().map_err(|e| proto(e.to_string()))? else {
-                    return Err(proto("expected the signed certificate".into()));
-                };
-                // The authority and the name first, the certificate last: an agent is
-                // enrolled once its certificate exists, and then the token goes.
-                let _ = std::fs::remove_file(files.path(CA));
-                let _ = std::fs::remove_file(files.path(NAME));
-                standby_trust::write_private(&files.path(CA), &ca_pem)?;
-                standby_trust::write_private(&files.path(NAME), &name)?;
-                standby_trust::write_private(&files.path(CERT), &cert_pem)?;
-                let _ = std::fs::remove_file(files.path(TOKEN));
-                Answer::Enrolled { version: VERSION.into() }
-            }
-        }
-        (Request::Enrol { .. }, true) => {
-            Answer::Refused { why: "this agent is enrolled already; its token was used".into() }
-        }
-        (r, _) => Answer::Refused { why: format!("{r:?} is not something this agent does now") },
     };
     tls.write(&answer).map_err(|e| proto(e.to_string()))
+}
+
+/// How long a session connection may be idle between requests.
+const SESSION_IDLE: Duration = Duration::from_secs(6 * 3600);
+
+/// The one conversation of an agent not yet enrolled: the token's secret, then its key
+/// signed by the controller's authority.
+fn enrol_here<S: std::io::Read + Write>(
+    files: &Files,
+    key: &str,
+    request: Request,
+    tls: &mut Line<S>,
+    enrolling: &std::sync::Mutex<()>,
+) -> Result<()> {
+    let proto = |e: std::io::Error| AgentError::Protocol { host: "controller".into(), detail: e.to_string() };
+    let Request::Enrol { secret, name, ca_pem, controller_pem } = request else {
+        return tls
+            .write(&Answer::Refused { why: "this agent is not enrolled yet; enrol it with `standby host add`".into() })
+            .map_err(proto);
+    };
+    let _one = enrolling.lock().unwrap_or_else(|e| e.into_inner());
+    // Another connection may have enrolled this agent meanwhile: then the token is gone
+    // and this one is refused.
+    let token = files.read(TOKEN)?.unwrap_or_default();
+    let expected = token.trim().split('.').next().unwrap_or_default().to_owned();
+    if expected.is_empty() || !same(&secret, &expected) {
+        return tls.write(&Answer::Refused { why: "wrong enrolment token; nothing changed".into() }).map_err(proto);
+    }
+    tls.write(&Answer::Csr { csr_pem: standby_trust::request_with_key(&name, key)? }).map_err(proto)?;
+    let Request::Certificate { cert_pem } = tls.read().map_err(proto)? else {
+        return Err(AgentError::Protocol {
+            host: "controller".into(),
+            detail: "expected the signed certificate".into(),
+        });
+    };
+    // The authority, the controller and the name first, the certificate last: an agent is
+    // enrolled once its certificate exists, and then the token goes.
+    for (file, content) in [(CA, &ca_pem), (CONTROLLER, &controller_pem), (NAME, &name)] {
+        let _ = std::fs::remove_file(files.path(file));
+        standby_trust::write_private(&files.path(file), content)?;
+    }
+    standby_trust::write_private(&files.path(CERT), &cert_pem)?;
+    let _ = std::fs::remove_file(files.path(TOKEN));
+    tls.write(&Answer::Enrolled { version: VERSION.into() }).map_err(proto)
+}
+
+/// An error and its causes, as one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// Compares two secrets in time that does not depend on where they differ.
@@ -209,34 +254,7 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// JSON lines over a TLS stream.
-struct Line<S: std::io::Read + Write> {
-    stream: BufReader<S>,
-}
-
-impl<S: std::io::Read + Write> Line<S> {
-    fn new(s: S) -> Self {
-        Line { stream: BufReader::new(s) }
-    }
-    fn read<T: serde::de::DeserializeOwned>(&mut self) -> std::io::Result<T> {
-        let mut line = String::new();
-        // A bounded line: a peer may not make us buffer without end.
-        let n = std::io::Read::take(&mut self.stream, 1 << 20).read_line(&mut line)?;
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection"));
-        }
-        serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    }
-    fn write<T: Serialize>(&mut self, v: &T) -> std::io::Result<()> {
-        let mut text = serde_json::to_string(v).map_err(std::io::Error::other)?;
-        text.push('\n');
-        let s = self.stream.get_mut();
-        s.write_all(text.as_bytes())?;
-        s.flush()
-    }
-}
-
-fn connect(
+pub(crate) fn connect(
     host: &str,
     address: &str,
     config: Arc<ClientConfig>,
@@ -260,7 +278,7 @@ fn connect(
 
 /// Turns what failed on the wire into what the operator needs: a refused handshake says
 /// so (TLS errors arrive as I/O errors wrapping them).
-fn wire<'a>(host: &'a str, address: &'a str) -> impl Fn(std::io::Error) -> AgentError + 'a {
+pub(crate) fn wire_error<'a>(host: &'a str, address: &'a str) -> impl Fn(std::io::Error) -> AgentError + 'a {
     move |e| {
         let tls = e.get_ref().is_some_and(|i| i.is::<rustls::Error>());
         match tls || e.kind() == std::io::ErrorKind::UnexpectedEof || e.kind() == std::io::ErrorKind::ConnectionReset {
@@ -272,15 +290,20 @@ fn wire<'a>(host: &'a str, address: &'a str) -> impl Fn(std::io::Error) -> Agent
 
 /// Enrols the agent at `address` as host `name`, with the token it printed: signs its key
 /// with `authority`. Returns the agent's version.
-pub fn enrol(name: &str, address: &str, token: &str, authority: &Authority) -> Result<String> {
+pub fn enrol(name: &str, address: &str, token: &str, authority: &Authority, controller_pem: &str) -> Result<String> {
     let (secret, pin) = token.trim().split_once('.').ok_or_else(|| AgentError::BadToken(token.into()))?;
     if secret.is_empty() || pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(AgentError::BadToken(token.into()));
     }
-    let wire = wire(name, address);
+    let wire = wire_error(name, address);
     let mut line = connect(name, address, standby_trust::pinned_client_config(pin)?, "standby-agent")?;
-    line.write(&Request::Enrol { secret: secret.into(), name: name.into(), ca_pem: authority.cert_pem().into() })
-        .map_err(&wire)?;
+    let request = Request::Enrol {
+        secret: secret.into(),
+        name: name.into(),
+        ca_pem: authority.cert_pem().into(),
+        controller_pem: controller_pem.into(),
+    };
+    line.write(&request).map_err(&wire)?;
     let csr_pem = match line.read().map_err(&wire)? {
         Answer::Csr { csr_pem } => csr_pem,
         Answer::Refused { why } => return Err(AgentError::Said { host: name.into(), why }),
@@ -304,11 +327,11 @@ pub struct Hello {
 
 /// Asks enrolled host `name` at `address` who it is, over mutual TLS with `config`.
 pub fn hello(name: &str, address: &str, config: Arc<ClientConfig>) -> Result<Hello> {
-    let wire = wire(name, address);
+    let wire = wire_error(name, address);
     let mut line = connect(name, address, config, name)?;
     line.write(&Request::Hello).map_err(&wire)?;
     match line.read().map_err(&wire)? {
-        Answer::Hello { name, version } => Ok(Hello { name, version }),
+        Answer::Hello { name, version, .. } => Ok(Hello { name, version }),
         Answer::Refused { why } => Err(AgentError::Said { host: name.into(), why }),
         other => Err(AgentError::Protocol { host: name.into(), detail: format!("answered {other:?}") }),
     }

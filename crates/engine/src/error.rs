@@ -25,10 +25,6 @@ pub enum EngineError {
     UnknownHost(String),
     #[error("a host named {0:?} already exists (standby host list)")]
     HostExists(String),
-    #[error(
-        "host {0} is an enrolled agent, but VMs, jobs and failbacks on agent hosts are not built yet; use the local host"
-    )]
-    AgentHost(String),
     #[error(transparent)]
     Agent(#[from] standby_agent::AgentError),
     #[error(transparent)]

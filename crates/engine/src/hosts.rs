@@ -44,7 +44,13 @@ impl Engine {
 
     /// How the controller connects to its agents: its own key and certificate, made and
     /// signed by the authority at first use.
-    fn controller_tls(&self) -> Result<Arc<rustls::ClientConfig>> {
+    pub(crate) fn controller_tls(&self) -> Result<Arc<rustls::ClientConfig>> {
+        let (ca, cert, key) = self.controller_identity()?;
+        Ok(standby_trust::client_config(ca.cert_pem(), &cert, &key)?)
+    }
+
+    /// The authority, and the controller's certificate and key.
+    fn controller_identity(&self) -> Result<(Authority, String, String)> {
         let ca = self.authority()?;
         let dir = self.trust_dir();
         let (key_path, cert_path) = (dir.join("controller.key"), dir.join("controller.pem"));
@@ -60,7 +66,8 @@ impl Engine {
             let cert = ca.sign(CONTROLLER, &csr, Duration::from_secs(5 * 365 * 86400))?;
             standby_trust::write_private(&cert_path, &cert)?;
         }
-        Ok(standby_trust::client_config(ca.cert_pem(), &read(&cert_path)?, &key)?)
+        let cert = read(&cert_path)?;
+        Ok((ca, cert, key))
     }
 
     /// Enrols the agent at `address` (which printed `token`) as host `name`.
@@ -69,8 +76,9 @@ impl Engine {
         if self.store().host_exists(name)? {
             return Err(EngineError::HostExists(name.into()));
         }
-        let authority = self.authority()?;
-        let result = standby_agent::enrol(name, address, token, &authority).map_err(EngineError::from);
+        let (authority, controller_cert, _) = self.controller_identity()?;
+        let result =
+            standby_agent::enrol(name, address, token, &authority, &controller_cert).map_err(EngineError::from);
         self.record(&format!("host:{name}"), "host add", &result, |v| format!("agent {v} at {address} enrolled"));
         let version = result?;
         self.store().insert_agent_host(name, address, &version)?;
@@ -136,6 +144,7 @@ impl Engine {
             });
         }
         self.store().delete_host(name)?;
+        self.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
         self.record_raw(&format!("host:{name}"), "host remove", "ok", "forgotten");
         Ok(())
     }

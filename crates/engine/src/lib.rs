@@ -80,6 +80,8 @@ pub struct Engine {
     data_dir: PathBuf,
     store: Mutex<Store>,
     hosts: BTreeMap<String, Arc<dyn Host>>,
+    /// Hosts reached through their agents, made on first use.
+    remote: Mutex<BTreeMap<String, Arc<dyn Host>>>,
     /// The command line that drives this engine, for the history.
     command: String,
 }
@@ -128,7 +130,13 @@ impl Engine {
         let local = local(data_dir)?;
         let mut hosts = BTreeMap::new();
         hosts.insert(LOCAL_HOST.to_owned(), local);
-        Ok(Engine { data_dir: data_dir.into(), store: Mutex::new(store), hosts, command: "standby".into() })
+        Ok(Engine {
+            data_dir: data_dir.into(),
+            store: Mutex::new(store),
+            hosts,
+            remote: Mutex::new(BTreeMap::new()),
+            command: "standby".into(),
+        })
     }
 
     /// Names the command line in every history entry this engine records.
@@ -190,10 +198,16 @@ impl Engine {
         if let Some(h) = self.hosts.get(name) {
             return Ok(h.clone());
         }
-        match self.store().host_exists(name)? {
-            true => Err(EngineError::AgentHost(name.to_owned())),
-            false => Err(EngineError::UnknownHost(name.to_owned())),
+        if let Some(h) = self.remote.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(h.clone());
         }
+        let record = self.store().hosts()?.into_iter().find(|h| h.name == name);
+        let Some(address) = record.and_then(|h| h.address) else {
+            return Err(EngineError::UnknownHost(name.to_owned()));
+        };
+        let host: Arc<dyn Host> = Arc::new(standby_agent::RemoteHost::new(name, &address, self.controller_tls()?));
+        self.remote.lock().unwrap_or_else(|e| e.into_inner()).insert(name.into(), host.clone());
+        Ok(host)
     }
 
     /// Finds out whether VMs on `host` can use KVM by booting a real guest under it.

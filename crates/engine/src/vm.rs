@@ -568,10 +568,6 @@ mod tests {
             unreachable!()
         }
 
-        fn vm_scratch_path(&self, _: &str, _: &str) -> String {
-            unreachable!()
-        }
-
         fn vm_scratch_files(&self, _: &str, _: &str) -> standby_host::Result<Vec<String>> {
             unreachable!()
         }

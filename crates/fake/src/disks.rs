@@ -117,7 +117,11 @@ impl DiskAccess for FakeDisks {
                 id.clone(),
                 Export { chain: Chain::single(&path, Format::Qcow2), writable: false, bitmap: exported.clone() },
             );
-            views.push(View { address: NbdAddress { socket: format!("fake:{id}") }, export: id, bitmap: exported });
+            views.push(View {
+                address: NbdAddress { socket: format!("fake:{id}"), agent: None },
+                export: id,
+                bitmap: exported,
+            });
         }
         Ok(views)
     }

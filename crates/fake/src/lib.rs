@@ -446,10 +446,6 @@ impl VmDriver for FakeHost {
         Ok((Vec::new(), 0))
     }
 
-    fn vm_scratch_path(&self, vm: &str, file: &str) -> String {
-        format!("/fake/run/{vm}/{file}")
-    }
-
     fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>> {
         let start = format!("/fake/run/{vm}/{prefix}");
         Ok(self.world().files.keys().filter(|p| p.starts_with(&start)).cloned().collect())
@@ -472,7 +468,7 @@ impl Transport for FakeHost {
         }
         let export = Export { chain: spec.chain.clone(), writable: spec.writable, bitmap: spec.bitmap.clone() };
         w.exports.insert(spec.id.clone(), export);
-        Ok(NbdAddress { socket: format!("fake:{}", spec.id) })
+        Ok(NbdAddress { socket: format!("fake:{}", spec.id), agent: None })
     }
 
     fn nbd_connect(&self, _addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<Box<dyn BlockStream>> {

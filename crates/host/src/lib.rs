@@ -71,19 +71,22 @@ pub enum HostError {
     ViewBroken { vm: String, job: String, error: String },
     #[error("{0}")]
     Invalid(String),
+    /// What went wrong on, or on the way to, a host reached through its agent.
+    #[error("host {host}: {detail}")]
+    Remote { host: String, detail: String },
 }
 
 pub type Result<T> = std::result::Result<T, HostError>;
 
 /// What a host needs to run a VM: its configuration, carried whole, and its disks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmLaunch {
     pub name: String,
     pub config: VmConfig,
     pub disks: Vec<DiskSource>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VmRuntime {
     Running { pid: u32 },
     Stopped,
@@ -102,6 +105,12 @@ pub trait BlockStream: Send + Debug {
     /// Extents of `context` (`base:allocation`, `qemu:allocation-depth`,
     /// `qemu:dirty-bitmap:NAME`) covering `offset..offset + len`.
     fn block_status(&mut self, context: &str, offset: u64, len: u64) -> std::result::Result<Vec<Extent>, NbdError>;
+    /// A digest of each `block`-sized piece of `offset..offset + len`, computed where the
+    /// data is, when that is elsewhere: a comparison then moves digests instead of blocks.
+    /// None where reading the blocks costs no more than hashing them (a local disk).
+    fn digests(&mut self, _offset: u64, _len: u64, _block: u64) -> std::result::Result<Option<Vec<String>>, NbdError> {
+        Ok(None)
+    }
     fn disconnect(self: Box<Self>) -> std::result::Result<(), NbdError>;
 }
 
@@ -130,13 +139,25 @@ impl<S: Read + Write + Send + Debug> BlockStream for standby_nbd::Client<S> {
 }
 
 /// Where an NBD server listens, as the host hands it out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NbdAddress {
+    /// A unix socket on the host that serves it.
     pub socket: String,
+    /// The agent that serves it to other hosts, for a host reached over the network;
+    /// None on this process's own hosts.
+    #[serde(default)]
+    pub agent: Option<AgentAddress>,
+}
+
+/// An agent as its peers reach it: the host's name (its certificate's) and `IP:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentAddress {
+    pub host: String,
+    pub address: String,
 }
 
 /// One side of a transfer: a served disk, and the block-status contexts it is read with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Endpoint {
     pub address: NbdAddress,
     pub export: String,
@@ -144,7 +165,7 @@ pub struct Endpoint {
 }
 
 /// What `nbd_serve` should publish.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ServeSpec {
     /// Names the server; also how leftovers are found after a crash (see `nbd_stop_all`).
     pub id: String,
@@ -237,8 +258,6 @@ pub trait VmDriver {
     /// Console output from byte `from`, at most 1 MiB of it; returns the bytes and the next
     /// offset (empty at the end of the log).
     fn vm_console(&self, vm: &str, from: u64) -> Result<(Vec<u8>, u64)>;
-    /// A path for a temporary file that belongs to the VM's run (fleecing images).
-    fn vm_scratch_path(&self, vm: &str, file: &str) -> String;
     /// Every scratch file of the VM whose name starts with `prefix`.
     fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>>;
     /// Which accelerator VMs start with here.

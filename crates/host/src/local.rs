@@ -60,6 +60,16 @@ impl LocalHost {
         Ok(LocalHost { name: name.into(), root: root.into(), accel })
     }
 
+    /// The directory under which every file and socket of this host's runs lives.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A path for a temporary file that belongs to the VM's run (fleecing images).
+    pub(crate) fn vm_scratch_path(&self, vm: &str, file: &str) -> String {
+        self.vm_file(vm, file)
+    }
+
     fn vm_dir(&self, vm: &str) -> PathBuf {
         self.root.join("vms").join(vm)
     }
@@ -91,7 +101,7 @@ impl LocalHost {
 
     /// Where a VM's own NBD server (its live views) listens.
     pub(crate) fn vm_nbd_socket(&self, vm: &str) -> NbdAddress {
-        NbdAddress { socket: self.vm_file(vm, "nbd.sock") }
+        NbdAddress { socket: self.vm_file(vm, "nbd.sock"), agent: None }
     }
 
     fn vm_file(&self, vm: &str, file: &str) -> String {
@@ -464,10 +474,6 @@ impl VmDriver for LocalHost {
         Ok((buf, next))
     }
 
-    fn vm_scratch_path(&self, vm: &str, file: &str) -> String {
-        self.vm_file(vm, file)
-    }
-
     fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>> {
         let dir = self.vm_dir(vm).display().to_string();
         Ok(self.list_dir(&dir)?.into_iter().filter(|n| n.starts_with(prefix)).map(|n| format!("{dir}/{n}")).collect())
@@ -521,7 +527,7 @@ impl Transport for LocalHost {
             true => serve(true).or_else(|_| serve(false))?,
             false => serve(false)?,
         }
-        Ok(NbdAddress { socket })
+        Ok(NbdAddress { socket, agent: None })
     }
 
     fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<Box<dyn BlockStream>> {

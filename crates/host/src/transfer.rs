@@ -44,7 +44,7 @@ const CHUNK: u64 = 4 << 20;
 /// Granularity of zero detection and digest comparison.
 const BLOCK: usize = 64 << 10;
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// Bytes read from the source view.
     pub read: u64,
@@ -65,7 +65,7 @@ impl std::ops::AddAssign for Stats {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Action {
     /// Read the source, write its non-zero blocks; zero blocks are skipped when the layer
     /// is fresh (`fresh`) and written as zeroes otherwise.
@@ -76,7 +76,7 @@ enum Action {
     Compare,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Item {
     offset: u64,
     length: u64,
@@ -84,7 +84,7 @@ struct Item {
 }
 
 /// What a transfer will do, decided from block status only.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     items: Vec<Item>,
     /// Compare only: count differing bytes, write nothing.
@@ -266,12 +266,17 @@ fn work(
                 write_blocks(dst, item.offset, &buf[..n], fresh, &mut st)?;
             }
             Action::Compare => {
+                if compare_digests(src, dst, plan, item, (&mut buf, &mut theirs), &mut st)? {
+                    report(done.fetch_add(item.length, Ordering::Relaxed) + item.length);
+                    continue;
+                }
                 src.read(item.offset, &mut buf[..n])?;
                 dst.read(item.offset, &mut theirs[..n])?;
                 st.read += item.length;
                 // Both sides are read by this process, so their blocks are compared as they
                 // are: the same decision as comparing their digests, with no collisions and
-                // no hashing cost. A remote host will send digests of its side instead.
+                // no hashing cost. A source on another host sends digests of its side
+                // instead (`compare_digests`).
                 for (k, (ours, old)) in buf[..n].chunks(BLOCK).zip(theirs[..n].chunks(BLOCK)).enumerate() {
                     if ours == old {
                         continue;
@@ -286,6 +291,43 @@ fn work(
         }
         report(done.fetch_add(item.length, Ordering::Relaxed) + item.length);
     }
+}
+
+/// The digest of a block as both sides compute it.
+pub fn block_digest(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// Compares one item by digests when the source computes them where its data is (another
+/// host): only the blocks that differ are then read. False, doing nothing, otherwise.
+fn compare_digests(
+    src: &mut Stream,
+    dst: &mut Stream,
+    plan: &Plan,
+    item: &Item,
+    (buf, theirs): (&mut [u8], &mut [u8]),
+    st: &mut Stats,
+) -> std::result::Result<bool, NbdError> {
+    let Some(digests) = src.digests(item.offset, item.length, BLOCK as u64)? else {
+        return Ok(false);
+    };
+    let n = item.length as usize;
+    dst.read(item.offset, &mut theirs[..n])?;
+    for (k, old) in theirs[..n].chunks(BLOCK).enumerate() {
+        if digests.get(k).is_some_and(|d| *d == block_digest(old)) {
+            continue;
+        }
+        if plan.verify_only {
+            st.differing += old.len() as u64;
+            continue;
+        }
+        let off = item.offset + (k * BLOCK) as u64;
+        let ours = &mut buf[..old.len()];
+        src.read(off, ours)?;
+        st.read += ours.len() as u64;
+        write_blocks(dst, off, ours, false, st)?;
+    }
+    Ok(true)
 }
 
 /// Carries out `plan` with up to [`WORKERS`] (2x for comparisons) pairs of connections

@@ -13,7 +13,7 @@ use standby_model::ReplicaId;
 use crate::{Format, NbdAddress, Result};
 
 /// One disk of the source VM as this run sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SourceDisk {
     pub idx: usize,
     pub path: String,
@@ -22,7 +22,7 @@ pub struct SourceDisk {
 }
 
 /// What standby can see of one bitmap.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BitmapState {
     pub name: String,
     /// The driver did not save it cleanly (the VM crashed): it may miss writes.
@@ -32,7 +32,7 @@ pub struct BitmapState {
 }
 
 /// One disk's view, ready to read: where, under what export name, with which bitmap.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct View {
     pub address: NbdAddress,
     pub export: String,

@@ -35,7 +35,7 @@ impl std::fmt::Display for Format {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Layer {
     pub path: String,
     pub format: Format,
@@ -44,7 +44,7 @@ pub struct Layer {
 /// Layers, top first. The last one is the base and is opened without any backing: a
 /// replicated image may carry any backing-file name in its header, and standby never lets
 /// a driver follow one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Chain {
     pub layers: Vec<Layer>,
 }
@@ -62,7 +62,7 @@ impl Chain {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BitmapInfo {
     pub name: String,
     /// Set on a closed image when its VM did not shut down cleanly: the bitmap cannot be trusted.
@@ -71,7 +71,7 @@ pub struct BitmapInfo {
 }
 
 /// What an image's header says.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ImageInfo {
     pub format: Format,
     pub virtual_size: u64,
@@ -91,7 +91,8 @@ pub enum BitmapOp<'a> {
 }
 
 /// How VMs run on a host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     Kvm,
     Tcg,
@@ -107,7 +108,7 @@ impl Accel {
 }
 
 /// How a VM's disk is opened.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum DiskSource {
     /// One image file opened by its own header (a VM's own disk).
     Image { path: String, format: Format },

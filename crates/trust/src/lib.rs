@@ -191,8 +191,12 @@ pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<
 
 /// The SHA-256 of a certificate's DER bytes, in hex: what an enrolment token pins.
 pub fn fingerprint(cert_pem: &str) -> Result<String> {
-    let der = certs(cert_pem, "the certificate")?.remove(0);
-    Ok(hex(ring::digest::digest(&ring::digest::SHA256, &der).as_ref()))
+    Ok(fingerprint_der(&certs(cert_pem, "the certificate")?.remove(0)))
+}
+
+/// [`fingerprint`] of a certificate as a TLS peer presented it.
+pub fn fingerprint_der(der: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -1,0 +1,307 @@
+//! What goes over an agent connection: one JSON line per request and answer, and after
+//! some of them one binary frame (`wire.rs`). The host verbs are those of
+//! [`standby_host::Host`], one for one, in owned values; a connection's first request
+//! says what it is for: host calls (as many as the controller likes), one run's hold on
+//! a VM's disks, one block stream, or one transfer.
+
+use serde::{Deserialize, Serialize};
+use standby_host::transfer::{Plan, Stats};
+use standby_host::{
+    Accel, BitmapState, Chain, Endpoint, Format, HostError, ServeSpec, SourceDisk, View, VmConfig, VmLaunch,
+};
+use standby_model::ReplicaId;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum Request {
+    /// `controller_pem` is the certificate the controller connects with: the one peer
+    /// that may ask this agent for anything.
+    Enrol {
+        secret: String,
+        name: String,
+        ca_pem: String,
+        controller_pem: String,
+    },
+    Certificate {
+        cert_pem: String,
+    },
+    Hello,
+    /// One host verb; more may follow on the same connection.
+    Host {
+        call: HostCall,
+    },
+    /// Opens a run's hold on `vm`'s disks; [`DiskCall`]s follow until the connection ends.
+    Disks {
+        vm: String,
+        running: bool,
+    },
+    /// Opens a block stream on a served disk of this host; [`StreamCall`]s follow.
+    Stream {
+        socket: String,
+        export: String,
+        contexts: Vec<String>,
+        codec: Codec,
+    },
+    /// Carries out a transfer into a disk this host serves; progress lines, then its end.
+    Transfer {
+        plan: Plan,
+        src: Endpoint,
+        dst: Endpoint,
+        codec: Codec,
+    },
+}
+
+/// How block data travels between agents. The checksum is over the data as read, so it
+/// is checked after decompression, before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    None,
+    Lz4,
+    #[default]
+    Zstd,
+}
+
+impl Codec {
+    pub fn parse(s: &str) -> Option<Codec> {
+        match s {
+            "none" => Some(Codec::None),
+            "lz4" => Some(Codec::Lz4),
+            "zstd" => Some(Codec::Zstd),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub(crate) enum Answer {
+    Csr {
+        csr_pem: String,
+    },
+    Enrolled {
+        version: String,
+    },
+    Hello {
+        name: String,
+        version: String,
+        accel: Accel,
+    },
+    Refused {
+        why: String,
+    },
+    /// A call's result, as the JSON of the verb's return type.
+    Done {
+        value: serde_json::Value,
+    },
+    Failed {
+        error: WireError,
+    },
+    /// A block stream is open on a disk of `size` bytes.
+    Opened {
+        size: u64,
+    },
+    /// Block data follows in one frame: `len` bytes once decoded, `digest` over them.
+    Data {
+        len: u64,
+        digest: String,
+    },
+    Extents {
+        extents: Vec<(u64, u64, u32)>,
+    },
+    Digests {
+        digests: Vec<String>,
+    },
+    Progress {
+        done: u64,
+        total: u64,
+    },
+    Transferred {
+        stats: Stats,
+        wire_bytes: u64,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case")]
+pub(crate) enum HostCall {
+    EnsureDir { dir: String },
+    CanonicalDir { dir: String },
+    CreateFileNew { path: String, content: String },
+    ReadSmallFile { path: String },
+    ListDir { dir: String },
+    FileExists { path: String },
+    RemoveFile { path: String },
+    RemoveEmptyDir { dir: String },
+    SyncFile { path: String },
+    ImageInfo { path: String, format: Format, shared: bool },
+    ImageProbe { path: String },
+    ImageCreate { path: String, size: u64, backing: Option<(String, Format)> },
+    ImageAllocated { path: String },
+    ImageBitmap { path: String, format: Format, name: String, op: BitmapOp },
+    ImageCommit { chain: Chain },
+    ImageSetBackingName { path: String, backing: Option<String> },
+    ImageFlatten { chain: Chain },
+    ImageCompare { a: Chain, b: Chain },
+    CheckConfig { config: VmConfig },
+    VmStart { vm: VmLaunch },
+    VmRuntime { vm: String },
+    VmPowerdown { vm: String },
+    VmQuit { vm: String },
+    VmPause { vm: String },
+    VmResume { vm: String },
+    VmPaused { vm: String },
+    VmTopFiles { vm: String, disks: usize },
+    VmProtect { vm: String, new_tops: Vec<(String, u32)> },
+    VmFlatten { vm: String, disks: usize, timeout_secs: u64 },
+    VmKill { vm: String },
+    VmConsole { vm: String, from: u64 },
+    VmScratchFiles { vm: String, prefix: String },
+    Accel,
+    ProbeAccel { kernel: String, initrd: String },
+    NbdServe { spec: ServeSpec },
+    NbdStopAll { prefix: String },
+}
+
+/// [`standby_host::BitmapOp`], owned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum BitmapOp {
+    Add,
+    Remove,
+    Enable,
+    Disable,
+    MergeFrom(String),
+}
+
+impl BitmapOp {
+    pub(crate) fn from_host(op: standby_host::BitmapOp<'_>) -> BitmapOp {
+        match op {
+            standby_host::BitmapOp::Add => BitmapOp::Add,
+            standby_host::BitmapOp::Remove => BitmapOp::Remove,
+            standby_host::BitmapOp::Enable => BitmapOp::Enable,
+            standby_host::BitmapOp::Disable => BitmapOp::Disable,
+            standby_host::BitmapOp::MergeFrom(s) => BitmapOp::MergeFrom(s.into()),
+        }
+    }
+    pub(crate) fn as_host(&self) -> standby_host::BitmapOp<'_> {
+        match self {
+            BitmapOp::Add => standby_host::BitmapOp::Add,
+            BitmapOp::Remove => standby_host::BitmapOp::Remove,
+            BitmapOp::Enable => standby_host::BitmapOp::Enable,
+            BitmapOp::Disable => standby_host::BitmapOp::Disable,
+            BitmapOp::MergeFrom(s) => standby_host::BitmapOp::MergeFrom(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum DiskCall {
+    Bitmaps {
+        disk: SourceDisk,
+    },
+    RemoveBitmap {
+        disk: SourceDisk,
+        name: String,
+    },
+    MergeBitmap {
+        disk: SourceDisk,
+        target: String,
+        source: String,
+    },
+    EnableBitmap {
+        disk: SourceDisk,
+        name: String,
+    },
+    OpenViews {
+        owner: ReplicaId,
+        disks: Vec<SourceDisk>,
+        previous: Vec<Option<String>>,
+        trusted: Vec<bool>,
+        new_bitmap: String,
+    },
+    CloseViews {
+        owner: ReplicaId,
+        disk_count: usize,
+    },
+}
+
+/// The answers of [`DiskCall`]s that return something.
+pub(crate) type Bitmaps = Vec<BitmapState>;
+pub(crate) type Views = Vec<View>;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum StreamCall {
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    /// One frame of `len` decoded bytes follows, with `digest` over them.
+    Write {
+        offset: u64,
+        len: u64,
+        digest: String,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+    Flush,
+    BlockStatus {
+        context: String,
+        offset: u64,
+        len: u64,
+    },
+    /// A digest of each `block`-sized piece of `offset..offset + len`, hashed where the
+    /// data is: a comparison across hosts moves digests, not blocks.
+    Digests {
+        offset: u64,
+        len: u64,
+        block: u64,
+    },
+    Disconnect,
+}
+
+/// A host error as it crosses the wire: the variants the engine decides on keep their
+/// shape; the rest travel as their message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum WireError {
+    NotRunning { vm: String },
+    StillRunning { vm: String, pid: u32 },
+    BadConfig { arg: String, why: String },
+    ViewBroken { vm: String, job: String, error: String },
+    Other { message: String },
+}
+
+/// The options of a VM's configuration a driver may refuse (`HostError::BadConfig`).
+const CONFIG_ARGS: &[&str] = &["--nic", "--kernel", "--initrd", "--append", "--cpus", "--memory"];
+
+impl WireError {
+    pub(crate) fn from_host(e: &HostError) -> WireError {
+        match e {
+            HostError::NotRunning(vm) => WireError::NotRunning { vm: vm.clone() },
+            HostError::StillRunning { vm, pid } => WireError::StillRunning { vm: vm.clone(), pid: *pid },
+            HostError::BadConfig { arg, why } => WireError::BadConfig { arg: (*arg).into(), why: why.clone() },
+            HostError::ViewBroken { vm, job, error } => {
+                WireError::ViewBroken { vm: vm.clone(), job: job.clone(), error: error.clone() }
+            }
+            e => WireError::Other { message: crate::chain(e) },
+        }
+    }
+
+    pub(crate) fn into_host(self, host: &str) -> HostError {
+        match self {
+            WireError::NotRunning { vm } => HostError::NotRunning(vm),
+            WireError::StillRunning { vm, pid } => HostError::StillRunning { vm, pid },
+            WireError::BadConfig { arg, why } => match CONFIG_ARGS.iter().find(|a| **a == arg) {
+                Some(arg) => HostError::BadConfig { arg, why },
+                None => HostError::BadConfig { arg: "--config", why },
+            },
+            WireError::ViewBroken { vm, job, error } => HostError::ViewBroken { vm, job, error },
+            WireError::Other { message } => HostError::Remote { host: host.into(), detail: message },
+        }
+    }
+}
