@@ -1,7 +1,8 @@
 //! User story: a DR host runs `standby agent`; the controller enrols it with the token it
 //! printed, and from then on reaches it over mutual TLS only. A wrong or reused token
 //! changes nothing; an agent that stops answering is shown offline; a host in use cannot
-//! be removed. (Running VMs and replicas on agent hosts comes next: they are refused.)
+//! be removed. An error on the agent's side names the host. (Whole lifecycles across
+//! agents in network namespaces: `two_sites.rs`.)
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -120,9 +121,12 @@ fn an_agent_is_enrolled_once_with_its_token_and_then_reached_over_mutual_tls() {
     let err = other.fails(&["host", "add", "dr1", "--address", &a.address, "--token", &token]);
     assert!(err.contains("host dr1") && err.contains("refused"), "{err}");
 
-    // Not yet a place for VMs or replicas: refused, saying so.
-    let err = env.fails(&["vm", "create", "web", "--host", "dr1", "--disk", "/srv/web.qcow2"]);
-    assert!(err.contains("host dr1 is an enrolled agent") && err.contains("not built yet"), "{err}");
+    // The agent carries out what the controller asks on its host, and what fails there is
+    // reported with the host's name: here a disk that host does not have.
+    let missing = env.path("no-such-disk.qcow2");
+    let err = env.fails(&["vm", "create", "web", "--host", "dr1", "--disk", &missing]);
+    assert!(err.contains("host dr1") && err.contains(&missing), "{err}");
+    assert!(env.fails(&["vm", "show", "web"]).contains("unknown VM"), "nothing was created");
 
     // A stopped agent is offline; started again, it answers as the same host.
     let address = a.address.clone();

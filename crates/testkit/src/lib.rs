@@ -20,6 +20,8 @@ pub struct Env {
     envs: Vec<(String, String)>,
     /// Every command is bounded: one still running after this fails the test.
     limit: Duration,
+    /// The network namespace every command runs in, when the test made one.
+    netns: Option<String>,
 }
 
 /// The result of one `standby` command.
@@ -54,6 +56,7 @@ impl Env {
             bin: bin.into(),
             envs: vec![("STANDBY_ACCEL".into(), "tcg".into())],
             limit: Duration::from_secs(600),
+            netns: None,
         }
     }
 
@@ -63,6 +66,11 @@ impl Env {
         let mut env = Env::new(bin);
         env.limit = limit;
         env
+    }
+
+    /// Runs every later command inside network namespace `ns` (which the test made).
+    pub fn in_netns(&mut self, ns: &str) {
+        self.netns = Some(ns.into());
     }
 
     pub fn unset_env(&mut self, key: &str) {
@@ -82,7 +90,14 @@ impl Env {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         c.arg("--data-dir").arg(self.data_dir()).args(args);
         // Never a terminal: a confirmation prompt must not wait for the test's tty.
         c.stdin(std::process::Stdio::null());

@@ -1,0 +1,199 @@
+//! User story: production and DR are two hosts, each running `standby agent`, and the
+//! controller sits on a third. Here each is a network namespace this test makes (veth
+//! links on a bridge in the controller's namespace, addresses in 10.231.0.0/16 that exist
+//! only inside them) and removes. The whole lifecycle goes across them: replication of a
+//! running and a stopped VM, failover to an older point and undo, failover, failback to
+//! the original with switch and commit, and an incremental run after it; every result is
+//! compared byte for byte and against the guest's write ledger.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use standby_testkit::{identical, ledger_append, qemu_img, read_image, Env, Ledger};
+
+const BIN: &str = env!("CARGO_BIN_EXE_standby");
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Three namespaces, `ctl` with a bridge and one veth link to each of `prod` and `dr`;
+/// removed, with every process in them, when dropped.
+struct Sites {
+    names: [String; 3],
+    subnet: String,
+}
+
+impl Sites {
+    fn new() -> Sites {
+        // One subnet and set of names per test process: tests may run side by side.
+        let id = std::process::id() % 250 + 1;
+        let names = [format!("sbc{id}"), format!("sbp{id}"), format!("sbd{id}")];
+        let sites = Sites { names, subnet: format!("10.231.{id}") };
+        for n in &sites.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+            ip(&["netns", "add", n]);
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        let ctl = &sites.names[0];
+        ip(&["-n", ctl, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", ctl, "addr", "add", &format!("{}.254/24", sites.subnet), "dev", "br0"]);
+        ip(&["-n", ctl, "link", "set", "br0", "up"]);
+        for (i, ns) in sites.names[1..].iter().enumerate() {
+            let port = format!("v{}", i + 1);
+            ip(&["link", "add", &port, "netns", ctl, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+            ip(&["-n", ctl, "link", "set", &port, "master", "br0", "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("{}.{}/24", sites.subnet, i + 1), "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+        }
+        sites
+    }
+
+    fn ctl(&self) -> &str {
+        &self.names[0]
+    }
+
+    /// Address of host `i` (1: production, 2: DR).
+    fn address(&self, i: usize) -> String {
+        format!("{}.{i}:7400", self.subnet)
+    }
+}
+
+impl Drop for Sites {
+    fn drop(&mut self) {
+        for n in &self.names {
+            // The agents and the QEMU processes they started live in the namespaces.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", n]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+/// Starts `standby agent` in namespace `ns` on `listen` and returns its enrolment token.
+fn agent(ns: &str, dir: &str, listen: &str) -> (Child, String) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, BIN, "--data-dir", dir, "agent", "--listen", listen])
+        .env("STANDBY_ACCEL", "tcg")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the agent");
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let start = Instant::now();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("the agent prints its token");
+        if let Some(t) = line.strip_prefix("enrolment token: ") {
+            return (child, t.to_owned());
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no token from the agent");
+    }
+}
+
+fn point_ids(env: &Env, vm: &str) -> Vec<i64> {
+    env.points(vm).iter().map(|p| p["id"].as_i64().unwrap()).collect()
+}
+
+#[test]
+fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
+    let sites = Sites::new();
+    let mut env = Env::new(BIN);
+    env.in_netns(sites.ctl());
+    let (prod_dir, dr_dir) = (env.path("agent-prod"), env.path("agent-dr"));
+    let (_prod, prod_token) = agent(&sites.names[1], &prod_dir, &sites.address(1));
+    let (_dr, dr_token) = agent(&sites.names[2], &dr_dir, &sites.address(2));
+    env.ok(&["host", "add", "prod1", "--address", &sites.address(1), "--token", &prod_token]);
+    env.ok(&["host", "add", "dr1", "--address", &sites.address(2), "--token", &dr_token]);
+    let hosts = env.ok(&["host", "list"]);
+    assert!(hosts.contains("prod1  online") && hosts.contains("dr1  online"), "{hosts}");
+
+    // A running guest on the production host writes its ledger from block 8192 (32 MiB).
+    let disk = env.path("src/web.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &disk, "128M"]);
+    let (kernel, initrd) = standby_testkit::guest();
+    let append = format!("console=ttyS0 quiet panic=-1 {}", ledger_append(8192, 20000, 20000));
+    env.ok(&[
+        "vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2", "--memory", "192", "--kernel",
+        &kernel, "--initrd", &initrd, "--append", &append,
+    ]);
+    env.ok(&["vm", "start", "web"]);
+    let dr_target = env.path("dr");
+    env.ok(&["job", "create", "nightly", "--vm", "web", "--target-host", "dr1", "--target-dir", &dr_target]);
+    let ledger = Ledger { start_block: 8192 };
+    env.wait_console("web", Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
+
+    // Two runs while the guest writes: a full copy, then changed blocks only. Each point
+    // holds at least what the guest had seen acknowledged when its run began.
+    for method in ["full", "cbt"] {
+        let acked = Ledger::acknowledged(&env.console("web"));
+        let out = env.ok(&["job", "run", "nightly"]);
+        assert!(out.contains(&format!("({method},")), "{out}");
+        let path = env.latest_disk("web", 0);
+        let raw = env.path("check.raw");
+        qemu_img(&["convert", "-U", "-O", "raw", &path, &raw]);
+        let k = ledger.records_in(&read_image(&raw), 20000).unwrap();
+        assert!(k >= acked, "the {method} point holds {k} records; {acked} were acknowledged before the run");
+    }
+
+    // Stopped: the newest point is the source disk byte for byte.
+    env.ok(&["vm", "shutdown", "web", "--timeout", "60"]);
+    let out = env.ok(&["job", "run", "nightly"]);
+    assert!(out.contains("(cbt,"), "{out}");
+    assert!(identical(&disk, &env.latest_disk("web", 0)), "the stopped VM's point equals its disk");
+    let ids = point_ids(&env, "web");
+    assert_eq!(ids.len(), 3);
+
+    // Failover to the oldest point runs the replica on the DR host; undo discards it.
+    env.ok(&["failover", "web", "--point", &ids[0].to_string()]);
+    let replica = env.json(&["vm", "show", "web_replica"]);
+    assert_eq!(replica["host"], "dr1", "{replica}");
+    assert_eq!(replica["state"], "running", "{replica}");
+    env.ok(&["failover", "undo", "web"]);
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
+
+    // Failover to the newest point; the replica's guest goes on writing its ledger.
+    env.ok(&["failover", "web"]);
+    let c = env.wait_console("web_replica", Duration::from_secs(90), "the ledger resuming", |c| {
+        c.contains("LEDGER-RESUME") && Ledger::acknowledged(c) >= 5
+    });
+    let resumed = Ledger::acknowledged(&c);
+    env.wait_console("web_replica", Duration::from_secs(90), "more ledger writes", |c| {
+        Ledger::acknowledged(c) >= resumed + 10
+    });
+
+    // Failback to the original disk on the production host: phase 1 while the replica
+    // runs, the switch, commit. The original then holds everything the replica acked.
+    env.ok(&["failback", "web", "--to", "original", "--switch", "manual", "--shutdown-timeout", "30"]);
+    env.ok(&["failback", "switch", "web"]);
+    let acked = Ledger::acknowledged(&env.console("web_replica"));
+    let raw = env.path("check.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", &disk, &raw]);
+    let k = ledger.records_in(&read_image(&raw), 20000).unwrap();
+    assert!(k >= acked, "the original holds {k} records; the replica acknowledged {acked}");
+    env.ok(&["failback", "commit", "web"]);
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
+
+    // Replication resumes incrementally from the switch, and is exact.
+    let out = env.ok(&["job", "run", "nightly"]);
+    assert!(out.contains("(cbt,"), "{out}");
+    assert!(identical(&disk, &env.latest_disk("web", 0)), "after failback the newest point equals the original");
+
+    // Every step is in the history, under the hosts' names.
+    let history = env.ok(&["history", "web"]);
+    for step in ["failover", "undo failover", "failback", "failback switch", "commit failback", "replication"] {
+        assert!(history.contains(step), "{step} missing from:\n{history}");
+    }
+    assert!(history.contains("on dr1"), "{history}");
+}
