@@ -75,17 +75,29 @@ impl Drop for Sites {
     }
 }
 
+/// A running agent, ended when dropped.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `standby agent` in namespace `ns` on `listen` and returns its enrolment token.
-fn agent(ns: &str, dir: &str, listen: &str) -> (Child, String) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, BIN, "--data-dir", dir, "agent", "--listen", listen])
-        .env("STANDBY_ACCEL", "tcg")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the agent");
-    let out = BufReader::new(child.stdout.take().unwrap());
+fn agent(ns: &str, dir: &str, listen: &str) -> (Agent, String) {
+    let mut child = Agent(
+        Command::new("ip")
+            .args(["netns", "exec", ns, BIN, "--data-dir", dir, "agent", "--listen", listen])
+            .env("STANDBY_ACCEL", "tcg")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the agent"),
+    );
+    let out = BufReader::new(child.0.stdout.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in out.lines().map_while(Result::ok) {
