@@ -1,5 +1,5 @@
 # Entry points. Each one installs what it needs first (Debian packages, the test guest).
-.PHONY: demo test bench deps guest lint
+.PHONY: demo demo-two-sites test bench deps guest lint
 
 deps:
 	bash scripts/install-deps.sh
@@ -9,6 +9,9 @@ guest:
 
 demo:
 	bash scripts/demo.sh
+
+demo-two-sites:
+	bash scripts/demo-two-sites.sh
 
 lint:
 	cargo fmt --all -- --check
