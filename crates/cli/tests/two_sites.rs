@@ -2,7 +2,7 @@
 //! controller sits on a third. Here each is a network namespace this test makes (veth
 //! links on a bridge in the controller's namespace, addresses in 10.231.0.0/16 that exist
 //! only inside them) and removes. The whole lifecycle goes across them: replication of a
-//! running and a stopped VM, failover to an older point and undo, failover, failback to
+//! running and a stopped VM (full, changed blocks, digest), failover to an older point and undo, failover, failback to
 //! the original with switch and commit, and an incremental run after it; every result is
 //! compared byte for byte and against the guest's write ledger.
 
@@ -164,8 +164,18 @@ fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
     let out = env.ok(&["job", "run", "nightly"]);
     assert!(out.contains("(cbt,"), "{out}");
     assert!(identical(&disk, &env.latest_disk("web", 0)), "the stopped VM's point equals its disk");
+
+    // Without a bitmap to trust, a run compares by digest across the hosts: the source's
+    // agent hashes its blocks, and only the changed 2 MiB travel.
+    for b in standby_testkit::bitmaps(&disk) {
+        qemu_img(&["bitmap", "--remove", &disk, &b]);
+    }
+    standby_testkit::qemu_io(&disk, "qcow2", &["write -P 0x33 5M 2M".into()]);
+    let out = env.ok(&["job", "run", "nightly"]);
+    assert!(out.contains("(digest, 2.0 MiB transferred"), "{out}");
+    assert!(identical(&disk, &env.latest_disk("web", 0)), "the digest point equals the disk");
     let ids = point_ids(&env, "web");
-    assert_eq!(ids.len(), 3);
+    assert_eq!(ids.len(), 4);
 
     // Failover to the oldest point runs the replica on the DR host; undo discards it.
     env.ok(&["failover", "web", "--point", &ids[0].to_string()]);
