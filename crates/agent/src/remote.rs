@@ -279,7 +279,7 @@ impl Transport for RemoteHost {
         loop {
             match answer {
                 Answer::Progress { done, total } => report(done, total),
-                Answer::Transferred { stats, .. } => return Ok(stats),
+                Answer::Transferred { stats, wire_bytes } => return Ok(Stats { wire: wire_bytes, ..stats }),
                 a => return Err(said(&self.name, a)),
             }
             let wire = crate::wire_error(&self.name, &self.address);

@@ -152,6 +152,7 @@ fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
         let acked = Ledger::acknowledged(&env.console("web"));
         let out = env.ok(&["job", "run", "nightly"]);
         assert!(out.contains(&format!("({method},")), "{out}");
+        assert!(out.contains("on the wire between hosts"), "the run crossed between the agents: {out}");
         let path = env.latest_disk("web", 0);
         let raw = env.path("check.raw");
         qemu_img(&["convert", "-U", "-O", "raw", &path, &raw]);

@@ -54,6 +54,10 @@ pub struct Stats {
     pub zeroed: u64,
     /// Verification only: bytes that differ between the two sides.
     pub differing: u64,
+    /// Bytes that crossed the network between two hosts' agents (compressed frames);
+    /// zero where the transfer ran on one machine.
+    #[serde(default)]
+    pub wire: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -62,6 +66,7 @@ impl std::ops::AddAssign for Stats {
         self.written += o.written;
         self.zeroed += o.zeroed;
         self.differing += o.differing;
+        self.wire += o.wire;
     }
 }
 
