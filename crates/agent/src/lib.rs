@@ -180,8 +180,11 @@ fn serve_one(files: &Files, key: &str, tcp: TcpStream, enrolling: &std::sync::Mu
         Request::Enrol { .. } => Answer::Refused { why: "this agent is enrolled already; its token was used".into() },
         request => {
             // A session (a run's hold on disks, a stream a transfer keeps open while others
-            // work) may rest between requests for as long as the run lasts.
-            let _ = tls.get_ref().sock.set_read_timeout(Some(SESSION_IDLE));
+            // work) may rest between requests for as long as the run lasts. Host calls keep
+            // the short timeout: the controller reuses those connections for seconds only.
+            if !matches!(request, Request::Host { .. }) {
+                let _ = tls.get_ref().sock.set_read_timeout(Some(SESSION_IDLE));
+            }
             let tls_config = standby_trust::client_config(&files.need(CA)?, &cert, key)?;
             let service = Service { host, tls: tls_config };
             return service.serve(peer_kind, request, &mut tls).map_err(|e| proto(e.to_string()));
