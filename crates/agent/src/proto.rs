@@ -62,17 +62,6 @@ pub enum Codec {
     Zstd,
 }
 
-impl Codec {
-    pub fn parse(s: &str) -> Option<Codec> {
-        match s {
-            "none" => Some(Codec::None),
-            "lz4" => Some(Codec::Lz4),
-            "zstd" => Some(Codec::Zstd),
-            _ => None,
-        }
-    }
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "snake_case")]
 pub(crate) enum Answer {

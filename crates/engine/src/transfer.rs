@@ -7,6 +7,29 @@ use standby_host::{Endpoint, Host, HostError};
 
 use crate::{EngineError, Progress, Result};
 
+/// A byte count as operators read it.
+pub(crate) fn human(bytes: u64) -> String {
+    const MIB: f64 = (1 << 20) as f64;
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / MIB)
+    } else {
+        format!("{} KiB", bytes.div_ceil(1024))
+    }
+}
+
+/// What a transfer of disk `idx` cost on the link between two hosts' agents, against
+/// what it read: the compression's gain. None for a transfer on one machine.
+pub(crate) fn wire_note(idx: usize, st: &Stats) -> Option<String> {
+    (st.wire > 0).then(|| {
+        let ratio = st.read.max(1) as f64 / st.wire as f64;
+        format!(
+            "disk {idx}: read {} at the source, {} on the wire between hosts ({ratio:.1}x)",
+            human(st.read),
+            human(st.wire)
+        )
+    })
+}
+
 /// Runs `plan` from `src` into `dst` on `dst_host`, the host that holds `dst`; progress goes
 /// to `progress` under `subject`, and `on_chunk` runs after each item.
 pub fn run(

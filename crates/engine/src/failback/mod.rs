@@ -28,6 +28,7 @@ mod switch;
 mod sync;
 mod undo;
 
+use crate::transfer::human;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -340,14 +341,4 @@ impl Engine {
 
 fn missing_record(vm: &str) -> EngineError {
     EngineError::Damaged { vm: vm.into(), what: format!("VM {vm}'s failback record is missing") }
-}
-
-/// A byte count as operators read it.
-fn human(bytes: u64) -> String {
-    const MIB: f64 = (1 << 20) as f64;
-    if bytes >= 1 << 20 {
-        format!("{:.1} MiB", bytes as f64 / MIB)
-    } else {
-        format!("{} KiB", bytes.div_ceil(1024))
-    }
 }

@@ -611,23 +611,7 @@ impl Engine {
             }
         };
 
-        for (d, st) in disks.iter().zip(&stats) {
-            if st.wire > 0 {
-                // What the link carried, against the data it stood for: the compression's
-                // gain, per disk, where the transfer crossed between two hosts.
-                let ratio = (st.read.max(1)) as f64 / st.wire as f64;
-                let size = |b: u64| match b {
-                    b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-                    b => format!("{:.1} KiB", b as f64 / 1024.0),
-                };
-                notes.push(format!(
-                    "disk {}: read {} at the source, {} on the wire between hosts ({ratio:.1}x)",
-                    d.idx,
-                    size(st.read),
-                    size(st.wire)
-                ));
-            }
-        }
+        notes.extend(disks.iter().zip(&stats).filter_map(|(d, st)| transfer::wire_note(d.idx, st)));
         failpoint::hit("replicate.before-commit");
         progress.step(&vm.name, "committing");
         let committed =
