@@ -305,7 +305,8 @@ struct RemoteDisks {
 impl RemoteDisks {
     fn call<T: DeserializeOwned>(&mut self, call: DiskCall) -> Result<T> {
         let host = self.host.clone();
-        let wire = |e| remote(&host, AgentError::Protocol { host: host.clone(), detail: format!("{e}") });
+        let to_agent = crate::wire_error(&self.agent.host, &self.agent.address);
+        let wire = |e| remote(&host, to_agent(e));
         self.conn.write(&call).map_err(wire)?;
         match self.conn.read::<Answer>().map_err(wire)? {
             Answer::Done { value } => serde_json::from_value(value).map_err(|e| HostError::Remote {
