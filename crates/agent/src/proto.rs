@@ -132,6 +132,7 @@ pub(crate) enum HostCall {
     ImageSetBackingName { path: String, backing: Option<String> },
     ImageFlatten { chain: Chain },
     ImageCompare { a: Chain, b: Chain },
+    ImageCopy { chain: Chain, dst: String },
     CheckConfig { config: VmConfig },
     VmStart { vm: VmLaunch },
     VmRuntime { vm: String },

@@ -42,7 +42,12 @@ pub struct RemoteHost {
 }
 
 fn remote(host: &str, e: impl Into<AgentError>) -> HostError {
-    HostError::Remote { host: host.into(), detail: crate::chain(&e.into()) }
+    match e.into() {
+        AgentError::Unreachable { address, source, .. } => {
+            HostError::Unreachable { host: host.into(), detail: format!("no answer at {address}: {source}") }
+        }
+        e => HostError::Remote { host: host.into(), detail: crate::chain(&e) },
+    }
 }
 
 fn said(host: &str, a: Answer) -> HostError {
@@ -168,6 +173,9 @@ impl Storage for RemoteHost {
     }
     fn image_compare(&self, a: &Chain, b: &Chain) -> Result<bool> {
         self.call_within(HostCall::ImageCompare { a: a.clone(), b: b.clone() }, LONG)
+    }
+    fn image_copy(&self, chain: &Chain, dst: &str) -> Result<()> {
+        self.call_within(HostCall::ImageCopy { chain: chain.clone(), dst: dst.into() }, LONG)
     }
 }
 

@@ -110,6 +110,7 @@ impl Service {
             }
             HostCall::ImageFlatten { chain } => answer(h.image_flatten(&chain)),
             HostCall::ImageCompare { a, b } => answer(h.image_compare(&a, &b)),
+            HostCall::ImageCopy { chain, dst } => answer(h.image_copy(&chain, &dst)),
             HostCall::CheckConfig { config } => answer(h.check_config(&config)),
             HostCall::VmStart { vm } => answer(h.vm_start(&vm)),
             HostCall::VmRuntime { vm } => answer(h.vm_runtime(&vm)),

@@ -88,6 +88,10 @@ pub(crate) struct FailoverArgs {
     /// Run the replica even though the source VM is running (two copies, e.g. for a test).
     #[arg(long)]
     pub(crate) force: bool,
+    /// The source's host is lost (site down, link cut): fail over without it. The source
+    /// is fenced (paused, powered off, its disks kept) when its host answers again.
+    #[arg(long)]
+    pub(crate) source_unreachable: bool,
     /// The job whose replica takes over, when a VM is in more than one.
     #[arg(long)]
     pub(crate) job: Option<String>,
@@ -390,6 +394,10 @@ pub(crate) enum PlanCmd {
         /// Run replicas even where the source VM still runs.
         #[arg(long)]
         force: bool,
+        /// The production hosts are lost: fail over without them; each source is fenced
+        /// when its host answers again.
+        #[arg(long)]
+        source_unreachable: bool,
         #[command(flatten)]
         json: Json,
     },

@@ -73,6 +73,11 @@ fn stamp() -> String {
 
 /// One pass: due failback switches, then due jobs. Err only for what stops the pass.
 fn check(engine: &Engine, schedule: &mut Schedule) -> Result<()> {
+    // First: a source that runs again after a site loss must stop before anything else.
+    let (fenced, attention) = engine.fence_returning()?;
+    for note in fenced.iter().chain(&attention) {
+        eprintln!("{} {note}", stamp());
+    }
     match engine.failback_due(&NoProgress) {
         Ok(outcomes) if !outcomes.is_empty() => {
             let _ = output::op_outcomes(&outcomes, false);

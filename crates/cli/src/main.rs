@@ -18,8 +18,8 @@ use args::{
 };
 use clap::Parser;
 use standby_engine::{
-    DriverConfig, Engine, FailbackOptions, JobChange, JobSpec, PlanChange, PlanSpec, PointChoice, VmChange, VmConfig,
-    VmSpec,
+    Despite, DriverConfig, Engine, FailbackOptions, JobChange, JobSpec, PlanChange, PlanSpec, PointChoice, VmChange,
+    VmConfig, VmSpec,
 };
 
 fn default_data_dir() -> PathBuf {
@@ -73,8 +73,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("standby: {note}");
         }
     } else {
-        let done = engine.recover_interrupted().context("recovering interrupted operations")?;
+        let mut done = engine.recover_interrupted().context("recovering interrupted operations")?;
         if matches!(cli.command, Command::Recover) {
+            // Hosts that answer again get their fences carried out now, not at a failback.
+            let (fenced, attention) = engine.fence_returning().context("fencing sources whose hosts answer again")?;
+            done.notes.extend(fenced);
+            done.attention.extend(attention);
             if done.notes.is_empty() && done.attention.is_empty() {
                 println!("nothing to recover");
             }
@@ -309,7 +313,8 @@ fn failover(engine: &Engine, args: FailoverArgs) -> Result<ExitCode> {
                     format!("--point {id:?} is neither `latest` nor a restore point id (see standby replica points VM)")
                 })?),
             };
-            (engine.failover(&args.vms, args.job.as_deref(), point, args.force), args.json.json)
+            let despite = Despite { source_running: args.force, source_unreachable: args.source_unreachable };
+            (engine.failover(&args.vms, args.job.as_deref(), point, despite), args.json.json)
         }
     };
     output::op_outcomes(&outcomes, json)?;
@@ -407,8 +412,8 @@ fn plan(engine: &Engine, cmd: PlanCmd) -> Result<ExitCode> {
         }
         PlanCmd::List { json } => output::plans(&engine.plan_list()?, json.json)?,
         PlanCmd::Show { name, json } => output::plans(std::slice::from_ref(&engine.plan_show(&name)?), json.json)?,
-        PlanCmd::Run { name, force, json } => {
-            let run = engine.plan_run(&name, force)?;
+        PlanCmd::Run { name, force, source_unreachable, json } => {
+            let run = engine.plan_run(&name, Despite { source_running: force, source_unreachable })?;
             output::plan_run(&run, json.json)?;
             if !run.ok {
                 return Ok(ExitCode::FAILURE);

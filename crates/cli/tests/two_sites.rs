@@ -29,8 +29,10 @@ struct Sites {
 
 impl Sites {
     fn new() -> Sites {
-        // One subnet and set of names per test process: tests may run side by side.
-        let id = std::process::id() % 250 + 1;
+        // One subnet and set of names per test: tests (and test processes) run side by side.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = (std::process::id() * 4 + n) % 250 + 1;
         let names = [format!("sbc{id}"), format!("sbp{id}"), format!("sbd{id}")];
         let sites = Sites { names, subnet: format!("10.231.{id}") };
         for n in &sites.names {
@@ -250,4 +252,125 @@ fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
         assert!(history.contains(step), "{step} missing from:\n{history}");
     }
     assert!(history.contains("on dr1"), "{history}");
+}
+
+/// The pid of the QEMU an agent with data in `agent_dir` runs for `vm`, if it runs.
+fn qemu_pid(agent_dir: &str, vm: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(format!("{agent_dir}/host/vms/{vm}/qemu.pid")).ok()?.trim().parse().ok()?;
+    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+/// A command that must fail; what it said on either stream (a batch reports per VM on
+/// stdout).
+fn refused(env: &Env, args: &[&str]) -> String {
+    let r = env.run(args);
+    assert_ne!(r.code, Some(0), "standby {args:?} should have failed:\n{}", r.stdout);
+    format!("{}{}", r.stdout, r.stderr)
+}
+
+fn ledger_records(ledger: Ledger, env: &Env, image: &str) -> u64 {
+    let raw = env.path("check.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", image, &raw]);
+    ledger.records_in(&read_image(&raw), 20000).unwrap()
+}
+
+#[test]
+fn a_lost_production_site_fails_over_and_its_source_is_fenced_when_it_returns() {
+    let sites = Sites::new();
+    let mut env = Env::new(BIN);
+    env.in_netns(sites.ctl());
+    let (prod_dir, dr_dir) = (env.path("agent-prod"), env.path("agent-dr"));
+    let (_prod, prod_token) = agent(&sites.names[1], &prod_dir, &sites.address(1));
+    let (_dr, dr_token) = agent(&sites.names[2], &dr_dir, &sites.address(2));
+    env.ok(&["host", "add", "prod1", "--address", &sites.address(1), "--token", &prod_token]);
+    env.ok(&["host", "add", "dr1", "--address", &sites.address(2), "--token", &dr_token]);
+    let disk = env.path("src/web.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &disk, "128M"]);
+    let (kernel, initrd) = standby_testkit::guest();
+    let append = format!("console=ttyS0 quiet panic=-1 {}", ledger_append(8192, 20000, 20000));
+    env.ok(&[
+        "vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2", "--memory", "192", "--kernel",
+        &kernel, "--initrd", &initrd, "--append", &append,
+    ]);
+    env.ok(&["vm", "start", "web"]);
+    env.ok(&["job", "create", "nightly", "--vm", "web", "--target-host", "dr1", "--target-dir", &env.path("dr")]);
+    let ledger = Ledger { start_block: 8192 };
+    env.wait_console("web", Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
+    env.ok(&["job", "run", "nightly"]);
+    let in_point = ledger_records(ledger, &env, &env.latest_disk("web", 0));
+    let source_pid = qemu_pid(&prod_dir, "web").expect("the source runs on the production host");
+    let source_console = format!("{prod_dir}/host/vms/web/console.log");
+
+    // The production site is cut off; its guest goes on writing.
+    ip(&["-n", sites.ctl(), "link", "set", "v1", "down"]);
+    let dr_files = || {
+        let mut f: Vec<String> =
+            std::fs::read_dir(env.path("dr")).unwrap().flatten().map(|e| e.path().display().to_string()).collect();
+        f.sort();
+        f
+    };
+    let before = dr_files();
+    let err = refused(&env, &["failover", "web"]);
+    assert!(err.contains("prod1 is unreachable") && err.contains("--source-unreachable"), "{err}");
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready", "a refused failover changes nothing");
+    assert_eq!(dr_files(), before, "a refused failover changes nothing");
+    assert!(qemu_pid(&dr_dir, "web_replica").is_none());
+    let err = refused(&env, &["vm", "start", "web"]);
+    assert!(err.contains("prod1") && err.contains("unreachable"), "{err}");
+
+    let t0 = Instant::now();
+    let out = env.ok(&["failover", "web", "--source-unreachable"]);
+    eprintln!("failover with the production host unreachable took {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(out.contains("runs on dr1") && out.contains("declared lost"), "{out}");
+    let replica_pid = qemu_pid(&dr_dir, "web_replica").expect("the replica runs on the DR host");
+    let history = env.ok(&["history", "web"]);
+    assert!(history.contains("--source-unreachable"), "the history says how prod1 was declared lost:\n{history}");
+    // The source still writes, unaware: these records are after the failover instant.
+    let at_failover = Ledger::acknowledged(&std::fs::read_to_string(&source_console).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Ledger::acknowledged(&std::fs::read_to_string(&source_console).unwrap()) < at_failover + 20 {
+        assert!(Instant::now() < deadline, "the cut-off source stopped writing");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(qemu_pid(&prod_dir, "web"), Some(source_pid), "the source ran through the partition");
+
+    // The link is back: the next recover fences the source, paused then powered off, and
+    // keeps its disk as it left it in a protective image beside it.
+    ip(&["-n", sites.ctl(), "link", "set", "v1", "up"]);
+    let out = env.ok(&["recover"]);
+    assert!(out.contains("still ran") && out.contains("paused, then powered off"), "{out}");
+    assert_eq!(qemu_pid(&prod_dir, "web"), None, "the source's QEMU is gone after the fence");
+    assert_eq!(qemu_pid(&dr_dir, "web_replica"), Some(replica_pid), "the replica runs on, alone");
+    let protective: Vec<String> = std::fs::read_dir(env.path("src"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.contains("web.qcow2.protective-"))
+        .collect();
+    assert_eq!(protective.len(), 1, "{protective:?}");
+    let kept = &protective[0];
+    assert!(out.contains(kept.as_str()), "{out}");
+    assert!(identical(&disk, kept), "the protective image is the source disk as the fence left it");
+    let records = ledger_records(ledger, &env, kept);
+    assert!(
+        records >= at_failover + 20 && records > in_point,
+        "the protective image holds {records} records: the source's writes after the failover ({at_failover} then) \
+         and after the restore point ({in_point})"
+    );
+    let history = env.ok(&["history", "web"]);
+    for step in ["paused", "powered off", "protective", "disks as it left them"] {
+        assert!(history.contains(step), "{step} missing from:\n{history}");
+    }
+    let err = refused(&env, &["vm", "start", "web"]);
+    assert!(err.contains("web_replica"), "the replica runs: the source may not: {err}");
+    assert_eq!(env.ok(&["recover"]).trim(), "nothing to recover", "the fence is carried out once");
+
+    // Failback to the original reports where the source's own writes are, and leaves them.
+    let kept_digest = standby_testkit::file_digest(kept);
+    let out = env.ok(&["failback", "web", "--to", "original", "--switch", "manual", "--shutdown-timeout", "30"]);
+    assert!(out.contains(kept.as_str()), "failback reports the protective image: {out}");
+    env.ok(&["failback", "switch", "web"]);
+    env.ok(&["failback", "commit", "web"]);
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
+    assert_eq!(standby_testkit::file_digest(kept), kept_digest, "failback left the protective image as it was");
 }

@@ -14,19 +14,30 @@
 
 use std::time::Duration;
 
-use standby_host::{Chain, Format, Host};
+use standby_host::{Chain, Format, Host, HostError};
 use standby_model::recovery::Recovery;
 use standby_model::step::{FailoverStep, PlannedStep, UndoStep};
 use standby_model::{PointId, ReplicaId, ReplicaState, Role, Step, Transition};
 use standby_store::{FailoverPoint, NewVm, ReplicaRecord, VmRecord};
 
 use crate::batch::OpOutcome;
+use crate::fence::DECLARED_BY_FLAG;
 use crate::layout::{self, overlay_path};
 use crate::lock::VmLock;
 use crate::replica_dir;
 use crate::replica_vm::{overlay_chain, replica_vm_name};
 use crate::replication::RunWithin;
 use crate::{failpoint, verify, vm, Engine, EngineError, Result};
+
+/// What a failover goes ahead despite, when the operator says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Despite {
+    /// The source VM runs: two copies then run (e.g. for a test).
+    pub source_running: bool,
+    /// The source's host does not answer: the operator declared its site lost. The source
+    /// is fenced when its host answers again.
+    pub source_unreachable: bool,
+}
 
 /// Which restore point a failover goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +60,9 @@ impl Engine {
         Ok(())
     }
 
-    pub fn failover(&self, vms: &[String], job: Option<&str>, point: PointChoice, force: bool) -> Vec<OpOutcome> {
+    pub fn failover(&self, vms: &[String], job: Option<&str>, point: PointChoice, despite: Despite) -> Vec<OpOutcome> {
         self.batch(vms, |vm, warnings| {
-            let r = self.failover_one(vm, job, point, force, warnings);
+            let r = self.failover_one(vm, job, point, despite, warnings);
             self.record(vm, "failover", &r, String::clone);
             r
         })
@@ -154,7 +165,7 @@ impl Engine {
             &replica.vm,
             Some(&replica.job),
             PointChoice::Id(rp.id),
-            false,
+            Despite::default(),
             warnings,
             Some(was_running),
         )?;
@@ -215,11 +226,11 @@ impl Engine {
         name: &str,
         job: Option<&str>,
         point: PointChoice,
-        force: bool,
+        despite: Despite,
         warnings: &mut Vec<String>,
     ) -> Result<String> {
         let _lock = VmLock::acquire(&self.data_dir, name, "failover")?;
-        self.failover_locked(name, job, point, force, warnings, None)
+        self.failover_locked(name, job, point, despite, warnings, None)
     }
 
     /// Failover for a caller that holds the VM's lock. A planned failover passes whether
@@ -230,7 +241,7 @@ impl Engine {
         name: &str,
         job: Option<&str>,
         point: PointChoice,
-        force: bool,
+        despite: Despite,
         warnings: &mut Vec<String>,
         planned: Option<bool>,
     ) -> Result<String> {
@@ -260,8 +271,31 @@ impl Engine {
         })?
         .clone();
         let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
-        if self.vm_is_running(&source)? {
-            if !force {
+        // None: the source's host does not answer, and the operator declared it lost.
+        let source_running = match self.vm_is_running(&source) {
+            Ok(running) => Some(running),
+            Err(EngineError::Host(HostError::Unreachable { host, detail })) => {
+                if !despite.source_unreachable {
+                    return Err(EngineError::Refused {
+                        vm: name.into(),
+                        why: format!(
+                            "host {host} is unreachable ({detail}), so standby cannot tell whether source VM {name} \
+                             still runs; if its site is lost, run the failover again with --source-unreachable: \
+                             the source is then fenced (paused, powered off, its disks kept) as soon as {host} \
+                             answers again"
+                        ),
+                    });
+                }
+                warnings.push(format!(
+                    "host {host} is unreachable and declared lost (--source-unreachable): VM {name} will be fenced \
+                     when {host} answers again"
+                ));
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        if source_running == Some(true) {
+            if !despite.source_running {
                 return Err(EngineError::TwoWriters {
                     vm: replica_vm_name(&replica),
                     other: name.into(),
@@ -284,6 +318,16 @@ impl Engine {
             });
         }
         let dr = self.host(&replica.target_host)?;
+        // Before any step: a failover that is rolled back removes the fence with it.
+        match source_running {
+            None => self.store().open_fence(replica.id, name, &source.host, &source.disks, DECLARED_BY_FLAG)?,
+            // An earlier fence, carried out long ago, no longer describes this failover.
+            Some(_) => {
+                if self.store().fence(replica.id)?.is_some_and(|f| !f.is_open()) {
+                    self.store().delete_fence(replica.id)?;
+                }
+            }
+        }
 
         // FailingOver, step "overlays": from here a crash is rolled back.
         let step = |at| Step::Failover { planned, at };
@@ -368,6 +412,7 @@ impl Engine {
             self.store().delete_vm(vm_name)?;
         }
         self.remove_overlays(dr, replica)?;
+        self.store().delete_fence(replica.id)?;
         let mut started = false;
         if let Some(ran) = planned {
             self.store().set_step(replica.id, Step::Failover { planned, at: FailoverStep::RestartSource })?;
@@ -394,8 +439,17 @@ impl Engine {
             Some(Step::Undo(UndoStep::Stop)),
             FailoverPoint::Keep,
         )?;
+        let fence = self.store().fence(replica.id)?.filter(|f| f.is_open());
         self.finish_undo(&replica)?;
-        Ok(format!("replica {} powered off, its writes discarded; replication resumes", replica_vm_name(&replica)))
+        let mut note =
+            format!("replica {} powered off, its writes discarded; replication resumes", replica_vm_name(&replica));
+        if let Some(f) = fence {
+            note.push_str(&format!(
+                "; source VM {name} on {} is the VM of record again and is not fenced when {} answers",
+                f.host, f.host
+            ));
+        }
+        Ok(note)
     }
 
     /// Powers the replica VM off and discards its overlays. Idempotent, so recovery can
@@ -412,6 +466,8 @@ impl Engine {
             self.store().delete_vm(&vm.name)?;
         }
         self.remove_overlays(dr.as_ref(), replica)?;
+        // The source is the VM of record again: whatever it wrote meanwhile is the truth.
+        self.store().delete_fence(replica.id)?;
         failpoint::hit("undo.after-discard");
         self.store().transition(
             replica.id,

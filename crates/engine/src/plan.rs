@@ -12,7 +12,7 @@ use standby_model::{ReplicaState, VmName};
 use standby_store::{PlanRecord, PlanVm};
 
 use crate::batch::OpOutcome;
-use crate::failover::PointChoice;
+use crate::failover::{Despite, PointChoice};
 use crate::{Engine, EngineError, Result};
 
 /// What `standby plan create` asks for.
@@ -249,7 +249,7 @@ impl Engine {
     }
 
     /// Fails over every VM of the plan in order, waiting each VM's delay after it runs.
-    pub fn plan_run(&self, name: &str, force: bool) -> Result<PlanRun> {
+    pub fn plan_run(&self, name: &str, despite: Despite) -> Result<PlanRun> {
         self.plan_record(name)?;
         let _lock = PlanLock::acquire(self, name, "plan run")?;
         let plan = self.plan_record(name)?;
@@ -290,7 +290,7 @@ impl Engine {
             }
             let t0 = Instant::now();
             let OpOutcome { ok, message, warnings, .. } =
-                self.failover(std::slice::from_ref(&pv.vm), None, PointChoice::Latest, force).remove(0);
+                self.failover(std::slice::from_ref(&pv.vm), None, PointChoice::Latest, despite).remove(0);
             let started = start.elapsed().as_secs_f64();
             run.ok &= ok;
             run.steps.push(PlanStep {

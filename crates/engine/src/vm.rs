@@ -170,6 +170,13 @@ impl Engine {
         if self.vm_is_running(&vm)? {
             return Err(EngineError::VmState { vm: name.into(), state: "running", hint: "nothing to start" });
         }
+        // A source whose host came back after a site loss is fenced before anything else.
+        if vm.replica_id.is_none() {
+            let replicas = self.store().replicas_of_vm(name)?;
+            for r in replicas {
+                self.settle_fence(r.id)?;
+            }
+        }
         // Not even with --force: its disks are being written under it.
         if let Some(why) = self.failback_holds(&vm)? {
             return Err(EngineError::Refused { vm: name.into(), why });
@@ -506,6 +513,10 @@ mod tests {
         }
 
         fn image_compare(&self, _: &Chain, _: &Chain) -> standby_host::Result<bool> {
+            unreachable!()
+        }
+
+        fn image_copy(&self, _: &Chain, _: &str) -> standby_host::Result<()> {
             unreachable!()
         }
     }

@@ -6,7 +6,7 @@
 mod site;
 
 use site::{Site, DISK, SIZE};
-use standby_engine::PointChoice;
+use standby_engine::{Despite, PointChoice};
 use standby_fake::CLUSTER;
 
 #[test]
@@ -73,7 +73,7 @@ fn failover_runs_a_restore_point_and_undo_leaves_it_as_it_was() {
     let before = site.contents();
     let first_id = site.engine.replica_points("web", None).unwrap()[0].id;
 
-    let out = site.engine.failover(&["web".into()], None, PointChoice::Id(first_id), false);
+    let out = site.engine.failover(&["web".into()], None, PointChoice::Id(first_id), Despite::default());
     assert!(out[0].ok, "{}", out[0].message);
     assert_eq!(site.state(), "failover");
     let chains = fake.vm_chains("web_replica").expect("the replica VM runs");
@@ -102,7 +102,12 @@ fn impossible_transitions_are_refused_and_change_nothing() {
     let out = site.engine.failover_permanent(&["web".into()], None);
     assert!(!out[0].ok, "{}", out[0].message);
     assert_eq!(site.state(), "ready");
-    let out = site.engine.failover(&["web".into()], None, PointChoice::Id(standby_model::PointId(999_999)), false);
+    let out = site.engine.failover(
+        &["web".into()],
+        None,
+        PointChoice::Id(standby_model::PointId(999_999)),
+        Despite::default(),
+    );
     assert!(!out[0].ok && out[0].message.contains("999999"), "{}", out[0].message);
     assert_eq!(site.state(), "ready");
     assert!(site.fake.vm_chains("web_replica").is_none());
@@ -113,7 +118,7 @@ fn permanent_failover_makes_the_replica_independent_of_the_chain() {
     let site = Site::protected();
     let fake = &site.fake;
     site.run_ok("full");
-    let out = site.engine.failover(&["web".into()], None, PointChoice::Latest, false);
+    let out = site.engine.failover(&["web".into()], None, PointChoice::Latest, Despite::default());
     assert!(out[0].ok, "{}", out[0].message);
     fake.guest_write("web_replica", 0, 2 * CLUSTER, &[0x77; 10]);
     let expect = fake.read_chain(&fake.vm_chains("web_replica").unwrap()[0]);

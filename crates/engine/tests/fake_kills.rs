@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use site::{Site, DISK};
 use standby_engine::failpoint;
-use standby_engine::{FailbackOptions, FailbackTarget, NoProgress, PointChoice, SwitchMode};
+use standby_engine::{Despite, FailbackOptions, FailbackTarget, NoProgress, PointChoice, SwitchMode};
 use standby_fake::CLUSTER;
 
 /// The panic payload of a fail point.
@@ -31,7 +31,7 @@ fn ok(out: Vec<standby_engine::OpOutcome>) {
 }
 
 fn failover(site: &Site) {
-    ok(site.engine.failover(&vms(), None, PointChoice::Latest, false));
+    ok(site.engine.failover(&vms(), None, PointChoice::Latest, Despite::default()));
     site.fake.guest_write("web_replica", 0, 4 * CLUSTER, &[0x44; 100]);
     site.fake.guest_write("web_replica", 0, 50 * CLUSTER, &[0x45; 100]);
 }
@@ -101,7 +101,7 @@ fn cases() -> Vec<Case> {
     let failover_case = |point| Case {
         point,
         setup: run,
-        op: |s| drop(s.engine.failover(&vms(), None, PointChoice::Latest, false)),
+        op: |s| drop(s.engine.failover(&vms(), None, PointChoice::Latest, Despite::default())),
         writes_source: false,
         restarts_source: false,
     };

@@ -332,6 +332,24 @@ impl Storage for FakeHost {
         let w = self.call("image_compare");
         Ok(w.contents(a)? == w.contents(b)?)
     }
+
+    fn image_copy(&self, chain: &Chain, dst: &str) -> Result<()> {
+        let mut w = self.call(&format!("image_copy {dst}"));
+        if w.files.contains_key(dst) {
+            return Err(invalid(format!("{dst} exists already")));
+        }
+        if !w.dirs.contains(parent(dst)) {
+            return Err(invalid(format!("cannot create {dst}: no directory")));
+        }
+        let mut img = Image::new(Format::Qcow2, w.size(chain)?);
+        for c in 0..img.size.div_ceil(CLUSTER) {
+            if let (data, 1..) = w.read_cluster(chain, c)? {
+                img.clusters.insert(c, data);
+            }
+        }
+        w.files.insert(dst.into(), Entry::Image(img));
+        Ok(())
+    }
 }
 
 impl VmDriver for FakeHost {

@@ -74,6 +74,10 @@ pub enum HostError {
     /// What went wrong on, or on the way to, a host reached through its agent.
     #[error("host {host}: {detail}")]
     Remote { host: String, detail: String },
+    /// The host's agent could not be reached at all (no route, no answer, nothing
+    /// listening): the one failure a site loss looks like.
+    #[error("host {host} is unreachable: {detail}")]
+    Unreachable { host: String, detail: String },
 }
 
 pub type Result<T> = std::result::Result<T, HostError>;
@@ -220,6 +224,9 @@ pub trait Storage {
     fn image_flatten(&self, chain: &Chain) -> Result<()>;
     /// Whether two chains read the same.
     fn image_compare(&self, a: &Chain, b: &Chain) -> Result<bool>;
+    /// Copies the chain's content into a new standalone qcow2 image at `dst`; refused,
+    /// changing nothing, when `dst` exists.
+    fn image_copy(&self, chain: &Chain, dst: &str) -> Result<()>;
 }
 
 /// The VMs of a host, in DR verbs: start one from a disk chain, its status and console,

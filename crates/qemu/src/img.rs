@@ -140,6 +140,13 @@ pub fn flatten(chain: &Chain) -> Result<()> {
     run(QEMU_IMG, &args).map(drop)
 }
 
+/// Copies the chain's guest-visible content into a new standalone qcow2 image at `dst`
+/// (which the caller proved absent). Sparse: unallocated and zero ranges stay holes.
+pub fn convert(chain: &Chain, dst: &str) -> Result<()> {
+    let args = vec!["convert".into(), "-q".into(), "-O".into(), "qcow2".into(), chain_filename(chain), dst.into()];
+    run(QEMU_IMG, &args).map(drop)
+}
+
 /// The ranges `path`'s own qcow2 layer holds (data or explicit zeroes), read from its
 /// metadata alone with its backing cut off: what this layer changes over the layers below.
 /// Shared locks, so a running VM's read-only backing layers can be mapped.

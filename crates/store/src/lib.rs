@@ -2,6 +2,7 @@
 //! busy timeout so that concurrent standby commands wait for each other instead of failing
 //! or corrupting anything. Every write that must be atomic is one transaction here.
 
+mod fences;
 mod history;
 mod hosts;
 mod migrations;
@@ -16,6 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use standby_model::image::Format;
 use standby_model::{DriverConfig, Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, Transition, VmConfig};
 
+pub use fences::FenceRecord;
 pub use history::{HISTORY_KEEP, HISTORY_SLACK};
 pub use records::*;
 pub use state::FailoverPoint;
@@ -756,6 +758,7 @@ fn delete_replica_rows(tx: &Transaction<'_>, cond: &str, arg: i64) -> Result<()>
     )?;
     tx.execute(&format!("DELETE FROM restore_points WHERE replica_id IN ({ids})"), [arg])?;
     tx.execute(&format!("DELETE FROM failbacks WHERE replica_id IN ({ids})"), [arg])?;
+    tx.execute(&format!("DELETE FROM fences WHERE replica_id IN ({ids})"), [arg])?;
     tx.execute(&format!("UPDATE vms SET replica_id = NULL WHERE replica_id IN ({ids})"), [arg])?;
     tx.execute(&format!("DELETE FROM replicas WHERE {cond}"), [arg])?;
     Ok(())

@@ -154,4 +154,22 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE hosts ADD COLUMN version TEXT;
     ALTER TABLE hosts ADD COLUMN last_seen TEXT;
     "#,
+    // 8: fences. A failover made while the source's host was unreachable leaves one: the
+    // source may still run there, so it is paused and powered off when its host answers
+    // again, and its disks copied into protective images first. `fenced_at` is NULL until
+    // then; `protective` lists the images, one path per line. `disks` (JSON) are the
+    // source's disks at the failover: a failback elsewhere may redefine the VM meanwhile.
+    r#"
+    CREATE TABLE fences (
+        replica_id INTEGER PRIMARY KEY REFERENCES replicas(id),
+        vm TEXT NOT NULL,
+        host TEXT NOT NULL,
+        disks TEXT NOT NULL,
+        declared_at TEXT NOT NULL,
+        declared_by TEXT NOT NULL,
+        fenced_at TEXT,
+        found TEXT,
+        protective TEXT
+    );
+    "#,
 ];

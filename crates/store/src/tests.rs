@@ -189,6 +189,7 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE hosts DROP COLUMN address;
              ALTER TABLE hosts DROP COLUMN version;
              ALTER TABLE hosts DROP COLUMN last_seen;
+             DROP TABLE fences;
              PRAGMA user_version = 5;",
         )
         .unwrap();
@@ -212,4 +213,33 @@ fn a_disk_format_no_standby_wrote_is_an_error_naming_the_row_never_raw() {
     s.conn.execute("UPDATE vm_disks SET format = 'vmdk'", []).unwrap();
     let e = chain(&s.vm("web").unwrap_err());
     assert!(e.contains(&format!("vm_disks row {id}")) && e.contains("vmdk"), "{e}");
+}
+
+#[test]
+fn a_fence_is_open_until_closed_with_its_protective_images_and_goes_with_its_replica() {
+    let (_d, mut s) = open();
+    let vm_id = s.insert_vm(&vm("a")).unwrap();
+    let job = NewJob {
+        name: "j".into(),
+        target_host: "local".into(),
+        target_dir: "/dr".into(),
+        retain: 2,
+        every_secs: None,
+        replica_suffix: "_replica".into(),
+    };
+    s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
+    let rep = s.replicas().unwrap().remove(0);
+    let disks = vm("a").disks;
+    s.open_fence(rep.id, "a", "prod1", &disks, "the operator").unwrap();
+    let open = s.open_fences().unwrap();
+    assert_eq!(open.len(), 1);
+    assert!(open[0].is_open() && open[0].disks == disks && open[0].host == "prod1", "{open:?}");
+    let kept = vec!["/d/a.qcow2.protective-1.qcow2".to_owned(), "/d/b.qcow2.protective-1.qcow2".to_owned()];
+    s.close_fence(rep.id, "still ran", &kept).unwrap();
+    assert!(s.open_fences().unwrap().is_empty());
+    let f = s.fence(rep.id).unwrap().unwrap();
+    assert!(!f.is_open() && f.fenced_at.is_some());
+    assert_eq!((f.found.as_deref(), f.protective), (Some("still ran"), kept));
+    s.delete_replica(rep.id).unwrap();
+    assert!(s.fence(rep.id).unwrap().is_none(), "a replica's fence goes with it");
 }

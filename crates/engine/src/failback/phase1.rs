@@ -42,6 +42,13 @@ impl Engine {
         let rd = self.replica_disks(&replica)?;
         let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
         let (rec, target_vm) = self.plan_target(&replica, &rd, &source, opts)?;
+        // A source a site loss left unfenced must be off, its disks kept, before a failback
+        // writes over them; a fence on a host this failback does not touch may wait.
+        let fence = match self.store().fence(replica.id)? {
+            Some(f) if f.is_open() && f.host == rec.host => self.settle_fence(replica.id)?,
+            other => other,
+        };
+        let fence_note = fence.as_ref().and_then(crate::fence::protective_note);
 
         // Nothing has changed so far; from here every step is recorded first.
         self.store().transition(
@@ -69,7 +76,7 @@ impl Engine {
             None,
             FailoverPoint::Keep,
         )?;
-        let done = format!(
+        let mut done = format!(
             "phase 1 done to {} by {} ({}): read {}, wrote {}; ready to switch",
             rec.target,
             rec.method,
@@ -77,6 +84,9 @@ impl Engine {
             human(rec.phase1.read),
             human(rec.phase1.written + rec.phase1.zeroed)
         );
+        if let Some(note) = fence_note {
+            done.push_str(&format!("; {note}"));
+        }
         match opts.switch {
             SwitchMode::Auto => {
                 let replica =
