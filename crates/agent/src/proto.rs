@@ -48,19 +48,14 @@ pub(crate) enum Request {
         src: Endpoint,
         dst: Endpoint,
         codec: Codec,
+        /// Bytes per second on the wire at most.
+        #[serde(default)]
+        bandwidth: Option<u64>,
     },
 }
 
-/// How block data travels between agents. The checksum is over the data as read, so it
-/// is checked after decompression, before anything is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Codec {
-    None,
-    Lz4,
-    #[default]
-    Zstd,
-}
+/// How block data travels between agents: the job's compression.
+pub use standby_host::transfer::Compression as Codec;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "snake_case")]

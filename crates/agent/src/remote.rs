@@ -5,13 +5,12 @@
 //! pulls from the source's agent: disk data never passes through the controller.
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use serde::de::DeserializeOwned;
-use standby_host::transfer::{Plan, Stats};
+use standby_host::transfer::{Plan, Stats, Wire};
 use standby_host::views::{BitmapState, DiskAccess, SourceDisk, View};
 use standby_host::{
     Accel, AgentAddress, BitmapOp, BlockStream, Chain, Endpoint, Format, Host, HostError, ImageInfo, NbdAddress,
@@ -21,7 +20,7 @@ use standby_model::ReplicaId;
 use standby_nbd::{Extent, NbdError};
 
 use crate::proto::{self, Answer, Codec, DiskCall, HostCall, Request, StreamCall};
-use crate::wire::Line;
+use crate::wire::{Line, Meter};
 use crate::AgentError;
 
 type Conn = Line<StreamOwned<ClientConnection, TcpStream>>;
@@ -37,7 +36,6 @@ pub struct RemoteHost {
     name: String,
     address: String,
     tls: Arc<ClientConfig>,
-    codec: Codec,
     idle: Mutex<Vec<(Instant, Conn)>>,
 }
 
@@ -61,13 +59,7 @@ fn said(host: &str, a: Answer) -> HostError {
 impl RemoteHost {
     /// Host `name`, whose agent listens on `address`, reached with the controller's `tls`.
     pub fn new(name: &str, address: &str, tls: Arc<ClientConfig>) -> RemoteHost {
-        RemoteHost {
-            name: name.into(),
-            address: address.into(),
-            tls,
-            codec: Codec::default(),
-            idle: Mutex::new(Vec::new()),
-        }
+        RemoteHost { name: name.into(), address: address.into(), tls, idle: Mutex::new(Vec::new()) }
     }
 
     fn agent(&self) -> AgentAddress {
@@ -270,6 +262,7 @@ impl Transport for RemoteHost {
         plan: &Plan,
         src: &Endpoint,
         dst: &Endpoint,
+        wire: &Wire,
         report: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<Stats> {
         for end in [src, dst] {
@@ -282,7 +275,13 @@ impl Transport for RemoteHost {
             }
         }
         let mut conn = self.open()?;
-        let request = Request::Transfer { plan: plan.clone(), src: src.clone(), dst: dst.clone(), codec: self.codec };
+        let request = Request::Transfer {
+            plan: plan.clone(),
+            src: src.clone(),
+            dst: dst.clone(),
+            codec: wire.compression,
+            bandwidth: wire.bandwidth,
+        };
         let mut answer = self.exchange(&mut conn, &request, CALL_TIMEOUT)?;
         loop {
             match answer {
@@ -372,8 +371,8 @@ pub struct RemoteStream {
     conn: Conn,
     size: u64,
     codec: Codec,
-    /// Where this stream's wire bytes are added up when it ends.
-    wire_bytes: Option<Arc<AtomicU64>>,
+    /// Where this stream's wire bytes are counted (and paced), frame by frame.
+    meter: Option<Arc<Meter>>,
     buf: Vec<u8>,
 }
 
@@ -383,12 +382,12 @@ fn nbd_err(host: &str, detail: impl std::fmt::Display) -> NbdError {
 
 impl RemoteStream {
     /// Opens `end` (served by `agent`) with `tls`; block data travels in `codec`.
-    pub fn open(
+    pub(crate) fn open(
         agent: &AgentAddress,
         tls: Arc<ClientConfig>,
         end: &Endpoint,
         codec: Codec,
-        wire_bytes: Option<Arc<AtomicU64>>,
+        meter: Option<Arc<Meter>>,
     ) -> Result<RemoteStream> {
         let host = &agent.host;
         let mut conn = crate::connect(host, &agent.address, tls, host).map_err(|e| remote(host, e))?;
@@ -403,9 +402,16 @@ impl RemoteStream {
         conn.write(&request).map_err(|e| remote(host, wire(e)))?;
         match conn.read::<Answer>().map_err(|e| remote(host, wire(e)))? {
             Answer::Opened { size } => {
-                Ok(RemoteStream { host: host.clone(), conn, size, codec, wire_bytes, buf: Vec::new() })
+                Ok(RemoteStream { host: host.clone(), conn, size, codec, meter, buf: Vec::new() })
             }
             a => Err(said(host, a)),
+        }
+    }
+
+    /// Counts the frame bytes since `before` on the meter, which may pace them.
+    fn metered(&self, before: u64) {
+        if let Some(m) = &self.meter {
+            m.add(self.conn.wire_bytes - before);
         }
     }
 
@@ -431,8 +437,10 @@ impl BlockStream for RemoteStream {
         match self.ask(&StreamCall::Read { offset, len: buf.len() as u64 })? {
             Answer::Data { len, digest } if len == buf.len() as u64 => {
                 let mut data = std::mem::take(&mut self.buf);
+                let before = self.conn.wire_bytes;
                 let r = self.conn.read_frame(self.codec, len, &digest, &mut data);
                 r.map_err(|e| nbd_err(&self.host, e))?;
+                self.metered(before);
                 buf.copy_from_slice(&data);
                 self.buf = data;
                 Ok(())
@@ -443,7 +451,9 @@ impl BlockStream for RemoteStream {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> std::result::Result<(), NbdError> {
         let head = StreamCall::Write { offset, len: data.len() as u64, digest: crate::wire::digest(data) };
+        let before = self.conn.wire_bytes;
         self.conn.write_frame(&head, self.codec, data).map_err(|e| nbd_err(&self.host, e))?;
+        self.metered(before);
         match self.conn.read::<Answer>().map_err(|e| nbd_err(&self.host, e))? {
             Answer::Done { .. } => Ok(()),
             a => Err(nbd_err(&self.host, said(&self.host, a))),
@@ -476,9 +486,6 @@ impl BlockStream for RemoteStream {
 
     fn disconnect(mut self: Box<Self>) -> std::result::Result<(), NbdError> {
         let _ = self.conn.write(&StreamCall::Disconnect);
-        if let Some(w) = &self.wire_bytes {
-            w.fetch_add(self.conn.wire_bytes, Ordering::Relaxed);
-        }
         Ok(())
     }
 }

@@ -10,7 +10,6 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Component, Path};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,7 @@ use standby_host::{BlockStream, Endpoint, Host, HostError, LocalHost, Storage, T
 
 use crate::proto::{Answer, Codec, DiskCall, HostCall, Request, StreamCall, WireError};
 use crate::remote::RemoteStream;
-use crate::wire::{self, Line};
+use crate::wire::{self, Line, Meter};
 
 /// Who is on the other end of a connection, from its certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,8 +75,8 @@ impl Service {
                 }
             }
             (Request::Disks { vm, running }, Peer::Controller) => self.disks(&vm, running, line),
-            (Request::Transfer { plan, src, dst, codec }, Peer::Controller) => {
-                self.transfer(&plan, &src, &dst, codec, line)
+            (Request::Transfer { plan, src, dst, codec, bandwidth }, Peer::Controller) => {
+                self.transfer(&plan, &src, &dst, codec, Meter::new(bandwidth), line)
             }
             (r, _) => line.write(&refuse(&format!("{r:?} is not something an enrolled agent does"))),
         }
@@ -262,10 +261,10 @@ impl Service {
 
     /// Connects to one side of a transfer: a disk of this host directly, another host's
     /// through its agent.
-    fn connect(&self, end: &Endpoint, codec: Codec, wire_bytes: &Arc<AtomicU64>) -> Result<Box<dyn BlockStream>> {
+    fn connect(&self, end: &Endpoint, codec: Codec, meter: &Arc<Meter>) -> Result<Box<dyn BlockStream>> {
         match &end.address.agent {
             Some(a) if a.host != self.host.name() => {
-                Ok(Box::new(RemoteStream::open(a, self.tls.clone(), end, codec, Some(wire_bytes.clone()))?))
+                Ok(Box::new(RemoteStream::open(a, self.tls.clone(), end, codec, Some(meter.clone()))?))
             }
             _ => Ok(Box::new(self.open_local(&end.address.socket, &end.export, &end.contexts)?)),
         }
@@ -277,10 +276,10 @@ impl Service {
         src: &Endpoint,
         dst: &Endpoint,
         codec: Codec,
+        meter: Arc<Meter>,
         line: &mut Line<S>,
     ) -> std::io::Result<()> {
-        let wire_bytes = Arc::new(AtomicU64::new(0));
-        let connect = || Ok((self.connect(src, codec, &wire_bytes)?, self.connect(dst, codec, &wire_bytes)?));
+        let connect = || Ok((self.connect(src, codec, &meter)?, self.connect(dst, codec, &meter)?));
         // Progress at most a few times a second, and the controller's answer is the end.
         let out = Mutex::new((line, Instant::now(), Ok(())));
         let report = |done: u64, total: u64| {
@@ -297,7 +296,7 @@ impl Service {
         let (line, _, progress) = out.into_inner().unwrap_or_else(|e| e.into_inner());
         progress?;
         match result {
-            Ok(stats) => line.write(&Answer::Transferred { stats, wire_bytes: wire_bytes.load(Ordering::Relaxed) }),
+            Ok(stats) => line.write(&Answer::Transferred { stats, wire_bytes: meter.total() }),
             Err(e) => line.write(&Answer::Failed { error: WireError::from_host(&e) }),
         }
     }

@@ -3,6 +3,9 @@
 //! carries before anyone uses them.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -12,6 +15,46 @@ use crate::proto::Codec;
 const MAX_LINE: u64 = 16 << 20;
 /// Largest decoded frame: a transfer's largest item, with room.
 pub(crate) const MAX_FRAME: usize = 32 << 20;
+
+/// A transfer's frame bytes on the wire, and the pace they may not exceed: the job's
+/// bandwidth limit, shared by every connection of the transfer.
+#[derive(Debug)]
+pub(crate) struct Meter {
+    bytes: AtomicU64,
+    limit: Option<u64>,
+    /// When the link, at the limit, is free for the next frame.
+    free_at: Mutex<Instant>,
+}
+
+impl Meter {
+    pub(crate) fn new(limit: Option<u64>) -> Arc<Meter> {
+        Arc::new(Meter {
+            bytes: AtomicU64::new(0),
+            limit: limit.filter(|&l| l > 0),
+            free_at: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Counts `n` more bytes on the wire; with a limit, waits until sending them kept to
+    /// it. No burst is saved up while idle: the limit holds over any second.
+    pub(crate) fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        let Some(rate) = self.limit else {
+            return;
+        };
+        let wait = {
+            let mut free = self.free_at.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            *free = (*free).max(now) + Duration::from_secs_f64(n as f64 / rate as f64);
+            *free - now
+        };
+        std::thread::sleep(wait);
+    }
+
+    pub(crate) fn total(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
 
 /// JSON lines and frames over a stream (TLS, in practice).
 #[derive(Debug)]
@@ -110,5 +153,30 @@ impl<S: Read + Write> Line<S> {
             return Err(invalid("a block batch's checksum does not match its data; nothing of it was written"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lower bound only: sleeping may take longer on a loaded machine, never shorter.
+    #[test]
+    fn a_limited_meter_never_lets_bytes_go_faster_than_its_limit() {
+        let m = Meter::new(Some(4 << 20));
+        let start = Instant::now();
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || (0..4).for_each(|_| m.add(64 << 10)))
+            })
+            .collect();
+        workers.into_iter().for_each(|w| w.join().unwrap());
+        assert_eq!(m.total(), 1 << 20);
+        // 1 MiB at 4 MiB/s: the last frame may leave as soon as the link frees up for it.
+        assert!(start.elapsed() >= Duration::from_millis(234), "{:?}", start.elapsed());
+        let free = Meter::new(None);
+        free.add(u64::MAX / 2);
+        assert_eq!(free.total(), u64::MAX / 2);
     }
 }

@@ -433,6 +433,12 @@ pub(crate) enum JobCmd {
         /// Name a VM's replica VM in failover by this suffix (default `_replica`).
         #[arg(long, allow_hyphen_values = true)]
         replica_suffix: Option<String>,
+        /// Between hosts, compress blocks with none, lz4 or zstd (default: zstd, fast level).
+        #[arg(long)]
+        compression: Option<String>,
+        /// Between hosts, at most this on the wire: bytes per second (100M) or bits (800Mbit).
+        #[arg(long)]
+        bandwidth: Option<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -467,6 +473,12 @@ pub(crate) enum JobCmd {
         /// A VM whose replica holds no restore points (else: standby replica delete).
         #[arg(long = "remove-vm")]
         remove_vms: Vec<String>,
+        /// Between hosts, compress blocks with none, lz4 or zstd.
+        #[arg(long)]
+        compression: Option<String>,
+        /// Between hosts, at most this on the wire (100M, 800Mbit), or `none` for no limit.
+        #[arg(long)]
+        bandwidth: Option<String>,
         #[command(flatten)]
         json: Json,
     },

@@ -151,6 +151,8 @@ mod tests {
             retain: 1,
             every_secs: every,
             replica_suffix: "_replica".into(),
+            compression: "zstd".into(),
+            bandwidth: None,
             last_run_at: last.map(Into::into),
             created_at: String::new(),
             enabled,

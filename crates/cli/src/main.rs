@@ -215,9 +215,21 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
 
 fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
     match cmd {
-        JobCmd::Create { name, vms, target_host, target_dir, retain, every, replica_suffix, json } => {
-            let j =
-                engine.job_create(&JobSpec { name, vms, target_host, target_dir, retain, every, replica_suffix })?;
+        JobCmd::Create {
+            name,
+            vms,
+            target_host,
+            target_dir,
+            retain,
+            every,
+            replica_suffix,
+            compression,
+            bandwidth,
+            json,
+        } => {
+            let spec =
+                JobSpec { name, vms, target_host, target_dir, retain, every, replica_suffix, compression, bandwidth };
+            let j = engine.job_create(&spec)?;
             output::jobs(std::slice::from_ref(&j), json.json)?;
         }
         JobCmd::Run { name, json } => {
@@ -230,12 +242,14 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
             }
         }
         JobCmd::List { json } => output::jobs(&engine.job_list()?, json.json)?,
-        JobCmd::Change { name, retain, every, no_schedule, add_vms, remove_vms, json } => {
+        JobCmd::Change { name, retain, every, no_schedule, add_vms, remove_vms, compression, bandwidth, json } => {
             let change = JobChange {
                 retain,
                 every: if no_schedule { Some(None) } else { every.map(Some) },
                 add_vms,
                 remove_vms,
+                compression,
+                bandwidth: bandwidth.map(|b| (b != "none").then_some(b)),
             };
             output::jobs(std::slice::from_ref(&engine.job_change(&name, &change)?), json.json)?;
         }

@@ -105,10 +105,14 @@ pub fn jobs(list: &[JobView], as_json: bool) -> Result<()> {
                     .unwrap_or("-".into()),
                 j.last_run_at.clone().unwrap_or("-".into()),
                 if j.enabled { "enabled" } else { "disabled" }.into(),
+                match j.bandwidth {
+                    Some(b) => format!("{}, at most {}/s", j.compression, bytes(b)),
+                    None => j.compression.clone(),
+                },
             ]
         })
         .collect();
-    table(&["NAME", "VMS", "TARGET", "RETAIN", "EVERY", "LAST RUN", "STATUS"], &rows);
+    table(&["NAME", "VMS", "TARGET", "RETAIN", "EVERY", "LAST RUN", "STATUS", "BETWEEN HOSTS"], &rows);
     Ok(())
 }
 

@@ -211,6 +211,30 @@ fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
     let ids = point_ids(&env, "web");
     assert_eq!(ids.len(), 4);
 
+    // How the job's blocks travel is its own: 2 MiB of one byte cost 2 MiB on the wire
+    // uncompressed, far less with lz4 (under a bandwidth limit). Bad values change nothing.
+    for (bad, arg) in [(["--compression", "gzip"], "--compression"), (["--bandwidth", "fast"], "--bandwidth")] {
+        let err = env.fails(&["job", "change", "nightly", bad[0], bad[1]]);
+        assert!(err.contains(arg) && err.contains(bad[1]), "{err}");
+    }
+    assert_eq!(env.json(&["job", "list"])[0]["compression"], "zstd");
+    for (compression, bandwidth, ratio) in [("none", "none", "(1.0x)"), ("lz4", "800Mbit", "")] {
+        env.ok(&["job", "change", "nightly", "--compression", compression, "--bandwidth", bandwidth]);
+        let job = &env.json(&["job", "list"])[0];
+        assert_eq!(job["compression"], compression, "{job}");
+        standby_testkit::qemu_io(&disk, "qcow2", &["write -P 0x44 9M 2M".into()]);
+        let out = env.ok(&["job", "run", "nightly"]);
+        eprintln!("compression {compression}, bandwidth {bandwidth}: {out}");
+        assert!(out.contains("(cbt, 2.0 MiB transferred") && out.contains(ratio), "{compression}: {out}");
+        if compression == "lz4" {
+            assert_eq!(job["bandwidth"], 100_000_000, "{job}");
+            assert!(!out.contains("(1.0x)") && out.contains("on the wire"), "lz4 shrinks one repeated byte: {out}");
+        }
+        assert!(identical(&disk, &env.latest_disk("web", 0)), "the {compression} point equals the disk");
+    }
+    env.ok(&["job", "change", "nightly", "--compression", "zstd", "--bandwidth", "none"]);
+    let ids = point_ids(&env, "web");
+
     // Failover to the oldest point runs the replica on the DR host; undo discards it.
     env.ok(&["failover", "web", "--point", &ids[0].to_string()]);
     let replica = env.json(&["vm", "show", "web_replica"]);

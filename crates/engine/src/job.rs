@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use standby_host::Host;
+use standby_model::wire::{parse_bandwidth, Wire};
 use standby_model::{parse_interval, ReplicaState, Role, VmName, DEFAULT_RETAIN};
 use standby_store::{NewJob, ReplicaRecord};
 
@@ -20,6 +21,33 @@ pub struct JobChange {
     pub every: Option<Option<String>>,
     pub add_vms: Vec<String>,
     pub remove_vms: Vec<String>,
+    pub compression: Option<String>,
+    /// `Some(None)`: no limit.
+    pub bandwidth: Option<Option<String>>,
+}
+
+/// How a job's data travels, from what an operator gave: the compression's name and a
+/// bandwidth (`100M`, `800Mbit`).
+fn wire_of(compression: Option<&str>, bandwidth: Option<&str>, base: Wire) -> Result<Wire> {
+    let compression = match compression {
+        None => base.compression,
+        Some(c) => c
+            .parse()
+            .map_err(|e| EngineError::BadArgument { arg: "--compression", why: format!("--compression {e}") })?,
+    };
+    let bandwidth = match bandwidth {
+        None => base.bandwidth,
+        Some(b) => Some(
+            parse_bandwidth(b)
+                .map_err(|e| EngineError::BadArgument { arg: "--bandwidth", why: format!("--bandwidth {e}") })?,
+        ),
+    };
+    Ok(Wire { compression, bandwidth })
+}
+
+/// A bandwidth as `job show` prints it.
+pub(crate) fn show_bandwidth(b: Option<u64>) -> String {
+    b.map_or_else(|| "no limit".to_owned(), |b| format!("{}/s", crate::transfer::human(b)))
 }
 
 /// A replica removal, decided and checked before anything changes.
@@ -75,6 +103,10 @@ pub struct JobSpec {
     pub every: Option<String>,
     /// Appended to a VM's name to name its replica VM in failover (default `_replica`).
     pub replica_suffix: Option<String>,
+    /// `none`, `lz4` or `zstd` (the default) between hosts.
+    pub compression: Option<String>,
+    /// At most this on the wire between hosts: `100M` (bytes/s) or `800Mbit`.
+    pub bandwidth: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -87,6 +119,10 @@ pub struct JobView {
     /// Seconds between runs under `standby daemon`; null for on-demand only.
     pub every_secs: Option<u64>,
     pub replica_suffix: String,
+    /// How its blocks are compressed between hosts.
+    pub compression: String,
+    /// Bytes per second on the wire between hosts at most; null for no limit.
+    pub bandwidth: Option<u64>,
     pub last_run_at: Option<String>,
     pub created_at: String,
     /// A disabled job does not run (`standby job enable` turns it back on).
@@ -120,6 +156,7 @@ impl Engine {
             });
         }
         let every = spec.every.as_deref().map(parse_interval).transpose()?.map(|d: Duration| d.as_secs());
+        let wire = wire_of(spec.compression.as_deref(), spec.bandwidth.as_deref(), Wire::default())?;
         let host = self.host(&spec.target_host)?;
         let given = spec.target_dir.clone();
         let target_err =
@@ -143,6 +180,7 @@ impl Engine {
                 retain,
                 every_secs: every,
                 replica_suffix: suffix,
+                wire,
             },
             &replicas,
         );
@@ -270,7 +308,26 @@ impl Engine {
             Some(None) => None,
             Some(Some(e)) => Some(parse_interval(e)?.as_secs()),
         };
+        let bandwidth = match &change.bandwidth {
+            Some(None) => Some(None),
+            Some(Some(b)) => Some(Some(b.as_str())),
+            None => None,
+        };
+        let mut wire = wire_of(change.compression.as_deref(), bandwidth.flatten(), job.wire)?;
+        if bandwidth == Some(None) {
+            wire.bandwidth = None;
+        }
         let mut changes = Vec::new();
+        if wire.compression != job.wire.compression {
+            changes.push(format!("compression {} -> {}", job.wire.compression, wire.compression));
+        }
+        if wire.bandwidth != job.wire.bandwidth {
+            changes.push(format!(
+                "bandwidth {} -> {}",
+                show_bandwidth(job.wire.bandwidth),
+                show_bandwidth(wire.bandwidth)
+            ));
+        }
         if retain != job.retain {
             changes.push(format!("retain {} -> {retain}", job.retain));
         }
@@ -320,13 +377,13 @@ impl Engine {
             return Err(EngineError::NothingToChange {
                 subject: format!("job {name}"),
                 hint: format!(
-                    "give --retain, --every, --no-schedule, --add-vm or --remove-vm with a value other than job \
-                     {name}'s current one (standby job list)"
+                    "give --retain, --every, --no-schedule, --compression, --bandwidth, --add-vm or --remove-vm \
+                     with a value other than job {name}'s current one (standby job list)"
                 ),
             });
         }
         let recorded = (|| -> Result<()> {
-            self.store().update_job(job.id, retain, every, job.enabled)?;
+            self.store().update_job(job.id, retain, every, job.enabled, wire)?;
             for (vm_id, dir) in &joining {
                 self.store().insert_replica(job.id, *vm_id, dir)?;
             }
@@ -353,6 +410,11 @@ impl Engine {
         self.job_show(name)
     }
 
+    /// How the data of job `name` travels between hosts.
+    pub(crate) fn job_wire(&self, name: &str) -> Result<Wire> {
+        Ok(self.store().job(name)?.ok_or_else(|| EngineError::UnknownJob(name.into()))?.wire)
+    }
+
     /// Enables or disables a job. A disabled job keeps its replicas and restore points;
     /// `standby daemon` skips it and `standby job run` refuses it.
     pub fn job_set_enabled(&self, name: &str, enabled: bool) -> Result<JobView> {
@@ -361,7 +423,7 @@ impl Engine {
         if job.enabled == enabled {
             return Err(EngineError::JobRefused { job: name.into(), why: format!("job {name} is {word} already") });
         }
-        self.store().update_job(job.id, job.retain, job.every_secs, enabled)?;
+        self.store().update_job(job.id, job.retain, job.every_secs, enabled, job.wire)?;
         self.record_raw(&format!("job:{name}"), if enabled { "job enable" } else { "job disable" }, "ok", word);
         self.job_show(name)
     }
@@ -599,6 +661,8 @@ fn view(j: standby_store::JobRecord) -> JobView {
         retain: j.retain,
         every_secs: j.every_secs,
         replica_suffix: j.replica_suffix,
+        compression: j.wire.compression.to_string(),
+        bandwidth: j.wire.bandwidth,
         last_run_at: j.last_run_at,
         created_at: j.created_at,
         enabled: j.enabled,

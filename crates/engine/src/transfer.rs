@@ -30,12 +30,14 @@ pub(crate) fn wire_note(idx: usize, st: &Stats) -> Option<String> {
     })
 }
 
-/// Runs `plan` from `src` into `dst` on `dst_host`, the host that holds `dst`; progress goes
-/// to `progress` under `subject`, and `on_chunk` runs after each item.
+/// Runs `plan` from `src` into `dst` on `dst_host`, the host that holds `dst`, its blocks
+/// travelling between hosts as `wire` says; progress goes to `progress` under `subject`,
+/// and `on_chunk` runs after each item.
 pub fn run(
     dst_host: &dyn Host,
     plan: &Plan,
     (src, dst): (&Endpoint, &Endpoint),
+    wire: &Wire,
     progress: &dyn Progress,
     subject: &str,
     on_chunk: &(dyn Fn() + Sync),
@@ -44,7 +46,7 @@ pub fn run(
         progress.bytes(subject, done, total);
         on_chunk();
     };
-    dst_host.transfer(plan, src, dst, &report).map_err(|e| match e {
+    dst_host.transfer(plan, src, dst, wire, &report).map_err(|e| match e {
         HostError::Nbd(source) => EngineError::Transfer { source },
         e => e.into(),
     })

@@ -42,7 +42,9 @@ pub(crate) fn differing_bytes(id: &str, a: Side<'_>, b: Side<'_>) -> Result<u64>
             contexts: vec![BASE_ALLOCATION.into()],
         };
         let ends = (&end(&a_addr, &a_id), &end(&b_addr, &b_id));
-        let stats = transfer::run(b.host, &plan, ends, &NoProgress, id, &|| {})?;
+        // Default wire (zstd, no limit): a comparison runs while the operator waits on it
+        // (a planned failover, its source down), so no job's limit slows it.
+        let stats = transfer::run(b.host, &plan, ends, &transfer::Wire::default(), &NoProgress, id, &|| {})?;
         Ok(stats.differing)
     })();
     a.host.nbd_stop_all(&a_id)?;

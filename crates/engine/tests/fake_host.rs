@@ -135,15 +135,9 @@ fn bad_requests_are_typed_errors_that_name_what_is_wrong_and_change_nothing() {
     use standby_engine::{EngineError, JobChange, VmChange};
     let site = Site::protected();
     let before = site.engine.job_show("j").unwrap();
-    let e = site
-        .engine
-        .job_change("j", &JobChange { retain: Some(0), every: None, add_vms: Vec::new(), remove_vms: Vec::new() })
-        .unwrap_err();
+    let e = site.engine.job_change("j", &JobChange { retain: Some(0), ..Default::default() }).unwrap_err();
     assert!(matches!(e, EngineError::BadArgument { arg: "--retain", .. }), "{e:?}");
-    let e = site
-        .engine
-        .job_change("j", &JobChange { retain: Some(3), every: None, add_vms: Vec::new(), remove_vms: Vec::new() })
-        .unwrap_err();
+    let e = site.engine.job_change("j", &JobChange { retain: Some(3), ..Default::default() }).unwrap_err();
     assert!(matches!(&e, EngineError::NothingToChange { subject, .. } if subject == "job j"), "{e:?}");
     let same = VmChange { memory_mib: Some(128), cpus: None, nics: None, kernel: None, initrd: None, append: None };
     let e = site.engine.vm_change("web", &same).unwrap_err();

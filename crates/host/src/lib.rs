@@ -285,13 +285,14 @@ pub trait Transport: Sync {
     }
     /// Carries out `plan` from `src` into `dst` here, on the host that holds `dst`: a host
     /// reached over the network runs it next to its data, and the bytes go from source to
-    /// destination directly. `report(done, total)` follows it. This process's hosts (and
-    /// the fake) run it right here.
+    /// destination directly, as `wire` says. `report(done, total)` follows it. This
+    /// process's hosts (and the fake) run it right here, with no wire.
     fn transfer(
         &self,
         plan: &transfer::Plan,
         src: &Endpoint,
         dst: &Endpoint,
+        _wire: &transfer::Wire,
         report: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<transfer::Stats> {
         transfer::execute(plan, &|| Ok((self.connect(src)?, self.connect(dst)?)), report)

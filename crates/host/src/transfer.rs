@@ -23,6 +23,8 @@ use crate::{BlockStream, HostError, Result};
 
 type Stream = Box<dyn BlockStream>;
 
+pub use standby_model::wire::{Compression, Wire};
+
 /// `base:allocation` flags.
 const STATE_HOLE: u32 = 1;
 const STATE_ZERO: u32 = 2;

@@ -11,6 +11,7 @@ mod state;
 pub mod step;
 pub mod tracking;
 mod vm;
+pub mod wire;
 
 pub use failback::{FailbackTarget, SwitchMode};
 pub use ids::{PointId, ReplicaId, Seq};

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use standby_model::image::Format;
+use standby_model::wire::Wire;
 use standby_model::{DriverConfig, Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, Transition, VmConfig};
 
 pub use fences::FenceRecord;
@@ -288,8 +289,9 @@ impl Store {
     pub fn insert_job(&mut self, job: &NewJob, replica_dirs: &[(i64, String)]) -> Result<i64> {
         let tx = self.tx()?;
         tx.execute(
-            "INSERT INTO jobs (name, target_host, target_dir, retain, every_secs, created_at, replica_suffix)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO jobs (name, target_host, target_dir, retain, every_secs, created_at, replica_suffix,
+                               compression, bandwidth)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 job.name,
                 job.target_host,
@@ -297,7 +299,9 @@ impl Store {
                 job.retain,
                 job.every_secs.map(|s| s as i64),
                 now(),
-                job.replica_suffix
+                job.replica_suffix,
+                job.wire.compression.as_str(),
+                job.wire.bandwidth.map(|b| b as i64)
             ],
         )?;
         let job_id = tx.last_insert_rowid();
@@ -312,11 +316,19 @@ impl Store {
     }
 
     const JOB_COLS: &'static str =
-        "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at, replica_suffix, enabled";
+        "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at, replica_suffix, enabled, \
+         compression, bandwidth";
 
     fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+        let id: i64 = r.get(0)?;
+        let compression: String = r.get(10)?;
+        let wire = Wire {
+            compression: compression.parse().map_err(|e| bad_cell("jobs", id, 10, e))?,
+            bandwidth: r.get::<_, Option<i64>>(11)?.map(|b| b as u64),
+        };
         Ok(JobRecord {
-            id: r.get(0)?,
+            id,
+            wire,
             name: r.get(1)?,
             target_host: r.get(2)?,
             target_dir: r.get(3)?,
@@ -384,11 +396,25 @@ impl Store {
         Ok(())
     }
 
-    /// Changes what a job keeps and when it runs.
-    pub fn update_job(&mut self, job_id: i64, retain: u32, every_secs: Option<u64>, enabled: bool) -> Result<()> {
+    /// Changes what a job keeps, when it runs and how its data travels.
+    pub fn update_job(
+        &mut self,
+        job_id: i64,
+        retain: u32,
+        every_secs: Option<u64>,
+        enabled: bool,
+        wire: Wire,
+    ) -> Result<()> {
         self.conn.execute(
-            "UPDATE jobs SET retain = ?2, every_secs = ?3, enabled = ?4 WHERE id = ?1",
-            params![job_id, retain, every_secs.map(|s| s as i64), enabled],
+            "UPDATE jobs SET retain = ?2, every_secs = ?3, enabled = ?4, compression = ?5, bandwidth = ?6 WHERE id = ?1",
+            params![
+                job_id,
+                retain,
+                every_secs.map(|s| s as i64),
+                enabled,
+                wire.compression.as_str(),
+                wire.bandwidth.map(|b| b as i64)
+            ],
         )?;
         Ok(())
     }

@@ -172,4 +172,11 @@ pub const MIGRATIONS: &[&str] = &[
         protective TEXT
     );
     "#,
+    // 9: how a job's data travels between hosts: compression and a bandwidth limit
+    // (bytes per second on the wire; NULL for none).
+    r#"
+    ALTER TABLE jobs ADD COLUMN compression TEXT NOT NULL DEFAULT 'zstd'
+        CHECK (compression IN ('none', 'lz4', 'zstd'));
+    ALTER TABLE jobs ADD COLUMN bandwidth INTEGER CHECK (bandwidth IS NULL OR bandwidth > 0);
+    "#,
 ];

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use standby_model::image::Format;
+use standby_model::wire::Wire;
 use standby_model::{Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, VmConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +55,7 @@ pub struct NewJob {
     pub retain: u32,
     pub every_secs: Option<u64>,
     pub replica_suffix: String,
+    pub wire: Wire,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,6 +67,8 @@ pub struct JobRecord {
     pub retain: u32,
     pub every_secs: Option<u64>,
     pub replica_suffix: String,
+    /// How its data travels between hosts.
+    pub wire: Wire,
     pub last_run_at: Option<String>,
     pub created_at: String,
     pub vms: Vec<String>,

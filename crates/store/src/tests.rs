@@ -51,6 +51,7 @@ fn retention_drop_repoints_layers() {
         retain: 2,
         every_secs: None,
         replica_suffix: "_replica".into(),
+        wire: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let rep = s.replicas().unwrap().remove(0);
@@ -126,6 +127,7 @@ fn a_state_moves_only_by_a_transition_from_the_state_its_writer_read() {
         retain: 2,
         every_secs: None,
         replica_suffix: "_replica".into(),
+        wire: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let id = s.replicas().unwrap()[0].id;
@@ -180,6 +182,7 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
         retain: 2,
         every_secs: None,
         replica_suffix: "_replica".into(),
+        wire: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into()), (vm_b, "/dr/b".into())]).unwrap();
     s.conn
@@ -190,6 +193,8 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE hosts DROP COLUMN version;
              ALTER TABLE hosts DROP COLUMN last_seen;
              DROP TABLE fences;
+             ALTER TABLE jobs DROP COLUMN compression;
+             ALTER TABLE jobs DROP COLUMN bandwidth;
              PRAGMA user_version = 5;",
         )
         .unwrap();
@@ -226,6 +231,7 @@ fn a_fence_is_open_until_closed_with_its_protective_images_and_goes_with_its_rep
         retain: 2,
         every_secs: None,
         replica_suffix: "_replica".into(),
+        wire: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let rep = s.replicas().unwrap().remove(0);

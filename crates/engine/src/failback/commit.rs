@@ -128,6 +128,7 @@ impl Engine {
                 End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &top.path)? },
                 End { host: dr_host.as_ref(), chain: replica_dir::chain_of(&rd.points, &base.layer)?.with_top(&layer) },
                 &diff,
+                &self.job_wire(&replica.job)?,
                 progress,
                 &replica.vm,
                 &|| {},

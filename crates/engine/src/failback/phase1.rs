@@ -302,6 +302,7 @@ impl Engine {
                 End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &frozen[i])? },
                 End { host: tgt.as_ref(), chain: self.working_chain(&rec, i)? },
                 diff,
+                &self.job_wire(&replica.job)?,
                 progress,
                 name,
                 &on_chunk,

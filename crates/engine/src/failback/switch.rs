@@ -146,6 +146,7 @@ impl Engine {
                     End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &top.path)? },
                     End { host: tgt.as_ref(), chain: self.working_chain(&rec, i)? },
                     &Difference::Ranges { known: Vec::new(), top_layers: 1 },
+                    &self.job_wire(&replica.job)?,
                     progress,
                     name,
                     &|| {},

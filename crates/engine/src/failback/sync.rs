@@ -8,7 +8,7 @@
 
 use standby_host::{Chain, Endpoint, Format, Host, ServeSpec};
 
-use crate::transfer::{self, Plan, Stats, BASE_ALLOCATION};
+use crate::transfer::{self, Plan, Stats, Wire, BASE_ALLOCATION};
 use crate::{EngineError, Progress, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,11 +34,13 @@ pub(crate) struct End<'a> {
 
 /// Makes `dst` read exactly as `src` does, copying what `diff` says may differ. `id`
 /// names the NBD servers so that a killed copy's leftovers are found by prefix.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn copy(
     id: &str,
     src: End<'_>,
     dst: End<'_>,
     diff: &Difference,
+    wire: &Wire,
     progress: &dyn Progress,
     subject: &str,
     on_chunk: &(dyn Fn() + Sync),
@@ -99,7 +101,7 @@ pub(crate) fn copy(
             },
             &Endpoint { address: dst_addr.clone(), export: dst_id.clone(), contexts: vec![BASE_ALLOCATION.into()] },
         );
-        let stats = transfer::run(dst.host, &plan, ends, progress, subject, on_chunk)?;
+        let stats = transfer::run(dst.host, &plan, ends, wire, progress, subject, on_chunk)?;
         plan_dst.flush().map_err(err)?;
         let _ = plan_dst.disconnect();
         let _ = plan_src.disconnect();

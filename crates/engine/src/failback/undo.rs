@@ -87,6 +87,7 @@ impl Engine {
                         End { host: dr_host.as_ref(), chain: rd.chain(&replica.dir, i, &rd.vm.disks[i].path)? },
                         End { host: tgt.as_ref(), chain: Chain::single(&d.path, d.format) },
                         &diff,
+                        &self.job_wire(&replica.job)?,
                         progress,
                         name,
                         &|| {},

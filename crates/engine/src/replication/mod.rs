@@ -714,6 +714,7 @@ impl Engine {
         progress: &dyn Progress,
     ) -> Result<(Vec<Stats>, Vec<RpDiskRecord>)> {
         let src = self.host(&vm.host)?;
+        let wire = self.job_wire(&replica.job)?;
         let prev = points.last();
         let chunks = AtomicU64::new(0);
         let on_chunk = || {
@@ -763,7 +764,7 @@ impl Engine {
             .map_err(err)?;
             let src_end = Endpoint { address: view.address.clone(), export: view.export.clone(), contexts };
             let dst_end = Endpoint { address, export: id.clone(), contexts: vec![BASE_ALLOCATION.into()] };
-            let stats = transfer::run(dr, &plan, (&src_end, &dst_end), progress, &vm.name, &on_chunk)?;
+            let stats = transfer::run(dr, &plan, (&src_end, &dst_end), &wire, progress, &vm.name, &on_chunk)?;
             plan_dst.flush().map_err(err)?;
             let _ = plan_dst.disconnect();
             let _ = plan_src.disconnect();

@@ -43,6 +43,8 @@ impl Site {
                 retain: Some(3),
                 every: None,
                 replica_suffix: None,
+                compression: None,
+                bandwidth: None,
             })
             .unwrap();
         Site { fake, engine, _dir: dir }
