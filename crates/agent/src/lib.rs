@@ -93,6 +93,7 @@ const CA: &str = "ca.pem";
 const CERT: &str = "agent.pem";
 const NAME: &str = "name";
 const CONTROLLER: &str = "controller.pem";
+const CRL: &str = "crl.pem";
 
 /// Runs the agent on `listen` with its files in `dir`, forever. It says what it listens
 /// on, and before enrolment the token, on `out`.
@@ -155,8 +156,10 @@ fn serve_one(files: &Files, key: &str, tcp: TcpStream, enrolling: &std::sync::Mu
     tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| proto(e.to_string()))?;
     tcp.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| proto(e.to_string()))?;
     let enrolled = files.read(CERT)?;
+    // Read at each connection: a list the controller sent applies to the next one.
+    let crl = files.read(CRL)?;
     let config = match &enrolled {
-        Some(cert) => standby_trust::server_config(&files.need(CA)?, cert, key)?,
+        Some(cert) => standby_trust::server_config(&files.need(CA)?, cert, key, crl.as_deref())?,
         None => standby_trust::bootstrap_server_config(&files.need(BOOTSTRAP)?, key)?,
     };
     let conn = ServerConnection::new(config).map_err(|e| proto(e.to_string()))?;
@@ -176,7 +179,20 @@ fn serve_one(files: &Files, key: &str, tcp: TcpStream, enrolling: &std::sync::Mu
     let host = standby_host::LocalHost::new(&name, &files.path("host"))
         .map_err(|e| proto(format!("cannot open this host's run directory: {e}")))?;
     let answer = match request {
-        Request::Hello => Answer::Hello { name, version: VERSION.into(), accel: standby_host::VmDriver::accel(&host) },
+        Request::Hello => Answer::Hello {
+            name,
+            version: VERSION.into(),
+            accel: standby_host::VmDriver::accel(&host),
+            crl: crl.as_deref().map(crl_fingerprint),
+        },
+        Request::Revocations { crl_pem } if peer_kind == Peer::Controller => {
+            // Checked before it replaces anything: a list that does not parse would refuse
+            // every peer, the controller included.
+            standby_trust::server_config(&files.need(CA)?, &cert, key, Some(&crl_pem))?;
+            standby_trust::replace_private(&files.path(CRL), &crl_pem)?;
+            Answer::Revoked {}
+        }
+        Request::Revocations { .. } => Answer::Refused { why: "only the controller revokes certificates".into() },
         Request::Enrol { .. } => Answer::Refused { why: "this agent is enrolled already; its token was used".into() },
         request => {
             // A session (a run's hold on disks, a stream a transfer keeps open while others
@@ -185,7 +201,7 @@ fn serve_one(files: &Files, key: &str, tcp: TcpStream, enrolling: &std::sync::Mu
             if !matches!(request, Request::Host { .. }) {
                 let _ = tls.get_ref().sock.set_read_timeout(Some(SESSION_IDLE));
             }
-            let tls_config = standby_trust::client_config(&files.need(CA)?, &cert, key)?;
+            let tls_config = standby_trust::client_config(&files.need(CA)?, &cert, key, crl.as_deref())?;
             let service = Service { host, tls: tls_config };
             return service.serve(peer_kind, request, &mut tls).map_err(|e| proto(e.to_string()));
         }
@@ -292,8 +308,8 @@ pub(crate) fn wire_error<'a>(host: &'a str, address: &'a str) -> impl Fn(std::io
 }
 
 /// Enrols the agent at `address` as host `name`, with the token it printed: signs its key
-/// with `authority`. Returns the agent's version.
-pub fn enrol(name: &str, address: &str, token: &str, authority: &Authority, controller_pem: &str) -> Result<String> {
+/// with `authority`.
+pub fn enrol(name: &str, address: &str, token: &str, authority: &Authority, controller_pem: &str) -> Result<Enrolled> {
     let (secret, pin) = token.trim().split_once('.').ok_or_else(|| AgentError::BadToken(token.into()))?;
     if secret.is_empty() || pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(AgentError::BadToken(token.into()));
@@ -313,12 +329,20 @@ pub fn enrol(name: &str, address: &str, token: &str, authority: &Authority, cont
         other => return Err(AgentError::Protocol { host: name.into(), detail: format!("answered {other:?}") }),
     };
     let cert_pem = authority.sign(name, &csr_pem, Duration::from_secs(5 * 365 * 86400))?;
+    let serial = standby_trust::serial(&cert_pem)?;
     line.write(&Request::Certificate { cert_pem }).map_err(&wire)?;
     match line.read().map_err(&wire)? {
-        Answer::Enrolled { version } => Ok(version),
+        Answer::Enrolled { version } => Ok(Enrolled { version, serial }),
         Answer::Refused { why } => Err(AgentError::Said { host: name.into(), why }),
         other => Err(AgentError::Protocol { host: name.into(), detail: format!("answered {other:?}") }),
     }
+}
+
+/// An agent just enrolled: its version, and its certificate's serial (what revokes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrolled {
+    pub version: String,
+    pub serial: String,
 }
 
 /// What an enrolled agent says of itself.
@@ -326,6 +350,25 @@ pub fn enrol(name: &str, address: &str, token: &str, authority: &Authority, cont
 pub struct Hello {
     pub name: String,
     pub version: String,
+    /// The fingerprint of the revocation list it holds ([`crl_fingerprint`]).
+    pub crl: Option<String>,
+}
+
+/// Names a revocation list: whether an agent holds the controller's newest.
+pub fn crl_fingerprint(crl_pem: &str) -> String {
+    standby_host::transfer::block_digest(crl_pem.trim().as_bytes())
+}
+
+/// Sends the authority's revocation list to enrolled host `name` at `address`.
+pub fn send_revocations(name: &str, address: &str, config: Arc<ClientConfig>, crl_pem: &str) -> Result<()> {
+    let wire = wire_error(name, address);
+    let mut line = connect(name, address, config, name)?;
+    line.write(&Request::Revocations { crl_pem: crl_pem.into() }).map_err(&wire)?;
+    match line.read().map_err(&wire)? {
+        Answer::Revoked {} => Ok(()),
+        Answer::Refused { why } => Err(AgentError::Said { host: name.into(), why }),
+        other => Err(AgentError::Protocol { host: name.into(), detail: format!("answered {other:?}") }),
+    }
 }
 
 /// Asks enrolled host `name` at `address` who it is, over mutual TLS with `config`.
@@ -334,7 +377,7 @@ pub fn hello(name: &str, address: &str, config: Arc<ClientConfig>) -> Result<Hel
     let mut line = connect(name, address, config, name)?;
     line.write(&Request::Hello).map_err(&wire)?;
     match line.read().map_err(&wire)? {
-        Answer::Hello { name, version, .. } => Ok(Hello { name, version }),
+        Answer::Hello { name, version, crl, .. } => Ok(Hello { name, version, crl }),
         Answer::Refused { why } => Err(AgentError::Said { host: name.into(), why }),
         other => Err(AgentError::Protocol { host: name.into(), detail: format!("answered {other:?}") }),
     }

@@ -26,6 +26,11 @@ pub(crate) enum Request {
         cert_pem: String,
     },
     Hello,
+    /// The authority's revocation list, from the controller: certificates it names are
+    /// refused from now on.
+    Revocations {
+        crl_pem: String,
+    },
     /// One host verb; more may follow on the same connection.
     Host {
         call: HostCall,
@@ -70,10 +75,15 @@ pub(crate) enum Answer {
         name: String,
         version: String,
         accel: Accel,
+        /// The fingerprint of the revocation list this agent holds, if any.
+        #[serde(default)]
+        crl: Option<String>,
     },
     Refused {
         why: String,
     },
+    /// The revocation list is in place.
+    Revoked {},
     /// A call's result, as the JSON of the verb's return type.
     Done {
         value: serde_json::Value,

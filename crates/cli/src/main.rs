@@ -106,8 +106,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Host(HostCmd::Remove { name }) => {
-            engine.host_remove(&name)?;
+            let notes = engine.host_remove(&name)?;
             println!("host {name} removed");
+            for note in notes {
+                println!("{note}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Host(HostCmd::Probe { host, kernel, initrd }) => {

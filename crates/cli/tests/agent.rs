@@ -140,10 +140,38 @@ fn an_agent_is_enrolled_once_with_its_token_and_then_reached_over_mutual_tls() {
     assert!(again.token.is_none(), "an enrolled agent prints no token");
     assert_eq!(host(&env.json(&["host", "list"]), "dr1").unwrap()["state"], "online");
 
+    // A second agent accepts the first one's certificate, as agents read from each other.
+    let dir2 = env.path("agent-dr2");
+    let b = agent(&dir2, "127.0.0.1:0");
+    env.ok(&["host", "add", "dr2", "--address", &b.address, "--token", b.token.as_deref().unwrap()]);
+    let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
+    let as_dr1 =
+        || standby_trust::client_config(&read("ca.pem"), &read("agent.pem"), &read("agent.key"), None).unwrap();
+    assert!(standby_agent::hello("dr2", &b.address, as_dr1()).is_ok(), "dr2 takes dr1's certificate");
+
     let err = env.fails(&["host", "remove", "local"]);
     assert!(err.contains("cannot be removed"), "{err}");
-    env.ok(&["host", "remove", "dr1"]);
+    let out = env.ok(&["host", "remove", "dr1"]);
+    assert!(out.contains("revoked") && !out.contains("not told"), "{out}");
     assert!(host(&env.json(&["host", "list"]), "dr1").is_none());
     let history = env.ok(&["history", "host:dr1"]);
-    assert!(history.contains("host add") && history.contains("host remove"), "{history}");
+    assert!(
+        history.contains("host add") && history.contains("host remove") && history.contains("revoked"),
+        "{history}"
+    );
+    // dr2 now refuses dr1's certificate in the handshake, and still answers the controller.
+    let err = standby_agent::hello("dr2", &b.address, as_dr1()).unwrap_err().to_string();
+    assert!(err.contains("refused"), "{err}");
+    assert_eq!(host(&env.json(&["host", "list"]), "dr2").unwrap()["state"], "online");
+    assert!(std::path::Path::new(&format!("{dir2}/crl.pem")).exists());
+
+    // An agent that was down at the removal learns of it at the next `host list`.
+    let address2 = b.address.clone();
+    drop(b);
+    std::fs::remove_file(format!("{dir2}/crl.pem")).unwrap();
+    let _b = agent(&dir2, &address2);
+    assert!(standby_agent::hello("dr2", &address2, as_dr1()).is_ok(), "without the list dr2 would take it");
+    let dr2 = host(&env.json(&["host", "list"]), "dr2").unwrap().clone();
+    assert!(dr2["error"].is_null(), "{dr2}");
+    assert!(standby_agent::hello("dr2", &address2, as_dr1()).is_err(), "host list gave dr2 the list again");
 }

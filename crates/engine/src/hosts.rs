@@ -46,7 +46,7 @@ impl Engine {
     /// signed by the authority at first use.
     pub(crate) fn controller_tls(&self) -> Result<Arc<rustls::ClientConfig>> {
         let (ca, cert, key) = self.controller_identity()?;
-        Ok(standby_trust::client_config(ca.cert_pem(), &cert, &key)?)
+        Ok(standby_trust::client_config(ca.cert_pem(), &cert, &key, ca.crl_pem()?.as_deref())?)
     }
 
     /// The authority, and the controller's certificate and key.
@@ -79,9 +79,11 @@ impl Engine {
         let (authority, controller_cert, _) = self.controller_identity()?;
         let result =
             standby_agent::enrol(name, address, token, &authority, &controller_cert).map_err(EngineError::from);
-        self.record(&format!("host:{name}"), "host add", &result, |v| format!("agent {v} at {address} enrolled"));
-        let version = result?;
-        self.store().insert_agent_host(name, address, &version)?;
+        self.record(&format!("host:{name}"), "host add", &result, |e| {
+            format!("agent {} at {address} enrolled (certificate {})", e.version, e.serial)
+        });
+        let enrolled = result?;
+        self.store().insert_agent_host(name, address, &enrolled.version, &enrolled.serial)?;
         self.host_list()?.into_iter().find(|h| h.name == name).ok_or_else(|| EngineError::UnknownHost(name.into()))
     }
 
@@ -109,11 +111,20 @@ impl Engine {
                         tls = Some(self.controller_tls()?);
                     }
                     let config = tls.clone().unwrap_or_else(|| unreachable!());
-                    match standby_agent::hello(&h.name, address, config) {
+                    match standby_agent::hello(&h.name, address, config.clone()) {
                         Ok(hello) => {
                             self.store().host_seen(&h.name, &hello.version)?;
                             view.version = Some(hello.version);
                             view.last_seen = Some(standby_store::now());
+                            // An agent that was offline at a `host remove` learns of it now.
+                            if let Some(crl) = self.authority()?.crl_pem()? {
+                                if hello.crl.as_deref() != Some(&standby_agent::crl_fingerprint(&crl)) {
+                                    if let Err(e) = standby_agent::send_revocations(&h.name, address, config, &crl) {
+                                        view.error =
+                                            Some(format!("its revocation list is out of date: {}", crate::chain(&e)));
+                                    }
+                                }
+                            }
                         }
                         Err(e) => {
                             view.state = "offline";
@@ -128,8 +139,9 @@ impl Engine {
         Ok(views)
     }
 
-    /// Forgets an agent's host; refused while a VM or a job uses it.
-    pub fn host_remove(&self, name: &str) -> Result<()> {
+    /// Forgets an agent's host and revokes its certificate, telling every other agent;
+    /// refused while a VM or a job uses it. Notes on agents that could not be told.
+    pub fn host_remove(&self, name: &str) -> Result<Vec<String>> {
         if name == LOCAL_HOST {
             return Err(EngineError::Refused { vm: name.into(), why: "the local host cannot be removed".into() });
         }
@@ -143,9 +155,39 @@ impl Engine {
                 why: format!("host {name} is used by {}; move or delete them first", users.join(", ")),
             });
         }
+        let mut notes = Vec::new();
+        // Revoked first: once the host is forgotten nothing would name its certificate.
+        let serial = self.store().host_serial(name)?;
+        match &serial {
+            Some(serial) => {
+                let crl = self.authority()?.revoke(serial)?;
+                notes.push(format!("its certificate {serial} is revoked: every agent refuses it from now on"));
+                let tls = self.controller_tls()?;
+                let others = self.store().hosts()?;
+                for h in others.iter().filter(|h| h.name != name) {
+                    let Some(address) = &h.address else { continue };
+                    if let Err(e) = standby_agent::send_revocations(&h.name, address, tls.clone(), &crl) {
+                        notes.push(format!(
+                            "host {} was not told of the revocation ({}); it is told when `standby host list` \
+                             next reaches it",
+                            h.name,
+                            crate::chain(&e)
+                        ));
+                    }
+                }
+            }
+            None => notes.push(format!(
+                "host {name} was enrolled before standby recorded certificate serials, so its certificate is \
+                 not revoked: other agents still accept it until it expires"
+            )),
+        }
         self.store().delete_host(name)?;
         self.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
-        self.record_raw(&format!("host:{name}"), "host remove", "ok", "forgotten");
-        Ok(())
+        let what = match &serial {
+            Some(s) => format!("forgotten; certificate {s} revoked"),
+            None => "forgotten".into(),
+        };
+        self.record_raw(&format!("host:{name}"), "host remove", "ok", &what);
+        Ok(notes)
     }
 }

@@ -25,14 +25,24 @@ impl Store {
         Ok(rows)
     }
 
-    /// Records an enrolled agent's host.
-    pub fn insert_agent_host(&mut self, name: &str, address: &str, version: &str) -> Result<()> {
+    /// Records an enrolled agent's host, with its certificate's serial.
+    pub fn insert_agent_host(&mut self, name: &str, address: &str, version: &str, serial: &str) -> Result<()> {
         let at = now();
         self.conn.execute(
-            "INSERT INTO hosts (name, kind, created_at, address, version, last_seen) VALUES (?1, 'agent', ?2, ?3, ?4, ?2)",
-            params![name, at, address, version],
+            "INSERT INTO hosts (name, kind, created_at, address, version, last_seen, cert_serial)
+             VALUES (?1, 'agent', ?2, ?3, ?4, ?2, ?5)",
+            params![name, at, address, version, serial],
         )?;
         Ok(())
+    }
+
+    /// The serial of host `name`'s certificate, when standby recorded it.
+    pub fn host_serial(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT cert_serial FROM hosts WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?
+            .flatten())
     }
 
     pub fn host_seen(&mut self, name: &str, version: &str) -> Result<()> {

@@ -179,4 +179,9 @@ pub const MIGRATIONS: &[&str] = &[
         CHECK (compression IN ('none', 'lz4', 'zstd'));
     ALTER TABLE jobs ADD COLUMN bandwidth INTEGER CHECK (bandwidth IS NULL OR bandwidth > 0);
     "#,
+    // 10: the serial of each agent's certificate, which `host remove` revokes. NULL for
+    // hosts enrolled before: their certificates cannot be named in a revocation.
+    r#"
+    ALTER TABLE hosts ADD COLUMN cert_serial TEXT;
+    "#,
 ];

@@ -3,22 +3,25 @@
 //! made at first use in the controller's data directory, its key readable by its owner
 //! only. A host makes its own key and a signing request ([`request`]); the key never
 //! leaves it. Both ends then pin the authority: a peer without a certificate, with one
-//! from another authority, or with an expired one is refused during the handshake, before
-//! anything it sends is read.
+//! from another authority, with an expired one, or with one the authority revoked (its
+//! revocation list, [`Authority::revoke`], goes to every agent) is refused during the
+//! handshake, before anything it sends is read.
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType,
+    SerialNumber,
 };
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -38,10 +41,15 @@ pub type Result<T> = std::result::Result<T, TrustError>;
 
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
+/// Revoked serials, one per line with the Unix time of the revocation.
+const REVOKED: &str = "revoked";
+/// The revocation list signed over [`REVOKED`], as agents get it.
+const CRL: &str = "crl.pem";
 const CA_NAME: &str = "standby certificate authority";
 
 /// The certificate authority of one standby installation.
 pub struct Authority {
+    dir: PathBuf,
     cert_pem: String,
     key: KeyPair,
 }
@@ -72,7 +80,7 @@ impl Authority {
         if key_path.exists() {
             let key = KeyPair::from_pem(&fs::read_to_string(&key_path).map_err(io("read", &key_path))?)?;
             let cert_pem = fs::read_to_string(&cert_path).map_err(io("read", &cert_path))?;
-            return Ok(Authority { cert_pem, key });
+            return Ok(Authority { dir: dir.into(), cert_pem, key });
         }
         fs::create_dir_all(dir).map_err(io("create", dir))?;
         let key = KeyPair::generate()?;
@@ -87,7 +95,7 @@ impl Authority {
         // certificate is found and refused at the next start.
         write_new_private(&key_path, &key.serialize_pem())?;
         write_new_private(&cert_path, &cert.pem())?;
-        Ok(Authority { cert_pem: cert.pem(), key })
+        Ok(Authority { dir: dir.into(), cert_pem: cert.pem(), key })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -112,9 +120,96 @@ impl Authority {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.not_before = from.into();
         p.not_after = until.into();
+        // Random, not derived from the key: a host enrolled again with the same key after
+        // a revocation gets a certificate the revocation does not name.
+        let mut serial = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+            .map_err(|_| rustls::Error::General("the system random generator failed".into()))?;
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        p.serial_number = Some(SerialNumber::from_slice(&serial));
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         Ok(csr.signed_by(&issuer)?.pem())
     }
+
+    /// Revokes the certificate with serial `serial` (hex, [`serial`]) and returns the new
+    /// revocation list (PEM), which names every certificate revoked so far.
+    pub fn revoke(&self, serial: &str) -> Result<String> {
+        let path = self.dir.join(REVOKED);
+        let mut list = match fs::read_to_string(&path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(TrustError::Io { what: "read", path: path.display().to_string(), source }),
+        };
+        if !list.lines().any(|l| l.split_whitespace().next() == Some(serial)) {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            list.push_str(&format!("{serial} {now}\n"));
+        }
+        let mut revoked = Vec::new();
+        for line in list.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(s), Some(t)) = (words.next(), words.next().and_then(|t| t.parse::<u64>().ok())) else {
+                return Err(TrustError::Pem {
+                    what: format!("line {line:?} of {}", path.display()),
+                    kind: "revocation",
+                });
+            };
+            let bytes = unhex(s).ok_or_else(|| TrustError::Pem { what: format!("serial {s:?}"), kind: "serial" })?;
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: (UNIX_EPOCH + Duration::from_secs(t)).into(),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let crl = CertificateRevocationListParams {
+            this_update: SystemTime::now().into(),
+            next_update: (SystemTime::now() + Duration::from_secs(20 * 365 * 86400)).into(),
+            // Grows with every revocation: the newest list has the highest number.
+            crl_number: SerialNumber::from(revoked.len() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let pem = crl.signed_by(&Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?)?.pem()?;
+        // The list of serials first: a list that names more than the signed one is made
+        // again at the next revocation; one that names less would forget a revocation.
+        replace_private(&path, &list)?;
+        replace_private(&self.dir.join(CRL), &pem)?;
+        Ok(pem)
+    }
+
+    /// The revocation list, if anything was ever revoked.
+    pub fn crl_pem(&self) -> Result<Option<String>> {
+        let path = self.dir.join(CRL);
+        match fs::read_to_string(&path) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(TrustError::Io { what: "read", path: path.display().to_string(), source }),
+        }
+    }
+}
+
+/// The serial number of a certificate (PEM), in hex: what a revocation names.
+pub fn serial(cert_pem: &str) -> Result<String> {
+    let der = certs(cert_pem, "the certificate")?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|_| TrustError::Pem { what: "the certificate".into(), kind: "X.509 certificate" })?;
+    Ok(hex(cert.raw_serial()))
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// Replaces `path` with an owner-only file holding `content`, atomically.
+pub fn replace_private(path: &Path, content: &str) -> Result<()> {
+    let tmp = path.with_extension("new");
+    let _ = fs::remove_file(&tmp);
+    write_new_private(&tmp, content)?;
+    fs::rename(&tmp, path).map_err(io("replace", path))
 }
 
 /// A host's own key (PEM) and its signing request for `host` (PEM), made on the host.
@@ -166,10 +261,24 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+fn crls(crl_pem: Option<&str>) -> Result<Vec<CertificateRevocationListDer<'static>>> {
+    let Some(pem) = crl_pem else {
+        return Ok(Vec::new());
+    };
+    let crls: Vec<_> = CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| TrustError::Pem { what: "the revocation list".into(), kind: "CRL" })?;
+    match crls.is_empty() {
+        true => Err(TrustError::Pem { what: "the revocation list".into(), kind: "CRL" }),
+        false => Ok(crls),
+    }
+}
+
 /// What an agent serves with: its certificate and key, and only clients the authority
-/// signed, over TLS 1.3.
-pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>> {
+/// signed and did not revoke (`crl_pem`, when it revoked any), over TLS 1.3.
+pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str, crl_pem: Option<&str>) -> Result<Arc<ServerConfig>> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider())
+        .with_crls(crls(crl_pem)?)
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
     let config = ServerConfig::builder_with_provider(provider())
@@ -180,11 +289,15 @@ pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<
 }
 
 /// What a controller (or an agent reaching another) connects with: its certificate and
-/// key, and only servers the authority signed, over TLS 1.3.
-pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ClientConfig>> {
+/// key, and only servers the authority signed and did not revoke, over TLS 1.3.
+pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str, crl_pem: Option<&str>) -> Result<Arc<ClientConfig>> {
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots(ca_pem)?, provider())
+        .with_crls(crls(crl_pem)?)
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
     let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(ca_pem)?)
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(certs(cert_pem, "the host certificate")?, key(key_pem)?)?;
     Ok(Arc::new(config))
 }

@@ -55,8 +55,8 @@ fn enrolled_hosts_talk_and_the_authority_key_is_owner_only() {
 
     let (agent_cert, agent_key) = enrolled(&ca, "dr1");
     let (ctl_cert, ctl_key) = enrolled(&ca, "controller");
-    let (port, server) = serve(server_config(ca.cert_pem(), &agent_cert, &agent_key).unwrap());
-    let answer = ping(client_config(ca.cert_pem(), &ctl_cert, &ctl_key).unwrap(), port, "dr1");
+    let (port, server) = serve(server_config(ca.cert_pem(), &agent_cert, &agent_key, None).unwrap());
+    let answer = ping(client_config(ca.cert_pem(), &ctl_cert, &ctl_key, None).unwrap(), port, "dr1");
     assert_eq!(answer.as_deref(), Ok("pong\n"));
     assert_eq!(server.join().unwrap().as_deref(), Some("ping\n"));
 }
@@ -67,12 +67,12 @@ fn strangers_are_refused_before_anything_they_send_is_read() {
     let ca = Authority::open_or_create(&dir.path().join("ours")).unwrap();
     let foreign = Authority::open_or_create(&dir.path().join("theirs")).unwrap();
     let (agent_cert, agent_key) = enrolled(&ca, "dr1");
-    let server = server_config(ca.cert_pem(), &agent_cert, &agent_key).unwrap();
+    let server = server_config(ca.cert_pem(), &agent_cert, &agent_key, None).unwrap();
 
     // A client certificate from another authority.
     let (their_cert, their_key) = enrolled(&foreign, "controller");
     let (port, handle) = serve(server.clone());
-    assert!(ping(client_config(ca.cert_pem(), &their_cert, &their_key).unwrap(), port, "dr1").is_err());
+    assert!(ping(client_config(ca.cert_pem(), &their_cert, &their_key, None).unwrap(), port, "dr1").is_err());
     assert_eq!(handle.join().unwrap(), None, "a foreign certificate is refused in the handshake");
 
     // No client certificate at all.
@@ -90,17 +90,17 @@ fn strangers_are_refused_before_anything_they_send_is_read() {
     let day = Duration::from_secs(86400);
     let expired = ca.sign_between("controller", &csr, SystemTime::now() - 3 * day, SystemTime::now() - day).unwrap();
     let (port, handle) = serve(server);
-    assert!(ping(client_config(ca.cert_pem(), &expired, &key).unwrap(), port, "dr1").is_err());
+    assert!(ping(client_config(ca.cert_pem(), &expired, &key, None).unwrap(), port, "dr1").is_err());
     assert_eq!(handle.join().unwrap(), None, "an expired certificate is refused");
 
     // The client refuses a server the authority did not sign, or one named otherwise.
     let (ctl_cert, ctl_key) = enrolled(&ca, "controller");
     let (impostor_cert, impostor_key) = enrolled(&foreign, "dr1");
-    let (port, handle) = serve(server_config(foreign.cert_pem(), &impostor_cert, &impostor_key).unwrap());
-    assert!(ping(client_config(ca.cert_pem(), &ctl_cert, &ctl_key).unwrap(), port, "dr1").is_err());
+    let (port, handle) = serve(server_config(foreign.cert_pem(), &impostor_cert, &impostor_key, None).unwrap());
+    assert!(ping(client_config(ca.cert_pem(), &ctl_cert, &ctl_key, None).unwrap(), port, "dr1").is_err());
     assert_eq!(handle.join().unwrap(), None);
-    let (port, handle) = serve(server_config(ca.cert_pem(), &agent_cert, &agent_key).unwrap());
-    assert!(ping(client_config(ca.cert_pem(), &ctl_cert, &ctl_key).unwrap(), port, "prod1").is_err());
+    let (port, handle) = serve(server_config(ca.cert_pem(), &agent_cert, &agent_key, None).unwrap());
+    assert!(ping(client_config(ca.cert_pem(), &ctl_cert, &ctl_key, None).unwrap(), port, "prod1").is_err());
     assert_eq!(handle.join().unwrap(), None, "a certificate for dr1 does not serve prod1");
 }
 
@@ -109,7 +109,7 @@ fn garbage_is_an_error_that_says_what_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Authority::open_or_create(dir.path()).unwrap();
     assert!(ca.sign("dr1", "not a request", Duration::from_secs(60)).is_err());
-    let e = server_config("nothing", "nothing", "nothing").unwrap_err().to_string();
+    let e = server_config("nothing", "nothing", "nothing", None).unwrap_err().to_string();
     assert!(e.contains("the authority") && e.contains("certificate"), "{e}");
 }
 
@@ -130,4 +130,39 @@ fn a_pinned_enrolment_reaches_only_the_host_the_token_names() {
     assert!(e.contains("enrolment token"), "{e}");
     assert_eq!(handle.join().unwrap(), None);
     assert_ne!(secret().unwrap(), secret().unwrap());
+}
+
+#[test]
+fn a_revoked_certificate_is_refused_both_ways_and_the_others_still_talk() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::open_or_create(dir.path()).unwrap();
+    assert_eq!(ca.crl_pem().unwrap(), None, "nothing revoked yet");
+    let (agent_cert, agent_key) = enrolled(&ca, "dr1");
+    let (ctl_cert, ctl_key) = enrolled(&ca, "controller");
+    let (gone_cert, gone_key) = enrolled(&ca, "prod2");
+    let gone = serial(&gone_cert).unwrap();
+    assert_eq!(gone.len(), 32, "{gone}");
+    assert_ne!(gone, serial(&agent_cert).unwrap(), "each certificate has its own serial");
+    let first = ca.revoke(&gone).unwrap();
+    let crl = ca.revoke(&gone).unwrap();
+    assert_eq!(fs::read_to_string(dir.path().join(REVOKED)).unwrap().lines().count(), 1, "revoked once");
+    assert_ne!(first, crl, "the same list, signed again");
+    assert_eq!(ca.crl_pem().unwrap().as_deref(), Some(crl.as_str()));
+    let mode = fs::metadata(dir.path().join(CRL)).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The revoked host as a client: refused before its request is read.
+    let (port, handle) = serve(server_config(ca.cert_pem(), &agent_cert, &agent_key, Some(&crl)).unwrap());
+    assert!(ping(client_config(ca.cert_pem(), &gone_cert, &gone_key, None).unwrap(), port, "dr1").is_err());
+    assert_eq!(handle.join().unwrap(), None, "a revoked client is refused in the handshake");
+    // The revoked host as a server: its clients refuse it.
+    let (port, handle) = serve(server_config(ca.cert_pem(), &gone_cert, &gone_key, None).unwrap());
+    assert!(ping(client_config(ca.cert_pem(), &ctl_cert, &ctl_key, Some(&crl)).unwrap(), port, "prod2").is_err());
+    assert_eq!(handle.join().unwrap(), None, "a revoked server is refused in the handshake");
+    // Everyone else goes on as before, under the same list.
+    let (port, handle) = serve(server_config(ca.cert_pem(), &agent_cert, &agent_key, Some(&crl)).unwrap());
+    let answer = ping(client_config(ca.cert_pem(), &ctl_cert, &ctl_key, Some(&crl)).unwrap(), port, "dr1");
+    assert_eq!(answer.as_deref(), Ok("pong\n"));
+    assert_eq!(handle.join().unwrap().as_deref(), Some("ping\n"));
+    assert!(server_config(ca.cert_pem(), &agent_cert, &agent_key, Some("not a list")).is_err());
 }
