@@ -52,15 +52,14 @@ pub(crate) enum Request {
         plan: Plan,
         src: Endpoint,
         dst: Endpoint,
-        codec: Codec,
-        /// Bytes per second on the wire at most.
-        #[serde(default)]
-        bandwidth: Option<u64>,
+        /// The job's compression, bandwidth limit and retry window.
+        wire: Wire,
     },
 }
 
 /// How block data travels between agents: the job's compression.
 pub use standby_host::transfer::Compression as Codec;
+use standby_host::transfer::Wire;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "snake_case")]

@@ -28,6 +28,8 @@ type Result<T> = std::result::Result<T, HostError>;
 
 /// How long an answer to an ordinary host verb may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest a transfer's stream waits for an answer before it counts the link as down.
+const LINK_TIMEOUT: Duration = Duration::from_secs(30);
 /// An idle connection older than this is not reused: the agent drops idle ones at 30 s.
 const IDLE_REUSE: Duration = Duration::from_secs(20);
 
@@ -275,13 +277,7 @@ impl Transport for RemoteHost {
             }
         }
         let mut conn = self.open()?;
-        let request = Request::Transfer {
-            plan: plan.clone(),
-            src: src.clone(),
-            dst: dst.clone(),
-            codec: wire.compression,
-            bandwidth: wire.bandwidth,
-        };
+        let request = Request::Transfer { plan: plan.clone(), src: src.clone(), dst: dst.clone(), wire: *wire };
         let mut answer = self.exchange(&mut conn, &request, CALL_TIMEOUT)?;
         loop {
             match answer {
@@ -376,6 +372,12 @@ pub struct RemoteStream {
     buf: Vec<u8>,
 }
 
+/// What failed on the connection itself, keeping its kind: a transfer resumes after a
+/// dropped link ([`standby_host::transfer::is_link_error`]) and after nothing else.
+fn link_err(host: &str, e: std::io::Error) -> NbdError {
+    NbdError::Io(std::io::Error::new(e.kind(), format!("host {host}: {e}")))
+}
+
 fn nbd_err(host: &str, detail: impl std::fmt::Display) -> NbdError {
     NbdError::Io(std::io::Error::other(format!("host {host}: {detail}")))
 }
@@ -391,7 +393,11 @@ impl RemoteStream {
     ) -> Result<RemoteStream> {
         let host = &agent.host;
         let mut conn = crate::connect(host, &agent.address, tls, host).map_err(|e| remote(host, e))?;
-        let _ = conn.get_ref().sock.set_read_timeout(Some(CALL_TIMEOUT));
+        // A transfer's stream (metered) waits for one chunk at most: longer means the link
+        // is gone, and the transfer resumes on a new connection. The controller's own
+        // streams read block status of whole disks, which may take longer.
+        let timeout = if meter.is_some() { LINK_TIMEOUT } else { CALL_TIMEOUT };
+        let _ = conn.get_ref().sock.set_read_timeout(Some(timeout));
         let request = Request::Stream {
             socket: end.address.socket.clone(),
             export: end.export.clone(),
@@ -416,8 +422,8 @@ impl RemoteStream {
     }
 
     fn ask(&mut self, call: &StreamCall) -> std::result::Result<Answer, NbdError> {
-        self.conn.write(call).map_err(|e| nbd_err(&self.host, e))?;
-        self.conn.read::<Answer>().map_err(|e| nbd_err(&self.host, e))
+        self.conn.write(call).map_err(|e| link_err(&self.host, e))?;
+        self.conn.read::<Answer>().map_err(|e| link_err(&self.host, e))
     }
 
     fn done(&mut self, call: &StreamCall) -> std::result::Result<(), NbdError> {
@@ -439,7 +445,7 @@ impl BlockStream for RemoteStream {
                 let mut data = std::mem::take(&mut self.buf);
                 let before = self.conn.wire_bytes;
                 let r = self.conn.read_frame(self.codec, len, &digest, &mut data);
-                r.map_err(|e| nbd_err(&self.host, e))?;
+                r.map_err(|e| link_err(&self.host, e))?;
                 self.metered(before);
                 buf.copy_from_slice(&data);
                 self.buf = data;
@@ -452,9 +458,9 @@ impl BlockStream for RemoteStream {
     fn write(&mut self, offset: u64, data: &[u8]) -> std::result::Result<(), NbdError> {
         let head = StreamCall::Write { offset, len: data.len() as u64, digest: crate::wire::digest(data) };
         let before = self.conn.wire_bytes;
-        self.conn.write_frame(&head, self.codec, data).map_err(|e| nbd_err(&self.host, e))?;
+        self.conn.write_frame(&head, self.codec, data).map_err(|e| link_err(&self.host, e))?;
         self.metered(before);
-        match self.conn.read::<Answer>().map_err(|e| nbd_err(&self.host, e))? {
+        match self.conn.read::<Answer>().map_err(|e| link_err(&self.host, e))? {
             Answer::Done { .. } => Ok(()),
             a => Err(nbd_err(&self.host, said(&self.host, a))),
         }

@@ -75,8 +75,8 @@ impl Service {
                 }
             }
             (Request::Disks { vm, running }, Peer::Controller) => self.disks(&vm, running, line),
-            (Request::Transfer { plan, src, dst, codec, bandwidth }, Peer::Controller) => {
-                self.transfer(&plan, &src, &dst, codec, Meter::new(bandwidth), line)
+            (Request::Transfer { plan, src, dst, wire }, Peer::Controller) => {
+                self.transfer(&plan, &src, &dst, &wire, line)
             }
             (r, _) => line.write(&refuse(&format!("{r:?} is not something an enrolled agent does"))),
         }
@@ -275,10 +275,10 @@ impl Service {
         plan: &transfer::Plan,
         src: &Endpoint,
         dst: &Endpoint,
-        codec: Codec,
-        meter: Arc<Meter>,
+        wire: &transfer::Wire,
         line: &mut Line<S>,
     ) -> std::io::Result<()> {
+        let (codec, meter) = (wire.compression, Meter::new(wire.bandwidth));
         let connect = || Ok((self.connect(src, codec, &meter)?, self.connect(dst, codec, &meter)?));
         // Progress at most a few times a second, and the controller's answer is the end.
         let out = Mutex::new((line, Instant::now(), Ok(())));
@@ -292,7 +292,8 @@ impl Service {
                 }
             }
         };
-        let result = transfer::execute(plan, &connect, &report);
+        let window = Duration::from_secs(wire.retry_window_secs);
+        let result = transfer::execute_resuming(plan, &connect, &report, window);
         let (line, _, progress) = out.into_inner().unwrap_or_else(|e| e.into_inner());
         progress?;
         match result {

@@ -439,6 +439,9 @@ pub(crate) enum JobCmd {
         /// Between hosts, at most this on the wire: bytes per second (100M) or bits (800Mbit).
         #[arg(long)]
         bandwidth: Option<String>,
+        /// How long a dropped link between hosts may stay down before a run fails (default 5m).
+        #[arg(long)]
+        retry_window: Option<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -479,6 +482,9 @@ pub(crate) enum JobCmd {
         /// Between hosts, at most this on the wire (100M, 800Mbit), or `none` for no limit.
         #[arg(long)]
         bandwidth: Option<String>,
+        /// How long a dropped link between hosts may stay down before a run fails (30s, 5m).
+        #[arg(long)]
+        retry_window: Option<String>,
         #[command(flatten)]
         json: Json,
     },

@@ -153,6 +153,7 @@ mod tests {
             replica_suffix: "_replica".into(),
             compression: "zstd".into(),
             bandwidth: None,
+            retry_window_secs: 300,
             last_run_at: last.map(Into::into),
             created_at: String::new(),
             enabled,

@@ -228,10 +228,21 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
             replica_suffix,
             compression,
             bandwidth,
+            retry_window,
             json,
         } => {
-            let spec =
-                JobSpec { name, vms, target_host, target_dir, retain, every, replica_suffix, compression, bandwidth };
+            let spec = JobSpec {
+                name,
+                vms,
+                target_host,
+                target_dir,
+                retain,
+                every,
+                replica_suffix,
+                compression,
+                bandwidth,
+                retry_window,
+            };
             let j = engine.job_create(&spec)?;
             output::jobs(std::slice::from_ref(&j), json.json)?;
         }
@@ -245,7 +256,18 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
             }
         }
         JobCmd::List { json } => output::jobs(&engine.job_list()?, json.json)?,
-        JobCmd::Change { name, retain, every, no_schedule, add_vms, remove_vms, compression, bandwidth, json } => {
+        JobCmd::Change {
+            name,
+            retain,
+            every,
+            no_schedule,
+            add_vms,
+            remove_vms,
+            compression,
+            bandwidth,
+            retry_window,
+            json,
+        } => {
             let change = JobChange {
                 retain,
                 every: if no_schedule { Some(None) } else { every.map(Some) },
@@ -253,6 +275,7 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
                 remove_vms,
                 compression,
                 bandwidth: bandwidth.map(|b| (b != "none").then_some(b)),
+                retry_window,
             };
             output::jobs(std::slice::from_ref(&engine.job_change(&name, &change)?), json.json)?;
         }

@@ -398,3 +398,135 @@ fn a_lost_production_site_fails_over_and_its_source_is_fenced_when_it_returns() 
     assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
     assert_eq!(standby_testkit::file_digest(kept), kept_digest, "failback left the protective image as it was");
 }
+
+/// A disk of `mib` MiB of random bytes at `at_mib` in a 128 MiB qcow2 (created if
+/// needed): data no compression shrinks, so a bandwidth limit sets the run's length.
+fn random_data(env: &Env, disk: &str, at_mib: u64, mib: u64) {
+    let mut bytes = vec![0u8; (mib << 20) as usize];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ at_mib;
+    for chunk in bytes.chunks_mut(8) {
+        // xorshift: fast, and nothing a compressor can fold.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let raw = env.path("random.raw");
+    std::fs::write(&raw, &bytes).unwrap();
+    if !std::path::Path::new(disk).exists() {
+        qemu_img(&["create", "-q", "-f", "qcow2", disk, "128M"]);
+    }
+    // Copied in at `at_mib` through qemu-io's own file reader: the image stays a real qcow2.
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -s {raw} {at_mib}M {mib}M"))
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every file under `dir`, sorted.
+fn files_under(dir: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path().display().to_string();
+        match e.file_type().unwrap().is_dir() {
+            true => out.extend(files_under(&p)),
+            false => out.push(p),
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs `standby job run nightly` in the background while the link to the production
+/// host is cut for `cut`, starting `after` into the run; what the run said, and its code.
+fn run_across_a_cut(env: &Env, sites: &Sites, after: Duration, cut: Duration) -> (Option<i32>, String) {
+    let child = env.command(&["job", "run", "nightly"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let mut run = Process(child.expect("start the run"));
+    std::thread::sleep(after);
+    assert!(run.0.try_wait().unwrap().is_none(), "the run ended before the cut: make it longer");
+    ip(&["-n", sites.ctl(), "link", "set", "v1", "down"]);
+    std::thread::sleep(cut);
+    ip(&["-n", sites.ctl(), "link", "set", "v1", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(s) = run.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the run did not end within 180 s of the link's return");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut said = String::new();
+    for pipe in [
+        run.0.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read>),
+        run.0.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut p = pipe;
+        let _ = p.read_to_string(&mut said);
+    }
+    (status.code(), said)
+}
+
+#[test]
+fn a_cut_link_resumes_within_the_retry_window_and_fails_loudly_past_it() {
+    let sites = Sites::new();
+    let mut env = Env::new(BIN);
+    env.in_netns(sites.ctl());
+    let (prod_dir, dr_dir) = (env.path("agent-prod"), env.path("agent-dr"));
+    let (_prod, prod_token) = agent(&sites.names[1], &prod_dir, &sites.address(1));
+    let (_dr, dr_token) = agent(&sites.names[2], &dr_dir, &sites.address(2));
+    env.ok(&["host", "add", "prod1", "--address", &sites.address(1), "--token", &prod_token]);
+    env.ok(&["host", "add", "dr1", "--address", &sites.address(2), "--token", &dr_token]);
+    let disk = env.path("src/web.qcow2");
+    std::fs::create_dir_all(env.path("src")).unwrap();
+    random_data(&env, &disk, 0, 48);
+    env.ok(&["vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2"]);
+    // 48 MiB at 4 MB/s: the full copy takes about 12 s, uncompressed.
+    env.ok(&[
+        "job",
+        "create",
+        "nightly",
+        "--vm",
+        "web",
+        "--target-host",
+        "dr1",
+        "--target-dir",
+        &env.path("dr"),
+        "--compression",
+        "none",
+        "--bandwidth",
+        "4M",
+        "--retry-window",
+        "2m",
+    ]);
+
+    // Cut for 40 s, longer than either agent waits on a silent connection: the transfer
+    // connects again once the link is back and goes on from where it was.
+    let t0 = Instant::now();
+    let (code, said) = run_across_a_cut(&env, &sites, Duration::from_secs(3), Duration::from_secs(40));
+    eprintln!("a run across a 40 s cut took {:.0} s: {said}", t0.elapsed().as_secs_f64());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("(full,") && said.contains("the link dropped and the transfer went on"), "{said}");
+    assert!(identical(&disk, &env.latest_disk("web", 0)), "the resumed point equals the disk");
+    assert_eq!(point_ids(&env, "web").len(), 1);
+
+    // Past the window: the run fails, saying why, and leaves no restore point and no
+    // partial layer; the next run is incremental and exact.
+    env.ok(&["job", "change", "nightly", "--retry-window", "5s"]);
+    random_data(&env, &disk, 64, 32);
+    let before = files_under(&env.path("dr"));
+    let (code, said) = run_across_a_cut(&env, &sites, Duration::from_secs(2), Duration::from_secs(45));
+    assert_ne!(code, Some(0), "{said}");
+    assert!(said.contains("retry window") && said.contains("dr1"), "{said}");
+    assert_eq!(point_ids(&env, "web").len(), 1, "no restore point from the failed run");
+    assert_eq!(files_under(&env.path("dr")), before, "no partial layer is left");
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
+    let out = env.ok(&["job", "run", "nightly"]);
+    assert!(out.contains("(cbt, 32.0 MiB transferred"), "still incremental, the changes not lost: {out}");
+    assert!(identical(&disk, &env.latest_disk("web", 0)), "the next point equals the disk");
+}

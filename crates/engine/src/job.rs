@@ -24,11 +24,12 @@ pub struct JobChange {
     pub compression: Option<String>,
     /// `Some(None)`: no limit.
     pub bandwidth: Option<Option<String>>,
+    pub retry_window: Option<String>,
 }
 
 /// How a job's data travels, from what an operator gave: the compression's name and a
 /// bandwidth (`100M`, `800Mbit`).
-fn wire_of(compression: Option<&str>, bandwidth: Option<&str>, base: Wire) -> Result<Wire> {
+fn wire_of(compression: Option<&str>, bandwidth: Option<&str>, retry: Option<&str>, base: Wire) -> Result<Wire> {
     let compression = match compression {
         None => base.compression,
         Some(c) => c
@@ -42,7 +43,15 @@ fn wire_of(compression: Option<&str>, bandwidth: Option<&str>, base: Wire) -> Re
                 .map_err(|e| EngineError::BadArgument { arg: "--bandwidth", why: format!("--bandwidth {e}") })?,
         ),
     };
-    Ok(Wire { compression, bandwidth })
+    let retry_window_secs = match retry {
+        None => base.retry_window_secs,
+        // `0` is a window too: fail at the first drop.
+        Some("0") => 0,
+        Some(r) => parse_interval(r)
+            .map_err(|e| EngineError::BadArgument { arg: "--retry-window", why: format!("--retry-window {e}") })?
+            .as_secs(),
+    };
+    Ok(Wire { compression, bandwidth, retry_window_secs })
 }
 
 /// A bandwidth as `job show` prints it.
@@ -107,6 +116,8 @@ pub struct JobSpec {
     pub compression: Option<String>,
     /// At most this on the wire between hosts: `100M` (bytes/s) or `800Mbit`.
     pub bandwidth: Option<String>,
+    /// How long a dropped link between hosts may stay down before a run fails (`5m`).
+    pub retry_window: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,6 +134,8 @@ pub struct JobView {
     pub compression: String,
     /// Bytes per second on the wire between hosts at most; null for no limit.
     pub bandwidth: Option<u64>,
+    /// How long a dropped link between hosts may stay down before a run fails.
+    pub retry_window_secs: u64,
     pub last_run_at: Option<String>,
     pub created_at: String,
     /// A disabled job does not run (`standby job enable` turns it back on).
@@ -156,7 +169,12 @@ impl Engine {
             });
         }
         let every = spec.every.as_deref().map(parse_interval).transpose()?.map(|d: Duration| d.as_secs());
-        let wire = wire_of(spec.compression.as_deref(), spec.bandwidth.as_deref(), Wire::default())?;
+        let wire = wire_of(
+            spec.compression.as_deref(),
+            spec.bandwidth.as_deref(),
+            spec.retry_window.as_deref(),
+            Wire::default(),
+        )?;
         let host = self.host(&spec.target_host)?;
         let given = spec.target_dir.clone();
         let target_err =
@@ -313,13 +331,17 @@ impl Engine {
             Some(Some(b)) => Some(Some(b.as_str())),
             None => None,
         };
-        let mut wire = wire_of(change.compression.as_deref(), bandwidth.flatten(), job.wire)?;
+        let mut wire =
+            wire_of(change.compression.as_deref(), bandwidth.flatten(), change.retry_window.as_deref(), job.wire)?;
         if bandwidth == Some(None) {
             wire.bandwidth = None;
         }
         let mut changes = Vec::new();
         if wire.compression != job.wire.compression {
             changes.push(format!("compression {} -> {}", job.wire.compression, wire.compression));
+        }
+        if wire.retry_window_secs != job.wire.retry_window_secs {
+            changes.push(format!("retry window {} s -> {} s", job.wire.retry_window_secs, wire.retry_window_secs));
         }
         if wire.bandwidth != job.wire.bandwidth {
             changes.push(format!(
@@ -663,6 +685,7 @@ fn view(j: standby_store::JobRecord) -> JobView {
         replica_suffix: j.replica_suffix,
         compression: j.wire.compression.to_string(),
         bandwidth: j.wire.bandwidth,
+        retry_window_secs: j.wire.retry_window_secs,
         last_run_at: j.last_run_at,
         created_at: j.created_at,
         enabled: j.enabled,

@@ -22,11 +22,15 @@ pub(crate) fn human(bytes: u64) -> String {
 pub(crate) fn wire_note(idx: usize, st: &Stats) -> Option<String> {
     (st.wire > 0).then(|| {
         let ratio = st.read.max(1) as f64 / st.wire as f64;
-        format!(
+        let mut note = format!(
             "disk {idx}: read {} at the source, {} on the wire between hosts ({ratio:.1}x)",
             human(st.read),
             human(st.wire)
-        )
+        );
+        if st.resumed > 0 {
+            note.push_str(&format!("; the link dropped and the transfer went on {} time(s)", st.resumed));
+        }
+        note
     })
 }
 

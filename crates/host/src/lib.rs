@@ -74,6 +74,12 @@ pub enum HostError {
     /// What went wrong on, or on the way to, a host reached through its agent.
     #[error("host {host}: {detail}")]
     Remote { host: String, detail: String },
+    /// A transfer's link stayed down longer than its retry window.
+    #[error(
+        "the link between the hosts was down for {secs} s, longer than the job's retry window ({detail}); \
+         bring the link back and run again"
+    )]
+    LinkDown { secs: u64, detail: String },
     /// The host's agent could not be reached at all (no route, no answer, nothing
     /// listening): the one failure a site loss looks like.
     #[error("host {host} is unreachable: {detail}")]

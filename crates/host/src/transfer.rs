@@ -16,6 +16,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use standby_nbd::{Extent, NbdError};
 
@@ -60,6 +61,9 @@ pub struct Stats {
     /// zero where the transfer ran on one machine.
     #[serde(default)]
     pub wire: u64,
+    /// How often a worker connected again after the link dropped, and went on.
+    #[serde(default)]
+    pub resumed: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -69,6 +73,7 @@ impl std::ops::AddAssign for Stats {
         self.zeroed += o.zeroed;
         self.differing += o.differing;
         self.wire += o.wire;
+        self.resumed += o.resumed;
     }
 }
 
@@ -242,62 +247,81 @@ fn write_blocks(
     Ok(())
 }
 
-/// One worker's share: items taken from the shared plan until none are left.
+/// One worker's share of a plan: items taken in turn until none is left. An item that
+/// fails is left in `pending` (its own counts not added to `total`), so that a worker
+/// resuming on new connections does exactly that item again. Items are idempotent: each
+/// writes the same bytes at the same place however often it runs.
 fn work(
     src: &mut Stream,
     dst: &mut Stream,
     plan: &Plan,
-    next: &AtomicUsize,
+    (next, pending): (&AtomicUsize, &mut Option<usize>),
     done: &AtomicU64,
     report: &(dyn Fn(u64) + Sync),
-) -> std::result::Result<Stats, NbdError> {
-    let mut st = Stats::default();
+    (total, items): (&mut Stats, &mut u64),
+) -> std::result::Result<(), NbdError> {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut theirs = vec![0u8; CHUNK as usize];
     loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
+        let i = pending.take().unwrap_or_else(|| next.fetch_add(1, Ordering::Relaxed));
         let Some(item) = plan.items.get(i) else {
-            return Ok(st);
+            return Ok(());
         };
-        let n = item.length as usize;
-        match item.action {
-            Action::Zero if plan.verify_only => st.differing += item.length,
-            Action::Zero => {
-                dst.write_zeroes(item.offset, item.length)?;
-                st.zeroed += item.length;
-                continue;
+        let mut st = Stats::default();
+        if let Err(e) = do_item(src, dst, plan, item, (&mut buf, &mut theirs), &mut st) {
+            *pending = Some(i);
+            return Err(e);
+        }
+        *total += st;
+        *items += 1;
+        report(done.fetch_add(item.length, Ordering::Relaxed) + item.length);
+    }
+}
+
+fn do_item(
+    src: &mut Stream,
+    dst: &mut Stream,
+    plan: &Plan,
+    item: &Item,
+    (buf, theirs): (&mut [u8], &mut [u8]),
+    st: &mut Stats,
+) -> std::result::Result<(), NbdError> {
+    let n = item.length as usize;
+    match item.action {
+        Action::Zero if plan.verify_only => st.differing += item.length,
+        Action::Zero => {
+            dst.write_zeroes(item.offset, item.length)?;
+            st.zeroed += item.length;
+        }
+        Action::Copy { fresh } => {
+            src.read(item.offset, &mut buf[..n])?;
+            st.read += item.length;
+            write_blocks(dst, item.offset, &buf[..n], fresh, st)?;
+        }
+        Action::Compare => {
+            if compare_digests(src, dst, plan, item, (&mut *buf, &mut *theirs), st)? {
+                return Ok(());
             }
-            Action::Copy { fresh } => {
-                src.read(item.offset, &mut buf[..n])?;
-                st.read += item.length;
-                write_blocks(dst, item.offset, &buf[..n], fresh, &mut st)?;
-            }
-            Action::Compare => {
-                if compare_digests(src, dst, plan, item, (&mut buf, &mut theirs), &mut st)? {
-                    report(done.fetch_add(item.length, Ordering::Relaxed) + item.length);
+            src.read(item.offset, &mut buf[..n])?;
+            dst.read(item.offset, &mut theirs[..n])?;
+            st.read += item.length;
+            // Both sides are read by this process, so their blocks are compared as they
+            // are: the same decision as comparing their digests, with no collisions and
+            // no hashing cost. A source on another host sends digests of its side
+            // instead (`compare_digests`).
+            for (k, (ours, old)) in buf[..n].chunks(BLOCK).zip(theirs[..n].chunks(BLOCK)).enumerate() {
+                if ours == old {
                     continue;
                 }
-                src.read(item.offset, &mut buf[..n])?;
-                dst.read(item.offset, &mut theirs[..n])?;
-                st.read += item.length;
-                // Both sides are read by this process, so their blocks are compared as they
-                // are: the same decision as comparing their digests, with no collisions and
-                // no hashing cost. A source on another host sends digests of its side
-                // instead (`compare_digests`).
-                for (k, (ours, old)) in buf[..n].chunks(BLOCK).zip(theirs[..n].chunks(BLOCK)).enumerate() {
-                    if ours == old {
-                        continue;
-                    }
-                    if plan.verify_only {
-                        st.differing += ours.len() as u64;
-                    } else {
-                        write_blocks(dst, item.offset + (k * BLOCK) as u64, ours, false, &mut st)?;
-                    }
+                if plan.verify_only {
+                    st.differing += ours.len() as u64;
+                } else {
+                    write_blocks(dst, item.offset + (k * BLOCK) as u64, ours, false, st)?;
                 }
             }
         }
-        report(done.fetch_add(item.length, Ordering::Relaxed) + item.length);
     }
+    Ok(())
 }
 
 /// The digest of a block as both sides compute it.
@@ -345,6 +369,48 @@ pub fn execute(
     connect: &(dyn Fn() -> Result<(Stream, Stream)> + Sync),
     report: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Stats> {
+    execute_resuming(plan, connect, report, Duration::ZERO)
+}
+
+/// Whether an error is the link's (reset, cut, timed out, nobody answering), after which
+/// the same request on a new connection may succeed; never what a side answered.
+pub fn is_link_error(e: &HostError) -> bool {
+    use std::io::ErrorKind as K;
+    match e {
+        HostError::Unreachable { .. } => true,
+        HostError::Nbd(NbdError::Io(io)) => matches!(
+            io.kind(),
+            K::ConnectionReset
+                | K::ConnectionAborted
+                | K::BrokenPipe
+                | K::UnexpectedEof
+                | K::TimedOut
+                | K::WouldBlock
+                | K::NotConnected
+                | K::ConnectionRefused
+                | K::HostUnreachable
+                | K::NetworkUnreachable
+        ),
+        _ => false,
+    }
+}
+
+/// The first pause before a worker connects again after a dropped link; it doubles up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(16);
+
+/// [`execute`] across a link that may drop: a worker whose connection fails on the link
+/// connects again, with backoff, and goes on from the item it was doing, for as long as
+/// the link stays down less than `window`. Everything written before stays written; what
+/// fails otherwise, or past the window, fails the transfer. `report` hears of the wait,
+/// so a caller waiting on progress knows the transfer is alive.
+pub fn execute_resuming(
+    plan: &Plan,
+    connect: &(dyn Fn() -> Result<(Stream, Stream)> + Sync),
+    report: &(dyn Fn(u64, u64) + Sync),
+    window: Duration,
+) -> Result<Stats> {
     let total = plan.bytes_to_read();
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
@@ -362,12 +428,54 @@ pub fn execute(
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 s.spawn(|| -> Result<Stats> {
-                    let (mut src, mut dst) = connect()?;
-                    let st = work(&mut src, &mut dst, plan, &next, &done, &report)?;
-                    dst.flush()?;
-                    let _ = dst.disconnect();
-                    let _ = src.disconnect();
-                    Ok(st)
+                    let mut st = Stats::default();
+                    let mut items = 0u64;
+                    let mut pending = None;
+                    // When the link went down, while it stays down.
+                    let mut down: Option<Instant> = None;
+                    let mut backoff = FIRST_BACKOFF;
+                    loop {
+                        let result = connect().and_then(|(mut src, mut dst)| {
+                            let before = items;
+                            let r = work(
+                                &mut src,
+                                &mut dst,
+                                plan,
+                                (&next, &mut pending),
+                                &done,
+                                &report,
+                                (&mut st, &mut items),
+                            );
+                            if items > before {
+                                // It went on: a later drop gets a whole window of its own.
+                                if down.take().is_some() {
+                                    st.resumed += 1;
+                                }
+                                backoff = FIRST_BACKOFF;
+                            }
+                            r?;
+                            dst.flush()?;
+                            let _ = dst.disconnect();
+                            let _ = src.disconnect();
+                            Ok(())
+                        });
+                        match result {
+                            Ok(()) => return Ok(st),
+                            Err(e) if is_link_error(&e) && !window.is_zero() => {
+                                let since = *down.get_or_insert_with(Instant::now);
+                                if since.elapsed() + backoff > window {
+                                    return Err(HostError::LinkDown {
+                                        secs: since.elapsed().as_secs(),
+                                        detail: crate_chain(&e),
+                                    });
+                                }
+                                report(done.load(Ordering::Relaxed));
+                                std::thread::sleep(backoff);
+                                backoff = (backoff * 2).min(MAX_BACKOFF);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
                 })
             })
             .collect();
@@ -381,6 +489,21 @@ pub fn execute(
         total_stats += r?;
     }
     Ok(total_stats)
+}
+
+/// An error with its causes, as one line.
+fn crate_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// Sorted, merged ranges from several lists, clipped to `size`.
@@ -460,6 +583,97 @@ fn overlay(a: &[Extent], b: &[Extent], size: u64) -> Vec<Region> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    /// A disk in memory behind a connection that a test can cut: every read fails while
+    /// `cut` is set, as a dropped link's would.
+    #[derive(Debug)]
+    struct Mem {
+        data: Arc<Mutex<Vec<u8>>>,
+        cut: Arc<std::sync::atomic::AtomicBool>,
+        reads: Arc<AtomicU64>,
+    }
+
+    impl BlockStream for Mem {
+        fn size(&self) -> u64 {
+            self.data.lock().unwrap().len() as u64
+        }
+        fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), NbdError> {
+            // The third read cuts the link for everyone, until a test's thread restores it.
+            if self.reads.fetch_add(1, Ordering::SeqCst) == 2 {
+                self.cut.store(true, Ordering::SeqCst);
+            }
+            if self.cut.load(Ordering::SeqCst) {
+                return Err(NbdError::Io(std::io::ErrorKind::ConnectionReset.into()));
+            }
+            let d = self.data.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) -> std::result::Result<(), NbdError> {
+            self.data.lock().unwrap()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn write_zeroes(&mut self, offset: u64, len: u64) -> std::result::Result<(), NbdError> {
+            self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+        fn flush(&mut self) -> std::result::Result<(), NbdError> {
+            Ok(())
+        }
+        fn block_status(&mut self, _: &str, offset: u64, len: u64) -> std::result::Result<Vec<Extent>, NbdError> {
+            Ok(vec![Extent { offset, length: len, flags: 0 }])
+        }
+        fn disconnect(self: Box<Self>) -> std::result::Result<(), NbdError> {
+            Ok(())
+        }
+    }
+
+    fn cut_link_transfer(window: Duration, down: Duration) -> (Result<Stats>, Vec<u8>, Vec<u8>) {
+        let size = 10 * CHUNK as usize;
+        let src: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8 + 1).collect();
+        let (src, dst) = (Arc::new(Mutex::new(src)), Arc::new(Mutex::new(vec![0u8; size])));
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reads = Arc::new(AtomicU64::new(0));
+        let mem = |data: &Arc<Mutex<Vec<u8>>>| -> Stream {
+            Box::new(Mem { data: data.clone(), cut: cut.clone(), reads: reads.clone() })
+        };
+        let plan = Plan::full(&mut mem(&src)).unwrap();
+        let restore = {
+            let cut = cut.clone();
+            std::thread::spawn(move || {
+                while !cut.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                std::thread::sleep(down);
+                cut.store(false, Ordering::SeqCst);
+            })
+        };
+        let r = execute_resuming(&plan, &|| Ok((mem(&src), mem(&dst))), &|_, _| {}, window);
+        restore.join().unwrap();
+        let (a, b) = (src.lock().unwrap().clone(), dst.lock().unwrap().clone());
+        (r, a, b)
+    }
+
+    #[test]
+    fn a_transfer_goes_on_after_a_dropped_link_within_its_window() {
+        let (r, src, dst) = cut_link_transfer(Duration::from_secs(30), Duration::from_millis(1500));
+        let st = r.unwrap();
+        assert!(src == dst, "the copy equals the source");
+        assert!(st.resumed >= 1, "{st:?}");
+        assert_eq!(st.read, src.len() as u64, "each item counted once, the one redone too");
+    }
+
+    #[test]
+    fn a_transfer_fails_once_the_link_stays_down_past_its_window() {
+        let (r, _, _) = cut_link_transfer(Duration::from_secs(2), Duration::from_secs(4));
+        let e = r.unwrap_err();
+        assert!(matches!(e, HostError::LinkDown { .. }), "{e:?}");
+        assert!(e.to_string().contains("retry window"), "{e}");
+        // Without a window (one machine), the first drop is the error, as it was.
+        let (r, _, _) = cut_link_transfer(Duration::ZERO, Duration::from_millis(10));
+        assert!(matches!(r.unwrap_err(), HostError::Nbd(NbdError::Io(_))));
+    }
 
     fn e(offset: u64, length: u64, flags: u32) -> Extent {
         Extent { offset, length, flags }

@@ -5,11 +5,29 @@ use serde::{Deserialize, Serialize};
 
 /// How a transfer's blocks travel between two hosts' agents, chosen per job. A transfer
 /// within one machine has no wire and ignores it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Wire {
     pub compression: Compression,
     /// The most bytes per second on the wire, after compression; None: as fast as it goes.
     pub bandwidth: Option<u64>,
+    /// How long a transfer waits for a dropped link to come back, retrying with backoff,
+    /// before it fails.
+    #[serde(default = "default_retry_window")]
+    pub retry_window_secs: u64,
+}
+
+/// Five minutes: a link that flaps or a switch that reboots; a site that is gone fails
+/// the run soon enough for the operator to act.
+pub const DEFAULT_RETRY_WINDOW_SECS: u64 = 300;
+
+fn default_retry_window() -> u64 {
+    DEFAULT_RETRY_WINDOW_SECS
+}
+
+impl Default for Wire {
+    fn default() -> Wire {
+        Wire { compression: Compression::default(), bandwidth: None, retry_window_secs: DEFAULT_RETRY_WINDOW_SECS }
+    }
 }
 
 /// How block data is compressed on the wire. Each frame's checksum is over the data as

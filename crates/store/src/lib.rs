@@ -290,8 +290,8 @@ impl Store {
         let tx = self.tx()?;
         tx.execute(
             "INSERT INTO jobs (name, target_host, target_dir, retain, every_secs, created_at, replica_suffix,
-                               compression, bandwidth)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                               compression, bandwidth, retry_window_secs)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 job.name,
                 job.target_host,
@@ -301,7 +301,8 @@ impl Store {
                 now(),
                 job.replica_suffix,
                 job.wire.compression.as_str(),
-                job.wire.bandwidth.map(|b| b as i64)
+                job.wire.bandwidth.map(|b| b as i64),
+                job.wire.retry_window_secs as i64
             ],
         )?;
         let job_id = tx.last_insert_rowid();
@@ -317,7 +318,7 @@ impl Store {
 
     const JOB_COLS: &'static str =
         "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at, replica_suffix, enabled, \
-         compression, bandwidth";
+         compression, bandwidth, retry_window_secs";
 
     fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         let id: i64 = r.get(0)?;
@@ -325,6 +326,7 @@ impl Store {
         let wire = Wire {
             compression: compression.parse().map_err(|e| bad_cell("jobs", id, 10, e))?,
             bandwidth: r.get::<_, Option<i64>>(11)?.map(|b| b as u64),
+            retry_window_secs: r.get::<_, i64>(12)? as u64,
         };
         Ok(JobRecord {
             id,
@@ -406,14 +408,17 @@ impl Store {
         wire: Wire,
     ) -> Result<()> {
         self.conn.execute(
-            "UPDATE jobs SET retain = ?2, every_secs = ?3, enabled = ?4, compression = ?5, bandwidth = ?6 WHERE id = ?1",
+            "UPDATE jobs SET retain = ?2, every_secs = ?3, enabled = ?4, compression = ?5, bandwidth = ?6,
+                             retry_window_secs = ?7
+             WHERE id = ?1",
             params![
                 job_id,
                 retain,
                 every_secs.map(|s| s as i64),
                 enabled,
                 wire.compression.as_str(),
-                wire.bandwidth.map(|b| b as i64)
+                wire.bandwidth.map(|b| b as i64),
+                wire.retry_window_secs as i64
             ],
         )?;
         Ok(())

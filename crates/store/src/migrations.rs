@@ -172,12 +172,13 @@ pub const MIGRATIONS: &[&str] = &[
         protective TEXT
     );
     "#,
-    // 9: how a job's data travels between hosts: compression and a bandwidth limit
-    // (bytes per second on the wire; NULL for none).
+    // 9: how a job's data travels between hosts: compression, a bandwidth limit (bytes
+    // per second on the wire; NULL for none), and how long a dropped link may stay down.
     r#"
     ALTER TABLE jobs ADD COLUMN compression TEXT NOT NULL DEFAULT 'zstd'
         CHECK (compression IN ('none', 'lz4', 'zstd'));
     ALTER TABLE jobs ADD COLUMN bandwidth INTEGER CHECK (bandwidth IS NULL OR bandwidth > 0);
+    ALTER TABLE jobs ADD COLUMN retry_window_secs INTEGER NOT NULL DEFAULT 300 CHECK (retry_window_secs >= 0);
     "#,
     // 10: the serial of each agent's certificate, which `host remove` revokes. NULL for
     // hosts enrolled before: their certificates cannot be named in a revocation.

@@ -195,6 +195,7 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              DROP TABLE fences;
              ALTER TABLE jobs DROP COLUMN compression;
              ALTER TABLE jobs DROP COLUMN bandwidth;
+             ALTER TABLE jobs DROP COLUMN retry_window_secs;
              ALTER TABLE hosts DROP COLUMN cert_serial;
              PRAGMA user_version = 5;",
         )

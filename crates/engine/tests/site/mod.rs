@@ -45,6 +45,7 @@ impl Site {
                 replica_suffix: None,
                 compression: None,
                 bandwidth: None,
+                retry_window: None,
             })
             .unwrap();
         Site { fake, engine, _dir: dir }
