@@ -1,5 +1,5 @@
 # Entry points. Each one installs what it needs first (Debian packages, the test guest).
-.PHONY: demo demo-two-sites test bench deps guest lint
+.PHONY: demo demo-two-sites test bench bench-two-sites deps guest lint
 
 deps:
 	bash scripts/install-deps.sh
@@ -30,3 +30,7 @@ bench: deps
 	bash scripts/bench-failover.sh
 	bash scripts/bench-failback.sh
 	bash scripts/bench-history.sh
+	bash scripts/bench-two-sites.sh
+
+bench-two-sites: deps
+	bash scripts/bench-two-sites.sh

@@ -1,4 +1,5 @@
-//! Progress on a terminal: one bar per VM while a job runs. Without a terminal (scripts,
+//! Progress on a terminal: one bar per VM while a job runs, with the current step (the
+//! disk it copies) and the throughput. Without a terminal (scripts,
 //! CI) each step is one line on stderr instead, and byte counts stay quiet.
 
 use std::collections::HashMap;
@@ -26,7 +27,9 @@ impl Terminal {
             bars.entry(subject.to_owned())
                 .or_insert_with(|| {
                     let style =
-                        ProgressStyle::with_template("{prefix:>12} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
+                        ProgressStyle::with_template(
+                            "{prefix:>12} {bar:30} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {msg}",
+                        )
                             .unwrap_or_else(|_| ProgressStyle::default_bar());
                     let b = multi.add(ProgressBar::new(0).with_style(style));
                     b.set_prefix(subject.to_owned());

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Replication between two hosts, measured in one go on the same data: network namespaces
+# for a controller, a production host and a DR host (veth links on a bridge, addresses
+# that exist only inside them), a real `standby agent` on each host, and the production
+# host's link shaped with `tc tbf` (1 Gbit/s, then 100 Mbit/s; this kernel has no netem).
+# On each link, against a plain copy of the same bytes over one TCP socket:
+#   - a full first copy of a 2 GiB disk of random data (compression none, lz4, zstd),
+#   - a full first copy of a 2 GiB ext4 filesystem holding text files (the same three),
+#   - an incremental run after 2% of the random disk changed in scattered 64 KiB blocks.
+# Bytes on the wire are the production host's interface counters (TLS and TCP included,
+# for both); CPU is both agents' user + system time per GiB read at the source.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bash scripts/install-deps.sh
+cargo build --release --quiet --bin standby
+standby="$root/target/release/standby"
+size_mib=${BENCH_SIZE_MIB:-2048}
+rates=${BENCH_RATES:-1gbit 100mbit}
+work=${STANDBY_BENCH_DIR:-/tmp/standby-bench-two-sites}
+net=10.231.249
+ctl=sbbench-ctl prod=sbbench-prod dr=sbbench-dr
+cleanup() {
+  for ns in $ctl $prod $dr; do
+    for pid in $(ip netns pids $ns 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    ip netns del $ns 2>/dev/null || true
+  done
+}
+cleanup
+trap cleanup EXIT
+rm -rf "$work"
+mkdir -p "$work/prod" "$work/dr"
+for ns in $ctl $prod $dr; do ip netns add $ns; ip -n $ns link set lo up; done
+ip -n $ctl link add br0 type bridge
+ip -n $ctl addr add $net.254/24 dev br0
+ip -n $ctl link set br0 up
+i=0
+for ns in $prod $dr; do
+  i=$((i + 1))
+  ip link add v$i netns $ctl type veth peer name eth0 netns $ns
+  ip -n $ctl link set v$i master br0 up
+  ip -n $ns addr add $net.$i/24 dev eth0
+  ip -n $ns link set eth0 up
+done
+
+token() { until grep -q '^enrolment token: ' "$1"; do sleep 0.2; done; sed -n 's/^enrolment token: //p' "$1"; }
+ip netns exec $prod "$standby" --data-dir "$work/agent-prod" agent --listen $net.1:7400 >"$work/prod.out" 2>&1 &
+prod_pid=$!
+disown
+ip netns exec $dr "$standby" --data-dir "$work/agent-dr" agent --listen $net.2:7400 >"$work/dr.out" 2>&1 &
+dr_pid=$!
+disown
+c() { ip netns exec $ctl "$standby" --data-dir "$work/controller" "$@"; }
+c host add prod1 --address $net.1:7400 --token "$(token "$work/prod.out")" >/dev/null
+c host add dr1 --address $net.2:7400 --token "$(token "$work/dr.out")" >/dev/null
+# The agents' processes (ip netns exec execs standby in place).
+agent_pids="$prod_pid $dr_pid"
+
+echo "preparing a ${size_mib} MiB disk of random data and a ${size_mib} MiB ext4 filesystem of text files..."
+head -c "$((size_mib << 20))" /dev/urandom > "$work/random.raw"
+qemu-img convert -O qcow2 "$work/random.raw" "$work/prod/random.qcow2"
+# Text as people keep it: the Rust crates' sources and documents this build downloaded
+# (real files, compressible as text is), copied in until a fifth of the filesystem is full.
+python3 - "$work/text" "$((size_mib / 5))" "${CARGO_HOME:-$HOME/.cargo}/registry/src" <<'PY'
+import os, shutil, sys
+root, mib, corpus = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+os.makedirs(root)
+done, n = 0, 0
+for rounds in range(100):
+    for dirpath, _, files in sorted(os.walk(corpus)):
+        for name in sorted(files):
+            if not name.endswith(('.rs', '.md', '.toml', '.txt')) or done >= mib << 20:
+                continue
+            src = os.path.join(dirpath, name)
+            d = os.path.join(root, f"r{rounds}", f"d{n // 200:04}")
+            os.makedirs(d, exist_ok=True)
+            shutil.copyfile(src, os.path.join(d, f"{n:06}-{name}"))
+            done, n = done + os.path.getsize(src), n + 1
+    if done >= mib << 20 or n == 0:
+        break
+print(f"{n} text files, {done >> 20} MiB", file=sys.stderr)
+PY
+truncate -s "${size_mib}M" "$work/text.raw"
+mkfs.ext4 -q -F -d "$work/text" "$work/text.raw"
+qemu-img convert -O qcow2 "$work/text.raw" "$work/prod/text.qcow2"
+rm -rf "$work/text"
+
+for d in random text; do c vm create "$d" --host prod1 --disk "$work/prod/$d.qcow2" --format qcow2 >/dev/null; done
+modes="none lz4 zstd"
+
+# What the production host sent, and the agents' CPU time (seconds), now.
+tx() { ip netns exec $prod cat /sys/class/net/eth0/statistics/tx_bytes; }
+cpu() {
+  local t=0 pid f
+  for pid in $agent_pids; do
+    read -ra f < "/proc/$pid/stat"
+    t=$((t + f[13] + f[14]))
+  done
+  echo "scale=3; $t / $(getconf CLK_TCK)" | bc -l
+}
+# A plain copy of the data extents of $1 (a sparse file), from the production host to a
+# listener on the DR host over one TCP socket: seconds and bytes on the wire.
+plain() {
+  ip netns exec $dr python3 -c '
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 9000)); s.listen(1); c, _ = s.accept()
+while c.recv(1 << 20): pass' $net.2 &
+  local rx=$! t0 b0
+  sleep 0.5
+  b0=$(tx); t0=$(now)
+  ip netns exec $prod python3 -c '
+import os, socket, sys
+f = os.open(sys.argv[1], os.O_RDONLY); end = os.fstat(f).st_size
+s = socket.create_connection((sys.argv[2], 9000))
+off = 0
+while off < end:
+    try:
+        off = os.lseek(f, off, os.SEEK_DATA)
+    except OSError:
+        break
+    hole = os.lseek(f, off, os.SEEK_HOLE)
+    while off < hole:
+        off += os.sendfile(s.fileno(), f, off, hole - off)
+s.close()' "$1" $net.2
+  wait $rx
+  echo "$(elapsed "$t0" "$(now)") $(($(tx) - b0))"
+}
+# One standby run of job $1: seconds, bytes on the wire, CPU seconds, bytes read.
+run() {
+  local t0 b0 c0
+  b0=$(tx); c0=$(cpu); t0=$(now)
+  c job run "$1" --json > "$work/run.json" 2>>"$work/runs.log"
+  local t; t=$(elapsed "$t0" "$(now)")
+  local read; read=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["restore_point"]["bytes_read"])' "$work/run.json")
+  echo "$t $(($(tx) - b0)) $(echo "$(cpu) - $c0" | bc -l) $read"
+}
+verify() {
+  local p; p=$(c replica points "$1" --job "$2" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["disks"][0]["path"])')
+  qemu-img compare -q "$work/prod/$1.qcow2" "$p" || { echo "BENCH INVALID: $2's restore point differs from $1" >&2; exit 1; }
+}
+gib() { echo "scale=6; $1 / 1073741824" | bc -l; }
+# Two decimals: 0.93 and 0.99 are not both ".9".
+ratio() { echo "scale=2; $1 / $2" | bc -l; }
+per_gib() { if [ "$2" -gt 0 ]; then echo "scale=2; $1 / $(gib "$2")" | bc -l; else echo "-"; fi; }
+row() { printf '%-40s %9.2f %12s %10s %10s %10s\n' "$1" "$2" "$(mib "$3")" "$4" "$5" "$6"; }
+header() {
+  echo
+  echo "$1"
+  printf '%-40s %9s %12s %10s %10s %10s\n' "operation" "seconds" "wire (MiB)" "vs plain" "bytes" "CPU s/GiB"
+}
+
+full() {
+  local d=$1 job=$2 m=$3 rate=$4 pt=$5 pb=$6
+  c job create "$job" --vm "$d" --target-host dr1 --target-dir "$work/dr/$job" --compression "$m" >/dev/null
+  read -r t b cs rd < <(run "$job")
+  verify "$d" "$job"
+  row "standby full, $m" "$t" "$b" "$(ratio "$pt" "$t")x" "$(ratio "$b" "$pb")x" "$(per_gib "$cs" "$rd")"
+  results+=("$rate $d full $m $pt $t $pb $b")
+}
+
+results=()
+first=1
+for rate in $rates; do
+  burst=$([ "$rate" = 1gbit ] && echo 1mb || echo 256kb)
+  ip netns exec $prod tc qdisc replace dev eth0 root tbf rate "$rate" burst "$burst" latency 50ms
+  tag=${rate/bit/}
+  # The random disk's full copy on the first link only: on a slower one it only shows the
+  # link's rate, for minutes. Its jobs then run incrementally on every link.
+  disks=text
+  [ $first = 1 ] && disks="random text"
+  for d in $disks; do
+    read -r pt pb < <(plain "$work/$d.raw")
+    header "$rate link: full first copy of the $d disk (plain copy: its $(mib "$pb") MiB of data extents)"
+    row "plain copy over TCP" "$pt" "$pb" "1.0x" "1.0x" "-"
+    for m in $modes; do
+      job=$d-$m-$tag
+      [ "$d" = random ] && job=random-$m
+      full "$d" "$job" "$m" "$rate" "$pt" "$pb"
+    done
+  done
+  first=0
+
+  # 2% of the random disk in scattered 64 KiB blocks, each block distinct random bytes.
+  blocks=$((size_mib * 16)); changes=$((blocks / 50))
+  python3 - "$blocks" "$changes" "$work" "$tag" <<'PY' > "$work/changes.txt"
+import os, random, sys
+blocks, n, work, tag = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+r = random.Random(hash(tag) & 0xffff)
+with open(f"{work}/changed.raw", "wb") as out:
+    for i, b in enumerate(sorted(r.sample(range(blocks), n))):
+        data = os.urandom(65536)
+        with open(f"{work}/blk", "wb") as f:
+            f.write(data)
+        os.replace(f"{work}/blk", f"{work}/blk{i}")
+        out.write(data)
+        print(f"write -s {work}/blk{i} {b * 65536} 64k")
+PY
+  args=()
+  while read -r cmd; do args+=(-c "$cmd"); done < "$work/changes.txt"
+  qemu-io -f qcow2 "${args[@]}" "$work/prod/random.qcow2" >/dev/null
+  rm -f "$work"/blk*
+  read -r pt pb < <(plain "$work/changed.raw")
+  header "$rate link: incremental run after $changes scattered 64 KiB blocks changed ($(mib $((changes * 65536))) MiB, random)"
+  row "plain copy over TCP (the changed bytes)" "$pt" "$pb" "1.0x" "1.0x" "-"
+  for m in $modes; do
+    read -r t b cs rd < <(run "random-$m")
+    verify random "random-$m"
+    method=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["restore_point"]["method"])' "$work/run.json")
+    [ "$method" = cbt ] || { echo "BENCH INVALID: run of random-$m was $method, not cbt" >&2; exit 1; }
+    row "standby cbt, $m" "$t" "$b" "$(ratio "$pt" "$t")x" "$(ratio "$b" "$pb")x" "$(per_gib "$cs" "$rd")"
+    results+=("$rate random cbt $m $pt $t $pb $b")
+  done
+  ip netns exec $prod tc qdisc del dev eth0 root
+done
+
+echo
+echo "vs plain: the plain copy's time over standby's (higher is faster); bytes: standby's bytes on the wire over the plain copy's"
+for r in "${results[@]}"; do
+  read -r rate d kind m pt t pb b <<< "$r"
+  if [ "$m" = none ] && [ "$d" = random ]; then
+    echo "target none >= 90% of plain throughput ($rate, $kind): $(pass "$pt >= 0.9 * $t")"
+  fi
+  if [ "$m" = zstd ] && [ "$d" = text ]; then
+    echo "target zstd >= 2x fewer bytes than plain ($rate, text, $kind): $(pass "2 * $b <= $pb")"
+  fi
+done
+echo "every restore point verified identical to its source with qemu-img compare"
