@@ -159,6 +159,11 @@ pub fn replicas(list: &[ReplicaView], as_json: bool) -> Result<()> {
         })
         .collect();
     table(&["VM", "JOB", "STATE", "POINTS", "LATEST", "LOCATION", "LAST OPERATION"], &rows);
+    for r in list {
+        if let Some(fence) = &r.fence {
+            println!("{} (job {}): {fence}", r.vm, r.job);
+        }
+    }
     Ok(())
 }
 
@@ -343,6 +348,9 @@ pub fn hosts(list: &[HostView], as_json: bool) -> Result<()> {
                 },
                 h.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()
             ),
+        }
+        if !h.fences.is_empty() {
+            println!("  to fence when it answers: {}", h.fences.join(", "));
         }
     }
     Ok(())

@@ -26,11 +26,10 @@ impl Terminal {
         Some(
             bars.entry(subject.to_owned())
                 .or_insert_with(|| {
-                    let style =
-                        ProgressStyle::with_template(
-                            "{prefix:>12} {bar:30} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {msg}",
-                        )
-                            .unwrap_or_else(|_| ProgressStyle::default_bar());
+                    let style = ProgressStyle::with_template(
+                        "{prefix:>12} {bar:30} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
                     let b = multi.add(ProgressBar::new(0).with_style(style));
                     b.set_prefix(subject.to_owned());
                     b

@@ -349,6 +349,12 @@ fn a_lost_production_site_fails_over_and_its_source_is_fenced_when_it_returns() 
     let replica_pid = qemu_pid(&dr_dir, "web_replica").expect("the replica runs on the DR host");
     let history = env.ok(&["history", "web"]);
     assert!(history.contains("--source-unreachable"), "the history says how prod1 was declared lost:\n{history}");
+    // Both lists say what waits for prod1.
+    let prod1 = env.json(&["host", "list"]).as_array().unwrap().iter().find(|h| h["name"] == "prod1").cloned().unwrap();
+    assert_eq!(prod1["state"], "offline", "{prod1}");
+    assert!(prod1["fences"][0].as_str().is_some_and(|f| f.contains("VM web")), "{prod1}");
+    let fence = env.json(&["replica", "list"])[0]["fence"].as_str().unwrap_or_default().to_owned();
+    assert!(fence.contains("not fenced yet"), "{fence}");
     // The source still writes, unaware: these records are after the failover instant.
     let at_failover = Ledger::acknowledged(&std::fs::read_to_string(&source_console).unwrap());
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -388,6 +394,8 @@ fn a_lost_production_site_fails_over_and_its_source_is_fenced_when_it_returns() 
     let err = refused(&env, &["vm", "start", "web"]);
     assert!(err.contains("web_replica"), "the replica runs: the source may not: {err}");
     assert_eq!(env.ok(&["recover"]).trim(), "nothing to recover", "the fence is carried out once");
+    let fence = env.json(&["replica", "list"])[0]["fence"].as_str().unwrap_or_default().to_owned();
+    assert!(fence.contains(kept.as_str()), "{fence}");
 
     // Failback to the original reports where the source's own writes are, and leaves them.
     let kept_digest = standby_testkit::file_digest(kept);

@@ -323,7 +323,8 @@ impl Engine {
             None => self.store().open_fence(replica.id, name, &source.host, &source.disks, DECLARED_BY_FLAG)?,
             // An earlier fence, carried out long ago, no longer describes this failover.
             Some(_) => {
-                if self.store().fence(replica.id)?.is_some_and(|f| !f.is_open()) {
+                let done = self.store().fence(replica.id)?.is_some_and(|f| !f.is_open());
+                if done {
                     self.store().delete_fence(replica.id)?;
                 }
             }

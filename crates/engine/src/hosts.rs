@@ -29,6 +29,8 @@ pub struct HostView {
     /// What runs on or replicates to this host (`VM web`, `job nightly`): what its being
     /// offline blocks.
     pub used_by: Vec<String>,
+    /// Sources on this host that a failover left to fence when it answers again.
+    pub fences: Vec<String>,
 }
 
 const CONTROLLER: &str = "standby-controller";
@@ -92,6 +94,8 @@ impl Engine {
         let records = self.store().hosts()?;
         let mut tls = None;
         let mut views = Vec::new();
+        // Bound first: the store's guard must not live through the loop, which asks again.
+        let open_fences = self.store().open_fences()?;
         for h in records {
             let mut view = HostView {
                 name: h.name.clone(),
@@ -103,6 +107,11 @@ impl Engine {
                 accel: None,
                 error: None,
                 used_by: self.store().host_users(&h.name)?,
+                fences: open_fences
+                    .iter()
+                    .filter(|f| f.host == h.name)
+                    .map(|f| format!("VM {} (its replica runs since {})", f.vm, f.declared_at))
+                    .collect(),
             };
             match (&h.address, self.hosts.get(&h.name)) {
                 (_, Some(local)) => view.accel = Some(local.accel().as_str()),

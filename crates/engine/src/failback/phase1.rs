@@ -44,7 +44,9 @@ impl Engine {
         let (rec, target_vm) = self.plan_target(&replica, &rd, &source, opts)?;
         // A source a site loss left unfenced must be off, its disks kept, before a failback
         // writes over them; a fence on a host this failback does not touch may wait.
-        let fence = match self.store().fence(replica.id)? {
+        // Bound first: the store's guard must not live through the match, which asks again.
+        let fence = self.store().fence(replica.id)?;
+        let fence = match fence {
             Some(f) if f.is_open() && f.host == rec.host => self.settle_fence(replica.id)?,
             other => other,
         };

@@ -68,6 +68,9 @@ pub struct ReplicaView {
     pub last_operation: Option<String>,
     /// Set when an interrupted operation could not be recovered: what to do.
     pub needs_attention: Option<String>,
+    /// A failover made while the source's host was unreachable: whether its source is
+    /// fenced yet, or where its disks were kept.
+    pub fence: Option<String>,
 }
 
 /// What a recovery did: what it finished or rolled back, and what it could not.
@@ -142,6 +145,7 @@ impl Engine {
                 failover_point: None,
                 replica_vm: None,
                 last_operation: None,
+                fence: None,
                 needs_attention: Some(format!(
                     "replicas row {id} cannot be read ({}); standby leaves this replica alone until the row is \
                      repaired or restored from a backup of the database",
@@ -161,7 +165,9 @@ impl Engine {
         let needs_attention = self.pending_recovery(&r).map(|what| {
             format!("{what} waits for recovery: run standby recover (standby history {} shows what happened)", r.vm)
         });
+        let fence = self.store().fence(r.id)?.as_ref().and_then(crate::fence::protective_note);
         Ok(ReplicaView {
+            fence,
             needs_attention,
             vm: r.vm,
             job: r.job,
