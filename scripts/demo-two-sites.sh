@@ -15,34 +15,18 @@ standby="$root/target/release/standby"
 work=${STANDBY_DEMO_DIR:-/tmp/standby-two-sites}
 net=10.231.250
 ctl=sbdemo-ctl prod=sbdemo-prod dr=sbdemo-dr
-cleanup() {
-  for ns in $ctl $prod $dr; do
-    for pid in $(ip netns pids $ns 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-    ip netns del $ns 2>/dev/null || true
-  done
-}
-cleanup
-trap cleanup EXIT
+# shellcheck source=scripts/sites-lib.sh
+. scripts/sites-lib.sh
+sites_down
+trap sites_down EXIT
 rm -rf "$work"
 mkdir -p "$work/prod" "$work/dr"
 say() { printf '\n== %s\n' "$*"; }
 
 say "network: controller $net.254, production $net.1, DR $net.2 (namespaces $ctl, $prod, $dr)"
-for ns in $ctl $prod $dr; do ip netns add $ns; ip -n $ns link set lo up; done
-ip -n $ctl link add br0 type bridge
-ip -n $ctl addr add $net.254/24 dev br0
-ip -n $ctl link set br0 up
-i=0
-for ns in $prod $dr; do
-  i=$((i + 1))
-  ip link add v$i netns $ctl type veth peer name eth0 netns $ns
-  ip -n $ctl link set v$i master br0 up
-  ip -n $ns addr add $net.$i/24 dev eth0
-  ip -n $ns link set eth0 up
-done
+sites_up
 
 say "an agent on each host"
-token() { until grep -q '^enrolment token: ' "$1"; do sleep 0.2; done; sed -n 's/^enrolment token: //p' "$1"; }
 ip netns exec $prod "$standby" --data-dir "$work/agent-prod" agent --listen $net.1:7400 >"$work/prod.out" &
 ip netns exec $dr "$standby" --data-dir "$work/agent-dr" agent --listen $net.2:7400 >"$work/dr.out" &
 c() { ip netns exec $ctl "$standby" --data-dir "$work/controller" "$@"; }

@@ -117,6 +117,26 @@ fn agent(ns: &str, dir: &str, listen: &str) -> (Process, String) {
     }
 }
 
+/// The controller (its commands run in the controller's namespace) with both hosts'
+/// agents running, with separate data directories, and enrolled as prod1 and dr1.
+struct Enrolled {
+    env: Env,
+    prod_dir: String,
+    dr_dir: String,
+    _agents: (Process, Process),
+}
+
+fn enrolled(sites: &Sites) -> Enrolled {
+    let mut env = Env::new(BIN);
+    env.in_netns(sites.ctl());
+    let (prod_dir, dr_dir) = (env.path("agent-prod"), env.path("agent-dr"));
+    let (prod, prod_token) = agent(&sites.names[1], &prod_dir, &sites.address(1));
+    let (dr, dr_token) = agent(&sites.names[2], &dr_dir, &sites.address(2));
+    env.ok(&["host", "add", "prod1", "--address", &sites.address(1), "--token", &prod_token]);
+    env.ok(&["host", "add", "dr1", "--address", &sites.address(2), "--token", &dr_token]);
+    Enrolled { env, prod_dir, dr_dir, _agents: (prod, dr) }
+}
+
 fn point_ids(env: &Env, vm: &str) -> Vec<i64> {
     env.points(vm).iter().map(|p| p["id"].as_i64().unwrap()).collect()
 }
@@ -124,13 +144,7 @@ fn point_ids(env: &Env, vm: &str) -> Vec<i64> {
 #[test]
 fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
     let sites = Sites::new();
-    let mut env = Env::new(BIN);
-    env.in_netns(sites.ctl());
-    let (prod_dir, dr_dir) = (env.path("agent-prod"), env.path("agent-dr"));
-    let (_prod, prod_token) = agent(&sites.names[1], &prod_dir, &sites.address(1));
-    let (_dr, dr_token) = agent(&sites.names[2], &dr_dir, &sites.address(2));
-    env.ok(&["host", "add", "prod1", "--address", &sites.address(1), "--token", &prod_token]);
-    env.ok(&["host", "add", "dr1", "--address", &sites.address(2), "--token", &dr_token]);
+    let Enrolled { env, _agents, .. } = enrolled(&sites);
     let hosts = env.ok(&["host", "list"]);
     assert!(hosts.contains("prod1  online") && hosts.contains("dr1  online"), "{hosts}");
 
@@ -301,13 +315,7 @@ fn ledger_records(ledger: Ledger, env: &Env, image: &str) -> u64 {
 #[test]
 fn a_lost_production_site_fails_over_and_its_source_is_fenced_when_it_returns() {
     let sites = Sites::new();
-    let mut env = Env::new(BIN);
-    env.in_netns(sites.ctl());
-    let (prod_dir, dr_dir) = (env.path("agent-prod"), env.path("agent-dr"));
-    let (_prod, prod_token) = agent(&sites.names[1], &prod_dir, &sites.address(1));
-    let (_dr, dr_token) = agent(&sites.names[2], &dr_dir, &sites.address(2));
-    env.ok(&["host", "add", "prod1", "--address", &sites.address(1), "--token", &prod_token]);
-    env.ok(&["host", "add", "dr1", "--address", &sites.address(2), "--token", &dr_token]);
+    let Enrolled { env, prod_dir, dr_dir, _agents } = enrolled(&sites);
     let disk = env.path("src/web.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &disk, "128M"]);
     let (kernel, initrd) = standby_testkit::guest();
@@ -483,13 +491,7 @@ fn run_across_a_cut(env: &Env, sites: &Sites, after: Duration, cut: Duration) ->
 #[test]
 fn a_cut_link_resumes_within_the_retry_window_and_fails_loudly_past_it() {
     let sites = Sites::new();
-    let mut env = Env::new(BIN);
-    env.in_netns(sites.ctl());
-    let (prod_dir, dr_dir) = (env.path("agent-prod"), env.path("agent-dr"));
-    let (_prod, prod_token) = agent(&sites.names[1], &prod_dir, &sites.address(1));
-    let (_dr, dr_token) = agent(&sites.names[2], &dr_dir, &sites.address(2));
-    env.ok(&["host", "add", "prod1", "--address", &sites.address(1), "--token", &prod_token]);
-    env.ok(&["host", "add", "dr1", "--address", &sites.address(2), "--token", &dr_token]);
+    let Enrolled { env, _agents, .. } = enrolled(&sites);
     let disk = env.path("src/web.qcow2");
     std::fs::create_dir_all(env.path("src")).unwrap();
     random_data(&env, &disk, 0, 48);
