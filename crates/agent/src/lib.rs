@@ -48,6 +48,13 @@ pub enum AgentError {
     Refused { host: String, address: String, detail: String },
     #[error("host {host} refused: {why}")]
     Said { host: String, why: String },
+    /// The connection ended after the agent had begun to answer: it was not refused, the
+    /// agent stopped (or the link went) in the middle of the work.
+    #[error(
+        "host {host} ({address}) stopped answering in the middle of the request (its agent ended, or the link \
+         dropped): {detail}; check that the agent runs (`standby host list`) and run again"
+    )]
+    Lost { host: String, address: String, detail: String },
     #[error("host {host} broke the protocol: {detail}")]
     Protocol { host: String, detail: String },
     #[error("the enrolment token {0:?} is not one an agent printed; copy the whole `enrolment token:` line's value")]
@@ -305,6 +312,12 @@ pub(crate) fn wire_error<'a>(host: &'a str, address: &'a str) -> impl Fn(std::io
             false => AgentError::Protocol { host: host.into(), detail: e.to_string() },
         }
     }
+}
+
+/// Like `wire_error`, for a connection whose agent has answered already: its end is a loss,
+/// not a refusal.
+pub(crate) fn lost_error<'a>(host: &'a str, address: &'a str) -> impl Fn(std::io::Error) -> AgentError + 'a {
+    move |e| AgentError::Lost { host: host.into(), address: address.into(), detail: e.to_string() }
 }
 
 /// Enrols the agent at `address` as host `name`, with the token it printed: signs its key

@@ -46,6 +46,7 @@ fn remote(host: &str, e: impl Into<AgentError>) -> HostError {
         AgentError::Unreachable { address, source, .. } => {
             HostError::Unreachable { host: host.into(), detail: format!("no answer at {address}: {source}") }
         }
+        e @ AgentError::Lost { .. } => HostError::Remote { host: host.into(), detail: e.to_string() },
         e => HostError::Remote { host: host.into(), detail: crate::chain(&e) },
     }
 }
@@ -285,8 +286,8 @@ impl Transport for RemoteHost {
                 Answer::Transferred { stats, wire_bytes } => return Ok(Stats { wire: wire_bytes, ..stats }),
                 a => return Err(said(&self.name, a)),
             }
-            let wire = crate::wire_error(&self.name, &self.address);
-            answer = conn.read::<Answer>().map_err(|e| remote(&self.name, wire(e)))?;
+            let lost = crate::lost_error(&self.name, &self.address);
+            answer = conn.read::<Answer>().map_err(|e| remote(&self.name, lost(e)))?;
         }
     }
 
@@ -308,7 +309,8 @@ struct RemoteDisks {
 impl RemoteDisks {
     fn call<T: DeserializeOwned>(&mut self, call: DiskCall) -> Result<T> {
         let host = self.host.clone();
-        let to_agent = crate::wire_error(&self.agent.host, &self.agent.address);
+        // The hold was answered when it was taken: an ended connection now is a loss.
+        let to_agent = crate::lost_error(&self.agent.host, &self.agent.address);
         let wire = |e| remote(&host, to_agent(e));
         self.conn.write(&call).map_err(wire)?;
         match self.conn.read::<Answer>().map_err(wire)? {

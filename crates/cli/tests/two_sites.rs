@@ -90,6 +90,17 @@ impl Drop for Process {
 
 /// Starts `standby agent` in namespace `ns` on `listen` and returns its enrolment token.
 fn agent(ns: &str, dir: &str, listen: &str) -> (Process, String) {
+    start_agent(ns, dir, listen, "enrolment token: ")
+}
+
+/// Starts an agent that is enrolled already, once it listens.
+fn agent_again(ns: &str, dir: &str, listen: &str) -> Process {
+    start_agent(ns, dir, listen, "listening on ").0
+}
+
+/// Starts `standby agent` and waits for the line that begins with `until`; the agent and
+/// the rest of that line.
+fn start_agent(ns: &str, dir: &str, listen: &str, until: &str) -> (Process, String) {
     let mut child = Process(
         Command::new("ip")
             .args(["netns", "exec", ns, BIN, "--data-dir", dir, "agent", "--listen", listen])
@@ -109,11 +120,11 @@ fn agent(ns: &str, dir: &str, listen: &str) -> (Process, String) {
     });
     let start = Instant::now();
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("the agent prints its token");
-        if let Some(t) = line.strip_prefix("enrolment token: ") {
-            return (child, t.to_owned());
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("the agent says {until}"));
+        if let Some(rest) = line.strip_prefix(until) {
+            return (child, rest.to_owned());
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "no token from the agent");
+        assert!(start.elapsed() < Duration::from_secs(20), "the agent did not say {until}");
     }
 }
 
@@ -123,18 +134,23 @@ struct Enrolled {
     env: Env,
     prod_dir: String,
     dr_dir: String,
-    _agents: (Process, Process),
+    agents: (Process, Process),
 }
 
 fn enrolled(sites: &Sites) -> Enrolled {
     let mut env = Env::new(BIN);
     env.in_netns(sites.ctl());
+    enrol(env, sites)
+}
+
+/// Starts and enrols both agents for the controller `env`.
+fn enrol(env: Env, sites: &Sites) -> Enrolled {
     let (prod_dir, dr_dir) = (env.path("agent-prod"), env.path("agent-dr"));
     let (prod, prod_token) = agent(&sites.names[1], &prod_dir, &sites.address(1));
     let (dr, dr_token) = agent(&sites.names[2], &dr_dir, &sites.address(2));
     env.ok(&["host", "add", "prod1", "--address", &sites.address(1), "--token", &prod_token]);
     env.ok(&["host", "add", "dr1", "--address", &sites.address(2), "--token", &dr_token]);
-    Enrolled { env, prod_dir, dr_dir, _agents: (prod, dr) }
+    Enrolled { env, prod_dir, dr_dir, agents: (prod, dr) }
 }
 
 fn point_ids(env: &Env, vm: &str) -> Vec<i64> {
@@ -144,7 +160,7 @@ fn point_ids(env: &Env, vm: &str) -> Vec<i64> {
 #[test]
 fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
     let sites = Sites::new();
-    let Enrolled { env, _agents, .. } = enrolled(&sites);
+    let Enrolled { env, agents: _agents, .. } = enrolled(&sites);
     let hosts = env.ok(&["host", "list"]);
     assert!(hosts.contains("prod1  online") && hosts.contains("dr1  online"), "{hosts}");
 
@@ -315,7 +331,7 @@ fn ledger_records(ledger: Ledger, env: &Env, image: &str) -> u64 {
 #[test]
 fn a_lost_production_site_fails_over_and_its_source_is_fenced_when_it_returns() {
     let sites = Sites::new();
-    let Enrolled { env, prod_dir, dr_dir, _agents } = enrolled(&sites);
+    let Enrolled { env, prod_dir, dr_dir, agents: _agents } = enrolled(&sites);
     let disk = env.path("src/web.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &disk, "128M"]);
     let (kernel, initrd) = standby_testkit::guest();
@@ -466,32 +482,13 @@ fn run_across_a_cut(env: &Env, sites: &Sites, after: Duration, cut: Duration) ->
     ip(&["-n", sites.ctl(), "link", "set", "v1", "down"]);
     std::thread::sleep(cut);
     ip(&["-n", sites.ctl(), "link", "set", "v1", "up"]);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(s) = run.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the run did not end within 180 s of the link's return");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let mut said = String::new();
-    for pipe in [
-        run.0.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read>),
-        run.0.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let mut p = pipe;
-        let _ = p.read_to_string(&mut said);
-    }
-    (status.code(), said)
+    ended(run, Duration::from_secs(180))
 }
 
 #[test]
 fn a_cut_link_resumes_within_the_retry_window_and_fails_loudly_past_it() {
     let sites = Sites::new();
-    let Enrolled { env, _agents, .. } = enrolled(&sites);
+    let Enrolled { env, agents: _agents, .. } = enrolled(&sites);
     let disk = env.path("src/web.qcow2");
     std::fs::create_dir_all(env.path("src")).unwrap();
     random_data(&env, &disk, 0, 48);
@@ -539,4 +536,123 @@ fn a_cut_link_resumes_within_the_retry_window_and_fails_loudly_past_it() {
     let out = env.ok(&["job", "run", "nightly"]);
     assert!(out.contains("(cbt, 32.0 MiB transferred"), "still incremental, the changes not lost: {out}");
     assert!(identical(&disk, &env.latest_disk("web", 0)), "the next point equals the disk");
+}
+
+/// A tmpfs of a given size on a directory (mounted before an agent starts: mounts made
+/// later do not reach its namespace here), unmounted when dropped.
+struct Tmpfs(String);
+
+impl Tmpfs {
+    fn new(dir: &str, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir]).output();
+        assert!(out.unwrap().status.success(), "mount a tmpfs on {dir}");
+        Tmpfs(dir.to_owned())
+    }
+
+    /// The same filesystem, its files kept, with room for `size`.
+    fn resize(&self, size: &str) {
+        let out = Command::new("mount").args(["-o", &format!("remount,size={size}"), &self.0]).output();
+        assert!(out.unwrap().status.success(), "resize the tmpfs on {}", self.0);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-l", &self.0]).output();
+    }
+}
+
+/// Waits (at most `within`) for a background `standby` command to end: its code and what it said.
+fn ended(mut run: Process, within: Duration) -> (Option<i32>, String) {
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(s) = run.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the command did not end within {within:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut said = String::new();
+    for pipe in [
+        run.0.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read>),
+        run.0.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut p = pipe;
+        let _ = p.read_to_string(&mut said);
+    }
+    (status.code(), said)
+}
+
+#[test]
+fn a_full_dr_disk_or_a_killed_writing_agent_fails_the_run_and_the_next_one_is_exact() {
+    let sites = Sites::new();
+    let mut env = Env::new(BIN);
+    env.in_netns(sites.ctl());
+    let dr = env.path("dr");
+    let room = Tmpfs::new(&dr, "40M");
+    let Enrolled { env, dr_dir, mut agents, .. } = enrol(env, &sites);
+    let disk = env.path("src/web.qcow2");
+    random_data(&env, &disk, 0, 48);
+    env.ok(&["vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2"]);
+    env.ok(&[
+        "job",
+        "create",
+        "nightly",
+        "--vm",
+        "web",
+        "--target-host",
+        "dr1",
+        "--target-dir",
+        &dr,
+        "--compression",
+        "none",
+        "--bandwidth",
+        "8M",
+        "--retry-window",
+        "20s",
+    ]);
+
+    // 48 MiB of random data do not fit in the DR host's 40 MiB: the run says so, and
+    // leaves nothing behind.
+    let before = files_under(&dr);
+    let err = refused(&env, &["job", "run", "nightly"]);
+    eprintln!("the run into a full disk said: {err}");
+    assert!(err.contains("dr1") && err.contains("no space left"), "{err}");
+    assert!(point_ids(&env, "web").is_empty(), "no restore point from the failed run");
+    assert_eq!(files_under(&dr), before, "no partial layer is left on the full disk");
+    // With room, the next run is a whole, exact first copy.
+    room.resize("200M");
+    let out = env.ok(&["job", "run", "nightly"]);
+    assert!(out.contains("(full,"), "{out}");
+    assert!(identical(&disk, &env.latest_disk("web", 0)), "the point equals the disk");
+
+    // The writing agent dies 2 s into a 4 s run: the run fails naming the host, and
+    // nothing is published.
+    random_data(&env, &disk, 64, 32);
+    let before = files_under(&dr);
+    let mut run =
+        Process(env.command(&["job", "run", "nightly"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(run.0.try_wait().unwrap().is_none(), "the run ended before the kill: make it longer");
+    let _ = agents.1 .0.kill();
+    let _ = agents.1 .0.wait();
+    let (code, said) = ended(run, Duration::from_secs(120));
+    eprintln!("the run whose writing agent was killed said: {said}");
+    assert_ne!(code, Some(0), "{said}");
+    assert!(said.contains("dr1") && said.contains("stopped answering"), "{said}");
+    assert_eq!(point_ids(&env, "web").len(), 1, "no restore point from the killed run");
+
+    // The agent starts again: the next run cleans up what the killed one left, sends the
+    // changes it had not finished (not a full copy), and is exact.
+    agents.1 = agent_again(&sites.names[2], &dr_dir, &sites.address(2));
+    let out = env.ok(&["job", "run", "nightly"]);
+    assert!(out.contains("(cbt, 32.0 MiB transferred"), "still incremental, the changes not lost: {out}");
+    assert!(identical(&disk, &env.latest_disk("web", 0)), "the next point equals the disk");
+    assert_eq!(point_ids(&env, "web").len(), 2);
+    let after: Vec<String> = files_under(&dr).into_iter().filter(|f| !before.contains(f)).collect();
+    assert_eq!(after.len(), 1, "one new layer, nothing the killed run left: {after:?}");
 }
