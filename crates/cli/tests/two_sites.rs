@@ -153,6 +153,21 @@ fn enrol(env: Env, sites: &Sites) -> Enrolled {
     Enrolled { env, prod_dir, dr_dir, agents: (prod, dr) }
 }
 
+/// VM web on prod1, started: a guest that writes its ledger from block 8192 (32 MiB) of
+/// its 128 MiB disk, returned.
+fn ledger_guest(env: &Env) -> String {
+    let disk = env.path("src/web.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &disk, "128M"]);
+    let (kernel, initrd) = standby_testkit::guest();
+    let append = format!("console=ttyS0 quiet panic=-1 {}", ledger_append(8192, 20000, 20000));
+    env.ok(&[
+        "vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2", "--memory", "192", "--kernel",
+        &kernel, "--initrd", &initrd, "--append", &append,
+    ]);
+    env.ok(&["vm", "start", "web"]);
+    disk
+}
+
 fn point_ids(env: &Env, vm: &str) -> Vec<i64> {
     env.points(vm).iter().map(|p| p["id"].as_i64().unwrap()).collect()
 }
@@ -164,16 +179,8 @@ fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
     let hosts = env.ok(&["host", "list"]);
     assert!(hosts.contains("prod1  online") && hosts.contains("dr1  online"), "{hosts}");
 
-    // A running guest on the production host writes its ledger from block 8192 (32 MiB).
-    let disk = env.path("src/web.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &disk, "128M"]);
-    let (kernel, initrd) = standby_testkit::guest();
-    let append = format!("console=ttyS0 quiet panic=-1 {}", ledger_append(8192, 20000, 20000));
-    env.ok(&[
-        "vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2", "--memory", "192", "--kernel",
-        &kernel, "--initrd", &initrd, "--append", &append,
-    ]);
-    env.ok(&["vm", "start", "web"]);
+    // A running guest on the production host writes its ledger.
+    let disk = ledger_guest(&env);
     let dr_target = env.path("dr");
     env.ok(&["job", "create", "nightly", "--vm", "web", "--target-host", "dr1", "--target-dir", &dr_target]);
     let ledger = Ledger { start_block: 8192 };
@@ -332,15 +339,7 @@ fn ledger_records(ledger: Ledger, env: &Env, image: &str) -> u64 {
 fn a_lost_production_site_fails_over_and_its_source_is_fenced_when_it_returns() {
     let sites = Sites::new();
     let Enrolled { env, prod_dir, dr_dir, agents: _agents } = enrolled(&sites);
-    let disk = env.path("src/web.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &disk, "128M"]);
-    let (kernel, initrd) = standby_testkit::guest();
-    let append = format!("console=ttyS0 quiet panic=-1 {}", ledger_append(8192, 20000, 20000));
-    env.ok(&[
-        "vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2", "--memory", "192", "--kernel",
-        &kernel, "--initrd", &initrd, "--append", &append,
-    ]);
-    env.ok(&["vm", "start", "web"]);
+    let disk = ledger_guest(&env);
     env.ok(&["job", "create", "nightly", "--vm", "web", "--target-host", "dr1", "--target-dir", &env.path("dr")]);
     let ledger = Ledger { start_block: 8192 };
     env.wait_console("web", Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
@@ -655,4 +654,42 @@ fn a_full_dr_disk_or_a_killed_writing_agent_fails_the_run_and_the_next_one_is_ex
     assert_eq!(point_ids(&env, "web").len(), 2);
     let after: Vec<String> = files_under(&dr).into_iter().filter(|f| !before.contains(f)).collect();
     assert_eq!(after.len(), 1, "one new layer, nothing the killed run left: {after:?}");
+}
+
+#[test]
+fn a_killed_production_agent_is_a_lost_host_and_its_source_is_fenced_when_it_starts_again() {
+    let sites = Sites::new();
+    let Enrolled { env, prod_dir, dr_dir, mut agents } = enrolled(&sites);
+    let disk = ledger_guest(&env);
+    env.ok(&["job", "create", "nightly", "--vm", "web", "--target-host", "dr1", "--target-dir", &env.path("dr")]);
+    env.wait_console("web", Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 5);
+    env.ok(&["job", "run", "nightly"]);
+    let source_pid = qemu_pid(&prod_dir, "web").expect("the source runs on the production host");
+
+    // The production agent dies; the VM it started does not.
+    let _ = agents.0 .0.kill();
+    let _ = agents.0 .0.wait();
+    assert_eq!(qemu_pid(&prod_dir, "web"), Some(source_pid), "the source outlives its agent");
+    let prod1 = env.json(&["host", "list"]).as_array().unwrap().iter().find(|h| h["name"] == "prod1").cloned().unwrap();
+    assert_eq!(prod1["state"], "offline", "{prod1}");
+    let err = refused(&env, &["failover", "web"]);
+    assert!(err.contains("prod1 is unreachable") && err.contains("--source-unreachable"), "{err}");
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready", "a refused failover changes nothing");
+    let out = env.ok(&["failover", "web", "--source-unreachable"]);
+    assert!(out.contains("runs on dr1"), "{out}");
+    let replica_pid = qemu_pid(&dr_dir, "web_replica").expect("the replica runs on the DR host");
+    assert_eq!(qemu_pid(&prod_dir, "web"), Some(source_pid), "nobody could stop the source yet");
+
+    // The agent starts again and finds its VM: the next recover fences it, and its disk is
+    // kept as it left it.
+    agents.0 = agent_again(&sites.names[1], &prod_dir, &sites.address(1));
+    let out = env.ok(&["recover"]);
+    assert!(out.contains("still ran") && out.contains("paused, then powered off"), "{out}");
+    assert_eq!(qemu_pid(&prod_dir, "web"), None, "the source's QEMU is gone after the fence");
+    assert_eq!(qemu_pid(&dr_dir, "web_replica"), Some(replica_pid), "the replica runs on, alone");
+    let kept: Vec<String> = files_under(&env.path("src")).into_iter().filter(|p| p.contains(".protective-")).collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(identical(&disk, &kept[0]), "the protective image is the source disk as the fence left it");
+    let err = refused(&env, &["vm", "start", "web"]);
+    assert!(err.contains("web_replica"), "the replica runs: the source may not: {err}");
 }
