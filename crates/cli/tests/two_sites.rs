@@ -5,7 +5,10 @@
 //! running and a stopped VM (full, changed blocks, digest), failover to an older point and undo, failover, failback to
 //! the original with switch and commit, and an incremental run after it; every result is
 //! compared byte for byte and against the guest's write ledger, and a capture of the
-//! production host's link holds none of the disk's known plaintext.
+//! production host's link holds none of the disk's known plaintext. Then the faults: a
+//! lost production site (link cut, or its agent killed) and the fence when it returns, a
+//! link cut within and past the retry window, a full DR disk, a killed writing agent; and
+//! failback to a new VM on a third host.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -20,20 +23,24 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Three namespaces, `ctl` with a bridge and one veth link to each of `prod` and `dr`;
-/// removed, with every process in them, when dropped.
+/// Network namespaces: `ctl` with a bridge, and one veth link from it to each host's
+/// (`prod`, `dr`, and a third when asked); removed, with every process in them, when dropped.
 struct Sites {
-    names: [String; 3],
+    names: Vec<String>,
     subnet: String,
 }
 
 impl Sites {
     fn new() -> Sites {
+        Sites::with_hosts(2)
+    }
+
+    fn with_hosts(hosts: usize) -> Sites {
         // One subnet and set of names per test: tests (and test processes) run side by side.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = (std::process::id() * 4 + n) % 250 + 1;
-        let names = [format!("sbc{id}"), format!("sbp{id}"), format!("sbd{id}")];
+        let id = (std::process::id() * 8 + n) % 250 + 1;
+        let names = ["sbc", "sbp", "sbd", "sbn"][..=hosts].iter().map(|k| format!("{k}{id}")).collect();
         let sites = Sites { names, subnet: format!("10.231.{id}") };
         for n in &sites.names {
             let _ = Command::new("ip").args(["netns", "del", n]).output();
@@ -58,7 +65,7 @@ impl Sites {
         &self.names[0]
     }
 
-    /// Address of host `i` (1: production, 2: DR).
+    /// Address of host `i` (1: production, 2: DR, 3: the third).
     fn address(&self, i: usize) -> String {
         format!("{}.{i}:7400", self.subnet)
     }
@@ -692,4 +699,47 @@ fn a_killed_production_agent_is_a_lost_host_and_its_source_is_fenced_when_it_sta
     assert!(identical(&disk, &kept[0]), "the protective image is the source disk as the fence left it");
     let err = refused(&env, &["vm", "start", "web"]);
     assert!(err.contains("web_replica"), "the replica runs: the source may not: {err}");
+}
+
+#[test]
+fn failback_to_a_new_vm_on_a_third_host_copies_the_replica_there() {
+    let sites = Sites::with_hosts(3);
+    let Enrolled { env, agents: _agents, .. } = enrolled(&sites);
+    let (_third, token) = agent(&sites.names[3], &env.path("agent-site3"), &sites.address(3));
+    env.ok(&["host", "add", "site3", "--address", &sites.address(3), "--token", &token]);
+    let disk = env.path("src/web.qcow2");
+    random_data(&env, &disk, 0, 16);
+    env.ok(&["vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2"]);
+    env.ok(&["job", "create", "nightly", "--vm", "web", "--target-host", "dr1", "--target-dir", &env.path("dr")]);
+    env.ok(&["job", "run", "nightly"]);
+
+    // The replica runs on dr1 and its disk changes there (written while it is stopped:
+    // this VM has no guest to write for it).
+    env.ok(&["failover", "web"]);
+    env.ok(&["vm", "stop", "web_replica"]);
+    let overlay = env.json(&["vm", "show", "web_replica"])["disks"][0]["path"].as_str().unwrap().to_owned();
+    standby_testkit::qemu_io(&overlay, "qcow2", &["write -P 0x5a 3M 1M".into(), "write -P 0xa5 100M 2M".into()]);
+
+    // Failback builds web anew on site3, from dr1 straight to site3.
+    let new_dir = env.path("site3");
+    let out = env.ok(&["failback", "web", "--to", &format!("new:site3:{new_dir}"), "--shutdown-timeout", "1"]);
+    assert!(out.contains("by full"), "{out}");
+    let web = env.json(&["vm", "show", "web"]);
+    let new_disk = format!("{new_dir}/web-d0.qcow2");
+    assert_eq!((web["host"].as_str(), web["disks"][0]["path"].as_str()), (Some("site3"), Some(new_disk.as_str())));
+    assert!(identical(&new_disk, &overlay), "the new VM's disk reads as the replica's");
+    assert!(!identical(&new_disk, &disk), "the replica's writes are in it, not the old source's disk");
+
+    // Committed, replication goes on from site3 to dr1, incrementally and exactly.
+    env.ok(&["failback", "commit", "web"]);
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
+    let out = env.ok(&["job", "run", "nightly"]);
+    assert!(out.contains("(cbt, 0 B transferred"), "{out}");
+    assert!(identical(&env.latest_disk("web", 0), &new_disk), "the newest point is the new VM's disk");
+    standby_testkit::qemu_io(&new_disk, "qcow2", &["write -P 0x77 40M 1M".into()]);
+    let out = env.ok(&["job", "run", "nightly"]);
+    assert!(out.contains("(cbt, 1.0 MiB transferred") && out.contains("on the wire between hosts"), "{out}");
+    assert!(identical(&env.latest_disk("web", 0), &new_disk), "the next point is the new VM's disk");
+    let history = env.ok(&["history", "web"]);
+    assert!(history.contains("site3"), "{history}");
 }
