@@ -590,6 +590,21 @@ pub(crate) enum HostCmd {
         /// The `enrolment token:` the agent printed (also in its data directory).
         #[arg(long)]
         token: String,
+        /// Declare the host lost after this much silence (`10m`), so that failover goes
+        /// ahead without `--source-unreachable`; default: only the operator declares it.
+        #[arg(long)]
+        lost_after: Option<String>,
+    },
+    /// Change how a host is declared lost: `--lost-after 10m`, or `--lost-after never`.
+    #[command(after_help = "Example: standby host change prod1 --lost-after 10m")]
+    Change {
+        name: String,
+        /// Silence after which the controller declares the host lost (counted from the
+        /// first failed contact: `host list`, `standby daemon` checks, a failover); `never`.
+        #[arg(long)]
+        lost_after: String,
+        #[command(flatten)]
+        json: Json,
     },
     /// Forget an agent's host (refused while a VM or job uses it).
     #[command(after_help = "Example: standby host remove dr1")]

@@ -1,6 +1,8 @@
 //! `standby daemon`: runs each enabled job whose interval has passed since its last run,
 //! and each failback switch whose time has come (one missed while no daemon ran runs at
-//! once).
+//! once). It asks every agent whether it answers at each check, so a host's silence is
+//! measured from its first missed answer (`host add/change --lost-after`), and says when
+//! a host goes silent, is declared lost, and answers again.
 //!
 //! It stays up: an error (a busy or damaged database, a failed run) is logged and the
 //! check retried with a growing pause. Intervals are measured on the monotonic clock from
@@ -12,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
-use standby_engine::{Engine, JobView, NoProgress};
+use standby_engine::{Engine, HostView, JobView, NoProgress};
 
 use crate::output;
 
@@ -40,6 +42,8 @@ fn first_due(every: Duration, last_run_at: Option<&str>, now: SystemTime, mono: 
 #[derive(Debug, Default)]
 struct Schedule {
     slots: BTreeMap<String, Slot>,
+    /// What each agent's host was at the last check: silent, declared lost.
+    hosts: BTreeMap<String, (bool, bool)>,
 }
 
 impl Schedule {
@@ -61,6 +65,34 @@ impl Schedule {
         mono >= slot.next
     }
 
+    /// What changed about the hosts since the last check, a line each.
+    fn hosts_changed(&mut self, hosts: &[HostView]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for h in hosts.iter().filter(|h| h.address.is_some()) {
+            let now = (h.state == "offline", h.declared_lost);
+            let was = self.hosts.insert(h.name.clone(), now).unwrap_or((false, false));
+            match (was, now) {
+                ((false, _), (true, _)) => lines.push(format!(
+                    "host {}: no answer ({}); silent since {}",
+                    h.name,
+                    h.error.as_deref().unwrap_or("offline"),
+                    h.silent_since.as_deref().unwrap_or("now")
+                )),
+                ((true, _), (false, _)) => lines.push(format!("host {}: answers again", h.name)),
+                _ => {}
+            }
+            if now.1 && !was.1 {
+                lines.push(format!(
+                    "host {}: declared lost, silent longer than its lost-after {}: failover of its VMs goes ahead \
+                     without --source-unreachable",
+                    h.name,
+                    h.lost_after.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+        lines
+    }
+
     /// A run of `job` started at `mono` (its stored last run is now `seen`).
     fn ran(&mut self, job: &str, every: Duration, mono: Instant, seen: Option<String>) {
         self.slots.insert(job.into(), Slot { seen, next: mono + every });
@@ -77,6 +109,14 @@ fn check(engine: &Engine, schedule: &mut Schedule) -> Result<()> {
     let (fenced, attention) = engine.fence_returning()?;
     for note in fenced.iter().chain(&attention) {
         eprintln!("{} {note}", stamp());
+    }
+    match engine.host_list() {
+        Ok(hosts) => {
+            for line in schedule.hosts_changed(&hosts) {
+                eprintln!("{} {line}", stamp());
+            }
+        }
+        Err(e) => eprintln!("{} hosts: {e}", stamp()),
     }
     match engine.failback_due(&NoProgress) {
         Ok(outcomes) if !outcomes.is_empty() => {
@@ -195,5 +235,43 @@ mod tests {
         let t = Instant::now() + Duration::from_secs(3600);
         assert!(!s.due(&job(None, None, true), t));
         assert!(!s.due(&job(Some(1), None, false), t));
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    fn host(state: &'static str, declared_lost: bool) -> HostView {
+        HostView {
+            name: "prod1".into(),
+            kind: "agent".into(),
+            address: Some("10.0.0.1:7400".into()),
+            state,
+            last_seen: None,
+            version: None,
+            accel: None,
+            error: (state == "offline").then(|| "no answer".into()),
+            used_by: vec![],
+            fences: vec![],
+            lost_after: Some("10m".into()),
+            silent_since: (state == "offline").then(|| "2026-12-03T06:00:00Z".into()),
+            declared_lost,
+        }
+    }
+
+    #[test]
+    fn each_change_of_a_host_is_said_once() {
+        let mut s = Schedule::default();
+        assert!(s.hosts_changed(&[host("online", false)]).is_empty());
+        let silent = s.hosts_changed(&[host("offline", false)]);
+        assert_eq!(silent.len(), 1, "{silent:?}");
+        assert!(silent[0].contains("silent since 2026-12-03T06:00:00Z"), "{silent:?}");
+        assert!(s.hosts_changed(&[host("offline", false)]).is_empty(), "said once");
+        let lost = s.hosts_changed(&[host("offline", true)]);
+        assert!(lost.len() == 1 && lost[0].contains("declared lost") && lost[0].contains("10m"), "{lost:?}");
+        assert!(s.hosts_changed(&[host("offline", true)]).is_empty(), "said once");
+        let back = s.hosts_changed(&[host("online", false)]);
+        assert_eq!(back, vec!["host prod1: answers again".to_owned()]);
     }
 }

@@ -100,8 +100,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output::hosts(&engine.host_list()?, json.json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Host(HostCmd::Add { name, address, token }) => {
-            let h = engine.host_add(&name, &address, &token)?;
+        Command::Host(HostCmd::Change { name, lost_after, json }) => {
+            output::hosts(std::slice::from_ref(&engine.host_change(&name, &lost_after)?), json.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Host(HostCmd::Add { name, address, token, lost_after }) => {
+            let h = engine.host_add(&name, &address, &token, lost_after.as_deref())?;
             println!("host {} enrolled: agent {} at {address}", h.name, h.version.unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }

@@ -349,6 +349,16 @@ pub fn hosts(list: &[HostView], as_json: bool) -> Result<()> {
                 h.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()
             ),
         }
+        match (&h.silent_since, &h.lost_after, h.declared_lost) {
+            (Some(since), Some(after), true) => {
+                println!("  declared lost: silent since {since}, longer than its lost-after {after}")
+            }
+            (Some(since), Some(after), false) => println!("  silent since {since}; declared lost after {after}"),
+            (Some(since), None, _) => {
+                println!("  silent since {since}; declared lost only by failover --source-unreachable")
+            }
+            _ => {}
+        }
         if !h.fences.is_empty() {
             println!("  to fence when it answers: {}", h.fences.join(", "));
         }

@@ -378,7 +378,10 @@ fn a_lost_production_site_fails_over_and_its_source_is_fenced_when_it_returns() 
     assert!(out.contains("runs on dr1") && out.contains("declared lost"), "{out}");
     let replica_pid = qemu_pid(&dr_dir, "web_replica").expect("the replica runs on the DR host");
     let history = env.ok(&["history", "web"]);
-    assert!(history.contains("--source-unreachable"), "the history says how prod1 was declared lost:\n{history}");
+    assert!(
+        history.contains("declared lost by the operator (failover --source-unreachable)"),
+        "the history says how prod1 was declared lost:\n{history}"
+    );
     // Both lists say what waits for prod1.
     let prod1 = env.json(&["host", "list"]).as_array().unwrap().iter().find(|h| h["name"] == "prod1").cloned().unwrap();
     assert_eq!(prod1["state"], "offline", "{prod1}");
@@ -664,7 +667,7 @@ fn a_full_dr_disk_or_a_killed_writing_agent_fails_the_run_and_the_next_one_is_ex
 }
 
 #[test]
-fn a_killed_production_agent_is_a_lost_host_and_its_source_is_fenced_when_it_starts_again() {
+fn a_killed_production_agent_silent_past_its_lost_after_is_declared_lost_and_fenced_on_its_restart() {
     let sites = Sites::new();
     let Enrolled { env, prod_dir, dr_dir, mut agents } = enrolled(&sites);
     let disk = ledger_guest(&env);
@@ -673,17 +676,41 @@ fn a_killed_production_agent_is_a_lost_host_and_its_source_is_fenced_when_it_sta
     env.ok(&["job", "run", "nightly"]);
     let source_pid = qemu_pid(&prod_dir, "web").expect("the source runs on the production host");
 
+    // The controller declares prod1 lost by itself after 3 s of silence; bad values and
+    // hosts are refused, changing nothing.
+    for (args, says) in [
+        (&["host", "change", "prod1", "--lost-after", "soon"][..], "--lost-after"),
+        (&["host", "change", "mars", "--lost-after", "5m"][..], "mars"),
+        (&["host", "change", "local", "--lost-after", "5m"][..], "cannot lose it"),
+    ] {
+        let err = env.fails(args);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let prod1 = |env: &Env| {
+        env.json(&["host", "list"]).as_array().unwrap().iter().find(|h| h["name"] == "prod1").cloned().unwrap()
+    };
+    assert_eq!(prod1(&env)["lost_after"], serde_json::Value::Null);
+    env.ok(&["host", "change", "prod1", "--lost-after", "3s"]);
+    assert_eq!(prod1(&env)["lost_after"], "3s");
+
     // The production agent dies; the VM it started does not.
     let _ = agents.0 .0.kill();
     let _ = agents.0 .0.wait();
     assert_eq!(qemu_pid(&prod_dir, "web"), Some(source_pid), "the source outlives its agent");
-    let prod1 = env.json(&["host", "list"]).as_array().unwrap().iter().find(|h| h["name"] == "prod1").cloned().unwrap();
-    assert_eq!(prod1["state"], "offline", "{prod1}");
+    let host = prod1(&env);
+    assert_eq!((host["state"].as_str(), host["declared_lost"].as_bool()), (Some("offline"), Some(false)), "{host}");
+    assert!(host["silent_since"].is_string(), "{host}");
+    // Not silent long enough yet: the failover is refused, saying when it will not be.
     let err = refused(&env, &["failover", "web"]);
-    assert!(err.contains("prod1 is unreachable") && err.contains("--source-unreachable"), "{err}");
+    assert!(err.contains("prod1 is unreachable") && err.contains("after 3s of silence"), "{err}");
     assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready", "a refused failover changes nothing");
-    let out = env.ok(&["failover", "web", "--source-unreachable"]);
-    assert!(out.contains("runs on dr1"), "{out}");
+    std::thread::sleep(Duration::from_secs(4));
+    let list = env.ok(&["host", "list"]);
+    assert!(list.contains("declared lost: silent since"), "{list}");
+    let out = env.ok(&["failover", "web"]);
+    assert!(out.contains("runs on dr1") && out.contains("declared lost by the controller"), "{out}");
+    let history = env.ok(&["history", "web"]);
+    assert!(history.contains("no answer from prod1 since") && history.contains("--lost-after 3s"), "{history}");
     let replica_pid = qemu_pid(&dr_dir, "web_replica").expect("the replica runs on the DR host");
     assert_eq!(qemu_pid(&prod_dir, "web"), Some(source_pid), "nobody could stop the source yet");
 
@@ -694,6 +721,8 @@ fn a_killed_production_agent_is_a_lost_host_and_its_source_is_fenced_when_it_sta
     assert!(out.contains("still ran") && out.contains("paused, then powered off"), "{out}");
     assert_eq!(qemu_pid(&prod_dir, "web"), None, "the source's QEMU is gone after the fence");
     assert_eq!(qemu_pid(&dr_dir, "web_replica"), Some(replica_pid), "the replica runs on, alone");
+    let host = prod1(&env);
+    assert_eq!((host["state"].as_str(), &host["silent_since"]), (Some("online"), &serde_json::Value::Null), "{host}");
     let kept: Vec<String> = files_under(&env.path("src")).into_iter().filter(|p| p.contains(".protective-")).collect();
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(identical(&disk, &kept[0]), "the protective image is the source disk as the fence left it");

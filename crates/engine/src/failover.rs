@@ -271,25 +271,41 @@ impl Engine {
         })?
         .clone();
         let source = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
-        // None: the source's host does not answer, and the operator declared it lost.
+        // None: the source's host does not answer, and it is declared lost (by whom:
+        // `declared_by`).
+        let mut declared_by = None;
         let source_running = match self.vm_is_running(&source) {
-            Ok(running) => Some(running),
+            Ok(running) => {
+                self.store().host_answered(&source.host)?;
+                Some(running)
+            }
             Err(EngineError::Host(HostError::Unreachable { host, detail })) => {
-                if !despite.source_unreachable {
-                    return Err(EngineError::Refused {
-                        vm: name.into(),
-                        why: format!(
-                            "host {host} is unreachable ({detail}), so standby cannot tell whether source VM {name} \
-                             still runs; if its site is lost, run the failover again with --source-unreachable: \
-                             the source is then fenced (paused, powered off, its disks kept) as soon as {host} \
-                             answers again"
-                        ),
-                    });
-                }
-                warnings.push(format!(
-                    "host {host} is unreachable and declared lost (--source-unreachable): VM {name} will be fenced \
-                     when {host} answers again"
-                ));
+                let (since, by_timeout) = self.host_silence(&host)?;
+                let by = match (despite.source_unreachable, by_timeout) {
+                    (true, _) => DECLARED_BY_FLAG.to_owned(),
+                    (false, Some(by)) => by,
+                    (false, None) => {
+                        let lost_after = self.store().host(&host)?.and_then(|h| h.lost_after_secs);
+                        let wait = match lost_after {
+                            Some(secs) => format!(
+                                "; the controller declares it lost by itself after {} of silence (silent since {})",
+                                humantime::format_duration(std::time::Duration::from_secs(secs)),
+                                since.as_deref().unwrap_or("now")
+                            ),
+                            None => String::new(),
+                        };
+                        return Err(EngineError::Refused {
+                            vm: name.into(),
+                            why: format!(
+                                "host {host} is unreachable ({detail}), so standby cannot tell whether source VM \
+                                 {name} still runs; if its site is lost, run the failover again with \
+                                 --source-unreachable: the source is then fenced (paused, powered off, its disks \
+                                 kept) as soon as {host} answers again{wait}"
+                            ),
+                        });
+                    }
+                };
+                declared_by = Some(by);
                 None
             }
             Err(e) => return Err(e),
@@ -320,7 +336,10 @@ impl Engine {
         let dr = self.host(&replica.target_host)?;
         // Before any step: a failover that is rolled back removes the fence with it.
         match source_running {
-            None => self.store().open_fence(replica.id, name, &source.host, &source.disks, DECLARED_BY_FLAG)?,
+            None => {
+                let by = declared_by.as_deref().unwrap_or(DECLARED_BY_FLAG);
+                self.store().open_fence(replica.id, name, &source.host, &source.disks, by)?
+            }
             // An earlier fence, carried out long ago, no longer describes this failover.
             Some(_) => {
                 let done = self.store().fence(replica.id)?.is_some_and(|f| !f.is_open());
@@ -356,8 +375,15 @@ impl Engine {
             None,
             FailoverPoint::Keep,
         )?;
+        // The history keeps who declared the source's host lost, with the failover.
+        let lost = declared_by.map_or_else(String::new, |by| {
+            format!(
+                "; host {} is unreachable and declared lost by {by}: VM {name} is fenced when {} answers again",
+                source.host, source.host
+            )
+        });
         Ok(format!(
-            "replica {vm_name} runs on {} from restore point {} ({})",
+            "replica {vm_name} runs on {} from restore point {} ({}){lost}",
             replica.target_host, rp.id, rp.created_at
         ))
     }

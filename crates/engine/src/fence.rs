@@ -43,8 +43,14 @@ impl Engine {
                 continue;
             };
             match self.fence_locked(&fence) {
-                Ok(note) => done.push(note),
-                Err(EngineError::Host(HostError::Unreachable { .. })) => unreachable.push(fence.host.clone()),
+                Ok(note) => {
+                    self.store().host_answered(&fence.host)?;
+                    done.push(note)
+                }
+                Err(EngineError::Host(HostError::Unreachable { .. })) => {
+                    self.store().host_silent(&fence.host)?;
+                    unreachable.push(fence.host.clone())
+                }
                 Err(e) => attention.push(format!(
                     "VM {}: the fence on {} could not be carried out: {}; standby tries again at the next \
                      standby recover or daemon check",

@@ -31,6 +31,40 @@ pub struct HostView {
     pub used_by: Vec<String>,
     /// Sources on this host that a failover left to fence when it answers again.
     pub fences: Vec<String>,
+    /// Silence after which the controller declares the host lost by itself (`10m`);
+    /// None: only the operator does (`failover --source-unreachable`).
+    pub lost_after: Option<String>,
+    /// Since when the host has not answered (the first failed contact after its last answer).
+    pub silent_since: Option<String>,
+    /// The silence has lasted longer than `lost_after`: a failover of its VMs goes ahead
+    /// without `--source-unreachable`.
+    pub declared_lost: bool,
+}
+
+/// A silence as an operator writes it: `10m`, `1h 30m`.
+fn show_secs(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// The `--lost-after` an operator gave: a duration, or `never`.
+fn parse_lost_after(text: &str) -> Result<Option<u64>> {
+    if text == "never" {
+        return Ok(None);
+    }
+    let secs = standby_model::parse_interval(text)
+        .map_err(|e| EngineError::BadArgument { arg: "--lost-after", why: format!("--lost-after {e}, or never") })?;
+    Ok(Some(secs.as_secs()))
+}
+
+/// Whether a silence that began at `since` has lasted longer than `lost_after_secs`.
+fn silence_exceeds(since: Option<&str>, lost_after_secs: Option<u64>) -> bool {
+    let (Some(since), Some(limit)) = (since, lost_after_secs) else {
+        return false;
+    };
+    humantime::parse_rfc3339(since)
+        .ok()
+        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+        .is_some_and(|silent| silent.as_secs() >= limit)
 }
 
 const CONTROLLER: &str = "standby-controller";
@@ -72,9 +106,11 @@ impl Engine {
         Ok((ca, cert, key))
     }
 
-    /// Enrols the agent at `address` (which printed `token`) as host `name`.
-    pub fn host_add(&self, name: &str, address: &str, token: &str) -> Result<HostView> {
+    /// Enrols the agent at `address` (which printed `token`) as host `name`, declared lost
+    /// by the controller after `lost_after` of silence when given.
+    pub fn host_add(&self, name: &str, address: &str, token: &str, lost_after: Option<&str>) -> Result<HostView> {
         VmName::new(name)?;
+        let lost_after = lost_after.map(parse_lost_after).transpose()?.flatten();
         if self.store().host_exists(name)? {
             return Err(EngineError::HostExists(name.into()));
         }
@@ -86,6 +122,7 @@ impl Engine {
         });
         let enrolled = result?;
         self.store().insert_agent_host(name, address, &enrolled.version, &enrolled.serial)?;
+        self.store().set_host_lost_after(name, lost_after)?;
         self.host_list()?.into_iter().find(|h| h.name == name).ok_or_else(|| EngineError::UnknownHost(name.into()))
     }
 
@@ -112,6 +149,9 @@ impl Engine {
                     .filter(|f| f.host == h.name)
                     .map(|f| format!("VM {} (its replica runs since {})", f.vm, f.declared_at))
                     .collect(),
+                lost_after: h.lost_after_secs.map(show_secs),
+                silent_since: h.silent_since.clone(),
+                declared_lost: false,
             };
             match (&h.address, self.hosts.get(&h.name)) {
                 (_, Some(local)) => view.accel = Some(local.accel().as_str()),
@@ -123,6 +163,7 @@ impl Engine {
                     match standby_agent::hello(&h.name, address, config.clone()) {
                         Ok(hello) => {
                             self.store().host_seen(&h.name, &hello.version)?;
+                            view.silent_since = None;
                             view.version = Some(hello.version);
                             view.last_seen = Some(standby_store::now());
                             // An agent that was offline at a `host remove` learns of it now.
@@ -138,6 +179,8 @@ impl Engine {
                         Err(e) => {
                             view.state = "offline";
                             view.error = Some(crate::chain(&e));
+                            view.silent_since = self.store().host_silent(&h.name)?;
+                            view.declared_lost = silence_exceeds(view.silent_since.as_deref(), h.lost_after_secs);
                         }
                     }
                 }
@@ -146,6 +189,43 @@ impl Engine {
             views.push(view);
         }
         Ok(views)
+    }
+
+    /// Sets after how much silence the controller declares host `name` lost by itself
+    /// (`never`: only the operator does).
+    pub fn host_change(&self, name: &str, lost_after: &str) -> Result<HostView> {
+        let secs = parse_lost_after(lost_after)?;
+        let Some(h) = self.store().host(name)? else {
+            return Err(EngineError::UnknownHost(name.into()));
+        };
+        if h.address.is_none() {
+            return Err(EngineError::Refused {
+                vm: name.into(),
+                why: format!("host {name} is this machine: the controller cannot lose it"),
+            });
+        }
+        self.store().set_host_lost_after(name, secs)?;
+        let what = match secs {
+            Some(s) => format!("declared lost after {} of silence", show_secs(s)),
+            None => "declared lost only by the operator (failover --source-unreachable)".into(),
+        };
+        self.record_raw(&format!("host:{name}"), "host change", "ok", &what);
+        self.host_list()?.into_iter().find(|h| h.name == name).ok_or_else(|| EngineError::UnknownHost(name.into()))
+    }
+
+    /// A host that did not answer: when its silence began, and, if it has lasted longer
+    /// than the host's `--lost-after`, how the controller declares it lost.
+    pub(crate) fn host_silence(&self, name: &str) -> Result<(Option<String>, Option<String>)> {
+        let since = self.store().host_silent(name)?;
+        let lost_after = self.store().host(name)?.and_then(|h| h.lost_after_secs);
+        let declared = silence_exceeds(since.as_deref(), lost_after).then(|| {
+            format!(
+                "the controller: no answer from {name} since {}, longer than its --lost-after {}",
+                since.as_deref().unwrap_or("?"),
+                show_secs(lost_after.unwrap_or(0))
+            )
+        });
+        Ok((since, declared))
     }
 
     /// Forgets an agent's host and revokes its certificate, telling every other agent;

@@ -10,7 +10,9 @@ impl Store {
     }
 
     pub fn hosts(&self) -> Result<Vec<HostRecord>> {
-        let mut st = self.conn.prepare("SELECT name, kind, address, version, last_seen FROM hosts ORDER BY name")?;
+        let mut st = self.conn.prepare(
+            "SELECT name, kind, address, version, last_seen, lost_after_secs, silent_since FROM hosts ORDER BY name",
+        )?;
         let rows = st
             .query_map([], |r| {
                 Ok(HostRecord {
@@ -19,6 +21,8 @@ impl Store {
                     address: r.get(2)?,
                     version: r.get(3)?,
                     last_seen: r.get(4)?,
+                    lost_after_secs: r.get::<_, Option<i64>>(5)?.map(|s| s.unsigned_abs()),
+                    silent_since: r.get(6)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -45,9 +49,45 @@ impl Store {
             .flatten())
     }
 
+    pub fn host(&self, name: &str) -> Result<Option<HostRecord>> {
+        Ok(self.hosts()?.into_iter().find(|h| h.name == name))
+    }
+
+    /// The host's agent answered (as `version`): its silence, if any, is over.
     pub fn host_seen(&mut self, name: &str, version: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE hosts SET version = ?2, last_seen = ?3, silent_since = NULL WHERE name = ?1",
+            params![name, version, now()],
+        )?;
+        Ok(())
+    }
+
+    /// The host answered a request: its silence, if any, is over.
+    pub fn host_answered(&mut self, name: &str) -> Result<()> {
         self.conn
-            .execute("UPDATE hosts SET version = ?2, last_seen = ?3 WHERE name = ?1", params![name, version, now()])?;
+            .execute("UPDATE hosts SET last_seen = ?2, silent_since = NULL WHERE name = ?1", params![name, now()])?;
+        Ok(())
+    }
+
+    /// The host did not answer: its silence began now unless it had already. When it
+    /// began.
+    pub fn host_silent(&mut self, name: &str) -> Result<Option<String>> {
+        self.conn.execute(
+            "UPDATE hosts SET silent_since = COALESCE(silent_since, ?2) WHERE name = ?1",
+            params![name, now()],
+        )?;
+        Ok(self
+            .conn
+            .query_row("SELECT silent_since FROM hosts WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?
+            .flatten())
+    }
+
+    pub fn set_host_lost_after(&mut self, name: &str, secs: Option<u64>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE hosts SET lost_after_secs = ?2 WHERE name = ?1",
+            params![name, secs.map(|s| i64::try_from(s).unwrap_or(i64::MAX))],
+        )?;
         Ok(())
     }
 

@@ -185,4 +185,11 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE hosts ADD COLUMN cert_serial TEXT;
     "#,
+    // 11: when a host is declared lost without the operator: after `lost_after_secs` of
+    // silence (NULL: never), counted from `silent_since`, the first failed contact since
+    // its last answer (NULL while it answers).
+    r#"
+    ALTER TABLE hosts ADD COLUMN lost_after_secs INTEGER CHECK (lost_after_secs IS NULL OR lost_after_secs > 0);
+    ALTER TABLE hosts ADD COLUMN silent_since TEXT;
+    "#,
 ];

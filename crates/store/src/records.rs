@@ -45,6 +45,10 @@ pub struct HostRecord {
     pub address: Option<String>,
     pub version: Option<String>,
     pub last_seen: Option<String>,
+    /// Silence after which the controller declares the host lost by itself; None: never.
+    pub lost_after_secs: Option<u64>,
+    /// The first failed contact since the host last answered.
+    pub silent_since: Option<String>,
 }
 
 #[derive(Debug, Clone)]

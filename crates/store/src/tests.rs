@@ -197,6 +197,8 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE jobs DROP COLUMN bandwidth;
              ALTER TABLE jobs DROP COLUMN retry_window_secs;
              ALTER TABLE hosts DROP COLUMN cert_serial;
+             ALTER TABLE hosts DROP COLUMN lost_after_secs;
+             ALTER TABLE hosts DROP COLUMN silent_since;
              PRAGMA user_version = 5;",
         )
         .unwrap();
