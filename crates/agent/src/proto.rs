@@ -108,6 +108,9 @@ pub(crate) enum Answer {
     Progress {
         done: u64,
         total: u64,
+        /// Bytes on the wire so far, compressed: the live compression ratio.
+        #[serde(default)]
+        wire: u64,
     },
     Transferred {
         stats: Stats,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use serde::de::DeserializeOwned;
-use standby_host::transfer::{Plan, Stats, Wire};
+use standby_host::transfer::{Moved, Plan, Stats, Wire};
 use standby_host::views::{BitmapState, DiskAccess, SourceDisk, View};
 use standby_host::{
     Accel, AgentAddress, BitmapOp, BlockStream, Chain, Endpoint, Format, Host, HostError, ImageInfo, NbdAddress,
@@ -266,7 +266,7 @@ impl Transport for RemoteHost {
         src: &Endpoint,
         dst: &Endpoint,
         wire: &Wire,
-        report: &(dyn Fn(u64, u64) + Sync),
+        report: &(dyn Fn(Moved) + Sync),
     ) -> Result<Stats> {
         for end in [src, dst] {
             if end.address.agent.is_none() {
@@ -282,7 +282,7 @@ impl Transport for RemoteHost {
         let mut answer = self.exchange(&mut conn, &request, CALL_TIMEOUT)?;
         loop {
             match answer {
-                Answer::Progress { done, total } => report(done, total),
+                Answer::Progress { done, total, wire } => report(Moved { done, total, wire }),
                 Answer::Transferred { stats, wire_bytes } => return Ok(Stats { wire: wire_bytes, ..stats }),
                 a => return Err(said(&self.name, a)),
             }

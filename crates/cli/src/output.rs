@@ -193,8 +193,12 @@ pub fn task_line(t: &TaskView) -> String {
     let pct = (r.done_bytes * 100).checked_div(r.total_bytes).map(|p| format!(" {p}%")).unwrap_or_default();
     let bytes_part =
         if r.total_bytes > 0 { format!(" {}/{}", bytes(r.done_bytes), bytes(r.total_bytes)) } else { String::new() };
+    let wire = match r.wire_bytes {
+        0 => String::new(),
+        w => format!(" ({:.1}x on the wire)", r.wire_read_bytes as f64 / w as f64),
+    };
     let msg = r.message.as_deref().map(|m| format!(" - {m}")).unwrap_or_default();
-    format!("task {} {} {}: {} [{}]{}{}{}", r.id, r.kind, r.subject, status, r.step, pct, bytes_part, msg)
+    format!("task {} {} {}: {} [{}]{}{}{}{}", r.id, r.kind, r.subject, status, r.step, pct, bytes_part, wire, msg)
 }
 
 pub fn tasks(list: &[TaskView], as_json: bool) -> Result<()> {

@@ -1,5 +1,5 @@
 //! Progress on a terminal: one bar per VM while a job runs, with the current step (the
-//! disk it copies) and the throughput. Without a terminal (scripts,
+//! disk it copies), the throughput, and between hosts the compression ratio so far. Without a terminal (scripts,
 //! CI) each step is one line on stderr instead, and byte counts stay quiet.
 
 use std::collections::HashMap;
@@ -12,12 +12,14 @@ use standby_engine::Progress;
 pub struct Terminal {
     multi: Option<MultiProgress>,
     bars: Mutex<HashMap<String, ProgressBar>>,
+    /// Each subject's current step, which the ratio is shown after.
+    steps: Mutex<HashMap<String, String>>,
 }
 
 impl Terminal {
     pub fn new() -> Terminal {
         let multi = std::io::stderr().is_terminal().then(MultiProgress::new);
-        Terminal { multi, bars: Mutex::new(HashMap::new()) }
+        Terminal { multi, bars: Mutex::new(HashMap::new()), steps: Mutex::new(HashMap::new()) }
     }
 
     fn bar(&self, subject: &str) -> Option<ProgressBar> {
@@ -49,8 +51,19 @@ impl Terminal {
 impl Progress for Terminal {
     fn step(&self, subject: &str, step: &str) {
         match self.bar(subject) {
-            Some(b) => b.set_message(step.to_owned()),
+            Some(b) => {
+                self.steps.lock().unwrap_or_else(|e| e.into_inner()).insert(subject.to_owned(), step.to_owned());
+                b.set_message(step.to_owned())
+            }
             None => eprintln!("{subject}: {step}"),
+        }
+    }
+
+    fn wire(&self, subject: &str, done: u64, wire: u64) {
+        if let Some(b) = self.bar(subject) {
+            let steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+            let step = steps.get(subject).map_or("", String::as_str);
+            b.set_message(format!("{step}  {:.1}x on the wire", done as f64 / wire.max(1) as f64));
         }
     }
 

@@ -488,6 +488,10 @@ fn run_across_a_cut(env: &Env, sites: &Sites, after: Duration, cut: Duration) ->
     let mut run = Process(child.expect("start the run"));
     std::thread::sleep(after);
     assert!(run.0.try_wait().unwrap().is_none(), "the run ended before the cut: make it longer");
+    // Another terminal follows the run, with what its blocks cost on the wire so far.
+    let tasks = env.ok(&["task", "list"]);
+    let line = tasks.lines().find(|l| l.contains("running")).unwrap_or_default();
+    assert!(line.contains("x on the wire)") && line.contains("MiB/"), "{tasks}");
     ip(&["-n", sites.ctl(), "link", "set", "v1", "down"]);
     std::thread::sleep(cut);
     ip(&["-n", sites.ctl(), "link", "set", "v1", "up"]);

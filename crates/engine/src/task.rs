@@ -35,12 +35,15 @@ pub(crate) struct TaskProgress<'a> {
 struct Counters {
     last_flush: Instant,
     per_subject: HashMap<String, (u64, u64)>,
+    /// (bytes read, bytes on the wire) of each subject's transfer between hosts.
+    wire: HashMap<String, (u64, u64)>,
 }
 
 impl<'a> TaskProgress<'a> {
     pub fn start(engine: &'a Engine, kind: &str, subject: &str, outer: &'a dyn Progress) -> Result<Self> {
         let id = engine.store().insert_task(kind, subject, std::process::id())?;
-        let state = Mutex::new(Counters { last_flush: Instant::now(), per_subject: HashMap::new() });
+        let state =
+            Mutex::new(Counters { last_flush: Instant::now(), per_subject: HashMap::new(), wire: HashMap::new() });
         Ok(TaskProgress { engine, id, outer, state })
     }
 
@@ -54,9 +57,10 @@ impl<'a> TaskProgress<'a> {
     }
 
     fn flush_bytes(&self, c: &mut Counters) {
-        let (done, total) = c.per_subject.values().fold((0, 0), |(d, t), (dd, tt)| (d + dd, t + tt));
+        let sum = |m: &HashMap<String, (u64, u64)>| m.values().fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
+        let ((done, total), wire) = (sum(&c.per_subject), sum(&c.wire));
         c.last_flush = Instant::now();
-        let _ = self.engine.store().update_task_bytes(self.id, done, total);
+        let _ = self.engine.store().update_task_bytes(self.id, done, total, wire);
     }
 }
 
@@ -73,6 +77,12 @@ impl Progress for TaskProgress<'_> {
         if c.last_flush.elapsed() >= FLUSH_EVERY {
             self.flush_bytes(&mut c);
         }
+    }
+
+    fn wire(&self, subject: &str, done: u64, wire: u64) {
+        self.outer.wire(subject, done, wire);
+        // Flushed with the byte counts, which follow it in every report.
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).wire.insert(subject.to_owned(), (done, wire));
     }
 }
 

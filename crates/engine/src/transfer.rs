@@ -46,8 +46,11 @@ pub fn run(
     subject: &str,
     on_chunk: &(dyn Fn() + Sync),
 ) -> Result<Stats> {
-    let report = |done, total| {
-        progress.bytes(subject, done, total);
+    let report = |m: Moved| {
+        if m.wire > 0 {
+            progress.wire(subject, m.done, m.wire);
+        }
+        progress.bytes(subject, m.done, m.total);
         on_chunk();
     };
     dst_host.transfer(plan, src, dst, wire, &report).map_err(|e| match e {

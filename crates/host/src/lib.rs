@@ -291,17 +291,18 @@ pub trait Transport: Sync {
     }
     /// Carries out `plan` from `src` into `dst` here, on the host that holds `dst`: a host
     /// reached over the network runs it next to its data, and the bytes go from source to
-    /// destination directly, as `wire` says. `report(done, total)` follows it. This
-    /// process's hosts (and the fake) run it right here, with no wire.
+    /// destination directly, as `wire` says. `report` follows it. This process's hosts
+    /// (and the fake) run it right here, with no wire.
     fn transfer(
         &self,
         plan: &transfer::Plan,
         src: &Endpoint,
         dst: &Endpoint,
         _wire: &transfer::Wire,
-        report: &(dyn Fn(u64, u64) + Sync),
+        report: &(dyn Fn(transfer::Moved) + Sync),
     ) -> Result<transfer::Stats> {
-        transfer::execute(plan, &|| Ok((self.connect(src)?, self.connect(dst)?)), report)
+        let report = |done, total| report(transfer::Moved { done, total, wire: 0 });
+        transfer::execute(plan, &|| Ok((self.connect(src)?, self.connect(dst)?)), &report)
     }
     /// Stops every standby NBD server whose id starts with `prefix`; returns how many ran.
     /// A server whose process outlives SIGKILL is an error, and its files are kept.

@@ -47,6 +47,15 @@ const CHUNK: u64 = 4 << 20;
 /// Granularity of zero detection and digest comparison.
 const BLOCK: usize = 64 << 10;
 
+/// How far a transfer is: bytes of the plan done out of its total, and the bytes that
+/// crossed the link between hosts for them so far (0 on one machine).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    pub done: u64,
+    pub total: u64,
+    pub wire: u64,
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// Bytes read from the source view.

@@ -149,6 +149,10 @@ pub struct TaskRecord {
     pub finished_at: Option<String>,
     pub done_bytes: u64,
     pub total_bytes: u64,
+    /// Of the bytes read by transfers between hosts, `wire_read_bytes`, those that
+    /// crossed the link took `wire_bytes`.
+    pub wire_read_bytes: u64,
+    pub wire_bytes: u64,
     pub message: Option<String>,
 }
 
