@@ -108,9 +108,12 @@ pub(crate) enum Answer {
     Progress {
         done: u64,
         total: u64,
-        /// Bytes on the wire so far, compressed: the live compression ratio.
+        /// Bytes on the wire so far, compressed, for `wire_data` bytes of blocks: the live
+        /// compression ratio.
         #[serde(default)]
         wire: u64,
+        #[serde(default)]
+        wire_data: u64,
     },
     Transferred {
         stats: Stats,

@@ -39,6 +39,7 @@ pub struct RemoteHost {
     address: String,
     tls: Arc<ClientConfig>,
     idle: Mutex<Vec<(Instant, Conn)>>,
+    last_answer: Mutex<Option<std::time::SystemTime>>,
 }
 
 fn remote(host: &str, e: impl Into<AgentError>) -> HostError {
@@ -46,7 +47,6 @@ fn remote(host: &str, e: impl Into<AgentError>) -> HostError {
         AgentError::Unreachable { address, source, .. } => {
             HostError::Unreachable { host: host.into(), detail: format!("no answer at {address}: {source}") }
         }
-        e @ AgentError::Lost { .. } => HostError::Remote { host: host.into(), detail: e.to_string() },
         e => HostError::Remote { host: host.into(), detail: crate::chain(&e) },
     }
 }
@@ -62,7 +62,13 @@ fn said(host: &str, a: Answer) -> HostError {
 impl RemoteHost {
     /// Host `name`, whose agent listens on `address`, reached with the controller's `tls`.
     pub fn new(name: &str, address: &str, tls: Arc<ClientConfig>) -> RemoteHost {
-        RemoteHost { name: name.into(), address: address.into(), tls, idle: Mutex::new(Vec::new()) }
+        RemoteHost {
+            name: name.into(),
+            address: address.into(),
+            tls,
+            idle: Mutex::new(Vec::new()),
+            last_answer: Mutex::new(None),
+        }
     }
 
     fn agent(&self) -> AgentAddress {
@@ -77,7 +83,9 @@ impl RemoteHost {
         let wire = crate::wire_error(&self.name, &self.address);
         let _ = conn.get_ref().sock.set_read_timeout(Some(timeout));
         conn.write(request).map_err(|e| remote(&self.name, wire(e)))?;
-        conn.read::<Answer>().map_err(|e| remote(&self.name, wire(e)))
+        let answer = conn.read::<Answer>().map_err(|e| remote(&self.name, wire(e)))?;
+        *self.last_answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::SystemTime::now());
+        Ok(answer)
     }
 
     fn call_within<T: DeserializeOwned>(&self, call: HostCall, timeout: Duration) -> Result<T> {
@@ -110,6 +118,9 @@ impl RemoteHost {
 impl Host for RemoteHost {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn last_answer(&self) -> Option<std::time::SystemTime> {
+        *self.last_answer.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -282,7 +293,7 @@ impl Transport for RemoteHost {
         let mut answer = self.exchange(&mut conn, &request, CALL_TIMEOUT)?;
         loop {
             match answer {
-                Answer::Progress { done, total, wire } => report(Moved { done, total, wire }),
+                Answer::Progress { done, total, wire, wire_data } => report(Moved { done, total, wire, wire_data }),
                 Answer::Transferred { stats, wire_bytes } => return Ok(Stats { wire: wire_bytes, ..stats }),
                 a => return Err(said(&self.name, a)),
             }
@@ -417,9 +428,9 @@ impl RemoteStream {
     }
 
     /// Counts the frame bytes since `before` on the meter, which may pace them.
-    fn metered(&self, before: u64) {
+    fn metered(&self, before: u64, data: usize) {
         if let Some(m) = &self.meter {
-            m.add(self.conn.wire_bytes - before);
+            m.add(self.conn.wire_bytes - before, data as u64);
         }
     }
 
@@ -448,7 +459,7 @@ impl BlockStream for RemoteStream {
                 let before = self.conn.wire_bytes;
                 let r = self.conn.read_frame(self.codec, len, &digest, &mut data);
                 r.map_err(|e| link_err(&self.host, e))?;
-                self.metered(before);
+                self.metered(before, data.len());
                 buf.copy_from_slice(&data);
                 self.buf = data;
                 Ok(())
@@ -461,7 +472,7 @@ impl BlockStream for RemoteStream {
         let head = StreamCall::Write { offset, len: data.len() as u64, digest: crate::wire::digest(data) };
         let before = self.conn.wire_bytes;
         self.conn.write_frame(&head, self.codec, data).map_err(|e| link_err(&self.host, e))?;
-        self.metered(before);
+        self.metered(before, data.len());
         match self.conn.read::<Answer>().map_err(|e| link_err(&self.host, e))? {
             Answer::Done { .. } => Ok(()),
             a => Err(nbd_err(&self.host, said(&self.host, a))),

@@ -286,7 +286,7 @@ impl Service {
             let mut g = out.lock().unwrap_or_else(|e| e.into_inner());
             if g.1.elapsed() >= Duration::from_millis(200) || done == total {
                 g.1 = Instant::now();
-                let r = g.0.write(&Answer::Progress { done, total, wire: meter.total() });
+                let r = g.0.write(&Answer::Progress { done, total, wire: meter.total(), wire_data: meter.data() });
                 if g.2.is_ok() {
                     g.2 = r;
                 }

@@ -21,6 +21,8 @@ pub(crate) const MAX_FRAME: usize = 32 << 20;
 #[derive(Debug)]
 pub(crate) struct Meter {
     bytes: AtomicU64,
+    /// What those frames carried, decoded: with `bytes`, the compression ratio so far.
+    data: AtomicU64,
     limit: Option<u64>,
     /// When the link, at the limit, is free for the next frame.
     free_at: Mutex<Instant>,
@@ -30,15 +32,18 @@ impl Meter {
     pub(crate) fn new(limit: Option<u64>) -> Arc<Meter> {
         Arc::new(Meter {
             bytes: AtomicU64::new(0),
+            data: AtomicU64::new(0),
             limit: limit.filter(|&l| l > 0),
             free_at: Mutex::new(Instant::now()),
         })
     }
 
-    /// Counts `n` more bytes on the wire; with a limit, waits until sending them kept to
-    /// it. No burst is saved up while idle: the limit holds over any second.
-    pub(crate) fn add(&self, n: u64) {
+    /// Counts `n` more bytes on the wire, a frame of `data` bytes decoded; with a limit,
+    /// waits until sending them kept to it. No burst is saved up while idle: the limit
+    /// holds over any second.
+    pub(crate) fn add(&self, n: u64, data: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
+        self.data.fetch_add(data, Ordering::Relaxed);
         let Some(rate) = self.limit else {
             return;
         };
@@ -53,6 +58,10 @@ impl Meter {
 
     pub(crate) fn total(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn data(&self) -> u64 {
+        self.data.load(Ordering::Relaxed)
     }
 }
 
@@ -168,7 +177,7 @@ mod tests {
         let workers: Vec<_> = (0..4)
             .map(|_| {
                 let m = m.clone();
-                std::thread::spawn(move || (0..4).for_each(|_| m.add(64 << 10)))
+                std::thread::spawn(move || (0..4).for_each(|_| m.add(64 << 10, 64 << 10)))
             })
             .collect();
         workers.into_iter().for_each(|w| w.join().unwrap());
@@ -176,7 +185,7 @@ mod tests {
         // 1 MiB at 4 MiB/s: the last frame may leave as soon as the link frees up for it.
         assert!(start.elapsed() >= Duration::from_millis(234), "{:?}", start.elapsed());
         let free = Meter::new(None);
-        free.add(u64::MAX / 2);
+        free.add(u64::MAX / 2, 0);
         assert_eq!(free.total(), u64::MAX / 2);
     }
 }

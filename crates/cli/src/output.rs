@@ -195,7 +195,7 @@ pub fn task_line(t: &TaskView) -> String {
         if r.total_bytes > 0 { format!(" {}/{}", bytes(r.done_bytes), bytes(r.total_bytes)) } else { String::new() };
     let wire = match r.wire_bytes {
         0 => String::new(),
-        w => format!(" ({:.1}x on the wire)", r.wire_read_bytes as f64 / w as f64),
+        w => format!(" ({:.1}x on the wire)", r.wire_data_bytes as f64 / w as f64),
     };
     let msg = r.message.as_deref().map(|m| format!(" - {m}")).unwrap_or_default();
     format!("task {} {} {}: {} [{}]{}{}{}{}", r.id, r.kind, r.subject, status, r.step, pct, bytes_part, wire, msg)

@@ -59,11 +59,11 @@ impl Progress for Terminal {
         }
     }
 
-    fn wire(&self, subject: &str, done: u64, wire: u64) {
+    fn wire(&self, subject: &str, data: u64, wire: u64) {
         if let Some(b) = self.bar(subject) {
             let steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
             let step = steps.get(subject).map_or("", String::as_str);
-            b.set_message(format!("{step}  {:.1}x on the wire", done as f64 / wire.max(1) as f64));
+            b.set_message(format!("{step}  {:.1}x on the wire", data as f64 / wire.max(1) as f64));
         }
     }
 

@@ -697,6 +697,15 @@ fn a_killed_production_agent_silent_past_its_lost_after_is_declared_lost_and_fen
     env.ok(&["host", "change", "prod1", "--lost-after", "3s"]);
     assert_eq!(prod1(&env)["lost_after"], "3s");
 
+    // A short outage, seen by `host list`, ends with a run that prod1 answers: the silence
+    // is over, and a later outage is counted from its own first missed answer.
+    let _ = agents.0 .0.kill();
+    let _ = agents.0 .0.wait();
+    assert!(prod1(&env)["silent_since"].is_string());
+    agents.0 = agent_again(&sites.names[1], &prod_dir, &sites.address(1));
+    env.ok(&["job", "run", "nightly"]);
+    std::thread::sleep(Duration::from_secs(4));
+
     // The production agent dies; the VM it started does not.
     let _ = agents.0 .0.kill();
     let _ = agents.0 .0.wait();
@@ -739,7 +748,7 @@ fn failback_to_a_new_vm_on_a_third_host_copies_the_replica_there() {
     let sites = Sites::with_hosts(3);
     let Enrolled { env, agents: _agents, .. } = enrolled(&sites);
     let (_third, token) = agent(&sites.names[3], &env.path("agent-site3"), &sites.address(3));
-    env.ok(&["host", "add", "site3", "--address", &sites.address(3), "--token", &token]);
+    env.ok(&["host", "add", "site3", "--address", &sites.address(3), "--token", &token, "--lost-after", "10m"]);
     let disk = env.path("src/web.qcow2");
     random_data(&env, &disk, 0, 16);
     env.ok(&["vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2"]);
@@ -773,6 +782,10 @@ fn failback_to_a_new_vm_on_a_third_host_copies_the_replica_there() {
     let out = env.ok(&["job", "run", "nightly"]);
     assert!(out.contains("(cbt, 1.0 MiB transferred") && out.contains("on the wire between hosts"), "{out}");
     assert!(identical(&env.latest_disk("web", 0), &new_disk), "the next point is the new VM's disk");
-    let history = env.ok(&["history", "web"]);
-    assert!(history.contains("site3"), "{history}");
+    let history = env.json(&["history", "web"]);
+    let failback = history.as_array().unwrap().iter().find(|h| h["operation"] == "failback").cloned();
+    let detail = failback.as_ref().and_then(|h| h["detail"].as_str()).unwrap_or_default();
+    assert!(detail.contains("new"), "{history}");
+    let host = env.json(&["host", "list"]).as_array().unwrap().iter().find(|h| h["name"] == "site3").cloned().unwrap();
+    assert_eq!(host["lost_after"], "10m", "{host}");
 }

@@ -178,9 +178,14 @@ impl Engine {
                         }
                         Err(e) => {
                             view.state = "offline";
+                            // Only no answer at all is silence: a host that refuses or
+                            // breaks the protocol is there, and a failover would not
+                            // count it lost either.
+                            if matches!(e, standby_agent::AgentError::Unreachable { .. }) {
+                                view.silent_since = self.store().host_silent(&h.name)?;
+                                view.declared_lost = silence_exceeds(view.silent_since.as_deref(), h.lost_after_secs);
+                            }
                             view.error = Some(crate::chain(&e));
-                            view.silent_since = self.store().host_silent(&h.name)?;
-                            view.declared_lost = silence_exceeds(view.silent_since.as_deref(), h.lost_after_secs);
                         }
                     }
                 }
@@ -216,6 +221,8 @@ impl Engine {
     /// A host that did not answer: when its silence began, and, if it has lasted longer
     /// than the host's `--lost-after`, how the controller declares it lost.
     pub(crate) fn host_silence(&self, name: &str) -> Result<(Option<String>, Option<String>)> {
+        // An answer this process had (a run a moment ago) ends a silence recorded before.
+        self.note_answers()?;
         let since = self.store().host_silent(name)?;
         let lost_after = self.store().host(name)?.and_then(|h| h.lost_after_secs);
         let declared = silence_exceeds(since.as_deref(), lost_after).then(|| {
@@ -226,6 +233,20 @@ impl Engine {
             )
         });
         Ok((since, declared))
+    }
+
+    /// Records in the store when each remote host last answered this process: what ends
+    /// the silences recorded before (a job run, a failback: any request that was answered).
+    pub(crate) fn note_answers(&self) -> Result<()> {
+        let answered: Vec<(String, std::time::SystemTime)> = {
+            let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            remote.iter().filter_map(|(n, h)| Some((n.clone(), h.last_answer()?))).collect()
+        };
+        for (name, at) in answered {
+            let at = humantime::format_rfc3339_seconds(at).to_string();
+            self.store().host_answered_at(&name, &at)?;
+        }
+        Ok(())
     }
 
     /// Forgets an agent's host and revokes its certificate, telling every other agent;

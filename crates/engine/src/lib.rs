@@ -87,6 +87,14 @@ pub struct Engine {
     command: String,
 }
 
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The hosts that answered this command are not silent: a later outage is counted
+        // from its own first missed answer, never from one this command saw end.
+        let _ = self.note_answers();
+    }
+}
+
 impl Engine {
     /// Opens (creating if needed) the data directory: the database and the local host's
     /// run files.

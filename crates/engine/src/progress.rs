@@ -5,9 +5,9 @@ pub trait Progress: Send + Sync {
     fn step(&self, subject: &str, step: &str);
     /// Bytes of the current transfer done out of total.
     fn bytes(&self, subject: &str, done: u64, total: u64);
-    /// Of the current transfer's `done` bytes, `wire` crossed the link between two hosts
-    /// (compressed); reported only for transfers between hosts.
-    fn wire(&self, _subject: &str, _done: u64, _wire: u64) {}
+    /// So far the current transfer sent `data` bytes of blocks between two hosts as
+    /// `wire` bytes (compressed); reported only for transfers between hosts.
+    fn wire(&self, _subject: &str, _data: u64, _wire: u64) {}
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -35,7 +35,7 @@ pub(crate) struct TaskProgress<'a> {
 struct Counters {
     last_flush: Instant,
     per_subject: HashMap<String, (u64, u64)>,
-    /// (bytes read, bytes on the wire) of each subject's transfer between hosts.
+    /// (bytes of blocks, bytes on the wire) of each subject's transfer between hosts.
     wire: HashMap<String, (u64, u64)>,
 }
 
@@ -79,10 +79,10 @@ impl Progress for TaskProgress<'_> {
         }
     }
 
-    fn wire(&self, subject: &str, done: u64, wire: u64) {
-        self.outer.wire(subject, done, wire);
+    fn wire(&self, subject: &str, data: u64, wire: u64) {
+        self.outer.wire(subject, data, wire);
         // Flushed with the byte counts, which follow it in every report.
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).wire.insert(subject.to_owned(), (done, wire));
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).wire.insert(subject.to_owned(), (data, wire));
     }
 }
 

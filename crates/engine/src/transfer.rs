@@ -48,7 +48,7 @@ pub fn run(
 ) -> Result<Stats> {
     let report = |m: Moved| {
         if m.wire > 0 {
-            progress.wire(subject, m.done, m.wire);
+            progress.wire(subject, m.wire_data, m.wire);
         }
         progress.bytes(subject, m.done, m.total);
         on_chunk();

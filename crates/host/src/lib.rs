@@ -190,6 +190,12 @@ pub struct ServeSpec {
 /// A host: one machine standby reaches, by name, through three seams of its own.
 pub trait Host: Storage + VmDriver + Transport + Debug + Send + Sync {
     fn name(&self) -> &str;
+    /// When this process last had an answer from the host, for a host reached over the
+    /// network (its silence, if one was recorded, ended then); None for the hosts this
+    /// process drives itself, which cannot go silent.
+    fn last_answer(&self) -> Option<std::time::SystemTime> {
+        None
+    }
 }
 
 /// Files and images on a host: directories, small files, image headers, layers and their
@@ -301,7 +307,7 @@ pub trait Transport: Sync {
         _wire: &transfer::Wire,
         report: &(dyn Fn(transfer::Moved) + Sync),
     ) -> Result<transfer::Stats> {
-        let report = |done, total| report(transfer::Moved { done, total, wire: 0 });
+        let report = |done, total| report(transfer::Moved { done, total, ..Default::default() });
         transfer::execute(plan, &|| Ok((self.connect(src)?, self.connect(dst)?)), &report)
     }
     /// Stops every standby NBD server whose id starts with `prefix`; returns how many ran.

@@ -48,12 +48,14 @@ const CHUNK: u64 = 4 << 20;
 const BLOCK: usize = 64 << 10;
 
 /// How far a transfer is: bytes of the plan done out of its total, and the bytes that
-/// crossed the link between hosts for them so far (0 on one machine).
+/// crossed the link between hosts so far (0 on one machine) for `wire_data` bytes of
+/// blocks.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Moved {
     pub done: u64,
     pub total: u64,
     pub wire: u64,
+    pub wire_data: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

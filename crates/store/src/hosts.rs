@@ -62,10 +62,20 @@ impl Store {
         Ok(())
     }
 
-    /// The host answered a request: its silence, if any, is over.
+    /// The host answered a request now: its silence, if any, is over.
     pub fn host_answered(&mut self, name: &str) -> Result<()> {
-        self.conn
-            .execute("UPDATE hosts SET last_seen = ?2, silent_since = NULL WHERE name = ?1", params![name, now()])?;
+        self.host_answered_at(name, &now())
+    }
+
+    /// The host answered a request at `at` (RFC 3339, UTC, as `now()` writes it, so that
+    /// stamps compare as text): a silence that began before then is over.
+    pub fn host_answered_at(&mut self, name: &str, at: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE hosts SET last_seen = MAX(COALESCE(last_seen, ''), ?2),
+                 silent_since = CASE WHEN silent_since <= ?2 THEN NULL ELSE silent_since END
+             WHERE name = ?1",
+            params![name, at],
+        )?;
         Ok(())
     }
 

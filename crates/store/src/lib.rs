@@ -709,11 +709,11 @@ impl Store {
         Ok(())
     }
 
-    /// The task's byte counts, and `wire`: (bytes read, bytes on the wire) of its
+    /// The task's byte counts, and `wire`: (bytes of blocks, bytes on the wire) of its
     /// transfers between hosts.
     pub fn update_task_bytes(&mut self, id: i64, done: u64, total: u64, wire: (u64, u64)) -> Result<()> {
         self.conn.execute(
-            "UPDATE tasks SET done_bytes = ?2, total_bytes = ?3, wire_read_bytes = ?4, wire_bytes = ?5 WHERE id = ?1",
+            "UPDATE tasks SET done_bytes = ?2, total_bytes = ?3, wire_data_bytes = ?4, wire_bytes = ?5 WHERE id = ?1",
             params![id, done as i64, total as i64, wire.0 as i64, wire.1 as i64],
         )?;
         Ok(())
@@ -738,7 +738,7 @@ impl Store {
     fn tasks_where(&self, cond: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<TaskRecord>> {
         let sql = format!(
             "SELECT id, kind, subject, status, step, pid, started_at, finished_at, done_bytes, total_bytes, message, \
-             wire_read_bytes, wire_bytes FROM tasks WHERE {cond}"
+             wire_data_bytes, wire_bytes FROM tasks WHERE {cond}"
         );
         let mut st = self.conn.prepare(&sql)?;
         let rows = st
@@ -755,7 +755,7 @@ impl Store {
                     done_bytes: r.get::<_, i64>(8)? as u64,
                     total_bytes: r.get::<_, i64>(9)? as u64,
                     message: r.get(10)?,
-                    wire_read_bytes: r.get::<_, i64>(11)? as u64,
+                    wire_data_bytes: r.get::<_, i64>(11)? as u64,
                     wire_bytes: r.get::<_, i64>(12)? as u64,
                 })
             })?

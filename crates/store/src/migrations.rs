@@ -193,9 +193,9 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE hosts ADD COLUMN silent_since TEXT;
     "#,
     // 12: what a task's transfers between hosts cost on the wire so far: `wire_bytes` for
-    // `wire_read_bytes` read, the live compression ratio another terminal follows.
+    // `wire_data_bytes` of blocks, the live compression ratio another terminal follows.
     r#"
-    ALTER TABLE tasks ADD COLUMN wire_read_bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN wire_data_bytes INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tasks ADD COLUMN wire_bytes INTEGER NOT NULL DEFAULT 0;
     "#,
 ];

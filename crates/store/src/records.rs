@@ -149,9 +149,9 @@ pub struct TaskRecord {
     pub finished_at: Option<String>,
     pub done_bytes: u64,
     pub total_bytes: u64,
-    /// Of the bytes read by transfers between hosts, `wire_read_bytes`, those that
-    /// crossed the link took `wire_bytes`.
-    pub wire_read_bytes: u64,
+    /// The task's transfers between hosts sent `wire_data_bytes` of blocks as
+    /// `wire_bytes` on the wire (compressed).
+    pub wire_data_bytes: u64,
     pub wire_bytes: u64,
     pub message: Option<String>,
 }

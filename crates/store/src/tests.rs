@@ -199,7 +199,7 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE hosts DROP COLUMN cert_serial;
              ALTER TABLE hosts DROP COLUMN lost_after_secs;
              ALTER TABLE hosts DROP COLUMN silent_since;
-             ALTER TABLE tasks DROP COLUMN wire_read_bytes;
+             ALTER TABLE tasks DROP COLUMN wire_data_bytes;
              ALTER TABLE tasks DROP COLUMN wire_bytes;
              PRAGMA user_version = 5;",
         )
