@@ -7,8 +7,12 @@
 #   - a full first copy of a 2 GiB disk of random data (compression none, lz4, zstd),
 #   - a full first copy of a 2 GiB ext4 filesystem holding text files (the same three),
 #   - an incremental run after 2% of the random disk changed in scattered 64 KiB blocks.
+# The full copies are also measured with QEMU's own means over mutual TLS: qemu-nbd
+# serving the disk on the production host with x509 credentials, qemu-img convert reading
+# it on the DR host (no changed-block tracking across hosts: full copies only).
 # Bytes on the wire are the production host's interface counters (TLS and TCP included,
-# for both); CPU is both agents' user + system time per GiB read at the source.
+# for all); CPU is both agents' (or both QEMU tools') user + system time per GiB read at
+# the source.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -125,6 +129,46 @@ verify() {
   local p; p=$(c replica points "$1" --job "$2" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["disks"][0]["path"])')
   qemu-img compare -q "$work/prod/$1.qcow2" "$p" || { echo "BENCH INVALID: $2's restore point differs from $1" >&2; exit 1; }
 }
+# x509 credentials for QEMU's TLS, as its tls-creds-x509 object reads them from a
+# directory: a CA, a server certificate for the production host's address, a client one.
+native_tls() {
+  local d=$work/tls who
+  mkdir -p "$d/server" "$d/client"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$d/ca-key.pem" \
+    -out "$d/ca-cert.pem" -days 2 -subj "/CN=standby-bench-ca" 2>/dev/null
+  for who in server client; do
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$d/$who/$who-key.pem" \
+      -out "$d/$who.csr" -subj "/CN=$who" 2>/dev/null
+    printf 'subjectAltName=IP:%s\nextendedKeyUsage=%s\n' $net.1 \
+      "$([ $who = server ] && echo serverAuth || echo clientAuth)" > "$d/$who.ext"
+    openssl x509 -req -in "$d/$who.csr" -CA "$d/ca-cert.pem" -CAkey "$d/ca-key.pem" -CAcreateserial \
+      -out "$d/$who/$who-cert.pem" -days 2 -extfile "$d/$who.ext" 2>/dev/null
+    cp "$d/ca-cert.pem" "$d/$who/"
+  done
+}
+# CPU seconds of process $1 so far.
+proc_cpu() { local f; read -ra f < "/proc/$1/stat"; echo "scale=3; $((f[13] + f[14])) / $(getconf CLK_TCK)" | bc -l; }
+# A full copy of $1 (qcow2) with qemu-nbd (mutual TLS) on the production host and qemu-img
+# convert on the DR host, checked identical: seconds, bytes on the wire, CPU seconds.
+native() {
+  local out=$work/dr/native.qcow2 pidf=$work/native.pid t0 b0 t b convert_cpu nbd_cpu
+  rm -f "$out"
+  ip netns exec $prod qemu-nbd --fork --persistent -r -f qcow2 -b $net.1 -p 9100 -x disk --pid-file "$pidf" \
+    --object tls-creds-x509,id=tls0,endpoint=server,dir="$work/tls/server",verify-peer=on --tls-creds tls0 "$1"
+  b0=$(tx); t0=$(now)
+  convert_cpu=$(ip netns exec $dr python3 -c '
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(r.ru_utime + r.ru_stime)' qemu-img convert --object tls-creds-x509,id=tls0,endpoint=client,dir="$work/tls/client" \
+    --image-opts "driver=nbd,host=$net.1,port=9100,export=disk,tls-creds=tls0" -O qcow2 "$out")
+  t=$(elapsed "$t0" "$(now)"); b=$(($(tx) - b0))
+  nbd_cpu=$(proc_cpu "$(cat "$pidf")")
+  kill "$(cat "$pidf")"
+  qemu-img compare -q "$1" "$out" || { echo "BENCH INVALID: qemu-img convert's copy differs from $1" >&2; exit 1; }
+  rm -f "$out"
+  echo "$t $b $(echo "$convert_cpu + $nbd_cpu" | bc -l)"
+}
 gib() { echo "scale=6; $1 / 1073741824" | bc -l; }
 # Two decimals: 0.93 and 0.99 are not both ".9".
 ratio() { echo "scale=2; $1 / $2" | bc -l; }
@@ -145,6 +189,7 @@ full() {
   results+=("$rate $d full $m $pt $t $pb $b")
 }
 
+native_tls
 results=()
 first=1
 for rate in $rates; do
@@ -164,6 +209,9 @@ for rate in $rates; do
       [ "$d" = random ] && job=random-$m
       full "$d" "$job" "$m" "$rate" "$pt" "$pb"
     done
+    # The same bytes read ($rd, from the last standby run) make the CPU figures comparable.
+    read -r t b cs < <(native "$work/prod/$d.qcow2")
+    row "qemu-nbd TLS -> qemu-img convert" "$t" "$b" "$(ratio "$pt" "$t")x" "$(ratio "$b" "$pb")x" "$(per_gib "$cs" "$rd")"
   done
   first=0
 
