@@ -139,6 +139,8 @@ pub fn run(listen: &str, dir: &Path, out: &mut dyn Write) -> Result<()> {
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(tcp) = conn else { continue };
+        // As on the connecting side: messages are written whole, none waits on Nagle.
+        let _ = tcp.set_nodelay(true);
         if open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_CONNECTIONS {
             open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             continue;
@@ -293,6 +295,9 @@ pub(crate) fn connect(
         .next()
         .ok_or_else(|| unreachable(std::io::Error::other("the address names no socket")))?;
     let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(unreachable)?;
+    // Each message is written whole (`wire::Line`): Nagle would only hold its last
+    // segment back until the peer's delayed acknowledgement.
+    tcp.set_nodelay(true).map_err(unreachable)?;
     tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
     tcp.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
     let name = ServerName::try_from(server_name.to_owned())

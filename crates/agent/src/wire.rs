@@ -101,20 +101,15 @@ impl<S: Read + Write> Line<S> {
     }
 
     pub(crate) fn write<T: Serialize>(&mut self, v: &T) -> std::io::Result<()> {
-        self.send(v)?;
-        self.stream.get_mut().flush()
-    }
-
-    /// Writes a line without flushing: a frame follows.
-    fn send<T: Serialize>(&mut self, v: &T) -> std::io::Result<()> {
         let mut text = serde_json::to_string(v).map_err(std::io::Error::other)?;
         text.push('\n');
-        self.stream.get_mut().write_all(text.as_bytes())
+        let s = self.stream.get_mut();
+        s.write_all(text.as_bytes())?;
+        s.flush()
     }
 
     /// Writes `line`, then `data` as one frame in `codec`.
     pub(crate) fn write_frame<T: Serialize>(&mut self, line: &T, codec: Codec, data: &[u8]) -> std::io::Result<()> {
-        self.send(line)?;
         let packed = match codec {
             Codec::None => None,
             Codec::Lz4 => Some(lz4_flex::compress(data)),
@@ -123,9 +118,15 @@ impl<S: Read + Write> Line<S> {
             Codec::Zstd => Some(zstd::bulk::compress(data, 1)?),
         };
         let body = packed.as_deref().unwrap_or(data);
+        // One write for the line, the length and the body: written apart, each becomes
+        // its own small TLS record and TCP segment (the sockets do not wait on Nagle).
+        let mut out = serde_json::to_vec(line).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        out.reserve(4 + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(body);
         let s = self.stream.get_mut();
-        s.write_all(&(body.len() as u32).to_be_bytes())?;
-        s.write_all(body)?;
+        s.write_all(&out)?;
         self.wire_bytes += 4 + body.len() as u64;
         s.flush()
     }
