@@ -280,7 +280,9 @@ fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
     let ids = point_ids(&env, "web");
 
     // Failover to the oldest point runs the replica on the DR host; undo discards it.
+    let t0 = Instant::now();
     env.ok(&["failover", "web", "--point", &ids[0].to_string()]);
+    eprintln!("failover with the production host reachable took {:.1} s", t0.elapsed().as_secs_f64());
     let replica = env.json(&["vm", "show", "web_replica"]);
     assert_eq!(replica["host"], "dr1", "{replica}");
     assert_eq!(replica["state"], "running", "{replica}");
