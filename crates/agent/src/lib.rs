@@ -389,6 +389,13 @@ pub fn send_revocations(name: &str, address: &str, config: Arc<ClientConfig>, cr
     }
 }
 
+/// Whether anything accepts a TCP connection at `address` within `timeout`: Err (why
+/// not) when nothing does. Only a first look: it proves no agent, just a host that is up.
+pub fn knocks(address: &str, timeout: Duration) -> std::io::Result<()> {
+    let addr = address.to_socket_addrs()?.next().ok_or_else(|| std::io::Error::other("the address names no socket"))?;
+    TcpStream::connect_timeout(&addr, timeout).map(drop)
+}
+
 /// Asks enrolled host `name` at `address` who it is, over mutual TLS with `config`.
 pub fn hello(name: &str, address: &str, config: Arc<ClientConfig>) -> Result<Hello> {
     let wire = wire_error(name, address);

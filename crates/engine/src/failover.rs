@@ -29,6 +29,10 @@ use crate::replica_vm::{overlay_chain, replica_vm_name};
 use crate::replication::RunWithin;
 use crate::{failpoint, verify, vm, Engine, EngineError, Result};
 
+/// How long a failover waits for a connection to a source host declared lost before it
+/// goes on without it: a round trip on any link replication runs over, with room.
+const QUICK_LOOK: Duration = Duration::from_millis(500);
+
 /// What a failover goes ahead despite, when the operator says so.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Despite {
@@ -274,7 +278,22 @@ impl Engine {
         // None: the source's host does not answer, and it is declared lost (by whom:
         // `declared_by`).
         let mut declared_by = None;
-        let source_running = match self.vm_is_running(&source) {
+        // A host declared lost (by the operator, or by its silence) gets a short first
+        // look instead of a whole connect timeout: a failover out of a lost site starts as
+        // fast as one out of a live site. A host slower than this to accept a connection
+        // is still treated as lost, which is what was declared, and is fenced when it answers.
+        let declared = despite.source_unreachable || self.host_declared_lost(&source.host)?;
+        let address = self.store().host(&source.host)?.and_then(|h| h.address);
+        let first_look = match address.filter(|_| declared) {
+            Some(address) => standby_agent::knocks(&address, QUICK_LOOK).map_err(|e| {
+                EngineError::Host(HostError::Unreachable {
+                    host: source.host.clone(),
+                    detail: format!("nothing accepts a connection at {address} within {QUICK_LOOK:?}: {e}"),
+                })
+            }),
+            None => Ok(()),
+        };
+        let source_running = match first_look.and_then(|()| self.vm_is_running(&source)) {
             Ok(running) => {
                 self.store().host_answered(&source.host)?;
                 Some(running)
