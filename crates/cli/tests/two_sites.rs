@@ -603,13 +603,13 @@ fn ended(mut run: Process, within: Duration) -> (Option<i32>, String) {
 }
 
 #[test]
-fn a_full_dr_disk_or_a_killed_writing_agent_fails_the_run_and_the_next_one_is_exact() {
+fn a_full_dr_disk_or_a_killed_agent_on_either_side_fails_the_run_and_the_next_one_is_exact() {
     let sites = Sites::new();
     let mut env = Env::new(BIN);
     env.in_netns(sites.ctl());
     let dr = env.path("dr");
     let room = Tmpfs::new(&dr, "40M");
-    let Enrolled { env, dr_dir, mut agents, .. } = enrol(env, &sites);
+    let Enrolled { env, prod_dir, dr_dir, mut agents } = enrol(env, &sites);
     let disk = env.path("src/web.qcow2");
     random_data(&env, &disk, 0, 48);
     env.ok(&["vm", "create", "web", "--host", "prod1", "--disk", &disk, "--format", "qcow2"]);
@@ -670,6 +670,26 @@ fn a_full_dr_disk_or_a_killed_writing_agent_fails_the_run_and_the_next_one_is_ex
     assert_eq!(point_ids(&env, "web").len(), 2);
     let after: Vec<String> = files_under(&dr).into_iter().filter(|f| !before.contains(f)).collect();
     assert_eq!(after.len(), 1, "one new layer, nothing the killed run left: {after:?}");
+
+    // The reading agent, on the production host, dies mid-run: the run fails naming it
+    // and publishes nothing; started again, the next run is incremental and exact.
+    random_data(&env, &disk, 96, 32);
+    let mut run =
+        Process(env.command(&["job", "run", "nightly"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(run.0.try_wait().unwrap().is_none(), "the run ended before the kill: make it longer");
+    let _ = agents.0 .0.kill();
+    let _ = agents.0 .0.wait();
+    let (code, said) = ended(run, Duration::from_secs(120));
+    eprintln!("the run whose reading agent was killed said: {said}");
+    assert_ne!(code, Some(0), "{said}");
+    assert!(said.contains("prod1"), "{said}");
+    assert_eq!(point_ids(&env, "web").len(), 2, "no restore point from the killed run");
+    agents.0 = agent_again(&sites.names[1], &prod_dir, &sites.address(1));
+    let out = env.ok(&["job", "run", "nightly"]);
+    assert!(out.contains("(cbt, 32.0 MiB transferred"), "still incremental, the changes not lost: {out}");
+    assert!(identical(&disk, &env.latest_disk("web", 0)), "the next point equals the disk");
+    assert_eq!(point_ids(&env, "web").len(), 3);
 }
 
 #[test]

@@ -76,8 +76,8 @@ pub enum HostError {
     Remote { host: String, detail: String },
     /// A transfer's link stayed down longer than its retry window.
     #[error(
-        "the link between the hosts was down for {secs} s, longer than the job's retry window ({detail}); \
-         bring the link back and run again"
+        "one host could not reach the other for {secs} s, longer than the job's retry window ({detail}); \
+         bring the link (or the agent) back and run again"
     )]
     LinkDown { secs: u64, detail: String },
     /// The host's agent could not be reached at all (no route, no answer, nothing
