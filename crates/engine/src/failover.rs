@@ -278,13 +278,13 @@ impl Engine {
         // None: the source's host does not answer, and it is declared lost (by whom:
         // `declared_by`).
         let mut declared_by = None;
-        // A host declared lost (by the operator, or by its silence) gets a short first
-        // look instead of a whole connect timeout: a failover out of a lost site starts as
-        // fast as one out of a live site. A host slower than this to accept a connection
-        // is still treated as lost, which is what was declared, and is fenced when it answers.
-        let declared = despite.source_unreachable || self.host_declared_lost(&source.host)?;
+        // A host the operator declared lost gets a short first look instead of a whole
+        // connect timeout: a failover out of a lost site starts as fast as one out of a
+        // live site. A host slower than this to accept a connection is treated as lost, as
+        // declared, and fenced when it answers. A host declared lost by its silence alone
+        // gets the whole timeout: nobody vouched that it is gone.
         let address = self.store().host(&source.host)?.and_then(|h| h.address);
-        let first_look = match address.filter(|_| declared) {
+        let first_look = match address.filter(|_| despite.source_unreachable) {
             Some(address) => standby_agent::knocks(&address, QUICK_LOOK).map_err(|e| {
                 EngineError::Host(HostError::Unreachable {
                     host: source.host.clone(),

@@ -218,14 +218,6 @@ impl Engine {
         self.host_list()?.into_iter().find(|h| h.name == name).ok_or_else(|| EngineError::UnknownHost(name.into()))
     }
 
-    /// Whether host `name` is declared lost by its silence already (longer than its
-    /// `--lost-after`), as recorded: nothing is asked of the host.
-    pub(crate) fn host_declared_lost(&self, name: &str) -> Result<bool> {
-        self.note_answers()?;
-        let host = self.store().host(name)?;
-        Ok(host.is_some_and(|h| silence_exceeds(h.silent_since.as_deref(), h.lost_after_secs)))
-    }
-
     /// A host that did not answer: when its silence began, and, if it has lasted longer
     /// than the host's `--lost-after`, how the controller declares it lost.
     pub(crate) fn host_silence(&self, name: &str) -> Result<(Option<String>, Option<String>)> {
