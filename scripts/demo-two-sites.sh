@@ -27,8 +27,11 @@ say "network: controller $net.254, production $net.1, DR $net.2 (namespaces $ctl
 sites_up
 
 say "an agent on each host"
+# Disowned: their end, when the namespaces go, is expected and not reported.
 ip netns exec $prod "$standby" --data-dir "$work/agent-prod" agent --listen $net.1:7400 >"$work/prod.out" &
+disown
 ip netns exec $dr "$standby" --data-dir "$work/agent-dr" agent --listen $net.2:7400 >"$work/dr.out" &
+disown
 c() { ip netns exec $ctl "$standby" --data-dir "$work/controller" "$@"; }
 c host add prod1 --address $net.1:7400 --token "$(token "$work/prod.out")"
 c host add dr1 --address $net.2:7400 --token "$(token "$work/dr.out")"

@@ -9,8 +9,6 @@ sites_down() {
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
   done
-  # Reaps the killed agents quietly: their end is expected.
-  wait 2>/dev/null || true
 }
 
 sites_up() {

@@ -602,6 +602,18 @@ fn ended(mut run: Process, within: Duration) -> (Option<i32>, String) {
     (status.code(), said)
 }
 
+/// Runs `standby job run nightly` and kills `agent` 2 s into it: the run's code and
+/// what it said.
+fn run_killing(env: &Env, agent: &mut Process) -> (Option<i32>, String) {
+    let run = env.command(&["job", "run", "nightly"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let mut run = Process(run.expect("start the run"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(run.0.try_wait().unwrap().is_none(), "the run ended before the kill: make it longer");
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+    ended(run, Duration::from_secs(120))
+}
+
 #[test]
 fn a_full_dr_disk_or_a_killed_agent_on_either_side_fails_the_run_and_the_next_one_is_exact() {
     let sites = Sites::new();
@@ -649,13 +661,7 @@ fn a_full_dr_disk_or_a_killed_agent_on_either_side_fails_the_run_and_the_next_on
     // nothing is published.
     random_data(&env, &disk, 64, 32);
     let before = files_under(&dr);
-    let mut run =
-        Process(env.command(&["job", "run", "nightly"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap());
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(run.0.try_wait().unwrap().is_none(), "the run ended before the kill: make it longer");
-    let _ = agents.1 .0.kill();
-    let _ = agents.1 .0.wait();
-    let (code, said) = ended(run, Duration::from_secs(120));
+    let (code, said) = run_killing(&env, &mut agents.1);
     eprintln!("the run whose writing agent was killed said: {said}");
     assert_ne!(code, Some(0), "{said}");
     assert!(said.contains("dr1") && said.contains("stopped answering"), "{said}");
@@ -674,13 +680,7 @@ fn a_full_dr_disk_or_a_killed_agent_on_either_side_fails_the_run_and_the_next_on
     // The reading agent, on the production host, dies mid-run: the run fails naming it
     // and publishes nothing; started again, the next run is incremental and exact.
     random_data(&env, &disk, 96, 32);
-    let mut run =
-        Process(env.command(&["job", "run", "nightly"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap());
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(run.0.try_wait().unwrap().is_none(), "the run ended before the kill: make it longer");
-    let _ = agents.0 .0.kill();
-    let _ = agents.0 .0.wait();
-    let (code, said) = ended(run, Duration::from_secs(120));
+    let (code, said) = run_killing(&env, &mut agents.0);
     eprintln!("the run whose reading agent was killed said: {said}");
     assert_ne!(code, Some(0), "{said}");
     assert!(said.contains("retry window") && said.contains("prod1 is unreachable"), "{said}");
