@@ -1,6 +1,7 @@
 //! Progress on a terminal: one bar per VM while a job runs, with the current step (the
-//! disk it copies), the throughput, and between hosts the compression ratio so far. Without a terminal (scripts,
-//! CI) each step is one line on stderr instead, and byte counts stay quiet.
+//! disk it copies), the throughput, and between hosts the compression ratio so far.
+//! Without a terminal (scripts, CI) each step is one line on stderr instead, and byte
+//! counts stay quiet.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
