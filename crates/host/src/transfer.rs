@@ -72,7 +72,8 @@ pub struct Stats {
     /// zero where the transfer ran on one machine.
     #[serde(default)]
     pub wire: u64,
-    /// How often a worker connected again after the link dropped, and went on.
+    /// How often the link dropped and the transfer went on after it (per transfer, the
+    /// most any one of its workers saw: a drop stops them all).
     #[serde(default)]
     pub resumed: u64,
 }
@@ -496,9 +497,15 @@ pub fn execute_resuming(
             .collect()
     });
     let mut total_stats = Stats::default();
+    // One drop of the link stops every worker at once, and each goes on after it: the
+    // drops the transfer lived through are the most any one worker saw, not their sum.
+    let mut resumed = 0;
     for r in results {
-        total_stats += r?;
+        let st = r?;
+        resumed = resumed.max(st.resumed);
+        total_stats += st;
     }
+    total_stats.resumed = resumed;
     Ok(total_stats)
 }
 
