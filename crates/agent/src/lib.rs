@@ -35,6 +35,8 @@ use wire::Line;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How long one request may take to arrive, or an answer, before the peer is dropped.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a hello (is the agent there, and who is it) waits for its answer.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a controller waits to reach an agent.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -55,6 +57,12 @@ pub enum AgentError {
          dropped): {detail}; check that the agent runs (`standby host list`) and run again"
     )]
     Lost { host: String, address: String, detail: String },
+    /// Something accepted the connection and then said nothing in time.
+    #[error(
+        "host {host} ({address}) accepted the connection but gave no answer in time ({detail}); check that a \
+         standby agent listens there and is not stuck"
+    )]
+    Silent { host: String, address: String, detail: String },
     #[error("host {host} broke the protocol: {detail}")]
     Protocol { host: String, detail: String },
     #[error("the enrolment token {0:?} is not one an agent printed; copy the whole `enrolment token:` line's value")]
@@ -311,10 +319,18 @@ pub(crate) fn connect(
 /// so (TLS errors arrive as I/O errors wrapping them).
 pub(crate) fn wire_error<'a>(host: &'a str, address: &'a str) -> impl Fn(std::io::Error) -> AgentError + 'a {
     move |e| {
+        use std::io::ErrorKind::{ConnectionReset, TimedOut, UnexpectedEof, WouldBlock};
         let tls = e.get_ref().is_some_and(|i| i.is::<rustls::Error>());
-        match tls || e.kind() == std::io::ErrorKind::UnexpectedEof || e.kind() == std::io::ErrorKind::ConnectionReset {
-            true => AgentError::Refused { host: host.into(), address: address.into(), detail: e.to_string() },
-            false => AgentError::Protocol { host: host.into(), detail: e.to_string() },
+        match e.kind() {
+            // A read timeout: WouldBlock is how a socket's timeout ends a read on Linux.
+            WouldBlock | TimedOut => {
+                AgentError::Silent { host: host.into(), address: address.into(), detail: e.to_string() }
+            }
+            UnexpectedEof | ConnectionReset => {
+                AgentError::Refused { host: host.into(), address: address.into(), detail: e.to_string() }
+            }
+            _ if tls => AgentError::Refused { host: host.into(), address: address.into(), detail: e.to_string() },
+            _ => AgentError::Protocol { host: host.into(), detail: e.to_string() },
         }
     }
 }
@@ -400,6 +416,9 @@ pub fn knocks(address: &str, timeout: Duration) -> std::io::Result<()> {
 pub fn hello(name: &str, address: &str, config: Arc<ClientConfig>) -> Result<Hello> {
     let wire = wire_error(name, address);
     let mut line = connect(name, address, config, name)?;
+    // `host list` and every daemon check ask each agent in turn: one that accepts and
+    // hangs may cost them a few seconds, not the 30 s a long request may take.
+    let _ = line.get_ref().sock.set_read_timeout(Some(HELLO_TIMEOUT));
     line.write(&Request::Hello).map_err(&wire)?;
     match line.read().map_err(&wire)? {
         Answer::Hello { name, version, crl, .. } => Ok(Hello { name, version, crl }),

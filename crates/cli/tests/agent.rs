@@ -136,6 +136,16 @@ fn an_agent_is_enrolled_once_with_its_token_and_then_reached_over_mutual_tls() {
     assert_eq!(dr1["state"], "offline", "{list}");
     assert!(dr1["error"].as_str().is_some_and(|e| e.contains("dr1") && e.contains("unreachable")), "{dr1}");
     assert_eq!(dr1["used_by"], serde_json::json!([]), "nothing uses it yet, so it blocks nothing");
+    // Something that takes the agent's port and never answers costs `host list` a few
+    // seconds, and is named for what it is.
+    let squatter = std::net::TcpListener::bind(&address).unwrap();
+    let r = env.run_within(Duration::from_secs(15), &["host", "list", "--json"]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let list: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let dr1 = host(&list, "dr1").unwrap();
+    assert_eq!(dr1["state"], "offline", "{list}");
+    assert!(dr1["error"].as_str().is_some_and(|e| e.contains("gave no answer in time")), "{dr1}");
+    drop(squatter);
     let again = agent(&dir, &address);
     assert!(again.token.is_none(), "an enrolled agent prints no token");
     assert_eq!(host(&env.json(&["host", "list"]), "dr1").unwrap()["state"], "online");
