@@ -9,7 +9,7 @@
 //! lost production site (link cut, or its agent killed) and the fence when it returns, a
 //! link cut within and past the retry window, a full DR disk, a killed agent on either
 //! side of a run; failback to a new VM on a third host; and bad trust across the
-//! namespaces (no, revoked or foreign certificate; used or wrong token) refused.
+//! namespaces (no, revoked, expired or foreign certificate; used or wrong token) refused.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -844,6 +844,24 @@ except (ssl.SSLError, OSError) as e:
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// A client certificate and key for `name`, signed with openssl by the authority in
+/// `trust_dir`, valid from `start` until `end` (`YYYYMMDDHHMMSSZ`).
+fn signed_between(dir: &str, trust_dir: &str, name: &str, start: &str, end: &str) -> (String, String) {
+    const SIGN: &str = r#"
+set -e
+d=$1 trust=$2 name=$3 start=$4 end=$5
+mkdir -p "$d"; : > "$d/index.txt"; echo 01 > "$d/serial"
+printf '[ca]\ndefault_ca=d\n[d]\ndatabase=%s/index.txt\nnew_certs_dir=%s\nserial=%s/serial\ndefault_md=sha256\npolicy=p\nunique_subject=no\n[p]\ncommonName=supplied\n' "$d" "$d" "$d" > "$d/ca.cnf"
+printf 'extendedKeyUsage=clientAuth,serverAuth\nsubjectAltName=DNS:%s\n' "$name" > "$d/ext"
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$d/$name.key" -out "$d/$name.csr" -subj "/CN=$name" 2>/dev/null
+openssl ca -batch -notext -config "$d/ca.cnf" -cert "$trust/ca.pem" -keyfile "$trust/ca.key" -in "$d/$name.csr" \
+  -out "$d/$name.pem" -startdate "$start" -enddate "$end" -extfile "$d/ext" 2>/dev/null
+"#;
+    let out = Command::new("bash").args(["-c", SIGN, "sign", dir, trust_dir, name, start, end]).output().unwrap();
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    (format!("{dir}/{name}.pem"), format!("{dir}/{name}.key"))
+}
+
 #[test]
 fn bad_trust_across_the_namespaces_is_refused_and_changes_nothing() {
     let sites = Sites::with_hosts(3);
@@ -855,6 +873,13 @@ fn bad_trust_across_the_namespaces_is_refused_and_changes_nothing() {
     // The client is sound: with the controller's own certificate the agent answers.
     let said = knock(&sites, &sites.address(1), Some((&ours.0, &ours.1)));
     assert!(said.starts_with("answered: "), "{said}");
+    // A certificate of our authority signed here with openssl is accepted while it is
+    // valid, which shows the expired one below is refused for its dates alone.
+    let trust = format!("{}/trust", env.data_dir());
+    let valid = signed_between(&env.path("certs"), &trust, "tester", "20260101000000Z", "20991231000000Z");
+    let said = knock(&sites, &sites.address(1), Some((&valid.0, &valid.1)));
+    assert!(said.starts_with("answered: "), "{said}");
+    let expired = signed_between(&env.path("certs-old"), &trust, "tester", "20200101000000Z", "20200102000000Z");
 
     // site3 leaves: its certificate is revoked, and prod1 is told.
     let out = env.ok(&["host", "remove", "site3"]);
@@ -871,9 +896,12 @@ fn bad_trust_across_the_namespaces_is_refused_and_changes_nothing() {
     assert!(err.contains("host prod1") && err.contains("refused"), "{err}");
     let foreign =
         (format!("{}/trust/controller.pem", other.data_dir()), format!("{}/trust/controller.key", other.data_dir()));
-    for (what, cert) in
-        [("no certificate", None), ("a revoked certificate", Some(&site3)), ("a foreign CA", Some(&foreign))]
-    {
+    for (what, cert) in [
+        ("no certificate", None),
+        ("a revoked certificate", Some(&site3)),
+        ("a foreign CA", Some(&foreign)),
+        ("an expired certificate", Some(&expired)),
+    ] {
         let said = knock(&sites, &sites.address(1), cert.map(|(c, k)| (c.as_str(), k.as_str())));
         assert!(said.starts_with("refused: "), "{what}: {said}");
     }
