@@ -3,7 +3,7 @@
 //! links on a bridge in the controller's namespace, addresses in 10.231.0.0/16 that exist
 //! only inside them) and removes. The whole lifecycle goes across them: replication of a
 //! running and a stopped VM (full, changed blocks, digest), failover to an older point and undo, failover, failback to
-//! the original with switch and commit, and an incremental run after it; every result is
+//! the original with switch and commit, an incremental run after it, and a planned failover; every result is
 //! compared byte for byte and against the guest's write ledger, and a capture of the
 //! production host's link holds none of the disk's known plaintext. Then the faults: a
 //! lost production site (link cut, or its agent killed) and the fence when it returns, a
@@ -317,9 +317,43 @@ fn the_whole_lifecycle_runs_across_agents_on_two_hosts() {
     assert!(out.contains("(cbt,"), "{out}");
     assert!(identical(&disk, &env.latest_disk("web", 0)), "after failback the newest point equals the original");
 
+    // Planned failover across the hosts: the source runs and writes again; it is synced,
+    // shut down, synced and verified, and the replica on dr1 holds every record the
+    // source acknowledged.
+    let on_disk = ledger_records(ledger, &env, &disk);
+    env.ok(&["vm", "start", "web"]);
+    env.wait_console("web", Duration::from_secs(90), "the source writing again", |c| {
+        Ledger::acknowledged(c) >= on_disk + 5
+    });
+    let out = env.ok(&["failover", "planned", "web", "--shutdown-timeout", "60"]);
+    assert!(out.contains("web: ok") && out.contains("verified equal"), "{out}");
+    let acked = Ledger::acknowledged(&env.console("web"));
+    // The replica's console may still hold an earlier replica's lines: this one resumes
+    // past what the disk held before the source ran again.
+    let resumes = |c: &str| -> Vec<u64> {
+        c.lines().filter_map(|l| l.trim().strip_prefix("LEDGER-RESUME ")?.parse().ok()).collect()
+    };
+    let c = env.wait_console("web_replica", Duration::from_secs(90), "the replica's ledger", |c| {
+        resumes(c).iter().any(|&r| r > on_disk)
+    });
+    let resumed = resumes(&c).into_iter().max().unwrap();
+    assert!(resumed >= acked && acked > on_disk, "the replica resumed at {resumed}; the source acknowledged {acked}");
+    assert!(identical(&disk, &env.latest_disk("web", 0)), "the newest point is the stopped source");
+    assert_eq!(env.json(&["vm", "show", "web_replica"])["host"], "dr1");
+    env.ok(&["failover", "undo", "web"]);
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
+
     // Every step is in the history, under the hosts' names.
     let history = env.ok(&["history", "web"]);
-    for step in ["failover", "undo failover", "failback", "failback switch", "commit failback", "replication"] {
+    for step in [
+        "failover",
+        "undo failover",
+        "failback",
+        "failback switch",
+        "commit failback",
+        "replication",
+        "planned failover",
+    ] {
         assert!(history.contains(step), "{step} missing from:\n{history}");
     }
     assert!(history.contains("on dr1"), "{history}");
