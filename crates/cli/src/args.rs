@@ -442,6 +442,10 @@ pub(crate) enum JobCmd {
         /// How long a dropped link between hosts may stay down before a run fails (default 5m).
         #[arg(long)]
         retry_window: Option<String>,
+        /// SRC=DST: at failover, a replica's NIC on libvirt network SRC (or bridge:NAME)
+        /// goes on DST; every network the VMs' NICs are on must be mapped. Repeat.
+        #[arg(long = "network-map")]
+        network_map: Vec<String>,
         #[command(flatten)]
         json: Json,
     },

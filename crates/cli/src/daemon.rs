@@ -194,6 +194,7 @@ mod tests {
             compression: "zstd".into(),
             bandwidth: None,
             retry_window_secs: 300,
+            network_map: Default::default(),
             last_run_at: last.map(Into::into),
             created_at: String::new(),
             enabled,

@@ -160,7 +160,11 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
                 host,
                 disks,
                 formats,
-                config: VmConfig { cpus, memory_mib: memory, driver: DriverConfig { nics, kernel, initrd, append } },
+                config: VmConfig {
+                    cpus,
+                    memory_mib: memory,
+                    driver: DriverConfig { nics, kernel, initrd, append, ..DriverConfig::default() },
+                },
             })?;
             output::vm(&v, json.json)?;
             if probed && !json.json {
@@ -233,6 +237,7 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
             compression,
             bandwidth,
             retry_window,
+            network_map,
             json,
         } => {
             let spec = JobSpec {
@@ -246,6 +251,7 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
                 compression,
                 bandwidth,
                 retry_window,
+                network_map,
             };
             let j = engine.job_create(&spec)?;
             output::jobs(std::slice::from_ref(&j), json.json)?;

@@ -1,6 +1,7 @@
 //! Replication jobs: which VMs go to which host and directory, how often, how many restore
 //! points stay.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -25,6 +26,27 @@ pub struct JobChange {
     /// `Some(None)`: no limit.
     pub bandwidth: Option<Option<String>>,
     pub retry_window: Option<String>,
+}
+
+/// `--network-map SRC=DST`, each source named once.
+fn parse_network_map(given: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for m in given {
+        let bad =
+            |why: &str| EngineError::BadArgument { arg: "--network-map", why: format!("--network-map {m:?}: {why}") };
+        let (src, dst) = m.split_once('=').ok_or_else(|| bad("write SRC=DST (a network, or bridge:NAME)"))?;
+        let ok = |n: &str| {
+            let n = n.strip_prefix("bridge:").unwrap_or(n);
+            !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !ok(src) || !ok(dst) {
+            return Err(bad("names hold letters, digits, '-', '_' and '.', a bridge written bridge:NAME"));
+        }
+        if map.insert(src.to_owned(), dst.to_owned()).is_some() {
+            return Err(bad("that source is mapped twice"));
+        }
+    }
+    Ok(map)
 }
 
 /// How a job's data travels, from what an operator gave: the compression's name and a
@@ -118,6 +140,9 @@ pub struct JobSpec {
     pub bandwidth: Option<String>,
     /// How long a dropped link between hosts may stay down before a run fails (`5m`).
     pub retry_window: Option<String>,
+    /// `SRC=DST`: the network (or `bridge:NAME`) a replica's NIC goes on at failover, for
+    /// each one its source's NICs are on.
+    pub network_map: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -136,6 +161,8 @@ pub struct JobView {
     pub bandwidth: Option<u64>,
     /// How long a dropped link between hosts may stay down before a run fails.
     pub retry_window_secs: u64,
+    /// Source network (or `bridge:NAME`) to the one a replica's NIC goes on.
+    pub network_map: std::collections::BTreeMap<String, String>,
     pub last_run_at: Option<String>,
     pub created_at: String,
     /// A disabled job does not run (`standby job enable` turns it back on).
@@ -183,6 +210,8 @@ impl Engine {
             return Err(target_err("give an absolute path".into()));
         }
         let vm_ids = self.vms_to_protect(&spec.vms, &[])?;
+        let network_map = parse_network_map(&spec.network_map)?;
+        self.check_replicable(host.as_ref(), &spec.vms, &network_map)?;
         // Once the VMs are known good, so that their refusals create nothing: prove the
         // target usable, then name it as the host resolves it. Two spellings of one
         // directory (a symlink, `//`, `..`, a trailing `/`) are one directory.
@@ -199,6 +228,7 @@ impl Engine {
                 every_secs: every,
                 replica_suffix: suffix,
                 wire,
+                network_map,
             },
             &replicas,
         );
@@ -245,6 +275,32 @@ impl Engine {
             vm_ids.push(vm.id);
         }
         Ok(vm_ids)
+    }
+
+    /// Refuses, before anything is created, a VM whose replica the target host could not
+    /// start (a libvirt domain needs a libvirt DR host), or one with a NIC on a network the
+    /// job's map does not name: found now, not at failover.
+    fn check_replicable(&self, target: &dyn Host, vms: &[String], map: &BTreeMap<String, String>) -> Result<()> {
+        for name in vms {
+            let vm = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.clone()))?;
+            target.can_run(&vm.config).map_err(|e| EngineError::Refused {
+                vm: name.clone(),
+                why: format!("its replica could not run on host {}: {}", target.name(), crate::chain(&e)),
+            })?;
+            for net in self.host(&vm.host)?.config_networks(&vm.config)? {
+                if !map.contains_key(&net) {
+                    return Err(EngineError::BadArgument {
+                        arg: "--network-map",
+                        why: format!(
+                            "VM {name} has a NIC on {net}, which the network map does not name; add \
+                             --network-map {net}=DEST (a network on host {}, or bridge:NAME)",
+                            target.name()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Gives each VM its replica directory under `dir` and claims it. On error nothing
@@ -393,6 +449,7 @@ impl Engine {
         }
         let joining_ids = self.vms_to_protect(&change.add_vms, &job.vms)?;
         let host = self.host(&job.target_host)?;
+        self.check_replicable(host.as_ref(), &change.add_vms, &job.network_map)?;
         let (joining, claimed) =
             self.place_replicas(host.as_ref(), &job.target_host, &job.target_dir, name, &change.add_vms, &joining_ids)?;
         if changes.is_empty() && joining.is_empty() && leaving.is_empty() {
@@ -686,6 +743,7 @@ fn view(j: standby_store::JobRecord) -> JobView {
         compression: j.wire.compression.to_string(),
         bandwidth: j.wire.bandwidth,
         retry_window_secs: j.wire.retry_window_secs,
+        network_map: j.network_map,
         last_run_at: j.last_run_at,
         created_at: j.created_at,
         enabled: j.enabled,

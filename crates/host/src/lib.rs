@@ -4,6 +4,7 @@
 //! process handles never leave it. [`LocalHost`] runs everything on this machine with
 //! QEMU (its monitor side is `live.rs`); a network agent will implement the same trait.
 
+pub mod libvirt;
 mod live;
 mod local;
 pub mod transfer;
@@ -19,6 +20,7 @@ pub use standby_model::image::{Accel, BitmapInfo, BitmapOp, Chain, DiskSource, F
 pub use standby_model::VmConfig;
 use standby_qemu::QemuError;
 
+pub use libvirt::LibvirtHost;
 pub use live::{fleece_prefix, serve_prefix};
 pub use local::LocalHost;
 pub use views::{BitmapState, DiskAccess, SourceDisk, View};
@@ -71,6 +73,9 @@ pub enum HostError {
     ViewBroken { vm: String, job: String, error: String },
     #[error("{0}")]
     Invalid(String),
+    /// A call to a libvirt daemon failed; `hint` says what to do when the failure tells.
+    #[error("libvirt at {uri}: {what}: {detail}{hint}")]
+    Libvirt { uri: String, what: String, detail: String, hint: String },
     /// What went wrong on, or on the way to, a host reached through its agent.
     #[error("host {host}: {detail}")]
     Remote { host: String, detail: String },
@@ -277,6 +282,40 @@ pub trait VmDriver {
     /// Console output from byte `from`, at most 1 MiB of it; returns the bytes and the next
     /// offset (empty at the end of the log).
     fn vm_console(&self, vm: &str, from: u64) -> Result<(Vec<u8>, u64)>;
+    /// Whether this driver can run a replica of a VM of this kind (a libvirt domain's needs
+    /// a libvirt host; standby's own driver's, a host of standby's own driver).
+    fn can_run(&self, config: &VmConfig) -> Result<()> {
+        match config.driver.domain_xml {
+            Some(_) => Err(HostError::BadConfig {
+                arg: "--host",
+                why: "it is a libvirt domain, and this host is not driven by libvirt; give the job a DR host added \
+                      with `standby host add NAME --libvirt URI`"
+                    .into(),
+            }),
+            None => Ok(()),
+        }
+    }
+    /// Drops the host's own definition of a VM standby defined (libvirt: undefines the
+    /// domain, which must be off); a definition standby did not make stays. Idempotent.
+    fn vm_forget(&self, _vm: &str) -> Result<()> {
+        Ok(())
+    }
+    /// The networks (or `bridge:NAME`) a configuration's NICs are on, as `--network-map`
+    /// names them; none for NICs that reach no network the map could name.
+    fn config_networks(&self, _config: &VmConfig) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    /// Reads a VM this host's management layer already runs, for `vm import`; changes
+    /// nothing.
+    fn vm_describe(&self, domain: &str) -> Result<libvirt::Imported> {
+        Err(HostError::BadConfig {
+            arg: "--host",
+            why: format!(
+                "this host is not driven by libvirt, so it has no domain {domain} to import; add one with \
+                 `standby host add NAME --libvirt qemu:///system`"
+            ),
+        })
+    }
     /// Every scratch file of the VM whose name starts with `prefix`.
     fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>>;
     /// Which accelerator VMs start with here.

@@ -188,6 +188,24 @@ fn rotate_console(log: &Path) -> Result<()> {
     }
 }
 
+/// A console log from byte `from`, at most `CONSOLE_CHUNK` of it, and the next offset.
+pub(crate) fn read_console(path: &Path, from: u64) -> Result<(Vec<u8>, u64)> {
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(io_err("cannot read", path)(e)),
+    };
+    // A log shorter than the offset was rotated at a restart: the new one is read whole.
+    let len = f.metadata().map_err(io_err("cannot read", path))?.len();
+    let from = if from > len { 0 } else { from };
+    f.seek(SeekFrom::Start(from)).map_err(io_err("cannot read", path))?;
+    // A bounded piece: a guest that wrote gigabytes must not cost that much memory.
+    let mut buf = Vec::new();
+    f.take(CONSOLE_CHUNK).read_to_end(&mut buf).map_err(io_err("cannot read", path))?;
+    let next = from + buf.len() as u64;
+    Ok((buf, next))
+}
+
 impl Host for LocalHost {
     fn name(&self) -> &str {
         &self.name
@@ -339,6 +357,7 @@ impl Storage for LocalHost {
 
 impl VmDriver for LocalHost {
     fn check_config(&self, config: &VmConfig) -> Result<()> {
+        self.can_run(config)?;
         let d = &config.driver;
         for nic in &d.nics {
             if !NIC_MODELS.contains(&nic.as_str()) {
@@ -464,21 +483,7 @@ impl VmDriver for LocalHost {
     }
 
     fn vm_console(&self, vm: &str, from: u64) -> Result<(Vec<u8>, u64)> {
-        let path = self.vm_dir(vm).join("console.log");
-        let mut f = match fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-            Err(e) => return Err(io_err("cannot read", &path)(e)),
-        };
-        // A log shorter than the offset was rotated at a restart: the new one is read whole.
-        let len = f.metadata().map_err(io_err("cannot read", &path))?.len();
-        let from = if from > len { 0 } else { from };
-        f.seek(SeekFrom::Start(from)).map_err(io_err("cannot read", &path))?;
-        // A bounded piece: a guest that wrote gigabytes must not cost that much memory.
-        let mut buf = Vec::new();
-        f.take(CONSOLE_CHUNK).read_to_end(&mut buf).map_err(io_err("cannot read", &path))?;
-        let next = from + buf.len() as u64;
-        Ok((buf, next))
+        read_console(&self.vm_dir(vm).join("console.log"), from)
     }
 
     fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>> {

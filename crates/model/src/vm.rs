@@ -3,6 +3,8 @@
 //! driver's own (for QEMU: NIC device models and a kernel booted directly); the engine
 //! passes it on, asks the host to check it, and never reads its fields.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +23,14 @@ pub struct DriverConfig {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub append: Option<String>,
+    /// A libvirt domain's definition as `vm import` read it (`virsh dumpxml --inactive`):
+    /// the driver defines a replica from it, and the VM is libvirt's to start and stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_xml: Option<String>,
+    /// Where this VM's NICs go on the host it runs on: source network (or bridge) to the
+    /// one it is put on here. Set on a replica VM from its job's `--network-map`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub network_map: BTreeMap<String, String>,
 }
 
 /// What `standby vm change` asks for; `None` keeps the current value.
@@ -55,6 +65,8 @@ impl VmConfig {
             kernel: change.kernel.clone().unwrap_or_else(|| d.kernel.clone()),
             initrd: change.initrd.clone().unwrap_or_else(|| d.initrd.clone()),
             append: change.append.clone().unwrap_or_else(|| d.append.clone()),
+            domain_xml: d.domain_xml.clone(),
+            network_map: d.network_map.clone(),
         };
         if change.kernel == Some(None) {
             if matches!(change.initrd, Some(Some(_))) || matches!(change.append, Some(Some(_))) {
@@ -111,6 +123,7 @@ mod tests {
                 kernel: Some("/k".into()),
                 initrd: Some("/i".into()),
                 append: None,
+                ..DriverConfig::default()
             },
         }
     }

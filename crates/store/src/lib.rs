@@ -105,8 +105,9 @@ impl Store {
     pub fn insert_vm(&mut self, vm: &NewVm) -> Result<i64> {
         let tx = self.tx()?;
         tx.execute(
-            "INSERT INTO vms (name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO vms (name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id,
+                              domain_xml, network_map)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 vm.name,
                 vm.host,
@@ -118,7 +119,9 @@ impl Store {
                 vm.config.driver.append,
                 now(),
                 vm.role.as_str(),
-                vm.replica_id
+                vm.replica_id,
+                vm.config.driver.domain_xml,
+                serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default()
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -131,6 +134,7 @@ impl Store {
         let id: i64 = r.get(0)?;
         let nics: String = r.get(5)?;
         let role: String = r.get(10)?;
+        let map: String = r.get(13)?;
         Ok(VmRecord {
             id: r.get(0)?,
             name: r.get(1)?,
@@ -144,6 +148,9 @@ impl Store {
                     kernel: r.get(6)?,
                     initrd: r.get(7)?,
                     append: r.get(8)?,
+                    domain_xml: r.get(12)?,
+                    network_map: serde_json::from_str(&map)
+                        .map_err(|e| bad_cell("vms", id, 13, format!("network_map {map:?}: {e}")))?,
                 },
             },
             created_at: r.get(9)?,
@@ -167,7 +174,7 @@ impl Store {
     }
 
     const VM_COLS: &'static str =
-        "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id";
+        "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id, domain_xml, network_map";
 
     pub fn vm(&self, name: &str) -> Result<Option<VmRecord>> {
         let sql = format!("SELECT {} FROM vms WHERE name = ?1", Self::VM_COLS);
@@ -215,7 +222,8 @@ impl Store {
     pub fn update_vm_config(&mut self, name: &str, config: &VmConfig) -> Result<()> {
         let d = &config.driver;
         let n = self.conn.execute(
-            "UPDATE vms SET cpus = ?2, memory_mib = ?3, nics = ?4, kernel = ?5, initrd = ?6, append = ?7 WHERE name = ?1",
+            "UPDATE vms SET cpus = ?2, memory_mib = ?3, nics = ?4, kernel = ?5, initrd = ?6, append = ?7,
+                            domain_xml = ?8, network_map = ?9 WHERE name = ?1",
             params![
                 name,
                 config.cpus,
@@ -223,7 +231,9 @@ impl Store {
                 serde_json::to_string(&d.nics).unwrap_or_default(),
                 d.kernel,
                 d.initrd,
-                d.append
+                d.append,
+                d.domain_xml,
+                serde_json::to_string(&d.network_map).unwrap_or_default()
             ],
         )?;
         if n != 1 {
@@ -238,7 +248,8 @@ impl Store {
         let tx = self.tx()?;
         let id: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [&vm.name], |r| r.get(0))?;
         tx.execute(
-            "UPDATE vms SET host = ?2, cpus = ?3, memory_mib = ?4, nics = ?5, kernel = ?6, initrd = ?7, append = ?8
+            "UPDATE vms SET host = ?2, cpus = ?3, memory_mib = ?4, nics = ?5, kernel = ?6, initrd = ?7, append = ?8,
+                            domain_xml = ?9, network_map = ?10
              WHERE id = ?1",
             params![
                 id,
@@ -248,7 +259,9 @@ impl Store {
                 serde_json::to_string(&vm.config.driver.nics).unwrap_or_default(),
                 vm.config.driver.kernel,
                 vm.config.driver.initrd,
-                vm.config.driver.append
+                vm.config.driver.append,
+                vm.config.driver.domain_xml,
+                serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default()
             ],
         )?;
         tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;
@@ -291,8 +304,8 @@ impl Store {
         let tx = self.tx()?;
         tx.execute(
             "INSERT INTO jobs (name, target_host, target_dir, retain, every_secs, created_at, replica_suffix,
-                               compression, bandwidth, retry_window_secs)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                               compression, bandwidth, retry_window_secs, network_map)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 job.name,
                 job.target_host,
@@ -303,7 +316,8 @@ impl Store {
                 job.replica_suffix,
                 job.wire.compression.as_str(),
                 job.wire.bandwidth.map(|b| b as i64),
-                job.wire.retry_window_secs as i64
+                job.wire.retry_window_secs as i64,
+                serde_json::to_string(&job.network_map).unwrap_or_default()
             ],
         )?;
         let job_id = tx.last_insert_rowid();
@@ -319,7 +333,7 @@ impl Store {
 
     const JOB_COLS: &'static str =
         "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at, replica_suffix, enabled, \
-         compression, bandwidth, retry_window_secs";
+         compression, bandwidth, retry_window_secs, network_map";
 
     fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         let id: i64 = r.get(0)?;
@@ -329,9 +343,12 @@ impl Store {
             bandwidth: r.get::<_, Option<i64>>(11)?.map(|b| b as u64),
             retry_window_secs: r.get::<_, i64>(12)? as u64,
         };
+        let map: String = r.get(13)?;
         Ok(JobRecord {
             id,
             wire,
+            network_map: serde_json::from_str(&map)
+                .map_err(|e| bad_cell("jobs", id, 13, format!("network_map {map:?}: {e}")))?,
             name: r.get(1)?,
             target_host: r.get(2)?,
             target_dir: r.get(3)?,

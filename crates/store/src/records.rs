@@ -60,6 +60,8 @@ pub struct NewJob {
     pub every_secs: Option<u64>,
     pub replica_suffix: String,
     pub wire: Wire,
+    /// Each source network (or bridge) of its VMs' NICs to the one replicas are put on.
+    pub network_map: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,6 +75,7 @@ pub struct JobRecord {
     pub replica_suffix: String,
     /// How its data travels between hosts.
     pub wire: Wire,
+    pub network_map: std::collections::BTreeMap<String, String>,
     pub last_run_at: Option<String>,
     pub created_at: String,
     pub vms: Vec<String>,

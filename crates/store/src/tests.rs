@@ -52,6 +52,7 @@ fn retention_drop_repoints_layers() {
         every_secs: None,
         replica_suffix: "_replica".into(),
         wire: Default::default(),
+        network_map: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let rep = s.replicas().unwrap().remove(0);
@@ -128,6 +129,7 @@ fn a_state_moves_only_by_a_transition_from_the_state_its_writer_read() {
         every_secs: None,
         replica_suffix: "_replica".into(),
         wire: Default::default(),
+        network_map: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let id = s.replicas().unwrap()[0].id;
@@ -183,6 +185,7 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
         every_secs: None,
         replica_suffix: "_replica".into(),
         wire: Default::default(),
+        network_map: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into()), (vm_b, "/dr/b".into())]).unwrap();
     s.conn
@@ -238,6 +241,7 @@ fn a_fence_is_open_until_closed_with_its_protective_images_and_goes_with_its_rep
         every_secs: None,
         replica_suffix: "_replica".into(),
         wire: Default::default(),
+        network_map: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let rep = s.replicas().unwrap().remove(0);

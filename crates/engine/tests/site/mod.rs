@@ -46,6 +46,7 @@ impl Site {
                 compression: None,
                 bandwidth: None,
                 retry_window: None,
+                network_map: Vec::new(),
             })
             .unwrap();
         Site { fake, engine, _dir: dir }

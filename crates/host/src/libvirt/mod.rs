@@ -1,0 +1,447 @@
+//! The libvirt driver, `LibvirtHost`: a host whose VMs are libvirt domains, driven through
+//! the daemon they already live in, so that they stay visible and usable in virsh the
+//! whole time. Start, shutdown, power off, pause and status are libvirt's verbs; a
+//! replication run's views are libvirt's checkpoints and pull-mode backups (`disks.rs`);
+//! a VM standby starts from a domain (a replica) is defined from the source's definition
+//! (`domain.rs`). Files, images and NBD are the machine's own, as for standby's own
+//! driver: a `LocalHost` on the same machine does them.
+
+mod disks;
+pub mod domain;
+mod virsh;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use standby_model::image::{Accel, Chain, DiskSource, Format, ImageInfo};
+use standby_model::{DriverConfig, VmConfig};
+
+use crate::transfer::{Moved, Plan, Stats, Wire};
+use crate::{
+    BitmapOp, DiskAccess, Endpoint, Host, HostError, LocalHost, NbdAddress, Result, ServeSpec, Storage, Transport,
+    VmDriver, VmLaunch, VmRuntime,
+};
+use domain::Derived;
+use virsh::Virsh;
+
+/// Where standby keeps what a domain's QEMU itself opens (backup sockets and scratch
+/// files, a replica's console): outside standby's owner-only data directory, in a
+/// directory owned by the user QEMU runs as.
+const RUN_ROOT: &str = "/var/lib/libvirt/standby";
+
+#[derive(Debug)]
+pub struct LibvirtHost {
+    name: String,
+    virsh: Virsh,
+    local: LocalHost,
+}
+
+/// A domain as `vm import` registers it.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub config: VmConfig,
+    pub disks: Vec<(String, Format)>,
+}
+
+impl LibvirtHost {
+    /// The host `name`, whose domains the daemon at `uri` holds; standby's own files for
+    /// it go under `root`.
+    pub fn new(name: &str, uri: &str, root: &Path) -> Result<LibvirtHost> {
+        let local = LocalHost::new(name, root)?;
+        Ok(LibvirtHost { name: name.into(), virsh: Virsh { uri: uri.into(), scratch: root.join("xml") }, local })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.virsh.uri
+    }
+
+    /// The daemon's version, or why it does not answer.
+    pub fn version(&self) -> Result<String> {
+        let out = self.virsh.run("asking its version", &["version"])?;
+        Ok(out
+            .lines()
+            .find_map(|l| l.strip_prefix("Running hypervisor: "))
+            .map_or_else(|| "libvirt".to_owned(), |h| format!("libvirt ({h})")))
+    }
+
+    /// Reads domain `name` as `vm import` registers it, changing nothing.
+    pub fn describe(&self, name: &str) -> Result<Imported> {
+        let xml = self.virsh.run(&format!("reading domain {name}"), &["dumpxml", "--inactive", name])?;
+        let d = domain::parse(&xml)
+            .map_err(|why| HostError::BadConfig { arg: "DOMAIN", why: format!("domain {name}: {why}") })?;
+        if let Some(disk) = d.disks.iter().find(|x| x.chained) {
+            return Err(HostError::BadConfig {
+                arg: "DOMAIN",
+                why: format!(
+                    "domain {name}: its disk {} has a backing chain; standby protects standalone disks only: \
+                     flatten it first (virsh blockpull {name} {})",
+                    disk.target, disk.target
+                ),
+            });
+        }
+        if d.standby_made {
+            return Err(HostError::BadConfig {
+                arg: "DOMAIN",
+                why: format!("domain {name} is one standby defined (a replica); import the VM it replicates instead"),
+            });
+        }
+        Ok(Imported {
+            config: VmConfig {
+                cpus: d.vcpus,
+                memory_mib: d.memory_mib,
+                driver: DriverConfig { domain_xml: Some(xml), ..DriverConfig::default() },
+            },
+            disks: d.disks.into_iter().map(|x| (x.path, x.format)).collect(),
+        })
+    }
+
+    /// The domain's definition as libvirt holds it now (`inactive`: the one it starts
+    /// from), None when libvirt has no such domain.
+    fn definition(&self, vm: &str, inactive: bool) -> Result<Option<String>> {
+        let mut args = vec!["dumpxml", vm];
+        if inactive {
+            args.insert(1, "--inactive");
+        }
+        match self.virsh.run(&format!("reading domain {vm}"), &args) {
+            Ok(xml) => Ok(Some(xml)),
+            Err(e) if virsh::is_missing_domain(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn domain(&self, vm: &str, inactive: bool) -> Result<domain::Domain> {
+        let xml = self.definition(vm, inactive)?.ok_or_else(|| HostError::NotRunning(vm.into()))?;
+        domain::parse(&xml).map_err(|why| HostError::Invalid(format!("domain {vm}: {why}")))
+    }
+
+    fn state(&self, vm: &str) -> Result<Option<String>> {
+        match self.virsh.run(&format!("reading the state of domain {vm}"), &["domstate", vm]) {
+            Ok(s) => Ok(Some(s.trim().to_owned())),
+            Err(e) if virsh::is_missing_domain(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The directory of a domain's QEMU-opened files, owned by the user its QEMU runs as
+    /// (`pid`'s owner; root's when stopped).
+    pub(crate) fn run_dir(&self, vm: &str, pid: Option<u32>) -> Result<PathBuf> {
+        let dir = Path::new(RUN_ROOT).join(&self.name).join(vm);
+        std::fs::create_dir_all(&dir).map_err(|source| HostError::Io {
+            what: "cannot create".into(),
+            path: dir.display().to_string(),
+            source,
+        })?;
+        if let Some(pid) = pid {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}")) {
+                std::os::unix::fs::chown(&dir, Some(meta.uid()), Some(meta.gid())).map_err(|source| HostError::Io {
+                    what: "cannot give QEMU's user".into(),
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        Ok(dir)
+    }
+
+    fn pid(&self, vm: &str) -> Option<u32> {
+        virsh::qemu_pid(&self.virsh.uri, vm)
+    }
+
+    fn wait_stopped(&self, vm: &str, timeout: Duration) -> Result<bool> {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if matches!(self.vm_runtime(vm)?, VmRuntime::Stopped) {
+                return Ok(true);
+            }
+            if std::time::Instant::now() > until {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Host for LibvirtHost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Storage for LibvirtHost {
+    fn ensure_dir(&self, dir: &str) -> Result<()> {
+        self.local.ensure_dir(dir)
+    }
+    fn canonical_dir(&self, dir: &str) -> Result<String> {
+        self.local.canonical_dir(dir)
+    }
+    fn create_file_new(&self, path: &str, content: &str) -> Result<bool> {
+        self.local.create_file_new(path, content)
+    }
+    fn read_small_file(&self, path: &str) -> Result<Option<String>> {
+        self.local.read_small_file(path)
+    }
+    fn list_dir(&self, dir: &str) -> Result<Vec<String>> {
+        self.local.list_dir(dir)
+    }
+    fn file_exists(&self, path: &str) -> Result<bool> {
+        self.local.file_exists(path)
+    }
+    fn remove_file(&self, path: &str) -> Result<()> {
+        self.local.remove_file(path)
+    }
+    fn remove_empty_dir(&self, dir: &str) -> Result<bool> {
+        self.local.remove_empty_dir(dir)
+    }
+    fn sync_file(&self, path: &str) -> Result<()> {
+        self.local.sync_file(path)
+    }
+    fn image_info(&self, path: &str, format: Format, shared: bool) -> Result<ImageInfo> {
+        self.local.image_info(path, format, shared)
+    }
+    fn image_probe(&self, path: &str) -> Result<ImageInfo> {
+        self.local.image_probe(path)
+    }
+    fn image_create(&self, path: &str, size: u64, backing: Option<(&str, Format)>) -> Result<()> {
+        self.local.image_create(path, size, backing)
+    }
+    fn image_allocated(&self, path: &str) -> Result<Vec<(u64, u64)>> {
+        self.local.image_allocated(path)
+    }
+    fn image_bitmap(&self, path: &str, format: Format, name: &str, op: BitmapOp<'_>) -> Result<()> {
+        self.local.image_bitmap(path, format, name, op)
+    }
+    fn image_commit(&self, chain: &Chain) -> Result<()> {
+        self.local.image_commit(chain)
+    }
+    fn image_set_backing_name(&self, path: &str, backing: Option<&str>) -> Result<()> {
+        self.local.image_set_backing_name(path, backing)
+    }
+    fn image_flatten(&self, chain: &Chain) -> Result<()> {
+        self.local.image_flatten(chain)
+    }
+    fn image_compare(&self, a: &Chain, b: &Chain) -> Result<bool> {
+        self.local.image_compare(a, b)
+    }
+    fn image_copy(&self, chain: &Chain, dst: &str) -> Result<()> {
+        self.local.image_copy(chain, dst)
+    }
+}
+
+impl Transport for LibvirtHost {
+    fn nbd_serve(&self, spec: &ServeSpec) -> Result<NbdAddress> {
+        self.local.nbd_serve(spec)
+    }
+    fn nbd_connect(&self, addr: &NbdAddress, export: &str, contexts: &[&str]) -> Result<Box<dyn crate::BlockStream>> {
+        self.local.nbd_connect(addr, export, contexts)
+    }
+    fn transfer(
+        &self,
+        plan: &Plan,
+        src: &Endpoint,
+        dst: &Endpoint,
+        wire: &Wire,
+        report: &(dyn Fn(Moved) + Sync),
+    ) -> Result<Stats> {
+        self.local.transfer(plan, src, dst, wire, report)
+    }
+    fn nbd_stop_all(&self, prefix: &str) -> Result<usize> {
+        self.local.nbd_stop_all(prefix)
+    }
+}
+
+fn not_yet(what: &str) -> HostError {
+    HostError::Invalid(format!(
+        "{what} is not done on libvirt hosts yet; fail back or make permanent with the replica on a host of \
+         standby's own driver"
+    ))
+}
+
+impl VmDriver for LibvirtHost {
+    fn check_config(&self, config: &VmConfig) -> Result<()> {
+        match &config.driver.domain_xml {
+            Some(xml) => domain::parse(xml).map(drop).map_err(|why| HostError::BadConfig { arg: "DOMAIN", why }),
+            None => Err(HostError::BadConfig {
+                arg: "--host",
+                why: format!(
+                    "host {} is driven by libvirt: register its domains with `standby vm import DOMAIN --host {}`, \
+                     and define VMs of standby's own driver on another host",
+                    self.name, self.name
+                ),
+            }),
+        }
+    }
+
+    fn can_run(&self, config: &VmConfig) -> Result<()> {
+        self.check_config(config)
+    }
+
+    fn config_networks(&self, config: &VmConfig) -> Result<Vec<String>> {
+        let Some(xml) = &config.driver.domain_xml else { return Ok(Vec::new()) };
+        let d = domain::parse(xml).map_err(HostError::Invalid)?;
+        Ok(d.nics.iter().map(domain::DomainNic::key).collect())
+    }
+
+    fn vm_describe(&self, domain: &str) -> Result<Imported> {
+        self.describe(domain)
+    }
+
+    fn vm_start(&self, vm: &VmLaunch) -> Result<()> {
+        let xml = vm.config.driver.domain_xml.as_deref().ok_or_else(|| HostError::BadConfig {
+            arg: "--host",
+            why: format!("VM {} has no libvirt definition", vm.name),
+        })?;
+        let source = domain::parse(xml).map_err(HostError::Invalid)?;
+        let own = source.name == vm.name
+            && vm.disks.len() == source.disks.len()
+            && vm.disks.iter().zip(&source.disks).all(
+                |(d, s)| matches!(d, DiskSource::Image { path, format } if *path == s.path && *format == s.format),
+            );
+        if !own {
+            // A VM standby makes from the domain: defined anew at each start, since its
+            // chains change (protective points, generations).
+            let existing = match self.definition(&vm.name, true)? {
+                Some(x) => Some(domain::parse(&x).map_err(HostError::Invalid)?),
+                None => None,
+            };
+            if let Some(e) = &existing {
+                if !e.standby_made {
+                    return Err(HostError::StartFailed {
+                        vm: vm.name.clone(),
+                        detail: format!(
+                            "libvirt at {} holds a domain named {} that standby did not define; rename it \
+                             (virsh domrename) or give the job another --replica-suffix",
+                            self.virsh.uri, vm.name
+                        ),
+                    });
+                }
+            }
+            let console = self.run_dir(&vm.name, None)?.join("console.log");
+            let _ = std::fs::remove_file(&console);
+            let derived = domain::derive(
+                xml,
+                &Derived {
+                    name: &vm.name,
+                    uuid: existing.as_ref().and_then(|e| e.uuid.as_deref()),
+                    disks: &vm.disks,
+                    network_map: &vm.config.driver.network_map,
+                    console_file: console.to_str(),
+                    of: &source.name,
+                },
+            )
+            .map_err(|detail| HostError::StartFailed { vm: vm.name.clone(), detail })?;
+            self.virsh.run_with(&format!("defining domain {}", vm.name), &["define"], &[&derived])?;
+        }
+        self.virsh
+            .run(&format!("starting domain {}", vm.name), &["start", &vm.name])
+            .map_err(|e| HostError::StartFailed { vm: vm.name.clone(), detail: e.to_string() })?;
+        Ok(())
+    }
+
+    fn vm_runtime(&self, vm: &str) -> Result<VmRuntime> {
+        Ok(match self.state(vm)?.as_deref() {
+            Some("running" | "paused" | "in shutdown" | "pmsuspended" | "blocked") => {
+                VmRuntime::Running { pid: self.pid(vm).unwrap_or(0) }
+            }
+            _ => VmRuntime::Stopped,
+        })
+    }
+
+    fn vm_powerdown(&self, vm: &str) -> Result<()> {
+        self.virsh.run(&format!("shutting down domain {vm}"), &["shutdown", vm, "--mode", "acpi"]).map(drop)
+    }
+
+    fn vm_quit(&self, vm: &str) -> Result<()> {
+        // SIGTERM: QEMU flushes its images and writes the persistent bitmaps.
+        self.virsh.run(&format!("ending domain {vm}"), &["destroy", vm, "--graceful"]).map(drop)
+    }
+
+    fn vm_pause(&self, vm: &str) -> Result<()> {
+        self.virsh.run(&format!("pausing domain {vm}"), &["suspend", vm]).map(drop)
+    }
+
+    fn vm_resume(&self, vm: &str) -> Result<()> {
+        self.virsh.run(&format!("resuming domain {vm}"), &["resume", vm]).map(drop)
+    }
+
+    fn vm_paused(&self, vm: &str) -> Result<bool> {
+        Ok(self.state(vm)?.as_deref() == Some("paused"))
+    }
+
+    fn vm_top_files(&self, vm: &str, disks: usize) -> Result<Vec<String>> {
+        let d = self.domain(vm, false)?;
+        if d.disks.len() < disks {
+            return Err(HostError::DiskMissing { vm: vm.into(), disk: d.disks.len() });
+        }
+        Ok(d.disks.into_iter().take(disks).map(|x| x.path).collect())
+    }
+
+    fn vm_protect(&self, _vm: &str, _new_tops: &[(String, u32)]) -> Result<()> {
+        Err(not_yet("a protective point on a running replica (failback)"))
+    }
+
+    fn vm_flatten(&self, _vm: &str, _disks: usize, _timeout: Duration) -> Result<()> {
+        Err(not_yet("flattening a running replica (permanent failover)"))
+    }
+
+    fn vm_disks<'a>(&'a self, vm: &str, running: bool) -> Result<Box<dyn DiskAccess + 'a>> {
+        let targets = self.domain(vm, !running)?.disks.into_iter().map(|d| d.target).collect();
+        Ok(Box::new(disks::LibvirtDisks::new(self, vm, running, targets)))
+    }
+
+    fn vm_kill(&self, vm: &str) -> Result<()> {
+        if matches!(self.vm_runtime(vm)?, VmRuntime::Stopped) {
+            return Ok(());
+        }
+        let pid = self.pid(vm).unwrap_or(0);
+        let _ = self.virsh.run(&format!("destroying domain {vm}"), &["destroy", vm]);
+        if !self.wait_stopped(vm, Duration::from_secs(10))? {
+            return Err(HostError::StillRunning { vm: vm.into(), pid });
+        }
+        Ok(())
+    }
+
+    fn vm_forget(&self, vm: &str) -> Result<()> {
+        let Some(xml) = self.definition(vm, true)? else { return Ok(()) };
+        let d = domain::parse(&xml).map_err(HostError::Invalid)?;
+        if !d.standby_made {
+            // Only what standby defined goes; an operator's domain is never undefined.
+            return Ok(());
+        }
+        self.virsh.run(
+            &format!("undefining domain {vm}"),
+            &["undefine", vm, "--checkpoints-metadata", "--snapshots-metadata", "--nvram"],
+        )?;
+        let _ = std::fs::remove_dir_all(Path::new(RUN_ROOT).join(&self.name).join(vm));
+        Ok(())
+    }
+
+    fn vm_console(&self, vm: &str, from: u64) -> Result<(Vec<u8>, u64)> {
+        let d = self.domain(vm, false)?;
+        let Some(file) = d.console_file else {
+            return Err(HostError::Invalid(format!(
+                "domain {vm} has no serial port writing to a file; `virsh console {vm}` shows its console"
+            )));
+        };
+        crate::local::read_console(Path::new(&file), from)
+    }
+
+    fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>> {
+        let dir = Path::new(RUN_ROOT).join(&self.name).join(vm);
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(Vec::new()) };
+        Ok(entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(prefix))
+            .map(|n| dir.join(n).display().to_string())
+            .collect())
+    }
+
+    fn accel(&self) -> Accel {
+        self.local.accel()
+    }
+
+    fn probe_accel(&self, kernel: &str, initrd: &str) -> Result<Accel> {
+        self.local.probe_accel(kernel, initrd)
+    }
+}
