@@ -220,6 +220,18 @@ pub(crate) struct Json {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum VmCmd {
+    /// Register an existing libvirt domain as it is (its disks and configuration are read
+    /// from its definition; nothing in libvirt changes).
+    #[command(after_help = "Example: standby vm import web --host kvm1")]
+    Import {
+        /// The domain's name, as `virsh list --all` shows it.
+        domain: String,
+        /// A host added with `standby host add NAME --libvirt URI`.
+        #[arg(long)]
+        host: String,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Define a VM from existing disk images.
     #[command(
         after_help = "Example: standby vm create web --disk /srv/web.qcow2 --format qcow2 --memory 1024 --nic virtio-net-pci"
@@ -584,16 +596,22 @@ pub(crate) enum HostCmd {
         #[command(flatten)]
         json: Json,
     },
-    /// Enrol the agent a host runs (`standby agent` printed its token).
-    #[command(after_help = "Example: standby host add dr1 --address 10.0.0.2:7301 --token 3f2a...")]
+    /// Enrol the agent a host runs (`standby agent` printed its token), or add this
+    /// machine's libvirt daemon as a host whose VMs are its domains (`--libvirt`).
+    #[command(
+        after_help = "Examples: standby host add dr1 --address 10.0.0.2:7301 --token 3f2a...\n          standby host add kvm1 --libvirt qemu:///system"
+    )]
     Add {
         name: String,
         /// The agent's address and port.
-        #[arg(long)]
-        address: String,
+        #[arg(long, required_unless_present = "libvirt", conflicts_with = "libvirt")]
+        address: Option<String>,
         /// The `enrolment token:` the agent printed (also in its data directory).
+        #[arg(long, required_unless_present = "libvirt", conflicts_with = "libvirt")]
+        token: Option<String>,
+        /// The libvirt daemon of this machine whose domains are the host's VMs.
         #[arg(long)]
-        token: String,
+        libvirt: Option<String>,
         /// Declare the host lost after this much silence (`10m`), so that failover goes
         /// ahead without `--source-unreachable`; default: only the operator declares it.
         #[arg(long)]

@@ -104,7 +104,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output::hosts(std::slice::from_ref(&engine.host_change(&name, &lost_after)?), json.json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Host(HostCmd::Add { name, address, token, lost_after }) => {
+        Command::Host(HostCmd::Add { name, address, token, libvirt: Some(uri), lost_after }) => {
+            if address.is_some() || token.is_some() || lost_after.is_some() {
+                anyhow::bail!("--libvirt adds this machine's daemon: --address, --token and --lost-after do not apply");
+            }
+            let h = engine.host_add_libvirt(&name, &uri)?;
+            println!("host {} added: {} at {uri}", h.name, h.version.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Host(HostCmd::Add { name, address, token, libvirt: None, lost_after }) => {
+            let (address, token) = (address.unwrap_or_default(), token.unwrap_or_default());
             let h = engine.host_add(&name, &address, &token, lost_after.as_deref())?;
             println!("host {} enrolled: agent {} at {address}", h.name, h.version.unwrap_or_default());
             Ok(ExitCode::SUCCESS)
@@ -153,6 +162,10 @@ fn reads_only(cmd: &Command) -> bool {
 
 fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
     match cmd {
+        VmCmd::Import { domain, host, json } => {
+            let v = engine.vm_import(&domain, &host)?;
+            output::vm(&v, json.json)?;
+        }
         VmCmd::Create { name, disks, formats, memory, cpus, nics, kernel, initrd, append, host, json } => {
             let probed = formats.is_empty();
             let v = engine.vm_create(&VmSpec {

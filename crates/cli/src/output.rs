@@ -60,10 +60,11 @@ pub fn vms(list: &[VmView], as_json: bool) -> Result<()> {
                 v.config.cpus.to_string(),
                 format!("{} MiB", v.config.memory_mib),
                 v.disks.len().to_string(),
+                v.driver.into(),
             ]
         })
         .collect();
-    table(&["NAME", "HOST", "ROLE", "STATE", "CPUS", "MEMORY", "DISKS"], &rows);
+    table(&["NAME", "HOST", "ROLE", "STATE", "CPUS", "MEMORY", "DISKS", "DRIVER"], &rows);
     Ok(())
 }
 
@@ -74,6 +75,10 @@ pub fn vm(v: &VmView, as_json: bool) -> Result<()> {
     println!("name:    {}", v.name);
     println!("host:    {}", v.host);
     println!("state:   {}{}", v.state, v.pid.map(|p| format!(" (pid {p})")).unwrap_or_default());
+    println!(
+        "driver:  {}",
+        if v.driver == "libvirt" { "libvirt (a domain libvirt manages)" } else { "qemu (standby's own)" }
+    );
     println!("cpus:    {}", v.config.cpus);
     println!("memory:  {} MiB", v.config.memory_mib);
     for (i, d) in v.disks.iter().enumerate() {
@@ -81,6 +86,9 @@ pub fn vm(v: &VmView, as_json: bool) -> Result<()> {
     }
     for n in &v.config.driver.nics {
         println!("nic:     {n}");
+    }
+    for (from, to) in &v.config.driver.network_map {
+        println!("network: {from} -> {to}");
     }
     if let Some(k) = &v.config.driver.kernel {
         println!("kernel:  {k}");

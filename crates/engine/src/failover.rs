@@ -425,10 +425,13 @@ impl Engine {
         }
         failpoint::hit("failover.after-overlays");
         self.store().set_step(replica.id, step(FailoverStep::Define))?;
+        // The replica's NICs go where the job maps them on the DR host.
+        let mut config = source.config.clone();
+        config.driver.network_map = self.store().job(&replica.job)?.map(|j| j.network_map).unwrap_or_default();
         self.store().insert_vm(&NewVm {
             name: vm_name.into(),
             host: replica.target_host.clone(),
-            config: source.config.clone(),
+            config,
             disks: overlays,
             role: Role::Replica,
             replica_id: Some(replica.id),
@@ -455,6 +458,7 @@ impl Engine {
             if self.vm_is_running(&vm)? {
                 vm::power_off(dr, vm_name)?;
             }
+            dr.vm_forget(vm_name)?;
             self.store().delete_vm(vm_name)?;
         }
         self.remove_overlays(dr, replica)?;
@@ -509,6 +513,7 @@ impl Engine {
             }
             failpoint::hit("undo.after-stop");
             self.store().set_step(replica.id, Step::Undo(UndoStep::Discard))?;
+            dr.vm_forget(&vm.name)?;
             self.store().delete_vm(&vm.name)?;
         }
         self.remove_overlays(dr.as_ref(), replica)?;

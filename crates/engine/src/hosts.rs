@@ -126,6 +126,30 @@ impl Engine {
         self.host_list()?.into_iter().find(|h| h.name == name).ok_or_else(|| EngineError::UnknownHost(name.into()))
     }
 
+    /// Adds host `name`, whose VMs are the domains of the libvirt daemon at `uri` on this
+    /// machine; refused, changing nothing, when the daemon does not answer.
+    pub fn host_add_libvirt(&self, name: &str, uri: &str) -> Result<HostView> {
+        VmName::new(name)?;
+        if self.store().host_exists(name)? {
+            return Err(EngineError::HostExists(name.into()));
+        }
+        if !uri.starts_with("qemu:///") {
+            return Err(EngineError::BadArgument {
+                arg: "--libvirt",
+                why: format!(
+                    "--libvirt {uri:?}: standby drives the QEMU daemon of this machine (qemu:///system); for \
+                     another machine, run `standby agent` there"
+                ),
+            });
+        }
+        let host = standby_host::LibvirtHost::new(name, uri, &self.data_dir.join("hosts").join(name))?;
+        let result = host.version().map_err(EngineError::from);
+        self.record(&format!("host:{name}"), "host add", &result, |v| format!("{v} at {uri}"));
+        let version = result?;
+        self.store().insert_libvirt_host(name, uri, &version)?;
+        self.host_list()?.into_iter().find(|h| h.name == name).ok_or_else(|| EngineError::UnknownHost(name.into()))
+    }
+
     /// Every host, each agent asked whether it answers (a few seconds at most each).
     pub fn host_list(&self) -> Result<Vec<HostView>> {
         let records = self.store().hosts()?;
@@ -153,6 +177,20 @@ impl Engine {
                 silent_since: h.silent_since.clone(),
                 declared_lost: false,
             };
+            if let Some(uri) = &h.libvirt_uri {
+                view.address = Some(uri.clone());
+                match standby_host::LibvirtHost::new(&h.name, uri, &self.data_dir.join("hosts").join(&h.name))
+                    .and_then(|l| l.version())
+                {
+                    Ok(v) => view.version = Some(v),
+                    Err(e) => {
+                        view.state = "offline";
+                        view.error = Some(crate::chain(&e));
+                    }
+                }
+                views.push(view);
+                continue;
+            }
             match (&h.address, self.hosts.get(&h.name)) {
                 (_, Some(local)) => view.accel = Some(local.accel().as_str()),
                 (Some(address), None) => {
@@ -286,6 +324,7 @@ impl Engine {
                     }
                 }
             }
+            None if self.store().host(name)?.is_some_and(|h| h.libvirt_uri.is_some()) => {}
             None => notes.push(format!(
                 "host {name} was enrolled before standby recorded certificate serials, so its certificate is \
                  not revoked: other agents still accept it until it expires"

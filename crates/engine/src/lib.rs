@@ -211,10 +211,15 @@ impl Engine {
             return Ok(h.clone());
         }
         let record = self.store().hosts()?.into_iter().find(|h| h.name == name);
-        let Some(address) = record.and_then(|h| h.address) else {
-            return Err(EngineError::UnknownHost(name.to_owned()));
+        let host: Arc<dyn Host> = match record {
+            Some(standby_store::HostRecord { libvirt_uri: Some(uri), .. }) => {
+                Arc::new(standby_host::LibvirtHost::new(name, &uri, &self.data_dir.join("hosts").join(name))?)
+            }
+            Some(standby_store::HostRecord { address: Some(address), .. }) => {
+                Arc::new(standby_agent::RemoteHost::new(name, &address, self.controller_tls()?))
+            }
+            _ => return Err(EngineError::UnknownHost(name.to_owned())),
         };
-        let host: Arc<dyn Host> = Arc::new(standby_agent::RemoteHost::new(name, &address, self.controller_tls()?));
         self.remote.lock().unwrap_or_else(|e| e.into_inner()).insert(name.into(), host.clone());
         Ok(host)
     }

@@ -30,6 +30,8 @@ pub struct VmView {
     /// `source` for a VM standby protects or manages.
     pub role: &'static str,
     pub pid: Option<u32>,
+    /// `libvirt` for a domain libvirt manages, `qemu` for standby's own driver.
+    pub driver: &'static str,
     /// Flattened: `--json` keeps `cpus`, `memory_mib`, `nics`, `kernel`, ... at the top.
     #[serde(flatten)]
     pub config: VmConfig,
@@ -82,6 +84,43 @@ impl Engine {
         })?;
         self.record_raw(&spec.name, "vm create", "ok", &format!("{} disk(s) on host {}", spec.disks.len(), spec.host));
         self.vm_show(&spec.name)
+    }
+
+    /// Registers libvirt domain `domain` of `host` as a VM of the same name, changing
+    /// nothing in libvirt: its disks, their formats and its configuration are read from
+    /// its definition, and each disk is checked as `vm create` checks one.
+    pub fn vm_import(&self, domain: &str, host_name: &str) -> Result<VmView> {
+        let name = VmName::new(domain).map_err(|_| EngineError::BadArgument {
+            arg: "DOMAIN",
+            why: format!(
+                "domain name {domain:?} holds characters standby's VM names do not (letters, digits, '-', '_', '.'); \
+                 rename it first (virsh domrename)"
+            ),
+        })?;
+        if self.store().vm(name.as_str())?.is_some() {
+            return Err(EngineError::VmExists(domain.into()));
+        }
+        let host = self.host(host_name)?;
+        let imported = host.vm_describe(domain)?;
+        let mut disks = Vec::new();
+        for (path, format) in &imported.disks {
+            disks.push(self.check_disk(host.as_ref(), path, Some(*format), &disks)?);
+        }
+        self.store().insert_vm(&NewVm {
+            name: domain.into(),
+            host: host_name.into(),
+            config: imported.config,
+            disks,
+            role: Role::Source,
+            replica_id: None,
+        })?;
+        self.record_raw(
+            domain,
+            "vm import",
+            "ok",
+            &format!("libvirt domain {domain} on host {host_name}, {} disk(s)", imported.disks.len()),
+        );
+        self.vm_show(domain)
     }
 
     /// Checks a disk an operator registers. Its format is the one stated, or probed here
@@ -140,6 +179,7 @@ impl Engine {
             state,
             role: vm.role.as_str(),
             pid,
+            driver: if vm.config.driver.domain_xml.is_some() { "libvirt" } else { "qemu" },
             config: vm.config,
             disks: vm.disks,
             created_at: vm.created_at,

@@ -11,7 +11,8 @@ impl Store {
 
     pub fn hosts(&self) -> Result<Vec<HostRecord>> {
         let mut st = self.conn.prepare(
-            "SELECT name, kind, address, version, last_seen, lost_after_secs, silent_since FROM hosts ORDER BY name",
+            "SELECT name, kind, address, version, last_seen, lost_after_secs, silent_since, libvirt_uri FROM hosts
+             ORDER BY name",
         )?;
         let rows = st
             .query_map([], |r| {
@@ -23,6 +24,7 @@ impl Store {
                     last_seen: r.get(4)?,
                     lost_after_secs: r.get::<_, Option<i64>>(5)?.map(|s| s.unsigned_abs()),
                     silent_since: r.get(6)?,
+                    libvirt_uri: r.get(7)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -36,6 +38,17 @@ impl Store {
             "INSERT INTO hosts (name, kind, created_at, address, version, last_seen, cert_serial)
              VALUES (?1, 'agent', ?2, ?3, ?4, ?2, ?5)",
             params![name, at, address, version, serial],
+        )?;
+        Ok(())
+    }
+
+    /// Records a host whose VMs are the domains of the libvirt daemon at `uri`.
+    pub fn insert_libvirt_host(&mut self, name: &str, uri: &str, version: &str) -> Result<()> {
+        let at = now();
+        self.conn.execute(
+            "INSERT INTO hosts (name, kind, created_at, version, last_seen, libvirt_uri)
+             VALUES (?1, 'libvirt', ?2, ?3, ?2, ?4)",
+            params![name, at, version, uri],
         )?;
         Ok(())
     }

@@ -198,12 +198,13 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE tasks ADD COLUMN wire_data_bytes INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tasks ADD COLUMN wire_bytes INTEGER NOT NULL DEFAULT 0;
     "#,
-    // 13: libvirt domains. A VM's definition as `vm import` read it (NULL for standby's own
+    // 13: libvirt. The daemon a libvirt host's VMs live in (its connection URI); a VM's definition as `vm import` read it (NULL for standby's own
     // VMs), and where its NICs go (a replica's, from its job); a job's network map, the
     // source network (or bridge) of each NIC to the one its replica is put on.
     r#"
     ALTER TABLE vms ADD COLUMN domain_xml TEXT;
     ALTER TABLE vms ADD COLUMN network_map TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE jobs ADD COLUMN network_map TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE hosts ADD COLUMN libvirt_uri TEXT;
     "#,
 ];

@@ -40,7 +40,7 @@ pub struct VmRecord {
 #[derive(Debug, Clone)]
 pub struct HostRecord {
     pub name: String,
-    /// `local` or `agent`.
+    /// `local`, `agent` or `libvirt`.
     pub kind: String,
     pub address: Option<String>,
     pub version: Option<String>,
@@ -49,6 +49,8 @@ pub struct HostRecord {
     pub lost_after_secs: Option<u64>,
     /// The first failed contact since the host last answered.
     pub silent_since: Option<String>,
+    /// A libvirt host's daemon, as `virsh -c` names it (`qemu:///system`).
+    pub libvirt_uri: Option<String>,
 }
 
 #[derive(Debug, Clone)]

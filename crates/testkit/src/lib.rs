@@ -4,6 +4,7 @@
 //! independently of standby to compare restore points against.
 
 mod ledger;
+pub mod libvirt;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -61,6 +61,7 @@ impl Engine {
         self.store().set_step(replica.id, Step::Commit(CommitStep::Cleanup))?;
         let rvm = self.store().replica_vm(replica.id)?;
         if let Some(rvm) = rvm {
+            dr_host.vm_forget(&rvm.name)?;
             self.store().delete_vm(&rvm.name)?;
         }
         self.remove_overlays(dr_host.as_ref(), replica)?;

@@ -10,6 +10,7 @@ mod disks;
 pub mod domain;
 mod virsh;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -126,11 +127,15 @@ impl LibvirtHost {
     /// (`pid`'s owner; root's when stopped).
     pub(crate) fn run_dir(&self, vm: &str, pid: Option<u32>) -> Result<PathBuf> {
         let dir = Path::new(RUN_ROOT).join(&self.name).join(vm);
-        std::fs::create_dir_all(&dir).map_err(|source| HostError::Io {
-            what: "cannot create".into(),
-            path: dir.display().to_string(),
-            source,
-        })?;
+        let io = |what: &str, path: &Path| {
+            let (what, path) = (what.to_owned(), path.display().to_string());
+            move |source| HostError::Io { what, path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        // Others may pass through, not list: QEMU reaches its own directory below.
+        for up in [Path::new(RUN_ROOT).to_path_buf(), Path::new(RUN_ROOT).join(&self.name)] {
+            std::fs::set_permissions(&up, std::fs::Permissions::from_mode(0o711)).map_err(io("cannot open", &up))?;
+        }
         if let Some(pid) = pid {
             use std::os::unix::fs::MetadataExt;
             if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}")) {
@@ -170,7 +175,14 @@ impl Host for LibvirtHost {
 
 impl Storage for LibvirtHost {
     fn ensure_dir(&self, dir: &str) -> Result<()> {
-        self.local.ensure_dir(dir)
+        self.local.ensure_dir(dir)?;
+        // A replica's QEMU runs as libvirt's user and must pass through to its layers
+        // (libvirt gives it the files themselves); nobody else may list them.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(|source| HostError::Io {
+            what: "cannot open for libvirt's QEMU".into(),
+            path: dir.into(),
+            source,
+        })
     }
     fn canonical_dir(&self, dir: &str) -> Result<String> {
         self.local.canonical_dir(dir)
