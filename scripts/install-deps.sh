@@ -3,13 +3,15 @@
 # QEMU (system emulator and tools of one version: qemu-system-x86 alone would remove a
 # newer preinstalled qemu-utils), rsync for the benchmark's baseline, iproute2 for the
 # two-site tests' network namespaces, tcpdump for their capture of the link, and openssl
-# for the certificates the two-site test and benchmark make with it.
+# for the certificates the two-site test and benchmark make with it; libvirt's daemon and
+# client for libvirt-managed hosts (installed after QEMU, so that it keeps QEMU's version).
 # Idempotent: does nothing when everything is in place.
 set -euo pipefail
 have_all() {
   command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null &&
     command -v qemu-nbd >/dev/null && command -v qemu-io >/dev/null && command -v rsync >/dev/null && command -v bc >/dev/null &&
     command -v ip >/dev/null && command -v tcpdump >/dev/null && command -v openssl >/dev/null &&
+    command -v virsh >/dev/null && command -v libvirtd >/dev/null && command -v virtlogd >/dev/null &&
     [ "$(qemu-img --version | head -1 | awk '{print $3}')" = "$(qemu-system-x86_64 --version | head -1 | awk '{print $4}')" ]
 }
 if have_all; then
@@ -26,5 +28,7 @@ v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
 # qemu-utils and qemu-block-extra pinned to the emulator's version: they must match.
 apt-get install -y -qq --no-install-recommends --allow-downgrades \
   qemu-system-x86 "qemu-utils=$v" "qemu-block-extra=$v" rsync bc xz-utils iproute2 tcpdump openssl >/dev/null
+# libvirt-daemon-system creates the libvirt-qemu user its QEMU driver runs domains as.
+apt-get install -y -qq --no-install-recommends libvirt-daemon-system libvirt-clients >/dev/null
 have_all || { echo "install-deps: QEMU tools still missing or mismatched after install" >&2; exit 1; }
 echo "install-deps: $(qemu-system-x86_64 --version | head -1)"

@@ -1,0 +1,316 @@
+//! User story: protect the VMs people already run under libvirt, as they are. A real
+//! libvirtd from Debian's packages runs TCG domains of the test guest; standby imports
+//! one, replicates it through libvirt's checkpoints and pull-mode backups (running and
+//! stopped), fails over to a replica domain defined with the job's network map, and
+//! undoes it; `virsh` shows exactly what is expected after each step.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use standby_testkit::libvirt::{self, checkpoints, domains, open_for_qemu, try_virsh, virsh, Domain};
+use standby_testkit::{identical, ledger_append, ledger_record, make_disk, read_image, Env, Ledger, LEDGER_BLOCK};
+
+const BIN: &str = env!("CARGO_BIN_EXE_standby");
+const LEDGER_START: u64 = 4096;
+const LEDGER_MAX: u64 = 3000;
+
+/// A bridge this test made (`ip link`), removed when dropped.
+struct Bridge(String);
+
+impl Bridge {
+    fn new(name: &str) -> Bridge {
+        let _ = std::process::Command::new("ip").args(["link", "del", name]).output();
+        for args in [vec!["link", "add", name, "type", "bridge"], vec!["link", "set", name, "up"]] {
+            let o = std::process::Command::new("ip").args(&args).output().expect("ip (iproute2)");
+            assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Bridge(name.into())
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+/// Names unique to this test process: one libvirtd serves the whole suite.
+fn unique(what: &str) -> String {
+    format!("{what}{}", std::process::id() % 100_000)
+}
+
+fn setup(env: &Env) {
+    open_for_qemu(env.root());
+    env.ok(&["host", "add", "kvm", "--libvirt", libvirt::URI]);
+}
+
+/// The source disk before the guest wrote, plus ledger records 1..=k, as raw.
+fn reference(env: &Env, base: &[u8], k: u64, name: &str) -> String {
+    let mut img = base.to_vec();
+    for seq in 1..=k {
+        let off = (LEDGER_START + seq - 1) as usize * LEDGER_BLOCK;
+        img[off..off + LEDGER_BLOCK].copy_from_slice(&ledger_record(seq));
+    }
+    let path = env.path(name);
+    std::fs::write(&path, img).unwrap();
+    path
+}
+
+/// Runs the job, and checks the new point against the ledger the guest acknowledged.
+fn run_and_check(env: &Env, job: &str, vm: &str, base: &[u8], method: &str, tag: &str) -> Value {
+    let acked = Ledger::acknowledged(&env.console(vm));
+    env.ok(&["job", "run", job]);
+    let points = env.points(vm);
+    let rp = points.last().unwrap().clone();
+    assert_eq!(rp["method"], method, "{tag}: {rp}");
+    let path = rp["disks"][0]["path"].as_str().unwrap();
+    let k = (Ledger { start_block: LEDGER_START }).records_in(&read_image(path), LEDGER_MAX).unwrap();
+    assert!(k >= acked, "{tag}: the point holds records 1..={k}, the guest had {acked} acknowledged");
+    let r = reference(env, base, k, &format!("{tag}.raw"));
+    assert!(identical(path, &r), "{tag}: the point differs from the disk at its instant");
+    rp
+}
+
+#[test]
+fn a_libvirt_domain_is_replicated_failed_over_on_the_mapped_bridge_and_undone() {
+    let env = Env::new(BIN);
+    setup(&env);
+    let (br_prod, br_dr) = (Bridge::new(&unique("sbp")), Bridge::new(&unique("sbd")));
+    let name = unique("lvweb");
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 64, &[(0xab, 0, 8), (0xcd, 40, 4)]);
+    let base = read_image(&disk);
+    let mac = "52:54:00:5b:00:01";
+    let dom = Domain::define(
+        &name,
+        &disk,
+        &ledger_append(LEDGER_START, LEDGER_MAX, 20_000),
+        &env.path("src/console.log"),
+        &[("bridge", &br_prod.0, mac)],
+    );
+    let defined = virsh(&["dumpxml", "--inactive", &name]);
+
+    // Imported as it is: libvirt's definition does not change.
+    let v = env.json(&["vm", "import", &name, "--host", "kvm"]);
+    assert_eq!((v["driver"].as_str(), v["disks"][0]["path"].as_str()), (Some("libvirt"), Some(disk.as_str())));
+    assert_eq!(virsh(&["dumpxml", "--inactive", &name]), defined);
+    assert!(env.ok(&["vm", "list"]).lines().any(|l| l.starts_with(&name) && l.trim_end().ends_with("libvirt")));
+
+    // A NIC on a bridge the map does not name is refused at job creation.
+    let before = env.snapshot();
+    let dr = env.path("dr");
+    let job = ["job", "create", "j", "--vm", &name, "--target-host", "kvm", "--target-dir", &dr];
+    let err = env.fails(&job);
+    assert!(err.contains(&format!("--network-map bridge:{}=DEST", br_prod.0)), "{err}");
+    assert_eq!(env.snapshot(), before, "a refused job changes nothing");
+    let map = format!("bridge:{}=bridge:{}", br_prod.0, br_dr.0);
+    let mut with_map = job.to_vec();
+    with_map.extend(["--network-map", &map]);
+    env.ok(&with_map);
+
+    // Started through libvirt: the domain runs in virsh.
+    env.ok(&["vm", "start", &name]);
+    assert_eq!(dom.state(), "running");
+    env.wait_console(&name, Duration::from_secs(90), "10 ledger writes", |c| Ledger::acknowledged(c) >= 10);
+
+    run_and_check(&env, "j", &name, &base, "full", "run1");
+    assert_eq!(checkpoints(&name).len(), 1, "the first point's checkpoint");
+    env.wait_console(&name, Duration::from_secs(60), "more writes", |c| Ledger::acknowledged(c) >= 40);
+    let rp2 = run_and_check(&env, "j", &name, &base, "cbt", "run2");
+    // Incremental from libvirt's checkpoint: the ledger's clusters, not the disk.
+    assert!(rp2["bytes_transferred"].as_u64().unwrap() < 4 << 20, "{rp2}");
+    let cps = checkpoints(&name);
+    assert_eq!(cps.len(), 1, "only the newest point's checkpoint stays: {cps:?}");
+    assert!(cps[0].ends_with("-2"), "{cps:?}");
+
+    // Stopped: read offline from its image, with the same bitmaps.
+    env.ok(&["vm", "stop", &name]);
+    assert_eq!(dom.state(), "shut off");
+    env.ok(&["job", "run", "j"]);
+    let rp3 = env.points(&name).last().unwrap().clone();
+    assert_eq!(rp3["method"], "cbt", "{rp3}");
+    assert!(identical(rp3["disks"][0]["path"].as_str().unwrap(), &disk), "the stopped domain's point is its disk");
+    assert!(checkpoints(&name)[0].ends_with("-3"), "the offline point's checkpoint is recorded in libvirt");
+
+    // Failover: a replica domain on the DR bridge, with the MAC kept and a new UUID.
+    env.ok(&["failover", &name]);
+    let replica = format!("{name}_replica");
+    assert_eq!(domains(&name), [name.clone(), replica.clone()]);
+    let xml = virsh(&["dumpxml", &replica]);
+    assert!(xml.contains(&format!("<source bridge='{}'/>", br_dr.0)), "mapped bridge: {xml}");
+    assert!(!xml.contains(&br_prod.0), "nothing on the production bridge: {xml}");
+    assert!(xml.contains(&format!("<mac address='{mac}'/>")), "MAC kept: {xml}");
+    let uuid = |x: &str| x.split("<uuid>").nth(1).and_then(|r| r.split("</uuid>").next()).unwrap_or("").to_owned();
+    assert_ne!(uuid(&xml), uuid(&defined), "a replica has a UUID of its own");
+    assert!(xml.contains(&format!("{dr}/{name}/failover-d0.qcow2")), "{xml}");
+    assert!(xml.contains(&format!("{dr}/{name}/000003-d0.qcow2")), "the chain is in the XML: {xml}");
+    assert_eq!(try_virsh(&["domstate", &replica]).1.trim(), "running");
+    // The replica's guest continues from the point: its ledger goes on.
+    env.wait_console(&replica, Duration::from_secs(90), "the replica's guest writing", |c| {
+        Ledger::acknowledged(c) >= 5
+    });
+    // Never two writers: the source is refused while its replica runs.
+    let err = env.fails(&["vm", "start", &name]);
+    assert!(err.contains("runs") || err.contains("replica"), "{err}");
+    assert_eq!(dom.state(), "shut off");
+
+    // Undo: the replica domain is gone from libvirt; the source is the VM of record.
+    env.ok(&["failover", "undo", &name]);
+    assert_eq!(domains(&name), std::slice::from_ref(&name));
+    assert_eq!(virsh(&["dumpxml", "--inactive", &name]), defined, "the source's definition never changed");
+    // The next run is still incremental from the same checkpoint.
+    let out = env.ok(&["job", "run", "j"]);
+    assert!(out.contains("(cbt,"), "{out}");
+    assert!(identical(&env.latest_disk(&name, 0), &disk));
+    assert!(checkpoints(&name)[0].ends_with("-4"), "{:?}", checkpoints(&name));
+
+    // The job's removal takes its checkpoints out of the domain.
+    env.ok(&["job", "delete", "j", "--delete-points", "--yes"]);
+    assert_eq!(checkpoints(&name), Vec::<String>::new());
+}
+
+#[test]
+fn two_jobs_protecting_one_domain_keep_their_own_incremental_chains() {
+    let env = Env::new(BIN);
+    setup(&env);
+    let name = unique("lvtwo");
+    let disk = env.path("src/two.qcow2");
+    make_disk(&disk, "qcow2", 64, &[(0x11, 0, 4)]);
+    let base = read_image(&disk);
+    let _dom = Domain::define(
+        &name,
+        &disk,
+        &ledger_append(LEDGER_START, LEDGER_MAX, 20_000),
+        &env.path("src/console.log"),
+        &[],
+    );
+    env.ok(&["vm", "import", &name, "--host", "kvm"]);
+    for (job, dir) in [("a", "dr/a"), ("b", "dr/b")] {
+        std::fs::create_dir_all(env.path(dir)).unwrap();
+        env.ok(&["job", "create", job, "--vm", &name, "--target-host", "kvm", "--target-dir", &env.path(dir)]);
+    }
+    env.ok(&["vm", "start", &name]);
+    env.wait_console(&name, Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
+    for round in 0..3 {
+        for job in ["a", "b"] {
+            let method = if round == 0 { "full" } else { "cbt" };
+            let acked = Ledger::acknowledged(&env.console(&name));
+            let out = env.ok(&["job", "run", job]);
+            assert!(out.contains(&format!("({method},")), "round {round} job {job}: {out}");
+            let points: Vec<Value> = env.json(&["replica", "points", &name, "--job", job]).as_array().cloned().unwrap();
+            let path = points.last().unwrap()["disks"][0]["path"].as_str().unwrap().to_owned();
+            let k = (Ledger { start_block: LEDGER_START }).records_in(&read_image(&path), LEDGER_MAX).unwrap();
+            assert!(k >= acked, "round {round} job {job}: {k} < {acked}");
+            let r = reference(&env, &base, k, &format!("r{round}{job}.raw"));
+            assert!(identical(&path, &r), "round {round} job {job}: the point is the disk at its instant");
+            // Each job keeps exactly its own newest checkpoint.
+            assert_eq!(
+                checkpoints(&name).len(),
+                if round == 0 && job == "a" { 1 } else { 2 },
+                "{:?}",
+                checkpoints(&name)
+            );
+        }
+        env.wait_console(&name, Duration::from_secs(60), "more writes", |c| {
+            Ledger::acknowledged(c) >= 10 + 10 * (round + 1)
+        });
+    }
+}
+
+#[test]
+fn a_run_killed_between_checkpoint_and_publish_is_followed_by_an_exact_incremental() {
+    let env = Env::new(BIN);
+    setup(&env);
+    let name = unique("lvkill");
+    let disk = env.path("src/k.qcow2");
+    make_disk(&disk, "qcow2", 64, &[(0x22, 8, 4)]);
+    let base = read_image(&disk);
+    let _dom = Domain::define(
+        &name,
+        &disk,
+        &ledger_append(LEDGER_START, LEDGER_MAX, 20_000),
+        &env.path("src/console.log"),
+        &[],
+    );
+    env.ok(&["vm", "import", &name, "--host", "kvm"]);
+    env.ok(&["job", "create", "j", "--vm", &name, "--target-host", "kvm", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", &name]);
+    env.wait_console(&name, Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
+    run_and_check(&env, "j", &name, &base, "full", "first");
+    let first = checkpoints(&name);
+
+    // Killed with libvirt's backup job running and the new checkpoint made.
+    let r = env.run_killed_at("replicate.after-checkpoint", &["job", "run", "j"]);
+    assert_ne!(r.code, Some(0));
+    assert_eq!(checkpoints(&name).len(), 2, "the killed run's checkpoint is there: {:?}", checkpoints(&name));
+    assert!(try_virsh(&["domjobinfo", &name]).1.contains("Backup"), "its backup job still runs");
+    assert_eq!(env.points(&name).len(), 1, "no point from the killed run");
+
+    // The next command recovers: the backup ends, the killed run's checkpoint goes, and
+    // the run is incremental from the first point's checkpoint and exact.
+    run_and_check(&env, "j", &name, &base, "cbt", "after-kill");
+    assert!(!try_virsh(&["domjobinfo", &name]).1.contains("Backup"), "no backup job left");
+    let now = checkpoints(&name);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, first);
+    assert!(now[0].ends_with("-3"), "the killed run's sequence is not reused: {now:?}");
+}
+
+#[test]
+fn bad_libvirt_input_is_refused_with_what_to_do_and_changes_nothing() {
+    let env = Env::new(BIN);
+    // A daemon that does not answer.
+    let err =
+        env.fails(&["host", "add", "gone", "--libvirt", "qemu:///system?socket=/tmp/standby-no-such-libvirt-sock"]);
+    assert!(err.contains("is libvirtd running"), "{err}");
+    let err = env.fails(&["host", "add", "far", "--libvirt", "qemu+ssh://elsewhere/system"]);
+    assert!(err.contains("standby agent"), "{err}");
+    setup(&env);
+    let before = env.snapshot();
+    let err = env.fails(&["vm", "import", "no-such-domain-standby", "--host", "kvm"]);
+    assert!(err.contains("no-such-domain-standby") && err.contains("virsh list --all"), "{err}");
+    let err = env.fails(&["vm", "import", "x", "--host", "local"]);
+    assert!(err.contains("not driven by libvirt"), "{err}");
+
+    // A domain with a network disk: refused, naming the disk.
+    let name = unique("lvnet");
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os><devices>\
+         <disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+         <source protocol='nbd' name='x'><host name='127.0.0.1' port='10809'/></source><target dev='vda' bus='virtio'/></disk>\
+         </devices></domain>"
+    );
+    let file = env.path("net.xml");
+    std::fs::write(&file, xml).unwrap();
+    virsh(&["define", &file]);
+    let err = env.fails(&["vm", "import", &name, "--host", "kvm"]);
+    let _ = try_virsh(&["undefine", &name]);
+    assert!(err.contains("disk vda is a network disk"), "{err}");
+
+    // A libvirt domain's replicas need a libvirt DR host.
+    let name = unique("lvloc");
+    let disk = env.path("src/l.qcow2");
+    make_disk(&disk, "qcow2", 16, &[]);
+    let _dom = Domain::define(&name, &disk, "console=ttyS0", &env.path("src/console.log"), &[]);
+    env.ok(&["vm", "import", &name, "--host", "kvm"]);
+    let with_vm = env.snapshot();
+    let err =
+        env.fails(&["job", "create", "j", "--vm", &name, "--target-host", "local", "--target-dir", &env.path("dr")]);
+    assert!(err.contains("--libvirt"), "{err}");
+    let err = env.fails(&[
+        "job",
+        "create",
+        "j",
+        "--vm",
+        &name,
+        "--target-host",
+        "kvm",
+        "--target-dir",
+        &env.path("dr"),
+        "--network-map",
+        "nonsense",
+    ]);
+    assert!(err.contains("SRC=DST"), "{err}");
+    assert_eq!(env.snapshot(), with_vm, "refused jobs change nothing");
+    assert_ne!(before, with_vm);
+}
