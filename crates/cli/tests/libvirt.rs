@@ -314,3 +314,62 @@ fn bad_libvirt_input_is_refused_with_what_to_do_and_changes_nothing() {
     assert_eq!(env.snapshot(), with_vm, "refused jobs change nothing");
     assert_ne!(before, with_vm);
 }
+
+#[test]
+fn a_libvirt_replica_fails_back_to_the_original_domain_with_switch_and_commit() {
+    let env = Env::new(BIN);
+    setup(&env);
+    let name = unique("lvback");
+    let disk = env.path("src/b.qcow2");
+    make_disk(&disk, "qcow2", 64, &[(0x33, 0, 4)]);
+    let dom = Domain::define(
+        &name,
+        &disk,
+        &ledger_append(LEDGER_START, LEDGER_MAX, 20_000),
+        &env.path("src/console.log"),
+        &[],
+    );
+    env.ok(&["vm", "import", &name, "--host", "kvm"]);
+    env.ok(&["job", "create", "j", "--vm", &name, "--target-host", "kvm", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", &name]);
+    env.wait_console(&name, Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
+    env.ok(&["job", "run", "j"]);
+    env.ok(&["vm", "stop", &name]);
+    env.ok(&["failover", &name]);
+    let replica = format!("{name}_replica");
+    // The replica's guest writes its ledger anew, from record 1.
+    env.wait_console(&replica, Duration::from_secs(90), "the replica writing", |c| Ledger::acknowledged(c) >= 20);
+
+    // Phase 1 while the replica serves: the original's disk is not written.
+    let before = read_image(&disk);
+    let out = env.ok(&["failback", &name, "--to", "original", "--switch", "manual"]);
+    assert!(out.contains("ready to switch"), "{out}");
+    assert_eq!(read_image(&disk), before, "phase 1 must not write the original's disk");
+    assert_eq!(try_virsh(&["domstate", &replica]).1.trim(), "running", "the replica serves during phase 1");
+    let top = env.json(&["vm", "show", &replica])["disks"][0]["path"].as_str().unwrap().to_owned();
+    assert!(top.ends_with("failover-d0.g1.qcow2"), "the protective point moved the replica to a new generation: {top}");
+    assert!(virsh(&["dumpxml", &replica]).contains(&top), "libvirt's replica writes to it");
+
+    // The switch: the replica goes down, its final state lands in the original's disk.
+    let out = env.ok(&["failback", "switch", &name]);
+    assert!(out.contains("switched"), "{out}");
+    let acked = Ledger::acknowledged(&env.console(&replica));
+    assert_eq!(try_virsh(&["domstate", &replica]).1.trim(), "shut off");
+    assert!(identical(&disk, &top), "the original holds the replica's final state");
+    let k = (Ledger { start_block: LEDGER_START }).records_in(&read_image(&disk), LEDGER_MAX).unwrap();
+    assert!(k >= acked, "the original holds records 1..={k}, the replica had acknowledged {acked}");
+    assert_eq!(dom.state(), "shut off");
+
+    // The original runs again through libvirt; commit takes the replica domain away.
+    env.ok(&["vm", "start", &name]);
+    assert_eq!(dom.state(), "running");
+    let out = env.ok(&["failback", "commit", &name]);
+    assert!(out.contains("committed"), "{out}");
+    assert_eq!(domains(&name), std::slice::from_ref(&name), "the replica domain is undefined");
+    // Replication resumes incrementally from the switch: its bitmap is a checkpoint now.
+    env.ok(&["vm", "stop", &name]);
+    let out = env.ok(&["job", "run", "j"]);
+    assert!(out.contains("(cbt,"), "{out}");
+    assert!(identical(&env.latest_disk(&name, 0), &disk), "the point after the failback is the original's disk");
+    assert_eq!(checkpoints(&name).len(), 1, "{:?}", checkpoints(&name));
+}

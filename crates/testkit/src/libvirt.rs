@@ -97,7 +97,7 @@ impl Domain {
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>\
-             <cmdline>{append}</cmdline></os><on_poweroff>destroy</on_poweroff><devices>\
+             <cmdline>{append}</cmdline></os><features><acpi/></features><on_poweroff>destroy</on_poweroff><devices>\
              <disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{disk}'/>\
              <target dev='vda' bus='virtio'/></disk>{interfaces}\
              <serial type='file'><source path='{console}'/><target port='0'/></serial></devices></domain>"
@@ -153,7 +153,11 @@ pub fn open_for_qemu(dir: &Path) {
 
 impl Drop for Domain {
     fn drop(&mut self) {
-        let _ = try_virsh(&["destroy", &self.name]);
-        let _ = try_virsh(&["undefine", &self.name, "--checkpoints-metadata", "--nvram"]);
+        // Its replica too, when a failed test left one standby defined.
+        for d in [format!("{}_replica", self.name), self.name.clone()] {
+            let _ = try_virsh(&["destroy", &d]);
+            let _ = try_virsh(&["undefine", &d, "--checkpoints-metadata", "--nvram"]);
+            let _ = std::fs::remove_dir_all(Path::new("/var/lib/libvirt/standby/kvm").join(&d));
+        }
     }
 }

@@ -17,7 +17,7 @@ use roxmltree::Document;
 use standby_model::image::{BitmapOp, Chain, Format};
 use standby_model::ReplicaId;
 
-use super::domain::esc;
+use super::domain::{esc, DomainDisk};
 use super::LibvirtHost;
 use crate::live::{fleece_prefix, serve_prefix};
 use crate::{
@@ -29,8 +29,8 @@ pub(crate) struct LibvirtDisks<'a> {
     host: &'a LibvirtHost,
     vm: String,
     running: bool,
-    /// The guest's name of each replicated disk (`vda`), in the engine's order.
-    targets: Vec<String>,
+    /// Each replicated disk (its guest name, `vda`, and image), in the engine's order.
+    disks: Vec<DomainDisk>,
     /// This access began a backup job, which must still run when its views close.
     began: bool,
     /// Checkpoints and, per disk target, whether libvirt can still use its bitmap.
@@ -38,20 +38,61 @@ pub(crate) struct LibvirtDisks<'a> {
 }
 
 impl<'a> LibvirtDisks<'a> {
-    pub(crate) fn new(host: &'a LibvirtHost, vm: &str, running: bool, targets: Vec<String>) -> Self {
-        LibvirtDisks { host, vm: vm.into(), running, targets, began: false, checkpoints: None }
+    pub(crate) fn new(host: &'a LibvirtHost, vm: &str, running: bool, disks: Vec<DomainDisk>) -> Self {
+        LibvirtDisks { host, vm: vm.into(), running, disks, began: false, checkpoints: None }
     }
 
     fn target(&self, disk: &SourceDisk) -> Result<&str> {
-        self.targets
+        self.disks
             .get(disk.idx)
-            .map(String::as_str)
+            .map(|d| d.target.as_str())
             .ok_or_else(|| HostError::DiskMissing { vm: self.vm.clone(), disk: disk.idx })
     }
 
-    /// Every checkpoint of the domain with its disks; read once per access.
+    /// Every checkpoint of the domain with its disks; read once per access. A standby
+    /// bitmap in an image without its checkpoint (the switch of a failback adds one with
+    /// `qemu-img`; a run killed before recording its checkpoint leaves one) is recorded in
+    /// libvirt first, so that libvirt can use it, and standby can judge and remove it.
     fn checkpoints(&mut self) -> Result<&BTreeMap<String, BTreeMap<String, bool>>> {
         if self.checkpoints.is_none() {
+            self.load_checkpoints()?;
+            let known = self.checkpoints.take().unwrap_or_default();
+            let mut unknown: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+            for d in self.disks.iter().filter(|d| d.format == Format::Qcow2) {
+                for b in self.host.image_info(&d.path, d.format, self.running)?.bitmaps {
+                    if b.name.starts_with("standby-r") && !known.contains_key(&b.name) {
+                        unknown.entry(b.name).or_default().push(&d.target);
+                    }
+                }
+            }
+            if unknown.is_empty() {
+                self.checkpoints = Some(known);
+            } else {
+                for (name, targets) in unknown {
+                    let disks: String = targets
+                        .iter()
+                        .map(|t| format!("<disk name='{}' checkpoint='bitmap' bitmap='{}'/>", esc(t), esc(&name)))
+                        .collect();
+                    let xml = format!(
+                        "<domaincheckpoint><name>{}</name><creationTime>{}</creationTime><disks>{disks}</disks>\
+                         </domaincheckpoint>",
+                        esc(&name),
+                        unix_now()
+                    );
+                    self.host.virsh.run_with(
+                        &format!("recording checkpoint {name} of {} (its bitmap is in the image)", self.vm),
+                        &["checkpoint-create", &self.vm, "--redefine"],
+                        &[&xml],
+                    )?;
+                }
+                self.load_checkpoints()?;
+            }
+        }
+        Ok(self.checkpoints.get_or_insert_with(BTreeMap::new))
+    }
+
+    fn load_checkpoints(&mut self) -> Result<()> {
+        {
             let virsh = &self.host.virsh;
             let names = virsh
                 .run(&format!("listing the checkpoints of {}", self.vm), &["checkpoint-list", &self.vm, "--name"])?;
@@ -74,7 +115,7 @@ impl<'a> LibvirtDisks<'a> {
             }
             self.checkpoints = Some(all);
         }
-        Ok(self.checkpoints.get_or_insert_with(BTreeMap::new))
+        Ok(())
     }
 
     fn backup_socket(&self, owner: ReplicaId) -> Result<String> {
@@ -91,6 +132,10 @@ impl<'a> LibvirtDisks<'a> {
             Err(e) => Err(e),
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl DiskAccess for LibvirtDisks<'_> {
@@ -170,8 +215,8 @@ impl DiskAccess for LibvirtDisks<'_> {
         let export = |d: &SourceDisk| format!("{}d{}", serve_prefix(owner), d.idx);
         let mut checkpoint = format!("<domaincheckpoint><name>{}</name>", esc(new_bitmap));
         if !self.running {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            checkpoint.push_str(&format!("<creationTime>{now}</creationTime>"));
+            // A redefined checkpoint says when it was taken; libvirt stamps the others.
+            checkpoint.push_str(&format!("<creationTime>{}</creationTime>", unix_now()));
         }
         checkpoint.push_str("<disks>");
         for d in disks {

@@ -262,13 +262,6 @@ impl Transport for LibvirtHost {
     }
 }
 
-fn not_yet(what: &str) -> HostError {
-    HostError::Invalid(format!(
-        "{what} is not done on libvirt hosts yet; fail back or make permanent with the replica on a host of \
-         standby's own driver"
-    ))
-}
-
 impl VmDriver for LibvirtHost {
     fn check_config(&self, config: &VmConfig) -> Result<()> {
         match &config.driver.domain_xml {
@@ -388,17 +381,51 @@ impl VmDriver for LibvirtHost {
         Ok(d.disks.into_iter().take(disks).map(|x| x.path).collect())
     }
 
-    fn vm_protect(&self, _vm: &str, _new_tops: &[(String, u32)]) -> Result<()> {
-        Err(not_yet("a protective point on a running replica (failback)"))
+    fn vm_protect(&self, vm: &str, new_tops: &[(String, u32)]) -> Result<()> {
+        let d = self.domain(vm, false)?;
+        if d.disks.len() < new_tops.len() {
+            return Err(HostError::DiskMissing { vm: vm.into(), disk: d.disks.len() });
+        }
+        // One external snapshot of every disk at once onto the images standby made, no
+        // libvirt metadata: the chain is standby's, recorded in its own database.
+        let mut args = vec![
+            "snapshot-create-as".to_owned(),
+            vm.to_owned(),
+            "--disk-only".into(),
+            "--no-metadata".into(),
+            "--reuse-external".into(),
+            "--atomic".into(),
+        ];
+        for (disk, (top, _)) in d.disks.iter().zip(new_tops) {
+            // virsh splits a diskspec at commas; a comma in a path is written twice.
+            args.push("--diskspec".into());
+            args.push(format!("{},snapshot=external,driver=qcow2,file={}", disk.target, top.replace(',', ",,")));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.virsh.run(&format!("taking a protective point of {vm}"), &args).map(drop)
     }
 
-    fn vm_flatten(&self, _vm: &str, _disks: usize, _timeout: Duration) -> Result<()> {
-        Err(not_yet("flattening a running replica (permanent failover)"))
+    fn vm_flatten(&self, vm: &str, disks: usize, timeout: Duration) -> Result<()> {
+        let d = self.domain(vm, false)?;
+        let secs = timeout.as_secs().max(1).to_string();
+        for disk in d.disks.iter().take(disks) {
+            self.virsh
+                .run(
+                    &format!("pulling the chain of {vm}'s disk {} into its top", disk.target),
+                    &["blockpull", vm, &disk.target, "--wait", "--timeout", &secs],
+                )
+                .map_err(|e| HostError::JobFailed {
+                    vm: vm.into(),
+                    job: format!("blockpull {}", disk.target),
+                    error: e.to_string(),
+                })?;
+        }
+        Ok(())
     }
 
     fn vm_disks<'a>(&'a self, vm: &str, running: bool) -> Result<Box<dyn DiskAccess + 'a>> {
-        let targets = self.domain(vm, !running)?.disks.into_iter().map(|d| d.target).collect();
-        Ok(Box::new(disks::LibvirtDisks::new(self, vm, running, targets)))
+        let disks = self.domain(vm, !running)?.disks;
+        Ok(Box::new(disks::LibvirtDisks::new(self, vm, running, disks)))
     }
 
     fn vm_kill(&self, vm: &str) -> Result<()> {
