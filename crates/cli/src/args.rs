@@ -596,11 +596,8 @@ pub(crate) enum HostCmd {
         #[command(flatten)]
         json: Json,
     },
-    /// Enrol the agent a host runs (`standby agent` printed its token), or add this
-    /// machine's libvirt daemon as a host whose VMs are its domains (`--libvirt`).
-    #[command(
-        after_help = "Examples: standby host add dr1 --address 10.0.0.2:7301 --token 3f2a...\n          standby host add kvm1 --libvirt qemu:///system"
-    )]
+    /// Enrol a host's agent (--address, --token), or this machine's libvirtd (--libvirt).
+    #[command(after_help = "Example: standby host add kvm1 --libvirt qemu:///system")]
     Add {
         name: String,
         /// The agent's address and port.
