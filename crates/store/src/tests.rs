@@ -204,6 +204,10 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE hosts DROP COLUMN silent_since;
              ALTER TABLE tasks DROP COLUMN wire_data_bytes;
              ALTER TABLE tasks DROP COLUMN wire_bytes;
+             ALTER TABLE vms DROP COLUMN domain_xml;
+             ALTER TABLE vms DROP COLUMN network_map;
+             ALTER TABLE jobs DROP COLUMN network_map;
+             ALTER TABLE hosts DROP COLUMN libvirt_uri;
              PRAGMA user_version = 5;",
         )
         .unwrap();
