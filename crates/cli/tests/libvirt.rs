@@ -151,7 +151,7 @@ fn a_libvirt_domain_is_replicated_failed_over_on_the_mapped_bridge_and_undone() 
     });
     // Never two writers: the source is refused while its replica runs.
     let err = env.fails(&["vm", "start", &name]);
-    assert!(err.contains("runs") || err.contains("replica"), "{err}");
+    assert!(err.contains(&format!("its counterpart {replica} is running")), "{err}");
     assert_eq!(dom.state(), "shut off");
 
     // Undo: the replica domain is gone from libvirt; the source is the VM of record.

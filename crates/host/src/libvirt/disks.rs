@@ -42,11 +42,20 @@ impl<'a> LibvirtDisks<'a> {
         LibvirtDisks { host, vm: vm.into(), running, disks, began: false, checkpoints: None }
     }
 
+    /// The guest's name of the domain's disk that is `disk`. The domain must still hold it
+    /// where `vm import` found it: a disk added, removed or moved since would read another
+    /// disk into this one's restore points.
     fn target(&self, disk: &SourceDisk) -> Result<&str> {
-        self.disks
-            .get(disk.idx)
-            .map(|d| d.target.as_str())
-            .ok_or_else(|| HostError::DiskMissing { vm: self.vm.clone(), disk: disk.idx })
+        let d =
+            self.disks.get(disk.idx).ok_or_else(|| HostError::DiskMissing { vm: self.vm.clone(), disk: disk.idx })?;
+        if d.path != disk.path {
+            return Err(HostError::Invalid(format!(
+                "domain {}: its disk {} ({}) is {}, but standby registered {}; the domain's disks changed since \
+                 `vm import`: delete its replicas and import it again",
+                self.vm, disk.idx, d.target, d.path, disk.path
+            )));
+        }
+        Ok(&d.target)
     }
 
     /// Every checkpoint of the domain with its disks; read once per access. A standby
@@ -127,8 +136,12 @@ impl<'a> LibvirtDisks<'a> {
     fn our_backup(&self, owner: ReplicaId) -> Result<bool> {
         match self.host.virsh.run(&format!("reading the backup job of {}", self.vm), &["backup-dumpxml", &self.vm]) {
             Ok(xml) => Ok(xml.contains(&format!("{}backup.sock", fleece_prefix(owner)))),
-            // No backup job runs.
-            Err(HostError::Libvirt { .. }) => Ok(false),
+            // No backup job runs (or the domain does not): nothing of this run's is left.
+            Err(HostError::Libvirt { detail, .. })
+                if detail.contains("no domain backup job") || detail.contains("domain is not running") =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
@@ -240,6 +253,7 @@ impl DiskAccess for LibvirtDisks<'_> {
                     &[&checkpoint],
                 )?;
             }
+            self.checkpoints = None;
             let mut views = Vec::new();
             for d in disks {
                 let id = export(d);
@@ -294,22 +308,32 @@ impl DiskAccess for LibvirtDisks<'_> {
 
     fn close_views(&mut self, owner: ReplicaId, _disk_count: usize) -> Result<()> {
         let mut broken = None;
+        let mut failed = None;
         if self.running || self.began {
-            let ours = self.our_backup(owner)?;
-            if self.began && !ours {
-                // The backup job ended under the run (its scratch file filled, QEMU
-                // failed): its view may have read what the guest wrote after the instant.
-                broken = Some("libvirt's backup job is no longer running".to_owned());
-            }
-            if ours {
-                self.host.virsh.run(&format!("ending the backup of {}", self.vm), &["domjobabort", &self.vm])?;
-            }
-            for f in self.host.vm_scratch_files(&self.vm, &fleece_prefix(owner))? {
-                let _ = std::fs::remove_file(f);
+            match self.our_backup(owner) {
+                Ok(ours) => {
+                    if self.began && !ours {
+                        // The backup job ended under the run (its scratch file filled, QEMU
+                        // failed): its view may have read what the guest wrote after the instant.
+                        broken = Some("libvirt's backup job is no longer running".to_owned());
+                    }
+                    if ours {
+                        let what = format!("ending the backup of {}", self.vm);
+                        failed = self.host.virsh.run(&what, &["domjobabort", &self.vm]).err();
+                    }
+                }
+                Err(e) => failed = Some(e),
             }
             self.began = false;
         }
+        // Whatever runs now: a killed run's scratch files stay even if the domain stopped.
+        for f in self.host.vm_scratch_files(&self.vm, &fleece_prefix(owner))? {
+            let _ = std::fs::remove_file(f);
+        }
         self.host.nbd_stop_all(&serve_prefix(owner))?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         match broken {
             Some(error) => Err(HostError::ViewBroken { vm: self.vm.clone(), job: "backup".into(), error }),
             None => Ok(()),

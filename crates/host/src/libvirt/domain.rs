@@ -31,6 +31,8 @@ pub struct Domain {
     pub console_file: Option<String>,
     /// Defined by standby (carries its marker).
     pub standby_made: bool,
+    /// It keeps UEFI variables in an NVRAM file.
+    pub uefi_vars: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,8 +118,14 @@ pub fn parse(xml: &str) -> Result<Domain, String> {
                 let on = match kind {
                     "network" => source.and_then(|s| s.attribute("network")),
                     "bridge" => source.and_then(|s| s.attribute("bridge")),
-                    // user-mode and the like reach nothing the map could name.
-                    _ => None,
+                    // User-mode networking reaches nothing the map could name.
+                    "user" => None,
+                    other => {
+                        return Err(format!(
+                            "it has a NIC of type {other}, which standby cannot map to the DR site (it maps \
+                             libvirt networks and bridges); put the NIC on a network or a bridge first"
+                        ))
+                    }
                 };
                 if let Some(on) = on {
                     nics.push(DomainNic {
@@ -136,16 +144,37 @@ pub fn parse(xml: &str) -> Result<Domain, String> {
     if disks.is_empty() {
         return Err("it has no disk standby can replicate".into());
     }
+    let uefi_vars = child(root, "os").and_then(|os| child(os, "nvram")).is_some();
     let standby_made =
         child(root, "metadata").is_some_and(|m| m.children().any(|c| c.tag_name().namespace() == Some(MARKER_NS)));
-    Ok(Domain { name, uuid: text_of(child(root, "uuid")), memory_mib, vcpus, disks, nics, console_file, standby_made })
+    Ok(Domain {
+        name,
+        uuid: text_of(child(root, "uuid")),
+        memory_mib,
+        vcpus,
+        disks,
+        nics,
+        console_file,
+        standby_made,
+        uefi_vars,
+    })
 }
 
 fn disk(d: Node<'_, '_>) -> Result<Option<DomainDisk>, String> {
     let target = child(d, "target").and_then(|t| t.attribute("dev")).unwrap_or("?").to_owned();
     let device = d.attribute("device").unwrap_or("disk");
-    if device != "disk" {
-        return Ok(None);
+    let readonly = child(d, "readonly").is_some();
+    match device {
+        "disk" => {}
+        // Media, not the VM's data: left as they are, never replicated.
+        "cdrom" => return Ok(None),
+        "floppy" if readonly => return Ok(None),
+        other => {
+            return Err(format!(
+                "its {other} {target} is a device standby cannot replicate (it replicates disks in image files); \
+                 detach it from the domain before importing"
+            ))
+        }
     }
     let kind = d.attribute("type").unwrap_or("file");
     if kind != "file" {
@@ -396,6 +425,12 @@ mod tests {
             "<backingStore type='file'><source file='/b'/></backingStore><target dev='vda'",
         );
         assert!(parse(&chain).unwrap().disks[0].chained);
+        let lun = XML.replace("device='cdrom'", "device='lun'");
+        assert!(parse(&lun).unwrap_err().contains("its lun hdc"), "a LUN is refused, not skipped");
+        let direct = XML.replace("<interface type='bridge'>", "<interface type='direct'>");
+        assert!(parse(&direct).unwrap_err().contains("NIC of type direct"), "a NIC the map cannot move is refused");
+        let uefi = XML.replace("</type></os>", "</type><nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os>");
+        assert!(parse(&uefi).unwrap().uefi_vars);
     }
 
     #[test]

@@ -80,6 +80,16 @@ impl LibvirtHost {
                 ),
             });
         }
+        if d.uefi_vars {
+            // A replica would share the source's variable store: two writers of one file.
+            return Err(HostError::BadConfig {
+                arg: "DOMAIN",
+                why: format!(
+                    "domain {name} boots UEFI with an NVRAM file, which standby does not capture with restore \
+                     points yet; it cannot protect it until it does"
+                ),
+            });
+        }
         if d.standby_made {
             return Err(HostError::BadConfig {
                 arg: "DOMAIN",
@@ -449,7 +459,8 @@ impl VmDriver for LibvirtHost {
         }
         self.virsh.run(
             &format!("undefining domain {vm}"),
-            &["undefine", vm, "--checkpoints-metadata", "--snapshots-metadata", "--nvram"],
+            // The variable store is not the replica's to delete.
+            &["undefine", vm, "--checkpoints-metadata", "--snapshots-metadata", "--keep-nvram"],
         )?;
         let _ = std::fs::remove_dir_all(Path::new(RUN_ROOT).join(&self.name).join(vm));
         Ok(())
