@@ -316,7 +316,7 @@ fn bad_libvirt_input_is_refused_with_what_to_do_and_changes_nothing() {
 }
 
 #[test]
-fn a_libvirt_replica_fails_back_to_the_original_domain_with_switch_and_commit() {
+fn a_planned_failover_of_a_libvirt_domain_fails_back_to_the_original_with_switch_and_commit() {
     let env = Env::new(BIN);
     setup(&env);
     let name = unique("lvback");
@@ -334,8 +334,12 @@ fn a_libvirt_replica_fails_back_to_the_original_domain_with_switch_and_commit() 
     env.ok(&["vm", "start", &name]);
     env.wait_console(&name, Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
     env.ok(&["job", "run", "j"]);
-    env.ok(&["vm", "stop", &name]);
-    env.ok(&["failover", &name]);
+    // Planned: a run while it serves, the guest shut down through libvirt, a final run,
+    // the stopped source compared block by block with the newest point, then failover.
+    let out = env.ok(&["failover", "planned", &name, "--shutdown-timeout", "60"]);
+    assert!(out.contains("ok"), "{out}");
+    assert_eq!(dom.state(), "shut off", "the source was shut down");
+    assert!(identical(&env.latest_disk(&name, 0), &disk), "the final point is the stopped source");
     let replica = format!("{name}_replica");
     // The replica's guest writes its ledger anew, from record 1.
     env.wait_console(&replica, Duration::from_secs(90), "the replica writing", |c| Ledger::acknowledged(c) >= 20);
