@@ -132,8 +132,12 @@ fn a_libvirt_domain_is_replicated_failed_over_on_the_mapped_bridge_and_undone() 
     assert!(identical(rp3["disks"][0]["path"].as_str().unwrap(), &disk), "the stopped domain's point is its disk");
     assert!(checkpoints(&name)[0].ends_with("-3"), "the offline point's checkpoint is recorded in libvirt");
 
-    // Failover: a replica domain on the DR bridge, with the MAC kept and a new UUID.
-    env.ok(&["failover", &name]);
+    // Failover: a replica domain on the DR bridge, with the MAC kept and a new UUID. The
+    // source's autostart goes off, so that a reboot of its host does not start it.
+    virsh(&["autostart", &name]);
+    let out = env.ok(&["failover", &name]);
+    assert!(out.contains("autostart of") && out.contains("switched off"), "{out}");
+    assert!(!dom.autostart(), "the source does not start at its host's boot");
     let replica = format!("{name}_replica");
     assert_eq!(domains(&name), [name.clone(), replica.clone()]);
     let xml = virsh(&["dumpxml", &replica]);
@@ -156,6 +160,8 @@ fn a_libvirt_domain_is_replicated_failed_over_on_the_mapped_bridge_and_undone() 
 
     // Undo: the replica domain is gone from libvirt; the source is the VM of record.
     env.ok(&["failover", "undo", &name]);
+    assert!(dom.autostart(), "undo switches the source's autostart back on");
+    assert!(env.ok(&["history", &name]).contains("switched back on"));
     assert_eq!(domains(&name), std::slice::from_ref(&name));
     assert_eq!(virsh(&["dumpxml", "--inactive", &name]), defined, "the source's definition never changed");
     // The next run is still incremental from the same checkpoint.
@@ -336,7 +342,9 @@ fn a_planned_failover_of_a_libvirt_domain_fails_back_to_the_original_with_switch
     env.ok(&["job", "run", "j"]);
     // Planned: a run while it serves, the guest shut down through libvirt, a final run,
     // the stopped source compared block by block with the newest point, then failover.
+    virsh(&["autostart", &name]);
     let out = env.ok(&["failover", "planned", &name, "--shutdown-timeout", "60"]);
+    assert!(!dom.autostart(), "autostart off while the replica serves: {out}");
     assert!(out.contains("ok"), "{out}");
     assert_eq!(dom.state(), "shut off", "the source was shut down");
     assert!(identical(&env.latest_disk(&name, 0), &disk), "the final point is the stopped source");
@@ -369,6 +377,7 @@ fn a_planned_failover_of_a_libvirt_domain_fails_back_to_the_original_with_switch
     assert_eq!(dom.state(), "running");
     let out = env.ok(&["failback", "commit", &name]);
     assert!(out.contains("committed"), "{out}");
+    assert!(dom.autostart(), "the failback's commit switches the source's autostart back on");
     assert_eq!(domains(&name), std::slice::from_ref(&name), "the replica domain is undefined");
     // Replication resumes incrementally from the switch: its bitmap is a checkpoint now.
     env.ok(&["vm", "stop", &name]);

@@ -394,6 +394,27 @@ impl Engine {
             None,
             FailoverPoint::Keep,
         )?;
+        // A source its host starts at boot would run beside the replica after a reboot.
+        let mut autostart = String::new();
+        if source_running.is_some() {
+            match self.host(&source.host).and_then(|h| Ok(h.vm_autostart(name, Some(false))?)) {
+                Ok(Some(true)) => {
+                    self.store().set_source_autostart_off(replica.id, true)?;
+                    autostart = format!(
+                        "; autostart of {name} on {} switched off (restored when it is the VM of record again)",
+                        source.host
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => warnings.push(format!(
+                    "the autostart of {name} on {} could not be switched off ({}); switch it off by hand \
+                     (virsh autostart {name} --disable), or a reboot of {} starts it beside its replica",
+                    source.host,
+                    crate::chain(&e),
+                    source.host
+                )),
+            }
+        }
         // The history keeps who declared the source's host lost, with the failover.
         let lost = declared_by.map_or_else(String::new, |by| {
             format!(
@@ -402,7 +423,7 @@ impl Engine {
             )
         });
         Ok(format!(
-            "replica {vm_name} runs on {} from restore point {} ({}){lost}",
+            "replica {vm_name} runs on {} from restore point {} ({}){lost}{autostart}",
             replica.target_host, rp.id, rp.created_at
         ))
     }
@@ -519,6 +540,7 @@ impl Engine {
         self.remove_overlays(dr.as_ref(), replica)?;
         // The source is the VM of record again: whatever it wrote meanwhile is the truth.
         self.store().delete_fence(replica.id)?;
+        self.restore_source_autostart(replica);
         failpoint::hit("undo.after-discard");
         self.store().transition(
             replica.id,
@@ -528,6 +550,35 @@ impl Engine {
             FailoverPoint::Set(None),
         )?;
         Ok(())
+    }
+
+    /// Switches the source's autostart back on if a failover switched it off, recording
+    /// either outcome; a host that does not answer keeps it for the next time.
+    pub(crate) fn restore_source_autostart(&self, replica: &ReplicaRecord) {
+        let result = (|| -> Result<Option<String>> {
+            if !self.store().source_autostart_off(replica.id)? {
+                return Ok(None);
+            }
+            let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
+            self.host(&vm.host)?.vm_autostart(&vm.name, Some(true))?;
+            self.store().set_source_autostart_off(replica.id, false)?;
+            Ok(Some(format!("autostart of {} on {} switched back on", vm.name, vm.host)))
+        })();
+        match result {
+            Ok(Some(what)) => self.record_raw(&replica.vm, "autostart", "ok", &what),
+            Ok(None) => {}
+            Err(e) => self.record_raw(
+                &replica.vm,
+                "autostart",
+                "warning",
+                &format!(
+                    "autostart of {} not switched back on: {}; `virsh autostart {}` does it",
+                    replica.vm,
+                    crate::chain(&e),
+                    replica.vm
+                ),
+            ),
+        }
     }
 
     /// Recovery of a failover or undo a killed standby left, as the recovery table

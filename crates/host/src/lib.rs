@@ -295,6 +295,11 @@ pub trait VmDriver {
             None => Ok(()),
         }
     }
+    /// Whether the host starts the VM when it boots, before this call (None: this driver
+    /// has no such setting); changed to `on` when given.
+    fn vm_autostart(&self, _vm: &str, _on: Option<bool>) -> Result<Option<bool>> {
+        Ok(None)
+    }
     /// Drops the host's own definition of a VM standby defined (libvirt: undefines the
     /// domain, which must be off); a definition standby did not make stays. Idempotent.
     fn vm_forget(&self, _vm: &str) -> Result<()> {

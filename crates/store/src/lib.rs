@@ -280,6 +280,20 @@ impl Store {
     }
 
     /// The replica VM running replica `replica_id`, if one is defined.
+    /// Records whether a failover switched off the autostart of the replica's source.
+    pub fn set_source_autostart_off(&mut self, replica: ReplicaId, off: bool) -> Result<()> {
+        self.conn.execute("UPDATE replicas SET source_autostart_off = ?2 WHERE id = ?1", params![replica, off])?;
+        Ok(())
+    }
+
+    pub fn source_autostart_off(&self, replica: ReplicaId) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT source_autostart_off FROM replicas WHERE id = ?1", [replica], |r| r.get(0))
+            .optional()?
+            .unwrap_or(false))
+    }
+
     pub fn replica_vm(&self, replica_id: ReplicaId) -> Result<Option<VmRecord>> {
         let name: Option<String> =
             self.conn.query_row("SELECT name FROM vms WHERE replica_id = ?1", [replica_id], |r| r.get(0)).optional()?;

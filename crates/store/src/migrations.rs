@@ -200,11 +200,13 @@ pub const MIGRATIONS: &[&str] = &[
     "#,
     // 13: libvirt. The daemon a libvirt host's VMs live in (its connection URI); a VM's definition as `vm import` read it (NULL for standby's own
     // VMs), and where its NICs go (a replica's, from its job); a job's network map, the
-    // source network (or bridge) of each NIC to the one its replica is put on.
+    // source network (or bridge) of each NIC to the one its replica is put on; whether a
+    // failover switched off the source's autostart (restored when it is the VM of record again).
     r#"
     ALTER TABLE vms ADD COLUMN domain_xml TEXT;
     ALTER TABLE vms ADD COLUMN network_map TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE jobs ADD COLUMN network_map TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE hosts ADD COLUMN libvirt_uri TEXT;
+    ALTER TABLE replicas ADD COLUMN source_autostart_off INTEGER NOT NULL DEFAULT 0;
     "#,
 ];

@@ -208,6 +208,7 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE vms DROP COLUMN network_map;
              ALTER TABLE jobs DROP COLUMN network_map;
              ALTER TABLE hosts DROP COLUMN libvirt_uri;
+             ALTER TABLE replicas DROP COLUMN source_autostart_off;
              PRAGMA user_version = 5;",
         )
         .unwrap();

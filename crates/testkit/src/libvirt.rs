@@ -116,6 +116,11 @@ impl Domain {
         try_virsh(&["domstate", &self.name]).1.trim().to_owned()
     }
 
+    /// Whether libvirt starts it when the host boots.
+    pub fn autostart(&self) -> bool {
+        virsh(&["dominfo", &self.name]).lines().any(|l| l.starts_with("Autostart:") && l.trim_end().ends_with("enable"))
+    }
+
     pub fn checkpoints(&self) -> Vec<String> {
         checkpoints(&self.name)
     }

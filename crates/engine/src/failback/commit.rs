@@ -65,6 +65,7 @@ impl Engine {
             self.store().delete_vm(&rvm.name)?;
         }
         self.remove_overlays(dr_host.as_ref(), replica)?;
+        self.restore_source_autostart(replica);
         self.store().delete_failback(replica.id)?;
         self.store().transition(
             replica.id,

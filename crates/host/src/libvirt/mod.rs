@@ -450,6 +450,25 @@ impl VmDriver for LibvirtHost {
         Ok(())
     }
 
+    fn vm_autostart(&self, vm: &str, on: Option<bool>) -> Result<Option<bool>> {
+        let info = self.virsh.run(&format!("reading domain {vm}"), &["dominfo", vm])?;
+        let was =
+            info.lines().find_map(|l| l.strip_prefix("Autostart:")).map(|v| v.trim() == "enable").ok_or_else(|| {
+                self.virsh.error(&format!("reading domain {vm}"), "dominfo shows no Autostart".into())
+            })?;
+        match on {
+            Some(true) if !was => {
+                self.virsh.run(&format!("setting autostart of {vm}"), &["autostart", vm]).map(drop)?
+            }
+            Some(false) if was => self
+                .virsh
+                .run(&format!("switching off autostart of {vm}"), &["autostart", vm, "--disable"])
+                .map(drop)?,
+            _ => {}
+        }
+        Ok(Some(was))
+    }
+
     fn vm_forget(&self, vm: &str) -> Result<()> {
         let Some(xml) = self.definition(vm, true)? else { return Ok(()) };
         let d = domain::parse(&xml).map_err(HostError::Invalid)?;
