@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use standby_testkit::libvirt::{self, checkpoints, domains, open_for_qemu, try_virsh, virsh, Domain};
-use standby_testkit::{identical, ledger_append, ledger_record, make_disk, read_image, Env, Ledger, LEDGER_BLOCK};
+use standby_testkit::{identical, ledger_append, make_disk, read_image, with_ledger, Env, Ledger};
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
 const LEDGER_START: u64 = 4096;
@@ -44,15 +44,28 @@ fn setup(env: &Env) {
     env.ok(&["host", "add", "kvm", "--libvirt", libvirt::URI]);
 }
 
+/// A domain `tag<pid>` of the test guest writing its ledger to a new 64 MiB qcow2 disk
+/// holding `patterns` (not imported): the domain, its name, its disk, and the disk's
+/// content before the guest wrote.
+fn ledger_domain(
+    env: &Env,
+    tag: &str,
+    patterns: &[(u8, u64, u64)],
+    nics: &[(&str, &str, &str)],
+) -> (Domain, String, String, Vec<u8>) {
+    let name = unique(tag);
+    let disk = env.path(&format!("src/{tag}.qcow2"));
+    make_disk(&disk, "qcow2", 64, patterns);
+    let base = read_image(&disk);
+    let append = ledger_append(LEDGER_START, LEDGER_MAX, 20_000);
+    let dom = Domain::define(&name, &disk, &append, &env.path("src/console.log"), nics);
+    (dom, name, disk, base)
+}
+
 /// The source disk before the guest wrote, plus ledger records 1..=k, as raw.
 fn reference(env: &Env, base: &[u8], k: u64, name: &str) -> String {
-    let mut img = base.to_vec();
-    for seq in 1..=k {
-        let off = (LEDGER_START + seq - 1) as usize * LEDGER_BLOCK;
-        img[off..off + LEDGER_BLOCK].copy_from_slice(&ledger_record(seq));
-    }
     let path = env.path(name);
-    std::fs::write(&path, img).unwrap();
+    std::fs::write(&path, with_ledger(base, LEDGER_START, k)).unwrap();
     path
 }
 
@@ -60,8 +73,8 @@ fn reference(env: &Env, base: &[u8], k: u64, name: &str) -> String {
 fn run_and_check(env: &Env, job: &str, vm: &str, base: &[u8], method: &str, tag: &str) -> Value {
     let acked = Ledger::acknowledged(&env.console(vm));
     env.ok(&["job", "run", job]);
-    let points = env.points(vm);
-    let rp = points.last().unwrap().clone();
+    let points = env.json(&["replica", "points", vm, "--job", job]);
+    let rp = points.as_array().and_then(|p| p.last()).unwrap().clone();
     assert_eq!(rp["method"], method, "{tag}: {rp}");
     let path = rp["disks"][0]["path"].as_str().unwrap();
     let k = (Ledger { start_block: LEDGER_START }).records_in(&read_image(path), LEDGER_MAX).unwrap();
@@ -76,18 +89,9 @@ fn a_libvirt_domain_is_replicated_failed_over_on_the_mapped_bridge_and_undone() 
     let env = Env::new(BIN);
     setup(&env);
     let (br_prod, br_dr) = (Bridge::new(&unique("sbp")), Bridge::new(&unique("sbd")));
-    let name = unique("lvweb");
-    let disk = env.path("src/web.qcow2");
-    make_disk(&disk, "qcow2", 64, &[(0xab, 0, 8), (0xcd, 40, 4)]);
-    let base = read_image(&disk);
     let mac = "52:54:00:5b:00:01";
-    let dom = Domain::define(
-        &name,
-        &disk,
-        &ledger_append(LEDGER_START, LEDGER_MAX, 20_000),
-        &env.path("src/console.log"),
-        &[("bridge", &br_prod.0, mac)],
-    );
+    let (dom, name, disk, base) =
+        ledger_domain(&env, "lvweb", &[(0xab, 0, 8), (0xcd, 40, 4)], &[("bridge", &br_prod.0, mac)]);
     let defined = virsh(&["dumpxml", "--inactive", &name]);
 
     // Imported as it is: libvirt's definition does not change.
@@ -179,17 +183,7 @@ fn a_libvirt_domain_is_replicated_failed_over_on_the_mapped_bridge_and_undone() 
 fn two_jobs_protecting_one_domain_keep_their_own_incremental_chains() {
     let env = Env::new(BIN);
     setup(&env);
-    let name = unique("lvtwo");
-    let disk = env.path("src/two.qcow2");
-    make_disk(&disk, "qcow2", 64, &[(0x11, 0, 4)]);
-    let base = read_image(&disk);
-    let _dom = Domain::define(
-        &name,
-        &disk,
-        &ledger_append(LEDGER_START, LEDGER_MAX, 20_000),
-        &env.path("src/console.log"),
-        &[],
-    );
+    let (_dom, name, _disk, base) = ledger_domain(&env, "lvtwo", &[(0x11, 0, 4)], &[]);
     env.ok(&["vm", "import", &name, "--host", "kvm"]);
     for (job, dir) in [("a", "dr/a"), ("b", "dr/b")] {
         std::fs::create_dir_all(env.path(dir)).unwrap();
@@ -200,15 +194,7 @@ fn two_jobs_protecting_one_domain_keep_their_own_incremental_chains() {
     for round in 0..3 {
         for job in ["a", "b"] {
             let method = if round == 0 { "full" } else { "cbt" };
-            let acked = Ledger::acknowledged(&env.console(&name));
-            let out = env.ok(&["job", "run", job]);
-            assert!(out.contains(&format!("({method},")), "round {round} job {job}: {out}");
-            let points: Vec<Value> = env.json(&["replica", "points", &name, "--job", job]).as_array().cloned().unwrap();
-            let path = points.last().unwrap()["disks"][0]["path"].as_str().unwrap().to_owned();
-            let k = (Ledger { start_block: LEDGER_START }).records_in(&read_image(&path), LEDGER_MAX).unwrap();
-            assert!(k >= acked, "round {round} job {job}: {k} < {acked}");
-            let r = reference(&env, &base, k, &format!("r{round}{job}.raw"));
-            assert!(identical(&path, &r), "round {round} job {job}: the point is the disk at its instant");
+            run_and_check(&env, job, &name, &base, method, &format!("r{round}{job}"));
             // Each job keeps exactly its own newest checkpoint.
             assert_eq!(
                 checkpoints(&name).len(),
@@ -227,17 +213,7 @@ fn two_jobs_protecting_one_domain_keep_their_own_incremental_chains() {
 fn a_run_killed_between_checkpoint_and_publish_is_followed_by_an_exact_incremental() {
     let env = Env::new(BIN);
     setup(&env);
-    let name = unique("lvkill");
-    let disk = env.path("src/k.qcow2");
-    make_disk(&disk, "qcow2", 64, &[(0x22, 8, 4)]);
-    let base = read_image(&disk);
-    let _dom = Domain::define(
-        &name,
-        &disk,
-        &ledger_append(LEDGER_START, LEDGER_MAX, 20_000),
-        &env.path("src/console.log"),
-        &[],
-    );
+    let (_dom, name, _disk, base) = ledger_domain(&env, "lvkill", &[(0x22, 8, 4)], &[]);
     env.ok(&["vm", "import", &name, "--host", "kvm"]);
     env.ok(&["job", "create", "j", "--vm", &name, "--target-host", "kvm", "--target-dir", &env.path("dr")]);
     env.ok(&["vm", "start", &name]);
@@ -325,16 +301,7 @@ fn bad_libvirt_input_is_refused_with_what_to_do_and_changes_nothing() {
 fn a_planned_failover_of_a_libvirt_domain_fails_back_to_the_original_with_switch_and_commit() {
     let env = Env::new(BIN);
     setup(&env);
-    let name = unique("lvback");
-    let disk = env.path("src/b.qcow2");
-    make_disk(&disk, "qcow2", 64, &[(0x33, 0, 4)]);
-    let dom = Domain::define(
-        &name,
-        &disk,
-        &ledger_append(LEDGER_START, LEDGER_MAX, 20_000),
-        &env.path("src/console.log"),
-        &[],
-    );
+    let (dom, name, disk, _base) = ledger_domain(&env, "lvback", &[(0x33, 0, 4)], &[]);
     env.ok(&["vm", "import", &name, "--host", "kvm"]);
     env.ok(&["job", "create", "j", "--vm", &name, "--target-host", "kvm", "--target-dir", &env.path("dr")]);
     env.ok(&["vm", "start", &name]);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use standby_testkit::{
-    identical, ledger_append, ledger_record, make_disk, qemu_img, qemu_io, read_image, Env, Ledger, LEDGER_BLOCK,
+    identical, ledger_append, make_disk, qemu_img, qemu_io, read_image, with_ledger, Env, Ledger, LEDGER_BLOCK,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
@@ -14,13 +14,8 @@ const CLUSTER: u64 = 64 << 10;
 
 /// The source disk's content before the guest wrote, plus ledger records 1..=k, as raw.
 fn reference(env: &Env, base: &[u8], k: u64, name: &str) -> String {
-    let mut img = base.to_vec();
-    for seq in 1..=k {
-        let off = (LEDGER_START + seq - 1) as usize * LEDGER_BLOCK;
-        img[off..off + LEDGER_BLOCK].copy_from_slice(&ledger_record(seq));
-    }
     let path = env.path(name);
-    std::fs::write(&path, img).unwrap();
+    std::fs::write(&path, with_ledger(base, LEDGER_START, k)).unwrap();
     path
 }
 

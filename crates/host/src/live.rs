@@ -14,6 +14,29 @@ use crate::views::{BitmapState, DiskAccess, SourceDisk, View};
 use crate::{BitmapOp, Chain, Format, HostError, LocalHost, QemuError, Result, ServeSpec};
 use crate::{Storage, Transport, VmDriver};
 
+/// A stopped VM's views: each closed image served read-only by `qemu-nbd`, with the
+/// bitmap `exported` names for it (the changes since the previous point).
+pub(crate) fn serve_closed(
+    host: &dyn Transport,
+    owner: ReplicaId,
+    disks: &[SourceDisk],
+    exported: &dyn Fn(&SourceDisk) -> Option<String>,
+) -> Result<Vec<View>> {
+    let mut views = Vec::new();
+    for d in disks {
+        let id = format!("{}d{}", serve_prefix(owner), d.idx);
+        let address = host.nbd_serve(&ServeSpec {
+            id: id.clone(),
+            chain: Chain::single(&d.path, d.format),
+            writable: false,
+            bitmap: exported(d),
+            direct: false,
+        })?;
+        views.push(View { address, export: id, bitmap: exported(d) });
+    }
+    Ok(views)
+}
+
 /// The node name of a VM's disk `idx`, on its command line and in QMP.
 pub fn disk_node(idx: usize) -> String {
     format!("disk{idx}")
@@ -224,19 +247,7 @@ impl DiskAccess for QemuDisks<'_> {
                     }
                 }
             }
-            let mut views = Vec::new();
-            for d in disks {
-                let id = format!("{}d{}", serve_prefix(owner), d.idx);
-                let address = host.nbd_serve(&ServeSpec {
-                    id: id.clone(),
-                    chain: Chain::single(&d.path, d.format),
-                    writable: false,
-                    bitmap: exported(d),
-                    direct: false,
-                })?;
-                views.push(View { address, export: id, bitmap: exported(d) });
-            }
-            return Ok(views);
+            return serve_closed(host, owner, disks, &exported);
         };
         let mut actions = Vec::new();
         for d in disks {

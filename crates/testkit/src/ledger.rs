@@ -47,6 +47,17 @@ impl Ledger {
     }
 }
 
+/// `base` (a disk's content before its guest wrote) with ledger records 1..=`k` written
+/// from block `start_block`: what a point holding exactly those records reads.
+pub fn with_ledger(base: &[u8], start_block: u64, k: u64) -> Vec<u8> {
+    let mut img = base.to_vec();
+    for seq in 1..=k {
+        let off = (start_block + seq - 1) as usize * LEDGER_BLOCK;
+        img[off..off + LEDGER_BLOCK].copy_from_slice(&ledger_record(seq));
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-pub use ledger::{ledger_record, Ledger, LEDGER_BLOCK};
+pub use ledger::{ledger_record, with_ledger, Ledger, LEDGER_BLOCK};
 use serde_json::Value;
 
 /// One test's world: a data directory, a source directory and a DR directory.

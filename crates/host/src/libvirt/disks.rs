@@ -14,15 +14,13 @@
 use std::collections::BTreeMap;
 
 use roxmltree::Document;
-use standby_model::image::{BitmapOp, Chain, Format};
+use standby_model::image::{BitmapOp, Format};
 use standby_model::ReplicaId;
 
 use super::domain::{esc, DomainDisk};
 use super::LibvirtHost;
-use crate::live::{fleece_prefix, serve_prefix};
-use crate::{
-    BitmapState, DiskAccess, HostError, NbdAddress, Result, ServeSpec, SourceDisk, Storage, Transport, View, VmDriver,
-};
+use crate::live::{fleece_prefix, serve_closed, serve_prefix};
+use crate::{BitmapState, DiskAccess, HostError, NbdAddress, Result, SourceDisk, Storage, Transport, View, VmDriver};
 
 #[derive(Debug)]
 pub(crate) struct LibvirtDisks<'a> {
@@ -254,19 +252,7 @@ impl DiskAccess for LibvirtDisks<'_> {
                 )?;
             }
             self.checkpoints = None;
-            let mut views = Vec::new();
-            for d in disks {
-                let id = export(d);
-                let address = host.nbd_serve(&ServeSpec {
-                    id: id.clone(),
-                    chain: Chain::single(&d.path, d.format),
-                    writable: false,
-                    bitmap: exported(d),
-                    direct: false,
-                })?;
-                views.push(View { address, export: id, bitmap: exported(d) });
-            }
-            return Ok(views);
+            return serve_closed(host, owner, disks, &exported);
         }
 
         let socket = self.backup_socket(owner)?;
