@@ -39,7 +39,10 @@ fn unique(what: &str) -> String {
     format!("{what}{}", std::process::id() % 100_000)
 }
 
+/// libvirtd running (started here on a fresh machine: `host add` needs it to answer), the
+/// test's directory open to its QEMU user, and the host `kvm` added.
 fn setup(env: &Env) {
+    libvirt::ensure_daemon();
     open_for_qemu(env.root());
     env.ok(&["host", "add", "kvm", "--libvirt", libvirt::URI]);
 }
