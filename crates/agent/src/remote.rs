@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 use standby_host::transfer::{Moved, Plan, Stats, Wire};
 use standby_host::views::{BitmapState, DiskAccess, SourceDisk, View};
 use standby_host::{
-    Accel, AgentAddress, BitmapOp, BlockStream, Chain, Endpoint, Format, Host, HostError, ImageInfo, NbdAddress,
-    ServeSpec, Storage, Transport, VmConfig, VmDriver, VmLaunch, VmRuntime,
+    Accel, AgentAddress, BitmapOp, BlockStream, Chain, Endpoint, Format, GuestExit, Host, HostError, ImageInfo,
+    NbdAddress, ServeSpec, Storage, Transport, VmConfig, VmDriver, VmLaunch, VmRuntime,
 };
 use standby_model::ReplicaId;
 use standby_nbd::{Extent, NbdError};
@@ -212,6 +212,19 @@ impl VmDriver for RemoteHost {
     }
     fn vm_paused(&self, vm: &str) -> Result<bool> {
         self.call(HostCall::VmPaused { vm: vm.into() })
+    }
+    fn guest_freeze(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
+        let call = HostCall::GuestFreeze { vm: vm.into(), timeout_ms: timeout.as_millis() as u64 };
+        self.call_within(call, timeout + CALL_TIMEOUT)
+    }
+    fn guest_thaw(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
+        let call = HostCall::GuestThaw { vm: vm.into(), timeout_ms: timeout.as_millis() as u64 };
+        self.call_within(call, timeout + CALL_TIMEOUT)
+    }
+    fn guest_exec(&self, vm: &str, command: &str, timeout: Duration) -> Result<Option<GuestExit>> {
+        let call =
+            HostCall::GuestExec { vm: vm.into(), command: command.into(), timeout_ms: timeout.as_millis() as u64 };
+        self.call_within(call, timeout + CALL_TIMEOUT)
     }
     fn vm_top_files(&self, vm: &str, disks: usize) -> Result<Vec<String>> {
         self.call(HostCall::VmTopFiles { vm: vm.into(), disks })

@@ -118,6 +118,11 @@ impl Service {
             HostCall::VmPause { vm } => answer(h.vm_pause(&vm)),
             HostCall::VmResume { vm } => answer(h.vm_resume(&vm)),
             HostCall::VmPaused { vm } => answer(h.vm_paused(&vm)),
+            HostCall::GuestFreeze { vm, timeout_ms } => answer(h.guest_freeze(&vm, Duration::from_millis(timeout_ms))),
+            HostCall::GuestThaw { vm, timeout_ms } => answer(h.guest_thaw(&vm, Duration::from_millis(timeout_ms))),
+            HostCall::GuestExec { vm, command, timeout_ms } => {
+                answer(h.guest_exec(&vm, &command, Duration::from_millis(timeout_ms)))
+            }
             HostCall::VmTopFiles { vm, disks } => answer(h.vm_top_files(&vm, disks)),
             HostCall::VmProtect { vm, new_tops } => answer(h.vm_protect(&vm, &new_tops)),
             HostCall::VmFlatten { vm, disks, timeout_secs } => {

@@ -459,6 +459,8 @@ pub(crate) enum JobCmd {
         #[arg(long = "network-map")]
         network_map: Vec<String>,
         #[command(flatten)]
+        freeze: FreezeArgs,
+        #[command(flatten)]
         json: Json,
     },
     /// Run a job now and wait; exit 0 only when every VM got a restore point.
@@ -502,6 +504,8 @@ pub(crate) enum JobCmd {
         #[arg(long)]
         retry_window: Option<String>,
         #[command(flatten)]
+        freeze: FreezeArgs,
+        #[command(flatten)]
         json: Json,
     },
     /// Let a disabled job run again.
@@ -519,6 +523,45 @@ pub(crate) enum JobCmd {
         #[command(flatten)]
         json: Json,
     },
+}
+
+/// Consistent points: how a run freezes a running guest's filesystems (through its
+/// qemu-guest-agent) just around its instant.
+#[derive(Args, Debug)]
+pub(crate) struct FreezeArgs {
+    /// Never ask the guest agent: points of running VMs are crash-consistent.
+    #[arg(long, conflicts_with = "freeze")]
+    pub(crate) no_freeze: bool,
+    /// Freeze the guest again around each instant (the default).
+    #[arg(long)]
+    pub(crate) freeze: bool,
+    /// How long the freeze, and each freeze command, may take before the run thaws the
+    /// guest and takes a crash-consistent point instead (default 10s).
+    #[arg(long)]
+    pub(crate) freeze_timeout: Option<String>,
+    /// Run this in the guest (its /bin/sh -c, through the agent) before each freeze; when
+    /// it fails, the point is crash-consistent.
+    #[arg(long, conflicts_with = "no_pre_freeze", allow_hyphen_values = true)]
+    pub(crate) pre_freeze: Option<String>,
+    #[arg(long)]
+    pub(crate) no_pre_freeze: bool,
+    /// Run this in the guest after each thaw.
+    #[arg(long, conflicts_with = "no_post_freeze", allow_hyphen_values = true)]
+    pub(crate) post_freeze: Option<String>,
+    #[arg(long)]
+    pub(crate) no_post_freeze: bool,
+}
+
+impl FreezeArgs {
+    pub(crate) fn spec(self) -> standby_engine::FreezeSpec {
+        let command = |given: Option<String>, none: bool| if none { Some(None) } else { given.map(Some) };
+        standby_engine::FreezeSpec {
+            enabled: if self.no_freeze { Some(false) } else { self.freeze.then_some(true) },
+            timeout: self.freeze_timeout,
+            pre_freeze: command(self.pre_freeze, self.no_pre_freeze),
+            post_freeze: command(self.post_freeze, self.no_post_freeze),
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -195,6 +195,7 @@ mod tests {
             bandwidth: None,
             retry_window_secs: 300,
             network_map: Default::default(),
+            quiesce: Default::default(),
             last_run_at: last.map(Into::into),
             created_at: String::new(),
             enabled,

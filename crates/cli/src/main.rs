@@ -251,6 +251,7 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
             bandwidth,
             retry_window,
             network_map,
+            freeze,
             json,
         } => {
             let spec = JobSpec {
@@ -265,6 +266,7 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
                 bandwidth,
                 retry_window,
                 network_map,
+                freeze: freeze.spec(),
             };
             let j = engine.job_create(&spec)?;
             output::jobs(std::slice::from_ref(&j), json.json)?;
@@ -289,6 +291,7 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
             compression,
             bandwidth,
             retry_window,
+            freeze,
             json,
         } => {
             let change = JobChange {
@@ -299,6 +302,7 @@ fn job(engine: &Engine, cmd: JobCmd) -> Result<ExitCode> {
                 compression,
                 bandwidth: bandwidth.map(|b| (b != "none").then_some(b)),
                 retry_window,
+                freeze: freeze.spec(),
             };
             output::jobs(std::slice::from_ref(&engine.job_change(&name, &change)?), json.json)?;
         }

@@ -117,10 +117,11 @@ pub fn jobs(list: &[JobView], as_json: bool) -> Result<()> {
                     Some(b) => format!("{}, at most {}/s", j.compression, bytes(b)),
                     None => j.compression.clone(),
                 },
+                if j.quiesce.enabled { format!("within {} s", j.quiesce.timeout_secs) } else { "no".into() },
             ]
         })
         .collect();
-    table(&["NAME", "VMS", "TARGET", "RETAIN", "EVERY", "LAST RUN", "STATUS", "BETWEEN HOSTS"], &rows);
+    table(&["NAME", "VMS", "TARGET", "RETAIN", "EVERY", "LAST RUN", "STATUS", "BETWEEN HOSTS", "FREEZE"], &rows);
     Ok(())
 }
 
@@ -131,10 +132,11 @@ pub fn outcomes(list: &[RunOutcome], as_json: bool) -> Result<()> {
     for o in list {
         match (&o.restore_point, &o.error) {
             (Some(rp), _) => println!(
-                "{}: restore point {} ({}, {} transferred, {:.1} s)",
+                "{}: restore point {} ({}, {}-consistent, {} transferred, {:.1} s)",
                 o.vm,
                 rp.id,
                 rp.method,
+                rp.consistency,
                 bytes(rp.bytes_transferred),
                 rp.duration_ms as f64 / 1000.0
             ),
@@ -186,12 +188,13 @@ pub fn points(list: &[RestorePointView], as_json: bool) -> Result<()> {
                 p.id.to_string(),
                 p.created_at.clone(),
                 p.method.clone(),
+                p.consistency.clone(),
                 bytes(p.bytes_transferred),
                 p.disks.iter().map(|d| d.path.as_str()).collect::<Vec<_>>().join(" "),
             ]
         })
         .collect();
-    table(&["ID", "CREATED", "METHOD", "TRANSFERRED", "DISKS"], &rows);
+    table(&["ID", "CREATED", "METHOD", "CONSISTENCY", "TRANSFERRED", "DISKS"], &rows);
     Ok(())
 }
 

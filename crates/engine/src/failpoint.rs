@@ -13,6 +13,7 @@
 
 /// Every fail point standby has; crash tests iterate over this list.
 pub const ALL: &[&str] = &[
+    "replicate.while-frozen",
     "replicate.after-checkpoint",
     "replicate.mid-transfer",
     "replicate.before-commit",

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use standby_host::Host;
 use standby_model::wire::{parse_bandwidth, Wire};
-use standby_model::{parse_interval, ReplicaState, Role, VmName, DEFAULT_RETAIN};
+use standby_model::{parse_interval, Quiesce, ReplicaState, Role, VmName, DEFAULT_RETAIN};
 use standby_store::{NewJob, ReplicaRecord};
 
 use crate::lock::VmLock;
@@ -26,6 +26,77 @@ pub struct JobChange {
     /// `Some(None)`: no limit.
     pub bandwidth: Option<Option<String>>,
     pub retry_window: Option<String>,
+    pub freeze: FreezeSpec,
+}
+
+/// How a job freezes a running guest around each run's instant, as an operator gives it;
+/// `None` keeps what the job has (or the default).
+#[derive(Debug, Clone, Default)]
+pub struct FreezeSpec {
+    /// `Some(false)`: never ask the guest agent; points of running VMs are crash-consistent.
+    pub enabled: Option<bool>,
+    /// How long the pre-freeze command and the freeze may each take (`10s`).
+    pub timeout: Option<String>,
+    /// `Some(None)` removes the command.
+    pub pre_freeze: Option<Option<String>>,
+    pub post_freeze: Option<Option<String>>,
+}
+
+/// Longest freeze timeout: a guest frozen longer stalls its applications' writes.
+const MAX_FREEZE_TIMEOUT_SECS: u64 = 300;
+
+/// The job's freeze settings: `spec` over `base`.
+fn quiesce_of(spec: &FreezeSpec, base: &Quiesce) -> Result<Quiesce> {
+    let timeout_secs = match &spec.timeout {
+        None => base.timeout_secs,
+        Some(t) => {
+            let secs = parse_interval(t)
+                .map_err(|e| EngineError::BadArgument {
+                    arg: "--freeze-timeout",
+                    why: format!("--freeze-timeout {e}"),
+                })?
+                .as_secs();
+            if !(1..=MAX_FREEZE_TIMEOUT_SECS).contains(&secs) {
+                return Err(EngineError::BadArgument {
+                    arg: "--freeze-timeout",
+                    why: format!(
+                        "--freeze-timeout {t} is out of range 1s..={MAX_FREEZE_TIMEOUT_SECS}s: the guest's writes \
+                         wait while it is frozen"
+                    ),
+                });
+            }
+            secs
+        }
+    };
+    let command = |given: &Option<Option<String>>, current: &Option<String>, arg: &'static str| match given {
+        None => Ok(current.clone()),
+        Some(None) => Ok(None),
+        Some(Some(c)) if c.trim().is_empty() => Err(EngineError::BadArgument {
+            arg,
+            why: format!("{arg} needs a command for the guest's /bin/sh -c; give --no-{} to have none", &arg[2..]),
+        }),
+        Some(Some(c)) => Ok(Some(c.clone())),
+    };
+    Ok(Quiesce {
+        enabled: spec.enabled.unwrap_or(base.enabled),
+        timeout_secs,
+        pre_freeze: command(&spec.pre_freeze, &base.pre_freeze, "--pre-freeze")?,
+        post_freeze: command(&spec.post_freeze, &base.post_freeze, "--post-freeze")?,
+    })
+}
+
+/// A job's freeze settings in a few words, for `job change`'s history.
+fn show_quiesce(q: &Quiesce) -> String {
+    if !q.enabled {
+        return "no freeze".into();
+    }
+    let mut s = format!("freeze within {} s", q.timeout_secs);
+    for (what, c) in [("pre-freeze", &q.pre_freeze), ("post-freeze", &q.post_freeze)] {
+        if let Some(c) = c {
+            s.push_str(&format!(", {what} {c:?}"));
+        }
+    }
+    s
 }
 
 /// `--network-map SRC=DST`, each source named once.
@@ -143,6 +214,7 @@ pub struct JobSpec {
     /// `SRC=DST`: the network (or `bridge:NAME`) a replica's NIC goes on at failover, for
     /// each one its source's NICs are on.
     pub network_map: Vec<String>,
+    pub freeze: FreezeSpec,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -163,6 +235,8 @@ pub struct JobView {
     pub retry_window_secs: u64,
     /// Source network (or `bridge:NAME`) to the one a replica's NIC goes on.
     pub network_map: std::collections::BTreeMap<String, String>,
+    /// How a running guest is frozen around each run's instant.
+    pub quiesce: Quiesce,
     pub last_run_at: Option<String>,
     pub created_at: String,
     /// A disabled job does not run (`standby job enable` turns it back on).
@@ -202,6 +276,7 @@ impl Engine {
             spec.retry_window.as_deref(),
             Wire::default(),
         )?;
+        let quiesce = quiesce_of(&spec.freeze, &Quiesce::default())?;
         let host = self.host(&spec.target_host)?;
         let given = spec.target_dir.clone();
         let target_err =
@@ -229,6 +304,7 @@ impl Engine {
                 replica_suffix: suffix,
                 wire,
                 network_map,
+                quiesce,
             },
             &replicas,
         );
@@ -392,7 +468,11 @@ impl Engine {
         if bandwidth == Some(None) {
             wire.bandwidth = None;
         }
+        let quiesce = quiesce_of(&change.freeze, &job.quiesce)?;
         let mut changes = Vec::new();
+        if quiesce != job.quiesce {
+            changes.push(format!("{} -> {}", show_quiesce(&job.quiesce), show_quiesce(&quiesce)));
+        }
         if wire.compression != job.wire.compression {
             changes.push(format!("compression {} -> {}", job.wire.compression, wire.compression));
         }
@@ -456,13 +536,13 @@ impl Engine {
             return Err(EngineError::NothingToChange {
                 subject: format!("job {name}"),
                 hint: format!(
-                    "give --retain, --every, --no-schedule, --compression, --bandwidth, --add-vm or --remove-vm \
-                     with a value other than job {name}'s current one (standby job list)"
+                    "give --retain, --every, --no-schedule, --compression, --bandwidth, --add-vm, --remove-vm or a \
+                     freeze option with a value other than job {name}'s current one (standby job list)"
                 ),
             });
         }
         let recorded = (|| -> Result<()> {
-            self.store().update_job(job.id, retain, every, job.enabled, wire)?;
+            self.store().update_job(job.id, retain, every, job.enabled, wire, &quiesce)?;
             for (vm_id, dir) in &joining {
                 self.store().insert_replica(job.id, *vm_id, dir)?;
             }
@@ -502,7 +582,7 @@ impl Engine {
         if job.enabled == enabled {
             return Err(EngineError::JobRefused { job: name.into(), why: format!("job {name} is {word} already") });
         }
-        self.store().update_job(job.id, job.retain, job.every_secs, enabled, job.wire)?;
+        self.store().update_job(job.id, job.retain, job.every_secs, enabled, job.wire, &job.quiesce)?;
         self.record_raw(&format!("job:{name}"), if enabled { "job enable" } else { "job disable" }, "ok", word);
         self.job_show(name)
     }
@@ -744,6 +824,7 @@ fn view(j: standby_store::JobRecord) -> JobView {
         bandwidth: j.wire.bandwidth,
         retry_window_secs: j.wire.retry_window_secs,
         network_map: j.network_map,
+        quiesce: j.quiesce,
         last_run_at: j.last_run_at,
         created_at: j.created_at,
         enabled: j.enabled,

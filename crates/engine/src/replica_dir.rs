@@ -126,6 +126,7 @@ mod tests {
             bytes_transferred: 0,
             bytes_read: 0,
             duration_ms: 0,
+            consistency: standby_model::Consistency::Crash,
             pruning: false,
             disks: vec![RpDiskRecord {
                 idx: 0,

@@ -182,6 +182,15 @@ fn cases() -> Vec<Case> {
     for p in failpoint::ALL {
         let family = p.split('.').next().unwrap();
         all.push(match family {
+            // Only a running guest is frozen.
+            "replicate" if *p == "replicate.while-frozen" => Case {
+                setup: |s| {
+                    run(s);
+                    s.engine.vm_start("web", false).unwrap();
+                    s.fake.guest_write("web", 0, 5 * CLUSTER, &[0x57; 10]);
+                },
+                ..replicate(p)
+            },
             "replicate" => replicate(p),
             "retention" => retention(p),
             "failover" => failover_case(p),
@@ -278,6 +287,7 @@ fn a_kill_at_every_step_is_recovered_with_every_restore_point_intact() {
         if !case.writes_source {
             assert!(site.fake.read_image(DISK) == source, "{point}: the source disk changed");
         }
+        assert!(!site.fake.frozen("web"), "{point}: recovery left the guest frozen");
         if case.restarts_source && site.state() == "ready" {
             assert!(site.fake.vm_chains("web").is_some(), "{point}: rolled back, the source must run again");
         }

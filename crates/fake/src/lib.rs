@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use standby_host::{
-    Accel, BitmapInfo, BitmapOp, BlockStream, Chain, DiskAccess, DiskSource, Format, Host, HostError, ImageInfo,
-    NbdAddress, Result, ServeSpec, Storage, Transport, VmConfig, VmDriver, VmLaunch, VmRuntime,
+    Accel, BitmapInfo, BitmapOp, BlockStream, Chain, DiskAccess, DiskSource, Format, GuestExit, Host, HostError,
+    ImageInfo, NbdAddress, Result, ServeSpec, Storage, Transport, VmConfig, VmDriver, VmLaunch, VmRuntime,
 };
 
 pub const CLUSTER: u64 = 64 << 10;
@@ -108,6 +108,11 @@ impl FakeHost {
     }
 
     /// The disk chains a running VM has, top first.
+    /// Whether the VM runs with its guest's filesystems frozen.
+    pub fn frozen(&self, vm: &str) -> bool {
+        self.world().vms.get(vm).is_some_and(|v| v.frozen)
+    }
+
     pub fn vm_chains(&self, vm: &str) -> Option<Vec<Chain>> {
         self.world().vms.get(vm).map(|v| v.disks.clone())
     }
@@ -383,7 +388,7 @@ impl VmDriver for FakeHost {
             .collect::<Result<Vec<_>>>()?;
         w.next_pid += 1;
         let pid = w.next_pid;
-        w.vms.insert(vm.name.clone(), Vm { pid, paused: false, disks });
+        w.vms.insert(vm.name.clone(), Vm { pid, paused: false, frozen: false, disks });
         Ok(())
     }
 
@@ -416,6 +421,29 @@ impl VmDriver for FakeHost {
 
     fn vm_paused(&self, vm: &str) -> Result<bool> {
         Ok(self.world().vm(vm)?.paused)
+    }
+
+    /// Every fake guest runs an agent with one filesystem, which answers at once.
+    fn guest_freeze(&self, vm: &str, _timeout: Duration) -> Result<Option<u64>> {
+        let mut w = self.call("guest_freeze");
+        w.vms
+            .get_mut(vm)
+            .map(|v| Some(u64::from(!std::mem::replace(&mut v.frozen, true))))
+            .ok_or_else(|| HostError::NotRunning(vm.into()))
+    }
+
+    fn guest_thaw(&self, vm: &str, _timeout: Duration) -> Result<Option<u64>> {
+        let mut w = self.call("guest_thaw");
+        w.vms
+            .get_mut(vm)
+            .map(|v| Some(u64::from(std::mem::replace(&mut v.frozen, false))))
+            .ok_or_else(|| HostError::NotRunning(vm.into()))
+    }
+
+    fn guest_exec(&self, vm: &str, command: &str, _timeout: Duration) -> Result<Option<GuestExit>> {
+        self.note(&format!("guest_exec {vm} {command}"));
+        self.world().vm(vm)?;
+        Ok(Some(GuestExit { code: 0, output: String::new() }))
     }
 
     fn vm_top_files(&self, vm: &str, disks: usize) -> Result<Vec<String>> {

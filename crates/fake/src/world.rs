@@ -41,6 +41,8 @@ pub(crate) enum Entry {
 pub(crate) struct Vm {
     pub(crate) pid: u32,
     pub(crate) paused: bool,
+    /// Its guest's filesystems frozen by its agent.
+    pub(crate) frozen: bool,
     pub(crate) disks: Vec<Chain>,
 }
 

@@ -73,6 +73,9 @@ pub enum HostError {
     ViewBroken { vm: String, job: String, error: String },
     #[error("{0}")]
     Invalid(String),
+    /// The VM's guest agent did not do what was asked (or did not answer in time).
+    #[error("VM {vm}: {source}")]
+    Agent { vm: String, source: standby_qemu::guest_agent::AgentError },
     /// A call to a libvirt daemon failed; `hint` says what to do when the failure tells.
     #[error("libvirt at {uri}: {what}: {detail}{hint}")]
     Libvirt { uri: String, what: String, detail: String, hint: String },
@@ -99,6 +102,14 @@ pub struct VmLaunch {
     pub name: String,
     pub config: VmConfig,
     pub disks: Vec<DiskSource>,
+}
+
+/// How a command the guest agent ran in the guest ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestExit {
+    pub code: i32,
+    /// What it printed, as the agent captured it.
+    pub output: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -320,6 +331,23 @@ pub trait VmDriver {
                  `standby host add NAME --libvirt qemu:///system`"
             ),
         })
+    }
+    /// Freezes a running guest's filesystems through its qemu-guest-agent, waiting at most
+    /// `timeout`; how many it froze, or None when the VM has no agent channel. The freeze
+    /// lasts until [`VmDriver::guest_thaw`]: the guest writes nothing to a frozen
+    /// filesystem, so whoever freezes must thaw, whatever happens in between.
+    fn guest_freeze(&self, _vm: &str, _timeout: Duration) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Thaws them; how many were frozen (0 when none was), None without a channel. An
+    /// agent still busy with a freeze that timed out answers once the freeze is done.
+    fn guest_thaw(&self, _vm: &str, _timeout: Duration) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Runs `command` with the guest's `/bin/sh -c` through its agent and waits at most
+    /// `timeout` for it to end; None without a channel.
+    fn guest_exec(&self, _vm: &str, _command: &str, _timeout: Duration) -> Result<Option<GuestExit>> {
+        Ok(None)
     }
     /// Every scratch file of the VM whose name starts with `prefix`.
     fn vm_scratch_files(&self, vm: &str, prefix: &str) -> Result<Vec<String>>;

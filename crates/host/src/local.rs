@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use standby_qemu::guest_agent::{AgentChannel, GuestAgent};
 use standby_qemu::machine::{opt_value, Machine, MachineDisk, QEMU_SYSTEM};
 use standby_qemu::nbd_server::{NbdServe, QEMU_NBD};
 use standby_qemu::qmp::Qmp;
@@ -27,6 +28,10 @@ use crate::*;
 
 /// The NIC device models a VM may have, each with user-mode networking.
 const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000"];
+
+/// How long a guest agent may take to answer the synchronisation that starts each
+/// conversation: a running agent answers in milliseconds.
+const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -97,6 +102,23 @@ impl LocalHost {
         let qmp = Qmp::connect(&self.vm_file(vm, socket), timeout)
             .map_err(|source| HostError::Monitor { vm: vm.into(), source })?;
         Ok(Monitor::new(vm, qmp))
+    }
+
+    /// The running VM's guest agent, synchronised; None when its QEMU has no agent port
+    /// (started by a standby from before there was one). The synchronisation gets a few
+    /// seconds at most: a guest that runs no agent is told apart without waiting out a
+    /// whole freeze timeout.
+    fn guest_agent(&self, vm: &str, timeout: Duration) -> Result<Option<GuestAgent>> {
+        if self.vm_runtime(vm)? == VmRuntime::Stopped {
+            return Err(HostError::NotRunning(vm.into()));
+        }
+        let socket = self.vm_file(vm, "qga.sock");
+        if !Path::new(&socket).exists() {
+            return Ok(None);
+        }
+        GuestAgent::connect(&socket, timeout.min(AGENT_SYNC_TIMEOUT))
+            .map(Some)
+            .map_err(|source| HostError::Agent { vm: vm.into(), source })
     }
 
     /// Where a VM's own NBD server (its live views) listens.
@@ -394,6 +416,7 @@ impl VmDriver for LocalHost {
             accel: self.accel,
             qmp_socket: self.socket(self.vm_file(&vm.name, "qmp.sock"))?,
             qmp_status_socket: self.socket(self.vm_file(&vm.name, "qmp-status.sock"))?,
+            guest_agent_socket: self.socket(self.vm_file(&vm.name, "qga.sock"))?,
             console_log: self.vm_file(&vm.name, "console.log"),
             pidfile: self.vm_file(&vm.name, "qemu.pid"),
         };
@@ -410,7 +433,7 @@ impl VmDriver for LocalHost {
         }
         // A daemonized QEMU sets its own umask (027): its monitors and console log would
         // be group-readable. The monitors control the VM, the log shows its console.
-        for file in ["qmp.sock", "qmp-status.sock", "console.log", "qemu.pid"] {
+        for file in ["qmp.sock", "qmp-status.sock", "qga.sock", "console.log", "qemu.pid"] {
             let p = dir.join(file);
             if p.exists() {
                 fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(io_err("cannot restrict", &p))?;
@@ -423,6 +446,22 @@ impl VmDriver for LocalHost {
                 detail: "QEMU exited right after starting; see `standby vm console`".into(),
             }),
         }
+    }
+
+    fn guest_freeze(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
+        let Some(mut agent) = self.guest_agent(vm, timeout)? else { return Ok(None) };
+        agent.freeze(timeout).map(Some).map_err(|source| HostError::Agent { vm: vm.into(), source })
+    }
+
+    fn guest_thaw(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
+        let Some(mut agent) = self.guest_agent(vm, timeout)? else { return Ok(None) };
+        agent.thaw(timeout).map(Some).map_err(|source| HostError::Agent { vm: vm.into(), source })
+    }
+
+    fn guest_exec(&self, vm: &str, command: &str, timeout: Duration) -> Result<Option<GuestExit>> {
+        let Some(mut agent) = self.guest_agent(vm, timeout)? else { return Ok(None) };
+        let exited = agent.exec(command, timeout).map_err(|source| HostError::Agent { vm: vm.into(), source })?;
+        Ok(Some(GuestExit { code: exited.code, output: exited.output }))
     }
 
     fn vm_runtime(&self, vm: &str) -> Result<VmRuntime> {

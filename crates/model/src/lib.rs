@@ -1,6 +1,7 @@
 //! standby's vocabulary. Everything here is pure: names, states, decisions. The engine asks
 //! this crate what is allowed and what to do; it never performs I/O itself.
 
+pub mod consistency;
 mod failback;
 mod ids;
 pub mod image;
@@ -13,6 +14,7 @@ pub mod tracking;
 mod vm;
 pub mod wire;
 
+pub use consistency::{Consistency, Quiesce};
 pub use failback::{FailbackTarget, SwitchMode};
 pub use ids::{PointId, ReplicaId, Seq};
 pub use names::{parse_interval, NameError, VmName};

@@ -2,6 +2,7 @@
 //! jobs; the `host` crate decides where these run and the `engine` what they are for.
 
 pub mod chain;
+pub mod guest_agent;
 pub mod img;
 pub mod machine;
 pub mod nbd_server;

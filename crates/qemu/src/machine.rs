@@ -24,6 +24,9 @@ pub struct Machine {
     pub qmp_socket: String,
     /// Second monitor, so that status queries never wait behind a long operation.
     pub qmp_status_socket: String,
+    /// The host end of the guest agent's virtio-serial port (`org.qemu.guest_agent.0`):
+    /// a guest that runs qemu-guest-agent answers there.
+    pub guest_agent_socket: String,
     pub console_log: String,
     pub pidfile: String,
 }
@@ -49,6 +52,9 @@ impl Machine {
             push(&["-chardev", &format!("socket,id={id},path={},server=on,wait=off", opt_value(socket))]);
             push(&["-mon", &format!("chardev={id},mode=control")]);
         }
+        push(&["-chardev", &format!("socket,id=qga,path={},server=on,wait=off", opt_value(&self.guest_agent_socket))]);
+        push(&["-device", "virtio-serial-pci,id=qga-serial"]);
+        push(&["-device", "virtserialport,bus=qga-serial.0,chardev=qga,name=org.qemu.guest_agent.0"]);
         push(&["-daemonize", "-pidfile", &self.pidfile]);
         for (i, d) in self.disks.iter().enumerate() {
             // JSON, so that no path is parsed as options, and with the backing stated: QEMU
@@ -108,6 +114,7 @@ mod tests {
             accel: Accel::Tcg,
             qmp_socket: "/r/qmp.sock".into(),
             qmp_status_socket: "/r/qmp-status.sock".into(),
+            guest_agent_socket: "/r/qga.sock".into(),
             console_log: "/r/console.log".into(),
             pidfile: "/r/qemu.pid".into(),
         };
@@ -131,12 +138,14 @@ mod tests {
             accel: Accel::Tcg,
             qmp_socket: "/r,x/qmp.sock".into(),
             qmp_status_socket: "/r,x/qmp-status.sock".into(),
+            guest_agent_socket: "/r,x/qga.sock".into(),
             console_log: "/r,x/console.log".into(),
             pidfile: "/r,x/qemu.pid".into(),
         };
         let args = m.args();
         assert!(args.contains(&"file,id=console,path=/r,,x/console.log,append=on".to_string()), "{args:?}");
         assert!(args.contains(&"socket,id=qmp,path=/r,,x/qmp.sock,server=on,wait=off".to_string()), "{args:?}");
+        assert!(args.contains(&"socket,id=qga,path=/r,,x/qga.sock,server=on,wait=off".to_string()), "{args:?}");
         let disk: serde_json::Value =
             serde_json::from_str(&args[args.iter().position(|a| a == "-blockdev").unwrap() + 1]).unwrap();
         assert_eq!(disk["file"]["filename"], "/d/a,file.locking=off.qcow2");

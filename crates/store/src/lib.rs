@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use standby_model::image::Format;
 use standby_model::wire::Wire;
-use standby_model::{DriverConfig, Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, Transition, VmConfig};
+use standby_model::{
+    Consistency, DriverConfig, Method, PointId, Quiesce, ReplicaId, ReplicaState, Role, Seq, Step, Transition, VmConfig,
+};
 
 pub use fences::FenceRecord;
 pub use history::{HISTORY_KEEP, HISTORY_SLACK};
@@ -318,8 +320,8 @@ impl Store {
         let tx = self.tx()?;
         tx.execute(
             "INSERT INTO jobs (name, target_host, target_dir, retain, every_secs, created_at, replica_suffix,
-                               compression, bandwidth, retry_window_secs, network_map)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                               compression, bandwidth, retry_window_secs, network_map, quiesce)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 job.name,
                 job.target_host,
@@ -331,7 +333,8 @@ impl Store {
                 job.wire.compression.as_str(),
                 job.wire.bandwidth.map(|b| b as i64),
                 job.wire.retry_window_secs as i64,
-                serde_json::to_string(&job.network_map).unwrap_or_default()
+                serde_json::to_string(&job.network_map).unwrap_or_default(),
+                serde_json::to_string(&job.quiesce).unwrap_or_default()
             ],
         )?;
         let job_id = tx.last_insert_rowid();
@@ -347,7 +350,7 @@ impl Store {
 
     const JOB_COLS: &'static str =
         "id, name, target_host, target_dir, retain, every_secs, last_run_at, created_at, replica_suffix, enabled, \
-         compression, bandwidth, retry_window_secs, network_map";
+         compression, bandwidth, retry_window_secs, network_map, quiesce";
 
     fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         let id: i64 = r.get(0)?;
@@ -358,9 +361,12 @@ impl Store {
             retry_window_secs: r.get::<_, i64>(12)? as u64,
         };
         let map: String = r.get(13)?;
+        let quiesce: String = r.get(14)?;
         Ok(JobRecord {
             id,
             wire,
+            quiesce: serde_json::from_str(&quiesce)
+                .map_err(|e| bad_cell("jobs", id, 14, format!("quiesce {quiesce:?}: {e}")))?,
             network_map: serde_json::from_str(&map)
                 .map_err(|e| bad_cell("jobs", id, 13, format!("network_map {map:?}: {e}")))?,
             name: r.get(1)?,
@@ -430,7 +436,8 @@ impl Store {
         Ok(())
     }
 
-    /// Changes what a job keeps, when it runs and how its data travels.
+    /// Changes what a job keeps, when it runs, how its data travels and how it freezes
+    /// the guest.
     pub fn update_job(
         &mut self,
         job_id: i64,
@@ -438,10 +445,11 @@ impl Store {
         every_secs: Option<u64>,
         enabled: bool,
         wire: Wire,
+        quiesce: &Quiesce,
     ) -> Result<()> {
         self.conn.execute(
             "UPDATE jobs SET retain = ?2, every_secs = ?3, enabled = ?4, compression = ?5, bandwidth = ?6,
-                             retry_window_secs = ?7
+                             retry_window_secs = ?7, quiesce = ?8
              WHERE id = ?1",
             params![
                 job_id,
@@ -450,7 +458,8 @@ impl Store {
                 enabled,
                 wire.compression.as_str(),
                 wire.bandwidth.map(|b| b as i64),
-                wire.retry_window_secs as i64
+                wire.retry_window_secs as i64,
+                serde_json::to_string(quiesce).unwrap_or_default()
             ],
         )?;
         Ok(())
@@ -634,8 +643,9 @@ impl Store {
     pub fn insert_restore_point(&mut self, rp: &NewRestorePoint) -> Result<PointId> {
         let tx = self.tx()?;
         tx.execute(
-            "INSERT INTO restore_points (replica_id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO restore_points (replica_id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms,
+                                         consistency)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 rp.replica_id,
                 rp.seq,
@@ -643,7 +653,8 @@ impl Store {
                 rp.method.as_str(),
                 rp.bytes_transferred as i64,
                 rp.bytes_read as i64,
-                rp.duration_ms as i64
+                rp.duration_ms as i64,
+                rp.consistency.as_str()
             ],
         )?;
         let id = PointId(tx.last_insert_rowid());
@@ -658,7 +669,7 @@ impl Store {
     /// `pruning` points (half-removed by retention) are included only when asked.
     pub fn restore_points(&self, replica_id: ReplicaId, include_pruning: bool) -> Result<Vec<RestorePointRecord>> {
         let mut st = self.conn.prepare(
-            "SELECT id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms, pruning
+            "SELECT id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms, pruning, consistency
              FROM restore_points WHERE replica_id = ?1 AND (pruning = 0 OR ?2) ORDER BY seq",
         )?;
         let mut rps: Vec<RestorePointRecord> = st
@@ -673,6 +684,10 @@ impl Store {
                     bytes_read: r.get::<_, i64>(5)? as u64,
                     duration_ms: r.get::<_, i64>(6)? as u64,
                     pruning: r.get(7)?,
+                    consistency: {
+                        let (id, c): (i64, String) = (r.get(0)?, r.get(8)?);
+                        c.parse::<Consistency>().map_err(|e| bad_cell("restore_points", id, 8, e))?
+                    },
                     disks: Vec::new(),
                 })
             })?

@@ -209,4 +209,13 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE hosts ADD COLUMN libvirt_uri TEXT;
     ALTER TABLE replicas ADD COLUMN source_autostart_off INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 14: consistent points. How a job freezes a running guest around each run's instant
+    // (JSON: enabled, timeout, pre- and post-freeze commands); what each point can promise:
+    // `application` (frozen by the guest's agent), `crash`, or `offline` (a stopped VM's
+    // images). Points made before this could not have been frozen: `crash`.
+    r#"
+    ALTER TABLE jobs ADD COLUMN quiesce TEXT NOT NULL DEFAULT '{"enabled":true,"timeout_secs":10}';
+    ALTER TABLE restore_points ADD COLUMN consistency TEXT NOT NULL DEFAULT 'crash'
+        CHECK (consistency IN ('application', 'crash', 'offline'));
+    "#,
 ];

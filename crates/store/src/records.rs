@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use standby_model::image::Format;
 use standby_model::wire::Wire;
-use standby_model::{Method, PointId, ReplicaId, ReplicaState, Role, Seq, Step, VmConfig};
+use standby_model::{Consistency, Method, PointId, Quiesce, ReplicaId, ReplicaState, Role, Seq, Step, VmConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRecord {
@@ -64,6 +64,8 @@ pub struct NewJob {
     pub wire: Wire,
     /// Each source network (or bridge) of its VMs' NICs to the one replicas are put on.
     pub network_map: std::collections::BTreeMap<String, String>,
+    /// How a running guest is frozen around each run's instant.
+    pub quiesce: Quiesce,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +80,7 @@ pub struct JobRecord {
     /// How its data travels between hosts.
     pub wire: Wire,
     pub network_map: std::collections::BTreeMap<String, String>,
+    pub quiesce: Quiesce,
     pub last_run_at: Option<String>,
     pub created_at: String,
     pub vms: Vec<String>,
@@ -125,6 +128,7 @@ pub struct NewRestorePoint {
     pub bytes_transferred: u64,
     pub bytes_read: u64,
     pub duration_ms: u64,
+    pub consistency: Consistency,
     pub disks: Vec<RpDiskRecord>,
 }
 
@@ -138,6 +142,7 @@ pub struct RestorePointRecord {
     pub bytes_transferred: u64,
     pub bytes_read: u64,
     pub duration_ms: u64,
+    pub consistency: Consistency,
     pub pruning: bool,
     pub disks: Vec<RpDiskRecord>,
 }

@@ -53,6 +53,7 @@ fn retention_drop_repoints_layers() {
         replica_suffix: "_replica".into(),
         wire: Default::default(),
         network_map: Default::default(),
+        quiesce: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let rep = s.replicas().unwrap().remove(0);
@@ -76,6 +77,7 @@ fn retention_drop_repoints_layers() {
                 bytes_transferred: 0,
                 bytes_read: 0,
                 duration_ms: 0,
+                consistency: standby_model::Consistency::Application,
                 disks: vec![disk(layer, parent)],
             })
             .unwrap(),
@@ -130,6 +132,7 @@ fn a_state_moves_only_by_a_transition_from_the_state_its_writer_read() {
         replica_suffix: "_replica".into(),
         wire: Default::default(),
         network_map: Default::default(),
+        quiesce: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let id = s.replicas().unwrap()[0].id;
@@ -186,6 +189,7 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
         replica_suffix: "_replica".into(),
         wire: Default::default(),
         network_map: Default::default(),
+        quiesce: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into()), (vm_b, "/dr/b".into())]).unwrap();
     s.conn
@@ -209,6 +213,8 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE jobs DROP COLUMN network_map;
              ALTER TABLE hosts DROP COLUMN libvirt_uri;
              ALTER TABLE replicas DROP COLUMN source_autostart_off;
+             ALTER TABLE jobs DROP COLUMN quiesce;
+             ALTER TABLE restore_points DROP COLUMN consistency;
              PRAGMA user_version = 5;",
         )
         .unwrap();
@@ -247,6 +253,7 @@ fn a_fence_is_open_until_closed_with_its_protective_images_and_goes_with_its_rep
         replica_suffix: "_replica".into(),
         wire: Default::default(),
         network_map: Default::default(),
+        quiesce: Default::default(),
     };
     s.insert_job(&job, &[(vm_id, "/dr/a".into())]).unwrap();
     let rep = s.replicas().unwrap().remove(0);

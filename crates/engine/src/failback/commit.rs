@@ -153,6 +153,8 @@ impl Engine {
             seq,
             created_at: rec.switched_at.clone().unwrap_or_else(standby_store::now),
             method: if full_newer { Method::Digest } else { Method::Cbt },
+            // What the replica left when it was shut down for the switch.
+            consistency: standby_model::Consistency::Offline,
             bytes_transferred: moved.written,
             bytes_read: moved.read,
             duration_ms: started.elapsed().as_millis() as u64,

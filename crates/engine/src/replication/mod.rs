@@ -19,10 +19,11 @@ use serde::Serialize;
 use standby_host::{Chain, Endpoint, Format, Host, ServeSpec};
 use standby_model::recovery::{recovery, Recovery as Action, Seen};
 use standby_model::tracking::{choose_method, DiskSeen};
-use standby_model::{Method, PointId, ReplicaId, ReplicaState, Seq, Transition};
+use standby_model::{Consistency, Method, PointId, ReplicaId, ReplicaState, Seq, Transition};
 use standby_store::{FailoverPoint, NewRestorePoint, ReplicaRecord, RestorePointRecord, RpDiskRecord, VmRecord};
 
 use crate::lock::VmLock;
+use crate::quiesce::{self, Freeze};
 use crate::replica_dir;
 use crate::task::TaskProgress;
 use crate::transfer::{self, Plan, Stats, BASE_ALLOCATION};
@@ -49,6 +50,9 @@ pub struct RestorePointView {
     pub bytes_transferred: u64,
     pub bytes_read: u64,
     pub duration_ms: u64,
+    /// `application` (the guest's filesystems were frozen at its instant), `crash`, or
+    /// `offline` (the VM was not running).
+    pub consistency: String,
     pub disks: Vec<RpDiskView>,
 }
 
@@ -110,6 +114,7 @@ fn point_view(rp: RestorePointRecord, vm: &str, job: &str) -> RestorePointView {
         bytes_transferred: rp.bytes_transferred,
         bytes_read: rp.bytes_read,
         duration_ms: rp.duration_ms,
+        consistency: rp.consistency.as_str().into(),
         disks: rp
             .disks
             .into_iter()
@@ -525,6 +530,9 @@ impl Engine {
         interrupted: bool,
     ) -> Result<()> {
         let running = self.vm_is_running(vm)?;
+        if interrupted && running {
+            quiesce::thaw_after_kill(src, &vm.name, notes);
+        }
         src.vm_disks(&vm.name, running)?.close_views(replica.id, vm.disks.len())?;
         dr.nbd_stop_all(&target_prefix(replica.id))?;
         self.check_replica_dir(dr, replica)?;
@@ -594,10 +602,23 @@ impl Engine {
 
         let seq = self.store().take_seq(replica.id)?;
         let new_bitmap = crate::layout::bitmap_name(replica.id, seq);
+        let q = self.store().job(&replica.job)?.map(|j| j.quiesce).unwrap_or_default();
+        let freeze = if running {
+            progress.step(&vm.name, "freezing the guest's filesystems");
+            quiesce::before_instant(src, &vm.name, &q, notes)
+        } else {
+            Freeze::none()
+        };
+        if freeze.is_frozen() {
+            failpoint::hit("replicate.while-frozen");
+        }
         progress.step(&vm.name, "taking the point-in-time view");
         let created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let views =
             access.open_views(replica.id, &disks, &previous_bitmaps, &trusted, &new_bitmap).map_err(EngineError::from);
+        // The views hold the instant: the guest goes on at once, whether they opened or not.
+        let consistency =
+            if running { quiesce::after_instant(src, &vm.name, &q, freeze, notes) } else { Consistency::Offline };
         let result = views.map_err(fail("taking the point-in-time view")).and_then(|views| {
             failpoint::hit("replicate.after-checkpoint");
             self.transfer_disks(replica, vm, dr, &disks, &views, &methods, &points, seq, progress)
@@ -620,8 +641,18 @@ impl Engine {
         notes.extend(disks.iter().zip(&stats).filter_map(|(d, st)| transfer::wire_note(d.idx, st)));
         failpoint::hit("replicate.before-commit");
         progress.step(&vm.name, "committing");
-        let committed =
-            self.commit_point(replica, dr, &disks, layers, &stats, &methods, seq, &new_bitmap, created_at, started);
+        let committed = self.commit_point(
+            replica,
+            dr,
+            &disks,
+            layers,
+            &stats,
+            (&methods, consistency),
+            seq,
+            &new_bitmap,
+            created_at,
+            started,
+        );
         let rp_id = match committed {
             Ok(id) => id,
             Err(e) => {
@@ -671,7 +702,7 @@ impl Engine {
         disks: &[SourceDisk],
         layers: Vec<RpDiskRecord>,
         stats: &[Stats],
-        methods: &[Method],
+        (methods, consistency): (&[Method], Consistency),
         seq: Seq,
         new_bitmap: &str,
         created_at: String,
@@ -697,6 +728,7 @@ impl Engine {
             seq,
             created_at,
             method: Method::overall(methods.iter().copied()),
+            consistency,
             bytes_transferred: total.written,
             bytes_read: total.read,
             duration_ms: started.elapsed().as_millis() as u64,

@@ -47,6 +47,7 @@ impl Site {
                 bandwidth: None,
                 retry_window: None,
                 network_map: Vec::new(),
+                freeze: Default::default(),
             })
             .unwrap();
         Site { fake, engine, _dir: dir }

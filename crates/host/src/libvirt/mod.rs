@@ -6,6 +6,7 @@
 //! (`domain.rs`). Files, images and NBD are the machine's own, as for standby's own
 //! driver: a `LocalHost` on the same machine does them.
 
+mod agent;
 mod disks;
 pub mod domain;
 mod virsh;
@@ -19,10 +20,11 @@ use standby_model::{DriverConfig, VmConfig};
 
 use crate::transfer::{Moved, Plan, Stats, Wire};
 use crate::{
-    BitmapOp, DiskAccess, Endpoint, Host, HostError, LocalHost, NbdAddress, Result, ServeSpec, Storage, Transport,
-    VmDriver, VmLaunch, VmRuntime,
+    BitmapOp, DiskAccess, Endpoint, GuestExit, Host, HostError, LocalHost, NbdAddress, Result, ServeSpec, Storage,
+    Transport, VmDriver, VmLaunch, VmRuntime,
 };
 use domain::Derived;
+use standby_qemu::guest_agent::{AgentChannel, AgentError};
 use virsh::Virsh;
 
 /// Where standby keeps what a domain's QEMU itself opens (backup sockets and scratch
@@ -50,6 +52,10 @@ impl LibvirtHost {
     pub fn new(name: &str, uri: &str, root: &Path) -> Result<LibvirtHost> {
         let local = LocalHost::new(name, root)?;
         Ok(LibvirtHost { name: name.into(), virsh: Virsh { uri: uri.into(), scratch: root.join("xml") }, local })
+    }
+
+    fn agent<'a>(&'a self, vm: &'a str) -> agent::VirshAgent<'a> {
+        agent::VirshAgent { virsh: &self.virsh, domain: vm }
     }
 
     pub fn uri(&self) -> &str {
@@ -485,6 +491,19 @@ impl VmDriver for LibvirtHost {
         Ok(())
     }
 
+    fn guest_freeze(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
+        agent_answer(vm, self.agent(vm).freeze(timeout))
+    }
+
+    fn guest_thaw(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
+        agent_answer(vm, self.agent(vm).thaw(timeout))
+    }
+
+    fn guest_exec(&self, vm: &str, command: &str, timeout: Duration) -> Result<Option<GuestExit>> {
+        let exited = agent_answer(vm, self.agent(vm).exec(command, timeout))?;
+        Ok(exited.map(|e| GuestExit { code: e.code, output: e.output }))
+    }
+
     fn vm_console(&self, vm: &str, from: u64) -> Result<(Vec<u8>, u64)> {
         let d = self.domain(vm, false)?;
         let Some(file) = d.console_file else {
@@ -512,5 +531,14 @@ impl VmDriver for LibvirtHost {
 
     fn probe_accel(&self, kernel: &str, initrd: &str) -> Result<Accel> {
         self.local.probe_accel(kernel, initrd)
+    }
+}
+
+/// A domain without an agent channel has no agent to ask: None, as on every driver.
+fn agent_answer<T>(vm: &str, answer: std::result::Result<T, AgentError>) -> Result<Option<T>> {
+    match answer {
+        Ok(v) => Ok(Some(v)),
+        Err(AgentError::NotConfigured) => Ok(None),
+        Err(source) => Err(HostError::Agent { vm: vm.into(), source }),
     }
 }
