@@ -5,7 +5,7 @@
 //! job's timeout is given up on, and the run takes a crash-consistent point instead.
 //! Whoever freezes thaws, whatever happened in between: after the instant, after a
 //! failed instant, after a freeze that timed out (an agent still busy with it thaws once
-//! it is done), and after a killed run (`thaw_after_kill`, from recovery).
+//! it is done), and after a killed run (`after_kill`, from recovery).
 
 use std::time::{Duration, Instant};
 
@@ -126,9 +126,14 @@ pub(crate) fn after_instant(
     }
 }
 
-/// A killed run may have left the guest frozen: recovery thaws it (a guest with nothing
-/// frozen thaws nothing). One attempt: an agent that does not answer is a note.
-pub(crate) fn thaw_after_kill(host: &dyn Host, vm: &str, notes: &mut Vec<String>) {
+/// A killed run may have left the guest frozen, and its application in whatever state the
+/// pre-freeze command put it: recovery thaws (a guest with nothing frozen thaws nothing)
+/// and runs the post-freeze command. One attempt each: an agent that does not answer is a
+/// note.
+pub(crate) fn after_kill(host: &dyn Host, vm: &str, q: &Quiesce, notes: &mut Vec<String>) {
+    if !q.enabled {
+        return;
+    }
     match host.guest_thaw(vm, THAW_TIMEOUT) {
         Ok(Some(n)) if n > 0 => {
             notes.push(format!("thawed {n} filesystem(s) of VM {vm}'s guest, frozen by the interrupted run"))
@@ -139,6 +144,9 @@ pub(crate) fn thaw_after_kill(host: &dyn Host, vm: &str, notes: &mut Vec<String>
              `standby recover` again once its guest agent answers",
             crate::chain(&e)
         )),
+    }
+    if q.post_freeze.is_some() {
+        let _ = after_instant(host, vm, q, Freeze { state: State::Thawed, pre_ran: true }, notes);
     }
 }
 

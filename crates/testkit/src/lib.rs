@@ -263,6 +263,30 @@ impl Env {
         ]);
     }
 
+    /// What the guest agent of VM `vm` (standby's own driver, on this host) says of its
+    /// filesystems: `frozen` or `thawed`. Spoken here by hand, not with standby's client,
+    /// so that the test checks standby against the agent itself.
+    pub fn guest_freeze_status(&self, vm: &str) -> String {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let socket = format!("{}/hosts/local/vms/{vm}/qga.sock", self.data_dir());
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap_or_else(|e| panic!("{socket}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":4711}}\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut b = [0u8; 1];
+        while b[0] != 0xFF {
+            r.read_exact(&mut b).expect("the agent's sync delimiter");
+        }
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("4711"), "sync answer {line:?}");
+        s.write_all(b"{\"execute\":\"guest-fsfreeze-status\"}\n").unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        v["return"].as_str().unwrap_or_else(|| panic!("no status in {line:?}")).to_owned()
+    }
+
     /// The VM's console log so far.
     pub fn console(&self, vm: &str) -> String {
         self.ok(&["vm", "console", vm])

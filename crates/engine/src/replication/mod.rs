@@ -464,16 +464,17 @@ impl Engine {
             None => false,
         };
         let action = recovery(replica.state, replica.step, Seen { replica_runs });
+        let mut notes = Vec::new();
         let note = match action {
             Action::Nothing => return Ok(Vec::new()),
             Action::RollBackRun => {
-                self.roll_back_run(replica)?;
+                notes = self.roll_back_run(replica)?;
                 self.store().transition(replica.id, replica.state, Transition::RunFailed, None, FailoverPoint::Keep)?;
                 self.record_raw(&replica.vm, "replication", "rolled back", "recovered after an interruption");
                 format!("VM {}, job {}: rolled back an interrupted replication run", replica.vm, replica.job)
             }
             Action::RollBackPlanned { restart_source } => {
-                self.roll_back_run(replica)?;
+                notes = self.roll_back_run(replica)?;
                 self.recover_planned(replica, restart_source)?
             }
             Action::CompleteFailover | Action::RollBackFailover { .. } | Action::FinishUndo => {
@@ -487,21 +488,24 @@ impl Engine {
             | Action::FinishCommit
             | Action::FinishUndoFailback => self.recover_failback(replica, action)?,
         };
-        Ok(vec![note])
+        notes.insert(0, note);
+        Ok(notes)
     }
 
-    /// What a killed run left (views, servers, unfinished layers) goes.
-    fn roll_back_run(&self, replica: &ReplicaRecord) -> Result<()> {
+    /// What a killed run left (views, servers, unfinished layers, a frozen guest) goes;
+    /// notes on what was found.
+    fn roll_back_run(&self, replica: &ReplicaRecord) -> Result<Vec<String>> {
         let vm = self.store().vm(&replica.vm)?.ok_or_else(|| EngineError::UnknownVm(replica.vm.clone()))?;
-        let mut n = Vec::new();
+        let mut notes = Vec::new();
         self.recover_replica(
             replica,
             &vm,
             self.host(&vm.host)?.as_ref(),
             self.host(&replica.target_host)?.as_ref(),
-            &mut n,
+            &mut notes,
             true,
-        )
+        )?;
+        Ok(notes)
     }
 
     /// Removes this replica's dirty bitmaps from the source VM's disks: a replica that is
@@ -531,7 +535,8 @@ impl Engine {
     ) -> Result<()> {
         let running = self.vm_is_running(vm)?;
         if interrupted && running {
-            quiesce::thaw_after_kill(src, &vm.name, notes);
+            let q = self.store().job(&replica.job)?.map(|j| j.quiesce).unwrap_or_default();
+            quiesce::after_kill(src, &vm.name, &q, notes);
         }
         src.vm_disks(&vm.name, running)?.close_views(replica.id, vm.disks.len())?;
         dr.nbd_stop_all(&target_prefix(replica.id))?;
