@@ -56,12 +56,23 @@ fn ledger_domain(
     patterns: &[(u8, u64, u64)],
     nics: &[(&str, &str, &str)],
 ) -> (Domain, String, String, Vec<u8>) {
+    ledger_domain_booting(env, tag, patterns, nics, "")
+}
+
+/// The same, with `extra` on the guest's kernel command line.
+fn ledger_domain_booting(
+    env: &Env,
+    tag: &str,
+    patterns: &[(u8, u64, u64)],
+    nics: &[(&str, &str, &str)],
+    extra: &str,
+) -> (Domain, String, String, Vec<u8>) {
     let name = unique(tag);
     let disk = env.path(&format!("src/{tag}.qcow2"));
     make_disk(&disk, "qcow2", 64, patterns);
     let base = read_image(&disk);
-    let append = ledger_append(LEDGER_START, LEDGER_MAX, 20_000);
-    let dom = Domain::define(&name, &disk, &append, &env.path("src/console.log"), nics);
+    let append = format!("{} {extra}", ledger_append(LEDGER_START, LEDGER_MAX, 20_000));
+    let dom = Domain::define(&name, &disk, &append, &env.path(&format!("src/{tag}.console.log")), nics);
     (dom, name, disk, base)
 }
 
@@ -355,4 +366,57 @@ fn a_planned_failover_of_a_libvirt_domain_fails_back_to_the_original_with_switch
     assert!(out.contains("(cbt,"), "{out}");
     assert!(identical(&env.latest_disk(&name, 0), &disk), "the point after the failback is the original's disk");
     assert_eq!(checkpoints(&name).len(), 1, "{:?}", checkpoints(&name));
+}
+
+#[test]
+fn libvirt_domains_with_an_agent_get_application_points_and_a_hung_agent_a_thawed_crash_point() {
+    let env = Env::new(BIN);
+    setup(&env);
+    let (db, name, _disk, base) = ledger_domain(&env, "lvdb", &[(0x44, 0, 4)], &[]);
+    // Every freeze of this one waits 6 s in the guest before it freezes.
+    let (slow, slow_name, _d, slow_base) =
+        ledger_domain_booting(&env, "lvslow", &[(0x45, 0, 4)], &[], "standby.agent_hang=6");
+    for (n, dir, extra) in [(&name, "dr/db", None), (&slow_name, "dr/slow", Some("2s"))] {
+        env.ok(&["vm", "import", n, "--host", "kvm"]);
+        std::fs::create_dir_all(env.path(dir)).unwrap();
+        let mut args = vec!["job", "create", if extra.is_some() { "slow" } else { "j" }, "--vm", n];
+        let dir = env.path(dir);
+        args.extend(["--target-host", "kvm", "--target-dir", &dir]);
+        if let Some(t) = extra {
+            args.extend(["--freeze-timeout", t]);
+        }
+        env.ok(&args);
+        env.ok(&["vm", "start", n]);
+    }
+    for n in [&name, &slow_name] {
+        env.wait_console(n, Duration::from_secs(90), "the agent and ledger writes", |c| {
+            c.contains("STANDBY-GUEST agent on") && Ledger::acknowledged(c) >= 10
+        });
+    }
+
+    let rp = run_and_check(&env, "j", &name, &base, "full", "lv-first");
+    assert_eq!(rp["consistency"], "application", "{rp}");
+    let c = env.console(&name);
+    assert!(c.find("fsfreeze freeze").unwrap() < c.find("fsfreeze thaw").unwrap(), "{c}");
+    assert_eq!(db.freeze_status(), "thawed");
+
+    // Killed with the guest frozen: libvirt's domain stays frozen until recovery.
+    env.run_killed_at("replicate.while-frozen", &["job", "run", "j"]);
+    assert_eq!(db.freeze_status(), "frozen");
+    let out = env.ok(&["recover"]);
+    assert!(out.contains("thawed 1 filesystem(s)"), "{out}");
+    assert_eq!(db.freeze_status(), "thawed");
+    let rp = run_and_check(&env, "j", &name, &base, "cbt", "lv-after-kill");
+    assert_eq!(rp["consistency"], "application", "{rp}");
+    assert_eq!(checkpoints(&name).len(), 1, "{:?}", checkpoints(&name));
+
+    // The hung agent: libvirt gives up after the job's 2 s, the point is crash-consistent,
+    // and the run thaws the late freeze.
+    let rp = run_and_check(&env, "slow", &slow_name, &slow_base, "full", "lv-hung");
+    assert_eq!(rp["consistency"], "crash", "{rp}");
+    let c = env.console(&slow_name);
+    assert_eq!((c.matches("fsfreeze freeze").count(), c.matches("fsfreeze thaw").count()), (1, 1), "{c}");
+    assert_eq!(slow.freeze_status(), "thawed");
+    let (ok, list) = try_virsh(&["list", "--all", "--name"]);
+    assert!(ok && list.contains(&name) && list.contains(&slow_name), "{list}");
 }

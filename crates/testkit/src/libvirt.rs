@@ -78,8 +78,9 @@ pub struct Domain {
 
 impl Domain {
     /// Defines domain `name` of the test guest (TCG) on `disk` (qcow2 unless `.raw`),
-    /// booting with kernel command line `append`, its serial console in `console`, and
-    /// one NIC per `(kind, on, mac)`: kind `network` or `bridge`.
+    /// booting with kernel command line `append`, its serial console in `console`, a
+    /// guest agent channel (the guest runs qemu-ga on it), and one NIC per
+    /// `(kind, on, mac)`: kind `network` or `bridge`.
     pub fn define(name: &str, disk: &str, append: &str, console: &str, nics: &[(&str, &str, &str)]) -> Domain {
         ensure_daemon();
         let (kernel, initrd) = crate::guest();
@@ -100,6 +101,7 @@ impl Domain {
              <cmdline>{append}</cmdline></os><features><acpi/></features><on_poweroff>destroy</on_poweroff><devices>\
              <disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{disk}'/>\
              <target dev='vda' bus='virtio'/></disk>{interfaces}\
+             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
              <serial type='file'><source path='{console}'/><target port='0'/></serial></devices></domain>"
         );
         let file = format!("{console}.domain.xml");
@@ -114,6 +116,15 @@ impl Domain {
 
     pub fn state(&self) -> String {
         try_virsh(&["domstate", &self.name]).1.trim().to_owned()
+    }
+
+    /// What its guest agent says of its filesystems (`frozen` or `thawed`), asked through
+    /// libvirt.
+    pub fn freeze_status(&self) -> String {
+        let out =
+            virsh(&["qemu-agent-command", &self.name, "--timeout", "30", r#"{"execute":"guest-fsfreeze-status"}"#]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+        v["return"].as_str().unwrap_or_else(|| panic!("no status in {out:?}")).to_owned()
     }
 
     /// Whether libvirt starts it when the host boots.
