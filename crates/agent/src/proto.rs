@@ -144,6 +144,7 @@ pub(crate) enum HostCall {
     ImageCompare { a: Chain, b: Chain },
     ImageCopy { chain: Chain, dst: String },
     CheckConfig { config: VmConfig },
+    ConfigNetworks { config: VmConfig },
     VmStart { vm: VmLaunch },
     VmRuntime { vm: String },
     VmPowerdown { vm: String },

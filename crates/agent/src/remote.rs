@@ -213,6 +213,9 @@ impl VmDriver for RemoteHost {
     fn vm_paused(&self, vm: &str) -> Result<bool> {
         self.call(HostCall::VmPaused { vm: vm.into() })
     }
+    fn config_networks(&self, config: &VmConfig) -> Result<Vec<String>> {
+        self.call(HostCall::ConfigNetworks { config: config.clone() })
+    }
     fn guest_freeze(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
         let call = HostCall::GuestFreeze { vm: vm.into(), timeout_ms: timeout.as_millis() as u64 };
         self.call_within(call, timeout + CALL_TIMEOUT)

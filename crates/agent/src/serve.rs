@@ -111,6 +111,7 @@ impl Service {
             HostCall::ImageCompare { a, b } => answer(h.image_compare(&a, &b)),
             HostCall::ImageCopy { chain, dst } => answer(h.image_copy(&chain, &dst)),
             HostCall::CheckConfig { config } => answer(h.check_config(&config)),
+            HostCall::ConfigNetworks { config } => answer(h.config_networks(&config)),
             HostCall::VmStart { vm } => answer(h.vm_start(&vm)),
             HostCall::VmRuntime { vm } => answer(h.vm_runtime(&vm)),
             HostCall::VmPowerdown { vm } => answer(h.vm_powerdown(&vm)),

@@ -8,31 +8,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 use standby_testkit::libvirt::{self, checkpoints, domains, open_for_qemu, try_virsh, virsh, Domain};
-use standby_testkit::{identical, ledger_append, make_disk, read_image, with_ledger, Env, Ledger};
+use standby_testkit::{identical, ledger_append, make_disk, read_image, with_ledger, Bridge, Env, Ledger};
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
 const LEDGER_START: u64 = 4096;
 const LEDGER_MAX: u64 = 3000;
-
-/// A bridge this test made (`ip link`), removed when dropped.
-struct Bridge(String);
-
-impl Bridge {
-    fn new(name: &str) -> Bridge {
-        let _ = std::process::Command::new("ip").args(["link", "del", name]).output();
-        for args in [vec!["link", "add", name, "type", "bridge"], vec!["link", "set", name, "up"]] {
-            let o = std::process::Command::new("ip").args(&args).output().expect("ip (iproute2)");
-            assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Bridge(name.into())
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
-    }
-}
 
 /// Names unique to this test process: one libvirtd serves the whole suite.
 fn unique(what: &str) -> String {

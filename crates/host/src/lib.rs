@@ -7,6 +7,7 @@
 pub mod libvirt;
 mod live;
 mod local;
+mod nic;
 pub mod transfer;
 pub mod views;
 

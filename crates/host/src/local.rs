@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use standby_qemu::guest_agent::{AgentChannel, GuestAgent};
-use standby_qemu::machine::{opt_value, Machine, MachineDisk, QEMU_SYSTEM};
+use standby_qemu::machine::{opt_value, Machine, MachineDisk, MachineNic, QEMU_SYSTEM};
 use standby_qemu::nbd_server::{NbdServe, QEMU_NBD};
 use standby_qemu::qmp::Qmp;
 use standby_qemu::{img, QemuError};
@@ -24,10 +24,8 @@ use standby_qemu::{img, QemuError};
 use standby_qemu::qmp::commands::{Cont, Quit, Stop, SystemPowerdown};
 
 use crate::live::{disk_node, Monitor, QemuDisks, QMP_TIMEOUT, STATUS_TIMEOUT};
+use crate::nic::{self, Nic};
 use crate::*;
-
-/// The NIC device models a VM may have, each with user-mode networking.
-const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000"];
 
 /// How long a guest agent may take to answer the synchronisation that starts each
 /// conversation: a running agent answers in milliseconds.
@@ -382,10 +380,7 @@ impl VmDriver for LocalHost {
         self.can_run(config)?;
         let d = &config.driver;
         for nic in &d.nics {
-            if !NIC_MODELS.contains(&nic.as_str()) {
-                let why = format!("NIC model {nic:?} is not one of {}", NIC_MODELS.join(", "));
-                return Err(HostError::BadConfig { arg: "--nic", why });
-            }
+            Nic::parse(nic).map_err(|why| HostError::BadConfig { arg: "--nic", why })?;
         }
         if d.kernel.is_none() && (d.initrd.is_some() || d.append.is_some()) {
             return Err(HostError::BadConfig { arg: "--kernel", why: "--initrd and --append need --kernel".into() });
@@ -401,12 +396,47 @@ impl VmDriver for LocalHost {
         Ok(())
     }
 
+    fn config_networks(&self, config: &VmConfig) -> Result<Vec<String>> {
+        let mut networks = Vec::new();
+        for spec in &config.driver.nics {
+            let nic = Nic::parse(spec).map_err(|why| HostError::BadConfig { arg: "--nic", why })?;
+            networks.extend(nic.network());
+        }
+        Ok(networks)
+    }
+
     fn vm_start(&self, vm: &VmLaunch) -> Result<()> {
         let dir = self.vm_dir(&vm.name);
         fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        // Each NIC on its bridge here (a replica's through its job's network map), which
+        // must exist before QEMU starts.
+        let mut nics = Vec::new();
+        let mut bridges = Vec::new();
+        for (i, spec) in vm.config.driver.nics.iter().enumerate() {
+            let bad = |why| HostError::BadConfig { arg: "--nic", why };
+            let nic = Nic::parse(spec).map_err(bad)?;
+            let bridge = nic.bridge_here(&vm.config.driver.network_map).map_err(bad)?;
+            let tap = bridge.as_ref().map(|_| nic::tap_name(&self.root, &vm.name, i));
+            if let (Some(b), Some(t)) = (&bridge, &tap) {
+                if !nic::bridge_exists(b) {
+                    return Err(HostError::StartFailed {
+                        vm: vm.name.clone(),
+                        detail: format!(
+                            "its NIC {i} goes on bridge {b}, which host {} does not have; create it (`ip link add \
+                             {b} type bridge`), or protect the VM with a job whose --network-map puts the NIC on a \
+                             bridge this host has",
+                            self.name
+                        ),
+                    });
+                }
+                bridges.push((t.clone(), b.clone()));
+            }
+            nics.push(MachineNic { model: nic.model, mac: nic.mac, tap });
+        }
         let machine = Machine {
             name: vm.name.clone(),
             config: vm.config.clone(),
+            nics,
             disks: vm
                 .disks
                 .iter()
@@ -440,12 +470,22 @@ impl VmDriver for LocalHost {
             }
         }
         match self.vm_runtime(&vm.name)? {
-            VmRuntime::Running { .. } => Ok(()),
-            VmRuntime::Stopped => Err(HostError::StartFailed {
-                vm: vm.name.clone(),
-                detail: "QEMU exited right after starting; see `standby vm console`".into(),
-            }),
+            VmRuntime::Running { .. } => {}
+            VmRuntime::Stopped => {
+                return Err(HostError::StartFailed {
+                    vm: vm.name.clone(),
+                    detail: "QEMU exited right after starting; see `standby vm console`".into(),
+                })
+            }
         }
+        for (tap, bridge) in &bridges {
+            if let Err(e) = nic::attach(tap, bridge) {
+                // A VM that is not on its network is not started: no half-made VM runs.
+                let _ = self.vm_kill(&vm.name);
+                return Err(HostError::StartFailed { vm: vm.name.clone(), detail: e.to_string() });
+            }
+        }
+        Ok(())
     }
 
     fn guest_freeze(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {

@@ -13,11 +13,21 @@ pub struct MachineDisk {
     pub node: String,
 }
 
+/// One NIC as QEMU runs it: a device model with its MAC (QEMU's default when None), on
+/// user-mode networking or on a tap device of that name.
+#[derive(Debug, Clone)]
+pub struct MachineNic {
+    pub model: String,
+    pub mac: Option<String>,
+    pub tap: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Machine {
     pub name: String,
-    /// Its NICs are models with user-mode networking; none when empty.
+    /// Its CPUs, memory and boot files; its NICs are `nics`.
     pub config: VmConfig,
+    pub nics: Vec<MachineNic>,
     pub disks: Vec<MachineDisk>,
     pub accel: Accel,
     /// Monitor for long operations (replication runs).
@@ -68,9 +78,14 @@ impl Machine {
             push(&["-device", &format!("virtio-blk-pci,drive={},id=vd{i}", d.node)]);
         }
         let boot = &self.config.driver;
-        for (i, model) in boot.nics.iter().enumerate() {
-            push(&["-netdev", &format!("user,id=net{i}")]);
-            push(&["-device", &format!("{model},netdev=net{i}")]);
+        for (i, nic) in self.nics.iter().enumerate() {
+            match &nic.tap {
+                // QEMU creates the tap (gone when it exits); the host attaches it.
+                Some(tap) => push(&["-netdev", &format!("tap,id=net{i},ifname={tap},script=no,downscript=no")]),
+                None => push(&["-netdev", &format!("user,id=net{i}")]),
+            }
+            let mac = nic.mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
+            push(&["-device", &format!("{},netdev=net{i}{mac}", nic.model)]);
         }
         if let Some(k) = &boot.kernel {
             push(&["-kernel", k]);
@@ -112,6 +127,14 @@ mod tests {
                 },
             ],
             accel: Accel::Tcg,
+            nics: vec![
+                MachineNic { model: "e1000".into(), mac: None, tap: None },
+                MachineNic {
+                    model: "virtio-net-pci".into(),
+                    mac: Some("52:54:00:00:00:07".into()),
+                    tap: Some("sbtap".into()),
+                },
+            ],
             qmp_socket: "/r/qmp.sock".into(),
             qmp_status_socket: "/r/qmp-status.sock".into(),
             guest_agent_socket: "/r/qga.sock".into(),
@@ -123,6 +146,9 @@ mod tests {
         assert!(args.contains("-daemonize -pidfile /r/qemu.pid"));
         assert!(args.contains(r#""node-name":"disk1""#), "{args}");
         assert_eq!(args.matches(r#""backing":null"#).count(), 2, "{args}");
+        assert!(args.contains("-netdev user,id=net0 -device e1000,netdev=net0 "), "{args}");
+        assert!(args.contains("-netdev tap,id=net1,ifname=sbtap,script=no,downscript=no"), "{args}");
+        assert!(args.contains("-device virtio-net-pci,netdev=net1,mac=52:54:00:00:00:07"), "{args}");
     }
 
     /// A comma in a path would end the option value and start a new option.
@@ -136,6 +162,7 @@ mod tests {
                 node: "disk0".into(),
             }],
             accel: Accel::Tcg,
+            nics: Vec::new(),
             qmp_socket: "/r,x/qmp.sock".into(),
             qmp_status_socket: "/r,x/qmp-status.sock".into(),
             guest_agent_socket: "/r,x/qga.sock".into(),

@@ -461,3 +461,33 @@ pub fn file_digest(path: &str) -> String {
     assert_eq!(digest.len(), 64, "sha256sum {path} printed no digest");
     digest
 }
+
+/// A bridge this test made (`ip link`), removed when dropped.
+#[derive(Debug)]
+pub struct Bridge(pub String);
+
+impl Bridge {
+    pub fn new(name: &str) -> Bridge {
+        let _ = std::process::Command::new("ip").args(["link", "del", name]).output();
+        for args in [vec!["link", "add", name, "type", "bridge"], vec!["link", "set", name, "up"]] {
+            let o = std::process::Command::new("ip").args(&args).output().expect("ip (iproute2)");
+            assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Bridge(name.into())
+    }
+
+    /// The interfaces on it now (the taps of the VMs whose NICs it carries).
+    pub fn ports(&self) -> Vec<String> {
+        let mut ports: Vec<String> = std::fs::read_dir(format!("/sys/class/net/{}/brif", self.0))
+            .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        ports.sort();
+        ports
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
