@@ -249,7 +249,8 @@ pub(crate) enum VmCmd {
         memory: u32,
         #[arg(long, default_value_t = 1)]
         cpus: u32,
-        /// A NIC with user-mode networking (virtio-net-pci or e1000); repeat for more.
+        /// A NIC: MODEL (virtio-net-pci or e1000) with user-mode networking, or
+        /// MODEL,bridge=NAME,mac=MAC on a bridge; repeat for more.
         #[arg(long = "nic")]
         nics: Vec<String>,
         #[arg(long)]
@@ -258,6 +259,12 @@ pub(crate) enum VmCmd {
         initrd: Option<String>,
         #[arg(long, requires = "kernel")]
         append: Option<String>,
+        /// QEMU's machine type (pc, q35, pc-q35-7.2, ...); default: QEMU's.
+        #[arg(long)]
+        machine: Option<String>,
+        /// QEMU's CPU model (qemu64, Skylake-Server, ...); default: QEMU's.
+        #[arg(long)]
+        cpu_model: Option<String>,
         #[arg(long, default_value = LOCAL_HOST)]
         host: String,
         #[command(flatten)]
@@ -303,7 +310,7 @@ pub(crate) enum VmCmd {
         memory: Option<u32>,
         #[arg(long)]
         cpus: Option<u32>,
-        /// The VM's NICs from now on (virtio-net-pci or e1000); repeat for more.
+        /// The VM's NICs from now on (MODEL, or MODEL,bridge=NAME,mac=MAC); repeat for more.
         #[arg(long = "nic", conflicts_with = "no_nics")]
         nics: Vec<String>,
         /// Remove every NIC.
@@ -318,6 +325,12 @@ pub(crate) enum VmCmd {
         initrd: Option<String>,
         #[arg(long)]
         append: Option<String>,
+        /// QEMU's machine type from now on; `default` for QEMU's.
+        #[arg(long)]
+        machine: Option<String>,
+        /// QEMU's CPU model from now on; `default` for QEMU's.
+        #[arg(long)]
+        cpu_model: Option<String>,
         #[command(flatten)]
         json: Json,
     },

@@ -166,7 +166,21 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
             let v = engine.vm_import(&domain, &host)?;
             output::vm(&v, json.json)?;
         }
-        VmCmd::Create { name, disks, formats, memory, cpus, nics, kernel, initrd, append, host, json } => {
+        VmCmd::Create {
+            name,
+            disks,
+            formats,
+            memory,
+            cpus,
+            nics,
+            kernel,
+            initrd,
+            append,
+            machine,
+            cpu_model,
+            host,
+            json,
+        } => {
             let probed = formats.is_empty();
             let v = engine.vm_create(&VmSpec {
                 name,
@@ -176,7 +190,15 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
                 config: VmConfig {
                     cpus,
                     memory_mib: memory,
-                    driver: DriverConfig { nics, kernel, initrd, append, ..DriverConfig::default() },
+                    driver: DriverConfig {
+                        nics,
+                        kernel,
+                        initrd,
+                        append,
+                        machine,
+                        cpu_model,
+                        ..DriverConfig::default()
+                    },
                 },
             })?;
             output::vm(&v, json.json)?;
@@ -200,7 +222,21 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
             println!("{name}: powered off");
         }
         VmCmd::List { json } => output::vms(&engine.vm_list()?, json.json)?,
-        VmCmd::Change { name, memory, cpus, nics, no_nics, kernel, no_kernel, initrd, append, json } => {
+        VmCmd::Change {
+            name,
+            memory,
+            cpus,
+            nics,
+            no_nics,
+            kernel,
+            no_kernel,
+            initrd,
+            append,
+            machine,
+            cpu_model,
+            json,
+        } => {
+            let or_default = |v: Option<String>| v.map(|v| (v != "default").then_some(v));
             let change = VmChange {
                 memory_mib: memory,
                 cpus,
@@ -208,6 +244,8 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
                 kernel: if no_kernel { Some(None) } else { kernel.map(Some) },
                 initrd: initrd.map(Some),
                 append: append.map(Some),
+                machine: or_default(machine),
+                cpu_model: or_default(cpu_model),
             };
             output::vm(&engine.vm_change(&name, &change)?, json.json)?;
         }

@@ -80,6 +80,12 @@ pub fn vm(v: &VmView, as_json: bool) -> Result<()> {
         if v.driver == "libvirt" { "libvirt (a domain libvirt manages)" } else { "qemu (standby's own)" }
     );
     println!("cpus:    {}", v.config.cpus);
+    if let Some(c) = &v.config.driver.cpu_model {
+        println!("cpu:     {c}");
+    }
+    if let Some(m) = &v.config.driver.machine {
+        println!("machine: {m}");
+    }
     println!("memory:  {} MiB", v.config.memory_mib);
     for (i, d) in v.disks.iter().enumerate() {
         println!("disk {i}:  {} ({})", d.path, d.format);

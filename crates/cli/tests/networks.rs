@@ -17,7 +17,7 @@ fn unique(what: &str) -> String {
 }
 
 #[test]
-fn a_bridged_vm_fails_over_onto_the_mapped_bridge_with_its_mac_and_back_onto_its_own() {
+fn a_bridged_q35_vm_fails_over_onto_the_mapped_bridge_with_its_mac_and_machine_and_back_onto_its_own() {
     let env = Env::new(BIN);
     let (prod, dr) = (Bridge::new(&unique("sbnp")), Bridge::new(&unique("sbnd")));
     let disk = env.path("src/web.qcow2");
@@ -26,8 +26,25 @@ fn a_bridged_vm_fails_over_onto_the_mapped_bridge_with_its_mac_and_back_onto_its
     let append = ledger_append(4096, 3000, 20_000);
     let nic = format!("virtio-net-pci,bridge={},mac={MAC}", prod.0);
     env.ok(&[
-        "vm", "create", "web", "--disk", &disk, "--memory", "192", "--kernel", &kernel, "--initrd", &initrd,
-        "--append", &append, "--nic", &nic,
+        "vm",
+        "create",
+        "web",
+        "--disk",
+        &disk,
+        "--memory",
+        "192",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        &append,
+        "--nic",
+        &nic,
+        "--machine",
+        "q35",
+        "--cpu-model",
+        "qemu64",
     ]);
     env.ok(&["vm", "start", "web"]);
     let guest_nic = format!("STANDBY-GUEST nic eth0 {MAC}");
@@ -68,6 +85,11 @@ fn a_bridged_vm_fails_over_onto_the_mapped_bridge_with_its_mac_and_back_onto_its
     });
     assert!(prod.ports().is_empty(), "the source is off its bridge: {:?}", prod.ports());
     assert_eq!(dr.ports().len(), 1, "the replica's tap is on the DR bridge: {:?}", dr.ports());
+    // The machine type and CPU model come along: the guest sees the hardware it knows.
+    let qemu = env.processes().into_iter().find(|p| p.contains("guest=web_replica")).expect("the replica's QEMU");
+    assert!(qemu.contains("-machine q35") && qemu.contains("-cpu qemu64"), "{qemu}");
+    let shown = env.json(&["vm", "show", "web_replica"]);
+    assert_eq!((shown["machine"].as_str(), shown["cpu_model"].as_str()), (Some("q35"), Some("qemu64")), "{shown}");
 
     // Failback to the original: the source comes back on its own bridge, not the DR one.
     env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
@@ -103,6 +125,9 @@ fn a_nic_standby_cannot_put_on_a_network_is_refused_with_what_to_write() {
         let err = env.fails(&["vm", "create", "a", "--disk", &disk, "--nic", nic]);
         assert!(err.contains(says), "{nic}: {err}");
     }
+    let err = env.fails(&["vm", "create", "a", "--disk", &disk, "--machine", "q35,accel=kvm"]);
+    assert!(err.contains("-machine help"), "{err}");
+    assert_eq!(env.json(&["vm", "list"]), serde_json::json!([]), "refused VMs are not defined");
     // A bridge the host does not have: the VM is defined, but does not start, and says why.
     let gone = unique("sbgone");
     env.ok(&["vm", "create", "a", "--disk", &disk, "--nic", &format!("e1000,bridge={gone},mac=52:54:00:5b:02:01")]);

@@ -139,7 +139,15 @@ fn bad_requests_are_typed_errors_that_name_what_is_wrong_and_change_nothing() {
     assert!(matches!(e, EngineError::BadArgument { arg: "--retain", .. }), "{e:?}");
     let e = site.engine.job_change("j", &JobChange { retain: Some(3), ..Default::default() }).unwrap_err();
     assert!(matches!(&e, EngineError::NothingToChange { subject, .. } if subject == "job j"), "{e:?}");
-    let same = VmChange { memory_mib: Some(128), cpus: None, nics: None, kernel: None, initrd: None, append: None };
+    let same = VmChange {
+        memory_mib: Some(128),
+        cpus: None,
+        nics: None,
+        kernel: None,
+        initrd: None,
+        append: None,
+        ..VmChange::default()
+    };
     let e = site.engine.vm_change("web", &same).unwrap_err();
     assert!(matches!(&e, EngineError::NothingToChange { subject, .. } if subject == "web"), "{e:?}");
     let huge = VmChange { cpus: Some(1000), ..same };

@@ -382,6 +382,19 @@ impl VmDriver for LocalHost {
         for nic in &d.nics {
             Nic::parse(nic).map_err(|why| HostError::BadConfig { arg: "--nic", why })?;
         }
+        // A name, not options: QEMU itself says whether it knows it, when the VM starts.
+        for (arg, value) in [("--machine", &d.machine), ("--cpu-model", &d.cpu_model)] {
+            if let Some(v) = value {
+                let ok = !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                if !ok {
+                    let why = format!(
+                        "{arg} {v:?} is not a name such as q35 or qemu64 (`{QEMU_SYSTEM} {} help` lists them)",
+                        if arg == "--machine" { "-machine" } else { "-cpu" }
+                    );
+                    return Err(HostError::BadConfig { arg, why });
+                }
+            }
+        }
         if d.kernel.is_none() && (d.initrd.is_some() || d.append.is_some()) {
             return Err(HostError::BadConfig { arg: "--kernel", why: "--initrd and --append need --kernel".into() });
         }

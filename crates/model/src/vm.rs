@@ -31,6 +31,13 @@ pub struct DriverConfig {
     /// one it is put on here. Set on a replica VM from its job's `--network-map`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub network_map: BTreeMap<String, String>,
+    /// QEMU's machine type (`pc`, `q35`, a versioned one); None for QEMU's default. A
+    /// replica keeps it: a guest's devices, and some guests' licences, depend on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// QEMU's CPU model (`qemu64`, `Skylake-Server`, ...); None for QEMU's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
 }
 
 /// What `standby vm change` asks for; `None` keeps the current value.
@@ -43,6 +50,9 @@ pub struct VmChange {
     pub kernel: Option<Option<String>>,
     pub initrd: Option<Option<String>>,
     pub append: Option<Option<String>>,
+    /// `Some(None)` goes back to QEMU's default.
+    pub machine: Option<Option<String>>,
+    pub cpu_model: Option<Option<String>>,
 }
 
 impl VmConfig {
@@ -67,6 +77,8 @@ impl VmConfig {
             append: change.append.clone().unwrap_or_else(|| d.append.clone()),
             domain_xml: d.domain_xml.clone(),
             network_map: d.network_map.clone(),
+            machine: change.machine.clone().unwrap_or_else(|| d.machine.clone()),
+            cpu_model: change.cpu_model.clone().unwrap_or_else(|| d.cpu_model.clone()),
         };
         if change.kernel == Some(None) {
             if matches!(change.initrd, Some(Some(_))) || matches!(change.append, Some(Some(_))) {
@@ -95,9 +107,13 @@ impl VmConfig {
         if a.nics != b.nics {
             changes.push(format!("nics [{}] -> [{}]", a.nics.join(" "), b.nics.join(" ")));
         }
-        for (what, old, new) in
-            [("kernel", &a.kernel, &b.kernel), ("initrd", &a.initrd, &b.initrd), ("append", &a.append, &b.append)]
-        {
+        for (what, old, new) in [
+            ("kernel", &a.kernel, &b.kernel),
+            ("initrd", &a.initrd, &b.initrd),
+            ("append", &a.append, &b.append),
+            ("machine", &a.machine, &b.machine),
+            ("cpu model", &a.cpu_model, &b.cpu_model),
+        ] {
             if old != new {
                 changes.push(format!(
                     "{what} {:?} -> {:?}",

@@ -55,6 +55,13 @@ impl Machine {
             "-no-user-config",
         ]);
         push(&["-accel", self.accel.as_str()]);
+        let boot = &self.config.driver;
+        if let Some(m) = &boot.machine {
+            push(&["-machine", m]);
+        }
+        if let Some(c) = &boot.cpu_model {
+            push(&["-cpu", c]);
+        }
         push(&["-smp", &self.config.cpus.to_string(), "-m", &self.config.memory_mib.to_string()]);
         push(&["-chardev", &format!("file,id=console,path={},append=on", opt_value(&self.console_log))]);
         push(&["-serial", "chardev:console"]);
@@ -77,7 +84,6 @@ impl Machine {
             push(&["-blockdev", &spec.to_string()]);
             push(&["-device", &format!("virtio-blk-pci,drive={},id=vd{i}", d.node)]);
         }
-        let boot = &self.config.driver;
         for (i, nic) in self.nics.iter().enumerate() {
             match &nic.tap {
                 // QEMU creates the tap (gone when it exits); the host attaches it.

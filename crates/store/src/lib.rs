@@ -108,8 +108,8 @@ impl Store {
         let tx = self.tx()?;
         tx.execute(
             "INSERT INTO vms (name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id,
-                              domain_xml, network_map)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                              domain_xml, network_map, machine, cpu_model)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 vm.name,
                 vm.host,
@@ -123,7 +123,9 @@ impl Store {
                 vm.role.as_str(),
                 vm.replica_id,
                 vm.config.driver.domain_xml,
-                serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default()
+                serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default(),
+                vm.config.driver.machine,
+                vm.config.driver.cpu_model
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -153,6 +155,8 @@ impl Store {
                     domain_xml: r.get(12)?,
                     network_map: serde_json::from_str(&map)
                         .map_err(|e| bad_cell("vms", id, 13, format!("network_map {map:?}: {e}")))?,
+                    machine: r.get(14)?,
+                    cpu_model: r.get(15)?,
                 },
             },
             created_at: r.get(9)?,
@@ -176,7 +180,8 @@ impl Store {
     }
 
     const VM_COLS: &'static str =
-        "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id, domain_xml, network_map";
+        "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id, domain_xml, network_map, \
+         machine, cpu_model";
 
     pub fn vm(&self, name: &str) -> Result<Option<VmRecord>> {
         let sql = format!("SELECT {} FROM vms WHERE name = ?1", Self::VM_COLS);
@@ -225,7 +230,7 @@ impl Store {
         let d = &config.driver;
         let n = self.conn.execute(
             "UPDATE vms SET cpus = ?2, memory_mib = ?3, nics = ?4, kernel = ?5, initrd = ?6, append = ?7,
-                            domain_xml = ?8, network_map = ?9 WHERE name = ?1",
+                            domain_xml = ?8, network_map = ?9, machine = ?10, cpu_model = ?11 WHERE name = ?1",
             params![
                 name,
                 config.cpus,
@@ -235,7 +240,9 @@ impl Store {
                 d.initrd,
                 d.append,
                 d.domain_xml,
-                serde_json::to_string(&d.network_map).unwrap_or_default()
+                serde_json::to_string(&d.network_map).unwrap_or_default(),
+                d.machine,
+                d.cpu_model
             ],
         )?;
         if n != 1 {
@@ -251,7 +258,7 @@ impl Store {
         let id: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [&vm.name], |r| r.get(0))?;
         tx.execute(
             "UPDATE vms SET host = ?2, cpus = ?3, memory_mib = ?4, nics = ?5, kernel = ?6, initrd = ?7, append = ?8,
-                            domain_xml = ?9, network_map = ?10
+                            domain_xml = ?9, network_map = ?10, machine = ?11, cpu_model = ?12
              WHERE id = ?1",
             params![
                 id,
@@ -263,7 +270,9 @@ impl Store {
                 vm.config.driver.initrd,
                 vm.config.driver.append,
                 vm.config.driver.domain_xml,
-                serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default()
+                serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default(),
+                vm.config.driver.machine,
+                vm.config.driver.cpu_model
             ],
         )?;
         tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;

@@ -214,6 +214,8 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE hosts DROP COLUMN libvirt_uri;
              ALTER TABLE replicas DROP COLUMN source_autostart_off;
              ALTER TABLE jobs DROP COLUMN quiesce;
+             ALTER TABLE vms DROP COLUMN machine;
+             ALTER TABLE vms DROP COLUMN cpu_model;
              ALTER TABLE restore_points DROP COLUMN consistency;
              PRAGMA user_version = 5;",
         )
