@@ -213,8 +213,15 @@ impl VmDriver for RemoteHost {
     fn vm_paused(&self, vm: &str) -> Result<bool> {
         self.call(HostCall::VmPaused { vm: vm.into() })
     }
+    fn check_network(&self, network: &str) -> Result<()> {
+        self.call(HostCall::CheckNetwork { network: network.into() })
+    }
     fn config_networks(&self, config: &VmConfig) -> Result<Vec<String>> {
         self.call(HostCall::ConfigNetworks { config: config.clone() })
+    }
+    fn guest_frozen(&self, vm: &str, timeout: Duration) -> Result<Option<bool>> {
+        let call = HostCall::GuestFrozen { vm: vm.into(), timeout_ms: timeout.as_millis() as u64 };
+        self.call_within(call, timeout + CALL_TIMEOUT)
     }
     fn guest_freeze(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
         let call = HostCall::GuestFreeze { vm: vm.into(), timeout_ms: timeout.as_millis() as u64 };

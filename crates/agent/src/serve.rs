@@ -112,6 +112,7 @@ impl Service {
             HostCall::ImageCopy { chain, dst } => answer(h.image_copy(&chain, &dst)),
             HostCall::CheckConfig { config } => answer(h.check_config(&config)),
             HostCall::ConfigNetworks { config } => answer(h.config_networks(&config)),
+            HostCall::CheckNetwork { network } => answer(h.check_network(&network)),
             HostCall::VmStart { vm } => answer(h.vm_start(&vm)),
             HostCall::VmRuntime { vm } => answer(h.vm_runtime(&vm)),
             HostCall::VmPowerdown { vm } => answer(h.vm_powerdown(&vm)),
@@ -119,6 +120,7 @@ impl Service {
             HostCall::VmPause { vm } => answer(h.vm_pause(&vm)),
             HostCall::VmResume { vm } => answer(h.vm_resume(&vm)),
             HostCall::VmPaused { vm } => answer(h.vm_paused(&vm)),
+            HostCall::GuestFrozen { vm, timeout_ms } => answer(h.guest_frozen(&vm, Duration::from_millis(timeout_ms))),
             HostCall::GuestFreeze { vm, timeout_ms } => answer(h.guest_freeze(&vm, Duration::from_millis(timeout_ms))),
             HostCall::GuestThaw { vm, timeout_ms } => answer(h.guest_thaw(&vm, Duration::from_millis(timeout_ms))),
             HostCall::GuestExec { vm, command, timeout_ms } => {

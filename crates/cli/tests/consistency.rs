@@ -14,7 +14,9 @@ use standby_testkit::{identical, ledger_append, make_disk, read_image, with_ledg
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
 const LEDGER_START: u64 = 4096;
 const LEDGER_MAX: u64 = 3000;
-/// The 4 KiB block the pre-freeze command writes its mark to, flushed.
+/// The 4 KiB block the pre-freeze command writes its mark to, flushed; the guest's freeze
+/// hook writes FREEZE-n to the next block as the freeze begins and THAW-n to the one after
+/// once the thaw is done (`standby.agent_marks=1`).
 const MARK_BLOCK: u64 = 100;
 
 /// A VM `name` of the test guest writing its ledger to a new 64 MiB qcow2 disk; the disk's
@@ -30,8 +32,9 @@ fn ledger_vm(env: &Env, name: &str, extra_append: &str) -> Vec<u8> {
 
 /// Runs the job; the new point, checked byte for byte against the disk at its instant:
 /// `base`, the ledger records the point holds (at least those acknowledged before the
-/// run), and the pre-freeze command's mark when `mark` is given.
-fn run_and_check(env: &Env, vm: &str, base: &[u8], mark: Option<&str>, tag: &str) -> (Value, String) {
+/// run), and `marks` from block `MARK_BLOCK` on (the pre-freeze command's, the freeze's,
+/// the thaw's; "" for none).
+fn run_and_check(env: &Env, vm: &str, base: &[u8], marks: &[&str], tag: &str) -> (Value, String) {
     let acked = Ledger::acknowledged(&env.console(vm));
     let out = env.ok(&["job", "run", "j"]);
     let rp = env.points(vm).last().cloned().unwrap();
@@ -40,8 +43,8 @@ fn run_and_check(env: &Env, vm: &str, base: &[u8], mark: Option<&str>, tag: &str
     let k = Ledger { start_block: LEDGER_START }.records_in(&image, LEDGER_MAX).unwrap();
     assert!(k >= acked, "{tag}: the point holds records 1..={k}, the guest had {acked} acknowledged");
     let mut expected = with_ledger(base, LEDGER_START, k);
-    if let Some(mark) = mark {
-        let at = (MARK_BLOCK * 4096) as usize;
+    for (i, mark) in marks.iter().enumerate() {
+        let at = ((MARK_BLOCK + i as u64) * 4096) as usize;
         expected[at..at + mark.len()].copy_from_slice(mark.as_bytes());
     }
     let reference = env.path(&format!("{tag}.raw"));
@@ -57,7 +60,7 @@ fn count(console: &str, what: &str) -> usize {
 #[test]
 fn a_guest_with_its_agent_gets_application_points_frozen_around_the_instant_and_a_kill_is_thawed() {
     let env = Env::new(BIN);
-    let base = ledger_vm(&env, "db", "");
+    let base = ledger_vm(&env, "db", "standby.agent_marks=1");
     // What an application's pre-freeze command does: bring its files to a state it can
     // start from, flushed (here a numbered mark on the disk), and say so.
     let pre = format!(
@@ -88,7 +91,9 @@ fn a_guest_with_its_agent_gets_application_points_frozen_around_the_instant_and_
         c.contains("STANDBY-GUEST agent on") && Ledger::acknowledged(c) >= 10
     });
 
-    let (rp, out) = run_and_check(&env, "db", &base, Some("PRE-FREEZE-0001"), "first");
+    // The point holds what the command wrote and the freeze's mark, not the thaw's: it was
+    // taken between them.
+    let (rp, out) = run_and_check(&env, "db", &base, &["PRE-FREEZE-0001", "FREEZE-0001"], "first");
     assert_eq!((rp["method"].as_str(), rp["consistency"].as_str()), (Some("full"), Some("application")), "{rp}");
     assert!(out.contains("application-consistent"), "{out}");
     // In order: the command, the freeze, the thaw, the command after.
@@ -111,14 +116,14 @@ fn a_guest_with_its_agent_gets_application_points_frozen_around_the_instant_and_
     // The application is brought back out of what the pre-freeze command did.
     env.wait_console("db", Duration::from_secs(30), "the post-freeze command", |c| c.contains("POST-FREEZE-2"));
 
-    let (rp, _) = run_and_check(&env, "db", &base, Some("PRE-FREEZE-0003"), "after-kill");
+    let (rp, _) = run_and_check(&env, "db", &base, &["PRE-FREEZE-0003", "FREEZE-0003", "THAW-0002"], "after-kill");
     assert_eq!((rp["method"].as_str(), rp["consistency"].as_str()), (Some("cbt"), Some("application")), "{rp}");
     assert_eq!(count(&env.console("db"), "STANDBY-GUEST fsfreeze freeze"), 3, "one freeze per run");
     assert_eq!(env.guest_freeze_status("db"), "thawed");
 
     // A pre-freeze command that fails: no freeze, a crash-consistent point, and why.
     env.ok(&["job", "change", "j", "--pre-freeze", "echo not-today; exit 3"]);
-    let (rp, out) = run_and_check(&env, "db", &base, Some("PRE-FREEZE-0003"), "pre-fails");
+    let (rp, out) = run_and_check(&env, "db", &base, &["PRE-FREEZE-0003", "FREEZE-0003", "THAW-0003"], "pre-fails");
     assert_eq!(rp["consistency"], "crash", "{rp}");
     assert!(out.contains("pre-freeze command exited with 3 (not-today)"), "{out}");
     assert_eq!(count(&env.console("db"), "STANDBY-GUEST fsfreeze freeze"), 3, "no freeze after a failed command");
@@ -126,30 +131,44 @@ fn a_guest_with_its_agent_gets_application_points_frozen_around_the_instant_and_
 }
 
 #[test]
-fn a_hung_agent_costs_the_timeout_gives_a_crash_point_and_is_thawed() {
+fn a_hung_agent_costs_the_timeout_gives_a_crash_point_and_is_thawed_and_no_agent_a_crash_point() {
     let env = Env::new(BIN);
     // Every freeze waits 6 s in the guest before it freezes: longer than the job allows.
     let base = ledger_vm(&env, "slow", "standby.agent_hang=6");
+    // A guest that runs no agent at all.
+    let bare_base = ledger_vm(&env, "bare", "standby.agent=off");
     let dr = env.path("dr");
-    env.ok(&[
-        "job",
-        "create",
-        "j",
-        "--vm",
-        "slow",
-        "--target-host",
-        "local",
-        "--target-dir",
-        &dr,
-        "--freeze-timeout",
-        "2s",
-    ]);
+    let job = |name: &str, vm: &str, extra: &[&str]| {
+        let mut args = vec!["job", "create", name, "--vm", vm, "--target-host", "local", "--target-dir", &dr];
+        args.extend(extra);
+        env.ok(&args);
+    };
+    job("j", "slow", &["--freeze-timeout", "2s"]);
+    job("k", "bare", &[]);
     env.ok(&["vm", "start", "slow"]);
+    env.ok(&["vm", "start", "bare"]);
     env.wait_console("slow", Duration::from_secs(90), "the agent and ledger writes", |c| {
         c.contains("STANDBY-GUEST agent on") && Ledger::acknowledged(c) >= 10
     });
+    env.wait_console("bare", Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
 
-    let (rp, out) = run_and_check(&env, "slow", &base, None, "hung");
+    // No agent: told apart by its silence to the first question, a crash point, and why.
+    let acked = Ledger::acknowledged(&env.console("bare"));
+    let out = env.ok(&["job", "run", "k"]);
+    assert!(out.contains("guest agent does not answer") && out.contains("--no-freeze"), "{out}");
+    let rp = env.points("bare").last().cloned().unwrap();
+    assert_eq!(rp["consistency"], "crash", "{rp}");
+    let path = rp["disks"][0]["path"].as_str().unwrap();
+    let k = Ledger { start_block: LEDGER_START }.records_in(&read_image(path), LEDGER_MAX).unwrap();
+    assert!(k >= acked, "the point holds records 1..={k}, the guest had {acked} acknowledged");
+    let reference = env.path("bare.raw");
+    std::fs::write(&reference, with_ledger(&bare_base, LEDGER_START, k)).unwrap();
+    assert!(identical(path, &reference), "the agent-less point differs from the disk at its instant");
+    assert!(!env.console("bare").contains("fsfreeze"), "no agent, no freeze");
+    env.ok(&["vm", "stop", "bare"]);
+
+    // The agent answers, but its freeze takes longer than the job allows.
+    let (rp, out) = run_and_check(&env, "slow", &base, &[], "hung");
     assert_eq!(rp["consistency"], "crash", "{rp}");
     assert!(out.contains("did not answer guest-fsfreeze-freeze within 2 s"), "{out}");
     assert!(out.contains("crash-consistent point"), "{out}");
@@ -160,7 +179,7 @@ fn a_hung_agent_costs_the_timeout_gives_a_crash_point_and_is_thawed() {
 
     // Freezing switched off: the agent is not asked.
     env.ok(&["job", "change", "j", "--no-freeze"]);
-    let (rp, _) = run_and_check(&env, "slow", &base, None, "no-freeze");
+    let (rp, _) = run_and_check(&env, "slow", &base, &[], "no-freeze");
     assert_eq!(rp["consistency"], "crash", "{rp}");
     assert_eq!(count(&env.console("slow"), "fsfreeze freeze"), 1, "no freeze asked");
 

@@ -61,6 +61,28 @@ fn a_bridged_q35_vm_fails_over_onto_the_mapped_bridge_with_its_mac_and_machine_a
     // (The running guest writes its disk, so the snapshot is of what standby holds.)
     assert_eq!(env.json(&["job", "list"]), serde_json::json!([]), "a refused job changes nothing");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing is claimed in the DR directory");
+    // Nor one that maps it where the DR host cannot put it: found now, not at the failover.
+    let gone = unique("sbngone");
+    for (to, says) in
+        [(format!("bridge:{gone}"), format!("has no bridge {gone}")), ("default".into(), "bridges only".into())]
+    {
+        let map = format!("bridge:{}={to}", prod.0);
+        let err = env.fails(&[
+            "job",
+            "create",
+            "j",
+            "--vm",
+            "web",
+            "--target-host",
+            "local",
+            "--target-dir",
+            &dir,
+            "--network-map",
+            &map,
+        ]);
+        assert!(err.contains(&says), "{map}: {err}");
+    }
+    assert_eq!(env.json(&["job", "list"]), serde_json::json!([]), "refused jobs change nothing");
     let map = format!("bridge:{}=bridge:{}", prod.0, dr.0);
     env.ok(&[
         "job",

@@ -364,7 +364,7 @@ impl Engine {
                 why: format!("its replica could not run on host {}: {}", target.name(), crate::chain(&e)),
             })?;
             for net in self.host(&vm.host)?.config_networks(&vm.config)? {
-                if !map.contains_key(&net) {
+                let Some(dest) = map.get(&net) else {
                     return Err(EngineError::BadArgument {
                         arg: "--network-map",
                         why: format!(
@@ -373,7 +373,12 @@ impl Engine {
                             target.name()
                         ),
                     });
-                }
+                };
+                // Where it goes must be there: found now, not at the failover.
+                target.check_network(dest).map_err(|e| EngineError::BadArgument {
+                    arg: "--network-map",
+                    why: format!("--network-map {net}={dest} for VM {name}: {}", crate::chain(&e)),
+                })?;
             }
         }
         Ok(())

@@ -1,19 +1,22 @@
 //! Consistent points: a running guest's filesystems frozen through its qemu-guest-agent
 //! just around a run's instant, so that the point holds what a clean stop would leave.
 //!
-//! The freeze is bounded: a pre-freeze command or a freeze that takes longer than the
-//! job's timeout is given up on, and the run takes a crash-consistent point instead.
-//! Whoever freezes thaws, whatever happened in between: after the instant, after a
-//! failed instant, after a freeze that timed out (an agent still busy with it thaws once
-//! it is done), and after a killed run (`after_kill`, from recovery).
+//! Each run first asks the agent whether the guest is frozen: a guest without an agent (or
+//! whose agent does not answer) is told apart at once and gets a crash-consistent point,
+//! and a freeze some earlier run could not undo is undone now. The freeze is bounded: a
+//! pre-freeze command or a freeze that takes longer than the job's timeout is given up on,
+//! and the run takes a crash-consistent point instead. Whoever freezes thaws, whatever
+//! happened in between: after the instant, after a failed instant, after a freeze that
+//! timed out (an agent still busy with it thaws once it is done), and after a killed run
+//! (`after_kill`, from recovery).
 
 use std::time::{Duration, Instant};
 
 use standby_host::Host;
 use standby_model::{Consistency, Quiesce};
 
-/// How long a run keeps asking for the thaw after a freeze that timed out: long enough
-/// for an agent that was merely slow to finish its freeze and answer.
+/// How long a run keeps asking for the thaw: long enough for an agent that was merely slow
+/// to finish a freeze and answer.
 const THAW_PATIENCE: Duration = Duration::from_secs(60);
 
 /// One attempt at a thaw.
@@ -23,15 +26,16 @@ const THAW_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Freeze {
     state: State,
-    /// The pre-freeze command ran (or may have): the post-freeze one runs too.
-    pre_ran: bool,
+    /// The agent answered, so the guest was asked to quiesce: the post-freeze command runs.
+    asked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Not asked to freeze, or it could not be: the point is crash-consistent.
     Thawed,
-    Frozen,
+    /// Frozen: this many filesystems.
+    Frozen(u64),
     /// The freeze failed or timed out: the guest may freeze late, so it is thawed too.
     Unsure,
 }
@@ -39,65 +43,83 @@ enum State {
 impl Freeze {
     /// Nothing asked of the guest: a VM that is not running.
     pub(crate) fn none() -> Freeze {
-        Freeze { state: State::Thawed, pre_ran: false }
+        Freeze { state: State::Thawed, asked: false }
     }
 
     pub(crate) fn is_frozen(&self) -> bool {
-        self.state == State::Frozen
+        matches!(self.state, State::Frozen(_))
     }
 }
 
-/// Before the instant: the pre-freeze command, then the freeze, each within the job's
-/// timeout. What goes wrong is a note, never a failed run.
+/// Before the instant: whether the agent answers (thawing what an earlier run left
+/// frozen), the pre-freeze command, then the freeze, each within the job's timeout. What
+/// goes wrong is a note, never a failed run.
 pub(crate) fn before_instant(host: &dyn Host, vm: &str, q: &Quiesce, notes: &mut Vec<String>) -> Freeze {
-    let not_frozen = |pre_ran| Freeze { state: State::Thawed, pre_ran };
+    let not_asked = Freeze { state: State::Thawed, asked: false };
     if !q.enabled {
-        return not_frozen(false);
+        return not_asked;
     }
     let timeout = Duration::from_secs(q.timeout_secs);
-    let mut pre_ran = false;
+    match host.guest_frozen(vm, timeout) {
+        Ok(Some(false)) => {}
+        Ok(Some(true)) => {
+            // Left by a run whose thaw was not answered: nothing else ever thaws it.
+            if !thaw(host, vm, THAW_PATIENCE, notes) {
+                return not_asked;
+            }
+            notes.push(format!("thawed VM {vm}'s guest, which an earlier run had left frozen"));
+        }
+        Ok(None) => {
+            notes.push(format!("VM {vm} has no guest agent channel: crash-consistent point"));
+            return not_asked;
+        }
+        Err(e) => {
+            notes.push(format!(
+                "VM {vm}'s guest agent does not answer ({}): crash-consistent point; install and start \
+                 qemu-guest-agent in the guest, or give the job --no-freeze",
+                crate::chain(&e)
+            ));
+            return not_asked;
+        }
+    }
+    let asked = Freeze { state: State::Thawed, asked: true };
     if let Some(command) = &q.pre_freeze {
         match host.guest_exec(vm, command, timeout) {
-            Ok(Some(exit)) if exit.code == 0 => pre_ran = true,
+            Ok(Some(exit)) if exit.code == 0 => {}
             Ok(Some(exit)) => {
                 notes.push(format!(
                     "the pre-freeze command exited with {}{}, so the guest was not frozen: crash-consistent point",
                     exit.code,
                     output_note(&exit.output)
                 ));
-                return not_frozen(true);
+                return asked;
             }
-            Ok(None) => {
-                notes.push(format!(
-                    "VM {vm} has no guest agent channel, so neither the pre-freeze command nor a freeze could run: \
-                     crash-consistent point"
-                ));
-                return not_frozen(false);
-            }
+            Ok(None) => return not_asked,
             Err(e) => {
                 notes.push(format!(
                     "the pre-freeze command failed ({}), so the guest was not frozen: crash-consistent point",
                     crate::chain(&e)
                 ));
-                return not_frozen(true);
+                return asked;
             }
         }
     }
     match host.guest_freeze(vm, timeout) {
-        Ok(Some(_)) => Freeze { state: State::Frozen, pre_ran },
-        Ok(None) => {
-            notes.push(format!("VM {vm} has no guest agent channel: crash-consistent point"));
-            not_frozen(pre_ran)
+        Ok(Some(n)) if n > 0 => Freeze { state: State::Frozen(n), asked: true },
+        Ok(Some(_)) => {
+            notes.push(format!("VM {vm}'s guest has no filesystem its agent can freeze: crash-consistent point"));
+            asked
         }
+        Ok(None) => not_asked,
         Err(e) => {
             notes.push(format!("the guest was not frozen ({}): crash-consistent point", crate::chain(&e)));
-            Freeze { state: State::Unsure, pre_ran }
+            Freeze { state: State::Unsure, asked: true }
         }
     }
 }
 
 /// After the instant (taken or failed): the thaw, then the post-freeze command. What the
-/// point can promise.
+/// point can promise: `application` only when the freeze held until the thaw.
 pub(crate) fn after_instant(
     host: &dyn Host,
     vm: &str,
@@ -105,11 +127,22 @@ pub(crate) fn after_instant(
     freeze: Freeze,
     notes: &mut Vec<String>,
 ) -> Consistency {
-    if freeze.state != State::Thawed {
-        let patience = if freeze.state == State::Unsure { THAW_PATIENCE } else { Duration::ZERO };
-        thaw(host, vm, patience, notes);
+    let mut held = false;
+    match freeze.state {
+        State::Thawed => {}
+        State::Frozen(n) => match thaw_counted(host, vm, THAW_PATIENCE, notes) {
+            Some(thawed) if thawed >= n => held = true,
+            Some(thawed) => notes.push(format!(
+                "VM {vm}'s guest froze {n} filesystem(s) but thawed {thawed}: something thawed them before the \
+                 instant was over, so the point is crash-consistent"
+            )),
+            None => {}
+        },
+        State::Unsure => {
+            thaw(host, vm, THAW_PATIENCE, notes);
+        }
     }
-    if let (true, Some(command)) = (freeze.pre_ran, &q.post_freeze) {
+    if let (true, Some(command)) = (freeze.asked, &q.post_freeze) {
         match host.guest_exec(vm, command, Duration::from_secs(q.timeout_secs)) {
             Ok(Some(exit)) if exit.code == 0 => {}
             Ok(Some(exit)) => {
@@ -119,50 +152,55 @@ pub(crate) fn after_instant(
             Err(e) => notes.push(format!("the post-freeze command failed: {}", crate::chain(&e))),
         }
     }
-    if freeze.state == State::Frozen {
+    if held {
         Consistency::Application
     } else {
         Consistency::Crash
     }
 }
 
-/// A killed run may have left the guest frozen, and its application in whatever state the
-/// pre-freeze command put it: recovery thaws (a guest with nothing frozen thaws nothing)
-/// and runs the post-freeze command. One attempt each: an agent that does not answer is a
-/// note.
+/// A killed run may have left the guest frozen: recovery thaws it, and when it was frozen
+/// (so the killed run got past its pre-freeze command) runs the post-freeze command, to
+/// bring the application back. One attempt: an agent that does not answer is a note, and
+/// the next run thaws first.
 pub(crate) fn after_kill(host: &dyn Host, vm: &str, q: &Quiesce, notes: &mut Vec<String>) {
     if !q.enabled {
         return;
     }
     match host.guest_thaw(vm, THAW_TIMEOUT) {
         Ok(Some(n)) if n > 0 => {
-            notes.push(format!("thawed {n} filesystem(s) of VM {vm}'s guest, frozen by the interrupted run"))
+            notes.push(format!("thawed {n} filesystem(s) of VM {vm}'s guest, frozen by the interrupted run"));
+            if q.post_freeze.is_some() {
+                let _ = after_instant(host, vm, q, Freeze { state: State::Thawed, asked: true }, notes);
+            }
         }
         Ok(_) => {}
         Err(e) => notes.push(format!(
-            "could not make sure VM {vm}'s guest is thawed ({}); if its applications hang on writes, run \
-             `standby recover` again once its guest agent answers",
+            "could not make sure VM {vm}'s guest is thawed ({}); the job's next run thaws it before anything else",
             crate::chain(&e)
         )),
     }
-    if q.post_freeze.is_some() {
-        let _ = after_instant(host, vm, q, Freeze { state: State::Thawed, pre_ran: true }, notes);
-    }
 }
 
-/// Asks for the thaw until it is answered, for `patience` at most (one attempt when zero).
-fn thaw(host: &dyn Host, vm: &str, patience: Duration, notes: &mut Vec<String>) {
+/// Asks for the thaw until it is answered, for `patience` at most; whether it was.
+fn thaw(host: &dyn Host, vm: &str, patience: Duration, notes: &mut Vec<String>) -> bool {
+    thaw_counted(host, vm, patience, notes).is_some()
+}
+
+/// The same, with how many filesystems the agent thawed.
+fn thaw_counted(host: &dyn Host, vm: &str, patience: Duration, notes: &mut Vec<String>) -> Option<u64> {
     let until = Instant::now() + patience;
     loop {
         match host.guest_thaw(vm, THAW_TIMEOUT) {
-            Ok(_) => return,
+            Ok(n) => return Some(n.unwrap_or(0)),
             Err(e) if Instant::now() >= until => {
                 notes.push(format!(
-                    "VM {vm}'s guest may still be frozen: the thaw was not answered ({}); `standby recover` asks \
-                     again, and `standby vm console {vm}` shows the guest",
+                    "VM {vm}'s guest may still be frozen: the thaw was not answered within {} s ({}); the job's \
+                     next run thaws it before anything else, and `standby vm console {vm}` shows the guest",
+                    patience.as_secs(),
                     crate::chain(&e)
                 ));
-                return;
+                return None;
             }
             Err(_) => std::thread::sleep(Duration::from_secs(1)),
         }

@@ -423,6 +423,10 @@ impl VmDriver for FakeHost {
         Ok(self.world().vm(vm)?.paused)
     }
 
+    fn guest_frozen(&self, vm: &str, _timeout: Duration) -> Result<Option<bool>> {
+        Ok(Some(self.world().vm(vm)?.frozen))
+    }
+
     /// Every fake guest runs an agent with one filesystem, which answers at once.
     fn guest_freeze(&self, vm: &str, _timeout: Duration) -> Result<Option<u64>> {
         let mut w = self.call("guest_freeze");

@@ -322,6 +322,11 @@ pub trait VmDriver {
     fn config_networks(&self, _config: &VmConfig) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
+    /// Whether a replica's NIC can go on `network` (as `--network-map` names it) here:
+    /// an error says why not.
+    fn check_network(&self, _network: &str) -> Result<()> {
+        Ok(())
+    }
     /// Reads a VM this host's management layer already runs, for `vm import`; changes
     /// nothing.
     fn vm_describe(&self, domain: &str) -> Result<libvirt::Imported> {
@@ -338,6 +343,12 @@ pub trait VmDriver {
     /// lasts until [`VmDriver::guest_thaw`]: the guest writes nothing to a frozen
     /// filesystem, so whoever freezes must thaw, whatever happens in between.
     fn guest_freeze(&self, _vm: &str, _timeout: Duration) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Whether the running guest's filesystems are frozen, as its agent says, asked within
+    /// `timeout` (a few seconds at most: a guest without an agent is told apart quickly);
+    /// None without a channel.
+    fn guest_frozen(&self, _vm: &str, _timeout: Duration) -> Result<Option<bool>> {
         Ok(None)
     }
     /// Thaws them; how many were frozen (0 when none was), None without a channel. An

@@ -418,6 +418,15 @@ impl VmDriver for LocalHost {
         Ok(networks)
     }
 
+    fn check_network(&self, network: &str) -> Result<()> {
+        let why = match network.strip_prefix("bridge:") {
+            Some(b) if nic::bridge_exists(b) => return Ok(()),
+            Some(b) => format!("host {} has no bridge {b}; create it (`ip link add {b} type bridge`)", self.name),
+            None => format!("standby's own driver puts NICs on bridges only: write bridge:NAME, not {network}"),
+        };
+        Err(HostError::BadConfig { arg: "--network-map", why })
+    }
+
     fn vm_start(&self, vm: &VmLaunch) -> Result<()> {
         let dir = self.vm_dir(&vm.name);
         fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
@@ -462,6 +471,7 @@ impl VmDriver for LocalHost {
             guest_agent_socket: self.socket(self.vm_file(&vm.name, "qga.sock"))?,
             console_log: self.vm_file(&vm.name, "console.log"),
             pidfile: self.vm_file(&vm.name, "qemu.pid"),
+            start_paused: !bridges.is_empty(),
         };
         rotate_console(&dir.join("console.log"))?;
         let out = Command::new(QEMU_SYSTEM)
@@ -491,12 +501,12 @@ impl VmDriver for LocalHost {
                 })
             }
         }
-        for (tap, bridge) in &bridges {
-            if let Err(e) = nic::attach(tap, bridge) {
-                // A VM that is not on its network is not started: no half-made VM runs.
-                let _ = self.vm_kill(&vm.name);
-                return Err(HostError::StartFailed { vm: vm.name.clone(), detail: e.to_string() });
-            }
+        // The guest has not run yet: on its bridges first, then its CPUs go.
+        let attached = bridges.iter().try_for_each(|(tap, bridge)| nic::attach(tap, bridge));
+        if let Err(e) = attached.and_then(|()| if bridges.is_empty() { Ok(()) } else { self.vm_resume(&vm.name) }) {
+            // A VM that is not on its network is not started: no half-made VM runs.
+            let _ = self.vm_kill(&vm.name);
+            return Err(HostError::StartFailed { vm: vm.name.clone(), detail: e.to_string() });
         }
         Ok(())
     }
@@ -504,6 +514,12 @@ impl VmDriver for LocalHost {
     fn guest_freeze(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
         let Some(mut agent) = self.guest_agent(vm, timeout)? else { return Ok(None) };
         agent.freeze(timeout).map(Some).map_err(|source| HostError::Agent { vm: vm.into(), source })
+    }
+
+    fn guest_frozen(&self, vm: &str, timeout: Duration) -> Result<Option<bool>> {
+        let Some(mut agent) = self.guest_agent(vm, timeout)? else { return Ok(None) };
+        let status = agent.freeze_status(timeout).map_err(|source| HostError::Agent { vm: vm.into(), source })?;
+        Ok(Some(status == "frozen"))
     }
 
     fn guest_thaw(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {

@@ -62,14 +62,27 @@ impl GuestAgent {
         // (the agent takes any integer; JSON readers keep 53 bits exactly).
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let id = ((nanos as u64) ^ (u64::from(std::process::id()) << 32)) % (1 << 52);
+        // A lone 0xFF first: the agent drops whatever half a command an earlier client,
+        // killed mid-write, left in its parser.
+        self.writer
+            .write_all(&[0xFF])
+            .map_err(|e| AgentError::Channel { command: COMMAND.into(), detail: e.to_string() })?;
         self.send(COMMAND, &json!({ "id": id }))?;
         let deadline = Instant::now() + timeout;
         loop {
             // Everything up to the delimiter is what the channel held before.
             let mut skipped = Vec::new();
             self.read_until(0xFF, &mut skipped, COMMAND, deadline, timeout)?;
-            let answer = self.read_line(COMMAND, deadline, timeout)?;
-            if answer.get("return").and_then(Value::as_u64) == Some(id) {
+            let mut line = String::new();
+            self.set_deadline(COMMAND, deadline, timeout)?;
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return Err(AgentError::Channel { command: COMMAND.into(), detail: "QEMU closed it".into() }),
+                Ok(_) => {}
+                Err(e) => return Err(Self::read_err(COMMAND, e, timeout)),
+            }
+            // A line that does not read, or answers another sync, is stale: on to the next.
+            let answer: Option<Value> = serde_json::from_str(line.trim()).ok();
+            if answer.and_then(|a| a.get("return").and_then(Value::as_u64)) == Some(id) {
                 return Ok(());
             }
         }
@@ -247,10 +260,14 @@ mod tests {
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut flush = [0u8; 1];
+            r.read_exact(&mut flush).unwrap();
+            assert_eq!(flush[0], 0xFF, "the client flushes the agent's parser first");
             let mut line = String::new();
             r.read_line(&mut line).unwrap();
             let id = serde_json::from_str::<Value>(&line).unwrap()["arguments"]["id"].clone();
-            s.write_all(b"{\"return\": 1}\n\xff").unwrap();
+            // A stale answer, a broken line and a stale sync, each before a delimiter.
+            s.write_all(b"{\"return\": 1}\n\xff{\"ret\n\xff{\"return\": 12345}\n\xff").unwrap();
             s.write_all(format!("{{\"return\": {id}}}\n").as_bytes()).unwrap();
             line.clear();
             r.read_line(&mut line).unwrap();
@@ -258,7 +275,8 @@ mod tests {
             s.write_all(b"{\"return\": 2}\n").unwrap();
             line.clear();
             r.read_line(&mut line).unwrap();
-            // No answer to the thaw: the client times out.
+            // No answer to the thaw, and the channel stays open: the client times out.
+            std::thread::sleep(Duration::from_secs(1));
             line
         });
         let mut agent = GuestAgent::connect(path.to_str().unwrap(), Duration::from_secs(5)).unwrap();

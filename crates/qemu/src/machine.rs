@@ -39,6 +39,9 @@ pub struct Machine {
     pub guest_agent_socket: String,
     pub console_log: String,
     pub pidfile: String,
+    /// Its CPUs stay stopped until told to run (`cont`): what has to be in place before
+    /// the guest runs (its NICs on their bridges) is done first.
+    pub start_paused: bool,
 }
 
 impl Machine {
@@ -69,9 +72,6 @@ impl Machine {
             push(&["-chardev", &format!("socket,id={id},path={},server=on,wait=off", opt_value(socket))]);
             push(&["-mon", &format!("chardev={id},mode=control")]);
         }
-        push(&["-chardev", &format!("socket,id=qga,path={},server=on,wait=off", opt_value(&self.guest_agent_socket))]);
-        push(&["-device", "virtio-serial-pci,id=qga-serial"]);
-        push(&["-device", "virtserialport,bus=qga-serial.0,chardev=qga,name=org.qemu.guest_agent.0"]);
         push(&["-daemonize", "-pidfile", &self.pidfile]);
         for (i, d) in self.disks.iter().enumerate() {
             // JSON, so that no path is parsed as options, and with the backing stated: QEMU
@@ -92,6 +92,14 @@ impl Machine {
             }
             let mac = nic.mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
             push(&["-device", &format!("{},netdev=net{i}{mac}", nic.model)]);
+        }
+        // After the disks and NICs, so that their PCI slots stay where VMs defined before
+        // the agent's port had them (a guest names its NICs by slot).
+        push(&["-chardev", &format!("socket,id=qga,path={},server=on,wait=off", opt_value(&self.guest_agent_socket))]);
+        push(&["-device", "virtio-serial-pci,id=qga-serial"]);
+        push(&["-device", "virtserialport,bus=qga-serial.0,chardev=qga,name=org.qemu.guest_agent.0"]);
+        if self.start_paused {
+            push(&["-S"]);
         }
         if let Some(k) = &boot.kernel {
             push(&["-kernel", k]);
@@ -146,6 +154,7 @@ mod tests {
             guest_agent_socket: "/r/qga.sock".into(),
             console_log: "/r/console.log".into(),
             pidfile: "/r/qemu.pid".into(),
+            start_paused: false,
         };
         let args = m.args().join(" ");
         assert!(args.contains(r#""node-name":"disk0""#), "{args}");
@@ -174,11 +183,13 @@ mod tests {
             guest_agent_socket: "/r,x/qga.sock".into(),
             console_log: "/r,x/console.log".into(),
             pidfile: "/r,x/qemu.pid".into(),
+            start_paused: true,
         };
         let args = m.args();
         assert!(args.contains(&"file,id=console,path=/r,,x/console.log,append=on".to_string()), "{args:?}");
         assert!(args.contains(&"socket,id=qmp,path=/r,,x/qmp.sock,server=on,wait=off".to_string()), "{args:?}");
         assert!(args.contains(&"socket,id=qga,path=/r,,x/qga.sock,server=on,wait=off".to_string()), "{args:?}");
+        assert!(args.contains(&"-S".to_string()), "{args:?}");
         let disk: serde_json::Value =
             serde_json::from_str(&args[args.iter().position(|a| a == "-blockdev").unwrap() + 1]).unwrap();
         assert_eq!(disk["file"]["filename"], "/d/a,file.locking=off.qcow2");

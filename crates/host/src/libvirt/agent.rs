@@ -44,10 +44,15 @@ impl AgentChannel for VirshAgent<'_> {
 fn agent_error(command: &str, secs: u64, detail: String) -> AgentError {
     if detail.contains("guest agent is not configured") {
         AgentError::NotConfigured
+    } else if detail.contains("not connected") {
+        // No agent runs in the guest: nothing was sent to it.
+        AgentError::Channel { command: command.into(), detail }
     } else if detail.contains("Guest agent is not responding") || detail.contains("not available for now") {
         AgentError::Timeout { command: command.into(), secs }
-    } else if let Some(desc) = detail.split("internal error: unable to execute QEMU agent command").nth(1) {
-        AgentError::Refused { command: command.into(), desc: desc.trim_start_matches([' ', '\'', ':']).into() }
+    } else if let Some(rest) = detail.split("internal error: unable to execute QEMU agent command").nth(1) {
+        // `'guest-exec': Command guest-exec has been disabled ...`: the agent's own words.
+        let desc = rest.split_once("': ").map_or(rest, |(_, d)| d).trim();
+        AgentError::Refused { command: command.into(), desc: desc.into() }
     } else {
         AgentError::Channel { command: command.into(), detail }
     }
@@ -74,6 +79,9 @@ mod tests {
             "internal error: unable to execute QEMU agent command 'guest-exec': Command guest-exec has been disabled"
                 .into(),
         );
-        assert!(matches!(&e, AgentError::Refused { desc, .. } if desc.starts_with("guest-exec")), "{e}");
+        assert!(
+            matches!(&e, AgentError::Refused { desc, .. } if desc == "Command guest-exec has been disabled"),
+            "{e}"
+        );
     }
 }

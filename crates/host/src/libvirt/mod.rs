@@ -495,6 +495,30 @@ impl VmDriver for LibvirtHost {
         agent_answer(vm, self.agent(vm).freeze(timeout))
     }
 
+    fn check_network(&self, network: &str) -> Result<()> {
+        match network.strip_prefix("bridge:") {
+            Some(b) if crate::nic::bridge_exists(b) => Ok(()),
+            Some(b) => Err(HostError::BadConfig {
+                arg: "--network-map",
+                why: format!("host {} has no bridge {b}; create it, or map to a libvirt network", self.name),
+            }),
+            None => {
+                self.virsh.run(&format!("reading libvirt network {network}"), &["net-info", network]).map(drop).map_err(
+                    |e| HostError::BadConfig {
+                        arg: "--network-map",
+                        why: format!("{e}; `virsh net-list --all` shows the networks host {} has", self.name),
+                    },
+                )
+            }
+        }
+    }
+
+    fn guest_frozen(&self, vm: &str, timeout: Duration) -> Result<Option<bool>> {
+        // libvirt waits 5 s for the agent's synchronisation itself; the status answers at once.
+        let status = agent_answer(vm, self.agent(vm).freeze_status(timeout.min(Duration::from_secs(5))))?;
+        Ok(status.map(|s| s == "frozen"))
+    }
+
     fn guest_thaw(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
         agent_answer(vm, self.agent(vm).thaw(timeout))
     }
