@@ -29,7 +29,7 @@ use standby_trust::{Authority, TrustError};
 pub use proto::Codec;
 use proto::{Answer, Request};
 pub use remote::{RemoteHost, RemoteStream};
-use serve::{Peer, Service};
+use serve::{Peer, ServedHost, Service};
 use wire::Line;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -44,6 +44,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum AgentError {
     #[error("cannot {what} {path}")]
     Io { what: &'static str, path: String, source: std::io::Error },
+    /// The management layer this agent was told to drive VMs through does not answer.
+    #[error("cannot drive this host's VMs: {0}")]
+    Driver(String),
     #[error("host {host} ({address}) is unreachable")]
     Unreachable { host: String, address: String, source: std::io::Error },
     #[error("host {host} ({address}) refused the connection or its certificate: {detail}")]
@@ -77,9 +80,23 @@ pub type Result<T> = std::result::Result<T, AgentError>;
 #[derive(Debug, Clone)]
 struct Files {
     dir: PathBuf,
+    /// The libvirt daemon this host's VMs are driven through; None for standby's own driver.
+    libvirt: Option<String>,
 }
 
 impl Files {
+    /// This machine's host, as the agent was started to drive it.
+    fn host(&self, name: &str) -> std::result::Result<ServedHost, standby_host::HostError> {
+        let root = self.path("host");
+        Ok(match &self.libvirt {
+            Some(uri) => {
+                let host = standby_host::LibvirtHost::new(name, uri, &root)?;
+                ServedHost { roots: host.socket_dirs(), driver: Box::new(host) }
+            }
+            None => ServedHost { driver: Box::new(standby_host::LocalHost::new(name, &root)?), roots: vec![root] },
+        })
+    }
+
     fn path(&self, f: &str) -> PathBuf {
         self.dir.join(f)
     }
@@ -110,18 +127,24 @@ const NAME: &str = "name";
 const CONTROLLER: &str = "controller.pem";
 const CRL: &str = "crl.pem";
 
-/// Runs the agent on `listen` with its files in `dir`, forever. It says what it listens
-/// on, and before enrolment the token, on `out`.
-pub fn run(listen: &str, dir: &Path, out: &mut dyn Write) -> Result<()> {
+/// Runs the agent on `listen` with its files in `dir`, forever, driving this host's VMs
+/// through the libvirt daemon at `libvirt` when given (standby's own QEMU driver
+/// otherwise). It says what it listens on, and before enrolment the token, on `out`.
+pub fn run(listen: &str, dir: &Path, libvirt: Option<&str>, out: &mut dyn Write) -> Result<()> {
     let io = |what, path: &Path| {
         let path = path.display().to_string();
         move |source| AgentError::Io { what, path, source }
     };
+    if let Some(uri) = libvirt {
+        // Said now, before anything is made, not at the controller's first call.
+        let version = standby_host::LibvirtHost::probe(uri).map_err(|e| AgentError::Driver(e.to_string()))?;
+        let _ = writeln!(out, "driving VMs through libvirt at {uri} ({version})");
+    }
     // Owner-only, like the controller's: it holds the agent's key.
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(dir)
         .map_err(io("create", dir))?;
-    let files = Files { dir: dir.into() };
+    let files = Files { dir: dir.into(), libvirt: libvirt.map(str::to_owned) };
     if files.read(KEY)?.is_none() {
         standby_trust::write_private(&files.path(KEY), &standby_trust::new_key()?)?;
     }
@@ -193,14 +216,14 @@ fn serve_one(files: &Files, key: &str, tcp: TcpStream, enrolling: &std::sync::Mu
         tls.get_ref().conn.peer_certificates().and_then(|c| c.first()).map(|c| standby_trust::fingerprint_der(c));
     let peer_kind = if presented.as_deref() == Some(controller.as_str()) { Peer::Controller } else { Peer::Agent };
     let name = files.read(NAME)?.unwrap_or_default().trim().to_owned();
-    let host = standby_host::LocalHost::new(&name, &files.path("host"))
-        .map_err(|e| proto(format!("cannot open this host's run directory: {e}")))?;
+    let host = files.host(&name).map_err(|e| proto(format!("cannot open this host's run directory: {e}")))?;
     let answer = match request {
         Request::Hello => Answer::Hello {
             name,
             version: VERSION.into(),
-            accel: standby_host::VmDriver::accel(&host),
+            accel: host.driver.accel(),
             crl: crl.as_deref().map(crl_fingerprint),
+            libvirt: files.libvirt.clone(),
         },
         Request::Revocations { crl_pem } if peer_kind == Peer::Controller => {
             // Checked before it replaces anything: a list that does not parse would refuse
@@ -386,6 +409,8 @@ pub struct Hello {
     pub version: String,
     /// The fingerprint of the revocation list it holds ([`crl_fingerprint`]).
     pub crl: Option<String>,
+    /// The libvirt daemon it drives its VMs through; None for standby's own driver.
+    pub libvirt: Option<String>,
 }
 
 /// Names a revocation list: whether an agent holds the controller's newest.
@@ -421,7 +446,7 @@ pub fn hello(name: &str, address: &str, config: Arc<ClientConfig>) -> Result<Hel
     let _ = line.get_ref().sock.set_read_timeout(Some(HELLO_TIMEOUT));
     line.write(&Request::Hello).map_err(&wire)?;
     match line.read().map_err(&wire)? {
-        Answer::Hello { name, version, crl, .. } => Ok(Hello { name, version, crl }),
+        Answer::Hello { name, version, crl, libvirt, .. } => Ok(Hello { name, version, crl, libvirt }),
         Answer::Refused { why } => Err(AgentError::Said { host: name.into(), why }),
         other => Err(AgentError::Protocol { host: name.into(), detail: format!("answered {other:?}") }),
     }

@@ -77,6 +77,9 @@ pub(crate) enum Answer {
         /// The fingerprint of the revocation list this agent holds, if any.
         #[serde(default)]
         crl: Option<String>,
+        /// The libvirt daemon it drives its VMs through; None for standby's own driver.
+        #[serde(default)]
+        libvirt: Option<String>,
     },
     Refused {
         why: String,
@@ -146,6 +149,10 @@ pub(crate) enum HostCall {
     CheckConfig { config: VmConfig },
     ConfigNetworks { config: VmConfig },
     CheckNetwork { network: String },
+    CanRun { config: VmConfig },
+    VmDescribe { domain: String },
+    VmAutostart { vm: String, on: Option<bool> },
+    VmForget { vm: String },
     VmStart { vm: VmLaunch },
     VmRuntime { vm: String },
     VmPowerdown { vm: String },

@@ -213,6 +213,18 @@ impl VmDriver for RemoteHost {
     fn vm_paused(&self, vm: &str) -> Result<bool> {
         self.call(HostCall::VmPaused { vm: vm.into() })
     }
+    fn can_run(&self, config: &VmConfig) -> Result<()> {
+        self.call(HostCall::CanRun { config: config.clone() })
+    }
+    fn vm_describe(&self, domain: &str) -> Result<standby_host::libvirt::Imported> {
+        self.call(HostCall::VmDescribe { domain: domain.into() })
+    }
+    fn vm_autostart(&self, vm: &str, on: Option<bool>) -> Result<Option<bool>> {
+        self.call(HostCall::VmAutostart { vm: vm.into(), on })
+    }
+    fn vm_forget(&self, vm: &str) -> Result<()> {
+        self.call(HostCall::VmForget { vm: vm.into() })
+    }
     fn check_network(&self, network: &str) -> Result<()> {
         self.call(HostCall::CheckNetwork { network: network.into() })
     }

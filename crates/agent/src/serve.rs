@@ -1,4 +1,5 @@
-//! What an enrolled agent carries out: the host verbs on this machine's [`LocalHost`], a
+//! What an enrolled agent carries out: the host verbs on this machine's host (standby's
+//! own QEMU driver, or libvirt), a
 //! run's hold on a VM's disks, block streams for the agents that pull from it, and
 //! transfers into the disks it serves, pulling straight from the source's agent.
 //!
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use standby_host::transfer;
-use standby_host::{BlockStream, Endpoint, Host, HostError, LocalHost, Storage, Transport, VmDriver};
+use standby_host::{BlockStream, Endpoint, Host, HostError};
 
 use crate::proto::{Answer, Codec, DiskCall, HostCall, Request, StreamCall, WireError};
 use crate::remote::RemoteStream;
@@ -31,8 +32,16 @@ pub(crate) enum Peer {
 /// An enrolled agent's means: its host, and how it reaches its peers.
 #[derive(Debug)]
 pub(crate) struct Service {
-    pub(crate) host: LocalHost,
+    pub(crate) host: ServedHost,
     pub(crate) tls: Arc<rustls::ClientConfig>,
+}
+
+/// This machine's host as the agent drives it (standby's own QEMU driver, or libvirt), and
+/// the directories its runs make their NBD sockets in: all a peer may read from.
+#[derive(Debug)]
+pub(crate) struct ServedHost {
+    pub(crate) driver: Box<dyn Host>,
+    pub(crate) roots: Vec<std::path::PathBuf>,
 }
 
 type Result<T> = std::result::Result<T, HostError>;
@@ -83,7 +92,7 @@ impl Service {
     }
 
     fn call(&self, call: HostCall) -> Answer {
-        let h = &self.host;
+        let h = self.host.driver.as_ref();
         match call {
             HostCall::EnsureDir { dir } => answer(h.ensure_dir(&dir)),
             HostCall::CanonicalDir { dir } => answer(h.canonical_dir(&dir)),
@@ -113,6 +122,10 @@ impl Service {
             HostCall::CheckConfig { config } => answer(h.check_config(&config)),
             HostCall::ConfigNetworks { config } => answer(h.config_networks(&config)),
             HostCall::CheckNetwork { network } => answer(h.check_network(&network)),
+            HostCall::CanRun { config } => answer(h.can_run(&config)),
+            HostCall::VmDescribe { domain } => answer(h.vm_describe(&domain)),
+            HostCall::VmAutostart { vm, on } => answer(h.vm_autostart(&vm, on)),
+            HostCall::VmForget { vm } => answer(h.vm_forget(&vm)),
             HostCall::VmStart { vm } => answer(h.vm_start(&vm)),
             HostCall::VmRuntime { vm } => answer(h.vm_runtime(&vm)),
             HostCall::VmPowerdown { vm } => answer(h.vm_powerdown(&vm)),
@@ -143,7 +156,7 @@ impl Service {
 
     /// One run's hold on a VM's disks, for as long as the controller keeps the connection.
     fn disks<S: Read + Write>(&self, vm: &str, running: bool, line: &mut Line<S>) -> std::io::Result<()> {
-        let mut access = match self.host.vm_disks(vm, running) {
+        let mut access = match self.host.driver.vm_disks(vm, running) {
             Ok(a) => a,
             Err(e) => return line.write(&answer::<()>(Err(e))),
         };
@@ -167,7 +180,7 @@ impl Service {
     /// A socket this host's own runs made: a peer names nothing else on this machine.
     fn own_socket(&self, socket: &str) -> Result<()> {
         let p = Path::new(socket);
-        let inside = p.starts_with(self.host.root())
+        let inside = self.host.roots.iter().any(|root| p.starts_with(root))
             && p.components().all(|c| matches!(c, Component::Normal(_) | Component::RootDir));
         match inside {
             true => Ok(()),
@@ -271,7 +284,7 @@ impl Service {
     /// through its agent.
     fn connect(&self, end: &Endpoint, codec: Codec, meter: &Arc<Meter>) -> Result<Box<dyn BlockStream>> {
         match &end.address.agent {
-            Some(a) if a.host != self.host.name() => {
+            Some(a) if a.host != self.host.driver.name() => {
                 Ok(Box::new(RemoteStream::open(a, self.tls.clone(), end, codec, Some(meter.clone()))?))
             }
             _ => Ok(Box::new(self.open_local(&end.address.socket, &end.export, &end.contexts)?)),

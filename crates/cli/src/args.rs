@@ -60,6 +60,10 @@ pub(crate) enum Command {
         /// The address and port to listen on.
         #[arg(long)]
         listen: String,
+        /// Drive this host's VMs through its libvirt daemon (`qemu:///system`) instead of
+        /// standby's own QEMU driver: the domains libvirt already runs are protected as they are.
+        #[arg(long)]
+        libvirt: Option<String>,
     },
     /// Run jobs on their intervals until stopped.
     #[command(after_help = "Example: standby daemon --tick 5")]

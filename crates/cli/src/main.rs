@@ -56,9 +56,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     // An agent is not a controller: it opens no database.
-    if let Command::Agent { listen } = &cli.command {
+    if let Command::Agent { listen, libvirt } = &cli.command {
         let dir = cli.data_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/standby-agent"));
-        standby_agent::run(listen, &dir, &mut std::io::stdout())
+        standby_agent::run(listen, &dir, libvirt.as_deref(), &mut std::io::stdout())
             .with_context(|| format!("the agent on {listen} with data in {}", dir.display()))?;
         return Ok(ExitCode::SUCCESS);
     }

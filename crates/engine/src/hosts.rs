@@ -202,7 +202,10 @@ impl Engine {
                         Ok(hello) => {
                             self.store().host_seen(&h.name, &hello.version)?;
                             view.silent_since = None;
-                            view.version = Some(hello.version);
+                            view.version = Some(match &hello.libvirt {
+                                Some(uri) => format!("{}, VMs through libvirt at {uri}", hello.version),
+                                None => hello.version,
+                            });
                             view.last_seen = Some(standby_store::now());
                             // An agent that was offline at a `host remove` learns of it now.
                             if let Some(crl) = self.authority()?.crl_pem()? {

@@ -11,9 +11,12 @@
 //!   without it, and the fence when it returns;
 //! - `faults`: a link cut within and past the retry window, a full DR disk, a killed
 //!   agent on either side of a run;
-//! - `trust`: no, revoked, expired or foreign certificate, used or wrong token: refused.
+//! - `trust`: no, revoked, expired or foreign certificate, used or wrong token: refused;
+//! - `libvirt`: both hosts' agents drive their VMs through libvirt: a domain imported,
+//!   replicated between the agents, failed over to a replica domain on the DR host, undone.
 
 mod faults;
+mod libvirt;
 mod lifecycle;
 mod site_loss;
 mod sites;

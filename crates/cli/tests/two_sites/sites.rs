@@ -98,9 +98,15 @@ pub(crate) fn agent_again(ns: &str, dir: &str, listen: &str) -> Process {
 /// Starts `standby agent` and waits for the line that begins with `until`; the agent and
 /// the rest of that line.
 pub(crate) fn start_agent(ns: &str, dir: &str, listen: &str, until: &str) -> (Process, String) {
+    start_agent_with(ns, dir, listen, until, &[])
+}
+
+/// The same, with `extra` arguments for the agent.
+pub(crate) fn start_agent_with(ns: &str, dir: &str, listen: &str, until: &str, extra: &[&str]) -> (Process, String) {
     let mut child = Process(
         Command::new("ip")
             .args(["netns", "exec", ns, BIN, "--data-dir", dir, "agent", "--listen", listen])
+            .args(extra)
             .env("STANDBY_ACCEL", "tcg")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -40,7 +40,7 @@ pub struct LibvirtHost {
 }
 
 /// A domain as `vm import` registers it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Imported {
     pub config: VmConfig,
     pub disks: Vec<(String, Format)>,
@@ -58,17 +58,25 @@ impl LibvirtHost {
         agent::VirshAgent { virsh: &self.virsh, domain: vm }
     }
 
+    /// Where this host's runs make the NBD sockets peers read from: standby's own
+    /// directory, and the one QEMU opens files in for libvirt's backups.
+    pub fn socket_dirs(&self) -> Vec<PathBuf> {
+        vec![self.local.root().to_path_buf(), Path::new(RUN_ROOT).join(&self.name)]
+    }
+
     pub fn uri(&self) -> &str {
         &self.virsh.uri
     }
 
     /// The daemon's version, or why it does not answer.
     pub fn version(&self) -> Result<String> {
-        // `virsh version` probes the hypervisor for seconds; the connection alone tells
-        // whether the daemon answers, and it runs the library virsh was built with.
-        self.virsh.run("connecting", &["uri"])?;
-        let v = self.virsh.run("asking its version", &["--version"]).unwrap_or_default();
-        Ok(format!("libvirt {}", v.trim()))
+        answers(&self.virsh)
+    }
+
+    /// Whether the daemon at `uri` answers (its version), before anything is made for it.
+    pub fn probe(uri: &str) -> Result<String> {
+        // Asking writes no document: the scratch directory is never used.
+        answers(&Virsh { uri: uri.into(), scratch: PathBuf::new() })
     }
 
     /// Reads domain `name` as `vm import` registers it, changing nothing.
@@ -556,6 +564,14 @@ impl VmDriver for LibvirtHost {
     fn probe_accel(&self, kernel: &str, initrd: &str) -> Result<Accel> {
         self.local.probe_accel(kernel, initrd)
     }
+}
+
+fn answers(virsh: &Virsh) -> Result<String> {
+    // `virsh version` probes the hypervisor for seconds; the connection alone tells
+    // whether the daemon answers, and it runs the library virsh was built with.
+    virsh.run("connecting", &["uri"])?;
+    let v = virsh.run("asking its version", &["--version"]).unwrap_or_default();
+    Ok(format!("libvirt {}", v.trim()))
 }
 
 /// A domain without an agent channel has no agent to ask: None, as on every driver.
