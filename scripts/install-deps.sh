@@ -3,7 +3,8 @@
 # QEMU (system emulator and tools of one version: qemu-system-x86 alone would remove a
 # newer preinstalled qemu-utils), rsync for the benchmark's baseline, iproute2 for the
 # two-site tests' network namespaces, tcpdump for their capture of the link, and openssl
-# for the certificates the two-site test and benchmark make with it; libvirt's daemon and
+# for the certificates the two-site test and benchmark make with it, ovmf for UEFI VMs;
+# libvirt's daemon and
 # client for libvirt-managed hosts (installed after QEMU, so that it keeps QEMU's version).
 # Idempotent: does nothing when everything is in place.
 set -euo pipefail
@@ -12,6 +13,7 @@ have_all() {
     command -v qemu-nbd >/dev/null && command -v qemu-io >/dev/null && command -v rsync >/dev/null && command -v bc >/dev/null &&
     command -v ip >/dev/null && command -v tcpdump >/dev/null && command -v openssl >/dev/null &&
     command -v virsh >/dev/null && command -v libvirtd >/dev/null && command -v virtlogd >/dev/null &&
+    [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] &&
     [ "$(qemu-img --version | head -1 | awk '{print $3}')" = "$(qemu-system-x86_64 --version | head -1 | awk '{print $4}')" ]
 }
 if have_all; then
@@ -27,7 +29,7 @@ v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
 [ -n "$v" ] && [ "$v" != "(none)" ] || { echo "install-deps: no qemu-system-x86 package available" >&2; exit 1; }
 # qemu-utils and qemu-block-extra pinned to the emulator's version: they must match.
 apt-get install -y -qq --no-install-recommends --allow-downgrades \
-  qemu-system-x86 "qemu-utils=$v" "qemu-block-extra=$v" rsync bc xz-utils iproute2 tcpdump openssl >/dev/null
+  qemu-system-x86 "qemu-utils=$v" "qemu-block-extra=$v" rsync bc xz-utils iproute2 tcpdump openssl ovmf >/dev/null
 # libvirt-daemon-system creates the libvirt-qemu user its QEMU driver runs domains as.
 apt-get install -y -qq --no-install-recommends libvirt-daemon-system libvirt-clients >/dev/null
 have_all || { echo "install-deps: QEMU tools still missing or mismatched after install" >&2; exit 1; }

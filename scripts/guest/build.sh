@@ -24,7 +24,7 @@ dpkg -x busybox-static_*.deb bb
 dpkg -x qemu-guest-agent_*.deb qga
 mkdir -p root/bin root/proc root/sys root/dev root/tmp root/etc root/lib/modules
 cp bb/bin/busybox root/bin/busybox
-for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console loop failover net_failover virtio_net button evdev; do
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console loop failover net_failover virtio_net efivarfs button evdev; do
   f=$(find kernel/lib/modules -name "$m.ko*" | head -1)
   [ -n "$f" ] || { echo "kernel module $m not found in $kernel_pkg" >&2; exit 1; }
   case "$f" in

@@ -131,6 +131,8 @@ pub(crate) enum HostCall {
     CanonicalDir { dir: String },
     CreateFileNew { path: String, content: String },
     ReadSmallFile { path: String },
+    ReadVars { path: String },
+    WriteVars { path: String, data: Vec<u8> },
     ListDir { dir: String },
     FileExists { path: String },
     RemoveFile { path: String },

@@ -98,6 +98,8 @@ impl Service {
             HostCall::CanonicalDir { dir } => answer(h.canonical_dir(&dir)),
             HostCall::CreateFileNew { path, content } => answer(h.create_file_new(&path, &content)),
             HostCall::ReadSmallFile { path } => answer(h.read_small_file(&path)),
+            HostCall::ReadVars { path } => answer(h.read_vars(&path)),
+            HostCall::WriteVars { path, data } => answer(h.write_vars(&path, &data)),
             HostCall::ListDir { dir } => answer(h.list_dir(&dir)),
             HostCall::FileExists { path } => answer(h.file_exists(&path)),
             HostCall::RemoveFile { path } => answer(h.remove_file(&path)),

@@ -269,6 +269,12 @@ pub(crate) enum VmCmd {
         /// QEMU's CPU model (qemu64, Skylake-Server, ...); default: QEMU's.
         #[arg(long)]
         cpu_model: Option<String>,
+        /// Boot UEFI (Debian's OVMF) instead of BIOS; needs --nvram.
+        #[arg(long, requires = "nvram")]
+        uefi: bool,
+        /// The VM's UEFI variable store; made from OVMF's template when it does not exist.
+        #[arg(long, requires = "uefi")]
+        nvram: Option<String>,
         #[arg(long, default_value = LOCAL_HOST)]
         host: String,
         #[command(flatten)]

@@ -18,8 +18,8 @@ use args::{
 };
 use clap::Parser;
 use standby_engine::{
-    Despite, DriverConfig, Engine, FailbackOptions, JobChange, JobSpec, PlanChange, PlanSpec, PointChoice, VmChange,
-    VmConfig, VmSpec,
+    Despite, DriverConfig, Engine, FailbackOptions, Firmware, JobChange, JobSpec, PlanChange, PlanSpec, PointChoice,
+    VmChange, VmConfig, VmSpec,
 };
 
 fn default_data_dir() -> PathBuf {
@@ -178,9 +178,13 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
             append,
             machine,
             cpu_model,
+            uefi,
+            nvram,
             host,
             json,
         } => {
+            let firmware =
+                nvram.filter(|_| uefi).map(|vars| Firmware { loader: standby_engine::OVMF_CODE.into(), vars });
             let probed = formats.is_empty();
             let v = engine.vm_create(&VmSpec {
                 name,
@@ -197,6 +201,7 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
                         append,
                         machine,
                         cpu_model,
+                        firmware,
                         ..DriverConfig::default()
                     },
                 },

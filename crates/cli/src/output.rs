@@ -86,6 +86,9 @@ pub fn vm(v: &VmView, as_json: bool) -> Result<()> {
     if let Some(m) = &v.config.driver.machine {
         println!("machine: {m}");
     }
+    if let Some(f) = &v.config.driver.firmware {
+        println!("uefi:    {} (variables in {})", f.loader, f.vars);
+    }
     println!("memory:  {} MiB", v.config.memory_mib);
     for (i, d) in v.disks.iter().enumerate() {
         println!("disk {i}:  {} ({})", d.path, d.format);

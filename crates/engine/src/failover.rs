@@ -449,6 +449,10 @@ impl Engine {
         // The replica's NICs go where the job maps them on the DR host.
         let mut config = source.config.clone();
         config.driver.network_map = self.store().job(&replica.job)?.map(|j| j.network_map).unwrap_or_default();
+        if let Some(f) = &source.config.driver.firmware {
+            let vars = layout::replica_vars_path(&replica.dir);
+            config.driver.firmware = Some(crate::firmware::for_replica(dr, f, rp.nvram.as_deref(), &vars)?);
+        }
         self.store().insert_vm(&NewVm {
             name: vm_name.into(),
             host: replica.target_host.clone(),

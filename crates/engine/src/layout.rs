@@ -56,9 +56,32 @@ pub fn overlay_gen(path: &str) -> u32 {
     path.strip_suffix(".qcow2").and_then(|p| p.rsplit_once(".g")).and_then(|(_, g)| g.parse().ok()).unwrap_or(0)
 }
 
-/// Whether a file name in a replica directory is one of its overlays.
+/// Whether a file name in a replica directory is one of its overlays (or the replica's
+/// variable store, which goes with them).
 pub fn is_overlay(name: &str) -> bool {
     name.starts_with(OVERLAY_PREFIX)
+}
+
+/// The copy of a UEFI VM's variable store that restore point `seq` holds.
+pub fn vars_path(dir: &str, seq: Seq) -> String {
+    format!("{dir}/{seq:06}-vars.fd")
+}
+
+/// The sequence in a variable store copy's name, if it is one `vars_path` makes.
+pub fn vars_seq(name: &str) -> Option<Seq> {
+    let seq = name.strip_suffix("-vars.fd")?;
+    (seq.len() >= 6 && seq.bytes().all(|b| b.is_ascii_digit())).then(|| seq.parse().ok().map(Seq)).flatten()
+}
+
+/// The replica VM's own variable store in failover: a copy of its restore point's, which
+/// the replica's firmware writes; goes with the overlays at undo.
+pub fn replica_vars_path(dir: &str) -> String {
+    format!("{dir}/{OVERLAY_PREFIX}vars.fd")
+}
+
+/// A `new:` failback target's variable store, beside its disks.
+pub fn new_target_vars_path(dir: &str, vm: &str) -> String {
+    format!("{dir}/{vm}-vars.fd")
 }
 
 /// A failback's working layer over target disk `disk`.
@@ -117,6 +140,10 @@ mod tests {
             assert_eq!(overlay_gen(&overlay_path("/r.g7", 0, g)), g);
         }
         assert!(is_overlay("failover-d0.g2.qcow2") && !is_overlay("000001-d0.qcow2"));
+        assert!(is_overlay("failover-dvars.fd"), "the replica's variable store goes with its overlays");
+        assert_eq!(vars_path("/r", Seq(12)), "/r/000012-vars.fd");
+        assert_eq!(vars_seq("000012-vars.fd"), Some(Seq(12)));
+        assert_eq!((vars_seq("12-vars.fd"), vars_seq("000012-d0.qcow2")), (None, None));
         assert_eq!(bitmap_seq(R3, &bitmap_name(R3, Seq(17))), Some(Seq(17)));
         assert_eq!(bitmap_seq(R3, &bitmap_name(ReplicaId(4), Seq(17))), None);
         assert_eq!(bitmap_seq(R3, "standby-r3-x"), None);

@@ -8,6 +8,7 @@ mod failback;
 mod failover;
 pub mod failpoint;
 mod fence;
+mod firmware;
 mod hosts;
 mod job;
 mod layout;
@@ -43,7 +44,8 @@ pub use job::{FreezeSpec, JobChange, JobSpec, JobView, Points, ReplicaDeleted};
 pub use plan::{PlanChange, PlanRun, PlanSpec, PlanStep, PlanView, PlanVmView, DEFAULT_HOOK_TIMEOUT_SECS};
 pub use progress::{NoProgress, Progress};
 pub use replication::{Recovery, ReplicaView, RestorePointView, RpDiskView, RunOutcome};
-pub use standby_model::{DriverConfig, FailbackTarget, SwitchMode, VmChange, VmConfig};
+pub use standby_host::{OVMF_CODE, OVMF_VARS};
+pub use standby_model::{DriverConfig, FailbackTarget, Firmware, SwitchMode, VmChange, VmConfig};
 pub use task::TaskView;
 pub use vm::{VmSpec, VmView};
 

@@ -92,7 +92,9 @@ impl Engine {
         if let Some(vm) = vm {
             for name in dr_host.list_dir(&replica.dir)? {
                 let path = format!("{}/{name}", replica.dir);
-                if crate::layout::is_overlay(&name) && !vm.disks.iter().any(|d| d.path == path) {
+                let kept = vm.disks.iter().any(|d| d.path == path)
+                    || vm.config.driver.firmware.as_ref().is_some_and(|f| f.vars == path);
+                if crate::layout::is_overlay(&name) && !kept {
                     dr_host.remove_file(&path)?;
                     removed.push(path);
                 }

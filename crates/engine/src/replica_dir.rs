@@ -102,8 +102,10 @@ pub fn remove_orphans(
     let mut removed = Vec::new();
     for name in host.list_dir(dir)? {
         let path = format!("{dir}/{name}");
-        let used = points.iter().flat_map(|p| &p.disks).any(|d| d.layer == path);
-        if layer_seq(&name).is_some_and(|s| s < below_seq) && !used {
+        let used = points.iter().flat_map(|p| &p.disks).any(|d| d.layer == path)
+            || points.iter().any(|p| p.nvram.as_deref() == Some(&path));
+        let seq = layer_seq(&name).or_else(|| crate::layout::vars_seq(&name));
+        if seq.is_some_and(|s| s < below_seq) && !used {
             host.remove_file(&path)?;
             removed.push(path);
         }
@@ -127,6 +129,7 @@ mod tests {
             bytes_read: 0,
             duration_ms: 0,
             consistency: standby_model::Consistency::Crash,
+            nvram: None,
             pruning: false,
             disks: vec![RpDiskRecord {
                 idx: 0,

@@ -74,6 +74,12 @@ impl Engine {
         for (i, path) in spec.disks.iter().enumerate() {
             disks.push(self.check_disk(host.as_ref(), path, formats.get(i).copied(), &disks)?);
         }
+        // A new UEFI VM's variable store starts as the firmware's template.
+        if let Some(f) = &spec.config.driver.firmware {
+            if !host.file_exists(&f.vars)? {
+                host.write_vars(&f.vars, &host.read_vars(standby_host::OVMF_VARS)?)?;
+            }
+        }
         self.store().insert_vm(&NewVm {
             name: spec.name.clone(),
             host: spec.host.clone(),

@@ -24,6 +24,7 @@ use standby_qemu::QemuError;
 pub use libvirt::LibvirtHost;
 pub use live::{fleece_prefix, serve_prefix};
 pub use local::LocalHost;
+pub use standby_qemu::machine::{OVMF_CODE, OVMF_VARS};
 pub use views::{BitmapState, DiskAccess, SourceDisk, View};
 
 /// Makes every file and socket this process and the programs it starts create (QEMU, its
@@ -96,6 +97,9 @@ pub enum HostError {
 }
 
 pub type Result<T> = std::result::Result<T, HostError>;
+
+/// The largest UEFI variable store standby reads (OVMF's are 128 KiB and 528 KiB).
+pub const MAX_VARS_FILE: u64 = 64 << 20;
 
 /// What a host needs to run a VM: its configuration, carried whole, and its disks.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -228,6 +232,15 @@ pub trait Storage {
     fn create_file_new(&self, path: &str, content: &str) -> Result<bool>;
     /// A small text file's content (at most 64 KiB), None when it does not exist.
     fn read_small_file(&self, path: &str) -> Result<Option<String>>;
+    /// A firmware variable store's bytes, whole (at most `MAX_VARS_FILE`).
+    fn read_vars(&self, _path: &str) -> Result<Vec<u8>> {
+        Err(HostError::Invalid("this host keeps no UEFI variable stores".into()))
+    }
+    /// Replaces the variable store at `path` with `data`, atomically (a crash leaves the
+    /// old one or the new one) and durably, owner-only.
+    fn write_vars(&self, _path: &str, _data: &[u8]) -> Result<()> {
+        Err(HostError::Invalid("this host keeps no UEFI variable stores".into()))
+    }
     fn list_dir(&self, dir: &str) -> Result<Vec<String>>;
     fn file_exists(&self, path: &str) -> Result<bool>;
     /// Removes a file; a missing file is not an error.

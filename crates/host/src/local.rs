@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -283,6 +283,34 @@ impl Storage for LocalHost {
         Ok(Some(text))
     }
 
+    fn read_vars(&self, path: &str) -> Result<Vec<u8>> {
+        let p = Path::new(path);
+        let f = fs::File::open(p).map_err(io_err("cannot open the variable store", p))?;
+        let mut data = Vec::new();
+        f.take(MAX_VARS_FILE + 1).read_to_end(&mut data).map_err(io_err("cannot read", p))?;
+        if data.len() as u64 > MAX_VARS_FILE {
+            return Err(HostError::Invalid(format!("{path} is larger than a UEFI variable store can be")));
+        }
+        Ok(data)
+    }
+
+    fn write_vars(&self, path: &str, data: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let p = Path::new(path);
+        let tmp = PathBuf::from(format!("{path}.standby-tmp"));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("cannot create", &tmp))?;
+        f.write_all(data).map_err(io_err("cannot write", &tmp))?;
+        f.sync_all().map_err(io_err("cannot sync", &tmp))?;
+        fs::rename(&tmp, p).map_err(io_err("cannot replace", p))?;
+        self.sync_file(path)
+    }
+
     fn list_dir(&self, dir: &str) -> Result<Vec<String>> {
         let path = Path::new(dir);
         let entries = match fs::read_dir(path) {
@@ -381,6 +409,18 @@ impl VmDriver for LocalHost {
         let d = &config.driver;
         for nic in &d.nics {
             Nic::parse(nic).map_err(|why| HostError::BadConfig { arg: "--nic", why })?;
+        }
+        if let Some(f) = &d.firmware {
+            if !Path::new(&f.loader).exists() {
+                let why =
+                    format!("UEFI firmware {} is not installed; install Debian's ovmf (make deps does)", f.loader);
+                return Err(HostError::BadConfig { arg: "--uefi", why });
+            }
+            let vars = Path::new(&f.vars);
+            if !vars.is_absolute() || !vars.parent().is_some_and(Path::is_dir) || vars.is_dir() {
+                let why = format!("--nvram {}: give an absolute file path in a directory that exists", f.vars);
+                return Err(HostError::BadConfig { arg: "--nvram", why });
+            }
         }
         // A name, not options: QEMU itself says whether it knows it, when the VM starts.
         for (arg, value) in [("--machine", &d.machine), ("--cpu-model", &d.cpu_model)] {

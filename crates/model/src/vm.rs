@@ -38,6 +38,18 @@ pub struct DriverConfig {
     /// QEMU's CPU model (`qemu64`, `Skylake-Server`, ...); None for QEMU's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_model: Option<String>,
+    /// UEFI firmware and this VM's variable store; None for BIOS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+}
+
+/// A UEFI VM's firmware: the code (read-only, shared by every VM) and the VM's own variable
+/// store (boot entries, Secure Boot keys), which is state of the VM like its disks: it is
+/// captured with every restore point, and a replica and a failback take it along.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Firmware {
+    pub loader: String,
+    pub vars: String,
 }
 
 /// What `standby vm change` asks for; `None` keeps the current value.
@@ -79,6 +91,7 @@ impl VmConfig {
             network_map: d.network_map.clone(),
             machine: change.machine.clone().unwrap_or_else(|| d.machine.clone()),
             cpu_model: change.cpu_model.clone().unwrap_or_else(|| d.cpu_model.clone()),
+            firmware: d.firmware.clone(),
         };
         if change.kernel == Some(None) {
             if matches!(change.initrd, Some(Some(_))) || matches!(change.append, Some(Some(_))) {

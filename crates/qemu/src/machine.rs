@@ -6,6 +6,11 @@ use standby_model::VmConfig;
 
 pub const QEMU_SYSTEM: &str = "qemu-system-x86_64";
 
+/// UEFI firmware for VMs, from Debian's `ovmf`: the code every UEFI VM runs, and the
+/// template a new VM's variable store starts from.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
 #[derive(Debug, Clone)]
 pub struct MachineDisk {
     pub source: DiskSource,
@@ -59,6 +64,12 @@ impl Machine {
         ]);
         push(&["-accel", self.accel.as_str()]);
         let boot = &self.config.driver;
+        if let Some(f) = &boot.firmware {
+            // The code read-only, the VM's own variables writable: UEFI's two flash chips.
+            let code = format!("if=pflash,format=raw,unit=0,readonly=on,file={}", opt_value(&f.loader));
+            push(&["-drive", &code]);
+            push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", opt_value(&f.vars))]);
+        }
         if let Some(m) = &boot.machine {
             push(&["-machine", m]);
         }

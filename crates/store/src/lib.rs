@@ -108,8 +108,8 @@ impl Store {
         let tx = self.tx()?;
         tx.execute(
             "INSERT INTO vms (name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id,
-                              domain_xml, network_map, machine, cpu_model)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                              domain_xml, network_map, machine, cpu_model, firmware)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 vm.name,
                 vm.host,
@@ -125,7 +125,8 @@ impl Store {
                 vm.config.driver.domain_xml,
                 serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default(),
                 vm.config.driver.machine,
-                vm.config.driver.cpu_model
+                vm.config.driver.cpu_model,
+                firmware_cell(&vm.config.driver.firmware)
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -157,6 +158,13 @@ impl Store {
                         .map_err(|e| bad_cell("vms", id, 13, format!("network_map {map:?}: {e}")))?,
                     machine: r.get(14)?,
                     cpu_model: r.get(15)?,
+                    firmware: match r.get::<_, Option<String>>(16)? {
+                        None => None,
+                        Some(f) => Some(
+                            serde_json::from_str(&f)
+                                .map_err(|e| bad_cell("vms", id, 16, format!("firmware {f:?}: {e}")))?,
+                        ),
+                    },
                 },
             },
             created_at: r.get(9)?,
@@ -181,7 +189,7 @@ impl Store {
 
     const VM_COLS: &'static str =
         "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id, domain_xml, network_map, \
-         machine, cpu_model";
+         machine, cpu_model, firmware";
 
     pub fn vm(&self, name: &str) -> Result<Option<VmRecord>> {
         let sql = format!("SELECT {} FROM vms WHERE name = ?1", Self::VM_COLS);
@@ -230,7 +238,8 @@ impl Store {
         let d = &config.driver;
         let n = self.conn.execute(
             "UPDATE vms SET cpus = ?2, memory_mib = ?3, nics = ?4, kernel = ?5, initrd = ?6, append = ?7,
-                            domain_xml = ?8, network_map = ?9, machine = ?10, cpu_model = ?11 WHERE name = ?1",
+                            domain_xml = ?8, network_map = ?9, machine = ?10, cpu_model = ?11, firmware = ?12
+             WHERE name = ?1",
             params![
                 name,
                 config.cpus,
@@ -242,7 +251,8 @@ impl Store {
                 d.domain_xml,
                 serde_json::to_string(&d.network_map).unwrap_or_default(),
                 d.machine,
-                d.cpu_model
+                d.cpu_model,
+                firmware_cell(&d.firmware)
             ],
         )?;
         if n != 1 {
@@ -258,7 +268,7 @@ impl Store {
         let id: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [&vm.name], |r| r.get(0))?;
         tx.execute(
             "UPDATE vms SET host = ?2, cpus = ?3, memory_mib = ?4, nics = ?5, kernel = ?6, initrd = ?7, append = ?8,
-                            domain_xml = ?9, network_map = ?10, machine = ?11, cpu_model = ?12
+                            domain_xml = ?9, network_map = ?10, machine = ?11, cpu_model = ?12, firmware = ?13
              WHERE id = ?1",
             params![
                 id,
@@ -272,7 +282,8 @@ impl Store {
                 vm.config.driver.domain_xml,
                 serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default(),
                 vm.config.driver.machine,
-                vm.config.driver.cpu_model
+                vm.config.driver.cpu_model,
+                firmware_cell(&vm.config.driver.firmware)
             ],
         )?;
         tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;
@@ -653,8 +664,8 @@ impl Store {
         let tx = self.tx()?;
         tx.execute(
             "INSERT INTO restore_points (replica_id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms,
-                                         consistency)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                                         consistency, nvram)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 rp.replica_id,
                 rp.seq,
@@ -663,7 +674,8 @@ impl Store {
                 rp.bytes_transferred as i64,
                 rp.bytes_read as i64,
                 rp.duration_ms as i64,
-                rp.consistency.as_str()
+                rp.consistency.as_str(),
+                rp.nvram
             ],
         )?;
         let id = PointId(tx.last_insert_rowid());
@@ -678,7 +690,7 @@ impl Store {
     /// `pruning` points (half-removed by retention) are included only when asked.
     pub fn restore_points(&self, replica_id: ReplicaId, include_pruning: bool) -> Result<Vec<RestorePointRecord>> {
         let mut st = self.conn.prepare(
-            "SELECT id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms, pruning, consistency
+            "SELECT id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms, pruning, consistency, nvram
              FROM restore_points WHERE replica_id = ?1 AND (pruning = 0 OR ?2) ORDER BY seq",
         )?;
         let mut rps: Vec<RestorePointRecord> = st
@@ -697,6 +709,7 @@ impl Store {
                         let (id, c): (i64, String) = (r.get(0)?, r.get(8)?);
                         c.parse::<Consistency>().map_err(|e| bad_cell("restore_points", id, 8, e))?
                     },
+                    nvram: r.get(9)?,
                     disks: Vec::new(),
                 })
             })?
@@ -752,6 +765,11 @@ impl Store {
 }
 
 /// A cell no standby wrote: an error naming the table's row.
+/// A VM's firmware as stored: JSON, or NULL for BIOS.
+fn firmware_cell(f: &Option<standby_model::Firmware>) -> Option<String> {
+    f.as_ref().map(|f| serde_json::to_string(f).unwrap_or_default())
+}
+
 fn bad_cell(table: &str, id: i64, col: usize, why: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
         col,

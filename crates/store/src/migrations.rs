@@ -213,10 +213,14 @@ pub const MIGRATIONS: &[&str] = &[
     // (JSON: enabled, timeout, pre- and post-freeze commands); what each point can promise:
     // `application` (frozen by the guest's agent), `crash`, or `offline` (a stopped VM's
     // images). Points made before this could not have been frozen: `crash`. A VM's machine
-    // type and CPU model (NULL: QEMU's defaults), which its replica keeps.
+    // type and CPU model (NULL: QEMU's defaults), which its replica keeps; a UEFI VM's
+    // firmware (JSON: loader and variable store; NULL for BIOS), and the copy of its
+    // variable store each restore point holds.
     r#"
     ALTER TABLE vms ADD COLUMN machine TEXT;
     ALTER TABLE vms ADD COLUMN cpu_model TEXT;
+    ALTER TABLE vms ADD COLUMN firmware TEXT;
+    ALTER TABLE restore_points ADD COLUMN nvram TEXT;
     ALTER TABLE jobs ADD COLUMN quiesce TEXT NOT NULL DEFAULT '{"enabled":true,"timeout_secs":10}';
     ALTER TABLE restore_points ADD COLUMN consistency TEXT NOT NULL DEFAULT 'crash'
         CHECK (consistency IN ('application', 'crash', 'offline'));

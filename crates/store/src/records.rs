@@ -129,6 +129,8 @@ pub struct NewRestorePoint {
     pub bytes_read: u64,
     pub duration_ms: u64,
     pub consistency: Consistency,
+    /// The copy of a UEFI VM's variable store taken at the point's instant.
+    pub nvram: Option<String>,
     pub disks: Vec<RpDiskRecord>,
 }
 
@@ -143,6 +145,7 @@ pub struct RestorePointRecord {
     pub bytes_read: u64,
     pub duration_ms: u64,
     pub consistency: Consistency,
+    pub nvram: Option<String>,
     pub pruning: bool,
     pub disks: Vec<RpDiskRecord>,
 }

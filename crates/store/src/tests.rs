@@ -78,6 +78,7 @@ fn retention_drop_repoints_layers() {
                 bytes_read: 0,
                 duration_ms: 0,
                 consistency: standby_model::Consistency::Application,
+                nvram: None,
                 disks: vec![disk(layer, parent)],
             })
             .unwrap(),
@@ -216,6 +217,8 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE jobs DROP COLUMN quiesce;
              ALTER TABLE vms DROP COLUMN machine;
              ALTER TABLE vms DROP COLUMN cpu_model;
+             ALTER TABLE vms DROP COLUMN firmware;
+             ALTER TABLE restore_points DROP COLUMN nvram;
              ALTER TABLE restore_points DROP COLUMN consistency;
              PRAGMA user_version = 5;",
         )

@@ -155,6 +155,7 @@ impl Engine {
             method: if full_newer { Method::Digest } else { Method::Cbt },
             // What the replica left when it was shut down for the switch.
             consistency: standby_model::Consistency::Offline,
+            nvram: None,
             bytes_transferred: moved.written,
             bytes_read: moved.read,
             duration_ms: started.elapsed().as_millis() as u64,

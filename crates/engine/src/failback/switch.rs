@@ -167,6 +167,14 @@ impl Engine {
             tgt.remove_file(w)?;
             failpoint::hit("switch.mid-commit");
         }
+        // The replica's final UEFI variables go with its disks (the replica is off: they
+        // no longer change, so this is done again as it is after a crash).
+        if let Some(f) = &rd.vm.config.driver.firmware {
+            if let Some(target) = self.target_vars(replica, &rec)? {
+                progress.step(name, &format!("UEFI variables into {target}"));
+                tgt.write_vars(&target, &dr_host.read_vars(&f.vars)?)?;
+            }
+        }
         // From the switch on, the bitmap of the point commit will publish records every
         // write production makes. Added after the commit so the commit is not in it.
         self.store().set_step(replica.id, Step::Switch(SwitchStep::Bitmap))?;
@@ -208,6 +216,33 @@ impl Engine {
         Ok(msg)
     }
 
+    /// Where the target keeps its UEFI variables: the original's or the existing VM's own
+    /// store, or a new one beside a `new:` target's disks. None for a target booting BIOS.
+    fn target_vars(&self, replica: &ReplicaRecord, rec: &FailbackRecord) -> Result<Option<String>> {
+        Ok(match &rec.target {
+            FailbackTarget::Original => self.source_firmware(replica, rec)?.map(|f| f.vars),
+            FailbackTarget::Existing { vm } => self
+                .store()
+                .vm(vm)?
+                .and_then(|v| v.config.driver.firmware)
+                .or_else(|| rec.prior.as_ref().and_then(|p| p.existing.as_ref()?.config.driver.firmware.clone()))
+                .map(|f| f.vars),
+            FailbackTarget::New { dir, .. } => Some(crate::layout::new_target_vars_path(dir, &replica.vm)),
+        })
+    }
+
+    /// The source VM's firmware as it was before the switch moved any identity.
+    fn source_firmware(
+        &self,
+        replica: &ReplicaRecord,
+        rec: &FailbackRecord,
+    ) -> Result<Option<standby_model::Firmware>> {
+        Ok(match rec.prior.as_ref() {
+            Some(p) => p.protected.config.driver.firmware.clone(),
+            None => self.store().vm(&replica.vm)?.and_then(|v| v.config.driver.firmware),
+        })
+    }
+
     /// For `existing:` and `new:`: the protected VM becomes the target VM (its host,
     /// configuration and disks); what it was is kept for undo. Idempotent.
     pub(super) fn move_identity(&self, replica: &ReplicaRecord, rec: &mut FailbackRecord) -> Result<()> {
@@ -227,7 +262,11 @@ impl Engine {
         let prior = rec.prior.as_ref().ok_or_else(|| missing_record(name))?;
         // The configuration: the existing VM's own, or for a new VM the replica's
         // (which is the source's).
-        let config = prior.existing.clone().unwrap_or_else(|| prior.protected.clone());
+        let mut config = prior.existing.clone().unwrap_or_else(|| prior.protected.clone());
+        // A new VM keeps its UEFI variables beside its disks.
+        if let (FailbackTarget::New { dir, .. }, Some(f)) = (&rec.target, &mut config.config.driver.firmware) {
+            f.vars = crate::layout::new_target_vars_path(dir, name);
+        }
         let new = NewVm {
             name: name.into(),
             host: rec.host.clone(),

@@ -53,6 +53,9 @@ pub struct RestorePointView {
     /// `application` (the guest's filesystems were frozen at its instant), `crash`, or
     /// `offline` (the VM was not running).
     pub consistency: String,
+    /// A UEFI VM's variable store as it was at the point's instant (a copy of its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uefi_vars: Option<String>,
     pub disks: Vec<RpDiskView>,
 }
 
@@ -115,6 +118,7 @@ fn point_view(rp: RestorePointRecord, vm: &str, job: &str) -> RestorePointView {
         bytes_read: rp.bytes_read,
         duration_ms: rp.duration_ms,
         consistency: rp.consistency.as_str().into(),
+        uefi_vars: rp.nvram,
         disks: rp
             .disks
             .into_iter()
@@ -619,22 +623,30 @@ impl Engine {
         }
         progress.step(&vm.name, "taking the point-in-time view");
         let created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        let views =
-            access.open_views(replica.id, &disks, &previous_bitmaps, &trusted, &new_bitmap).map_err(EngineError::from);
+        let (views, vars) = crate::firmware::at_instant(src, vm, running, || {
+            access.open_views(replica.id, &disks, &previous_bitmaps, &trusted, &new_bitmap).map_err(EngineError::from)
+        });
         // The views hold the instant: the guest goes on at once, whether they opened or not.
         let consistency =
             if running { quiesce::after_instant(src, &vm.name, &q, freeze, notes) } else { Consistency::Offline };
+        let vars_file = crate::layout::vars_path(&replica.dir, seq);
         let result = views.map_err(fail("taking the point-in-time view")).and_then(|views| {
             failpoint::hit("replicate.after-checkpoint");
-            self.transfer_disks(replica, vm, dr, &disks, &views, &methods, &points, seq, progress)
+            let vars = vars.map_err(fail("reading the UEFI variables"))?;
+            let moved = self.transfer_disks(replica, vm, dr, &disks, &views, &methods, &points, seq, progress)?;
+            if let Some(data) = &vars {
+                dr.write_vars(&vars_file, data).map_err(|e| fail("keeping the UEFI variables")(e.into()))?;
+            }
+            Ok((moved, vars.is_some().then(|| vars_file.clone())))
         });
         // Views go whatever happened; on failure the bitmaps are reconciled so that the
         // bitmap of the last restore point again covers every change.
         let closed = access.close_views(replica.id, disks.len()).map_err(EngineError::from);
-        let (stats, layers) = match (result, closed) {
+        let ((stats, layers), nvram) = match (result, closed) {
             (Ok(r), Ok(())) => r,
             (Err(e), _) | (Ok(_), Err(e)) => {
                 let _ = dr.nbd_stop_all(&target_prefix(replica.id));
+                let _ = dr.remove_file(&vars_file);
                 for d in &disks {
                     let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
                     let _ = source::reconcile(access.as_mut(), d, replica.id, previous_bitmaps[d.idx].as_deref());
@@ -652,7 +664,7 @@ impl Engine {
             &disks,
             layers,
             &stats,
-            (&methods, consistency),
+            (&methods, consistency, nvram),
             seq,
             &new_bitmap,
             created_at,
@@ -661,6 +673,7 @@ impl Engine {
         let rp_id = match committed {
             Ok(id) => id,
             Err(e) => {
+                let _ = dr.remove_file(&vars_file);
                 for d in &disks {
                     let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
                     let _ = source::reconcile(access.as_mut(), d, replica.id, previous_bitmaps[d.idx].as_deref());
@@ -707,7 +720,7 @@ impl Engine {
         disks: &[SourceDisk],
         layers: Vec<RpDiskRecord>,
         stats: &[Stats],
-        (methods, consistency): (&[Method], Consistency),
+        (methods, consistency, nvram): (&[Method], Consistency, Option<String>),
         seq: Seq,
         new_bitmap: &str,
         created_at: String,
@@ -734,6 +747,7 @@ impl Engine {
             created_at,
             method: Method::overall(methods.iter().copied()),
             consistency,
+            nvram,
             bytes_transferred: total.written,
             bytes_read: total.read,
             duration_ms: started.elapsed().as_millis() as u64,

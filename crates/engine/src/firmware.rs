@@ -1,0 +1,72 @@
+//! A UEFI VM's variable store (its firmware's NVRAM: boot entries, Secure Boot keys) is
+//! state of the VM like its disks. Each restore point holds a copy taken at its instant,
+//! with the running VM's CPUs stopped around the instant and the copy, so that no variable
+//! write falls between the disks' instant and the variables'. A failover gives the replica
+//! its own copy of its point's; a failback's switch gives the target the replica's final
+//! one. Stores are small (OVMF's are 528 KiB) and travel whole.
+
+use standby_host::Host;
+use standby_model::Firmware;
+use standby_store::VmRecord;
+
+use crate::{EngineError, Result};
+
+/// Takes the instant with `open` and, for a UEFI VM, reads its variables at that same
+/// instant. Never returns early: the VM runs again whatever happened.
+pub(crate) fn at_instant<T>(
+    src: &dyn Host,
+    vm: &VmRecord,
+    running: bool,
+    open: impl FnOnce() -> Result<T>,
+) -> (Result<T>, Result<Option<Vec<u8>>>) {
+    let Some(f) = &vm.config.driver.firmware else { return (open(), Ok(None)) };
+    if !running {
+        let views = open();
+        let vars = views.as_ref().ok().map(|_| src.read_vars(&f.vars).map_err(EngineError::from)).transpose();
+        return (views, vars);
+    }
+    // Already paused by its operator: it stays so.
+    let pause = match src.vm_paused(&vm.name) {
+        Ok(paused) => !paused,
+        Err(e) => return (Err(e.into()), Ok(None)),
+    };
+    if pause {
+        if let Err(e) = src.vm_pause(&vm.name) {
+            return (Err(e.into()), Ok(None));
+        }
+    }
+    let views = open();
+    let vars = views.as_ref().ok().map(|_| src.read_vars(&f.vars).map_err(EngineError::from)).transpose();
+    if pause {
+        if let Err(e) = src.vm_resume(&vm.name) {
+            let why = format!(
+                "VM {} stays paused: its CPUs could not be started again after its instant ({}); start them \
+                 (`virsh resume`, or QMP `cont`) at once",
+                vm.name,
+                crate::chain(&e)
+            );
+            return (Err(EngineError::Invalid(why)), vars);
+        }
+    }
+    (views, vars)
+}
+
+/// The variable store a replica of `source` gets at failover: its own copy of its restore
+/// point's, at `replica_vars`. Every point of a UEFI VM holds one (firmware is set when the
+/// VM is defined, and standby captured variables from its first point on).
+pub(crate) fn for_replica(
+    dr: &dyn Host,
+    source: &Firmware,
+    point_vars: Option<&str>,
+    replica_vars: &str,
+) -> Result<Firmware> {
+    let point_vars = point_vars.ok_or_else(|| {
+        EngineError::Invalid(
+            "the restore point holds no copy of the VM's UEFI variables, so a replica could not boot as the VM \
+             did; fail over to another point"
+                .into(),
+        )
+    })?;
+    dr.write_vars(replica_vars, &dr.read_vars(point_vars)?)?;
+    Ok(Firmware { loader: source.loader.clone(), vars: replica_vars.into() })
+}
