@@ -141,13 +141,13 @@ pub fn outcomes(list: &[RunOutcome], as_json: bool) -> Result<()> {
     for o in list {
         match (&o.restore_point, &o.error) {
             (Some(rp), _) => println!(
-                "{}: restore point {} ({}, {}-consistent, {} transferred, {:.1} s)",
+                "{}: restore point {} ({}, {} transferred, {:.1} s, {}-consistent)",
                 o.vm,
                 rp.id,
                 rp.method,
-                rp.consistency,
                 bytes(rp.bytes_transferred),
-                rp.duration_ms as f64 / 1000.0
+                rp.duration_ms as f64 / 1000.0,
+                rp.consistency
             ),
             (None, Some(e)) => println!("{}: FAILED: {e}", o.vm),
             (None, None) => println!("{}: no restore point", o.vm),

@@ -400,3 +400,62 @@ fn libvirt_domains_with_an_agent_get_application_points_and_a_hung_agent_a_thawe
     let (ok, list) = try_virsh(&["list", "--all", "--name"]);
     assert!(ok && list.contains(&name) && list.contains(&slow_name), "{list}");
 }
+
+#[test]
+fn a_uefi_domains_variables_go_with_its_points_to_its_replica_domain_and_back() {
+    let env = Env::new(BIN);
+    setup(&env);
+    let name = unique("lvefi");
+    let disk = env.path("src/efi.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x61, 0, 2)]);
+    let vars = format!("/var/lib/libvirt/qemu/nvram/{name}_VARS.fd");
+    let _ = std::fs::remove_file(&vars);
+    let append = ledger_append(LEDGER_START, LEDGER_MAX, 20_000);
+    let dom = Domain::define_booting(&name, &disk, &append, &env.path("src/efi.console.log"), &[], Some(&vars));
+    env.ok(&["vm", "import", &name, "--host", "kvm"]);
+    assert_eq!(env.json(&["vm", "show", &name])["firmware"]["vars"], vars.as_str(), "its store, as libvirt names it");
+    env.ok(&["job", "create", "j", "--vm", &name, "--target-host", "kvm", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", &name]);
+    env.wait_console(&name, Duration::from_secs(120), "a UEFI boot and ledger writes", |c| {
+        c.contains("STANDBY-GUEST uefi boots=0") && Ledger::acknowledged(c) >= 10
+    });
+    env.ok(&["job", "run", "j"]);
+    let running = env.points(&name).last().unwrap()["uefi_vars"].as_str().unwrap().to_owned();
+    assert_eq!(
+        standby_testkit::file_digest(&running),
+        standby_testkit::file_digest(&vars),
+        "running: the domain's store"
+    );
+
+    // Stopped through libvirt: byte for byte the domain's store.
+    env.ok(&["vm", "shutdown", &name, "--timeout", "30"]);
+    env.ok(&["job", "run", "j"]);
+    let stopped = env.points(&name).last().unwrap()["uefi_vars"].as_str().unwrap().to_owned();
+    assert_eq!(
+        standby_testkit::file_digest(&stopped),
+        standby_testkit::file_digest(&vars),
+        "stopped: the domain's store"
+    );
+
+    // The replica domain gets its own copy, boots with the point's variables.
+    env.ok(&["failover", &name]);
+    let replica = format!("{name}_replica");
+    let xml = virsh(&["dumpxml", "--inactive", &replica]);
+    assert!(xml.contains(&format!("<nvram>{}/", env.path("dr"))), "its own store in the DR directory: {xml}");
+    assert!(!xml.contains(&vars), "never the source's store: {xml}");
+    env.wait_console(&replica, Duration::from_secs(120), "the replica's UEFI boot", |c| {
+        c.contains("STANDBY-GUEST uefi boots=1")
+    });
+
+    // Failback to the original: the domain starts through libvirt on the replica's variables.
+    env.ok(&["failback", &name, "--to", "original", "--switch", "manual"]);
+    env.ok(&["failback", "switch", &name]);
+    env.ok(&["vm", "start", &name]);
+    assert_eq!(dom.state(), "running");
+    env.wait_console(&name, Duration::from_secs(120), "the source's UEFI boot", |c| {
+        c.contains("STANDBY-GUEST uefi boots=2")
+    });
+    env.ok(&["failback", "commit", &name]);
+    assert_eq!(domains(&name), std::slice::from_ref(&name), "the replica domain is undefined");
+    let _ = std::fs::remove_file(&vars);
+}

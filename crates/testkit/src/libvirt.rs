@@ -82,6 +82,19 @@ impl Domain {
     /// guest agent channel (the guest runs qemu-ga on it), and one NIC per
     /// `(kind, on, mac)`: kind `network` or `bridge`.
     pub fn define(name: &str, disk: &str, append: &str, console: &str, nics: &[(&str, &str, &str)]) -> Domain {
+        Domain::define_booting(name, disk, append, console, nics, None)
+    }
+
+    /// The same, booting UEFI (Debian's OVMF) with its variable store in `uefi_vars`
+    /// (made by libvirt from OVMF's template at the first start) when given.
+    pub fn define_booting(
+        name: &str,
+        disk: &str,
+        append: &str,
+        console: &str,
+        nics: &[(&str, &str, &str)],
+        uefi_vars: Option<&str>,
+    ) -> Domain {
         ensure_daemon();
         let (kernel, initrd) = crate::guest();
         // Only what this test defines goes: a leftover of an earlier run of it first.
@@ -95,9 +108,15 @@ impl Domain {
                 "<interface type='{kind}'><mac address='{mac}'/><source {attr}='{on}'/><model type='e1000'/></interface>"
             ));
         }
+        let firmware = uefi_vars.map_or_else(String::new, |vars| {
+            format!(
+                "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>\
+                 <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{vars}</nvram>"
+            )
+        });
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
-             <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>\
+             <os><type arch='x86_64' machine='pc'>hvm</type>{firmware}<kernel>{kernel}</kernel><initrd>{initrd}</initrd>\
              <cmdline>{append}</cmdline></os><features><acpi/></features><on_poweroff>destroy</on_poweroff><devices>\
              <disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{disk}'/>\
              <target dev='vda' bus='virtio'/></disk>{interfaces}\

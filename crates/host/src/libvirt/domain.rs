@@ -12,6 +12,7 @@ use std::ops::Range;
 
 use roxmltree::{Document, Node};
 use standby_model::image::{DiskSource, Format};
+use standby_model::Firmware;
 
 /// Marks the domains standby defined itself, so that it never redefines or undefines one
 /// it did not make (an operator's domain that happens to bear a replica's name).
@@ -31,8 +32,10 @@ pub struct Domain {
     pub console_file: Option<String>,
     /// Defined by standby (carries its marker).
     pub standby_made: bool,
-    /// It keeps UEFI variables in an NVRAM file.
-    pub uefi_vars: bool,
+    /// Its UEFI firmware and variable store (`<os><loader>`, `<nvram>`); None for BIOS.
+    pub firmware: Option<Firmware>,
+    /// It has a TPM, whose state standby does not capture yet.
+    pub tpm: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +147,11 @@ pub fn parse(xml: &str) -> Result<Domain, String> {
     if disks.is_empty() {
         return Err("it has no disk standby can replicate".into());
     }
-    let uefi_vars = child(root, "os").and_then(|os| child(os, "nvram")).is_some();
+    let os = child(root, "os");
+    let firmware = os
+        .and_then(|os| text_of(child(os, "nvram")))
+        .map(|vars| Firmware { loader: os.and_then(|os| text_of(child(os, "loader"))).unwrap_or_default(), vars });
+    let tpm = child(root, "devices").is_some_and(|d| d.children().any(|c| c.has_tag_name("tpm")));
     let standby_made =
         child(root, "metadata").is_some_and(|m| m.children().any(|c| c.tag_name().namespace() == Some(MARKER_NS)));
     Ok(Domain {
@@ -156,7 +163,8 @@ pub fn parse(xml: &str) -> Result<Domain, String> {
         nics,
         console_file,
         standby_made,
-        uefi_vars,
+        firmware,
+        tpm,
     })
 }
 
@@ -223,6 +231,8 @@ pub struct Derived<'a> {
     /// `--network-map`: a NIC's key ([`DomainNic::key`]) to where it goes here.
     pub network_map: &'a BTreeMap<String, String>,
     pub console_file: Option<&'a str>,
+    /// Its own UEFI variable store, for a domain with one.
+    pub nvram: Option<&'a str>,
     /// Which VM it derives from, recorded in its marker.
     pub of: &'a str,
 }
@@ -281,6 +291,11 @@ pub fn derive(xml: &str, to: &Derived<'_>) -> Result<String, String> {
         (Some(u), None) => edits.0.push((u.range(), String::new())),
         (None, Some(keep)) => edits.0.push((name.range().end..name.range().end, format!("<uuid>{}</uuid>", esc(keep)))),
         (None, None) => {}
+    }
+    // Its own variable store: never the source's (two writers of one file).
+    if let Some(nvram) = child(root, "os").and_then(|os| child(os, "nvram")) {
+        let path = to.nvram.ok_or("the stored definition has a UEFI variable store, and none was given for it")?;
+        edits.0.push((nvram.range(), format!("<nvram>{}</nvram>", esc(path))));
     }
     let devices = child(root, "devices").ok_or("the stored definition has no <devices>")?;
     let mut disk_index = 0;
@@ -429,8 +444,31 @@ mod tests {
         assert!(parse(&lun).unwrap_err().contains("its lun hdc"), "a LUN is refused, not skipped");
         let direct = XML.replace("<interface type='bridge'>", "<interface type='direct'>");
         assert!(parse(&direct).unwrap_err().contains("NIC of type direct"), "a NIC the map cannot move is refused");
-        let uefi = XML.replace("</type></os>", "</type><nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os>");
-        assert!(parse(&uefi).unwrap().uefi_vars);
+        let uefi = XML.replace(
+            "</type></os>",
+            "</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>\
+             <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os>",
+        );
+        let mut to = Derived {
+            name: "r",
+            uuid: None,
+            disks: &[DiskSource::Image { path: "/dr/o.qcow2".into(), format: Format::Qcow2 }],
+            network_map: &BTreeMap::from([("default".to_owned(), "dr".to_owned()), ("bridge:br0".into(), "dr".into())]),
+            console_file: None,
+            nvram: None,
+            of: "web",
+        };
+        assert!(derive(&uefi, &to).unwrap_err().contains("variable store"), "never the source's store");
+        to.nvram = Some("/dr/failover-dvars.fd");
+        let replica = parse(&derive(&uefi, &to).unwrap()).unwrap().firmware.unwrap();
+        assert_eq!(replica.vars, "/dr/failover-dvars.fd");
+        assert_eq!(replica.loader, "/usr/share/OVMF/OVMF_CODE_4M.fd", "the firmware itself is kept");
+        let f = parse(&uefi).unwrap().firmware.unwrap();
+        assert_eq!(
+            (f.loader.as_str(), f.vars.as_str()),
+            ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/var/lib/libvirt/qemu/nvram/web_VARS.fd")
+        );
+        assert!(parse(XML).unwrap().firmware.is_none());
     }
 
     #[test]
@@ -451,6 +489,7 @@ mod tests {
             disks: &disks,
             network_map: &map,
             console_file: Some("/dr/console.log"),
+            nvram: None,
             of: "web",
         };
         let out = derive(XML, &to).unwrap();
@@ -497,7 +536,15 @@ mod tests {
     fn an_unmapped_nic_is_an_error_saying_what_to_add() {
         let map = BTreeMap::from([("default".to_owned(), "dr-net".to_owned())]);
         let disks = [DiskSource::Image { path: "/x".into(), format: Format::Raw }];
-        let to = Derived { name: "r", uuid: None, disks: &disks, network_map: &map, console_file: None, of: "web" };
+        let to = Derived {
+            name: "r",
+            uuid: None,
+            disks: &disks,
+            network_map: &map,
+            console_file: None,
+            nvram: None,
+            of: "web",
+        };
         let e = derive(XML, &to).unwrap_err();
         assert!(e.contains("--network-map bridge:br0=DEST"), "{e}");
     }

@@ -94,13 +94,12 @@ impl LibvirtHost {
                 ),
             });
         }
-        if d.uefi_vars {
-            // A replica would share the source's variable store: two writers of one file.
+        if d.tpm {
             return Err(HostError::BadConfig {
                 arg: "DOMAIN",
                 why: format!(
-                    "domain {name} boots UEFI with an NVRAM file, which standby does not capture with restore \
-                     points yet; it cannot protect it until it does"
+                    "domain {name} has a TPM, whose state standby does not capture with restore points yet; it \
+                     cannot protect it until it does"
                 ),
             });
         }
@@ -114,7 +113,7 @@ impl LibvirtHost {
             config: VmConfig {
                 cpus: d.vcpus,
                 memory_mib: d.memory_mib,
-                driver: DriverConfig { domain_xml: Some(xml), ..DriverConfig::default() },
+                driver: DriverConfig { domain_xml: Some(xml), firmware: d.firmware, ..DriverConfig::default() },
             },
             disks: d.disks.into_iter().map(|x| (x.path, x.format)).collect(),
         })
@@ -361,6 +360,7 @@ impl VmDriver for LibvirtHost {
                     disks: &vm.disks,
                     network_map: &vm.config.driver.network_map,
                     console_file: console.to_str(),
+                    nvram: vm.config.driver.firmware.as_ref().map(|f| f.vars.as_str()),
                     of: &source.name,
                 },
             )
