@@ -182,7 +182,15 @@ impl Service {
     /// A socket this host's own runs made: a peer names nothing else on this machine.
     fn own_socket(&self, socket: &str) -> Result<()> {
         let p = Path::new(socket);
-        let inside = self.host.roots.iter().any(|root| p.starts_with(root))
+        // Resolved first: a directory QEMU's user owns (libvirt's) could hold a symlink
+        // to a socket elsewhere.
+        let resolved = std::fs::canonicalize(p).unwrap_or_default();
+        let inside = self
+            .host
+            .roots
+            .iter()
+            .filter_map(|root| std::fs::canonicalize(root).ok())
+            .any(|root| p.starts_with(&root) && resolved.starts_with(&root))
             && p.components().all(|c| matches!(c, Component::Normal(_) | Component::RootDir));
         match inside {
             true => Ok(()),

@@ -78,8 +78,12 @@ fn a_uefi_vms_variables_go_with_each_point_to_its_replica_and_come_back_at_failb
     env.wait_console("web", Duration::from_secs(120), "the source's UEFI boot", |c| {
         c.contains("STANDBY-GUEST uefi boots=2")
     });
+    let final_vars = digest(&replica_vars);
     env.ok(&["failback", "commit", "web"]);
     assert_eq!(digest(&replica_vars), None, "the replica's store went with it");
+    // The point commit keeps of the replica's final state holds its final variables too.
+    let kept = env.points("web").last().cloned().unwrap();
+    assert_eq!(digest(kept["uefi_vars"].as_str().expect("the kept point's variables")), final_vars, "{kept}");
     env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
     env.ok(&["job", "run", "j"]);
     let p = env.points("web").last().cloned().unwrap();
@@ -96,6 +100,7 @@ fn undo_discards_the_replicas_variables_and_bad_uefi_settings_are_refused() {
         (vec!["--nvram", "/tmp/v.fd"], "--uefi"),
         (vec!["--uefi", "--nvram", "relative.fd"], "absolute file path"),
         (vec!["--uefi", "--nvram", "/no/such/dir/v.fd"], "absolute file path"),
+        (vec!["--uefi", "--nvram", disk.as_str()], "not the 540672 of a variable store"),
     ] {
         let mut all = vec!["vm", "create", "x", "--disk", &disk];
         all.extend(args);

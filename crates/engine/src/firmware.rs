@@ -5,6 +5,8 @@
 //! its own copy of its point's; a failback's switch gives the target the replica's final
 //! one. Stores are small (OVMF's are 528 KiB) and travel whole.
 
+use std::path::Path;
+
 use standby_host::Host;
 use standby_model::Firmware;
 use standby_store::VmRecord;
@@ -12,11 +14,14 @@ use standby_store::VmRecord;
 use crate::{EngineError, Result};
 
 /// Takes the instant with `open` and, for a UEFI VM, reads its variables at that same
-/// instant. Never returns early: the VM runs again whatever happened.
+/// instant. Never returns early: the VM runs again whatever happened. `marker` exists
+/// while standby holds the VM paused, so that recovery resumes a VM a killed run left so
+/// (and only such a VM: one its operator paused stays paused).
 pub(crate) fn at_instant<T>(
     src: &dyn Host,
     vm: &VmRecord,
     running: bool,
+    marker: &Path,
     open: impl FnOnce() -> Result<T>,
 ) -> (Result<T>, Result<Option<Vec<u8>>>) {
     let Some(f) = &vm.config.driver.firmware else { return (open(), Ok(None)) };
@@ -31,8 +36,11 @@ pub(crate) fn at_instant<T>(
         Err(e) => return (Err(e.into()), Ok(None)),
     };
     if pause {
-        if let Err(e) = src.vm_pause(&vm.name) {
-            return (Err(e.into()), Ok(None));
+        let marked = std::fs::write(marker, vm.name.as_bytes())
+            .map_err(|e| EngineError::Invalid(format!("cannot record the pause in {}: {e}", marker.display())));
+        if let Err(e) = marked.and_then(|()| src.vm_pause(&vm.name).map_err(EngineError::from)) {
+            let _ = std::fs::remove_file(marker);
+            return (Err(e), Ok(None));
         }
     }
     let views = open();
@@ -47,8 +55,23 @@ pub(crate) fn at_instant<T>(
             );
             return (Err(EngineError::Invalid(why)), vars);
         }
+        let _ = std::fs::remove_file(marker);
     }
     (views, vars)
+}
+
+/// A killed run may have left a UEFI VM paused around its instant (its `marker` says so):
+/// recovery starts its CPUs again.
+pub(crate) fn after_kill(src: &dyn Host, vm: &str, marker: &Path, notes: &mut Vec<String>) -> Result<()> {
+    if !marker.exists() {
+        return Ok(());
+    }
+    if src.vm_paused(vm)? {
+        src.vm_resume(vm)?;
+        notes.push(format!("started VM {vm}'s CPUs again: the interrupted run had paused them for its instant"));
+    }
+    let _ = std::fs::remove_file(marker);
+    Ok(())
 }
 
 /// The variable store a replica of `source` gets at failover: its own copy of its restore

@@ -98,8 +98,9 @@ pub enum HostError {
 
 pub type Result<T> = std::result::Result<T, HostError>;
 
-/// The largest UEFI variable store standby reads (OVMF's are 128 KiB and 528 KiB).
-pub const MAX_VARS_FILE: u64 = 64 << 20;
+/// The largest UEFI variable store standby reads (OVMF's are 128 KiB and 528 KiB); small
+/// enough to travel whole in one agent message.
+pub const MAX_VARS_FILE: u64 = 2 << 20;
 
 /// What a host needs to run a VM: its configuration, carried whole, and its disks.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use standby_qemu::guest_agent::{AgentChannel, GuestAgent};
-use standby_qemu::machine::{opt_value, Machine, MachineDisk, MachineNic, QEMU_SYSTEM};
+use standby_qemu::machine::{opt_value, Machine, MachineDisk, MachineNic, OVMF_CODE, QEMU_SYSTEM};
 use standby_qemu::nbd_server::{NbdServe, QEMU_NBD};
 use standby_qemu::qmp::Qmp;
 use standby_qemu::{img, QemuError};
@@ -420,6 +420,21 @@ impl VmDriver for LocalHost {
             if !vars.is_absolute() || !vars.parent().is_some_and(Path::is_dir) || vars.is_dir() {
                 let why = format!("--nvram {}: give an absolute file path in a directory that exists", f.vars);
                 return Err(HostError::BadConfig { arg: "--nvram", why });
+            }
+            // An existing store must be one this firmware reads: OVMF's template's size.
+            if let (Ok(have), true, Ok(want)) =
+                (fs::metadata(vars), f.loader == OVMF_CODE, fs::metadata(crate::OVMF_VARS))
+            {
+                if have.len() != want.len() {
+                    let why = format!(
+                        "--nvram {}: it holds {} bytes, not the {} of a variable store for {OVMF_CODE}; give a path \
+                         that does not exist (standby makes it) or the VM's own store",
+                        f.vars,
+                        have.len(),
+                        want.len()
+                    );
+                    return Err(HostError::BadConfig { arg: "--nvram", why });
+                }
             }
         }
         // A name, not options: QEMU itself says whether it knows it, when the VM starts.

@@ -148,6 +148,16 @@ impl Engine {
                 bytes_transferred: stats.written,
             });
         }
+        // The replica's final UEFI variables stay with it: its own store goes with the
+        // overlays at the cleanup below.
+        let nvram = match &rd.vm.config.driver.firmware {
+            Some(f) => {
+                let keep = crate::layout::vars_path(&replica.dir, seq);
+                dr_host.write_vars(&keep, &dr_host.read_vars(&f.vars)?)?;
+                Some(keep)
+            }
+            None => None,
+        };
         let id = self.store().insert_restore_point(&NewRestorePoint {
             replica_id: replica.id,
             seq,
@@ -155,7 +165,7 @@ impl Engine {
             method: if full_newer { Method::Digest } else { Method::Cbt },
             // What the replica left when it was shut down for the switch.
             consistency: standby_model::Consistency::Offline,
-            nvram: None,
+            nvram,
             bytes_transferred: moved.written,
             bytes_read: moved.read,
             duration_ms: started.elapsed().as_millis() as u64,

@@ -144,6 +144,15 @@ impl Engine {
                         ),
                     });
                 }
+                if source.config.driver.firmware.is_some() && t.config.driver.firmware.is_none() {
+                    return Err(EngineError::Refused {
+                        vm: vm.clone(),
+                        why: format!(
+                            "VM {vm} boots BIOS and {name} UEFI: its disks would not boot there; fail back to the \
+                             original or to a new VM (--to new:HOST:DIR)"
+                        ),
+                    });
+                }
                 (t.host.clone(), t.disks.clone(), Some(t), false)
             }
             FailbackTarget::New { host, dir } => {
@@ -159,11 +168,13 @@ impl Engine {
                 let disks: Vec<DiskRecord> = (0..sizes.len())
                     .map(|i| DiskRecord { path: format!("{dir}/{name}-d{i}.qcow2"), format: Format::Qcow2 })
                     .collect();
-                for d in &disks {
-                    if h.file_exists(&d.path)? {
+                let vars =
+                    source.config.driver.firmware.as_ref().map(|_| crate::layout::new_target_vars_path(dir, name));
+                for path in disks.iter().map(|d| &d.path).chain(vars.as_ref()) {
+                    if h.file_exists(path)? {
                         return Err(EngineError::BadArgument {
                             arg: "--to",
-                            why: format!("{} already exists on {host}; choose another directory or remove it", d.path),
+                            why: format!("{path} already exists on {host}; choose another directory or remove it"),
                         });
                     }
                 }
@@ -484,7 +495,7 @@ impl Engine {
         if let Some(rec) = self.failback_record(replica.id)? {
             let tgt = self.host(&rec.host)?;
             tgt.nbd_stop_all(&nbd_prefix(replica.id))?;
-            self.discard_working(&rec)?;
+            self.discard_working(&replica.vm, &rec)?;
         }
         self.store().delete_failback(replica.id)?;
         self.store().transition(
@@ -497,8 +508,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes the working layers, and the disks a `new:` failback created.
-    pub(super) fn discard_working(&self, rec: &FailbackRecord) -> Result<()> {
+    /// Deletes the working layers, and the disks (and variable store) a `new:` failback of
+    /// VM `vm` created.
+    pub(super) fn discard_working(&self, vm: &str, rec: &FailbackRecord) -> Result<()> {
         let tgt = self.host(&rec.host)?;
         for w in &rec.working {
             tgt.remove_file(w)?;
@@ -506,6 +518,10 @@ impl Engine {
         if rec.created_disks {
             for d in &rec.disks {
                 tgt.remove_file(&d.path)?;
+            }
+            // And the variable store the switch gave it, if it got that far.
+            if let FailbackTarget::New { dir, .. } = &rec.target {
+                tgt.remove_file(&crate::layout::new_target_vars_path(dir, vm))?;
             }
         }
         Ok(())

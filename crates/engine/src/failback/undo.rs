@@ -111,7 +111,7 @@ impl Engine {
                 }
             }
         }
-        self.discard_working(&rec)?;
+        self.discard_working(name, &rec)?;
         self.store().set_step(replica.id, Step::UndoFailback(UndoFailbackStep::StartReplica))?;
         let rvm = self.store().replica_vm(replica.id)?;
         let mut started = false;

@@ -453,6 +453,11 @@ impl Engine {
         Ok(done)
     }
 
+    /// Exists while a run holds VM `vm` paused for a UEFI instant.
+    pub(crate) fn paused_marker(&self, vm: &str) -> std::path::PathBuf {
+        self.data_dir.join("locks").join(format!("{vm}.paused-for-instant"))
+    }
+
     /// A replica row as an operator finds it: by its VM and job when those can be read.
     pub(crate) fn row_name(&self, id: ReplicaId) -> String {
         match self.store().replica_names(id) {
@@ -539,6 +544,7 @@ impl Engine {
     ) -> Result<()> {
         let running = self.vm_is_running(vm)?;
         if interrupted && running {
+            crate::firmware::after_kill(src, &vm.name, &self.paused_marker(&vm.name), notes)?;
             let q = self.store().job(&replica.job)?.map(|j| j.quiesce).unwrap_or_default();
             quiesce::after_kill(src, &vm.name, &q, notes);
         }
@@ -623,7 +629,8 @@ impl Engine {
         }
         progress.step(&vm.name, "taking the point-in-time view");
         let created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        let (views, vars) = crate::firmware::at_instant(src, vm, running, || {
+        let marker = self.paused_marker(&vm.name);
+        let (views, vars) = crate::firmware::at_instant(src, vm, running, &marker, || {
             access.open_views(replica.id, &disks, &previous_bitmaps, &trusted, &new_bitmap).map_err(EngineError::from)
         });
         // The views hold the instant: the guest goes on at once, whether they opened or not.

@@ -148,9 +148,12 @@ pub fn parse(xml: &str) -> Result<Domain, String> {
         return Err("it has no disk standby can replicate".into());
     }
     let os = child(root, "os");
-    let firmware = os
-        .and_then(|os| text_of(child(os, "nvram")))
-        .map(|vars| Firmware { loader: os.and_then(|os| text_of(child(os, "loader"))).unwrap_or_default(), vars });
+    // `<os firmware='efi'>` leaves the store to libvirt, which keeps it by the domain's
+    // name in its own directory and does not write that in the definition.
+    let auto = os.is_some_and(|os| os.attribute("firmware") == Some("efi"));
+    let vars = os.and_then(|os| text_of(child(os, "nvram"))).or_else(|| auto.then(|| default_nvram(&name)));
+    let firmware =
+        vars.map(|vars| Firmware { loader: os.and_then(|os| text_of(child(os, "loader"))).unwrap_or_default(), vars });
     let tpm = child(root, "devices").is_some_and(|d| d.children().any(|c| c.has_tag_name("tpm")));
     let standby_made =
         child(root, "metadata").is_some_and(|m| m.children().any(|c| c.tag_name().namespace() == Some(MARKER_NS)));
@@ -166,6 +169,12 @@ pub fn parse(xml: &str) -> Result<Domain, String> {
         firmware,
         tpm,
     })
+}
+
+/// Where libvirt's QEMU driver keeps the variable store of a domain whose firmware it
+/// chooses itself (`<os firmware='efi'>`).
+fn default_nvram(domain: &str) -> String {
+    format!("/var/lib/libvirt/qemu/nvram/{domain}_VARS.fd")
 }
 
 fn disk(d: Node<'_, '_>) -> Result<Option<DomainDisk>, String> {
@@ -293,9 +302,17 @@ pub fn derive(xml: &str, to: &Derived<'_>) -> Result<String, String> {
         (None, None) => {}
     }
     // Its own variable store: never the source's (two writers of one file).
-    if let Some(nvram) = child(root, "os").and_then(|os| child(os, "nvram")) {
+    let os = child(root, "os").ok_or("the stored definition has no <os>")?;
+    if child(os, "nvram").is_some() || os.attribute("firmware") == Some("efi") {
         let path = to.nvram.ok_or("the stored definition has a UEFI variable store, and none was given for it")?;
-        edits.0.push((nvram.range(), format!("<nvram>{}</nvram>", esc(path))));
+        let element = format!("<nvram>{}</nvram>", esc(path));
+        match child(os, "nvram") {
+            Some(nvram) => edits.0.push((nvram.range(), element)),
+            None => {
+                let close = os.range().end - "</os>".len();
+                edits.0.push((close..close, element));
+            }
+        }
     }
     let devices = child(root, "devices").ok_or("the stored definition has no <devices>")?;
     let mut disk_index = 0;
@@ -463,6 +480,11 @@ mod tests {
         let replica = parse(&derive(&uefi, &to).unwrap()).unwrap().firmware.unwrap();
         assert_eq!(replica.vars, "/dr/failover-dvars.fd");
         assert_eq!(replica.loader, "/usr/share/OVMF/OVMF_CODE_4M.fd", "the firmware itself is kept");
+        // Firmware libvirt chooses: its store is libvirt's, by name; the replica's is given.
+        let auto = XML.replace("<os>", "<os firmware='efi'>");
+        assert_eq!(parse(&auto).unwrap().firmware.unwrap().vars, "/var/lib/libvirt/qemu/nvram/web_VARS.fd");
+        let derived = derive(&auto, &to).unwrap();
+        assert!(derived.contains("<nvram>/dr/failover-dvars.fd</nvram></os>"), "{derived}");
         let f = parse(&uefi).unwrap().firmware.unwrap();
         assert_eq!(
             (f.loader.as_str(), f.vars.as_str()),
