@@ -131,6 +131,22 @@ impl<'a> LibvirtDisks<'a> {
     }
 
     /// The backup job libvirt runs on the domain, if it is this replica's (its socket).
+    /// libvirt ends an aborted backup job in the background: until it is gone, the domain
+    /// takes no new one and its checkpoints cannot change. Waits for that, 30 s at most.
+    fn wait_backup_gone(&self, owner: ReplicaId) -> Result<()> {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.our_backup(owner)? {
+            if std::time::Instant::now() >= until {
+                return Err(self.host.virsh.error(
+                    &format!("ending the backup of {}", self.vm),
+                    "the aborted backup job was still there after 30 s; `virsh domjobinfo` shows it".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     fn our_backup(&self, owner: ReplicaId) -> Result<bool> {
         match self.host.virsh.run(&format!("reading the backup job of {}", self.vm), &["backup-dumpxml", &self.vm]) {
             Ok(xml) => Ok(xml.contains(&format!("{}backup.sock", fleece_prefix(owner)))),
@@ -306,6 +322,9 @@ impl DiskAccess for LibvirtDisks<'_> {
                     if ours {
                         let what = format!("ending the backup of {}", self.vm);
                         failed = self.host.virsh.run(&what, &["domjobabort", &self.vm]).err();
+                        if failed.is_none() {
+                            failed = self.wait_backup_gone(owner).err();
+                        }
                     }
                 }
                 Err(e) => failed = Some(e),
