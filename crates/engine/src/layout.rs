@@ -67,9 +67,10 @@ pub fn vars_path(dir: &str, seq: Seq) -> String {
     format!("{dir}/{seq:06}-vars.fd")
 }
 
-/// The sequence in a variable store copy's name, if it is one `vars_path` makes.
+/// The sequence in a variable store copy's name, if it is one `vars_path` makes (or the
+/// temporary file a crash left while writing it).
 pub fn vars_seq(name: &str) -> Option<Seq> {
-    let seq = name.strip_suffix("-vars.fd")?;
+    let seq = name.strip_suffix(".standby-tmp").unwrap_or(name).strip_suffix("-vars.fd")?;
     (seq.len() >= 6 && seq.bytes().all(|b| b.is_ascii_digit())).then(|| seq.parse().ok().map(Seq)).flatten()
 }
 
@@ -143,6 +144,7 @@ mod tests {
         assert!(is_overlay("failover-dvars.fd"), "the replica's variable store goes with its overlays");
         assert_eq!(vars_path("/r", Seq(12)), "/r/000012-vars.fd");
         assert_eq!(vars_seq("000012-vars.fd"), Some(Seq(12)));
+        assert_eq!(vars_seq("000012-vars.fd.standby-tmp"), Some(Seq(12)), "a crash's leftover is found");
         assert_eq!((vars_seq("12-vars.fd"), vars_seq("000012-d0.qcow2")), (None, None));
         assert_eq!(bitmap_seq(R3, &bitmap_name(R3, Seq(17))), Some(Seq(17)));
         assert_eq!(bitmap_seq(R3, &bitmap_name(ReplicaId(4), Seq(17))), None);

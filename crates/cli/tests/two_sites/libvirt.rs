@@ -11,7 +11,7 @@ use standby_testkit::{ledger_append, make_disk, Ledger};
 use crate::sites::*;
 
 #[test]
-fn a_domain_on_a_libvirt_host_behind_its_agent_is_replicated_failed_over_and_undone() {
+fn a_domain_on_a_libvirt_host_behind_its_agent_is_replicated_failed_over_and_failed_back() {
     libvirt::ensure_daemon();
     let sites = Sites::new();
     let mut env = standby_testkit::Env::new(BIN);
@@ -76,9 +76,19 @@ fn a_domain_on_a_libvirt_host_behind_its_agent_is_replicated_failed_over_and_und
     let final_k = ledger_records(ledger, &env, &disk);
     assert_eq!(found, final_k, "the replica starts from the source's final state");
 
-    // Undo: the replica domain is undefined on the DR host; replication goes on.
-    env.ok(&["failover", "undo", &name]);
-    assert_eq!(domains(&name), std::slice::from_ref(&name), "virsh list --all after undo");
+    // Failback to the original across the agents: the replica's writes land in the
+    // source's disk, the domain starts through libvirt on the production host.
+    env.ok(&["failback", &name, "--to", "original", "--switch", "manual"]);
+    env.ok(&["failback", "switch", &name]);
+    let acked = Ledger::acknowledged(&env.console(&replica));
+    let k = ledger_records(ledger, &env, &disk);
+    assert!(k >= acked, "the source holds records 1..={k}, the replica had acknowledged {acked}");
+    env.ok(&["vm", "start", &name]);
+    assert_eq!(dom.state(), "running");
+    env.ok(&["failback", "commit", &name]);
+    assert_eq!(domains(&name), std::slice::from_ref(&name), "virsh list --all after commit");
+    env.ok(&["vm", "stop", &name]);
     let out = env.ok(&["job", "run", "j"]);
-    assert!(out.contains("(cbt,"), "{out}");
+    assert!(out.contains("(cbt,"), "replication goes on incrementally: {out}");
+    assert!(standby_testkit::identical(&env.latest_disk(&name, 0), &disk), "the newest point is the source's disk");
 }

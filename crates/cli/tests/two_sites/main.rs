@@ -13,7 +13,7 @@
 //!   agent on either side of a run;
 //! - `trust`: no, revoked, expired or foreign certificate, used or wrong token: refused;
 //! - `libvirt`: both hosts' agents drive their VMs through libvirt: a domain imported,
-//!   replicated between the agents, failed over to a replica domain on the DR host, undone.
+//!   replicated between the agents, failed over to a replica domain on the DR host, failed back.
 
 mod faults;
 mod libvirt;
