@@ -1,5 +1,6 @@
 //! Consistent points: a running guest's filesystems frozen through its qemu-guest-agent
-//! just around a run's instant, so that the point holds what a clean stop would leave.
+//! just around a run's instant, so that the point holds what a clean stop would leave; and
+//! a job's settings for it, as an operator gives them.
 //!
 //! Each run first asks the agent whether the guest is frozen: a guest without an agent (or
 //! whose agent does not answer) is told apart at once and gets a crash-consistent point,
@@ -13,7 +14,79 @@
 use std::time::{Duration, Instant};
 
 use standby_host::Host;
-use standby_model::{Consistency, Quiesce};
+use standby_model::{parse_interval, Consistency, Quiesce};
+
+use crate::{EngineError, Result};
+
+/// How a job freezes a running guest around each run's instant, as an operator gives it;
+/// `None` keeps what the job has (or the default).
+#[derive(Debug, Clone, Default)]
+pub struct FreezeSpec {
+    /// `Some(false)`: never ask the guest agent; points of running VMs are crash-consistent.
+    pub enabled: Option<bool>,
+    /// How long the pre-freeze command and the freeze may each take (`10s`).
+    pub timeout: Option<String>,
+    /// `Some(None)` removes the command.
+    pub pre_freeze: Option<Option<String>>,
+    pub post_freeze: Option<Option<String>>,
+}
+
+/// Longest freeze timeout: a guest frozen longer stalls its applications' writes.
+const MAX_FREEZE_TIMEOUT_SECS: u64 = 300;
+
+/// The job's freeze settings: `spec` over `base`.
+pub(crate) fn quiesce_of(spec: &FreezeSpec, base: &Quiesce) -> Result<Quiesce> {
+    let timeout_secs = match &spec.timeout {
+        None => base.timeout_secs,
+        Some(t) => {
+            let secs = parse_interval(t)
+                .map_err(|e| EngineError::BadArgument {
+                    arg: "--freeze-timeout",
+                    why: format!("--freeze-timeout {e}"),
+                })?
+                .as_secs();
+            if !(1..=MAX_FREEZE_TIMEOUT_SECS).contains(&secs) {
+                return Err(EngineError::BadArgument {
+                    arg: "--freeze-timeout",
+                    why: format!(
+                        "--freeze-timeout {t} is out of range 1s..={MAX_FREEZE_TIMEOUT_SECS}s: the guest's writes \
+                         wait while it is frozen"
+                    ),
+                });
+            }
+            secs
+        }
+    };
+    let command = |given: &Option<Option<String>>, current: &Option<String>, arg: &'static str| match given {
+        None => Ok(current.clone()),
+        Some(None) => Ok(None),
+        Some(Some(c)) if c.trim().is_empty() => Err(EngineError::BadArgument {
+            arg,
+            why: format!("{arg} needs a command for the guest's /bin/sh -c; give --no-{} to have none", &arg[2..]),
+        }),
+        Some(Some(c)) => Ok(Some(c.clone())),
+    };
+    Ok(Quiesce {
+        enabled: spec.enabled.unwrap_or(base.enabled),
+        timeout_secs,
+        pre_freeze: command(&spec.pre_freeze, &base.pre_freeze, "--pre-freeze")?,
+        post_freeze: command(&spec.post_freeze, &base.post_freeze, "--post-freeze")?,
+    })
+}
+
+/// A job's freeze settings in a few words, for `job change`'s history.
+pub(crate) fn show_quiesce(q: &Quiesce) -> String {
+    if !q.enabled {
+        return "no freeze".into();
+    }
+    let mut s = format!("freeze within {} s", q.timeout_secs);
+    for (what, c) in [("pre-freeze", &q.pre_freeze), ("post-freeze", &q.post_freeze)] {
+        if let Some(c) = c {
+            s.push_str(&format!(", {what} {c:?}"));
+        }
+    }
+    s
+}
 
 /// How long a run keeps asking for the thaw: long enough for an agent that was merely slow
 /// to finish a freeze and answer.
