@@ -25,14 +25,9 @@ pub(crate) fn at_instant<T>(
     open: impl FnOnce() -> Result<T>,
 ) -> (Result<T>, Result<Option<Vec<u8>>>) {
     let Some(f) = &vm.config.driver.firmware else { return (open(), Ok(None)) };
-    if !running {
-        let views = open();
-        let vars = views.as_ref().ok().map(|_| src.read_vars(&f.vars).map_err(EngineError::from)).transpose();
-        return (views, vars);
-    }
-    // Already paused by its operator: it stays so.
-    let pause = match src.vm_paused(&vm.name) {
-        Ok(paused) => !paused,
+    // A stopped VM writes nothing; a running one already paused by its operator stays so.
+    let pause = match running.then(|| src.vm_paused(&vm.name)).transpose() {
+        Ok(paused) => paused == Some(false),
         Err(e) => return (Err(e.into()), Ok(None)),
     };
     if pause {
