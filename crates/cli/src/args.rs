@@ -254,7 +254,7 @@ pub(crate) enum VmCmd {
         #[arg(long, default_value_t = 1)]
         cpus: u32,
         /// A NIC: MODEL (virtio-net-pci or e1000) with user-mode networking, or
-        /// MODEL,bridge=NAME,mac=MAC on a bridge; repeat for more.
+        /// MODEL,bridge=NAME,mac=MAC on a bridge, or MODEL,tap=NAME,mac=MAC on a tap; repeat.
         #[arg(long = "nic")]
         nics: Vec<String>,
         #[arg(long)]
@@ -320,7 +320,7 @@ pub(crate) enum VmCmd {
         memory: Option<u32>,
         #[arg(long)]
         cpus: Option<u32>,
-        /// The VM's NICs from now on (MODEL, or MODEL,bridge=NAME,mac=MAC); repeat for more.
+        /// The VM's NICs from now on (MODEL, MODEL,bridge=NAME,mac=MAC or MODEL,tap=NAME,mac=MAC).
         #[arg(long = "nic", conflicts_with = "no_nics")]
         nics: Vec<String>,
         /// Remove every NIC.
@@ -477,8 +477,9 @@ pub(crate) enum JobCmd {
         /// How long a dropped link between hosts may stay down before a run fails (default 5m).
         #[arg(long)]
         retry_window: Option<String>,
-        /// SRC=DST: at failover, a replica's NIC on libvirt network SRC (or bridge:NAME)
-        /// goes on DST; every network the VMs' NICs are on must be mapped. Repeat.
+        /// SRC=DST: at failover, a replica's NIC on network SRC (a libvirt network,
+        /// bridge:NAME or tap:NAME) goes on DST; every network the VMs' NICs are on must be
+        /// mapped. Repeat.
         #[arg(long = "network-map")]
         network_map: Vec<String>,
         #[command(flatten)]

@@ -63,9 +63,10 @@ fn a_bridged_q35_vm_fails_over_onto_the_mapped_bridge_with_its_mac_and_machine_a
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing is claimed in the DR directory");
     // Nor one that maps it where the DR host cannot put it: found now, not at the failover.
     let gone = unique("sbngone");
-    for (to, says) in
-        [(format!("bridge:{gone}"), format!("has no bridge {gone}")), ("default".into(), "bridges only".into())]
-    {
+    for (to, says) in [
+        (format!("bridge:{gone}"), format!("has no bridge {gone}")),
+        ("default".into(), "bridges and taps only".into()),
+    ] {
         let map = format!("bridge:{}={to}", prod.0);
         let err = env.fails(&[
             "job",
@@ -141,7 +142,7 @@ fn a_nic_standby_cannot_put_on_a_network_is_refused_with_what_to_write() {
     for (nic, says) in [
         ("e1000,bridge=br0", "add mac="),
         ("e1000,bridge=br0,mac=01:00:5e:00:00:01", "unicast"),
-        ("e1000,vlan=4", "MODEL[,bridge=NAME][,mac=MAC]"),
+        ("e1000,vlan=4", "MODEL[,bridge=NAME|,tap=NAME][,mac=MAC]"),
         ("ne2k_pci", "is not one of"),
     ] {
         let err = env.fails(&["vm", "create", "a", "--disk", &disk, "--nic", nic]);
@@ -154,6 +155,85 @@ fn a_nic_standby_cannot_put_on_a_network_is_refused_with_what_to_write() {
     let gone = unique("sbgone");
     env.ok(&["vm", "create", "a", "--disk", &disk, "--nic", &format!("e1000,bridge={gone},mac=52:54:00:5b:02:01")]);
     let err = env.fails(&["vm", "start", "a"]);
-    assert!(err.contains(&format!("bridge {gone}, which host local does not have")), "{err}");
+    assert!(err.contains(&format!("bridge:{gone}, which host local does not have")), "{err}");
     assert_eq!(env.json(&["vm", "show", "a"])["state"], "stopped");
+}
+
+/// A persistent tap device this test made, removed when dropped.
+struct Tap(String);
+
+impl Tap {
+    fn new(name: &str) -> Tap {
+        let _ = std::process::Command::new("ip").args(["link", "del", name]).output();
+        let o = std::process::Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap"]).output().unwrap();
+        assert!(o.status.success(), "ip tuntap: {}", String::from_utf8_lossy(&o.stderr));
+        Tap(name.into())
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn a_nic_on_an_operators_tap_fails_over_onto_the_mapped_bridge_with_its_mac() {
+    let env = Env::new(BIN);
+    let tap = Tap::new(&unique("sbtp"));
+    let dr = Bridge::new(&unique("sbtd"));
+    let disk = env.path("src/t.qcow2");
+    make_disk(&disk, "qcow2", 16, &[(0x31, 0, 1)]);
+    let (kernel, initrd) = guest();
+    let mac = "52:54:00:5b:03:01";
+    let nic = format!("virtio-net-pci,tap={},mac={mac}", tap.0);
+    env.ok(&[
+        "vm",
+        "create",
+        "t",
+        "--disk",
+        &disk,
+        "--memory",
+        "128",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        "console=ttyS0 quiet panic=-1",
+        "--nic",
+        &nic,
+    ]);
+    env.ok(&["vm", "start", "t"]);
+    let qemu = env.processes().into_iter().find(|p| p.contains("guest=t ")).expect("the VM's QEMU");
+    assert!(qemu.contains(&format!("ifname={},script=no", tap.0)), "QEMU opens the operator's tap: {qemu}");
+    let guest_nic = format!("STANDBY-GUEST nic eth0 {mac}");
+    env.wait_console("t", Duration::from_secs(90), "its NIC", |c| c.contains(&guest_nic));
+    env.ok(&["vm", "stop", "t"]);
+
+    // The map names the tap as tap:NAME; a destination the DR host lacks is refused.
+    let dir = env.path("dr");
+    let gone = format!("tap:{}", unique("sbtgone"));
+    let err = env.fails(&[
+        "job",
+        "create",
+        "j",
+        "--vm",
+        "t",
+        "--target-host",
+        "local",
+        "--target-dir",
+        &dir,
+        "--network-map",
+        &format!("tap:{}={gone}", tap.0),
+    ]);
+    assert!(err.contains("has no tap device") && err.contains("ip tuntap add"), "{err}");
+    let map = format!("tap:{}=bridge:{}", tap.0, dr.0);
+    env.ok(&["job", "create", "j", "--vm", "t", "--target-host", "local", "--target-dir", &dir, "--network-map", &map]);
+    env.ok(&["job", "run", "j"]);
+    env.ok(&["failover", "t"]);
+    env.wait_console("t_replica", Duration::from_secs(90), "the replica's NIC", |c| c.contains(&guest_nic));
+    assert_eq!(dr.ports().len(), 1, "the replica is on the DR bridge: {:?}", dr.ports());
+    env.ok(&["failover", "undo", "t"]);
+    assert!(dr.ports().is_empty(), "its tap went with it");
 }

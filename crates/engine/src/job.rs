@@ -39,11 +39,13 @@ fn parse_network_map(given: &[String]) -> Result<BTreeMap<String, String>> {
             |why: &str| EngineError::BadArgument { arg: "--network-map", why: format!("--network-map {m:?}: {why}") };
         let (src, dst) = m.split_once('=').ok_or_else(|| bad("write SRC=DST (a network, or bridge:NAME)"))?;
         let ok = |n: &str| {
-            let n = n.strip_prefix("bridge:").unwrap_or(n);
+            let n = n.strip_prefix("bridge:").or_else(|| n.strip_prefix("tap:")).unwrap_or(n);
             !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         if !ok(src) || !ok(dst) {
-            return Err(bad("names hold letters, digits, '-', '_' and '.', a bridge written bridge:NAME"));
+            return Err(bad(
+                "names hold letters, digits, '-', '_' and '.', a bridge written bridge:NAME and a tap tap:NAME",
+            ));
         }
         if map.insert(src.to_owned(), dst.to_owned()).is_some() {
             return Err(bad("that source is mapped twice"));

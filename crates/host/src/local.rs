@@ -24,7 +24,7 @@ use standby_qemu::{img, QemuError};
 use standby_qemu::qmp::commands::{Cont, Quit, Stop, SystemPowerdown};
 
 use crate::live::{disk_node, Monitor, QemuDisks, QMP_TIMEOUT, STATUS_TIMEOUT};
-use crate::nic::{self, Nic};
+use crate::nic::{self, Net, Nic};
 use crate::*;
 
 /// How long a guest agent may take to answer the synchronisation that starts each
@@ -474,10 +474,17 @@ impl VmDriver for LocalHost {
     }
 
     fn check_network(&self, network: &str) -> Result<()> {
-        let why = match network.strip_prefix("bridge:") {
-            Some(b) if nic::bridge_exists(b) => return Ok(()),
-            Some(b) => format!("host {} has no bridge {b}; create it (`ip link add {b} type bridge`)", self.name),
-            None => format!("standby's own driver puts NICs on bridges only: write bridge:NAME, not {network}"),
+        let why = match Net::parse(network) {
+            Some(net) if net.exists() => return Ok(()),
+            Some(Net::Bridge(b)) => {
+                format!("host {} has no bridge {b}; create it (`ip link add {b} type bridge`)", self.name)
+            }
+            Some(Net::Tap(t)) => {
+                format!("host {} has no tap device {t}; create it (`ip tuntap add dev {t} mode tap`)", self.name)
+            }
+            None => format!(
+                "standby's own driver puts NICs on bridges and taps only: write bridge:NAME or tap:NAME, not {network}"
+            ),
         };
         Err(HostError::BadConfig { arg: "--network-map", why })
     }
@@ -485,29 +492,34 @@ impl VmDriver for LocalHost {
     fn vm_start(&self, vm: &VmLaunch) -> Result<()> {
         let dir = self.vm_dir(&vm.name);
         fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-        // Each NIC on its bridge here (a replica's through its job's network map), which
+        // Each NIC on its network here (a replica's through its job's network map), which
         // must exist before QEMU starts.
         let mut nics = Vec::new();
         let mut bridges = Vec::new();
         for (i, spec) in vm.config.driver.nics.iter().enumerate() {
             let bad = |why| HostError::BadConfig { arg: "--nic", why };
             let nic = Nic::parse(spec).map_err(bad)?;
-            let bridge = nic.bridge_here(&vm.config.driver.network_map).map_err(bad)?;
-            let tap = bridge.as_ref().map(|_| nic::tap_name(&self.root, &vm.name, i));
-            if let (Some(b), Some(t)) = (&bridge, &tap) {
-                if !nic::bridge_exists(b) {
-                    return Err(HostError::StartFailed {
-                        vm: vm.name.clone(),
-                        detail: format!(
-                            "its NIC {i} goes on bridge {b}, which host {} does not have; create it (`ip link add \
-                             {b} type bridge`), or protect the VM with a job whose --network-map puts the NIC on a \
-                             bridge this host has",
-                            self.name
-                        ),
-                    });
-                }
-                bridges.push((t.clone(), b.clone()));
+            let net = nic.net_here(&vm.config.driver.network_map).map_err(bad)?;
+            if let Some(net) = net.as_ref().filter(|n| !n.exists()) {
+                return Err(HostError::StartFailed {
+                    vm: vm.name.clone(),
+                    detail: format!(
+                        "its NIC {i} goes on {}, which host {} does not have; create it, or protect the VM with a \
+                         job whose --network-map puts the NIC on a bridge or tap this host has",
+                        net.key(),
+                        self.name
+                    ),
+                });
             }
+            let tap = match net {
+                Some(Net::Bridge(b)) => {
+                    let tap = nic::tap_name(&self.root, &vm.name, i);
+                    bridges.push((tap.clone(), b));
+                    Some(tap)
+                }
+                Some(Net::Tap(t)) => Some(t),
+                None => None,
+            };
             nics.push(MachineNic { model: nic.model, mac: nic.mac, tap });
         }
         let machine = Machine {

@@ -1,9 +1,10 @@
 //! The NICs of standby's own QEMU driver, as an operator writes them:
-//! `MODEL[,bridge=NAME][,mac=MAC]`. Without a bridge a NIC has user-mode networking (the
-//! guest reaches out, nothing reaches it); on a bridge it is a tap device that QEMU creates
-//! and standby attaches to the bridge, so that the guest sits on that network with its own
-//! MAC, as production VMs do. A replica keeps the MAC and goes on the bridge its job's
-//! network map names.
+//! `MODEL[,bridge=NAME|,tap=NAME][,mac=MAC]`. Without either a NIC has user-mode networking
+//! (the guest reaches out, nothing reaches it). On a bridge it is a tap device that QEMU
+//! creates and standby attaches to the bridge; on a tap it is a tap device the operator
+//! made (and wired up as the site does), which QEMU opens. Either way the guest sits on
+//! that network with its own MAC, as production VMs do. A replica keeps the MAC and goes
+//! where its job's network map says (`bridge:NAME` or `tap:NAME`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,8 +18,44 @@ pub(crate) const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000"];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Nic {
     pub(crate) model: String,
-    pub(crate) bridge: Option<String>,
+    pub(crate) on: Option<Net>,
     pub(crate) mac: Option<String>,
+}
+
+/// Where a NIC is, apart from user-mode networking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Net {
+    /// A bridge, through a tap QEMU makes for the VM.
+    Bridge(String),
+    /// A tap device of the operator's.
+    Tap(String),
+}
+
+impl Net {
+    /// How `--network-map` names it.
+    pub(crate) fn key(&self) -> String {
+        match self {
+            Net::Bridge(b) => format!("bridge:{b}"),
+            Net::Tap(t) => format!("tap:{t}"),
+        }
+    }
+
+    /// A `--network-map` destination, when it is one standby's own driver can put a NIC on.
+    pub(crate) fn parse(key: &str) -> Option<Net> {
+        match key.split_once(':') {
+            Some(("bridge", b)) if valid_ifname(b) => Some(Net::Bridge(b.into())),
+            Some(("tap", t)) if valid_ifname(t) => Some(Net::Tap(t.into())),
+            _ => None,
+        }
+    }
+
+    /// Whether it is there on this machine: a bridge, or a tap device.
+    pub(crate) fn exists(&self) -> bool {
+        match self {
+            Net::Bridge(b) => bridge_exists(b),
+            Net::Tap(t) => Path::new("/sys/class/net").join(t).join("tun_flags").exists(),
+        }
+    }
 }
 
 impl Nic {
@@ -28,48 +65,52 @@ impl Nic {
         if !NIC_MODELS.contains(&model.as_str()) {
             return Err(format!("NIC model {model:?} is not one of {}", NIC_MODELS.join(", ")));
         }
-        let mut nic = Nic { model, bridge: None, mac: None };
+        let mut nic = Nic { model, on: None, mac: None };
+        let form = "write MODEL[,bridge=NAME|,tap=NAME][,mac=MAC]";
         for part in parts {
             match part.split_once('=') {
-                Some(("bridge", b)) if valid_ifname(b) => nic.bridge = Some(b.to_owned()),
-                Some(("bridge", b)) => {
-                    return Err(format!(
-                        "bridge {b:?} is not an interface name (1 to 15 letters, digits, '-', '_', '.')"
-                    ))
+                Some((kind @ ("bridge" | "tap"), name)) => {
+                    if nic.on.is_some() {
+                        return Err(format!("NIC {spec:?} is on two networks: {form}"));
+                    }
+                    nic.on = Some(Net::parse(&format!("{kind}:{name}")).ok_or_else(|| {
+                        format!("{kind} {name:?} is not an interface name (1 to 15 letters, digits, '-', '_', '.')")
+                    })?);
                 }
                 Some(("mac", m)) if valid_mac(m) => nic.mac = Some(m.to_ascii_lowercase()),
                 Some(("mac", m)) => {
                     return Err(format!("mac {m:?} is not a unicast MAC address such as 52:54:00:12:34:56"))
                 }
-                _ => return Err(format!("{part:?} in NIC {spec:?}: write MODEL[,bridge=NAME][,mac=MAC]")),
+                _ => return Err(format!("{part:?} in NIC {spec:?}: {form}")),
             }
         }
-        if nic.bridge.is_some() && nic.mac.is_none() {
+        if nic.on.is_some() && nic.mac.is_none() {
             return Err(format!(
-                "NIC {spec:?} is on a bridge without its MAC: add mac=52:54:00:XX:XX:XX, one of its own on that \
+                "NIC {spec:?} is on a network without its MAC: add mac=52:54:00:XX:XX:XX, one of its own on that \
                  network; its replica keeps it"
             ));
         }
         Ok(nic)
     }
 
-    /// The network the job's map names it by: `bridge:NAME`, none for user-mode networking.
+    /// The network the job's map names it by (`bridge:NAME`, `tap:NAME`); none for
+    /// user-mode networking.
     pub(crate) fn network(&self) -> Option<String> {
-        self.bridge.as_ref().map(|b| format!("bridge:{b}"))
+        self.on.as_ref().map(Net::key)
     }
 
-    /// The bridge it goes on here: its own, or the one `map` puts it on.
-    pub(crate) fn bridge_here(&self, map: &BTreeMap<String, String>) -> std::result::Result<Option<String>, String> {
-        let (Some(network), Some(own)) = (self.network(), &self.bridge) else { return Ok(None) };
-        match map.get(&network) {
+    /// Where it goes here: its own network, or the one `map` puts it on.
+    pub(crate) fn net_here(&self, map: &BTreeMap<String, String>) -> std::result::Result<Option<Net>, String> {
+        let Some(own) = &self.on else { return Ok(None) };
+        match map.get(&own.key()) {
             None => Ok(Some(own.clone())),
-            Some(to) => match to.strip_prefix("bridge:") {
-                Some(b) if valid_ifname(b) => Ok(Some(b.to_owned())),
-                _ => Err(format!(
-                    "the network map puts {network} on {to}, but standby's own driver puts NICs on bridges only: \
-                     map it to bridge:NAME"
-                )),
-            },
+            Some(to) => Net::parse(to).map(Some).ok_or_else(|| {
+                format!(
+                    "the network map puts {} on {to}, but standby's own driver puts NICs on bridges and taps only: \
+                     map it to bridge:NAME or tap:NAME",
+                    own.key()
+                )
+            }),
         }
     }
 }
@@ -121,16 +162,18 @@ mod tests {
 
     #[test]
     fn nics_read_as_written_and_bad_ones_say_what_to_write() {
-        assert_eq!(Nic::parse("e1000").unwrap(), Nic { model: "e1000".into(), bridge: None, mac: None });
+        assert_eq!(Nic::parse("e1000").unwrap(), Nic { model: "e1000".into(), on: None, mac: None });
         let n = Nic::parse("virtio-net-pci,bridge=br0,mac=52:54:00:AB:cd:01").unwrap();
-        assert_eq!((n.bridge.as_deref(), n.mac.as_deref()), (Some("br0"), Some("52:54:00:ab:cd:01")));
-        assert_eq!(n.network().as_deref(), Some("bridge:br0"));
+        assert_eq!((n.on, n.mac.as_deref()), (Some(Net::Bridge("br0".into())), Some("52:54:00:ab:cd:01")));
+        let n = Nic::parse("e1000,tap=vnet7,mac=52:54:00:00:00:02").unwrap();
+        assert_eq!(n.network().as_deref(), Some("tap:vnet7"));
         for (bad, says) in [
             ("rtl8139", "is not one of"),
             ("e1000,bridge=br0", "add mac="),
             ("e1000,bridge=br0,mac=53:54:00:00:00:01", "unicast"),
             ("e1000,bridge=a-very-long-bridge-name,mac=52:54:00:00:00:01", "interface name"),
-            ("e1000,vlan=3", "MODEL[,bridge=NAME][,mac=MAC]"),
+            ("e1000,vlan=3", "MODEL[,bridge=NAME|,tap=NAME][,mac=MAC]"),
+            ("e1000,tap=t0,bridge=br0,mac=52:54:00:00:00:01", "two networks"),
         ] {
             let e = Nic::parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
@@ -138,13 +181,14 @@ mod tests {
     }
 
     #[test]
-    fn the_map_moves_a_bridged_nic_to_another_bridge_only() {
+    fn the_map_moves_a_nic_to_another_bridge_or_tap_only() {
         let n = Nic::parse("e1000,bridge=br0,mac=52:54:00:00:00:01").unwrap();
         let map = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
-        assert_eq!(n.bridge_here(&BTreeMap::new()).unwrap().as_deref(), Some("br0"));
-        assert_eq!(n.bridge_here(&map("bridge:br0", "bridge:dr0")).unwrap().as_deref(), Some("dr0"));
-        assert!(n.bridge_here(&map("bridge:br0", "default")).unwrap_err().contains("bridges only"));
-        assert_eq!(Nic::parse("e1000").unwrap().bridge_here(&map("bridge:br0", "bridge:x")).unwrap(), None);
+        assert_eq!(n.net_here(&BTreeMap::new()).unwrap(), Some(Net::Bridge("br0".into())));
+        assert_eq!(n.net_here(&map("bridge:br0", "bridge:dr0")).unwrap(), Some(Net::Bridge("dr0".into())));
+        assert_eq!(n.net_here(&map("bridge:br0", "tap:drtap")).unwrap(), Some(Net::Tap("drtap".into())));
+        assert!(n.net_here(&map("bridge:br0", "default")).unwrap_err().contains("bridges and taps only"));
+        assert_eq!(Nic::parse("e1000").unwrap().net_here(&map("bridge:br0", "bridge:x")).unwrap(), None);
     }
 
     #[test]

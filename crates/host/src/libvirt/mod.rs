@@ -511,7 +511,7 @@ impl VmDriver for LibvirtHost {
 
     fn check_network(&self, network: &str) -> Result<()> {
         match network.strip_prefix("bridge:") {
-            Some(b) if crate::nic::bridge_exists(b) => Ok(()),
+            Some(b) if crate::nic::Net::Bridge(b.into()).exists() => Ok(()),
             Some(b) => Err(HostError::BadConfig {
                 arg: "--network-map",
                 why: format!("host {} has no bridge {b}; create it, or map to a libvirt network", self.name),
