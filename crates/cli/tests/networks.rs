@@ -184,6 +184,7 @@ fn a_nic_on_an_operators_tap_fails_over_onto_the_mapped_bridge_with_its_mac() {
     let dr = Bridge::new(&unique("sbtd"));
     let disk = env.path("src/t.qcow2");
     make_disk(&disk, "qcow2", 16, &[(0x31, 0, 1)]);
+    make_disk(&env.path("src/t2.qcow2"), "qcow2", 16, &[]);
     let (kernel, initrd) = guest();
     let mac = "52:54:00:5b:03:01";
     let nic = format!("virtio-net-pci,tap={},mac={mac}", tap.0);
@@ -228,6 +229,26 @@ fn a_nic_on_an_operators_tap_fails_over_onto_the_mapped_bridge_with_its_mac() {
         &format!("tap:{}={gone}", tap.0),
     ]);
     assert!(err.contains("has no tap device") && err.contains("ip tuntap add"), "{err}");
+    // A tap takes one NIC: two mapped onto one are refused now, not at the failover.
+    let other = Tap::new(&unique("sbto"));
+    env.ok(&["vm", "create", "t2", "--disk", &env.path("src/t2.qcow2"), "--format", "qcow2", "--nic", &nic]);
+    let err = env.fails(&[
+        "job",
+        "create",
+        "j",
+        "--vm",
+        "t",
+        "--vm",
+        "t2",
+        "--target-host",
+        "local",
+        "--target-dir",
+        &dir,
+        "--network-map",
+        &format!("tap:{}=tap:{}", tap.0, other.0),
+    ]);
+    assert!(err.contains("a tap takes one NIC"), "{err}");
+    env.ok(&["vm", "delete", "t2"]);
     let map = format!("tap:{}=bridge:{}", tap.0, dr.0);
     env.ok(&["job", "create", "j", "--vm", "t", "--target-host", "local", "--target-dir", &dir, "--network-map", &map]);
     env.ok(&["job", "run", "j"]);

@@ -31,7 +31,9 @@ pub(crate) fn at_instant<T>(
         Err(e) => return (Err(e.into()), Ok(None)),
     };
     if pause {
-        let marked = std::fs::write(marker, vm.name.as_bytes())
+        // Durable before the pause, so that whatever ends this process, recovery knows.
+        let marked = std::fs::File::create(marker)
+            .and_then(|f| f.sync_all())
             .map_err(|e| EngineError::Invalid(format!("cannot record the pause in {}: {e}", marker.display())));
         if let Err(e) = marked.and_then(|()| src.vm_pause(&vm.name).map_err(EngineError::from)) {
             let _ = std::fs::remove_file(marker);
@@ -43,8 +45,8 @@ pub(crate) fn at_instant<T>(
     if pause {
         if let Err(e) = src.vm_resume(&vm.name) {
             let why = format!(
-                "VM {} stays paused: its CPUs could not be started again after its instant ({}); start them \
-                 (`virsh resume`, or QMP `cont`) at once",
+                "VM {} stays paused: its CPUs could not be started again after its instant ({}); the job's next \
+                 run starts them",
                 vm.name,
                 crate::chain(&e)
             );
@@ -55,13 +57,20 @@ pub(crate) fn at_instant<T>(
     (views, vars)
 }
 
-/// A killed run may have left a UEFI VM paused around its instant (its `marker` says so):
-/// recovery starts its CPUs again.
-pub(crate) fn after_kill(src: &dyn Host, vm: &str, marker: &Path, notes: &mut Vec<String>) -> Result<()> {
+/// An earlier run may have left a UEFI VM paused around its instant (killed, or its resume
+/// failed; its `marker` says so): its CPUs run again. A VM that stopped meanwhile needs
+/// nothing, and the marker goes.
+pub(crate) fn after_kill(
+    src: &dyn Host,
+    vm: &str,
+    running: bool,
+    marker: &Path,
+    notes: &mut Vec<String>,
+) -> Result<()> {
     if !marker.exists() {
         return Ok(());
     }
-    if src.vm_paused(vm)? {
+    if running && src.vm_paused(vm)? {
         src.vm_resume(vm)?;
         notes.push(format!("started VM {vm}'s CPUs again: the interrupted run had paused them for its instant"));
     }

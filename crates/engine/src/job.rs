@@ -291,6 +291,8 @@ impl Engine {
     /// start (a libvirt domain needs a libvirt DR host), or one with a NIC on a network the
     /// job's map does not name: found now, not at failover.
     fn check_replicable(&self, target: &dyn Host, vms: &[String], map: &BTreeMap<String, String>) -> Result<()> {
+        // A tap takes one NIC: a map that puts two on one would fail at the failover.
+        let mut taps = BTreeMap::new();
         for name in vms {
             let vm = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.clone()))?;
             target.can_run(&vm.config).map_err(|e| EngineError::Refused {
@@ -303,7 +305,7 @@ impl Engine {
                         arg: "--network-map",
                         why: format!(
                             "VM {name} has a NIC on {net}, which the network map does not name; add \
-                             --network-map {net}=DEST (a network on host {}, or bridge:NAME)",
+                             --network-map {net}=DEST (a libvirt network on host {}, bridge:NAME or tap:NAME)",
                             target.name()
                         ),
                     });
@@ -313,6 +315,17 @@ impl Engine {
                     arg: "--network-map",
                     why: format!("--network-map {net}={dest} for VM {name}: {}", crate::chain(&e)),
                 })?;
+                if dest.starts_with("tap:") {
+                    if let Some(first) = taps.insert(dest.clone(), name.clone()) {
+                        return Err(EngineError::BadArgument {
+                            arg: "--network-map",
+                            why: format!(
+                                "--network-map puts a NIC of VM {first} and one of VM {name} on {dest}, and a tap \
+                                 takes one NIC; map them to a bridge, or to a tap each"
+                            ),
+                        });
+                    }
+                }
             }
         }
         Ok(())

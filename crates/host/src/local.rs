@@ -285,7 +285,12 @@ impl Storage for LocalHost {
 
     fn read_vars(&self, path: &str) -> Result<Vec<u8>> {
         let p = Path::new(path);
-        let f = fs::File::open(p).map_err(io_err("cannot open the variable store", p))?;
+        // Never through a symlink: a store may sit in a directory QEMU's user owns.
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(p)
+            .map_err(io_err("cannot open the variable store", p))?;
         let mut data = Vec::new();
         f.take(MAX_VARS_FILE + 1).read_to_end(&mut data).map_err(io_err("cannot read", p))?;
         if data.len() as u64 > MAX_VARS_FILE {
@@ -298,16 +303,27 @@ impl Storage for LocalHost {
         use std::io::Write;
         let p = Path::new(path);
         let tmp = PathBuf::from(format!("{path}.standby-tmp"));
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err("cannot create", &tmp))?;
-        f.write_all(data).map_err(io_err("cannot write", &tmp))?;
-        f.sync_all().map_err(io_err("cannot sync", &tmp))?;
-        fs::rename(&tmp, p).map_err(io_err("cannot replace", p))?;
+        // A fresh file, never one found there (a crash's leftover, or a planted symlink:
+        // the directory may be QEMU's user's); rename replaces the store, not what it links to.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err("cannot remove", &tmp)(e)),
+            _ => {}
+        }
+        let written = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, p)
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("cannot replace", p)(e));
+        }
         self.sync_file(path)
     }
 
@@ -479,9 +495,11 @@ impl VmDriver for LocalHost {
             Some(Net::Bridge(b)) => {
                 format!("host {} has no bridge {b}; create it (`ip link add {b} type bridge`)", self.name)
             }
-            Some(Net::Tap(t)) => {
-                format!("host {} has no tap device {t}; create it (`ip tuntap add dev {t} mode tap`)", self.name)
-            }
+            Some(Net::Tap(t)) => format!(
+                "host {} has no tap device {t}; create it (`ip tuntap add dev {t} mode tap; ip link set {t} up`) \
+                 and wire it as the site does",
+                self.name
+            ),
             None => format!(
                 "standby's own driver puts NICs on bridges and taps only: write bridge:NAME or tap:NAME, not {network}"
             ),
@@ -556,7 +574,11 @@ impl VmDriver for LocalHost {
         for file in ["qmp.sock", "qmp-status.sock", "qga.sock", "console.log", "qemu.pid"] {
             let p = dir.join(file);
             if p.exists() {
-                fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(io_err("cannot restrict", &p))?;
+                if let Err(e) = fs::set_permissions(&p, fs::Permissions::from_mode(0o600)) {
+                    // Not left running (perhaps paused for its NICs) with its monitors open.
+                    let _ = self.vm_kill(&vm.name);
+                    return Err(io_err("cannot restrict", &p)(e));
+                }
             }
         }
         match self.vm_runtime(&vm.name)? {

@@ -53,7 +53,11 @@ impl Net {
     pub(crate) fn exists(&self) -> bool {
         match self {
             Net::Bridge(b) => bridge_exists(b),
-            Net::Tap(t) => Path::new("/sys/class/net").join(t).join("tun_flags").exists(),
+            // A tap, not a tun device (IFF_TAP in its flags): QEMU opens only taps.
+            Net::Tap(t) => std::fs::read_to_string(Path::new("/sys/class/net").join(t).join("tun_flags"))
+                .ok()
+                .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
+                .is_some_and(|flags| flags & 0x2 != 0),
         }
     }
 }

@@ -97,7 +97,8 @@ impl Machine {
         }
         for (i, nic) in self.nics.iter().enumerate() {
             match &nic.tap {
-                // QEMU creates the tap (gone when it exits); the host attaches it.
+                // A bridged NIC's tap QEMU creates (gone when it exits) and the host attaches;
+                // an operator's tap QEMU opens as it is.
                 Some(tap) => push(&["-netdev", &format!("tap,id=net{i},ifname={tap},script=no,downscript=no")]),
                 None => push(&["-netdev", &format!("user,id=net{i}")]),
             }

@@ -144,12 +144,14 @@ impl Engine {
                         ),
                     });
                 }
-                if source.config.driver.firmware.is_some() && t.config.driver.firmware.is_none() {
+                let boots = |f: &Option<standby_model::Firmware>| if f.is_some() { "UEFI" } else { "BIOS" };
+                let (theirs, ours) = (boots(&t.config.driver.firmware), boots(&source.config.driver.firmware));
+                if theirs != ours {
                     return Err(EngineError::Refused {
                         vm: vm.clone(),
                         why: format!(
-                            "VM {vm} boots BIOS and {name} UEFI: its disks would not boot there; fail back to the \
-                             original or to a new VM (--to new:HOST:DIR)"
+                            "VM {vm} boots {theirs} and {name} {ours}: its disks would not boot there; fail back to \
+                             the original or to a new VM (--to new:HOST:DIR)"
                         ),
                     });
                 }

@@ -471,11 +471,14 @@ impl Engine {
         interrupted: bool,
     ) -> Result<()> {
         let running = self.vm_is_running(vm)?;
+        // A VM an earlier run paused for its UEFI instant runs again (killed, or its resume
+        // failed), and a killed run's freeze is thawed; both, whatever the other gives.
+        let resumed = crate::firmware::after_kill(src, &vm.name, running, &self.paused_marker(&vm.name), notes);
         if interrupted && running {
-            crate::firmware::after_kill(src, &vm.name, &self.paused_marker(&vm.name), notes)?;
             let q = self.store().job(&replica.job)?.map(|j| j.quiesce).unwrap_or_default();
             quiesce::after_kill(src, &vm.name, &q, notes);
         }
+        resumed?;
         src.vm_disks(&vm.name, running)?.close_views(replica.id, vm.disks.len())?;
         dr.nbd_stop_all(&target_prefix(replica.id))?;
         self.check_replica_dir(dr, replica)?;

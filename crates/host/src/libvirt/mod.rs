@@ -510,6 +510,12 @@ impl VmDriver for LibvirtHost {
     }
 
     fn check_network(&self, network: &str) -> Result<()> {
+        if network.starts_with("tap:") {
+            return Err(HostError::BadConfig {
+                arg: "--network-map",
+                why: format!("{network}: a libvirt host puts NICs on libvirt networks and bridges (bridge:NAME)"),
+            });
+        }
         match network.strip_prefix("bridge:") {
             Some(b) if crate::nic::Net::Bridge(b.into()).exists() => Ok(()),
             Some(b) => Err(HostError::BadConfig {
