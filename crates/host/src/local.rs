@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use standby_qemu::guest_agent::{AgentChannel, GuestAgent};
-use standby_qemu::machine::{opt_value, Machine, MachineDisk, MachineNic, OVMF_CODE, QEMU_SYSTEM};
+use standby_qemu::machine::{opt_value, Machine, MachineDisk, OVMF_CODE, QEMU_SYSTEM};
 use standby_qemu::nbd_server::{NbdServe, QEMU_NBD};
 use standby_qemu::qmp::Qmp;
 use standby_qemu::{img, QemuError};
@@ -510,36 +510,7 @@ impl VmDriver for LocalHost {
     fn vm_start(&self, vm: &VmLaunch) -> Result<()> {
         let dir = self.vm_dir(&vm.name);
         fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-        // Each NIC on its network here (a replica's through its job's network map), which
-        // must exist before QEMU starts.
-        let mut nics = Vec::new();
-        let mut bridges = Vec::new();
-        for (i, spec) in vm.config.driver.nics.iter().enumerate() {
-            let bad = |why| HostError::BadConfig { arg: "--nic", why };
-            let nic = Nic::parse(spec).map_err(bad)?;
-            let net = nic.net_here(&vm.config.driver.network_map).map_err(bad)?;
-            if let Some(net) = net.as_ref().filter(|n| !n.exists()) {
-                return Err(HostError::StartFailed {
-                    vm: vm.name.clone(),
-                    detail: format!(
-                        "its NIC {i} goes on {}, which host {} does not have; create it, or protect the VM with a \
-                         job whose --network-map puts the NIC on a bridge or tap this host has",
-                        net.key(),
-                        self.name
-                    ),
-                });
-            }
-            let tap = match net {
-                Some(Net::Bridge(b)) => {
-                    let tap = nic::tap_name(&self.root, &vm.name, i);
-                    bridges.push((tap.clone(), b));
-                    Some(tap)
-                }
-                Some(Net::Tap(t)) => Some(t),
-                None => None,
-            };
-            nics.push(MachineNic { model: nic.model, mac: nic.mac, tap });
-        }
+        let (nics, bridges) = nic::place(vm, &self.root, &self.name)?;
         let machine = Machine {
             name: vm.name.clone(),
             config: vm.config.clone(),

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use crate::{HostError, Result};
+use standby_qemu::machine::MachineNic;
+
+use crate::{HostError, Result, VmLaunch};
 
 /// The device models a NIC may have.
 pub(crate) const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000"];
@@ -140,6 +142,43 @@ pub(crate) fn tap_name(root: &Path, vm: &str, idx: usize) -> String {
 /// Whether `name` is a bridge on this machine.
 pub(crate) fn bridge_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).join("bridge").is_dir()
+}
+
+/// Taps QEMU will make that standby must put on bridges: (tap, bridge).
+pub(crate) type Attachments = Vec<(String, String)>;
+
+/// A VM's NICs as QEMU runs them on this host (a replica's moved by its job's network
+/// map), and the taps standby attaches once QEMU made them. Every bridge and tap must
+/// exist before QEMU starts.
+pub(crate) fn place(vm: &VmLaunch, root: &Path, host: &str) -> Result<(Vec<MachineNic>, Attachments)> {
+    let mut nics = Vec::new();
+    let mut bridges = Vec::new();
+    for (i, spec) in vm.config.driver.nics.iter().enumerate() {
+        let bad = |why| HostError::BadConfig { arg: "--nic", why };
+        let nic = Nic::parse(spec).map_err(bad)?;
+        let net = nic.net_here(&vm.config.driver.network_map).map_err(bad)?;
+        if let Some(net) = net.as_ref().filter(|n| !n.exists()) {
+            return Err(HostError::StartFailed {
+                vm: vm.name.clone(),
+                detail: format!(
+                    "its NIC {i} goes on {}, which host {host} does not have; create it, or protect the VM with a \
+                     job whose --network-map puts the NIC on a bridge or tap this host has",
+                    net.key()
+                ),
+            });
+        }
+        let tap = match net {
+            Some(Net::Bridge(b)) => {
+                let tap = tap_name(root, &vm.name, i);
+                bridges.push((tap.clone(), b));
+                Some(tap)
+            }
+            Some(Net::Tap(t)) => Some(t),
+            None => None,
+        };
+        nics.push(MachineNic { model: nic.model, mac: nic.mac, tap });
+    }
+    Ok((nics, bridges))
 }
 
 /// Puts the tap QEMU made on `bridge` and brings it up.
