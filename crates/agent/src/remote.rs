@@ -231,6 +231,12 @@ impl VmDriver for RemoteHost {
     fn vm_forget(&self, vm: &str) -> Result<()> {
         self.call(HostCall::VmForget { vm: vm.into() })
     }
+    fn vm_tpm_state(&self, vm: &VmLaunch) -> Result<Option<Vec<u8>>> {
+        self.call(HostCall::VmTpmState { vm: vm.clone() })
+    }
+    fn vm_set_tpm_state(&self, vm: &VmLaunch, state: Option<&[u8]>) -> Result<()> {
+        self.call(HostCall::VmSetTpmState { vm: vm.clone(), state: state.map(<[u8]>::to_vec) })
+    }
     fn check_network(&self, network: &str) -> Result<()> {
         self.call(HostCall::CheckNetwork { network: network.into() })
     }

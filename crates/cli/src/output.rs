@@ -89,6 +89,12 @@ pub fn vm(v: &VmView, as_json: bool) -> Result<()> {
     if let Some(f) = &v.config.driver.firmware {
         println!("uefi:    {} (variables in {})", f.loader, f.vars);
     }
+    if let Some(t) = &v.config.driver.tpm {
+        match &t.state {
+            Some(state) => println!("tpm:     {} 2.0 (state in {state})", t.model),
+            None => println!("tpm:     {} 2.0 (state kept by libvirt)", t.model),
+        }
+    }
     println!("memory:  {} MiB", v.config.memory_mib);
     for (i, d) in v.disks.iter().enumerate() {
         println!("disk {i}:  {} ({})", d.path, d.format);

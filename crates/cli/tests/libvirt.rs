@@ -263,6 +263,23 @@ fn bad_libvirt_input_is_refused_with_what_to_do_and_changes_nothing() {
     let _ = try_virsh(&["undefine", &name]);
     assert!(err.contains("disk vda is a network disk"), "{err}");
 
+    // The host's own TPM: no replica could have it.
+    let name = unique("lvtpm");
+    let disk = env.path("src/t.qcow2");
+    make_disk(&disk, "qcow2", 16, &[]);
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>\
+         <target dev='vda' bus='virtio'/></disk><tpm model='tpm-tis'><backend type='passthrough'>\
+         <device path='/dev/tpm0'/></backend></tpm></devices></domain>"
+    );
+    let file = env.path("tpm.xml");
+    std::fs::write(&file, xml).unwrap();
+    virsh(&["define", &file]);
+    let err = env.fails(&["vm", "import", &name, "--host", "kvm"]);
+    let _ = try_virsh(&["undefine", &name]);
+    assert!(err.contains("the host's own") && err.contains("emulated"), "{err}");
+
     // A libvirt domain's replicas need a libvirt DR host.
     let name = unique("lvloc");
     let disk = env.path("src/l.qcow2");
@@ -401,8 +418,15 @@ fn libvirt_domains_with_an_agent_get_application_points_and_a_hung_agent_a_thawe
     assert!(ok && list.contains(&name) && list.contains(&slow_name), "{list}");
 }
 
+/// The reset counts the guest's TPM reported at each boot (`STANDBY-GUEST tpm resets=N`).
+fn tpm_resets(console: &str) -> Vec<u64> {
+    console.lines().filter_map(|l| l.split("STANDBY-GUEST tpm resets=").nth(1)?.trim().parse().ok()).collect()
+}
+
 #[test]
-fn a_uefi_domains_variables_go_with_its_points_to_its_replica_domain_and_back() {
+fn a_uefi_domains_variables_and_tpm_state_go_with_its_points_to_its_replica_domain_and_back() {
+    // As Windows 11 needs it: UEFI and a TPM 2.0 (the guest counts its TPM's resets, a
+    // persistent counter each boot raises, so each boot shows which state its TPM has).
     let env = Env::new(BIN);
     setup(&env);
     let name = unique("lvefi");
@@ -411,51 +435,80 @@ fn a_uefi_domains_variables_go_with_its_points_to_its_replica_domain_and_back() 
     let vars = format!("/var/lib/libvirt/qemu/nvram/{name}_VARS.fd");
     let _ = std::fs::remove_file(&vars);
     let append = ledger_append(LEDGER_START, LEDGER_MAX, 20_000);
-    let dom = Domain::define_booting(&name, &disk, &append, &env.path("src/efi.console.log"), &[], Some(&vars));
+    let dom = Domain::define_booting(&name, &disk, &append, &env.path("src/efi.console.log"), &[], Some(&vars), true);
     env.ok(&["vm", "import", &name, "--host", "kvm"]);
-    assert_eq!(env.json(&["vm", "show", &name])["firmware"]["vars"], vars.as_str(), "its store, as libvirt names it");
+    let shown = env.json(&["vm", "show", &name]);
+    assert_eq!(shown["firmware"]["vars"], vars.as_str(), "its store, as libvirt names it");
+    assert_eq!(shown["tpm"]["model"], "tpm-tis", "{shown}");
     env.ok(&["job", "create", "j", "--vm", &name, "--target-host", "kvm", "--target-dir", &env.path("dr")]);
     env.ok(&["vm", "start", &name]);
     env.wait_console(&name, Duration::from_secs(120), "a UEFI boot and ledger writes", |c| {
-        c.contains("STANDBY-GUEST uefi boots=0") && Ledger::acknowledged(c) >= 10
+        c.contains("STANDBY-GUEST uefi boots=0") && !tpm_resets(c).is_empty() && Ledger::acknowledged(c) >= 10
     });
+    let first = tpm_resets(&env.console(&name))[0];
     env.ok(&["job", "run", "j"]);
-    let running = env.points(&name).last().unwrap()["uefi_vars"].as_str().unwrap().to_owned();
+    let point = env.points(&name).last().unwrap().clone();
+    let running = point["uefi_vars"].as_str().unwrap().to_owned();
     assert_eq!(
         standby_testkit::file_digest(&running),
         standby_testkit::file_digest(&vars),
         "running: the domain's store"
     );
+    let tpm_running = point["tpm_state"].as_str().expect("a running TPM's state is kept").to_owned();
+    assert!(std::fs::metadata(&tpm_running).unwrap().len() > 1000, "{tpm_running}: swtpm's state, whole");
 
-    // Stopped through libvirt: byte for byte the domain's store.
+    // Stopped through libvirt: byte for byte the domain's store and TPM state.
     env.ok(&["vm", "shutdown", &name, "--timeout", "30"]);
     env.ok(&["job", "run", "j"]);
-    let stopped = env.points(&name).last().unwrap()["uefi_vars"].as_str().unwrap().to_owned();
+    let point = env.points(&name).last().unwrap().clone();
+    let stopped = point["uefi_vars"].as_str().unwrap().to_owned();
     assert_eq!(
         standby_testkit::file_digest(&stopped),
         standby_testkit::file_digest(&vars),
         "stopped: the domain's store"
     );
+    let source_tpm = libvirt::tpm_state_file(&name);
+    assert_eq!(
+        standby_testkit::file_digest(point["tpm_state"].as_str().unwrap()),
+        standby_testkit::file_digest(&source_tpm),
+        "stopped: the domain's TPM state"
+    );
 
-    // The replica domain gets its own copy, boots with the point's variables.
+    // The replica domain gets its own copies, boots with the point's variables and TPM.
     env.ok(&["failover", &name]);
     let replica = format!("{name}_replica");
     let xml = virsh(&["dumpxml", "--inactive", &replica]);
     assert!(xml.contains(&format!("<nvram>{}/", env.path("dr"))), "its own store in the DR directory: {xml}");
     assert!(!xml.contains(&vars), "never the source's store: {xml}");
+    assert!(xml.contains("<tpm model='tpm-tis'>"), "{xml}");
+    let replica_tpm = libvirt::tpm_state_file(&replica);
+    assert_ne!(replica_tpm, source_tpm, "its own TPM, under its own UUID");
     env.wait_console(&replica, Duration::from_secs(120), "the replica's UEFI boot", |c| {
-        c.contains("STANDBY-GUEST uefi boots=1")
+        c.contains("STANDBY-GUEST uefi boots=1") && !tpm_resets(c).is_empty()
     });
+    assert_eq!(
+        tpm_resets(&env.console(&replica)),
+        [first + 1],
+        "the replica's TPM goes on from the point's state (a new TPM would count from the start)"
+    );
 
-    // Failback to the original: the domain starts through libvirt on the replica's variables.
+    // Failback to the original: the domain starts through libvirt on the replica's
+    // variables and TPM state.
     env.ok(&["failback", &name, "--to", "original", "--switch", "manual"]);
     env.ok(&["failback", "switch", &name]);
     env.ok(&["vm", "start", &name]);
     assert_eq!(dom.state(), "running");
     env.wait_console(&name, Duration::from_secs(120), "the source's UEFI boot", |c| {
-        c.contains("STANDBY-GUEST uefi boots=2")
+        c.contains("STANDBY-GUEST uefi boots=2") && !tpm_resets(c).is_empty()
     });
+    assert_eq!(tpm_resets(&env.console(&name)), [first + 2], "the source's TPM goes on from the replica's");
     env.ok(&["failback", "commit", &name]);
     assert_eq!(domains(&name), std::slice::from_ref(&name), "the replica domain is undefined");
+    let kept = env.points(&name).last().unwrap()["tpm_state"].as_str().unwrap().to_owned();
+    assert!(std::fs::metadata(&kept).is_ok(), "commit keeps the replica's final TPM state with its point");
+    assert!(
+        !std::path::Path::new(&replica_tpm).parent().unwrap().exists(),
+        "the replica's TPM state went with its domain: {replica_tpm}"
+    );
     let _ = std::fs::remove_file(&vars);
 }

@@ -453,6 +453,9 @@ impl Engine {
             let vars = layout::replica_vars_path(&replica.dir);
             config.driver.firmware = Some(crate::firmware::for_replica(dr, f, rp.nvram.as_deref(), &vars)?);
         }
+        if let Some(t) = &source.config.driver.tpm {
+            config.driver.tpm = Some(crate::tpm::for_replica(t, &replica.dir));
+        }
         self.store().insert_vm(&NewVm {
             name: vm_name.into(),
             host: replica.target_host.clone(),
@@ -464,6 +467,10 @@ impl Engine {
         failpoint::hit("failover.after-define");
         self.store().set_step(replica.id, step(FailoverStep::Start))?;
         let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.into()))?;
+        // Once the VM is recorded, so that a rollback forgets what waits for its start.
+        if vm.config.driver.tpm.is_some() {
+            crate::tpm::from_point(dr, &self.launch_of(&vm)?, rp.tpm_state.as_deref())?;
+        }
         self.launch(&vm)?;
         Ok(())
     }

@@ -4,31 +4,48 @@
 //! write falls between the disks' instant and the variables'. A failover gives the replica
 //! its own copy of its point's; a failback's switch gives the target the replica's final
 //! one. Stores are small (OVMF's are 528 KiB) and travel whole.
+//!
+//! A TPM's state is read at the same paused instant (`at_instant`); where it goes from
+//! there is `tpm.rs`.
 
 use std::path::Path;
 
-use standby_host::Host;
+use standby_host::{Host, VmLaunch};
 use standby_model::Firmware;
 use standby_store::VmRecord;
 
 use crate::{EngineError, Result};
 
-/// Takes the instant with `open` and, for a UEFI VM, reads its variables at that same
-/// instant. Never returns early: the VM runs again whatever happened. `marker` exists
-/// while standby holds the VM paused, so that recovery resumes a VM a killed run left so
-/// (and only such a VM: one its operator paused stays paused).
+/// What a restore point keeps of a VM beside its disks, read at their instant.
+#[derive(Debug, Default)]
+pub(crate) struct Beside {
+    /// A UEFI VM's variable store.
+    pub vars: Option<Vec<u8>>,
+    /// Its TPM's state: None without a TPM, or while its TPM has none yet.
+    pub tpm: Option<Vec<u8>>,
+}
+
+/// Takes the instant with `open` and reads, at that same instant, a UEFI VM's variables
+/// and the state of a VM's TPM (`tpm`: the VM as its host starts it, when it has one).
+/// Never returns early: the VM runs again whatever happened. `marker` exists while
+/// standby holds the VM paused, so that recovery resumes a VM a killed run left so (and
+/// only such a VM: one its operator paused stays paused).
 pub(crate) fn at_instant<T>(
     src: &dyn Host,
     vm: &VmRecord,
+    tpm: Option<&VmLaunch>,
     running: bool,
     marker: &Path,
     open: impl FnOnce() -> Result<T>,
-) -> (Result<T>, Result<Option<Vec<u8>>>) {
-    let Some(f) = &vm.config.driver.firmware else { return (open(), Ok(None)) };
+) -> (Result<T>, Result<Beside>) {
+    let vars = vm.config.driver.firmware.as_ref().map(|f| f.vars.as_str());
+    if vars.is_none() && tpm.is_none() {
+        return (open(), Ok(Beside::default()));
+    }
     // A stopped VM writes nothing; a running one already paused by its operator stays so.
     let pause = match running.then(|| src.vm_paused(&vm.name)).transpose() {
         Ok(paused) => paused == Some(false),
-        Err(e) => return (Err(e.into()), Ok(None)),
+        Err(e) => return (Err(e.into()), Ok(Beside::default())),
     };
     if pause {
         // Durable before the pause, so that whatever ends this process, recovery knows.
@@ -37,11 +54,19 @@ pub(crate) fn at_instant<T>(
             .map_err(|e| EngineError::Invalid(format!("cannot record the pause in {}: {e}", marker.display())));
         if let Err(e) = marked.and_then(|()| src.vm_pause(&vm.name).map_err(EngineError::from)) {
             let _ = std::fs::remove_file(marker);
-            return (Err(e), Ok(None));
+            return (Err(e), Ok(Beside::default()));
         }
     }
     let views = open();
-    let vars = views.as_ref().ok().map(|_| src.read_vars(&f.vars).map_err(EngineError::from)).transpose();
+    let beside = match &views {
+        Err(_) => Ok(Beside::default()),
+        Ok(_) => (|| -> Result<Beside> {
+            Ok(Beside {
+                vars: vars.map(|v| src.read_vars(v)).transpose()?,
+                tpm: tpm.map(|t| src.vm_tpm_state(t)).transpose()?.flatten(),
+            })
+        })(),
+    };
     if pause {
         if let Err(e) = src.vm_resume(&vm.name) {
             let why = format!(
@@ -50,11 +75,11 @@ pub(crate) fn at_instant<T>(
                 vm.name,
                 crate::chain(&e)
             );
-            return (Err(EngineError::Invalid(why)), vars);
+            return (Err(EngineError::Invalid(why)), beside);
         }
         let _ = std::fs::remove_file(marker);
     }
-    (views, vars)
+    (views, beside)
 }
 
 /// An earlier run may have left a UEFI VM paused around its instant (killed, or its resume

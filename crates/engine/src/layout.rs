@@ -57,7 +57,7 @@ pub fn overlay_gen(path: &str) -> u32 {
 }
 
 /// Whether a file name in a replica directory is one of its overlays (or the replica's
-/// variable store, which goes with them).
+/// variable store or TPM state, which go with them).
 pub fn is_overlay(name: &str) -> bool {
     name.starts_with(OVERLAY_PREFIX)
 }
@@ -67,10 +67,17 @@ pub fn vars_path(dir: &str, seq: Seq) -> String {
     format!("{dir}/{seq:06}-vars.fd")
 }
 
-/// The sequence in a variable store copy's name, if it is one `vars_path` makes (or the
+/// The copy of a VM's TPM state that restore point `seq` holds.
+pub fn tpm_path(dir: &str, seq: Seq) -> String {
+    format!("{dir}/{seq:06}-tpm.permall")
+}
+
+/// The sequence in the name of a point's copy of the VM's state beside its disks (its
+/// variable store, its TPM's state), if it is one `vars_path` or `tpm_path` makes (or the
 /// temporary file a crash left while writing it).
-pub fn vars_seq(name: &str) -> Option<Seq> {
-    let seq = name.strip_suffix(".standby-tmp").unwrap_or(name).strip_suffix("-vars.fd")?;
+pub fn state_copy_seq(name: &str) -> Option<Seq> {
+    let name = name.strip_suffix(".standby-tmp").unwrap_or(name);
+    let seq = name.strip_suffix("-vars.fd").or_else(|| name.strip_suffix("-tpm.permall"))?;
     (seq.len() >= 6 && seq.bytes().all(|b| b.is_ascii_digit())).then(|| seq.parse().ok().map(Seq)).flatten()
 }
 
@@ -78,6 +85,17 @@ pub fn vars_seq(name: &str) -> Option<Seq> {
 /// the replica's firmware writes; goes with the overlays at undo.
 pub fn replica_vars_path(dir: &str) -> String {
     format!("{dir}/{OVERLAY_PREFIX}vars.fd")
+}
+
+/// The replica VM's TPM state on standby's own driver (libvirt keeps a replica domain's
+/// itself); goes with the overlays at undo.
+pub fn replica_tpm_path(dir: &str) -> String {
+    format!("{dir}/{OVERLAY_PREFIX}tpm.permall")
+}
+
+/// A `new:` failback target's TPM state on standby's own driver, beside its disks.
+pub fn new_target_tpm_path(dir: &str, vm: &str) -> String {
+    format!("{dir}/{vm}-tpm.permall")
 }
 
 /// A `new:` failback target's variable store, beside its disks.
@@ -143,9 +161,12 @@ mod tests {
         assert!(is_overlay("failover-d0.g2.qcow2") && !is_overlay("000001-d0.qcow2"));
         assert!(is_overlay("failover-dvars.fd"), "the replica's variable store goes with its overlays");
         assert_eq!(vars_path("/r", Seq(12)), "/r/000012-vars.fd");
-        assert_eq!(vars_seq("000012-vars.fd"), Some(Seq(12)));
-        assert_eq!(vars_seq("000012-vars.fd.standby-tmp"), Some(Seq(12)), "a crash's leftover is found");
-        assert_eq!((vars_seq("12-vars.fd"), vars_seq("000012-d0.qcow2")), (None, None));
+        assert!(is_overlay("failover-dtpm.permall"), "and its TPM's state");
+        assert_eq!(state_copy_seq("000012-vars.fd"), Some(Seq(12)));
+        assert_eq!(state_copy_seq(&tpm_path("/r", Seq(12))[3..]), Some(Seq(12)));
+        assert_eq!(state_copy_seq("000012-vars.fd.standby-tmp"), Some(Seq(12)), "a crash's leftover is found");
+        assert_eq!(state_copy_seq("000012-tpm.permall.standby-tmp"), Some(Seq(12)));
+        assert_eq!((state_copy_seq("12-vars.fd"), state_copy_seq("000012-d0.qcow2")), (None, None));
         assert_eq!(bitmap_seq(R3, &bitmap_name(R3, Seq(17))), Some(Seq(17)));
         assert_eq!(bitmap_seq(R3, &bitmap_name(ReplicaId(4), Seq(17))), None);
         assert_eq!(bitmap_seq(R3, "standby-r3-x"), None);

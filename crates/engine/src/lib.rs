@@ -22,6 +22,7 @@ mod replica_vm;
 mod replication;
 mod retention;
 mod task;
+mod tpm;
 mod transfer;
 mod verify;
 mod vm;

@@ -93,7 +93,8 @@ impl Engine {
             for name in dr_host.list_dir(&replica.dir)? {
                 let path = format!("{}/{name}", replica.dir);
                 let kept = vm.disks.iter().any(|d| d.path == path)
-                    || vm.config.driver.firmware.as_ref().is_some_and(|f| f.vars == path);
+                    || vm.config.driver.firmware.as_ref().is_some_and(|f| f.vars == path)
+                    || vm.config.driver.tpm.as_ref().is_some_and(|t| t.state.as_ref() == Some(&path));
                 if crate::layout::is_overlay(&name) && !kept {
                     dr_host.remove_file(&path)?;
                     removed.push(path);

@@ -103,8 +103,8 @@ pub fn remove_orphans(
     for name in host.list_dir(dir)? {
         let path = format!("{dir}/{name}");
         let used = points.iter().flat_map(|p| &p.disks).any(|d| d.layer == path)
-            || points.iter().any(|p| p.nvram.as_deref() == Some(&path));
-        let seq = layer_seq(&name).or_else(|| crate::layout::vars_seq(&name));
+            || points.iter().any(|p| [&p.nvram, &p.tpm_state].iter().any(|f| f.as_deref() == Some(&path)));
+        let seq = layer_seq(&name).or_else(|| crate::layout::state_copy_seq(&name));
         if seq.is_some_and(|s| s < below_seq) && !used {
             host.remove_file(&path)?;
             removed.push(path);
@@ -130,6 +130,7 @@ mod tests {
             duration_ms: 0,
             consistency: standby_model::Consistency::Crash,
             nvram: None,
+            tpm_state: None,
             pruning: false,
             disks: vec![RpDiskRecord {
                 idx: 0,

@@ -264,9 +264,13 @@ impl Engine {
 
     /// Starts the VM's QEMU on its host.
     pub(crate) fn launch(&self, vm: &VmRecord) -> Result<()> {
-        let disks = self.launch_disks(vm)?;
-        self.host(&vm.host)?.vm_start(&VmLaunch { name: vm.name.clone(), config: vm.config.clone(), disks })?;
+        self.host(&vm.host)?.vm_start(&self.launch_of(vm)?)?;
         Ok(())
+    }
+
+    /// The VM as its host starts it: its configuration and its disks' chains.
+    pub(crate) fn launch_of(&self, vm: &VmRecord) -> Result<VmLaunch> {
+        Ok(VmLaunch { name: vm.name.clone(), config: vm.config.clone(), disks: self.launch_disks(vm)? })
     }
 
     /// The protected VM a VM belongs to: itself, or a replica VM's source.

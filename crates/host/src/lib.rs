@@ -341,6 +341,17 @@ pub trait VmDriver {
     fn check_network(&self, _network: &str) -> Result<()> {
         Ok(())
     }
+    /// The persistent state of the VM's TPM now (swtpm's state file), None while its TPM
+    /// has none (it never started). Asked of a VM that is off or whose CPUs are stopped.
+    fn vm_tpm_state(&self, vm: &VmLaunch) -> Result<Option<Vec<u8>>> {
+        Err(HostError::Invalid(format!("VM {} has a TPM, and this host keeps no TPM state", vm.name)))
+    }
+    /// Gives the VM's TPM `state` (None: a new TPM's) from its next start on; the VM is
+    /// off. A VM this host defines at its start (a libvirt replica, a failback's new VM)
+    /// gets it when it is defined.
+    fn vm_set_tpm_state(&self, vm: &VmLaunch, _state: Option<&[u8]>) -> Result<()> {
+        Err(HostError::Invalid(format!("VM {} has a TPM, and this host keeps no TPM state", vm.name)))
+    }
     /// Reads a VM this host's management layer already runs, for `vm import`; changes
     /// nothing.
     fn vm_describe(&self, domain: &str) -> Result<libvirt::Imported> {

@@ -284,46 +284,13 @@ impl Storage for LocalHost {
     }
 
     fn read_vars(&self, path: &str) -> Result<Vec<u8>> {
-        let p = Path::new(path);
-        // Never through a symlink: a store may sit in a directory QEMU's user owns.
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-            .open(p)
-            .map_err(io_err("cannot open the variable store", p))?;
-        let mut data = Vec::new();
-        f.take(MAX_VARS_FILE + 1).read_to_end(&mut data).map_err(io_err("cannot read", p))?;
-        if data.len() as u64 > MAX_VARS_FILE {
-            return Err(HostError::Invalid(format!("{path} is larger than a UEFI variable store can be")));
-        }
-        Ok(data)
+        read_state_file(path, "UEFI variable store")?.ok_or_else(|| {
+            io_err("cannot open the variable store", Path::new(path))(std::io::ErrorKind::NotFound.into())
+        })
     }
 
     fn write_vars(&self, path: &str, data: &[u8]) -> Result<()> {
-        use std::io::Write;
-        let p = Path::new(path);
-        let tmp = PathBuf::from(format!("{path}.standby-tmp"));
-        // A fresh file, never one found there (a crash's leftover, or a planted symlink:
-        // the directory may be QEMU's user's); rename replaces the store, not what it links to.
-        match fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err("cannot remove", &tmp)(e)),
-            _ => {}
-        }
-        let written = (|| {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            fs::rename(&tmp, p)
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err("cannot replace", p)(e));
-        }
+        write_state_file(path, data)?;
         self.sync_file(path)
     }
 
@@ -571,6 +538,22 @@ impl VmDriver for LocalHost {
         Ok(())
     }
 
+    fn vm_tpm_state(&self, vm: &VmLaunch) -> Result<Option<Vec<u8>>> {
+        read_state_file(&tpm_file(vm)?, "TPM state")
+    }
+
+    fn vm_set_tpm_state(&self, vm: &VmLaunch, state: Option<&[u8]>) -> Result<()> {
+        let file = tpm_file(vm)?;
+        match state {
+            Some(data) => {
+                write_state_file(&file, data)?;
+                self.sync_file(&file)
+            }
+            // swtpm starts a new TPM where it finds no state.
+            None => self.remove_file(&file),
+        }
+    }
+
     fn guest_freeze(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
         let Some(mut agent) = self.guest_agent(vm, timeout)? else { return Ok(None) };
         agent.freeze(timeout).map(Some).map_err(|source| HostError::Agent { vm: vm.into(), source })
@@ -742,6 +725,64 @@ impl Transport for LocalHost {
         }
         Ok(stopped)
     }
+}
+
+/// Where standby's own driver keeps a VM's TPM state: the file its configuration names.
+fn tpm_file(vm: &VmLaunch) -> Result<String> {
+    vm.config
+        .driver
+        .tpm
+        .as_ref()
+        .and_then(|t| t.state.clone())
+        .ok_or_else(|| HostError::BadConfig { arg: "--tpm", why: format!("VM {} has no TPM state file", vm.name) })
+}
+
+/// A VM's small binary state file (a UEFI variable store, a TPM's state), whole: at most
+/// `MAX_VARS_FILE`, None when it does not exist. Never through a symlink: such files sit
+/// in directories QEMU's or swtpm's user owns.
+pub(crate) fn read_state_file(path: &str, what: &str) -> Result<Option<Vec<u8>>> {
+    let p = Path::new(path);
+    let f = match fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&format!("cannot open the {what}"), p)(e)),
+    };
+    let mut data = Vec::new();
+    f.take(MAX_VARS_FILE + 1).read_to_end(&mut data).map_err(io_err("cannot read", p))?;
+    if data.len() as u64 > MAX_VARS_FILE {
+        return Err(HostError::Invalid(format!("{path} is larger than a {what} can be")));
+    }
+    Ok(Some(data))
+}
+
+/// Replaces the state file at `path` with `data`, atomically (a crash leaves the old one or
+/// the new one), owner-only. The caller makes its directory entry durable.
+pub(crate) fn write_state_file(path: &str, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let p = Path::new(path);
+    let tmp = PathBuf::from(format!("{path}.standby-tmp"));
+    // A fresh file, never one found there (a crash's leftover, or a planted symlink:
+    // the directory may be QEMU's user's); rename replaces the store, not what it links to.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err("cannot remove", &tmp)(e)),
+        _ => {}
+    }
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, p)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("cannot replace", p)(e));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

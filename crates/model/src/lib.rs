@@ -21,4 +21,4 @@ pub use names::{parse_interval, NameError, VmName};
 pub use retention::{points_to_drop, DEFAULT_RETAIN};
 pub use state::{Method, ReplicaState, Role, Transition, TransitionError};
 pub use step::Step;
-pub use vm::{DriverConfig, Firmware, VmChange, VmConfig};
+pub use vm::{DriverConfig, Firmware, Tpm, VmChange, VmConfig};

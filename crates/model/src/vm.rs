@@ -41,6 +41,9 @@ pub struct DriverConfig {
     /// UEFI firmware and this VM's variable store; None for BIOS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<Firmware>,
+    /// An emulated TPM (swtpm); None without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<Tpm>,
 }
 
 /// A UEFI VM's firmware: the code (read-only, shared by every VM) and the VM's own variable
@@ -50,6 +53,20 @@ pub struct DriverConfig {
 pub struct Firmware {
     pub loader: String,
     pub vars: String,
+}
+
+/// A VM's emulated TPM 2.0. Its persistent state (seeds, keys, NV indices, counters: what
+/// BitLocker or LUKS seal their keys to) is state of the VM like its disks: captured with
+/// every restore point, and a replica and a failback take it along. swtpm keeps it in one
+/// file, which each driver places its own way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tpm {
+    /// QEMU's device: `tpm-tis` or `tpm-crb`.
+    pub model: String,
+    /// Where standby's own driver keeps the state file; None on libvirt, which keeps it
+    /// under the domain's UUID itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 /// What `standby vm change` asks for; `None` keeps the current value.
@@ -92,6 +109,7 @@ impl VmConfig {
             machine: change.machine.clone().unwrap_or_else(|| d.machine.clone()),
             cpu_model: change.cpu_model.clone().unwrap_or_else(|| d.cpu_model.clone()),
             firmware: d.firmware.clone(),
+            tpm: d.tpm.clone(),
         };
         if change.kernel == Some(None) {
             if matches!(change.initrd, Some(Some(_))) || matches!(change.append, Some(Some(_))) {

@@ -109,8 +109,8 @@ impl Store {
         let tx = self.tx()?;
         tx.execute(
             "INSERT INTO vms (name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id,
-                              domain_xml, network_map, machine, cpu_model, firmware)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                              domain_xml, network_map, machine, cpu_model, firmware, tpm)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
                 vm.name,
                 vm.host,
@@ -127,7 +127,8 @@ impl Store {
                 serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default(),
                 vm.config.driver.machine,
                 vm.config.driver.cpu_model,
-                firmware_cell(&vm.config.driver.firmware)
+                json_cell(&vm.config.driver.firmware),
+                json_cell(&vm.config.driver.tpm)
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -159,13 +160,8 @@ impl Store {
                         .map_err(|e| bad_cell("vms", id, 13, format!("network_map {map:?}: {e}")))?,
                     machine: r.get(14)?,
                     cpu_model: r.get(15)?,
-                    firmware: match r.get::<_, Option<String>>(16)? {
-                        None => None,
-                        Some(f) => Some(
-                            serde_json::from_str(&f)
-                                .map_err(|e| bad_cell("vms", id, 16, format!("firmware {f:?}: {e}")))?,
-                        ),
-                    },
+                    firmware: from_json_cell(r, id, 16, "firmware")?,
+                    tpm: from_json_cell(r, id, 17, "tpm")?,
                 },
             },
             created_at: r.get(9)?,
@@ -190,7 +186,7 @@ impl Store {
 
     const VM_COLS: &'static str =
         "id, name, host, cpus, memory_mib, nics, kernel, initrd, append, created_at, role, replica_id, domain_xml, network_map, \
-         machine, cpu_model, firmware";
+         machine, cpu_model, firmware, tpm";
 
     pub fn vm(&self, name: &str) -> Result<Option<VmRecord>> {
         let sql = format!("SELECT {} FROM vms WHERE name = ?1", Self::VM_COLS);
@@ -239,7 +235,8 @@ impl Store {
         let d = &config.driver;
         let n = self.conn.execute(
             "UPDATE vms SET cpus = ?2, memory_mib = ?3, nics = ?4, kernel = ?5, initrd = ?6, append = ?7,
-                            domain_xml = ?8, network_map = ?9, machine = ?10, cpu_model = ?11, firmware = ?12
+                            domain_xml = ?8, network_map = ?9, machine = ?10, cpu_model = ?11, firmware = ?12,
+                            tpm = ?13
              WHERE name = ?1",
             params![
                 name,
@@ -253,7 +250,8 @@ impl Store {
                 serde_json::to_string(&d.network_map).unwrap_or_default(),
                 d.machine,
                 d.cpu_model,
-                firmware_cell(&d.firmware)
+                json_cell(&d.firmware),
+                json_cell(&d.tpm)
             ],
         )?;
         if n != 1 {
@@ -269,7 +267,8 @@ impl Store {
         let id: i64 = tx.query_row("SELECT id FROM vms WHERE name = ?1", [&vm.name], |r| r.get(0))?;
         tx.execute(
             "UPDATE vms SET host = ?2, cpus = ?3, memory_mib = ?4, nics = ?5, kernel = ?6, initrd = ?7, append = ?8,
-                            domain_xml = ?9, network_map = ?10, machine = ?11, cpu_model = ?12, firmware = ?13
+                            domain_xml = ?9, network_map = ?10, machine = ?11, cpu_model = ?12, firmware = ?13,
+                            tpm = ?14
              WHERE id = ?1",
             params![
                 id,
@@ -284,7 +283,8 @@ impl Store {
                 serde_json::to_string(&vm.config.driver.network_map).unwrap_or_default(),
                 vm.config.driver.machine,
                 vm.config.driver.cpu_model,
-                firmware_cell(&vm.config.driver.firmware)
+                json_cell(&vm.config.driver.firmware),
+                json_cell(&vm.config.driver.tpm)
             ],
         )?;
         tx.execute("DELETE FROM vm_disks WHERE vm_id = ?1", [id])?;
@@ -660,8 +660,23 @@ impl Store {
 }
 
 /// A VM's firmware as stored: JSON, or NULL for BIOS.
-fn firmware_cell(f: &Option<standby_model::Firmware>) -> Option<String> {
-    f.as_ref().map(|f| serde_json::to_string(f).unwrap_or_default())
+/// A part of a VM's configuration kept as JSON (its firmware, its TPM); NULL for none.
+fn json_cell<T: serde::Serialize>(v: &Option<T>) -> Option<String> {
+    v.as_ref().map(|v| serde_json::to_string(v).unwrap_or_default())
+}
+
+fn from_json_cell<T: serde::de::DeserializeOwned>(
+    r: &rusqlite::Row<'_>,
+    id: i64,
+    col: usize,
+    what: &str,
+) -> rusqlite::Result<Option<T>> {
+    match r.get::<_, Option<String>>(col)? {
+        None => Ok(None),
+        Some(v) => {
+            serde_json::from_str(&v).map(Some).map_err(|e| bad_cell("vms", id, col, format!("{what} {v:?}: {e}")))
+        }
+    }
 }
 
 /// A cell no standby wrote: an error naming the table's row.

@@ -225,4 +225,10 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE restore_points ADD COLUMN consistency TEXT NOT NULL DEFAULT 'crash'
         CHECK (consistency IN ('application', 'crash', 'offline'));
     "#,
+    // 15: TPMs. A VM's emulated TPM (JSON: device model, and where standby's own driver
+    // keeps its state; NULL without one), and the copy of its state each restore point holds.
+    r#"
+    ALTER TABLE vms ADD COLUMN tpm TEXT;
+    ALTER TABLE restore_points ADD COLUMN tpm_state TEXT;
+    "#,
 ];

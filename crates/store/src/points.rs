@@ -11,8 +11,8 @@ impl Store {
         let tx = self.tx()?;
         tx.execute(
             "INSERT INTO restore_points (replica_id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms,
-                                         consistency, nvram)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                         consistency, nvram, tpm_state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 rp.replica_id,
                 rp.seq,
@@ -22,7 +22,8 @@ impl Store {
                 rp.bytes_read as i64,
                 rp.duration_ms as i64,
                 rp.consistency.as_str(),
-                rp.nvram
+                rp.nvram,
+                rp.tpm_state
             ],
         )?;
         let id = PointId(tx.last_insert_rowid());
@@ -37,7 +38,8 @@ impl Store {
     /// `pruning` points (half-removed by retention) are included only when asked.
     pub fn restore_points(&self, replica_id: ReplicaId, include_pruning: bool) -> Result<Vec<RestorePointRecord>> {
         let mut st = self.conn.prepare(
-            "SELECT id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms, pruning, consistency, nvram
+            "SELECT id, seq, created_at, method, bytes_transferred, bytes_read, duration_ms, pruning, consistency, nvram,
+                    tpm_state
              FROM restore_points WHERE replica_id = ?1 AND (pruning = 0 OR ?2) ORDER BY seq",
         )?;
         let mut rps: Vec<RestorePointRecord> = st
@@ -57,6 +59,7 @@ impl Store {
                         c.parse::<Consistency>().map_err(|e| bad_cell("restore_points", id, 8, e))?
                     },
                     nvram: r.get(9)?,
+                    tpm_state: r.get(10)?,
                     disks: Vec::new(),
                 })
             })?

@@ -131,6 +131,9 @@ pub struct NewRestorePoint {
     pub consistency: Consistency,
     /// The copy of a UEFI VM's variable store taken at the point's instant.
     pub nvram: Option<String>,
+    /// The copy of the VM's TPM state taken at the instant; None without a TPM, or while
+    /// its TPM had no state yet.
+    pub tpm_state: Option<String>,
     pub disks: Vec<RpDiskRecord>,
 }
 
@@ -146,6 +149,7 @@ pub struct RestorePointRecord {
     pub duration_ms: u64,
     pub consistency: Consistency,
     pub nvram: Option<String>,
+    pub tpm_state: Option<String>,
     pub pruning: bool,
     pub disks: Vec<RpDiskRecord>,
 }

@@ -79,6 +79,7 @@ fn retention_drop_repoints_layers() {
                 duration_ms: 0,
                 consistency: standby_model::Consistency::Application,
                 nvram: None,
+                tpm_state: None,
                 disks: vec![disk(layer, parent)],
             })
             .unwrap(),
@@ -220,6 +221,8 @@ fn planned_failover_rows_of_the_previous_version_become_its_state() {
              ALTER TABLE vms DROP COLUMN firmware;
              ALTER TABLE restore_points DROP COLUMN nvram;
              ALTER TABLE restore_points DROP COLUMN consistency;
+             ALTER TABLE vms DROP COLUMN tpm;
+             ALTER TABLE restore_points DROP COLUMN tpm_state;
              PRAGMA user_version = 5;",
         )
         .unwrap();

@@ -82,11 +82,12 @@ impl Domain {
     /// guest agent channel (the guest runs qemu-ga on it), and one NIC per
     /// `(kind, on, mac)`: kind `network` or `bridge`.
     pub fn define(name: &str, disk: &str, append: &str, console: &str, nics: &[(&str, &str, &str)]) -> Domain {
-        Domain::define_booting(name, disk, append, console, nics, None)
+        Domain::define_booting(name, disk, append, console, nics, None, false)
     }
 
     /// The same, booting UEFI (Debian's OVMF) with its variable store in `uefi_vars`
-    /// (made by libvirt from OVMF's template at the first start) when given.
+    /// (made by libvirt from OVMF's template at the first start) when given, and with an
+    /// emulated TPM 2.0 (swtpm, its state kept by libvirt) when `tpm`.
     pub fn define_booting(
         name: &str,
         disk: &str,
@@ -94,12 +95,13 @@ impl Domain {
         console: &str,
         nics: &[(&str, &str, &str)],
         uefi_vars: Option<&str>,
+        tpm: bool,
     ) -> Domain {
         ensure_daemon();
         let (kernel, initrd) = crate::guest();
         // Only what this test defines goes: a leftover of an earlier run of it first.
         let _ = try_virsh(&["destroy", name]);
-        let _ = try_virsh(&["undefine", name, "--checkpoints-metadata", "--nvram"]);
+        let _ = try_virsh(&["undefine", name, "--checkpoints-metadata", "--nvram", "--tpm"]);
         let format = if disk.ends_with(".raw") { "raw" } else { "qcow2" };
         let mut interfaces = String::new();
         for (kind, on, mac) in nics {
@@ -114,12 +116,13 @@ impl Domain {
                  <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{vars}</nvram>"
             )
         });
+        let tpm = if tpm { "<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>" } else { "" };
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64' machine='pc'>hvm</type>{firmware}<kernel>{kernel}</kernel><initrd>{initrd}</initrd>\
              <cmdline>{append}</cmdline></os><features><acpi/></features><on_poweroff>destroy</on_poweroff><devices>\
              <disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{disk}'/>\
-             <target dev='vda' bus='virtio'/></disk>{interfaces}\
+             <target dev='vda' bus='virtio'/></disk>{interfaces}{tpm}\
              <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
              <serial type='file'><source path='{console}'/><target port='0'/></serial></devices></domain>"
         );
@@ -157,6 +160,11 @@ impl Domain {
 }
 
 /// The checkpoint names of a domain, oldest first.
+/// Where libvirt keeps the state of domain `domain`'s TPM 2.0 (under its UUID).
+pub fn tpm_state_file(domain: &str) -> String {
+    format!("/var/lib/libvirt/swtpm/{}/tpm2/tpm2-00.permall", virsh(&["domuuid", domain]).trim())
+}
+
 pub fn checkpoints(domain: &str) -> Vec<String> {
     let mut names: Vec<String> = virsh(&["checkpoint-list", domain, "--name", "--topological"])
         .lines()
@@ -191,7 +199,7 @@ impl Drop for Domain {
         // Its replica too, when a failed test left one standby defined.
         for d in [format!("{}_replica", self.name), self.name.clone()] {
             let _ = try_virsh(&["destroy", &d]);
-            let _ = try_virsh(&["undefine", &d, "--checkpoints-metadata", "--nvram"]);
+            let _ = try_virsh(&["undefine", &d, "--checkpoints-metadata", "--nvram", "--tpm"]);
             let _ = std::fs::remove_dir_all(Path::new("/var/lib/libvirt/standby/kvm").join(&d));
         }
     }

@@ -158,6 +158,18 @@ impl Engine {
             }
             None => None,
         };
+        // And its TPM's final state, like its variables.
+        let tpm_state = match &rd.vm.config.driver.tpm {
+            Some(_) => match dr_host.vm_tpm_state(&self.launch_of(&rd.vm)?)? {
+                Some(state) => {
+                    let keep = crate::layout::tpm_path(&replica.dir, seq);
+                    dr_host.write_vars(&keep, &state)?;
+                    Some(keep)
+                }
+                None => None,
+            },
+            None => None,
+        };
         let id = self.store().insert_restore_point(&NewRestorePoint {
             replica_id: replica.id,
             seq,
@@ -166,6 +178,7 @@ impl Engine {
             // What the replica left when it was shut down for the switch.
             consistency: standby_model::Consistency::Offline,
             nvram,
+            tpm_state,
             bytes_transferred: moved.written,
             bytes_read: moved.read,
             duration_ms: started.elapsed().as_millis() as u64,

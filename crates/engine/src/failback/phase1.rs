@@ -155,6 +155,19 @@ impl Engine {
                         ),
                     });
                 }
+                let tpm = |c: &standby_model::VmConfig| c.driver.tpm.is_some();
+                if tpm(&t.config) != tpm(&source.config) {
+                    let has = |yes: bool| if yes { "has a TPM" } else { "has no TPM" };
+                    return Err(EngineError::Refused {
+                        vm: vm.clone(),
+                        why: format!(
+                            "VM {vm} {} and {name} {}: the keys its guest sealed to its TPM would not be there; fail \
+                             back to the original or to a new VM (--to new:HOST:DIR)",
+                            has(tpm(&t.config)),
+                            has(tpm(&source.config))
+                        ),
+                    });
+                }
                 (t.host.clone(), t.disks.clone(), Some(t), false)
             }
             FailbackTarget::New { host, dir } => {
@@ -172,7 +185,14 @@ impl Engine {
                     .collect();
                 let vars =
                     source.config.driver.firmware.as_ref().map(|_| crate::layout::new_target_vars_path(dir, name));
-                for path in disks.iter().map(|d| &d.path).chain(vars.as_ref()) {
+                let tpm = source
+                    .config
+                    .driver
+                    .tpm
+                    .as_ref()
+                    .and_then(|t| t.state.as_ref())
+                    .map(|_| crate::layout::new_target_tpm_path(dir, name));
+                for path in disks.iter().map(|d| &d.path).chain(vars.as_ref()).chain(tpm.as_ref()) {
                     if h.file_exists(path)? {
                         return Err(EngineError::BadArgument {
                             arg: "--to",
@@ -521,9 +541,13 @@ impl Engine {
             for d in &rec.disks {
                 tgt.remove_file(&d.path)?;
             }
-            // And the variable store the switch gave it, if it got that far.
+            // And the variable store and TPM state the switch gave it, if it got that far
+            // (on libvirt, forgetting the new VM drops its TPM's; an operator's domain of
+            // that name stays as it is).
             if let FailbackTarget::New { dir, .. } = &rec.target {
                 tgt.remove_file(&crate::layout::new_target_vars_path(dir, vm))?;
+                tgt.remove_file(&crate::layout::new_target_tpm_path(dir, vm))?;
+                tgt.vm_forget(vm)?;
             }
         }
         Ok(())

@@ -188,6 +188,14 @@ impl Engine {
         }
         self.store().set_step(replica.id, Step::Switch(SwitchStep::Identity))?;
         self.move_identity(replica, &mut rec)?;
+        // The replica's final TPM state goes to the VM now of record (the target), which
+        // starts from it; like the variables, done again after a crash.
+        let production = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
+        if rd.vm.config.driver.tpm.is_some() && production.config.driver.tpm.is_some() {
+            progress.step(name, "TPM state");
+            let (from, to) = (self.launch_of(&rd.vm)?, self.launch_of(&production)?);
+            crate::tpm::carry(dr_host.as_ref(), &from, tgt.as_ref(), &to)?;
+        }
         failpoint::hit("switch.after-identity");
         rec.switched_at = Some(standby_store::now());
         self.save_failback(replica.id, &rec)?;
@@ -263,9 +271,15 @@ impl Engine {
         // The configuration: the existing VM's own, or for a new VM the replica's
         // (which is the source's).
         let mut config = prior.existing.clone().unwrap_or_else(|| prior.protected.clone());
-        // A new VM keeps its UEFI variables beside its disks.
-        if let (FailbackTarget::New { dir, .. }, Some(f)) = (&rec.target, &mut config.config.driver.firmware) {
-            f.vars = crate::layout::new_target_vars_path(dir, name);
+        // A new VM keeps its UEFI variables (and on standby's own driver, its TPM's state)
+        // beside its disks.
+        if let FailbackTarget::New { dir, .. } = &rec.target {
+            if let Some(f) = &mut config.config.driver.firmware {
+                f.vars = crate::layout::new_target_vars_path(dir, name);
+            }
+            if let Some(state) = config.config.driver.tpm.as_mut().and_then(|t| t.state.as_mut()) {
+                *state = crate::layout::new_target_tpm_path(dir, name);
+            }
         }
         let new = NewVm {
             name: name.into(),

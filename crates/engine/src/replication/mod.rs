@@ -561,30 +561,37 @@ impl Engine {
         progress.step(&vm.name, "taking the point-in-time view");
         let created_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let marker = self.paused_marker(&vm.name);
-        let (views, vars) = crate::firmware::at_instant(src, vm, running, &marker, || {
+        let tpm_of = vm.config.driver.tpm.as_ref().map(|_| self.launch_of(vm)).transpose()?;
+        let (views, beside) = crate::firmware::at_instant(src, vm, tpm_of.as_ref(), running, &marker, || {
             access.open_views(replica.id, &disks, &previous_bitmaps, &trusted, &new_bitmap).map_err(EngineError::from)
         });
         // The views hold the instant: the guest goes on at once, whether they opened or not.
         let consistency =
             if running { quiesce::after_instant(src, &vm.name, &q, freeze, notes) } else { Consistency::Offline };
         let vars_file = crate::layout::vars_path(&replica.dir, seq);
+        let tpm_file = crate::layout::tpm_path(&replica.dir, seq);
         let result = views.map_err(fail("taking the point-in-time view")).and_then(|views| {
             failpoint::hit("replicate.after-checkpoint");
-            let vars = vars.map_err(fail("reading the UEFI variables"))?;
+            let beside = beside.map_err(fail("reading the UEFI variables and TPM state"))?;
             let moved = self.transfer_disks(replica, vm, dr, &disks, &views, &methods, &points, seq, progress)?;
-            if let Some(data) = &vars {
-                dr.write_vars(&vars_file, data).map_err(|e| fail("keeping the UEFI variables")(e.into()))?;
-            }
-            Ok((moved, vars.is_some().then(|| vars_file.clone())))
+            let keep = |data: &Option<Vec<u8>>, file: &String, what: &'static str| {
+                data.as_ref()
+                    .map(|d| dr.write_vars(file, d).map(|()| file.clone()).map_err(|e| fail(what)(e.into())))
+                    .transpose()
+            };
+            let nvram = keep(&beside.vars, &vars_file, "keeping the UEFI variables")?;
+            let tpm_state = keep(&beside.tpm, &tpm_file, "keeping the TPM state")?;
+            Ok((moved, Kept { nvram, tpm_state }))
         });
         // Views go whatever happened; on failure the bitmaps are reconciled so that the
         // bitmap of the last restore point again covers every change.
         let closed = access.close_views(replica.id, disks.len()).map_err(EngineError::from);
-        let ((stats, layers), nvram) = match (result, closed) {
+        let ((stats, layers), kept) = match (result, closed) {
             (Ok(r), Ok(())) => r,
             (Err(e), _) | (Ok(_), Err(e)) => {
                 let _ = dr.nbd_stop_all(&target_prefix(replica.id));
                 let _ = dr.remove_file(&vars_file);
+                let _ = dr.remove_file(&tpm_file);
                 for d in &disks {
                     let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
                     let _ = source::reconcile(access.as_mut(), d, replica.id, previous_bitmaps[d.idx].as_deref());
@@ -602,7 +609,7 @@ impl Engine {
             &disks,
             layers,
             &stats,
-            (&methods, consistency, nvram),
+            (&methods, consistency, kept),
             seq,
             &new_bitmap,
             created_at,
@@ -612,6 +619,7 @@ impl Engine {
             Ok(id) => id,
             Err(e) => {
                 let _ = dr.remove_file(&vars_file);
+                let _ = dr.remove_file(&tpm_file);
                 for d in &disks {
                     let _ = dr.remove_file(&crate::layout::layer_path(&replica.dir, seq, d.idx));
                     let _ = source::reconcile(access.as_mut(), d, replica.id, previous_bitmaps[d.idx].as_deref());
@@ -658,7 +666,7 @@ impl Engine {
         disks: &[SourceDisk],
         layers: Vec<RpDiskRecord>,
         stats: &[Stats],
-        (methods, consistency, nvram): (&[Method], Consistency, Option<String>),
+        (methods, consistency, kept): (&[Method], Consistency, Kept),
         seq: Seq,
         new_bitmap: &str,
         created_at: String,
@@ -685,7 +693,8 @@ impl Engine {
             created_at,
             method: Method::overall(methods.iter().copied()),
             consistency,
-            nvram,
+            nvram: kept.nvram,
+            tpm_state: kept.tpm_state,
             bytes_transferred: total.written,
             bytes_read: total.read,
             duration_ms: started.elapsed().as_millis() as u64,
@@ -781,3 +790,9 @@ impl Engine {
 }
 
 use crate::layout::target_prefix;
+
+/// The copies of a VM's state beside its disks a new point keeps (files on the DR host).
+struct Kept {
+    nvram: Option<String>,
+    tpm_state: Option<String>,
+}

@@ -30,6 +30,10 @@ pub struct RestorePointView {
     /// A UEFI VM's variable store as it was at the point's instant (a copy of its own).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uefi_vars: Option<String>,
+    /// The VM's TPM state as it was at the point's instant (a copy of its own); absent
+    /// without a TPM, or while its TPM had none yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm_state: Option<String>,
     pub disks: Vec<RpDiskView>,
 }
 
@@ -66,6 +70,7 @@ pub(super) fn point_view(rp: RestorePointRecord, vm: &str, job: &str) -> Restore
         duration_ms: rp.duration_ms,
         consistency: rp.consistency.as_str().into(),
         uefi_vars: rp.nvram,
+        tpm_state: rp.tpm_state,
         disks: rp
             .disks
             .into_iter()

@@ -34,8 +34,47 @@ pub struct Domain {
     pub standby_made: bool,
     /// Its UEFI firmware and variable store (`<os><loader>`, `<nvram>`); None for BIOS.
     pub firmware: Option<Firmware>,
-    /// It has a TPM, whose state standby does not capture yet.
-    pub tpm: bool,
+    /// Its TPM, as its definition gives it.
+    pub tpm: Option<DomainTpm>,
+}
+
+/// A domain's `<tpm>`: standby carries an emulated TPM 2.0's state (swtpm's, which libvirt
+/// keeps under the domain's UUID); a host's own TPM (passthrough) cannot be replicated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainTpm {
+    pub model: String,
+    /// `emulator` or `passthrough`.
+    pub backend: String,
+    pub version: Option<String>,
+    /// Its state is encrypted with a libvirt secret of the source host.
+    pub encrypted: bool,
+}
+
+impl DomainTpm {
+    /// Why standby cannot protect this TPM's state, if it cannot.
+    pub fn unsupported(&self) -> Option<String> {
+        if self.backend != "emulator" {
+            return Some(format!(
+                "its TPM is the host's own ({} backend), which no replica can have; give the domain an emulated \
+                 TPM (<backend type='emulator' version='2.0'/>) or remove it",
+                self.backend
+            ));
+        }
+        if self.version.as_deref() != Some("2.0") {
+            return Some(format!(
+                "its TPM is version {}; standby carries the state of TPM 2.0 only",
+                self.version.as_deref().unwrap_or("unstated")
+            ));
+        }
+        if self.encrypted {
+            return Some(
+                "its TPM's state is encrypted with a libvirt secret of this host, which a replica on another \
+                 host could not open; remove the <encryption> from its TPM's backend"
+                    .into(),
+            );
+        }
+        None
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +193,15 @@ pub fn parse(xml: &str) -> Result<Domain, String> {
     let vars = os.and_then(|os| text_of(child(os, "nvram"))).or_else(|| auto.then(|| default_nvram(&name)));
     let firmware =
         vars.map(|vars| Firmware { loader: os.and_then(|os| text_of(child(os, "loader"))).unwrap_or_default(), vars });
-    let tpm = child(root, "devices").is_some_and(|d| d.children().any(|c| c.has_tag_name("tpm")));
+    let tpm = devices.and_then(|d| child(d, "tpm")).map(|t| {
+        let backend = child(t, "backend");
+        DomainTpm {
+            model: t.attribute("model").unwrap_or("tpm-tis").into(),
+            backend: backend.and_then(|b| b.attribute("type")).unwrap_or("").into(),
+            version: backend.and_then(|b| b.attribute("version")).map(str::to_owned),
+            encrypted: backend.is_some_and(|b| child(b, "encryption").is_some()),
+        }
+    });
     let standby_made =
         child(root, "metadata").is_some_and(|m| m.children().any(|c| c.tag_name().namespace() == Some(MARKER_NS)));
     Ok(Domain {
@@ -440,6 +487,22 @@ mod tests {
         assert_eq!(d.nics[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
         assert_eq!(d.console_file.as_deref(), Some("/var/log/web.log"));
         assert!(!d.standby_made);
+    }
+
+    #[test]
+    fn an_emulated_tpm_2_is_carried_and_other_tpms_are_refused_saying_why() {
+        assert_eq!(parse(XML).unwrap().tpm, None);
+        let with = |tpm: &str| parse(&XML.replace("</devices>", &format!("{tpm}</devices>"))).unwrap().tpm.unwrap();
+        let ok = with("<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>");
+        assert_eq!((ok.model.as_str(), ok.unsupported()), ("tpm-crb", None));
+        let host = with("<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>");
+        assert!(host.unsupported().unwrap().contains("the host's own"), "{host:?}");
+        let old = with("<tpm model='tpm-tis'><backend type='emulator' version='1.2'/></tpm>");
+        assert!(old.unsupported().unwrap().contains("TPM 2.0 only"), "{old:?}");
+        let sealed = with(
+            "<tpm model='tpm-tis'><backend type='emulator' version='2.0'><encryption secret='6dd3e4a5-1d76-44ce-961f-f119f5aad935'/></backend></tpm>",
+        );
+        assert!(sealed.unsupported().unwrap().contains("encrypted"), "{sealed:?}");
     }
 
     #[test]

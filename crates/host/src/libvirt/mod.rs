@@ -9,6 +9,7 @@
 mod agent;
 mod disks;
 pub mod domain;
+mod tpm;
 mod virsh;
 
 use std::os::unix::fs::PermissionsExt;
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use standby_model::image::{Accel, Chain, DiskSource, Format, ImageInfo};
-use standby_model::{DriverConfig, VmConfig};
+use standby_model::{DriverConfig, Tpm, VmConfig};
 
 use crate::transfer::{Moved, Plan, Stats, Wire};
 use crate::{
@@ -94,14 +95,8 @@ impl LibvirtHost {
                 ),
             });
         }
-        if d.tpm {
-            return Err(HostError::BadConfig {
-                arg: "DOMAIN",
-                why: format!(
-                    "domain {name} has a TPM, whose state standby does not capture with restore points yet; it \
-                     cannot protect it until it does"
-                ),
-            });
+        if let Some(why) = d.tpm.as_ref().and_then(domain::DomainTpm::unsupported) {
+            return Err(HostError::BadConfig { arg: "DOMAIN", why: format!("domain {name}: {why}") });
         }
         if d.standby_made {
             return Err(HostError::BadConfig {
@@ -113,7 +108,13 @@ impl LibvirtHost {
             config: VmConfig {
                 cpus: d.vcpus,
                 memory_mib: d.memory_mib,
-                driver: DriverConfig { domain_xml: Some(xml), firmware: d.firmware, ..DriverConfig::default() },
+                driver: DriverConfig {
+                    domain_xml: Some(xml),
+                    firmware: d.firmware,
+                    // libvirt keeps the state under the domain's UUID: no path of standby's.
+                    tpm: d.tpm.map(|t| Tpm { model: t.model, state: None }),
+                    ..DriverConfig::default()
+                },
             },
             disks: d.disks.into_iter().map(|x| (x.path, x.format)).collect(),
         })
@@ -172,6 +173,25 @@ impl LibvirtHost {
         Ok(dir)
     }
 
+    /// The definition libvirt holds of a VM standby defines from a domain (a replica, a
+    /// failback's new VM), None before its first start; an error when the name is taken by
+    /// a domain standby did not define.
+    fn derived_definition(&self, vm: &str) -> Result<Option<domain::Domain>> {
+        let Some(xml) = self.definition(vm, true)? else { return Ok(None) };
+        let existing = domain::parse(&xml).map_err(HostError::Invalid)?;
+        if !existing.standby_made {
+            return Err(HostError::StartFailed {
+                vm: vm.into(),
+                detail: format!(
+                    "libvirt at {} holds a domain named {vm} that standby did not define; rename it (virsh \
+                     domrename) or give the job another --replica-suffix",
+                    self.virsh.uri
+                ),
+            });
+        }
+        Ok(Some(existing))
+    }
+
     fn pid(&self, vm: &str) -> Option<u32> {
         virsh::qemu_pid(&self.virsh.uri, vm)
     }
@@ -188,6 +208,18 @@ impl LibvirtHost {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Whether `vm` is the domain `source` itself (started as libvirt holds it), not a VM
+/// standby defines from it.
+fn is_own(vm: &VmLaunch, source: &domain::Domain) -> bool {
+    source.name == vm.name
+        && vm.disks.len() == source.disks.len()
+        && vm
+            .disks
+            .iter()
+            .zip(&source.disks)
+            .all(|(d, s)| matches!(d, DiskSource::Image { path, format } if *path == s.path && *format == s.format))
 }
 
 impl Host for LibvirtHost {
@@ -326,30 +358,11 @@ impl VmDriver for LibvirtHost {
             why: format!("VM {} has no libvirt definition", vm.name),
         })?;
         let source = domain::parse(xml).map_err(HostError::Invalid)?;
-        let own = source.name == vm.name
-            && vm.disks.len() == source.disks.len()
-            && vm.disks.iter().zip(&source.disks).all(
-                |(d, s)| matches!(d, DiskSource::Image { path, format } if *path == s.path && *format == s.format),
-            );
+        let own = is_own(vm, &source);
         if !own {
             // A VM standby makes from the domain: defined anew at each start, since its
             // chains change (protective points, generations).
-            let existing = match self.definition(&vm.name, true)? {
-                Some(x) => Some(domain::parse(&x).map_err(HostError::Invalid)?),
-                None => None,
-            };
-            if let Some(e) = &existing {
-                if !e.standby_made {
-                    return Err(HostError::StartFailed {
-                        vm: vm.name.clone(),
-                        detail: format!(
-                            "libvirt at {} holds a domain named {} that standby did not define; rename it \
-                             (virsh domrename) or give the job another --replica-suffix",
-                            self.virsh.uri, vm.name
-                        ),
-                    });
-                }
-            }
+            let existing = self.derived_definition(&vm.name)?;
             let console = self.run_dir(&vm.name, None)?.join("console.log");
             let _ = std::fs::remove_file(&console);
             let derived = domain::derive(
@@ -366,6 +379,10 @@ impl VmDriver for LibvirtHost {
             )
             .map_err(|detail| HostError::StartFailed { vm: vm.name.clone(), detail })?;
             self.virsh.run_with(&format!("defining domain {}", vm.name), &["define"], &[&derived])?;
+        }
+        // A replica's first start: its TPM gets the state it waited with, now that it has a UUID.
+        if vm.config.driver.tpm.is_some() {
+            self.place_tpm_seed(vm)?;
         }
         self.virsh
             .run(&format!("starting domain {}", vm.name), &["start", &vm.name])
@@ -490,7 +507,7 @@ impl VmDriver for LibvirtHost {
     }
 
     fn vm_forget(&self, vm: &str) -> Result<()> {
-        let Some(xml) = self.definition(vm, true)? else { return Ok(()) };
+        let Some(xml) = self.definition(vm, true)? else { return self.forget_tpm_seed(vm) };
         let d = domain::parse(&xml).map_err(HostError::Invalid)?;
         if !d.standby_made {
             // Only what standby defined goes; an operator's domain is never undefined.
@@ -498,11 +515,20 @@ impl VmDriver for LibvirtHost {
         }
         self.virsh.run(
             &format!("undefining domain {vm}"),
-            // The variable store is not the replica's to delete.
-            &["undefine", vm, "--checkpoints-metadata", "--snapshots-metadata", "--keep-nvram"],
+            // The variable store is not the replica's to delete; its TPM's state is, even
+            // when the source's definition asks libvirt to keep it (persistent_state).
+            &["undefine", vm, "--checkpoints-metadata", "--snapshots-metadata", "--keep-nvram", "--tpm"],
         )?;
         let _ = std::fs::remove_dir_all(Path::new(RUN_ROOT).join(&self.name).join(vm));
         Ok(())
+    }
+
+    fn vm_tpm_state(&self, vm: &VmLaunch) -> Result<Option<Vec<u8>>> {
+        self.tpm_state(vm)
+    }
+
+    fn vm_set_tpm_state(&self, vm: &VmLaunch, state: Option<&[u8]>) -> Result<()> {
+        self.set_tpm_state(vm, state)
     }
 
     fn guest_freeze(&self, vm: &str, timeout: Duration) -> Result<Option<u64>> {
