@@ -275,6 +275,10 @@ pub(crate) enum VmCmd {
         /// The VM's UEFI variable store; made from OVMF's template when it does not exist.
         #[arg(long, requires = "uefi")]
         nvram: Option<String>,
+        /// Give the VM an emulated TPM 2.0 (swtpm) keeping its state in this file (made at
+        /// its first start; an existing one is the VM's TPM as it was).
+        #[arg(long, value_name = "STATE_FILE")]
+        tpm: Option<String>,
         #[arg(long, default_value = LOCAL_HOST)]
         host: String,
         #[command(flatten)]

@@ -19,7 +19,7 @@ use args::{
 use clap::Parser;
 use standby_engine::{
     Despite, DriverConfig, Engine, FailbackOptions, Firmware, JobChange, JobSpec, PlanChange, PlanSpec, PointChoice,
-    VmChange, VmConfig, VmSpec,
+    Tpm, VmChange, VmConfig, VmSpec,
 };
 
 fn default_data_dir() -> PathBuf {
@@ -180,6 +180,7 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
             cpu_model,
             uefi,
             nvram,
+            tpm,
             host,
             json,
         } => {
@@ -202,6 +203,7 @@ fn vm(engine: &Engine, cmd: VmCmd) -> Result<ExitCode> {
                         machine,
                         cpu_model,
                         firmware,
+                        tpm: tpm.map(|state| Tpm { model: "tpm-tis".into(), state: Some(state) }),
                         ..DriverConfig::default()
                     },
                 },

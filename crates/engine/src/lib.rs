@@ -47,7 +47,7 @@ pub use progress::{NoProgress, Progress};
 pub use quiesce::FreezeSpec;
 pub use replication::{Recovery, ReplicaView, RestorePointView, RpDiskView, RunOutcome};
 pub use standby_host::{OVMF_CODE, OVMF_VARS};
-pub use standby_model::{DriverConfig, FailbackTarget, Firmware, SwitchMode, VmChange, VmConfig};
+pub use standby_model::{DriverConfig, FailbackTarget, Firmware, SwitchMode, Tpm, VmChange, VmConfig};
 pub use task::TaskView;
 pub use vm::{VmSpec, VmView};
 

@@ -8,6 +8,7 @@ pub mod libvirt;
 mod live;
 mod local;
 mod nic;
+mod swtpm;
 pub mod transfer;
 pub mod views;
 

@@ -25,6 +25,7 @@ use standby_qemu::qmp::commands::{Cont, Quit, Stop, SystemPowerdown};
 
 use crate::live::{disk_node, Monitor, QemuDisks, QMP_TIMEOUT, STATUS_TIMEOUT};
 use crate::nic::{self, Net, Nic};
+use crate::swtpm;
 use crate::*;
 
 /// How long a guest agent may take to answer the synchronisation that starts each
@@ -420,6 +421,19 @@ impl VmDriver for LocalHost {
                 }
             }
         }
+        if let Some(t) = &d.tpm {
+            let state = t.state.as_deref().ok_or_else(|| HostError::BadConfig {
+                arg: "--tpm",
+                why: "standby's own driver keeps a TPM's state in a file; give it with --tpm PATH".into(),
+            })?;
+            if let Some(why) = swtpm::check_state_path(state) {
+                return Err(HostError::BadConfig { arg: "--tpm", why });
+            }
+            if !["tpm-tis", "tpm-crb"].contains(&t.model.as_str()) {
+                let why = format!("TPM device {} is not one QEMU emulates (tpm-tis, tpm-crb)", t.model);
+                return Err(HostError::BadConfig { arg: "--tpm", why });
+            }
+        }
         // A name, not options: QEMU itself says whether it knows it, when the VM starts.
         for (arg, value) in [("--machine", &d.machine), ("--cpu-model", &d.cpu_model)] {
             if let Some(v) = value {
@@ -495,13 +509,23 @@ impl VmDriver for LocalHost {
             console_log: self.vm_file(&vm.name, "console.log"),
             pidfile: self.vm_file(&vm.name, "qemu.pid"),
             start_paused: !bridges.is_empty(),
+            tpm: match &vm.config.driver.tpm {
+                Some(t) => Some((t.model.clone(), self.socket(self.vm_file(&vm.name, "swtpm.sock"))?)),
+                None => None,
+            },
         };
         rotate_console(&dir.join("console.log"))?;
+        if let (Some((_, socket)), Some(state)) =
+            (&machine.tpm, vm.config.driver.tpm.as_ref().and_then(|t| t.state.as_deref()))
+        {
+            swtpm::start(&vm.name, &dir, socket, state)?;
+        }
         let out = Command::new(QEMU_SYSTEM)
             .args(machine.args())
             .output()
             .map_err(|source| QemuError::Spawn { program: QEMU_SYSTEM.into(), source })?;
         if !out.status.success() {
+            swtpm::stop(&dir);
             return Err(HostError::StartFailed {
                 vm: vm.name.clone(),
                 detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
@@ -539,7 +563,7 @@ impl VmDriver for LocalHost {
     }
 
     fn vm_tpm_state(&self, vm: &VmLaunch) -> Result<Option<Vec<u8>>> {
-        read_state_file(&tpm_file(vm)?, "TPM state")
+        swtpm::read_state(&tpm_file(vm)?)
     }
 
     fn vm_set_tpm_state(&self, vm: &VmLaunch, state: Option<&[u8]>) -> Result<()> {

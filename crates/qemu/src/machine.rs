@@ -47,6 +47,8 @@ pub struct Machine {
     /// Its CPUs stay stopped until told to run (`cont`): what has to be in place before
     /// the guest runs (its NICs on their bridges) is done first.
     pub start_paused: bool,
+    /// Its TPM: the device model, and the control socket of the swtpm emulating it.
+    pub tpm: Option<(String, String)>,
 }
 
 impl Machine {
@@ -110,6 +112,12 @@ impl Machine {
         push(&["-chardev", &format!("socket,id=qga,path={},server=on,wait=off", opt_value(&self.guest_agent_socket))]);
         push(&["-device", "virtio-serial-pci,id=qga-serial"]);
         push(&["-device", "virtserialport,bus=qga-serial.0,chardev=qga,name=org.qemu.guest_agent.0"]);
+        // Not on PCI (TIS is an ISA device, CRB a memory region): no slot moves.
+        if let Some((model, socket)) = &self.tpm {
+            push(&["-chardev", &format!("socket,id=tpm,path={}", opt_value(socket))]);
+            push(&["-tpmdev", "emulator,id=tpm0,chardev=tpm"]);
+            push(&["-device", &format!("{},tpmdev=tpm0", opt_value(model))]);
+        }
         if self.start_paused {
             push(&["-S"]);
         }
@@ -167,6 +175,7 @@ mod tests {
             console_log: "/r/console.log".into(),
             pidfile: "/r/qemu.pid".into(),
             start_paused: false,
+            tpm: None,
         };
         let args = m.args().join(" ");
         assert!(args.contains(r#""node-name":"disk0""#), "{args}");
@@ -196,12 +205,15 @@ mod tests {
             console_log: "/r,x/console.log".into(),
             pidfile: "/r,x/qemu.pid".into(),
             start_paused: true,
+            tpm: Some(("tpm-tis".into(), "/r,x/swtpm.sock".into())),
         };
         let args = m.args();
         assert!(args.contains(&"file,id=console,path=/r,,x/console.log,append=on".to_string()), "{args:?}");
         assert!(args.contains(&"socket,id=qmp,path=/r,,x/qmp.sock,server=on,wait=off".to_string()), "{args:?}");
         assert!(args.contains(&"socket,id=qga,path=/r,,x/qga.sock,server=on,wait=off".to_string()), "{args:?}");
         assert!(args.contains(&"-S".to_string()), "{args:?}");
+        assert!(args.contains(&"socket,id=tpm,path=/r,,x/swtpm.sock".to_string()), "{args:?}");
+        assert!(args.contains(&"tpm-tis,tpmdev=tpm0".to_string()), "{args:?}");
         let disk: serde_json::Value =
             serde_json::from_str(&args[args.iter().position(|a| a == "-blockdev").unwrap() + 1]).unwrap();
         assert_eq!(disk["file"]["filename"], "/d/a,file.locking=off.qcow2");

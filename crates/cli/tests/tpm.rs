@@ -1,0 +1,114 @@
+//! User story: a VM whose guest seals its disk keys to a TPM (BitLocker, LUKS with
+//! systemd-cryptenroll) boots only with that TPM's state. standby's own driver gives such
+//! a VM an emulated TPM 2.0 (swtpm), keeps a copy of its state with every restore point,
+//! taken at the point's instant, gives a replica its point's copy, and brings the
+//! replica's state back at failback. The test guest reads its TPM's reset count (a
+//! persistent counter each boot raises) and says it: a replica goes on from its point's
+//! count, and the source back from failback from the replica's; a new TPM would start over.
+
+use std::time::Duration;
+
+use standby_testkit::{file_digest, guest, ledger_append, make_disk, Env};
+
+const BIN: &str = env!("CARGO_BIN_EXE_standby");
+
+fn digest(path: &str) -> Option<String> {
+    std::path::Path::new(path).exists().then(|| file_digest(path))
+}
+
+/// The reset counts the guest's TPM reported at each boot of this console.
+fn resets(console: &str) -> Vec<u64> {
+    console.lines().filter_map(|l| l.split("STANDBY-GUEST tpm resets=").nth(1)?.trim().parse().ok()).collect()
+}
+
+/// The count the VM's `boot`th boot (from 1, as its console keeps them) reported.
+fn wait_resets(env: &Env, vm: &str, boot: usize, what: &str) -> u64 {
+    env.wait_console(vm, Duration::from_secs(120), what, |c| resets(c).len() >= boot);
+    resets(&env.console(vm))[boot - 1]
+}
+
+#[test]
+fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failback() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 32, &[(0x42, 0, 2)]);
+    let state = env.path("src/web-tpm.state");
+    let (kernel, initrd) = guest();
+    let append = ledger_append(4096, 2000, 20_000);
+    env.ok(&[
+        "vm", "create", "web", "--disk", &disk, "--memory", "192", "--kernel", &kernel, "--initrd", &initrd,
+        "--append", &append, "--tpm", &state,
+    ]);
+    let shown = env.json(&["vm", "show", "web"]);
+    assert_eq!((shown["tpm"]["model"].as_str(), shown["tpm"]["state"].as_str()), (Some("tpm-tis"), Some(&*state)));
+    assert_eq!(digest(&state), None, "a new TPM's state is made at its first start");
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+
+    env.ok(&["vm", "start", "web"]);
+    let first = wait_resets(&env, "web", 1, "the guest's TPM");
+    env.ok(&["job", "run", "j"]);
+    let p1 = env.points("web").last().cloned().unwrap();
+    let p1_tpm = p1["tpm_state"].as_str().expect("a running VM's point holds its TPM state").to_owned();
+    assert!(p1_tpm.starts_with(&env.path("dr")), "{p1}");
+    assert!(digest(&p1_tpm).is_some());
+
+    // Stopped: byte for byte the VM's TPM state.
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+    env.ok(&["job", "run", "j"]);
+    let p2 = env.points("web").last().cloned().unwrap();
+    let p2_tpm = p2["tpm_state"].as_str().unwrap().to_owned();
+    assert_eq!(digest(&p2_tpm), digest(&state), "stopped: the point's TPM state is the VM's, byte for byte");
+    assert_ne!(p1_tpm, p2_tpm, "each point has its own copy");
+
+    // The replica's TPM goes on from its point's state, in a copy of its own.
+    env.ok(&["failover", "web"]);
+    assert_eq!(wait_resets(&env, "web_replica", 1, "the replica's TPM"), first + 1, "a new TPM would start over");
+    let replica_state =
+        env.json(&["vm", "show", "web_replica"])["tpm"]["state"].as_str().expect("the replica's TPM").to_owned();
+    assert!(replica_state.starts_with(&env.path("dr")), "{replica_state}");
+    assert_eq!(digest(&p2_tpm), digest(&state), "the point's copy is not the replica's to write");
+
+    // Failback to the original: at the switch the source's TPM state becomes the replica's.
+    env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
+    env.ok(&["failback", "switch", "web"]);
+    let final_state = digest(&replica_state);
+    assert_eq!(digest(&state), final_state, "the source holds the replica's final TPM state");
+    env.ok(&["vm", "start", "web"]);
+    assert_eq!(wait_resets(&env, "web", 2, "the source's TPM"), first + 2, "the source goes on from the replica");
+    env.ok(&["failback", "commit", "web"]);
+    assert_eq!(digest(&replica_state), None, "the replica's TPM state went with it");
+    let kept = env.points("web").last().cloned().unwrap();
+    assert_eq!(digest(kept["tpm_state"].as_str().expect("the kept point's TPM state")), final_state, "{kept}");
+
+    // Replication goes on with the TPM state; an undone failover's replica TPM goes with
+    // it, and the source's stays as it was.
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+    env.ok(&["job", "run", "j"]);
+    let p = env.points("web").last().cloned().unwrap();
+    assert_eq!(digest(p["tpm_state"].as_str().unwrap()), digest(&state), "the next point holds the source's");
+    let source_before = digest(&state);
+    env.ok(&["failover", "web"]);
+    let boots = resets(&env.console("web_replica")).len();
+    assert_eq!(wait_resets(&env, "web_replica", boots + 1, "the second replica's TPM"), first + 3);
+    env.ok(&["failover", "undo", "web"]);
+    assert_eq!(digest(&replica_state), None, "undo discards the replica's TPM state");
+    assert_eq!(digest(&state), source_before, "the source's TPM state was never touched");
+}
+
+#[test]
+fn bad_tpm_settings_are_refused_and_define_nothing() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/x.qcow2");
+    make_disk(&disk, "qcow2", 16, &[]);
+    let comma = env.path("src/a,b.state");
+    for (state, says) in [
+        ("relative.state", "absolute file path"),
+        ("/no/such/dir/x.state", "absolute file path"),
+        (env.root().to_str().unwrap(), "absolute file path"),
+        (comma.as_str(), "comma"),
+    ] {
+        let err = env.fails(&["vm", "create", "x", "--disk", &disk, "--tpm", state]);
+        assert!(err.contains(says) && err.contains("--tpm"), "{state}: {err}");
+    }
+    assert_eq!(env.json(&["vm", "list"]), serde_json::json!([]), "refused VMs are not defined");
+}

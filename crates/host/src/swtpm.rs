@@ -1,0 +1,99 @@
+//! The TPMs of standby's own driver: one swtpm process per running VM, started before its
+//! QEMU and ending with it (`--terminate`: once QEMU's connection is gone), keeping the
+//! TPM's state in the one file the VM's configuration names.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::local::read_state_file;
+use crate::{HostError, Result};
+
+pub const SWTPM: &str = "swtpm";
+
+/// How long swtpm has to listen on its control socket once it daemonized.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why `state` cannot hold a TPM's state, if it cannot: swtpm reads it from an option
+/// string (no commas), and a path must be one file in a directory that exists.
+pub fn check_state_path(state: &str) -> Option<String> {
+    let p = Path::new(state);
+    if !p.is_absolute() || !p.parent().is_some_and(Path::is_dir) || p.is_dir() {
+        return Some(format!("--tpm {state}: give an absolute file path in a directory that exists"));
+    }
+    if state.chars().any(|c| c == ',' || c.is_control()) {
+        return Some(format!("--tpm {state}: swtpm cannot take a path with a comma or a control character"));
+    }
+    None
+}
+
+/// Starts the swtpm of a VM whose run files are in `dir`, listening on `socket`, its
+/// state in `state` (made at the TPM's first start). A leftover of a killed VM goes first.
+pub fn start(vm: &str, dir: &Path, socket: &str, state: &str) -> Result<()> {
+    stop(dir);
+    let _ = fs::remove_file(socket);
+    let log = dir.join("swtpm.log");
+    let failed = |detail: String| HostError::StartFailed { vm: vm.into(), detail: format!("its TPM: {detail}") };
+    let out = Command::new(SWTPM)
+        .args(["socket", "--tpm2", "--terminate", "--daemon"])
+        .arg("--tpmstate")
+        .arg(format!("backend-uri=file://{state}"))
+        .arg("--ctrl")
+        .arg(format!("type=unixio,path={socket},mode=0600"))
+        .arg("--pid")
+        .arg(format!("file={}", dir.join("swtpm.pid").display()))
+        .arg("--log")
+        .arg(format!("file={}", log.display()))
+        .output()
+        .map_err(|e| failed(format!("cannot run {SWTPM} ({e}); install swtpm (make deps does)")))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "{SWTPM} failed: {} {}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            fs::read_to_string(&log).unwrap_or_default().trim()
+        )));
+    }
+    let since = Instant::now();
+    while !Path::new(socket).exists() {
+        if since.elapsed() > LISTEN_TIMEOUT {
+            stop(dir);
+            return Err(failed(format!("{SWTPM} did not listen on {socket} within {LISTEN_TIMEOUT:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Ends the swtpm of the VM whose run files are in `dir`, if one runs: a QEMU that never
+/// connected to it, or a killed run's leftover. Only a process that is swtpm.
+pub fn stop(dir: &Path) {
+    let pidfile = dir.join("swtpm.pid");
+    let pid = fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok());
+    if let Some(pid) = pid {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == SWTPM {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    let _ = fs::remove_file(pidfile);
+}
+
+/// The TPM's state as swtpm keeps it in `state`. swtpm writes that file in place, so a
+/// copy is taken only when two reads agree (the VM's CPUs are stopped meanwhile: at most a
+/// command already sent is still being written).
+pub fn read_state(state: &str) -> Result<Option<Vec<u8>>> {
+    let mut last = read_state_file(state, "TPM state")?;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(20));
+        let again = read_state_file(state, "TPM state")?;
+        if again == last {
+            return Ok(last);
+        }
+        last = again;
+    }
+    Err(HostError::Invalid(format!("the TPM state in {state} kept changing while its VM was paused")))
+}
