@@ -8,6 +8,7 @@ pub mod libvirt;
 mod live;
 mod local;
 mod nic;
+mod state_file;
 mod swtpm;
 pub mod transfer;
 pub mod views;

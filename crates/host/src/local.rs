@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,7 +25,8 @@ use standby_qemu::qmp::commands::{Cont, Quit, Stop, SystemPowerdown};
 
 use crate::live::{disk_node, Monitor, QemuDisks, QMP_TIMEOUT, STATUS_TIMEOUT};
 use crate::nic::{self, Net, Nic};
-use crate::swtpm;
+use crate::state_file::{read_state_file, write_state_file};
+use crate::swtpm::{self, tpm_file};
 use crate::*;
 
 /// How long a guest agent may take to answer the synchronisation that starts each
@@ -42,7 +43,7 @@ pub struct LocalHost {
     accel: Accel,
 }
 
-fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {
+pub(crate) fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {
     let (what, path) = (what.to_owned(), path.display().to_string());
     move |source| HostError::Io { what, path, source }
 }
@@ -749,64 +750,6 @@ impl Transport for LocalHost {
         }
         Ok(stopped)
     }
-}
-
-/// Where standby's own driver keeps a VM's TPM state: the file its configuration names.
-fn tpm_file(vm: &VmLaunch) -> Result<String> {
-    vm.config
-        .driver
-        .tpm
-        .as_ref()
-        .and_then(|t| t.state.clone())
-        .ok_or_else(|| HostError::BadConfig { arg: "--tpm", why: format!("VM {} has no TPM state file", vm.name) })
-}
-
-/// A VM's small binary state file (a UEFI variable store, a TPM's state), whole: at most
-/// `MAX_VARS_FILE`, None when it does not exist. Never through a symlink: such files sit
-/// in directories QEMU's or swtpm's user owns.
-pub(crate) fn read_state_file(path: &str, what: &str) -> Result<Option<Vec<u8>>> {
-    let p = Path::new(path);
-    let f = match fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(p) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(&format!("cannot open the {what}"), p)(e)),
-    };
-    let mut data = Vec::new();
-    f.take(MAX_VARS_FILE + 1).read_to_end(&mut data).map_err(io_err("cannot read", p))?;
-    if data.len() as u64 > MAX_VARS_FILE {
-        return Err(HostError::Invalid(format!("{path} is larger than a {what} can be")));
-    }
-    Ok(Some(data))
-}
-
-/// Replaces the state file at `path` with `data`, atomically (a crash leaves the old one or
-/// the new one), owner-only. The caller makes its directory entry durable.
-pub(crate) fn write_state_file(path: &str, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let p = Path::new(path);
-    let tmp = PathBuf::from(format!("{path}.standby-tmp"));
-    // A fresh file, never one found there (a crash's leftover, or a planted symlink:
-    // the directory may be QEMU's user's); rename replaces the store, not what it links to.
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err("cannot remove", &tmp)(e)),
-        _ => {}
-    }
-    let written = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, p)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err("cannot replace", p)(e));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::local::read_state_file;
-use crate::{HostError, Result};
+use crate::state_file::read_state_file;
+use crate::{HostError, Result, VmLaunch};
 
 pub const SWTPM: &str = "swtpm";
 
@@ -96,4 +96,14 @@ pub fn read_state(state: &str) -> Result<Option<Vec<u8>>> {
         last = again;
     }
     Err(HostError::Invalid(format!("the TPM state in {state} kept changing while its VM was paused")))
+}
+
+/// Where standby's own driver keeps a VM's TPM state: the file its configuration names.
+pub fn tpm_file(vm: &VmLaunch) -> Result<String> {
+    vm.config
+        .driver
+        .tpm
+        .as_ref()
+        .and_then(|t| t.state.clone())
+        .ok_or_else(|| HostError::BadConfig { arg: "--tpm", why: format!("VM {} has no TPM state file", vm.name) })
 }

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{domain, is_own, LibvirtHost, RUN_ROOT};
-use crate::local::{read_state_file, write_state_file};
+use crate::state_file::{read_state_file, write_state_file};
 use crate::{HostError, Result, Storage, VmLaunch};
 
 /// Where libvirt's swtpm keeps each domain's TPM state (`<uuid>/tpm2/tpm2-00.permall` for
