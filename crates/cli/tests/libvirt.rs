@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use standby_testkit::libvirt::{self, checkpoints, domains, open_for_qemu, try_virsh, virsh, Domain};
-use standby_testkit::{identical, ledger_append, make_disk, read_image, with_ledger, Bridge, Env, Ledger};
+use standby_testkit::{identical, ledger_append, make_disk, read_image, tpm_resets, with_ledger, Bridge, Env, Ledger};
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
 const LEDGER_START: u64 = 4096;
@@ -416,11 +416,6 @@ fn libvirt_domains_with_an_agent_get_application_points_and_a_hung_agent_a_thawe
     assert_eq!(slow.freeze_status(), "thawed");
     let (ok, list) = try_virsh(&["list", "--all", "--name"]);
     assert!(ok && list.contains(&name) && list.contains(&slow_name), "{list}");
-}
-
-/// The reset counts the guest's TPM reported at each boot (`STANDBY-GUEST tpm resets=N`).
-fn tpm_resets(console: &str) -> Vec<u64> {
-    console.lines().filter_map(|l| l.split("STANDBY-GUEST tpm resets=").nth(1)?.trim().parse().ok()).collect()
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use standby_testkit::{file_digest, guest, ledger_append, make_disk, Env};
+use standby_testkit::{file_digest, guest, ledger_append, make_disk, tpm_resets, Env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
 
@@ -16,15 +16,10 @@ fn digest(path: &str) -> Option<String> {
     std::path::Path::new(path).exists().then(|| file_digest(path))
 }
 
-/// The reset counts the guest's TPM reported at each boot of this console.
-fn resets(console: &str) -> Vec<u64> {
-    console.lines().filter_map(|l| l.split("STANDBY-GUEST tpm resets=").nth(1)?.trim().parse().ok()).collect()
-}
-
 /// The count the VM's `boot`th boot (from 1, as its console keeps them) reported.
 fn wait_resets(env: &Env, vm: &str, boot: usize, what: &str) -> u64 {
-    env.wait_console(vm, Duration::from_secs(120), what, |c| resets(c).len() >= boot);
-    resets(&env.console(vm))[boot - 1]
+    env.wait_console(vm, Duration::from_secs(120), what, |c| tpm_resets(c).len() >= boot);
+    tpm_resets(&env.console(vm))[boot - 1]
 }
 
 #[test]
@@ -88,7 +83,7 @@ fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failbac
     assert_eq!(digest(p["tpm_state"].as_str().unwrap()), digest(&state), "the next point holds the source's");
     let source_before = digest(&state);
     env.ok(&["failover", "web"]);
-    let boots = resets(&env.console("web_replica")).len();
+    let boots = tpm_resets(&env.console("web_replica")).len();
     assert_eq!(wait_resets(&env, "web_replica", boots + 1, "the second replica's TPM"), first + 3);
     env.ok(&["failover", "undo", "web"]);
     assert_eq!(digest(&replica_state), None, "undo discards the replica's TPM state");

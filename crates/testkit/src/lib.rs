@@ -391,6 +391,13 @@ pub fn guest() -> (String, String) {
     (k.display().to_string(), i.display().to_string())
 }
 
+/// The reset counts the test guest's TPM reported at each boot its console holds
+/// (`STANDBY-GUEST tpm resets=N`): a persistent counter each boot raises, so a boot's count
+/// shows which TPM state it started from.
+pub fn tpm_resets(console: &str) -> Vec<u64> {
+    console.lines().filter_map(|l| l.split("STANDBY-GUEST tpm resets=").nth(1)?.trim().parse().ok()).collect()
+}
+
 /// Kernel command line for the ledger workload: records from block `start` on.
 pub fn ledger_append(start_block: u64, count: u64, interval_us: u64) -> String {
     format!(

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use standby_testkit::libvirt::{self, checkpoints, domains, open_for_qemu, Domain};
-use standby_testkit::{ledger_append, make_disk, Ledger};
+use standby_testkit::{ledger_append, make_disk, tpm_resets, Ledger};
 
 use crate::sites::*;
 
@@ -42,7 +42,9 @@ fn a_domain_on_a_libvirt_host_behind_its_agent_is_replicated_failed_over_and_fai
     let name = format!("lvag{}", std::process::id() % 100_000);
     let disk = env.path("src/web.qcow2");
     make_disk(&disk, "qcow2", 64, &[(0x5a, 0, 4)]);
-    let dom = Domain::define(&name, &disk, &ledger_append(4096, 3000, 20_000), &env.path("src/console.log"), &[]);
+    // With a TPM: its state goes through the agents too.
+    let append = ledger_append(4096, 3000, 20_000);
+    let dom = Domain::define_booting(&name, &disk, &append, &env.path("src/console.log"), &[], None, true);
     env.ok(&["vm", "import", &name, "--host", "prod1"]);
     let vms = env.json(&["vm", "list"]);
     assert_eq!((vms[0]["host"].as_str(), vms[0]["driver"].as_str()), (Some("prod1"), Some("libvirt")), "{vms}");
@@ -50,6 +52,7 @@ fn a_domain_on_a_libvirt_host_behind_its_agent_is_replicated_failed_over_and_fai
     env.ok(&["vm", "start", &name]);
     assert_eq!(dom.state(), "running", "started through libvirt");
     env.wait_console(&name, Duration::from_secs(90), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
+    let first = tpm_resets(&env.console(&name))[0];
 
     // Two runs between the agents, through libvirt's checkpoints: full, then changed blocks.
     let ledger = Ledger { start_block: 4096 };
@@ -75,6 +78,7 @@ fn a_domain_on_a_libvirt_host_behind_its_agent_is_replicated_failed_over_and_fai
         resumed.split("LEDGER-RESUME ").nth(1).and_then(|r| r.split_whitespace().next()?.parse().ok()).unwrap();
     let final_k = ledger_records(ledger, &env, &disk);
     assert_eq!(found, final_k, "the replica starts from the source's final state");
+    assert_eq!(tpm_resets(&resumed), [first + 1], "and its TPM from the source's TPM state");
 
     // Failback to the original across the agents: the replica's writes land in the
     // source's disk, the domain starts through libvirt on the production host.
@@ -85,6 +89,8 @@ fn a_domain_on_a_libvirt_host_behind_its_agent_is_replicated_failed_over_and_fai
     assert!(k >= acked, "the source holds records 1..={k}, the replica had acknowledged {acked}");
     env.ok(&["vm", "start", &name]);
     assert_eq!(dom.state(), "running");
+    env.wait_console(&name, Duration::from_secs(90), "the source's TPM", |c| !tpm_resets(c).is_empty());
+    assert_eq!(tpm_resets(&env.console(&name)), [first + 2], "the source's TPM goes on from the replica's");
     env.ok(&["failback", "commit", &name]);
     assert_eq!(domains(&name), std::slice::from_ref(&name), "virsh list --all after commit");
     env.ok(&["vm", "stop", &name]);
