@@ -155,6 +155,7 @@ pub(crate) enum HostCall {
     VmDescribe { domain: String },
     VmAutostart { vm: String, on: Option<bool> },
     VmForget { vm: String },
+    VmDefined { vm: String },
     VmTpmState { vm: VmLaunch },
     VmSetTpmState { vm: VmLaunch, state: Option<Vec<u8>> },
     VmStart { vm: VmLaunch },

@@ -231,6 +231,9 @@ impl VmDriver for RemoteHost {
     fn vm_forget(&self, vm: &str) -> Result<()> {
         self.call(HostCall::VmForget { vm: vm.into() })
     }
+    fn vm_defined(&self, vm: &str) -> Result<bool> {
+        self.call(HostCall::VmDefined { vm: vm.into() })
+    }
     fn vm_tpm_state(&self, vm: &VmLaunch) -> Result<Option<Vec<u8>>> {
         self.call(HostCall::VmTpmState { vm: vm.clone() })
     }

@@ -128,6 +128,7 @@ impl Service {
             HostCall::VmDescribe { domain } => answer(h.vm_describe(&domain)),
             HostCall::VmAutostart { vm, on } => answer(h.vm_autostart(&vm, on)),
             HostCall::VmForget { vm } => answer(h.vm_forget(&vm)),
+            HostCall::VmDefined { vm } => answer(h.vm_defined(&vm)),
             HostCall::VmTpmState { vm } => answer(h.vm_tpm_state(&vm)),
             HostCall::VmSetTpmState { vm, state } => answer(h.vm_set_tpm_state(&vm, state.as_deref())),
             HostCall::VmStart { vm } => answer(h.vm_start(&vm)),

@@ -276,9 +276,11 @@ fn bad_libvirt_input_is_refused_with_what_to_do_and_changes_nothing() {
     let file = env.path("tpm.xml");
     std::fs::write(&file, xml).unwrap();
     virsh(&["define", &file]);
+    let defined = env.snapshot();
     let err = env.fails(&["vm", "import", &name, "--host", "kvm"]);
     let _ = try_virsh(&["undefine", &name]);
     assert!(err.contains("the host's own") && err.contains("emulated"), "{err}");
+    assert_eq!(env.snapshot(), defined, "a refused import changes nothing");
 
     // A libvirt domain's replicas need a libvirt DR host.
     let name = unique("lvloc");
@@ -329,6 +331,16 @@ fn a_planned_failover_of_a_libvirt_domain_fails_back_to_the_original_with_switch
     let replica = format!("{name}_replica");
     // The replica's guest writes its ledger anew, from record 1.
     env.wait_console(&replica, Duration::from_secs(90), "the replica writing", |c| Ledger::acknowledged(c) >= 20);
+
+    // A new VM on the host that holds the domain would take over its name (and its TPM's
+    // state): refused, changing nothing (but the running replica's own overlay).
+    let settled = |s: String| s.lines().filter(|l| !l.contains("/failover-d0.qcow2")).collect::<Vec<_>>().join("\n");
+    let state = settled(env.snapshot());
+    let new = format!("new:kvm:{}", env.path("newsite"));
+    let r = env.run(&["failback", &name, "--to", &new]);
+    let said = format!("{}{}", r.stdout, r.stderr);
+    assert!(r.code != Some(0) && said.contains("already holds a VM definition named"), "{said}");
+    assert_eq!(settled(env.snapshot()), state, "a refused failback changes nothing");
 
     // Phase 1 while the replica serves: the original's disk is not written.
     let before = read_image(&disk);
@@ -470,6 +482,7 @@ fn a_uefi_domains_variables_and_tpm_state_go_with_its_points_to_its_replica_doma
     );
 
     // The replica domain gets its own copies, boots with the point's variables and TPM.
+    let source_tpm_now = standby_testkit::file_digest(&source_tpm);
     env.ok(&["failover", &name]);
     let replica = format!("{name}_replica");
     let xml = virsh(&["dumpxml", "--inactive", &replica]);
@@ -477,10 +490,10 @@ fn a_uefi_domains_variables_and_tpm_state_go_with_its_points_to_its_replica_doma
     assert!(!xml.contains(&vars), "never the source's store: {xml}");
     assert!(xml.contains("<tpm model='tpm-tis'>"), "{xml}");
     let replica_tpm = libvirt::tpm_state_file(&replica);
-    assert_ne!(replica_tpm, source_tpm, "its own TPM, under its own UUID");
     env.wait_console(&replica, Duration::from_secs(120), "the replica's UEFI boot", |c| {
         c.contains("STANDBY-GUEST uefi boots=1") && !tpm_resets(c).is_empty()
     });
+    assert_eq!(standby_testkit::file_digest(&source_tpm), source_tpm_now, "its own TPM: the source's is untouched");
     assert_eq!(
         tpm_resets(&env.console(&replica)),
         [first + 1],
@@ -491,6 +504,8 @@ fn a_uefi_domains_variables_and_tpm_state_go_with_its_points_to_its_replica_doma
     // variables and TPM state.
     env.ok(&["failback", &name, "--to", "original", "--switch", "manual"]);
     env.ok(&["failback", "switch", &name]);
+    let carried = standby_testkit::file_digest(&source_tpm);
+    assert_eq!(carried, standby_testkit::file_digest(&replica_tpm), "the source holds the replica's final TPM state");
     env.ok(&["vm", "start", &name]);
     assert_eq!(dom.state(), "running");
     env.wait_console(&name, Duration::from_secs(120), "the source's UEFI boot", |c| {
@@ -500,7 +515,7 @@ fn a_uefi_domains_variables_and_tpm_state_go_with_its_points_to_its_replica_doma
     env.ok(&["failback", "commit", &name]);
     assert_eq!(domains(&name), std::slice::from_ref(&name), "the replica domain is undefined");
     let kept = env.points(&name).last().unwrap()["tpm_state"].as_str().unwrap().to_owned();
-    assert!(std::fs::metadata(&kept).is_ok(), "commit keeps the replica's final TPM state with its point");
+    assert_eq!(standby_testkit::file_digest(&kept), carried, "commit keeps the replica's final TPM state");
     assert!(
         !std::path::Path::new(&replica_tpm).parent().unwrap().exists(),
         "the replica's TPM state went with its domain: {replica_tpm}"

@@ -47,7 +47,10 @@ fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failbac
     assert!(p1_tpm.starts_with(&env.path("dr")), "{p1}");
     assert!(digest(&p1_tpm).is_some());
 
-    // Stopped: byte for byte the VM's TPM state.
+    // A second boot raises the count; stopped, the point is byte for byte the VM's state.
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+    env.ok(&["vm", "start", "web"]);
+    assert_eq!(wait_resets(&env, "web", 2, "the guest's second boot"), first + 1);
     env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
     env.ok(&["job", "run", "j"]);
     let p2 = env.points("web").last().cloned().unwrap();
@@ -55,13 +58,15 @@ fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failbac
     assert_eq!(digest(&p2_tpm), digest(&state), "stopped: the point's TPM state is the VM's, byte for byte");
     assert_ne!(p1_tpm, p2_tpm, "each point has its own copy");
 
-    // The replica's TPM goes on from its point's state, in a copy of its own.
-    env.ok(&["failover", "web"]);
-    assert_eq!(wait_resets(&env, "web_replica", 1, "the replica's TPM"), first + 1, "a new TPM would start over");
+    // Failed over to the older point, the replica's TPM goes on from that point's state
+    // (count `first`), not from the source's now (`first + 1`) nor from a new TPM's.
+    let source_now = digest(&state);
+    env.ok(&["failover", "web", "--point", &p1["id"].to_string()]);
+    assert_eq!(wait_resets(&env, "web_replica", 1, "the replica's TPM"), first + 1, "the older point's state");
     let replica_state =
         env.json(&["vm", "show", "web_replica"])["tpm"]["state"].as_str().expect("the replica's TPM").to_owned();
     assert!(replica_state.starts_with(&env.path("dr")), "{replica_state}");
-    assert_eq!(digest(&p2_tpm), digest(&state), "the point's copy is not the replica's to write");
+    assert_eq!(digest(&state), source_now, "the source's state is not the replica's to write");
 
     // Failback to the original: at the switch the source's TPM state becomes the replica's.
     env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
@@ -69,7 +74,7 @@ fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failbac
     let final_state = digest(&replica_state);
     assert_eq!(digest(&state), final_state, "the source holds the replica's final TPM state");
     env.ok(&["vm", "start", "web"]);
-    assert_eq!(wait_resets(&env, "web", 2, "the source's TPM"), first + 2, "the source goes on from the replica");
+    assert_eq!(wait_resets(&env, "web", 3, "the source's TPM"), first + 2, "the source goes on from the replica");
     env.ok(&["failback", "commit", "web"]);
     assert_eq!(digest(&replica_state), None, "the replica's TPM state went with it");
     let kept = env.points("web").last().cloned().unwrap();
@@ -96,14 +101,40 @@ fn bad_tpm_settings_are_refused_and_define_nothing() {
     let disk = env.path("src/x.qcow2");
     make_disk(&disk, "qcow2", 16, &[]);
     let comma = env.path("src/a,b.state");
+    let vars = env.path("src/x-vars.fd");
     for (state, says) in [
         ("relative.state", "absolute file path"),
         ("/no/such/dir/x.state", "absolute file path"),
         (env.root().to_str().unwrap(), "absolute file path"),
         (comma.as_str(), "comma"),
+        // swtpm would format it: a disk is never taken for a TPM's state.
+        (disk.as_str(), "not a TPM's state"),
     ] {
         let err = env.fails(&["vm", "create", "x", "--disk", &disk, "--tpm", state]);
         assert!(err.contains(says) && err.contains("--tpm"), "{state}: {err}");
     }
+    let err = env.fails(&["vm", "create", "x", "--disk", &disk, "--uefi", "--nvram", &vars, "--tpm", &vars]);
+    assert!(err.contains("UEFI store"), "{err}");
     assert_eq!(env.json(&["vm", "list"]), serde_json::json!([]), "refused VMs are not defined");
+    assert!(!std::path::Path::new(&vars).exists(), "nothing was made for them");
+
+    // Two VMs never share a TPM, and a failback never takes a VM of another kind.
+    let state = env.path("src/x-tpm.state");
+    env.ok(&["vm", "create", "x", "--disk", &disk, "--tpm", &state]);
+    let other = env.path("src/y.qcow2");
+    make_disk(&other, "qcow2", 16, &[]);
+    let err = env.fails(&["vm", "create", "y", "--disk", &other, "--tpm", &state]);
+    assert!(err.contains("already VM x's"), "{err}");
+    env.ok(&["vm", "create", "y", "--disk", &other]);
+    env.ok(&["job", "create", "j", "--vm", "x", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["job", "run", "j"]);
+    env.ok(&["failover", "x"]);
+    let before = env.snapshot();
+    let r = env.run(&["failback", "x", "--to", "existing:y"]);
+    let said = format!("{}{}", r.stdout, r.stderr);
+    assert!(r.code != Some(0) && said.contains("has no TPM") && said.contains("has a TPM"), "{said}");
+    assert_eq!(env.snapshot(), before, "a refused failback changes nothing");
+    // A replica directory swtpm could not name is refused before anything is made.
+    let err = env.fails(&["job", "create", "k", "--vm", "x", "--target-host", "local", "--target-dir", &comma]);
+    assert!(err.contains("comma"), "{err}");
 }

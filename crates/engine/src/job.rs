@@ -357,6 +357,18 @@ impl Engine {
                 }
             }
             let rdir = format!("{dir}/{vm_name}");
+            // swtpm reads where a replica's TPM keeps its state from an option string.
+            let own_tpm = |v: &standby_store::VmRecord| v.config.driver.tpm.as_ref().is_some_and(|t| t.state.is_some());
+            if rdir.contains(',') && self.store().vm(vm_name)?.is_some_and(|v| own_tpm(&v)) {
+                return Err(EngineError::TargetDir {
+                    host: target_host.into(),
+                    dir: dir.into(),
+                    reason: format!(
+                        "VM {vm_name} has a TPM, and swtpm cannot keep its replica's state in a path with a comma; \
+                         choose a directory without one"
+                    ),
+                });
+            }
             // Nested directories count too: one replica's cleanup lists its directory.
             let inside = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
             if let Some(o) =

@@ -29,8 +29,10 @@ pub(crate) fn from_point(host: &dyn Host, vm: &VmLaunch, copy: Option<&str>) -> 
 }
 
 /// Gives `to` on host `tgt` the TPM state `from` on host `src` has now (both are off).
-pub(crate) fn carry(src: &dyn Host, from: &VmLaunch, tgt: &dyn Host, to: &VmLaunch) -> Result<()> {
-    let state = src.vm_tpm_state(from)?;
-    tgt.vm_set_tpm_state(to, state.as_deref())?;
-    Ok(())
+/// A `from` whose TPM has no state (its definition was removed by hand) gives nothing:
+/// the target keeps its own rather than lose it; false says so.
+pub(crate) fn carry(src: &dyn Host, from: &VmLaunch, tgt: &dyn Host, to: &VmLaunch) -> Result<bool> {
+    let Some(state) = src.vm_tpm_state(from)? else { return Ok(false) };
+    tgt.vm_set_tpm_state(to, Some(&state))?;
+    Ok(true)
 }

@@ -74,6 +74,30 @@ impl Engine {
         for (i, path) in spec.disks.iter().enumerate() {
             disks.push(self.check_disk(host.as_ref(), path, formats.get(i).copied(), &disks)?);
         }
+        // One TPM per state file: another VM's disk, store or TPM state is not this one's.
+        if let Some(state) = spec.config.driver.tpm.as_ref().and_then(|t| t.state.as_deref()) {
+            let taken = |v: &VmRecord| {
+                v.disks.iter().any(|d| d.path == state)
+                    || v.config.driver.firmware.as_ref().is_some_and(|f| f.vars == state)
+                    || v.config.driver.tpm.as_ref().is_some_and(|t| t.state.as_deref() == Some(state))
+            };
+            if let Some(other) = self.store().vms()?.into_iter().find(taken) {
+                return Err(EngineError::BadArgument {
+                    arg: "--tpm",
+                    why: format!("--tpm {state} is already VM {}'s; give the VM a state file of its own", other.name),
+                });
+            }
+            if disks.iter().any(|d| d.path == state)
+                || spec.config.driver.firmware.as_ref().is_some_and(|f| f.vars == state)
+            {
+                return Err(EngineError::BadArgument {
+                    arg: "--tpm",
+                    why: format!(
+                        "--tpm {state} is one of this VM's disks or its UEFI store; give it a file of its own"
+                    ),
+                });
+            }
+        }
         // A new UEFI VM's variable store starts as the firmware's template.
         if let Some(f) = &spec.config.driver.firmware {
             if !host.file_exists(&f.vars)? {

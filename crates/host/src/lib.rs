@@ -328,6 +328,11 @@ pub trait VmDriver {
     fn vm_autostart(&self, _vm: &str, _on: Option<bool>) -> Result<Option<bool>> {
         Ok(None)
     }
+    /// Whether the host's management layer holds a definition of a VM of this name
+    /// (libvirt: a domain, whoever defined it); standby's own driver keeps none.
+    fn vm_defined(&self, _vm: &str) -> Result<bool> {
+        Ok(false)
+    }
     /// Drops the host's own definition of a VM standby defined (libvirt: undefines the
     /// domain, which must be off); a definition standby did not make stays. Idempotent.
     fn vm_forget(&self, _vm: &str) -> Result<()> {

@@ -511,15 +511,13 @@ impl VmDriver for LocalHost {
             pidfile: self.vm_file(&vm.name, "qemu.pid"),
             start_paused: !bridges.is_empty(),
             tpm: match &vm.config.driver.tpm {
-                Some(t) => Some((t.model.clone(), self.socket(self.vm_file(&vm.name, "swtpm.sock"))?)),
+                Some(t) => Some((t.model.clone(), self.socket(self.vm_file(&vm.name, swtpm::SOCKET))?)),
                 None => None,
             },
         };
         rotate_console(&dir.join("console.log"))?;
-        if let (Some((_, socket)), Some(state)) =
-            (&machine.tpm, vm.config.driver.tpm.as_ref().and_then(|t| t.state.as_deref()))
-        {
-            swtpm::start(&vm.name, &dir, socket, state)?;
+        if let Some(state) = vm.config.driver.tpm.as_ref().and_then(|t| t.state.as_deref()) {
+            swtpm::start(&vm.name, &dir, state)?;
         }
         let out = Command::new(QEMU_SYSTEM)
             .args(machine.args())
@@ -655,6 +653,8 @@ impl VmDriver for LocalHost {
                 return Err(HostError::StillRunning { vm: vm.into(), pid });
             }
         }
+        // Its TPM ends with it; one a killed start left before its QEMU ran ends here.
+        swtpm::stop(&self.vm_dir(vm));
         Ok(())
     }
 

@@ -14,6 +14,8 @@ use crate::state_file::read_state_file;
 use crate::{HostError, Result, VmLaunch};
 
 pub const SWTPM: &str = "swtpm";
+/// Its control socket, QEMU's way to the TPM, in the VM's run directory.
+pub const SOCKET: &str = "swtpm.sock";
 
 /// How long swtpm has to listen on its control socket once it daemonized.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,26 +30,42 @@ pub fn check_state_path(state: &str) -> Option<String> {
     if state.chars().any(|c| c == ',' || c.is_control()) {
         return Some(format!("--tpm {state}: swtpm cannot take a path with a comma or a control character"));
     }
-    None
+    // swtpm formats a file it does not recognise: only its own state (or nothing) is taken.
+    let mut head = [0u8; 8];
+    let read = fs::File::open(p).and_then(|mut f| std::io::Read::read(&mut f, &mut head));
+    match read {
+        Ok(0) => None,
+        Ok(n) if n == head.len() && head == STATE_MAGIC => None,
+        Ok(_) => Some(format!(
+            "--tpm {state}: the file exists and is not a TPM's state as swtpm keeps it; give a path that does not \
+             exist (a new TPM), or the VM's own state file"
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!("--tpm {state}: cannot read it ({e})")),
+    }
 }
 
-/// Starts the swtpm of a VM whose run files are in `dir`, listening on `socket`, its
-/// state in `state` (made at the TPM's first start). A leftover of a killed VM goes first.
-pub fn start(vm: &str, dir: &Path, socket: &str, state: &str) -> Result<()> {
+/// How swtpm's one-file state begins ("swtpmlin", written as a little-endian number).
+const STATE_MAGIC: [u8; 8] = *b"nilmptws";
+
+/// Starts the swtpm of a VM whose run files are in `dir`, listening on `dir/SOCKET`,
+/// its state in `state` (made at the TPM's first start). A leftover of a killed VM goes
+/// first.
+pub fn start(vm: &str, dir: &Path, state: &str) -> Result<()> {
     stop(dir);
-    let _ = fs::remove_file(socket);
+    let socket = dir.join(SOCKET);
+    let _ = fs::remove_file(&socket);
     let log = dir.join("swtpm.log");
     let failed = |detail: String| HostError::StartFailed { vm: vm.into(), detail: format!("its TPM: {detail}") };
+    // swtpm splits its options at commas and has no escape: its run files are named
+    // from `dir` (standby's data directory may hold a comma), the state path is checked.
     let out = Command::new(SWTPM)
+        .current_dir(dir)
         .args(["socket", "--tpm2", "--terminate", "--daemon"])
         .arg("--tpmstate")
         .arg(format!("backend-uri=file://{state}"))
-        .arg("--ctrl")
-        .arg(format!("type=unixio,path={socket},mode=0600"))
-        .arg("--pid")
-        .arg(format!("file={}", dir.join("swtpm.pid").display()))
-        .arg("--log")
-        .arg(format!("file={}", log.display()))
+        .args(["--ctrl", &format!("type=unixio,path={SOCKET},mode=0600")])
+        .args(["--pid", "file=swtpm.pid", "--log", "file=swtpm.log"])
         .output()
         .map_err(|e| failed(format!("cannot run {SWTPM} ({e}); install swtpm (make deps does)")))?;
     if !out.status.success() {
@@ -58,10 +76,10 @@ pub fn start(vm: &str, dir: &Path, socket: &str, state: &str) -> Result<()> {
         )));
     }
     let since = Instant::now();
-    while !Path::new(socket).exists() {
+    while !socket.exists() {
         if since.elapsed() > LISTEN_TIMEOUT {
             stop(dir);
-            return Err(failed(format!("{SWTPM} did not listen on {socket} within {LISTEN_TIMEOUT:?}")));
+            return Err(failed(format!("{SWTPM} did not listen on {} within {LISTEN_TIMEOUT:?}", socket.display())));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -168,6 +168,7 @@ impl Engine {
                         ),
                     });
                 }
+                self.check_name_free(&t.host, name)?;
                 (t.host.clone(), t.disks.clone(), Some(t), false)
             }
             FailbackTarget::New { host, dir } => {
@@ -180,6 +181,12 @@ impl Engine {
                 if h.file_exists(dir)? {
                     h.canonical_dir(dir).map_err(|e| bad(crate::chain(&e)))?;
                 }
+                if dir.contains(',') && source.config.driver.tpm.as_ref().is_some_and(|t| t.state.is_some()) {
+                    return Err(bad(format!(
+                        "{name} has a TPM, and swtpm cannot keep its state in a path with a comma"
+                    )));
+                }
+                self.check_name_free(host, name)?;
                 let disks: Vec<DiskRecord> = (0..sizes.len())
                     .map(|i| DiskRecord { path: format!("{dir}/{name}-d{i}.qcow2"), format: Format::Qcow2 })
                     .collect();
@@ -530,6 +537,23 @@ impl Engine {
         Ok(())
     }
 
+    /// For a target VM standby defines at its start (`existing:`, `new:`): the target host
+    /// must not hold a definition of that name already (libvirt: a domain), which the new
+    /// VM would take over, with its TPM's state.
+    fn check_name_free(&self, host: &str, name: &str) -> Result<()> {
+        if self.host(host)?.vm_defined(name)? {
+            return Err(EngineError::BadArgument {
+                arg: "--to",
+                why: format!(
+                    "host {host} already holds a VM definition named {name} (virsh list --all), which the VM \
+                     failed back to would take over; fail back to the original, or rename that domain first \
+                     (virsh domrename)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Deletes the working layers, and the disks (and variable store) a `new:` failback of
     /// VM `vm` created.
     pub(super) fn discard_working(&self, vm: &str, rec: &FailbackRecord) -> Result<()> {
@@ -544,9 +568,21 @@ impl Engine {
             // And the variable store and TPM state the switch gave it, if it got that far
             // (on libvirt, forgetting the new VM drops its TPM's; an operator's domain of
             // that name stays as it is).
+            // Only the files phase 1 checked were not there before it: the VM's kinds.
             if let FailbackTarget::New { dir, .. } = &rec.target {
-                tgt.remove_file(&crate::layout::new_target_vars_path(dir, vm))?;
-                tgt.remove_file(&crate::layout::new_target_tpm_path(dir, vm))?;
+                let config = rec.prior.as_ref().map(|p| p.protected.config.clone());
+                let config = match config {
+                    Some(c) => Some(c),
+                    None => self.store().vm(vm)?.map(|v| v.config),
+                };
+                let driver = config.map(|c| c.driver).unwrap_or_default();
+                if driver.firmware.is_some() {
+                    tgt.remove_file(&crate::layout::new_target_vars_path(dir, vm))?;
+                }
+                if driver.tpm.as_ref().is_some_and(|t| t.state.is_some()) {
+                    tgt.remove_file(&crate::layout::new_target_tpm_path(dir, vm))?;
+                }
+                // Phase 1 found no definition of that name there: one now is this failback's.
                 tgt.vm_forget(vm)?;
             }
         }

@@ -191,10 +191,13 @@ impl Engine {
         // The replica's final TPM state goes to the VM now of record (the target), which
         // starts from it; like the variables, done again after a crash.
         let production = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
+        let mut tpm_note = String::new();
         if rd.vm.config.driver.tpm.is_some() && production.config.driver.tpm.is_some() {
             progress.step(name, "TPM state");
             let (from, to) = (self.launch_of(&rd.vm)?, self.launch_of(&production)?);
-            crate::tpm::carry(dr_host.as_ref(), &from, tgt.as_ref(), &to)?;
+            if !crate::tpm::carry(dr_host.as_ref(), &from, tgt.as_ref(), &to)? {
+                tpm_note = format!("; replica {} had no TPM state, so {name}'s TPM keeps its own", rd.vm.name);
+            }
         }
         failpoint::hit("switch.after-identity");
         rec.switched_at = Some(standby_store::now());
@@ -209,7 +212,7 @@ impl Engine {
 
         let production = self.store().vm(name)?.ok_or_else(|| EngineError::UnknownVm(name.into()))?;
         let mut msg = format!(
-            "switched: {} holds the replica's final state (since phase 1: read {}, wrote {}); state failback",
+            "switched: {} holds the replica's final state (since phase 1: read {}, wrote {}){tpm_note}; state failback",
             rec.target,
             human(rec.phase2.read),
             human(rec.phase2.written + rec.phase2.zeroed)

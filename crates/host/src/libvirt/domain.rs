@@ -53,11 +53,18 @@ pub struct DomainTpm {
 impl DomainTpm {
     /// Why standby cannot protect this TPM's state, if it cannot.
     pub fn unsupported(&self) -> Option<String> {
+        if self.backend == "passthrough" {
+            return Some(
+                "its TPM is the host's own (passthrough), which no replica can have; give the domain an emulated \
+                 TPM (<backend type='emulator' version='2.0'/>) or remove it"
+                    .into(),
+            );
+        }
         if self.backend != "emulator" {
             return Some(format!(
-                "its TPM is the host's own ({} backend), which no replica can have; give the domain an emulated \
-                 TPM (<backend type='emulator' version='2.0'/>) or remove it",
-                self.backend
+                "its TPM's backend is {}; standby carries the state of a TPM libvirt emulates (<backend \
+                 type='emulator' version='2.0'/>) only",
+                if self.backend.is_empty() { "unstated" } else { &self.backend }
             ));
         }
         if self.version.as_deref() != Some("2.0") {

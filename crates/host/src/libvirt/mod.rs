@@ -523,6 +523,10 @@ impl VmDriver for LibvirtHost {
         Ok(())
     }
 
+    fn vm_defined(&self, vm: &str) -> Result<bool> {
+        Ok(self.definition(vm, true)?.is_some())
+    }
+
     fn vm_tpm_state(&self, vm: &VmLaunch) -> Result<Option<Vec<u8>>> {
         self.tpm_state(vm)
     }
