@@ -96,6 +96,59 @@ fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failbac
 }
 
 #[test]
+fn a_failover_or_switch_killed_at_its_tpm_step_recovers_with_the_right_state() {
+    let env = Env::new(BIN);
+    let disk = env.path("src/web.qcow2");
+    make_disk(&disk, "qcow2", 32, &[]);
+    let state = env.path("src/web-tpm.state");
+    let (kernel, initrd) = guest();
+    env.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--disk",
+        &disk,
+        "--memory",
+        "192",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        "console=ttyS0 quiet panic=-1",
+        "--tpm",
+        &state,
+    ]);
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "web"]);
+    let first = wait_resets(&env, "web", 1, "the guest's TPM");
+    env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
+    env.ok(&["job", "run", "j"]);
+
+    // Killed once the replica has its TPM state, before it started: rolled back, the state
+    // goes with the overlays.
+    env.run_killed_at("failover.after-define", &["failover", "web"]);
+    let replica_state = env.path("dr/web/failover-dtpm.permall");
+    assert!(digest(&replica_state).is_some(), "the kill came after the replica got its TPM state");
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains("interrupted failover"), "{rec}");
+    assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
+    assert_eq!(digest(&replica_state), None, "rolled back: the replica's TPM state went with its overlays");
+    env.ok(&["failover", "web"]);
+    assert_eq!(wait_resets(&env, "web_replica", 1, "the replica's TPM"), first + 1);
+
+    // Killed after the switch carried the TPM state: recovery finishes the switch, and the
+    // source starts on the replica's final state.
+    env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
+    env.run_killed_at("switch.after-identity", &["failback", "switch", "web"]);
+    env.ok(&["recover"]);
+    assert_eq!(digest(&state), digest(&replica_state), "the source holds the replica's final TPM state");
+    env.ok(&["vm", "start", "web"]);
+    assert_eq!(wait_resets(&env, "web", 2, "the source's TPM"), first + 2);
+    env.ok(&["failback", "commit", "web"]);
+}
+
+#[test]
 fn bad_tpm_settings_are_refused_and_define_nothing() {
     let env = Env::new(BIN);
     let disk = env.path("src/x.qcow2");

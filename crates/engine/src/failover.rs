@@ -464,13 +464,13 @@ impl Engine {
             role: Role::Replica,
             replica_id: Some(replica.id),
         })?;
-        failpoint::hit("failover.after-define");
-        self.store().set_step(replica.id, step(FailoverStep::Start))?;
         let vm = self.store().vm(vm_name)?.ok_or_else(|| EngineError::UnknownVm(vm_name.into()))?;
         // Once the VM is recorded, so that a rollback forgets what waits for its start.
         if vm.config.driver.tpm.is_some() {
             crate::tpm::from_point(dr, &self.launch_of(&vm)?, rp.tpm_state.as_deref())?;
         }
+        failpoint::hit("failover.after-define");
+        self.store().set_step(replica.id, step(FailoverStep::Start))?;
         self.launch(&vm)?;
         Ok(())
     }
