@@ -122,3 +122,25 @@ fn undo_discards_the_replicas_variables_and_bad_uefi_settings_are_refused() {
     assert_eq!(digest(&replica_vars), None, "undo discards what the replica wrote, its variables too");
     assert_eq!(digest(&vars), digest(standby_engine::OVMF_VARS), "the source's store was never touched");
 }
+
+#[test]
+fn a_run_killed_while_a_uefi_vm_is_paused_for_its_instant_leaves_it_running_again() {
+    let env = Env::new(BIN);
+    let (_disk, _vars) = uefi_vm(&env);
+    env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
+    env.ok(&["vm", "start", "web"]);
+    env.wait_console("web", Duration::from_secs(120), "ledger writes", |c| Ledger::acknowledged(c) >= 10);
+    env.run_killed_at("replicate.while-paused", &["job", "run", "j"]);
+    // Paused: a guest writing every 20 ms acknowledges nothing for a second and a half.
+    let paused_at = Ledger::acknowledged(&env.console("web"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(Ledger::acknowledged(&env.console("web")), paused_at, "the kill came while it was paused");
+    let rec = env.ok(&["recover"]);
+    assert!(rec.contains("started VM web's CPUs again"), "{rec}");
+    env.wait_console("web", Duration::from_secs(30), "writes after recovery", |c| {
+        Ledger::acknowledged(c) >= paused_at + 10
+    });
+    assert!(env.points("web").is_empty(), "the killed run made no restore point");
+    env.ok(&["job", "run", "j"]);
+    assert_eq!(env.points("web").len(), 1, "the next run does");
+}

@@ -14,6 +14,7 @@
 /// Every fail point standby has; crash tests iterate over this list.
 pub const ALL: &[&str] = &[
     "replicate.while-frozen",
+    "replicate.while-paused",
     "replicate.after-checkpoint",
     "replicate.mid-transfer",
     "replicate.before-commit",

@@ -68,6 +68,7 @@ pub(crate) fn at_instant<T>(
         })(),
     };
     if pause {
+        crate::failpoint::hit("replicate.while-paused");
         if let Err(e) = src.vm_resume(&vm.name) {
             let why = format!(
                 "VM {} stays paused: its CPUs could not be started again after its instant ({}); the job's next \

@@ -179,7 +179,7 @@ fn cases() -> Vec<Case> {
     for p in failpoint::ALL.iter().filter(|p| p.starts_with("failover.")) {
         all.push(planned_failover(p));
     }
-    for p in failpoint::ALL {
+    for p in failpoint::ALL.iter().filter(|p| !REAL_HOSTS_ONLY.contains(p)) {
         let family = p.split('.').next().unwrap();
         all.push(match family {
             // Only a running guest is frozen.
@@ -216,6 +216,11 @@ fn cases() -> Vec<Case> {
     }
     all
 }
+
+/// Fail points only a real host reaches: the fake keeps no UEFI variables, so no VM of
+/// its is paused around an instant. crates/cli/tests/uefi.rs kills there on real QEMU, and
+/// the suite's log proves it reached them.
+const REAL_HOSTS_ONLY: &[&str] = &["replicate.while-paused"];
 
 /// After recovery the replica's state is idle and the lifecycle goes on from it.
 fn goes_on(site: &Site) {
@@ -294,5 +299,6 @@ fn a_kill_at_every_step_is_recovered_with_every_restore_point_intact() {
         goes_on(&site);
     }
     let failover_points = failpoint::ALL.iter().filter(|p| p.starts_with("failover.")).count();
-    assert_eq!(reached.lock().unwrap().len(), failpoint::ALL.len() + failover_points, "one kill per case");
+    let here = failpoint::ALL.len() - REAL_HOSTS_ONLY.len();
+    assert_eq!(reached.lock().unwrap().len(), here + failover_points, "one kill per case");
 }
