@@ -156,6 +156,7 @@ pub(crate) enum HostCall {
     VmAutostart { vm: String, on: Option<bool> },
     VmForget { vm: String },
     VmDefined { vm: String },
+    VmUnchanged { vm: VmLaunch },
     VmTpmState { vm: VmLaunch },
     VmSetTpmState { vm: VmLaunch, state: Option<Vec<u8>> },
     VmStart { vm: VmLaunch },

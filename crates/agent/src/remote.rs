@@ -231,6 +231,9 @@ impl VmDriver for RemoteHost {
     fn vm_forget(&self, vm: &str) -> Result<()> {
         self.call(HostCall::VmForget { vm: vm.into() })
     }
+    fn vm_unchanged(&self, vm: &VmLaunch) -> Result<()> {
+        self.call(HostCall::VmUnchanged { vm: vm.clone() })
+    }
     fn vm_defined(&self, vm: &str) -> Result<bool> {
         self.call(HostCall::VmDefined { vm: vm.into() })
     }

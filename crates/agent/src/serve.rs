@@ -129,6 +129,7 @@ impl Service {
             HostCall::VmAutostart { vm, on } => answer(h.vm_autostart(&vm, on)),
             HostCall::VmForget { vm } => answer(h.vm_forget(&vm)),
             HostCall::VmDefined { vm } => answer(h.vm_defined(&vm)),
+            HostCall::VmUnchanged { vm } => answer(h.vm_unchanged(&vm)),
             HostCall::VmTpmState { vm } => answer(h.vm_tpm_state(&vm)),
             HostCall::VmSetTpmState { vm, state } => answer(h.vm_set_tpm_state(&vm, state.as_deref())),
             HostCall::VmStart { vm } => answer(h.vm_start(&vm)),

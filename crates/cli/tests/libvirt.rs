@@ -522,3 +522,42 @@ fn a_uefi_domains_variables_and_tpm_state_go_with_its_points_to_its_replica_doma
     );
     let _ = std::fs::remove_file(&vars);
 }
+
+#[test]
+fn a_domain_changed_behind_standbys_back_is_refused_at_its_next_run_saying_what_changed() {
+    let env = Env::new(BIN);
+    setup(&env);
+    let name = unique("lvdrift");
+    let disk = env.path("src/drift.qcow2");
+    make_disk(&disk, "qcow2", 16, &[(0x33, 0, 1)]);
+    let _dom = Domain::define(&name, &disk, "console=ttyS0", &env.path("src/drift.console.log"), &[]);
+    env.ok(&["vm", "import", &name, "--host", "kvm"]);
+    env.ok(&["job", "create", "j", "--vm", &name, "--target-host", "kvm", "--target-dir", &env.path("dr")]);
+    env.ok(&["job", "run", "j"]);
+
+    // A disk attached in libvirt after the import: a point without it would lose it at failover.
+    let extra = env.path("src/drift-b.qcow2");
+    make_disk(&extra, "qcow2", 16, &[]);
+    open_for_qemu(env.root());
+    virsh(&["attach-disk", &name, &extra, "vdb", "--config", "--subdriver", "qcow2"]);
+    let refused = |what: &str| {
+        let points = env.points(&name).len();
+        let r = env.run(&["job", "run", "j"]);
+        let said = format!("{}{}", r.stdout, r.stderr);
+        assert!(r.code != Some(0), "{what}: the run must fail: {said}");
+        assert!(said.contains(&format!("{what} changed since `vm import`")) && said.contains("vm import"), "{said}");
+        assert_eq!(env.points(&name).len(), points, "{what}: no point was made");
+    };
+    refused("its disks");
+    virsh(&["detach-disk", &name, "vdb", "--config"]);
+    env.ok(&["job", "run", "j"]);
+
+    // A TPM added: a replica without its state would not open what the guest sealed.
+    let xml = virsh(&["dumpxml", "--inactive", &name])
+        .replace("</devices>", "<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm></devices>");
+    let file = env.path("drift.xml");
+    std::fs::write(&file, xml).unwrap();
+    virsh(&["define", &file]);
+    refused("its TPM");
+    assert_eq!(env.points(&name).len(), 2);
+}

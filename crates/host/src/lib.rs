@@ -328,6 +328,12 @@ pub trait VmDriver {
     fn vm_autostart(&self, _vm: &str, _on: Option<bool>) -> Result<Option<bool>> {
         Ok(None)
     }
+    /// Whether the VM is still as standby registered it, where its management layer may
+    /// change it behind standby's back (libvirt: `virsh attach-disk`, an added TPM): an
+    /// error names what changed, since a restore point would silently miss it.
+    fn vm_unchanged(&self, _vm: &VmLaunch) -> Result<()> {
+        Ok(())
+    }
     /// Whether the host's management layer holds a definition of a VM of this name
     /// (libvirt: a domain, whoever defined it); standby's own driver keeps none.
     fn vm_defined(&self, _vm: &str) -> Result<bool> {

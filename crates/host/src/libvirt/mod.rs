@@ -523,6 +523,41 @@ impl VmDriver for LibvirtHost {
         Ok(())
     }
 
+    fn vm_unchanged(&self, vm: &VmLaunch) -> Result<()> {
+        let xml = vm.config.driver.domain_xml.as_deref().ok_or_else(|| HostError::BadConfig {
+            arg: "--host",
+            why: format!("VM {} has no libvirt definition", vm.name),
+        })?;
+        let stored = domain::parse(xml).map_err(HostError::Invalid)?;
+        // A VM standby defines from the domain is redefined from the stored definition at
+        // each start: only an operator's own domain can drift.
+        if !is_own(vm, &stored) {
+            return Ok(());
+        }
+        let live = self.domain(&vm.name, true)?;
+        let disks = |d: &domain::Domain| d.disks.iter().map(|x| (x.path.clone(), x.format)).collect::<Vec<_>>();
+        let changes: Vec<&str> = [
+            (disks(&live) != disks(&stored), "its disks"),
+            (live.tpm.is_some() != stored.tpm.is_some(), "its TPM"),
+            (live.firmware.is_some() != stored.firmware.is_some(), "its UEFI variable store"),
+        ]
+        .into_iter()
+        .filter_map(|(changed, what)| changed.then_some(what))
+        .collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        Err(HostError::Invalid(format!(
+            "domain {}: {} changed since `vm import`, so its restore points would miss what is new; protect it as \
+             it is now: delete its replicas (standby replica delete), then standby vm delete {} and standby vm \
+             import {} again",
+            vm.name,
+            changes.join(" and "),
+            vm.name,
+            vm.name
+        )))
+    }
+
     fn vm_defined(&self, vm: &str) -> Result<bool> {
         Ok(self.definition(vm, true)?.is_some())
     }
