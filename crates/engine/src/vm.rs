@@ -99,19 +99,28 @@ impl Engine {
             }
         }
         // A new UEFI VM's variable store starts as the firmware's template.
+        let mut made = None;
         if let Some(f) = &spec.config.driver.firmware {
             if !host.file_exists(&f.vars)? {
                 host.write_vars(&f.vars, &host.read_vars(standby_host::OVMF_VARS)?)?;
+                made = Some(&f.vars);
             }
         }
-        self.store().insert_vm(&NewVm {
+        let inserted = self.store().insert_vm(&NewVm {
             name: spec.name.clone(),
             host: spec.host.clone(),
             config: spec.config.clone(),
             disks,
             role: Role::Source,
             replica_id: None,
-        })?;
+        });
+        if let Err(e) = inserted {
+            // A refused VM leaves nothing: the store made for it goes.
+            if let Some(vars) = made {
+                let _ = host.remove_file(vars);
+            }
+            return Err(e.into());
+        }
         self.record_raw(&spec.name, "vm create", "ok", &format!("{} disk(s) on host {}", spec.disks.len(), spec.host));
         self.vm_show(&spec.name)
     }

@@ -565,10 +565,9 @@ impl Engine {
             for d in &rec.disks {
                 tgt.remove_file(&d.path)?;
             }
-            // And the variable store and TPM state the switch gave it, if it got that far
-            // (on libvirt, forgetting the new VM drops its TPM's; an operator's domain of
-            // that name stays as it is).
-            // Only the files phase 1 checked were not there before it: the VM's kinds.
+            // And the variable store and TPM state the switch gave it, if it got that far:
+            // only the files phase 1 found absent (those of the VM's kinds), so none of
+            // anyone else's goes.
             if let FailbackTarget::New { dir, .. } = &rec.target {
                 let config = rec.prior.as_ref().map(|p| p.protected.config.clone());
                 let config = match config {
