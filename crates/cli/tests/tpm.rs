@@ -167,7 +167,7 @@ fn bad_tpm_settings_are_refused_and_define_nothing() {
         assert!(err.contains(says) && err.contains("--tpm"), "{state}: {err}");
     }
     let err = env.fails(&["vm", "create", "x", "--disk", &disk, "--uefi", "--nvram", &vars, "--tpm", &vars]);
-    assert!(err.contains("UEFI store"), "{err}");
+    assert!(err.contains("another file of this VM"), "{err}");
     assert_eq!(env.json(&["vm", "list"]), serde_json::json!([]), "refused VMs are not defined");
     assert!(!std::path::Path::new(&vars).exists(), "nothing was made for them");
 
@@ -178,6 +178,11 @@ fn bad_tpm_settings_are_refused_and_define_nothing() {
     make_disk(&other, "qcow2", 16, &[]);
     let err = env.fails(&["vm", "create", "y", "--disk", &other, "--tpm", &state]);
     assert!(err.contains("already VM x's"), "{err}");
+    // Nor is one VM's TPM state another's disk (it would probe as a raw image).
+    std::fs::write(&state, b"nilmptws and the rest of a TPM's state").unwrap();
+    let err = env.fails(&["vm", "create", "y", "--disk", &state]);
+    assert!(err.contains("VM x's UEFI store or TPM state"), "{err}");
+    std::fs::remove_file(&state).unwrap();
     env.ok(&["vm", "create", "y", "--disk", &other]);
     env.ok(&["job", "create", "j", "--vm", "x", "--target-host", "local", "--target-dir", &env.path("dr")]);
     env.ok(&["job", "run", "j"]);

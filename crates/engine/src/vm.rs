@@ -74,28 +74,19 @@ impl Engine {
         for (i, path) in spec.disks.iter().enumerate() {
             disks.push(self.check_disk(host.as_ref(), path, formats.get(i).copied(), &disks)?);
         }
-        // One TPM per state file: another VM's disk, store or TPM state is not this one's.
-        if let Some(state) = spec.config.driver.tpm.as_ref().and_then(|t| t.state.as_deref()) {
-            let taken = |v: &VmRecord| {
-                v.disks.iter().any(|d| d.path == state)
-                    || v.config.driver.firmware.as_ref().is_some_and(|f| f.vars == state)
-                    || v.config.driver.tpm.as_ref().is_some_and(|t| t.state.as_deref() == Some(state))
-            };
-            if let Some(other) = self.store().vms()?.into_iter().find(taken) {
-                return Err(EngineError::BadArgument {
-                    arg: "--tpm",
-                    why: format!("--tpm {state} is already VM {}'s; give the VM a state file of its own", other.name),
-                });
+        // A UEFI store and a TPM state file are one VM's own: neither another VM's file
+        // (disk, store, TPM state) nor another file of this one.
+        let vars = spec.config.driver.firmware.as_ref().map(|f| f.vars.as_str());
+        let tpm = spec.config.driver.tpm.as_ref().and_then(|t| t.state.as_deref());
+        for (arg, path, others) in [("--nvram", vars, [tpm]), ("--tpm", tpm, [vars])] {
+            let Some(path) = path else { continue };
+            if let Some(other) = self.vm_using_file(path)? {
+                let why = format!("{arg} {path} is already VM {other}'s; give the VM a file of its own");
+                return Err(EngineError::BadArgument { arg, why });
             }
-            if disks.iter().any(|d| d.path == state)
-                || spec.config.driver.firmware.as_ref().is_some_and(|f| f.vars == state)
-            {
-                return Err(EngineError::BadArgument {
-                    arg: "--tpm",
-                    why: format!(
-                        "--tpm {state} is one of this VM's disks or its UEFI store; give it a file of its own"
-                    ),
-                });
+            if disks.iter().any(|d| d.path == path) || others.contains(&Some(path)) {
+                let why = format!("{arg} {path} is another file of this VM (a disk, its UEFI store or TPM state)");
+                return Err(EngineError::BadArgument { arg, why });
             }
         }
         // A new UEFI VM's variable store starts as the firmware's template.
@@ -188,6 +179,9 @@ impl Engine {
         if let Some(other) = self.store().vms_using_disk(path)?.first() {
             return Err(bad(format!("already a disk of VM {other}")));
         }
+        if let Some(other) = self.vm_using_file(path)? {
+            return Err(bad(format!("it is VM {other}'s UEFI store or TPM state, not a disk")));
+        }
         let info = match stated {
             Some(format) => host.image_info(path, format, false),
             None => host.image_probe(path),
@@ -200,6 +194,16 @@ impl Engine {
             )));
         }
         Ok(DiskRecord { path: path.into(), format: info.format })
+    }
+
+    /// The VM whose UEFI store or TPM state file `path` is, if any.
+    fn vm_using_file(&self, path: &str) -> Result<Option<String>> {
+        let uses = |v: &VmRecord| {
+            v.config.driver.firmware.as_ref().is_some_and(|f| f.vars == path)
+                || v.config.driver.tpm.as_ref().is_some_and(|t| t.state.as_deref() == Some(path))
+                || v.disks.iter().any(|d| d.path == path)
+        };
+        Ok(self.store().vms()?.into_iter().find(uses).map(|v| v.name))
     }
 
     fn vm_record(&self, name: &str) -> Result<VmRecord> {

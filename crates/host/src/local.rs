@@ -524,7 +524,7 @@ impl VmDriver for LocalHost {
             .output()
             .map_err(|source| QemuError::Spawn { program: QEMU_SYSTEM.into(), source })?;
         if !out.status.success() {
-            swtpm::stop(&dir);
+            swtpm::stop(&dir, Duration::ZERO);
             return Err(HostError::StartFailed {
                 vm: vm.name.clone(),
                 detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
@@ -545,10 +545,11 @@ impl VmDriver for LocalHost {
         match self.vm_runtime(&vm.name)? {
             VmRuntime::Running { .. } => {}
             VmRuntime::Stopped => {
+                swtpm::stop(&dir, Duration::ZERO);
                 return Err(HostError::StartFailed {
                     vm: vm.name.clone(),
                     detail: "QEMU exited right after starting; see `standby vm console`".into(),
-                })
+                });
             }
         }
         // The guest has not run yet: on its bridges first, then its CPUs go.
@@ -653,8 +654,9 @@ impl VmDriver for LocalHost {
                 return Err(HostError::StillRunning { vm: vm.into(), pid });
             }
         }
-        // Its TPM ends with it; one a killed start left before its QEMU ran ends here.
-        swtpm::stop(&self.vm_dir(vm));
+        // Its TPM ends with it (given time to finish writing); one a killed start left
+        // before its QEMU ran ends here.
+        swtpm::stop(&self.vm_dir(vm), Duration::from_secs(3));
         Ok(())
     }
 

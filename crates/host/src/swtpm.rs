@@ -3,8 +3,9 @@
 //! TPM's state in the one file the VM's configuration names.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -51,53 +52,87 @@ const STATE_MAGIC: [u8; 8] = *b"nilmptws";
 /// Starts the swtpm of a VM whose run files are in `dir`, listening on `dir/SOCKET`,
 /// its state in `state` (made at the TPM's first start). A leftover of a killed VM goes
 /// first.
+///
+/// Not `--daemon`: a daemonized swtpm moves to `/` (where its relative names would then
+/// point) and names itself only by a pid file. Started here in `dir`, in a process group
+/// of its own (a terminal's Ctrl-C meant for standby does not reach it), it outlives
+/// this process as QEMU does, and its working directory tells it apart from any other
+/// VM's swtpm. swtpm splits its options at commas with no escape: its run files are named
+/// relative to `dir` (standby's data directory may hold a comma); the state path is checked.
 pub fn start(vm: &str, dir: &Path, state: &str) -> Result<()> {
-    stop(dir);
+    stop(dir, Duration::ZERO);
     let socket = dir.join(SOCKET);
     let _ = fs::remove_file(&socket);
     let log = dir.join("swtpm.log");
     let failed = |detail: String| HostError::StartFailed { vm: vm.into(), detail: format!("its TPM: {detail}") };
-    // swtpm splits its options at commas and has no escape: its run files are named
-    // from `dir` (standby's data directory may hold a comma), the state path is checked.
-    let out = Command::new(SWTPM)
+    let mut child = Command::new(SWTPM)
         .current_dir(dir)
-        .args(["socket", "--tpm2", "--terminate", "--daemon"])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .args(["socket", "--tpm2", "--terminate"])
         .arg("--tpmstate")
         .arg(format!("backend-uri=file://{state}"))
         .args(["--ctrl", &format!("type=unixio,path={SOCKET},mode=0600")])
-        .args(["--pid", "file=swtpm.pid", "--log", "file=swtpm.log"])
-        .output()
+        .args(["--log", "file=swtpm.log"])
+        .spawn()
         .map_err(|e| failed(format!("cannot run {SWTPM} ({e}); install swtpm (make deps does)")))?;
-    if !out.status.success() {
-        return Err(failed(format!(
-            "{SWTPM} failed: {} {}",
-            String::from_utf8_lossy(&out.stderr).trim(),
-            fs::read_to_string(&log).unwrap_or_default().trim()
-        )));
-    }
     let since = Instant::now();
     while !socket.exists() {
-        if since.elapsed() > LISTEN_TIMEOUT {
-            stop(dir);
-            return Err(failed(format!("{SWTPM} did not listen on {} within {LISTEN_TIMEOUT:?}", socket.display())));
+        let ended = child.try_wait().ok().flatten();
+        if ended.is_some() || since.elapsed() > LISTEN_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = fs::read_to_string(&log).unwrap_or_default();
+            return Err(failed(match ended {
+                Some(status) => format!("{SWTPM} ended ({status}): {}", log.trim()),
+                None => format!("{SWTPM} did not listen on {} within {LISTEN_TIMEOUT:?}", socket.display()),
+            }));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Reaped when it ends, should this process (a daemon) outlive it.
+    std::thread::spawn(move || child.wait());
     Ok(())
 }
 
 /// Ends the swtpm of the VM whose run files are in `dir`, if one runs: a QEMU that never
-/// connected to it, or a killed run's leftover. Only a process that is swtpm.
-pub fn stop(dir: &Path) {
-    let pidfile = dir.join("swtpm.pid");
-    let pid = fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok());
-    if let Some(pid) = pid {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == SWTPM {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+/// connected to it, or a killed start's leftover. It has `grace` to end by itself first
+/// (with `--terminate` it ends once its QEMU is gone, after writing what it was writing:
+/// it writes its state in place); then SIGTERM, then SIGKILL.
+pub fn stop(dir: &Path, grace: Duration) {
+    let Some(pid) = running_in(dir) else { return };
+    let gone = |within: Duration| {
+        let since = Instant::now();
+        while since.elapsed() < within {
+            if running_in(dir) != Some(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        running_in(dir) != Some(pid)
+    };
+    if gone(grace) {
+        return;
     }
-    let _ = fs::remove_file(pidfile);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    if !gone(Duration::from_secs(2)) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// The swtpm process working in `dir`, the one this VM's start made.
+fn running_in(dir: &Path) -> Option<i32> {
+    let dir = fs::canonicalize(dir).ok()?;
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = fs::read_to_string(e.path().join("comm")).ok()?;
+        let zombie = fs::read_to_string(e.path().join("stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+            .unwrap_or(true);
+        (comm.trim() == SWTPM && !zombie && fs::read_link(e.path().join("cwd")).ok()? == dir).then_some(pid)
+    })
 }
 
 /// The TPM's state as swtpm keeps it in `state`. swtpm writes that file in place, so a

@@ -89,6 +89,10 @@ struct FailbackRecord {
     working: Vec<String>,
     /// The disks were created by this failback (`new:`): undo deletes them.
     created_disks: bool,
+    /// The target host held no VM definition of this name when phase 1 began (`existing:`,
+    /// `new:`): one there afterwards is this failback's, and undo forgets it.
+    #[serde(default)]
+    defines_target: bool,
     /// How phase 1 found the difference: quick, digest or full.
     method: String,
     /// Why that method.

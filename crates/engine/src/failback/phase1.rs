@@ -269,6 +269,7 @@ impl Engine {
             host,
             disks,
             created_disks: created,
+            defines_target: !matches!(opts.target, FailbackTarget::Original),
             method: String::new(),
             method_note: String::new(),
             switch: opts.switch.to_string(),
@@ -546,16 +547,16 @@ impl Engine {
                 arg: "--to",
                 why: format!(
                     "host {host} already holds a VM definition named {name} (virsh list --all), which the VM \
-                     failed back to would take over; fail back to the original, or rename that domain first \
-                     (virsh domrename)"
+                     failed back to would take over: fail back to the original there (--to original); a \
+                     definition left over from an earlier failback can be removed with virsh undefine --tpm {name}"
                 ),
             });
         }
         Ok(())
     }
 
-    /// Deletes the working layers, and the disks (and variable store) a `new:` failback of
-    /// VM `vm` created.
+    /// Deletes the working layers, the disks (and variable store, TPM state) a `new:`
+    /// failback of VM `vm` created, and the definition an `existing:` or `new:` one made.
     pub(super) fn discard_working(&self, vm: &str, rec: &FailbackRecord) -> Result<()> {
         let tgt = self.host(&rec.host)?;
         for w in &rec.working {
@@ -581,9 +582,12 @@ impl Engine {
                 if driver.tpm.as_ref().is_some_and(|t| t.state.is_some()) {
                     tgt.remove_file(&crate::layout::new_target_tpm_path(dir, vm))?;
                 }
-                // Phase 1 found no definition of that name there: one now is this failback's.
-                tgt.vm_forget(vm)?;
             }
+        }
+        // A definition of the VM's name the target host did not hold before (libvirt: the
+        // domain the switch or a start defined, with its TPM's state) goes too.
+        if rec.defines_target {
+            tgt.vm_forget(vm)?;
         }
         Ok(())
     }

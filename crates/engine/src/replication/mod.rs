@@ -509,8 +509,11 @@ impl Engine {
             move |e: EngineError| EngineError::Run { vm, step, source: Box::new(e) }
         };
         let running = self.vm_is_running(vm)?;
-        // Before anything: a point of a VM that gained a disk or a TPM would silently lack it.
-        src.vm_unchanged(&self.launch_of(vm)?).map_err(|e| fail("checking the VM's definition")(e.into()))?;
+        // Before anything: a point of a domain that gained a disk or a TPM in libvirt would
+        // silently lack it. (Only libvirt's domains change behind standby's back.)
+        if vm.config.driver.domain_xml.is_some() {
+            src.vm_unchanged(&self.launch_of(vm)?).map_err(|e| fail("checking the VM's definition")(e.into()))?;
+        }
         let points = self.store().restore_points(replica.id, false)?;
         let prev = points.last();
 

@@ -534,16 +534,33 @@ impl VmDriver for LibvirtHost {
         if !is_own(vm, &stored) {
             return Ok(());
         }
-        let live = self.domain(&vm.name, true)?;
         let disks = |d: &domain::Domain| d.disks.iter().map(|x| (x.path.clone(), x.format)).collect::<Vec<_>>();
-        let changes: Vec<&str> = [
-            (disks(&live) != disks(&stored), "its disks"),
-            (live.tpm.is_some() != stored.tpm.is_some(), "its TPM"),
-            (live.firmware.is_some() != stored.firmware.is_some(), "its UEFI variable store"),
-        ]
-        .into_iter()
-        .filter_map(|(changed, what)| changed.then_some(what))
-        .collect();
+        let mut changes: Vec<&str> = Vec::new();
+        // The definition it starts from, and while it runs the one it runs with (a disk
+        // attached without --config is in that one only).
+        for inactive in [true, false] {
+            let Some(xml) = self.definition(&vm.name, inactive)? else {
+                return Err(HostError::Invalid(format!(
+                    "domain {} is no longer defined in libvirt at {} (undefined or renamed since `vm import`); \
+                     define it again under that name",
+                    vm.name, self.virsh.uri
+                )));
+            };
+            if !inactive && !matches!(self.vm_runtime(&vm.name)?, VmRuntime::Running { .. }) {
+                break;
+            }
+            let live = domain::parse(&xml)
+                .map_err(|why| HostError::Invalid(format!("domain {} changed since `vm import`: {why}", vm.name)))?;
+            for (changed, what) in [
+                (disks(&live) != disks(&stored), "its disks"),
+                (live.tpm.is_some() != stored.tpm.is_some(), "its TPM"),
+                (live.firmware.is_some() != stored.firmware.is_some(), "its UEFI variable store"),
+            ] {
+                if changed && !changes.contains(&what) {
+                    changes.push(what);
+                }
+            }
+        }
         if changes.is_empty() {
             return Ok(());
         }
