@@ -134,11 +134,11 @@ impl Storage for RemoteHost {
     fn create_file_new(&self, path: &str, content: &str) -> Result<bool> {
         self.call(HostCall::CreateFileNew { path: path.into(), content: content.into() })
     }
-    fn read_vars(&self, path: &str) -> Result<Vec<u8>> {
-        self.call(HostCall::ReadVars { path: path.into() })
+    fn read_vm_state(&self, path: &str) -> Result<Vec<u8>> {
+        self.call(HostCall::ReadVmState { path: path.into() })
     }
-    fn write_vars(&self, path: &str, data: &[u8]) -> Result<()> {
-        self.call(HostCall::WriteVars { path: path.into(), data: data.to_vec() })
+    fn write_vm_state(&self, path: &str, data: &[u8]) -> Result<()> {
+        self.call(HostCall::WriteVmState { path: path.into(), data: data.to_vec() })
     }
     fn read_small_file(&self, path: &str) -> Result<Option<String>> {
         self.call(HostCall::ReadSmallFile { path: path.into() })

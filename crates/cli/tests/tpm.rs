@@ -8,13 +8,9 @@
 
 use std::time::Duration;
 
-use standby_testkit::{file_digest, guest, ledger_append, make_disk, tpm_resets, Env};
+use standby_testkit::{digest_if_exists, guest, ledger_append, make_disk, tpm_resets, Env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
-
-fn digest(path: &str) -> Option<String> {
-    std::path::Path::new(path).exists().then(|| file_digest(path))
-}
 
 /// The count the VM's `boot`th boot (from 1, as its console keeps them) reported.
 fn wait_resets(env: &Env, vm: &str, boot: usize, what: &str) -> u64 {
@@ -22,21 +18,27 @@ fn wait_resets(env: &Env, vm: &str, boot: usize, what: &str) -> u64 {
     tpm_resets(&env.console(vm))[boot - 1]
 }
 
-#[test]
-fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failback() {
-    let env = Env::new(BIN);
+/// VM `web` of the test guest booting with `append`, its TPM's state in
+/// `src/web-tpm.state` (returned; made at its first start).
+fn tpm_vm(env: &Env, append: &str) -> String {
     let disk = env.path("src/web.qcow2");
     make_disk(&disk, "qcow2", 32, &[(0x42, 0, 2)]);
     let state = env.path("src/web-tpm.state");
     let (kernel, initrd) = guest();
-    let append = ledger_append(4096, 2000, 20_000);
     env.ok(&[
         "vm", "create", "web", "--disk", &disk, "--memory", "192", "--kernel", &kernel, "--initrd", &initrd,
-        "--append", &append, "--tpm", &state,
+        "--append", append, "--tpm", &state,
     ]);
+    state
+}
+
+#[test]
+fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failback() {
+    let env = Env::new(BIN);
+    let state = tpm_vm(&env, &ledger_append(4096, 2000, 20_000));
     let shown = env.json(&["vm", "show", "web"]);
     assert_eq!((shown["tpm"]["model"].as_str(), shown["tpm"]["state"].as_str()), (Some("tpm-tis"), Some(&*state)));
-    assert_eq!(digest(&state), None, "a new TPM's state is made at its first start");
+    assert_eq!(digest_if_exists(&state), None, "a new TPM's state is made at its first start");
     env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
 
     env.ok(&["vm", "start", "web"]);
@@ -45,7 +47,7 @@ fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failbac
     let p1 = env.points("web").last().cloned().unwrap();
     let p1_tpm = p1["tpm_state"].as_str().expect("a running VM's point holds its TPM state").to_owned();
     assert!(p1_tpm.starts_with(&env.path("dr")), "{p1}");
-    assert!(digest(&p1_tpm).is_some());
+    assert!(digest_if_exists(&p1_tpm).is_some());
 
     // A second boot raises the count; stopped, the point is byte for byte the VM's state.
     env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
@@ -55,70 +57,62 @@ fn a_vms_tpm_state_goes_with_each_point_to_its_replica_and_comes_back_at_failbac
     env.ok(&["job", "run", "j"]);
     let p2 = env.points("web").last().cloned().unwrap();
     let p2_tpm = p2["tpm_state"].as_str().unwrap().to_owned();
-    assert_eq!(digest(&p2_tpm), digest(&state), "stopped: the point's TPM state is the VM's, byte for byte");
+    assert_eq!(
+        digest_if_exists(&p2_tpm),
+        digest_if_exists(&state),
+        "stopped: the point's TPM state is the VM's, byte for byte"
+    );
     assert_ne!(p1_tpm, p2_tpm, "each point has its own copy");
 
     // Failed over to the older point, the replica's TPM goes on from that point's state
     // (count `first`), not from the source's now (`first + 1`) nor from a new TPM's.
-    let source_now = digest(&state);
+    let source_now = digest_if_exists(&state);
     env.ok(&["failover", "web", "--point", &p1["id"].to_string()]);
     assert_eq!(wait_resets(&env, "web_replica", 1, "the replica's TPM"), first + 1, "the older point's state");
     let replica_state =
         env.json(&["vm", "show", "web_replica"])["tpm"]["state"].as_str().expect("the replica's TPM").to_owned();
     assert!(replica_state.starts_with(&env.path("dr")), "{replica_state}");
-    assert_eq!(digest(&state), source_now, "the source's state is not the replica's to write");
+    assert_eq!(digest_if_exists(&state), source_now, "the source's state is not the replica's to write");
 
     // Failback to the original: at the switch the source's TPM state becomes the replica's.
     env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
     env.ok(&["failback", "switch", "web"]);
-    let final_state = digest(&replica_state);
-    assert_eq!(digest(&state), final_state, "the source holds the replica's final TPM state");
+    let final_state = digest_if_exists(&replica_state);
+    assert_eq!(digest_if_exists(&state), final_state, "the source holds the replica's final TPM state");
     env.ok(&["vm", "start", "web"]);
     assert_eq!(wait_resets(&env, "web", 3, "the source's TPM"), first + 2, "the source goes on from the replica");
     env.ok(&["failback", "commit", "web"]);
-    assert_eq!(digest(&replica_state), None, "the replica's TPM state went with it");
+    assert_eq!(digest_if_exists(&replica_state), None, "the replica's TPM state went with it");
     let kept = env.points("web").last().cloned().unwrap();
-    assert_eq!(digest(kept["tpm_state"].as_str().expect("the kept point's TPM state")), final_state, "{kept}");
+    assert_eq!(
+        digest_if_exists(kept["tpm_state"].as_str().expect("the kept point's TPM state")),
+        final_state,
+        "{kept}"
+    );
 
     // Replication goes on with the TPM state; an undone failover's replica TPM goes with
     // it, and the source's stays as it was.
     env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
     env.ok(&["job", "run", "j"]);
     let p = env.points("web").last().cloned().unwrap();
-    assert_eq!(digest(p["tpm_state"].as_str().unwrap()), digest(&state), "the next point holds the source's");
-    let source_before = digest(&state);
+    assert_eq!(
+        digest_if_exists(p["tpm_state"].as_str().unwrap()),
+        digest_if_exists(&state),
+        "the next point holds the source's"
+    );
+    let source_before = digest_if_exists(&state);
     env.ok(&["failover", "web"]);
     let boots = tpm_resets(&env.console("web_replica")).len();
     assert_eq!(wait_resets(&env, "web_replica", boots + 1, "the second replica's TPM"), first + 3);
     env.ok(&["failover", "undo", "web"]);
-    assert_eq!(digest(&replica_state), None, "undo discards the replica's TPM state");
-    assert_eq!(digest(&state), source_before, "the source's TPM state was never touched");
+    assert_eq!(digest_if_exists(&replica_state), None, "undo discards the replica's TPM state");
+    assert_eq!(digest_if_exists(&state), source_before, "the source's TPM state was never touched");
 }
 
 #[test]
 fn a_failover_or_switch_killed_at_its_tpm_step_recovers_with_the_right_state() {
     let env = Env::new(BIN);
-    let disk = env.path("src/web.qcow2");
-    make_disk(&disk, "qcow2", 32, &[]);
-    let state = env.path("src/web-tpm.state");
-    let (kernel, initrd) = guest();
-    env.ok(&[
-        "vm",
-        "create",
-        "web",
-        "--disk",
-        &disk,
-        "--memory",
-        "192",
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--append",
-        "console=ttyS0 quiet panic=-1",
-        "--tpm",
-        &state,
-    ]);
+    let state = tpm_vm(&env, "console=ttyS0 quiet panic=-1");
     env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
     env.ok(&["vm", "start", "web"]);
     let first = wait_resets(&env, "web", 1, "the guest's TPM");
@@ -129,11 +123,11 @@ fn a_failover_or_switch_killed_at_its_tpm_step_recovers_with_the_right_state() {
     // goes with the overlays.
     env.run_killed_at("failover.after-define", &["failover", "web"]);
     let replica_state = env.path("dr/web/failover-dtpm.permall");
-    assert!(digest(&replica_state).is_some(), "the kill came after the replica got its TPM state");
+    assert!(digest_if_exists(&replica_state).is_some(), "the kill came after the replica got its TPM state");
     let rec = env.ok(&["recover"]);
     assert!(rec.contains("interrupted failover"), "{rec}");
     assert_eq!(env.json(&["replica", "list"])[0]["state"], "ready");
-    assert_eq!(digest(&replica_state), None, "rolled back: the replica's TPM state went with its overlays");
+    assert_eq!(digest_if_exists(&replica_state), None, "rolled back: the replica's TPM state went with its overlays");
     env.ok(&["failover", "web"]);
     assert_eq!(wait_resets(&env, "web_replica", 1, "the replica's TPM"), first + 1);
 
@@ -142,7 +136,11 @@ fn a_failover_or_switch_killed_at_its_tpm_step_recovers_with_the_right_state() {
     env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
     env.run_killed_at("switch.after-identity", &["failback", "switch", "web"]);
     env.ok(&["recover"]);
-    assert_eq!(digest(&state), digest(&replica_state), "the source holds the replica's final TPM state");
+    assert_eq!(
+        digest_if_exists(&state),
+        digest_if_exists(&replica_state),
+        "the source holds the replica's final TPM state"
+    );
     env.ok(&["vm", "start", "web"]);
     assert_eq!(wait_resets(&env, "web", 2, "the source's TPM"), first + 2);
     env.ok(&["failback", "commit", "web"]);

@@ -8,14 +8,9 @@
 
 use std::time::Duration;
 
-use standby_testkit::{file_digest, guest, ledger_append, make_disk, Env, Ledger};
+use standby_testkit::{digest_if_exists, guest, ledger_append, make_disk, Env, Ledger};
 
 const BIN: &str = env!("CARGO_BIN_EXE_standby");
-
-/// Digest of a file, or None when it does not exist.
-fn digest(path: &str) -> Option<String> {
-    std::path::Path::new(path).exists().then(|| file_digest(path))
-}
 
 /// VM `web` booting UEFI, its variable store at `src/web-vars.fd` (made by standby).
 fn uefi_vm(env: &Env) -> (String, String) {
@@ -35,7 +30,11 @@ fn uefi_vm(env: &Env) -> (String, String) {
 fn a_uefi_vms_variables_go_with_each_point_to_its_replica_and_come_back_at_failback() {
     let env = Env::new(BIN);
     let (_disk, vars) = uefi_vm(&env);
-    assert_eq!(digest(&vars), digest(standby_engine::OVMF_VARS), "a new VM's store is OVMF's template");
+    assert_eq!(
+        digest_if_exists(&vars),
+        digest_if_exists(standby_engine::OVMF_VARS),
+        "a new VM's store is OVMF's template"
+    );
     env.ok(&["job", "create", "j", "--vm", "web", "--target-host", "local", "--target-dir", &env.path("dr")]);
     env.ok(&["vm", "start", "web"]);
     env.wait_console("web", Duration::from_secs(120), "a UEFI boot and ledger writes", |c| {
@@ -47,15 +46,23 @@ fn a_uefi_vms_variables_go_with_each_point_to_its_replica_and_come_back_at_failb
     env.ok(&["job", "run", "j"]);
     let p1 = env.points("web").last().cloned().unwrap();
     let p1_vars = p1["uefi_vars"].as_str().expect("the point holds the UEFI variables").to_owned();
-    assert_eq!(digest(&p1_vars), digest(&vars), "running: the point's variables are the VM's");
-    assert_ne!(digest(&p1_vars), digest(standby_engine::OVMF_VARS), "the guest's boot count is in them");
+    assert_eq!(digest_if_exists(&p1_vars), digest_if_exists(&vars), "running: the point's variables are the VM's");
+    assert_ne!(
+        digest_if_exists(&p1_vars),
+        digest_if_exists(standby_engine::OVMF_VARS),
+        "the guest's boot count is in them"
+    );
 
     // Stopped: byte for byte the VM's store.
     env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
     env.ok(&["job", "run", "j"]);
     let p2 = env.points("web").last().cloned().unwrap();
     let p2_vars = p2["uefi_vars"].as_str().unwrap().to_owned();
-    assert_eq!(digest(&p2_vars), digest(&vars), "stopped: the point's variables are the VM's, byte for byte");
+    assert_eq!(
+        digest_if_exists(&p2_vars),
+        digest_if_exists(&vars),
+        "stopped: the point's variables are the VM's, byte for byte"
+    );
     assert_ne!(p1_vars, p2_vars, "each point has its own copy");
 
     // The replica boots with its point's variables (it finds the source's count), in a
@@ -67,27 +74,35 @@ fn a_uefi_vms_variables_go_with_each_point_to_its_replica_and_come_back_at_failb
     let replica = env.json(&["vm", "show", "web_replica"]);
     let replica_vars = replica["firmware"]["vars"].as_str().unwrap().to_owned();
     assert!(replica_vars.starts_with(&env.path("dr")), "{replica}");
-    assert_eq!(digest(&p2_vars), digest(&vars), "the point's copy is not the replica's to write");
-    assert_ne!(digest(&replica_vars), digest(&p2_vars), "the replica counted its own boot");
+    assert_eq!(digest_if_exists(&p2_vars), digest_if_exists(&vars), "the point's copy is not the replica's to write");
+    assert_ne!(digest_if_exists(&replica_vars), digest_if_exists(&p2_vars), "the replica counted its own boot");
 
     // Failback to the original: at the switch the source's store becomes the replica's.
     env.ok(&["failback", "web", "--to", "original", "--switch", "manual"]);
     env.ok(&["failback", "switch", "web"]);
-    assert_eq!(digest(&vars), digest(&replica_vars), "the source holds the replica's final variables");
+    assert_eq!(
+        digest_if_exists(&vars),
+        digest_if_exists(&replica_vars),
+        "the source holds the replica's final variables"
+    );
     env.ok(&["vm", "start", "web"]);
     env.wait_console("web", Duration::from_secs(120), "the source's UEFI boot", |c| {
         c.contains("STANDBY-GUEST uefi boots=2")
     });
-    let final_vars = digest(&replica_vars);
+    let final_vars = digest_if_exists(&replica_vars);
     env.ok(&["failback", "commit", "web"]);
-    assert_eq!(digest(&replica_vars), None, "the replica's store went with it");
+    assert_eq!(digest_if_exists(&replica_vars), None, "the replica's store went with it");
     // The point commit keeps of the replica's final state holds its final variables too.
     let kept = env.points("web").last().cloned().unwrap();
-    assert_eq!(digest(kept["uefi_vars"].as_str().expect("the kept point's variables")), final_vars, "{kept}");
+    assert_eq!(digest_if_exists(kept["uefi_vars"].as_str().expect("the kept point's variables")), final_vars, "{kept}");
     env.ok(&["vm", "shutdown", "web", "--timeout", "30"]);
     env.ok(&["job", "run", "j"]);
     let p = env.points("web").last().cloned().unwrap();
-    assert_eq!(digest(p["uefi_vars"].as_str().unwrap()), digest(&vars), "replication goes on with the variables");
+    assert_eq!(
+        digest_if_exists(p["uefi_vars"].as_str().unwrap()),
+        digest_if_exists(&vars),
+        "replication goes on with the variables"
+    );
 }
 
 #[test]
@@ -117,10 +132,14 @@ fn undo_discards_the_replicas_variables_and_bad_uefi_settings_are_refused() {
         c.contains("STANDBY-GUEST uefi boots=0")
     });
     let replica_vars = env.json(&["vm", "show", "web_replica"])["firmware"]["vars"].as_str().unwrap().to_owned();
-    assert!(digest(&replica_vars).is_some());
+    assert!(digest_if_exists(&replica_vars).is_some());
     env.ok(&["failover", "undo", "web"]);
-    assert_eq!(digest(&replica_vars), None, "undo discards what the replica wrote, its variables too");
-    assert_eq!(digest(&vars), digest(standby_engine::OVMF_VARS), "the source's store was never touched");
+    assert_eq!(digest_if_exists(&replica_vars), None, "undo discards what the replica wrote, its variables too");
+    assert_eq!(
+        digest_if_exists(&vars),
+        digest_if_exists(standby_engine::OVMF_VARS),
+        "the source's store was never touched"
+    );
 }
 
 #[test]

@@ -62,7 +62,7 @@ pub(crate) fn at_instant<T>(
         Err(_) => Ok(Beside::default()),
         Ok(_) => (|| -> Result<Beside> {
             Ok(Beside {
-                vars: vars.map(|v| src.read_vars(v)).transpose()?,
+                vars: vars.map(|v| src.read_vm_state(v)).transpose()?,
                 tpm: tpm.map(|t| src.vm_tpm_state(t)).transpose()?.flatten(),
             })
         })(),
@@ -120,6 +120,6 @@ pub(crate) fn for_replica(
                 .into(),
         )
     })?;
-    dr.write_vars(replica_vars, &dr.read_vars(point_vars)?)?;
+    dr.write_vm_state(replica_vars, &dr.read_vm_state(point_vars)?)?;
     Ok(Firmware { loader: source.loader.clone(), vars: replica_vars.into() })
 }

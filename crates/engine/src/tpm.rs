@@ -23,7 +23,7 @@ pub(crate) fn for_replica(source: &Tpm, replica_dir: &str) -> Tpm {
 /// Gives `vm` on `host` the TPM state a restore point holds (a copy on `host`), before
 /// it first starts; a point taken before its TPM had any state gives it a new TPM.
 pub(crate) fn from_point(host: &dyn Host, vm: &VmLaunch, copy: Option<&str>) -> Result<()> {
-    let state = copy.map(|c| host.read_vars(c)).transpose()?;
+    let state = copy.map(|c| host.read_vm_state(c)).transpose()?;
     host.vm_set_tpm_state(vm, state.as_deref())?;
     Ok(())
 }

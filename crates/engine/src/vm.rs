@@ -93,7 +93,7 @@ impl Engine {
         let mut made = None;
         if let Some(f) = &spec.config.driver.firmware {
             if !host.file_exists(&f.vars)? {
-                host.write_vars(&f.vars, &host.read_vars(standby_host::OVMF_VARS)?)?;
+                host.write_vm_state(&f.vars, &host.read_vm_state(standby_host::OVMF_VARS)?)?;
                 made = Some(&f.vars);
             }
         }

@@ -235,14 +235,15 @@ pub trait Storage {
     fn create_file_new(&self, path: &str, content: &str) -> Result<bool>;
     /// A small text file's content (at most 64 KiB), None when it does not exist.
     fn read_small_file(&self, path: &str) -> Result<Option<String>>;
-    /// A firmware variable store's bytes, whole (at most `MAX_VARS_FILE`).
-    fn read_vars(&self, _path: &str) -> Result<Vec<u8>> {
-        Err(HostError::Invalid("this host keeps no UEFI variable stores".into()))
+    /// A VM's state file beside its disks (a UEFI variable store, or a restore point's
+    /// copy of one or of a TPM's state), whole (at most `MAX_VARS_FILE`).
+    fn read_vm_state(&self, _path: &str) -> Result<Vec<u8>> {
+        Err(HostError::Invalid("this host keeps no UEFI variable stores or TPM states".into()))
     }
-    /// Replaces the variable store at `path` with `data`, atomically (a crash leaves the
-    /// old one or the new one) and durably, owner-only.
-    fn write_vars(&self, _path: &str, _data: &[u8]) -> Result<()> {
-        Err(HostError::Invalid("this host keeps no UEFI variable stores".into()))
+    /// Replaces the state file at `path` with `data`, atomically (a crash leaves the old
+    /// one or the new one) and durably, owner-only.
+    fn write_vm_state(&self, _path: &str, _data: &[u8]) -> Result<()> {
+        Err(HostError::Invalid("this host keeps no UEFI variable stores or TPM states".into()))
     }
     fn list_dir(&self, dir: &str) -> Result<Vec<String>>;
     fn file_exists(&self, path: &str) -> Result<bool>;

@@ -285,13 +285,13 @@ impl Storage for LocalHost {
         Ok(Some(text))
     }
 
-    fn read_vars(&self, path: &str) -> Result<Vec<u8>> {
-        read_state_file(path, "UEFI variable store")?.ok_or_else(|| {
-            io_err("cannot open the variable store", Path::new(path))(std::io::ErrorKind::NotFound.into())
+    fn read_vm_state(&self, path: &str) -> Result<Vec<u8>> {
+        read_state_file(path, "VM state file")?.ok_or_else(|| {
+            io_err("cannot open the VM state file", Path::new(path))(std::io::ErrorKind::NotFound.into())
         })
     }
 
-    fn write_vars(&self, path: &str, data: &[u8]) -> Result<()> {
+    fn write_vm_state(&self, path: &str, data: &[u8]) -> Result<()> {
         write_state_file(path, data)?;
         self.sync_file(path)
     }

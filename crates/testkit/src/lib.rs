@@ -469,6 +469,11 @@ pub fn file_digest(path: &str) -> String {
     digest
 }
 
+/// [`file_digest`] of a file, or None when it does not exist.
+pub fn digest_if_exists(path: &str) -> Option<String> {
+    std::path::Path::new(path).exists().then(|| file_digest(path))
+}
+
 /// A bridge this test made (`ip link`), removed when dropped.
 #[derive(Debug)]
 pub struct Bridge(pub String);

@@ -153,7 +153,7 @@ impl Engine {
         let nvram = match &rd.vm.config.driver.firmware {
             Some(f) => {
                 let keep = crate::layout::vars_path(&replica.dir, seq);
-                dr_host.write_vars(&keep, &dr_host.read_vars(&f.vars)?)?;
+                dr_host.write_vm_state(&keep, &dr_host.read_vm_state(&f.vars)?)?;
                 Some(keep)
             }
             None => None,
@@ -163,7 +163,7 @@ impl Engine {
             Some(_) => match dr_host.vm_tpm_state(&self.launch_of(&rd.vm)?)? {
                 Some(state) => {
                     let keep = crate::layout::tpm_path(&replica.dir, seq);
-                    dr_host.write_vars(&keep, &state)?;
+                    dr_host.write_vm_state(&keep, &state)?;
                     Some(keep)
                 }
                 None => None,

@@ -172,7 +172,7 @@ impl Engine {
         if let Some(f) = &rd.vm.config.driver.firmware {
             if let Some(target) = self.target_vars(replica, &rec)? {
                 progress.step(name, &format!("UEFI variables into {target}"));
-                tgt.write_vars(&target, &dr_host.read_vars(&f.vars)?)?;
+                tgt.write_vm_state(&target, &dr_host.read_vm_state(&f.vars)?)?;
             }
         }
         // From the switch on, the bitmap of the point commit will publish records every

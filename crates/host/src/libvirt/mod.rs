@@ -245,11 +245,11 @@ impl Storage for LibvirtHost {
     fn create_file_new(&self, path: &str, content: &str) -> Result<bool> {
         self.local.create_file_new(path, content)
     }
-    fn read_vars(&self, path: &str) -> Result<Vec<u8>> {
-        self.local.read_vars(path)
+    fn read_vm_state(&self, path: &str) -> Result<Vec<u8>> {
+        self.local.read_vm_state(path)
     }
-    fn write_vars(&self, path: &str, data: &[u8]) -> Result<()> {
-        self.local.write_vars(path, data)
+    fn write_vm_state(&self, path: &str, data: &[u8]) -> Result<()> {
+        self.local.write_vm_state(path, data)
     }
     fn read_small_file(&self, path: &str) -> Result<Option<String>> {
         self.local.read_small_file(path)
